@@ -1,0 +1,1 @@
+//! Route transport (see crate description).
