@@ -1,1 +1,32 @@
+#![allow(non_snake_case)] // shape-suffixed names (x_BTD, ids_NK) are the convention here
+//! lockstep-model: Mixture-of-Experts causal LMs on candle whose forward can compute, record or
+//! replay routes, per MoE layer.
+//!
+//! Shape-suffix legend used across the crate (torchtitan style):
+//! B batch rows · T slots per row · N = B·T tokens (batch-major) · D hidden · V vocab ·
+//! H query heads · G kv heads · Dh head dim · E experts · K experts per token ·
+//! F expert intermediate · A (token, expert) assignments.
+//!
+//! Layout: `config` (HF config.json) · `checkpoint` (safetensors loading) · `init` (embedded
+//! default) · `batch` (padded / packed input) · `nn` (norm, rope, attention, mlp) ·
+//! `moe` (route → dispatch → experts → combine) · `routing` (compute / record / replay plan) ·
+//! `model` (the causal LM) · `metrics` (routing health).
 
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod init;
+pub mod metrics;
+pub mod model;
+pub mod moe;
+pub mod nn;
+pub mod parity;
+pub mod routing;
+
+pub use batch::Batch;
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use model::{ForwardOutput, MoeCausalLm};
+pub use nn::Kernels;
+pub use routing::{LayerRoute, Recording, Replay, ReplayWeights, RouteMode, RoutingPlan, ROUTE_FREE};

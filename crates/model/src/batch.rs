@@ -1,0 +1,165 @@
+//! A forward batch: padded rows with an attention mask, or packed sequences (token ids +
+//! position ids + sequence boundaries) as training micro-batches arrive.
+//!
+//! Both reduce to the same three things per row slot: a token id, a position id, and a segment
+//! id (0 = padding, 1.. = which sequence). A query attends to a key iff both are in the same
+//! non-padding segment and the key is not after the query; padding slots attend only to
+//! themselves so that nothing becomes NaN. Tokens are flattened batch-major (`n = b * T + t`),
+//! which is the row order of every routing tensor.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{ModelError, Result};
+
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// [B, T] u32
+    pub input_ids_BT: Tensor,
+    /// [B, T] position ids (host copy)
+    positions: Vec<u32>,
+    /// [B, T] segment ids, 0 = padding
+    segments: Vec<u32>,
+    b: usize,
+    t: usize,
+}
+
+impl Batch {
+    /// Rows of equal length `T` with an attention mask (1 = real token, 0 = padding), left or
+    /// right padding. Positions follow transformers' generate convention:
+    /// `cumsum(mask) - 1`, padding slots at 0.
+    pub fn padded(ids: &[Vec<u32>], attention_mask: &[Vec<u8>], device: &Device) -> Result<Self> {
+        let b = ids.len();
+        if b == 0 {
+            return Err(ModelError::batch("input_ids", "empty batch"));
+        }
+        let t = ids[0].len();
+        if t == 0 {
+            return Err(ModelError::batch("input_ids", "empty rows"));
+        }
+        if attention_mask.len() != b {
+            return Err(ModelError::batch("attention_mask", format!("{} rows for {b} rows of input_ids", attention_mask.len())));
+        }
+        let mut flat = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        let mut segments = Vec::with_capacity(b * t);
+        for (r, (row, mask)) in ids.iter().zip(attention_mask).enumerate() {
+            if row.len() != t || mask.len() != t {
+                return Err(ModelError::batch(
+                    "input_ids",
+                    format!("row {r} has {} ids and {} mask entries, expected {t}", row.len(), mask.len()),
+                ));
+            }
+            let mut pos = 0u32;
+            for (&id, &m) in row.iter().zip(mask) {
+                flat.push(id);
+                match m {
+                    0 => {
+                        positions.push(0);
+                        segments.push(0);
+                    }
+                    1 => {
+                        positions.push(pos);
+                        pos += 1;
+                        segments.push(1);
+                    }
+                    other => return Err(ModelError::batch("attention_mask", format!("row {r}: value {other} is not 0 or 1"))),
+                }
+            }
+        }
+        let input_ids_BT = Tensor::from_vec(flat, (b, t), device)?;
+        Ok(Batch { input_ids_BT, positions, segments, b, t })
+    }
+
+    /// Unpadded sequences of any lengths, right-padded with `pad_id` into one [B, T] batch.
+    pub fn from_sequences(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if seqs.iter().any(Vec::is_empty) {
+            return Err(ModelError::batch("input_ids", "empty sequence"));
+        }
+        let ids: Vec<Vec<u32>> =
+            seqs.iter().map(|s| s.iter().copied().chain(std::iter::repeat(pad_id)).take(t).collect()).collect();
+        let mask: Vec<Vec<u8>> =
+            seqs.iter().map(|s| (0..t).map(|i| u8::from(i < s.len())).collect()).collect();
+        Self::padded(&ids, &mask, device)
+    }
+
+    /// One packed row: `tokens` holds several sequences back to back; `cu_seqlens` are the
+    /// boundaries (`[0, len0, len0+len1, ..]`); `cu_seqlens.last()` may be smaller than
+    /// `tokens.len()`, the rest being padding. `position_ids` default to 0.. per sequence.
+    pub fn packed(tokens: &[u32], position_ids: Option<&[u32]>, cu_seqlens: &[usize], device: &Device) -> Result<Self> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(ModelError::batch("tokens", "empty"));
+        }
+        if cu_seqlens.first() != Some(&0) {
+            return Err(ModelError::batch("cu_seqlens", "must start at 0"));
+        }
+        if cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
+            return Err(ModelError::batch("cu_seqlens", "must be strictly increasing (no empty sequence)"));
+        }
+        let end = *cu_seqlens.last().unwrap_or(&0);
+        if end > t {
+            return Err(ModelError::batch("cu_seqlens", format!("last boundary {end} beyond {t} tokens")));
+        }
+        let mut segments = vec![0u32; t];
+        let mut positions = vec![0u32; t];
+        for (s, w) in cu_seqlens.windows(2).enumerate() {
+            for i in w[0]..w[1] {
+                segments[i] = s as u32 + 1;
+                positions[i] = (i - w[0]) as u32;
+            }
+        }
+        if let Some(p) = position_ids {
+            if p.len() != t {
+                return Err(ModelError::batch("position_ids", format!("{} entries for {t} tokens", p.len())));
+            }
+            positions.copy_from_slice(p);
+        }
+        let input_ids_BT = Tensor::from_vec(tokens.to_vec(), (1, t), device)?;
+        Ok(Batch { input_ids_BT, positions, segments, b: 1, t })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.b, self.t)
+    }
+
+    /// Number of token slots `B * T` (rows of every routing tensor).
+    pub fn num_slots(&self) -> usize {
+        self.b * self.t
+    }
+
+    /// Per slot: true for real tokens, false for padding.
+    pub fn real_mask(&self) -> Vec<bool> {
+        self.segments.iter().map(|&s| s != 0).collect()
+    }
+
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    pub fn segments(&self) -> &[u32] {
+        &self.segments
+    }
+
+    /// [B, 1, T, T] additive attention bias: 0 where a query may attend a key, -inf elsewhere.
+    pub(crate) fn attention_bias(&self, device: &Device) -> Result<Tensor> {
+        let (b, t) = (self.b, self.t);
+        let mut bias = vec![f32::NEG_INFINITY; b * t * t];
+        for r in 0..b {
+            let seg = &self.segments[r * t..(r + 1) * t];
+            for i in 0..t {
+                let row = &mut bias[(r * t + i) * t..(r * t + i + 1) * t];
+                if seg[i] == 0 {
+                    row[i] = 0.0;
+                    continue;
+                }
+                for j in 0..=i {
+                    if seg[j] == seg[i] {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(bias, (b, 1, t, t), device)?)
+    }
+}

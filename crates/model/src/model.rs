@@ -1,0 +1,159 @@
+//! The MoE causal LM (Qwen3-MoE, Qwen2-MoE): embeddings → decoder layers (attention + dense MLP
+//! or MoE block) → final norm → LM head. `new(cfg, vb)` is the loader; the routing plan is an
+//! argument of `forward`, keyed by decoder layer index.
+//!
+//! Legend: B batch rows, T slots per row, N = B*T tokens, D hidden, V vocab.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+
+use crate::batch::Batch;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::moe::MoeBlock;
+use crate::nn::attention::Attention;
+use crate::nn::mlp::SwiGlu;
+use crate::nn::norm::RmsNorm;
+use crate::nn::rope::Rope;
+use crate::nn::Kernels;
+use crate::routing::{Recording, RouteMode, RoutingPlan};
+
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    Dense(SwiGlu),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Output of one forward.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// [B, T, V] f32
+    pub logits: Tensor,
+    /// Routes of the layers in record or replay mode (what was applied).
+    pub routes: Recording,
+}
+
+#[derive(Debug, Clone)]
+pub struct MoeCausalLm {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// None when the embeddings are tied.
+    pub lm_head: Option<Linear>,
+    rope: Rope,
+    device: Device,
+    dtype: DType,
+}
+
+impl MoeCausalLm {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        let m = vb.pp("model");
+        let embed_tokens = embedding(cfg.vocab_size, d, m.pp("embed_tokens"))?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let vb = m.pp("layers").pp(l);
+            let mlp = if cfg.is_moe_layer(l) {
+                Mlp::Moe(MoeBlock::new(&cfg.moe, d, vb.pp("mlp"))?)
+            } else {
+                Mlp::Dense(SwiGlu::new(d, cfg.dense_intermediate_size, vb.pp("mlp"))?)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+                self_attn: Attention::new(&cfg.attention, d, cfg.rms_norm_eps, vb.pp("self_attn"))?,
+                post_attention_layernorm: RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+                mlp,
+            });
+        }
+        let norm = RmsNorm::new(d, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(linear_no_bias(d, cfg.vocab_size, vb.pp("lm_head"))?)
+        };
+        let rope = Rope::new(cfg.attention.rope_theta, cfg.attention.rotary_dim, vb.device())?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Switch every layer between gradient-carrying ops and candle's fused inference ops.
+    pub fn set_kernels(&mut self, k: Kernels) {
+        for layer in &mut self.layers {
+            layer.input_layernorm.set_kernels(k);
+            layer.post_attention_layernorm.set_kernels(k);
+            layer.self_attn.set_kernels(k);
+        }
+        self.norm.set_kernels(k);
+    }
+
+    /// The MoE block of decoder layer `layer`, if it has one.
+    pub fn moe_block_mut(&mut self, layer: usize) -> Option<&mut MoeBlock> {
+        match &mut self.layers.get_mut(layer)?.mlp {
+            Mlp::Moe(b) => Some(b),
+            Mlp::Dense(_) => None,
+        }
+    }
+
+    pub fn forward(&self, batch: &Batch, plan: &RoutingPlan) -> Result<ForwardOutput> {
+        let (b, t) = batch.dims();
+        let n = b * t;
+        plan.validate(&self.cfg, n)?;
+        let ids = &batch.input_ids_BT;
+        if let Some(&bad) = ids.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::batch("input_ids", format!("token id {bad} >= vocab_size {}", self.cfg.vocab_size)));
+        }
+        let bias_B1TT = batch.attention_bias(&self.device)?;
+        let rope = self.rope.tables(batch.positions(), b, t, self.dtype)?;
+        let mut x_BTD = self.embed_tokens.forward(ids)?;
+        let mut routes = Recording::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x_BTD)?, &rope, &bias_B1TT)?;
+            let h_BTD = (x_BTD + h)?;
+            let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
+            let out_BTD = match &layer.mlp {
+                Mlp::Dense(mlp) => mlp.forward(&y_BTD)?,
+                Mlp::Moe(block) => {
+                    let d = y_BTD.dim(2)?;
+                    let mode = plan.mode(l);
+                    let (out_ND, route) = block.forward(&y_BTD.reshape((n, d))?, mode, l)?;
+                    if !matches!(mode, RouteMode::Compute) {
+                        routes.insert(l, route);
+                    }
+                    out_ND.reshape((b, t, d))?
+                }
+            };
+            x_BTD = (h_BTD + out_BTD)?;
+        }
+        let x_BTD = self.norm.forward(&x_BTD)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x_BTD)?,
+            None => x_BTD.broadcast_matmul(&self.embed_tokens.embeddings().t()?)?,
+        };
+        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, routes })
+    }
+}

@@ -1,0 +1,59 @@
+//! Experts stage: SwiGLU per expert over its contiguous slice of dispatched tokens.
+//!
+//! Weights are held stacked like transformers' in-memory module (and its gradient names):
+//! `gate_up_proj` [E, 2F, D] (gate rows, then up rows) and `down_proj` [E, D, F]. They load from
+//! the per-expert checkpoint tensors `experts.{e}.{gate,up,down}_proj.weight`.
+//!
+//! Legend: A assignments, D hidden, F expert intermediate, E experts.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct Experts {
+    /// [E, 2F, D]
+    pub gate_up_proj: Tensor,
+    /// [E, D, F]
+    pub down_proj: Tensor,
+    intermediate: usize,
+}
+
+impl Experts {
+    pub fn new(num_experts: usize, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        let mut gate_up = Vec::with_capacity(num_experts);
+        let mut down = Vec::with_capacity(num_experts);
+        for e in 0..num_experts {
+            let vb = vb.pp(e);
+            let g = vb.get((intermediate, hidden), "gate_proj.weight")?;
+            let u = vb.get((intermediate, hidden), "up_proj.weight")?;
+            gate_up.push(Tensor::cat(&[&g, &u], 0)?);
+            down.push(vb.get((hidden, intermediate), "down_proj.weight")?);
+        }
+        Ok(Self { gate_up_proj: Tensor::stack(&gate_up, 0)?, down_proj: Tensor::stack(&down, 0)?, intermediate })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.gate_up_proj.dims()[0]
+    }
+
+    /// x_AD in assignment order, `counts[e]` rows per expert → y_AD.
+    pub fn forward(&self, x_AD: &Tensor, counts: &[usize]) -> Result<Tensor> {
+        let f = self.intermediate;
+        let mut outs = Vec::new();
+        let mut offset = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let x = x_AD.narrow(0, offset, c)?;
+            offset += c;
+            let h = x.matmul(&self.gate_up_proj.get(e)?.t()?)?;
+            let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
+            outs.push(act.matmul(&self.down_proj.get(e)?.t()?)?);
+        }
+        if outs.is_empty() {
+            return x_AD.zeros_like();
+        }
+        Tensor::cat(&outs, 0)
+    }
+}

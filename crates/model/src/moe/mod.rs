@@ -1,0 +1,72 @@
+//! The sparse MoE block as named stages: route → dispatch → experts → combine (+ shared expert).
+//!
+//! Legend: N tokens, D hidden, E experts, K experts per token, A assignments.
+
+pub mod combine;
+pub mod dispatch;
+pub mod experts;
+pub mod router;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+
+use crate::config::MoeBlockConfig;
+use crate::error::Result;
+use crate::nn::mlp::SwiGlu;
+use crate::routing::{LayerRoute, RouteMode};
+use dispatch::Dispatch;
+use experts::Experts;
+use router::TopKRouter;
+
+/// Qwen2-MoE's shared expert: `sigmoid(shared_expert_gate(x)) · SwiGLU(x)` (ungated if no gate).
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: SwiGlu,
+    pub gate: Option<Linear>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    pub router: TopKRouter,
+    pub experts: Experts,
+    pub shared: Option<SharedExpert>,
+}
+
+impl MoeBlock {
+    pub fn new(cfg: &MoeBlockConfig, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let router = TopKRouter::new(&cfg.router, hidden, vb.pp("gate"))?;
+        let experts = Experts::new(cfg.router.num_experts, hidden, cfg.expert_intermediate_size, vb.pp("experts"))?;
+        let shared = match &cfg.shared_expert {
+            None => None,
+            Some(s) => Some(SharedExpert {
+                mlp: SwiGlu::new(hidden, s.intermediate_size, vb.pp("shared_expert"))?,
+                gate: if s.gated { Some(linear_no_bias(hidden, 1, vb.pp("shared_expert_gate"))?) } else { None },
+            }),
+        };
+        Ok(Self { router, experts, shared })
+    }
+
+    /// x_ND → (out_ND, the route taken).
+    pub fn forward(&self, x_ND: &Tensor, mode: &RouteMode, layer: usize) -> Result<(Tensor, LayerRoute)> {
+        let n = x_ND.dim(0)?;
+        // route
+        let route = self.router.route(x_ND, mode, layer)?;
+        // dispatch
+        let ids: Vec<u32> = route.ids_NK.flatten_all()?.to_vec1()?;
+        let dispatch = Dispatch::from_topk(&ids, &route.weights_NK, self.experts.num_experts(), x_ND.device())?;
+        let x_AD = dispatch.gather(x_ND)?;
+        // experts
+        let y_AD = self.experts.forward(&x_AD, &dispatch.counts)?;
+        // combine
+        let mut out_ND = combine::combine(&y_AD, &dispatch, n)?;
+        if let Some(shared) = &self.shared {
+            let mut s = shared.mlp.forward(x_ND)?;
+            if let Some(gate) = &shared.gate {
+                let g = candle_nn::ops::sigmoid(&gate.forward(x_ND)?)?;
+                s = s.broadcast_mul(&g)?;
+            }
+            out_ND = (out_ND + s)?;
+        }
+        Ok((out_ND, route))
+    }
+}

@@ -1,0 +1,92 @@
+//! Causal self-attention with grouped-query heads, optional q/k/v bias, optional per-head
+//! QK-RMSNorm, RoPE, and an additive mask that encodes padding and packed-sequence boundaries.
+//!
+//! Legend: B batch rows, T slots per row, D hidden, H query heads, G kv heads (groups),
+//! R = H / G query heads per kv head, Dh head dim.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{linear_b, Linear, VarBuilder};
+
+use super::norm::RmsNorm;
+use super::rope::RopeTables;
+use super::Kernels;
+use crate::config::AttentionConfig;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    kernels: Kernels,
+}
+
+impl Attention {
+    pub fn new(cfg: &AttentionConfig, hidden: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let (h, g, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (Some(RmsNorm::new(dh, eps, vb.pp("q_norm"))?), Some(RmsNorm::new(dh, eps, vb.pp("k_norm"))?))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            q_proj: linear_b(hidden, h * dh, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(hidden, g * dh, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(hidden, g * dh, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(h * dh, hidden, cfg.o_bias, vb.pp("o_proj"))?,
+            q_norm,
+            k_norm,
+            num_heads: h,
+            num_kv_heads: g,
+            head_dim: dh,
+            kernels: Kernels::Autograd,
+        })
+    }
+
+    pub fn set_kernels(&mut self, k: Kernels) {
+        self.kernels = k;
+        for n in [&mut self.q_norm, &mut self.k_norm].into_iter().flatten() {
+            n.set_kernels(k);
+        }
+    }
+
+    /// x_BTD: [B, T, D]; bias_B1TT: [B, 1, T, T] additive mask (0 / -inf).
+    pub fn forward(&self, x_BTD: &Tensor, rope: &RopeTables, bias_B1TT: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x_BTD.dims3()?;
+        let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let r = h / g;
+        let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
+            let x_BTND = match norm {
+                Some(norm) => norm.forward(&x_BTND)?,
+                None => x_BTND,
+            };
+            x_BTND.transpose(1, 2)?.contiguous()
+        };
+        let q_BHTD = rope.apply(&heads(&self.q_proj, h, &self.q_norm)?)?;
+        let k_BGTD = rope.apply(&heads(&self.k_proj, g, &self.k_norm)?)?;
+        let v_BGTD = heads(&self.v_proj, g, &None)?;
+
+        // Grouped-query attention without copying K/V: the R query heads of a group are stacked
+        // along the query axis, so one batched matmul per group serves them all.
+        let q_BG_RT_D = q_BHTD.reshape((b, g, r * t, dh))?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let scores = (q_BG_RT_D.matmul(&k_BGTD.t()?.contiguous()?)? * scale)?;
+        let in_dtype = scores.dtype();
+        let scores_BGRTT = scores.reshape((b, g, r, t, t))?.to_dtype(DType::F32)?;
+        let scores_BGRTT = scores_BGRTT.broadcast_add(&bias_B1TT.unsqueeze(1)?)?;
+        let probs = match self.kernels {
+            Kernels::Autograd => candle_nn::ops::softmax(&scores_BGRTT, D::Minus1)?,
+            Kernels::Inference => candle_nn::ops::softmax_last_dim(&scores_BGRTT)?,
+        };
+        let probs_BG_RT_T = probs.to_dtype(in_dtype)?.reshape((b, g, r * t, t))?;
+        let out_BHTD = probs_BG_RT_T.matmul(&v_BGTD)?.reshape((b, h, t, dh))?;
+        let out_BTD = out_BHTD.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dh))?;
+        self.o_proj.forward(&out_BTD)
+    }
+}

@@ -1,0 +1,20 @@
+//! Dense building blocks shared by every architecture: RMSNorm, RoPE, attention, SwiGLU MLP.
+//!
+//! Everything here is written with candle ops that carry gradients, so the trainer runs the
+//! very same forward. candle's fused fast ops (`softmax_last_dim`, `rms_norm`) have no backward;
+//! they are used only when the caller selects [`Kernels::Inference`] explicitly.
+
+pub mod attention;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+/// Which kernels a forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Composed ops with gradients (training and parity).
+    #[default]
+    Autograd,
+    /// candle's fused inference ops where they exist; no gradients flow through them.
+    Inference,
+}
