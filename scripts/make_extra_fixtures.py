@@ -7,7 +7,7 @@ checkpoint. Run on the GPU machine (transformers 5.17, PyTorch 2.11; CPU float32
 
 Writes <name>.tar.gz per fixture into $OUT (unpacked under testdata/extra_fixtures/).
 """
-import json, os, sys, tarfile
+import copy, json, os, sys, tarfile
 import torch
 from safetensors.torch import save_file, load_file
 import transformers
@@ -32,10 +32,10 @@ def make(name, cfg_cls, cfg_kwargs, seed, outdir, bf16_weights=False, shard=None
                 p.copy_(p.to(torch.bfloat16).float())
     d = os.path.join("/tmp/fx", name)
     os.makedirs(d, exist_ok=True)
-    to_save = model.to(torch.bfloat16) if bf16_weights else model
+    # a copy: Module.to() casts in place, buffers too (RoPE's inv_freq would be rounded)
+    to_save = copy.deepcopy(model).to(torch.bfloat16) if bf16_weights else model
     kw = {"max_shard_size": shard} if shard else {}
     to_save.save_pretrained(d, safe_serialization=True, **kw)
-    model = model.float()
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
     logits, caps = mf.capture(model, ids)

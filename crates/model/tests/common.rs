@@ -8,3 +8,8 @@ use std::path::PathBuf;
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fixtures").join(name)
 }
+
+/// `testdata/extra_fixtures/<name>`: made by `scripts/make_extra_fixtures.py`.
+pub fn extra_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/extra_fixtures").join(name)
+}

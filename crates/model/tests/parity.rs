@@ -9,7 +9,10 @@ use lockstep_model::parity::run_reference;
 use lockstep_model::MoeCausalLm;
 
 fn check(name: &str) {
-    let dir = common::fixture(name);
+    check_dir(name, common::fixture(name));
+}
+
+fn check_dir(name: &str, dir: std::path::PathBuf) {
     let model = MoeCausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let report = run_reference(&model, &dir.join("reference.safetensors"), 1e-4).unwrap();
     for c in &report.checks {
@@ -30,4 +33,19 @@ fn qwen3_moe_matches_transformers() {
 #[test]
 fn qwen2_moe_matches_transformers() {
     check("qwen2_moe_tiny");
+}
+
+/// 5 layers with dense layers 1 and 3 between MoE layers, 16 experts, top-4, no renorm, tied
+/// embeddings, one kv head (`scripts/make_extra_fixtures.py`).
+#[test]
+fn qwen3_moe_with_dense_gaps_top4_tied_matches_transformers() {
+    check_dir("qwen3_moe_dense_gaps", common::extra_fixture("qwen3_moe_dense_gaps"));
+}
+
+/// decoder_sparse_step 2, 12 experts, top-3, bf16 weights in a 5-shard checkpoint
+/// (`scripts/make_extra_fixtures.py`; the reference ran in f32 on the bf16-rounded weights).
+#[test]
+fn qwen2_moe_sparse_step_bf16_sharded_matches_transformers() {
+    let name = "qwen2_moe_sparse_step_bf16_sharded";
+    check_dir(name, common::extra_fixture(name));
 }
