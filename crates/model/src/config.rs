@@ -150,10 +150,8 @@ impl ModelConfig {
     pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
         let raw: Value = serde_json::from_str(text)
             .map_err(|e| ModelError::config(file, "<json>", e.to_string()))?;
-        let hf: HfConfig = serde_json::from_value(raw.clone()).map_err(|e| {
-            // serde names the offending field in its message ("invalid type ... for key `x`").
-            ModelError::config(file, "<schema>", e.to_string())
-        })?;
+        let hf: HfConfig = serde_path_to_error::deserialize(raw.clone())
+            .map_err(|e| ModelError::config(file, &e.path().to_string(), e.inner().to_string()))?;
         Self::from_hf(hf, raw, file)
     }
 

@@ -93,7 +93,8 @@ impl TopKRouter {
         let weights_NK = match &replay.weights {
             ReplayWeights::Recompute => live_NK,
             ReplayWeights::Given(w) => {
-                let w = w.to_dtype(DType::F32)?;
+                // supplied weights are data, not part of this graph
+                let w = w.detach().to_dtype(DType::F32)?;
                 if any_free {
                     let mask = free_mask(&free_rows, k, dev)?;
                     mask.where_cond(&live_NK, &w)?
