@@ -1,6 +1,8 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
+mod demo_cmd;
 mod trace_cmd;
+mod verify_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +15,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Record a batch on the embedded default (or a checkpoint), replay it, print routing health.
+    Demo(demo_cmd::DemoArgs),
+    /// Compare a checkpoint against a transformers reference dump (logits, routes, replay).
+    Verify(verify_cmd::VerifyArgs),
     /// Route traces: inspect files, convert vLLM / SGLang / prime-rl payloads.
     Trace(trace_cmd::TraceArgs),
 }
@@ -20,6 +26,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo_cmd::run(args),
+        Command::Verify(args) => verify_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),
     }
 }
