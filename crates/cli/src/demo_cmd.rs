@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use lockstep_model::metrics::{layer_health, route_agreement};
 use lockstep_model::parity::max_abs_diff;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
@@ -26,13 +26,16 @@ pub struct DemoArgs {
     /// Longest sequence (the others are shorter: the batch is padded).
     #[arg(long, default_value_t = 32)]
     len: usize,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.len == 0 {
         bail!("--batch and --len must be > 0");
     }
-    let dev = Device::Cpu;
+    let dev = crate::device::parse(&args.device)?;
     let model = match &args.model {
         Some(dir) => MoeCausalLm::load(dir, DType::F32, &dev).with_context(|| format!("loading {}", dir.display()))?,
         None => MoeCausalLm::embedded_default(args.seed, DType::F32, &dev)?,

@@ -1,6 +1,7 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
 mod demo_cmd;
+mod device;
 mod trace_cmd;
 mod verify_cmd;
 
@@ -23,8 +24,18 @@ enum Command {
     Trace(trace_cmd::TraceArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // one line per cause, no backtrace: errors name the file / field / layer at fault
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use lockstep_model::parity::run_reference;
 use lockstep_model::MoeCausalLm;
 
@@ -19,10 +19,13 @@ pub struct VerifyArgs {
     /// Largest allowed relative error max|ours − ref| / max|ref| (f32).
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f64,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    let model = MoeCausalLm::load(&args.model, DType::F32, &Device::Cpu)
+    let model = MoeCausalLm::load(&args.model, DType::F32, &crate::device::parse(&args.device)?)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let report = run_reference(&model, &args.reference, args.tolerance)?;
     println!(

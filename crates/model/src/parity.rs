@@ -65,8 +65,8 @@ impl Reference {
 
 /// max|a − b| and max|a − b| / max|b| over all elements.
 pub fn rel_error(ours: &Tensor, reference: &Tensor) -> Result<(f64, f64)> {
-    let a = ours.to_dtype(DType::F64)?.flatten_all()?;
-    let b = reference.to_dtype(DType::F64)?.flatten_all()?;
+    let a = ours.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?;
+    let b = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?;
     if a.dims() != b.dims() {
         return Err(ModelError::batch("reference", format!("{} elements vs {} in the reference", a.elem_count(), b.elem_count())));
     }

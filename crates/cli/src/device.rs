@@ -1,0 +1,20 @@
+//! `--device cpu|cuda[:N]` for the commands that run a model.
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+pub fn parse(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().with_context(|| format!("--device {s}: bad GPU ordinal"))?,
+                None => 0,
+            };
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("--device {s}: CUDA unavailable (this binary needs the `cuda` feature and a GPU)")
+            })
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
