@@ -9,6 +9,7 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::config::AttentionMode;
 use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone)]
@@ -142,19 +143,28 @@ impl Batch {
     }
 
     /// [B, 1, T, T] additive attention bias: 0 where a query may attend a key, -inf elsewhere.
-    pub(crate) fn attention_bias(&self, device: &Device) -> Result<Tensor> {
+    /// Keys must be in the query's sequence and, by mode, at or before it (causal), anywhere
+    /// (bidirectional), or in its block or an earlier one (block).
+    pub(crate) fn attention_bias(&self, mode: AttentionMode, device: &Device) -> Result<Tensor> {
         let (b, t) = (self.b, self.t);
         let mut bias = vec![f32::NEG_INFINITY; b * t * t];
         for r in 0..b {
             let seg = &self.segments[r * t..(r + 1) * t];
+            let pos = &self.positions[r * t..(r + 1) * t];
             for i in 0..t {
                 let row = &mut bias[(r * t + i) * t..(r * t + i + 1) * t];
                 if seg[i] == 0 {
                     row[i] = 0.0;
                     continue;
                 }
-                for j in 0..=i {
-                    if seg[j] == seg[i] {
+                for j in 0..t {
+                    let visible = seg[j] == seg[i]
+                        && match mode {
+                            AttentionMode::Causal => j <= i,
+                            AttentionMode::Bidirectional => true,
+                            AttentionMode::Block(n) => pos[j] as usize / n <= pos[i] as usize / n,
+                        };
+                    if visible {
                         row[j] = 0.0;
                     }
                 }

@@ -124,11 +124,14 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         if cfg.is_moe_layer(l) {
             let m = &cfg.moe;
             out.push((format!("{mlp}.gate.weight"), vec![m.router.num_experts, d]));
+            if m.router.expert_bias {
+                out.push((format!("{mlp}.gate.e_score_correction_bias"), vec![m.router.num_experts]));
+            }
             for e in 0..m.router.num_experts {
                 swiglu(&mut out, &format!("{mlp}.experts.{e}"), m.expert_intermediate_size);
             }
             if let Some(s) = &m.shared_expert {
-                swiglu(&mut out, &format!("{mlp}.shared_expert"), s.intermediate_size);
+                swiglu(&mut out, &format!("{mlp}.{}", s.name), s.intermediate_size);
                 if s.gated {
                     out.push((format!("{mlp}.shared_expert_gate.weight"), vec![1, d]));
                 }

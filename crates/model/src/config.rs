@@ -16,6 +16,12 @@ pub enum Architecture {
     Qwen3Moe,
     /// q/k/v bias, softmax top-k router, shared expert gated by `sigmoid(shared_expert_gate(x))`.
     Qwen2Moe,
+    /// Sigmoid scores + selection-only expert bias, group-limited top-k, routed scaling, shared
+    /// experts, `first_k_dense_replace` dense layers, QK-norm, partial rotary (DeepSeek-V3 family).
+    Glm4Moe,
+    /// An LLaDA2-MoE-style configuration (`configuration_llada2_moe.py` fields) built on the same
+    /// router code; weights use lockstep's (Qwen-style) tensor names — random init only.
+    Llada2Moe,
 }
 
 impl Architecture {
@@ -23,21 +29,28 @@ impl Architecture {
         match self {
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Glm4Moe => "Glm4MoeForCausalLM",
+            Architecture::Llada2Moe => "LLaDA2MoeModelLM",
         }
     }
     fn from_names(arch: Option<&str>, model_type: Option<&str>, file: &str) -> Result<Self> {
         match (arch, model_type) {
             (Some("Qwen3MoeForCausalLM"), _) | (None, Some("qwen3_moe")) => Ok(Architecture::Qwen3Moe),
             (Some("Qwen2MoeForCausalLM"), _) | (None, Some("qwen2_moe")) => Ok(Architecture::Qwen2Moe),
+            (Some("Glm4MoeForCausalLM"), _) | (None, Some("glm4_moe")) => Ok(Architecture::Glm4Moe),
+            (Some("LLaDA2MoeModelLM"), _) | (None, Some("llada2_moe")) => Ok(Architecture::Llada2Moe),
             (Some(other), _) => Err(ModelError::config(
                 file,
                 "architectures",
-                format!("unknown architecture `{other}` (supported: Qwen3MoeForCausalLM, Qwen2MoeForCausalLM)"),
+                format!(
+                    "unknown architecture `{other}` (supported: Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, \
+                     Glm4MoeForCausalLM, LLaDA2MoeModelLM)"
+                ),
             )),
             (None, other) => Err(ModelError::config(
                 file,
                 "architectures",
-                format!("missing, and model_type {other:?} is not qwen3_moe / qwen2_moe"),
+                format!("missing, and model_type {other:?} is not qwen3_moe / qwen2_moe / glm4_moe / llada2_moe"),
             )),
         }
     }
@@ -58,20 +71,148 @@ pub struct AttentionConfig {
     pub rope_theta: f64,
     /// Leading dimensions of each head that RoPE rotates (= head_dim unless partial rotary).
     pub rotary_dim: usize,
+    pub mode: AttentionMode,
 }
 
-/// Router of a token-choice MoE block.
+/// Which keys a query may see (within its own sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMode {
+    /// Keys at or before the query (autoregressive LMs).
+    Causal,
+    /// Every key of the sequence (diffusion LMs).
+    Bidirectional,
+    /// Every key of the query's block and of earlier blocks (block diffusion, LLaDA2);
+    /// blocks are `positions / block_size`.
+    Block(usize),
+}
+
+/// How router logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreFunction {
+    /// softmax over experts (Qwen)
+    Softmax,
+    /// independent sigmoid per expert (DeepSeek-V3, GLM-4.5, LLaDA2)
+    Sigmoid,
+}
+
+/// Where an expert-choice router's experts pick their tokens from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// consecutive blocks of this many tokens of one sequence (by position)
+    Block(usize),
+    /// all tokens of one sequence
+    Sequence,
+    /// all real tokens of the micro-batch
+    Batch,
+}
+
+impl Pool {
+    /// `block:N`, `sequence` or `batch`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "sequence" => Ok(Pool::Sequence),
+            "batch" => Ok(Pool::Batch),
+            _ => match s.strip_prefix("block:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > 0 => Ok(Pool::Block(n)),
+                _ => Err(format!("`{s}`: expected block:N (N > 0), sequence or batch")),
+            },
+        }
+    }
+}
+
+/// Token choice (each token picks k experts) or expert choice (each expert picks tokens).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RoutingStrategy {
+    TokenChoice,
+    /// Each expert takes its top-C tokens of each pool, C = ceil(capacity_factor · pool / E)
+    /// (at most the pool).
+    ExpertChoice { capacity_factor: f64, pool: Pool },
+}
+
+/// Router of an MoE block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterConfig {
     pub num_experts: usize,
+    /// Experts per token (token choice); the nominal k for expert choice's capacity.
     pub top_k: usize,
-    /// Renormalise the selected probabilities to sum to one.
+    /// Renormalise the selected scores to sum to one (token choice).
     pub norm_topk_prob: bool,
+    pub score_function: ScoreFunction,
+    /// A per-expert bias added to the scores for *selection only* (`e_score_correction_bias`).
+    pub expert_bias: bool,
+    /// Group-limited selection: experts in `n_group` groups, a token picks among the experts of
+    /// its `topk_group` best groups (group score = sum of the group's two best biased scores).
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// Applied weights are multiplied by this.
+    pub routed_scaling_factor: f64,
+    pub strategy: RoutingStrategy,
 }
 
-/// A shared expert that every token passes through (Qwen2-MoE).
+impl RouterConfig {
+    /// The plain softmax top-k router (Qwen).
+    pub fn softmax_top_k(num_experts: usize, top_k: usize, norm_topk_prob: bool) -> Self {
+        Self {
+            num_experts,
+            top_k,
+            norm_topk_prob,
+            score_function: ScoreFunction::Softmax,
+            expert_bias: false,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+            strategy: RoutingStrategy::TokenChoice,
+        }
+    }
+
+    /// Check the fields against each other; `file` names the source in errors.
+    pub fn validate(&self, file: &str, attention: AttentionMode, allow_causal_pool: bool) -> Result<()> {
+        let e = self.num_experts;
+        if self.top_k == 0 || self.top_k > e {
+            return Err(ModelError::config(file, "num_experts_per_tok", format!("{} must be in 1..={e} (the number of experts)", self.top_k)));
+        }
+        if self.n_group == 0 || e % self.n_group != 0 {
+            return Err(ModelError::config(file, "n_group", format!("{} does not divide the number of experts {e}", self.n_group)));
+        }
+        if self.topk_group == 0 || self.topk_group > self.n_group {
+            return Err(ModelError::config(file, "topk_group", format!("{} must be in 1..={} (n_group)", self.topk_group, self.n_group)));
+        }
+        if self.n_group > 1 && self.topk_group * (e / self.n_group) < self.top_k {
+            return Err(ModelError::config(file, "topk_group", format!("{} groups of {} experts hold fewer than top-k {}", self.topk_group, e / self.n_group, self.top_k)));
+        }
+        if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+            return Err(ModelError::config(file, "routed_scaling_factor", "must be a finite number > 0"));
+        }
+        if let RoutingStrategy::ExpertChoice { capacity_factor, pool } = self.strategy {
+            if !(capacity_factor.is_finite() && capacity_factor > 0.0) {
+                return Err(ModelError::config(file, "capacity_factor", format!("{capacity_factor} must be > 0")));
+            }
+            let wide = !matches!(pool, Pool::Block(1));
+            if wide && attention == AttentionMode::Causal && !allow_causal_pool {
+                return Err(ModelError::config(
+                    file,
+                    "expert_choice_pool",
+                    format!(
+                        "{pool:?} with causal attention lets a token's route depend on later tokens (leaks the \
+                         future); use bidirectional/block attention, pool block:1, or set \
+                         allow_causal_expert_choice = true"
+                    ),
+                ));
+            }
+            if self.n_group > 1 {
+                return Err(ModelError::config(file, "n_group", "group-limited selection applies to token choice only"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A shared expert that every token passes through (Qwen2-MoE `shared_expert`, gated;
+/// GLM-4.5 / DeepSeek-V3 `shared_experts`, ungated).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedExpertConfig {
+    /// Module name under `mlp.` in the checkpoint.
+    pub name: String,
     pub intermediate_size: usize,
     /// Output scaled by `sigmoid(shared_expert_gate(x))`.
     pub gated: bool,
@@ -132,6 +273,25 @@ struct HfConfig {
     qkv_bias: Option<bool>,
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
+    // GLM-4.5 / DeepSeek-V3 family
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    partial_rotary_factor: Option<f64>,
+    use_qk_norm: Option<bool>,
+    routed_scaling_factor: Option<f64>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    // LLaDA2-MoE
+    num_shared_experts: Option<usize>,
+    score_function: Option<String>,
+    moe_router_enable_expert_bias: Option<bool>,
+    // lockstep extensions (transformers ignores unknown keys)
+    routing_strategy: Option<String>,
+    capacity_factor: Option<f64>,
+    expert_choice_pool: Option<String>,
+    attention_mode: Option<String>,
+    allow_causal_expert_choice: Option<bool>,
 }
 
 fn need<T>(v: Option<T>, file: &str, field: &str) -> Result<T> {
@@ -198,12 +358,14 @@ impl ModelConfig {
             return Err(ModelError::config(file, "head_dim", format!("{head_dim} must be even for RoPE")));
         }
         let rope_theta = rope_theta(&hf, file)?;
-        let num_experts = match (hf.num_experts, hf.num_local_experts) {
+        let num_experts = match (hf.num_experts.or(hf.n_routed_experts), hf.num_local_experts) {
             (Some(a), Some(b)) if a != b => {
                 return Err(ModelError::config(file, "num_experts", format!("{a} disagrees with num_local_experts {b}")))
             }
             (Some(a), _) | (None, Some(a)) => positive(a, file, "num_experts")?,
-            (None, None) => return Err(ModelError::config(file, "num_experts", "missing (also looked for num_local_experts)")),
+            (None, None) => {
+                return Err(ModelError::config(file, "num_experts", "missing (also looked for num_local_experts, n_routed_experts)"))
+            }
         };
         let top_k = positive(need(hf.num_experts_per_tok, file, "num_experts_per_tok")?, file, "num_experts_per_tok")?;
         if top_k > num_experts {
@@ -214,13 +376,19 @@ impl ModelConfig {
             ));
         }
         let step = positive(hf.decoder_sparse_step.unwrap_or(1), file, "decoder_sparse_step")?;
-        let mlp_only = hf.mlp_only_layers.unwrap_or_default();
+        let mlp_only = hf.mlp_only_layers.clone().unwrap_or_default();
         if let Some(bad) = mlp_only.iter().find(|&&l| l >= num_layers) {
             return Err(ModelError::config(file, "mlp_only_layers", format!("layer {bad} >= num_hidden_layers {num_layers}")));
         }
-        // transformers: sparse iff not in mlp_only_layers and (idx + 1) % decoder_sparse_step == 0.
-        let moe_layers: Vec<usize> =
-            (0..num_layers).filter(|l| !mlp_only.contains(l) && (l + 1) % step == 0).collect();
+        let first_dense = hf.first_k_dense_replace.unwrap_or(0);
+        if first_dense > num_layers {
+            return Err(ModelError::config(file, "first_k_dense_replace", format!("{first_dense} > num_hidden_layers {num_layers}")));
+        }
+        // transformers: sparse iff not in mlp_only_layers and (idx + 1) % decoder_sparse_step == 0
+        // (Qwen); idx >= first_k_dense_replace (GLM-4.5 / DeepSeek-V3 / LLaDA2).
+        let moe_layers: Vec<usize> = (0..num_layers)
+            .filter(|l| !mlp_only.contains(l) && (l + 1) % step == 0 && *l >= first_dense)
+            .collect();
         let expert_intermediate_size =
             positive(need(hf.moe_intermediate_size, file, "moe_intermediate_size")?, file, "moe_intermediate_size")?;
         let dense_intermediate_size = match hf.intermediate_size {
@@ -228,6 +396,37 @@ impl ModelConfig {
             None if moe_layers.len() == num_layers => 0,
             None => return Err(ModelError::config(file, "intermediate_size", "missing, and the model has dense layers")),
         };
+        let attention_mode = match hf.attention_mode.as_deref() {
+            None if architecture == Architecture::Llada2Moe => AttentionMode::Bidirectional,
+            None | Some("causal") => AttentionMode::Causal,
+            Some("bidirectional") => AttentionMode::Bidirectional,
+            Some(other) => match other.strip_prefix("block:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > 0 => AttentionMode::Block(n),
+                _ => return Err(ModelError::config(file, "attention_mode", format!("`{other}`: expected causal, bidirectional or block:N"))),
+            },
+        };
+        let partial = hf
+            .partial_rotary_factor
+            .or_else(|| hf.rope_parameters.as_ref().and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64))
+            .unwrap_or(1.0);
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(ModelError::config(file, "partial_rotary_factor", format!("{partial} must be in (0, 1]")));
+        }
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(ModelError::config(file, "partial_rotary_factor", format!("rotates {rotary_dim} of {head_dim} dims; must be even and > 0")));
+        }
+        let num_shared = |n: Option<usize>, field: &str| -> Result<Option<SharedExpertConfig>> {
+            Ok(match n {
+                None | Some(0) => None,
+                Some(n) => Some(SharedExpertConfig {
+                    name: "shared_experts".into(),
+                    intermediate_size: positive(expert_intermediate_size * n, file, field)?,
+                    gated: false,
+                }),
+            })
+        };
+        let mut router = RouterConfig::softmax_top_k(num_experts, top_k, hf.norm_topk_prob.unwrap_or(false));
         let (qkv_bias, o_bias, qk_norm, shared_expert) = match architecture {
             Architecture::Qwen3Moe => {
                 let b = hf.attention_bias.unwrap_or(false);
@@ -236,11 +435,46 @@ impl ModelConfig {
             Architecture::Qwen2Moe => {
                 let shared = match hf.shared_expert_intermediate_size {
                     Some(0) | None => None,
-                    Some(i) => Some(SharedExpertConfig { intermediate_size: i, gated: true }),
+                    Some(i) => Some(SharedExpertConfig { name: "shared_expert".into(), intermediate_size: i, gated: true }),
                 };
                 (hf.qkv_bias.unwrap_or(true), false, false, shared)
             }
+            Architecture::Glm4Moe => {
+                router.score_function = ScoreFunction::Sigmoid;
+                router.expert_bias = true;
+                router.norm_topk_prob = hf.norm_topk_prob.unwrap_or(true);
+                let b = hf.attention_bias.unwrap_or(false);
+                (b, false, hf.use_qk_norm.unwrap_or(false), num_shared(hf.n_shared_experts, "n_shared_experts")?)
+            }
+            Architecture::Llada2Moe => {
+                router.score_function = match hf.score_function.as_deref() {
+                    None | Some("sigmoid") => ScoreFunction::Sigmoid,
+                    Some("softmax") => ScoreFunction::Softmax,
+                    Some(other) => return Err(ModelError::config(file, "score_function", format!("`{other}`: expected sigmoid or softmax"))),
+                };
+                router.expert_bias = hf.moe_router_enable_expert_bias.unwrap_or(true);
+                router.norm_topk_prob = hf.norm_topk_prob.unwrap_or(true);
+                let b = hf.attention_bias.unwrap_or(false);
+                (b, b, hf.use_qk_norm.unwrap_or(true), num_shared(hf.num_shared_experts, "num_shared_experts")?)
+            }
         };
+        router.n_group = hf.n_group.unwrap_or(1);
+        router.topk_group = hf.topk_group.unwrap_or(1);
+        router.routed_scaling_factor = hf.routed_scaling_factor.unwrap_or(1.0);
+        router.strategy = match hf.routing_strategy.as_deref() {
+            None | Some("token_choice") => RoutingStrategy::TokenChoice,
+            Some("expert_choice") => RoutingStrategy::ExpertChoice {
+                capacity_factor: hf.capacity_factor.unwrap_or(1.0),
+                pool: match &hf.expert_choice_pool {
+                    None => Pool::Sequence,
+                    Some(p) => Pool::parse(p).map_err(|m| ModelError::config(file, "expert_choice_pool", m))?,
+                },
+            },
+            Some(other) => {
+                return Err(ModelError::config(file, "routing_strategy", format!("`{other}`: expected token_choice or expert_choice")))
+            }
+        };
+        router.validate(file, attention_mode, hf.allow_causal_expert_choice.unwrap_or(false))?;
         Ok(ModelConfig {
             architecture,
             vocab_size,
@@ -256,17 +490,19 @@ impl ModelConfig {
                 o_bias,
                 qk_norm,
                 rope_theta,
-                rotary_dim: head_dim,
+                rotary_dim,
+                mode: attention_mode,
             },
             dense_intermediate_size,
-            moe: MoeBlockConfig {
-                router: RouterConfig { num_experts, top_k, norm_topk_prob: hf.norm_topk_prob.unwrap_or(false) },
-                expert_intermediate_size,
-                shared_expert,
-            },
+            moe: MoeBlockConfig { router, expert_intermediate_size, shared_expert },
             moe_layers,
             raw,
         })
+    }
+
+    /// Re-validate after changing fields in code (e.g. the routing strategy from the CLI).
+    pub fn validate(&self, allow_causal_pool: bool) -> Result<()> {
+        self.moe.router.validate("<config>", self.attention.mode, allow_causal_pool)
     }
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {

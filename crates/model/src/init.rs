@@ -58,6 +58,8 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<H
             (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect()
         } else if name.ends_with(".bias") {
             vec![0.0; n]
+        } else if name.ends_with("e_score_correction_bias") {
+            (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect()
         } else {
             (0..n).map(|_| normal.sample(&mut rng)).collect()
         };

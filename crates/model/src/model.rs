@@ -127,7 +127,7 @@ impl MoeCausalLm {
         if let Some(&bad) = ids.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::batch("input_ids", format!("token id {bad} >= vocab_size {}", self.cfg.vocab_size)));
         }
-        let bias_B1TT = batch.attention_bias(&self.device)?;
+        let bias_B1TT = batch.attention_bias(self.cfg.attention.mode, &self.device)?;
         let rope = self.rope.tables(batch.positions(), b, t, self.dtype)?;
         let mut x_BTD = self.embed_tokens.forward(ids)?;
         let mut routes = Recording::new();
@@ -140,7 +140,7 @@ impl MoeCausalLm {
                 Mlp::Moe(block) => {
                     let d = y_BTD.dim(2)?;
                     let mode = plan.mode(l);
-                    let (out_ND, route) = block.forward(&y_BTD.reshape((n, d))?, mode, l)?;
+                    let (out_ND, route) = block.forward(&y_BTD.reshape((n, d))?, mode, l, batch)?;
                     if !matches!(mode, RouteMode::Compute) {
                         routes.insert(l, route);
                     }

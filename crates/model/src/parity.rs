@@ -89,15 +89,60 @@ fn id_rows(t: &Tensor) -> Result<Vec<Vec<i64>>> {
     Ok(v.chunks(k).map(<[i64]>::to_vec).collect())
 }
 
-fn ids_check(case: &str, quantity: &str, ours: &Tensor, reference: &Tensor) -> Result<Check> {
-    let (a, b) = (id_rows(ours)?, id_rows(reference)?);
-    if a.len() != b.len() || a.first().map(Vec::len) != b.first().map(Vec::len) {
-        return Err(ModelError::batch(quantity, format!("shape {:?} vs reference {:?}", ours.dims(), reference.dims())));
+/// Rows of ids and of their weights, each row sorted by id when `as_sets` (routers that select
+/// with `topk(sorted=False)`: only the set is defined), weights carried along.
+fn canonical(ids: &Tensor, weights: &Tensor, as_sets: bool) -> Result<(Vec<Vec<i64>>, Tensor)> {
+    let rows = id_rows(ids)?;
+    let w: Vec<f32> = weights.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let k = ids.dim(1)?;
+    let (mut out_ids, mut out_w) = (Vec::with_capacity(rows.len()), Vec::with_capacity(w.len()));
+    for (r, row) in rows.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..k).collect();
+        if as_sets {
+            idx.sort_by_key(|&j| row[j]);
+        }
+        out_ids.push(idx.iter().map(|&j| row[j]).collect());
+        out_w.extend(idx.iter().map(|&j| w[r * k + j]));
     }
-    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    let n = out_ids.len();
+    Ok((out_ids, Tensor::from_vec(out_w, (n, k), &Device::Cpu)?))
+}
+
+fn ids_check(case: &str, quantity: &str, a: &[Vec<i64>], b: &[Vec<i64>]) -> Result<Check> {
+    if a.len() != b.len() || a.first().map(Vec::len) != b.first().map(Vec::len) {
+        return Err(ModelError::batch(quantity, format!("{} rows vs {} in the reference", a.len(), b.len())));
+    }
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
     let agreement = same as f64 / a.len().max(1) as f64;
     let wrong = (a.len() - same) as f64;
     Ok(Check { case: case.into(), quantity: quantity.into(), max_abs: wrong, max_rel: wrong, agreement: Some(agreement), pass: same == a.len() })
+}
+
+/// ids (exact, or as sets) and the weights that go with them.
+#[allow(clippy::too_many_arguments)]
+fn route_checks(
+    case: &str,
+    ids_name: &str,
+    weights_name: Option<&str>,
+    route: &crate::routing::LayerRoute,
+    r: &Reference,
+    as_sets: bool,
+    tol: f64,
+    out: &mut Vec<Check>,
+) -> Result<()> {
+    let (ours_ids, ours_w) = canonical(&route.ids_NK()?, &route.weights_NK()?, as_sets)?;
+    let ref_ids = r.get(ids_name)?;
+    let ref_w = match weights_name {
+        Some(w) => r.get(w)?.clone(),
+        None => Tensor::zeros(ref_ids.dims(), DType::F32, &Device::Cpu)?,
+    };
+    let (theirs_ids, theirs_w) = canonical(ref_ids, &ref_w, as_sets)?;
+    let suffix = if as_sets { " (as sets)" } else { "" };
+    out.push(ids_check(case, &format!("{ids_name}{suffix}"), &ours_ids, &theirs_ids)?);
+    if let Some(w) = weights_name {
+        out.push(float_check(case, w, &ours_w, &theirs_w, tol)?);
+    }
+    Ok(())
 }
 
 fn changed_sets(a: &Tensor, b: &Tensor) -> Result<usize> {
@@ -113,8 +158,9 @@ fn changed_sets(a: &Tensor, b: &Tensor) -> Result<usize> {
 /// Router checks of one layer. A reference's `router_probs` holds, depending on the
 /// transformers version that dumped it, either the probabilities (rows on the simplex) or the raw
 /// router logits (transformers 5.17's softmax routers return their logits first); the latter is
-/// compared against our logits, and its softmax against our probabilities. A separate
-/// `router_logits` tensor, when present, is compared too.
+/// compared against our logits, and its softmax against our probabilities. When a separate
+/// `router_logits` tensor is present (sigmoid routers), `router_probs` holds the scores and both
+/// are compared directly.
 fn router_checks(route: &crate::routing::LayerRoute, r: &Reference, li: usize, tol: f64) -> Result<Vec<Check>> {
     let name = format!("layer{li}.router_probs");
     let reference = r.get(&name)?.to_dtype(DType::F32)?;
@@ -122,7 +168,8 @@ fn router_checks(route: &crate::routing::LayerRoute, r: &Reference, li: usize, t
     let min = reference.flatten_all()?.min(0)?.to_scalar::<f32>()?;
     let row_sums: Vec<f32> = reference.sum(1)?.to_vec1()?;
     let on_simplex = min >= 0.0 && row_sums.iter().all(|s| (s - 1.0).abs() < 1e-4);
-    if on_simplex {
+    let has_logits = r.tensors.contains_key(&format!("layer{li}.router_logits"));
+    if on_simplex || has_logits {
         out.push(float_check("forward", &name, &route.scores_NE, &reference, tol)?);
     } else {
         out.push(float_check("forward", &format!("{name} (ref = logits)"), &route.logits_NE, &reference, tol)?);
@@ -147,6 +194,11 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
     let rows: Vec<Vec<u32>> = ids.to_vec2()?;
     let batch = Batch::padded(&rows, &vec![vec![1u8; t]; b], dev)?;
     let moe_layers = model.cfg.moe_layers.clone();
+    if model.cfg.moe.router.strategy != crate::config::RoutingStrategy::TokenChoice {
+        return Err(ModelError::batch("routing_strategy", "reference dumps are token-choice; verify a token-choice config"));
+    }
+    // sigmoid routers select with topk(sorted=False) in transformers: compare ids as sets
+    let as_sets = model.cfg.moe.router.score_function == crate::config::ScoreFunction::Sigmoid;
     let mut checks = Vec::new();
 
     // 1. plain forward, recorded
@@ -156,8 +208,7 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
         let route = &out.routes[&layer];
         let q = |s: &str| format!("layer{li}.{s}");
         checks.extend(router_checks(route, &r, li, tol)?);
-        checks.push(ids_check("forward", &q("topk_idx"), &route.ids_NK, r.get(&q("topk_idx"))?)?);
-        checks.push(float_check("forward", &q("topk_weights"), &route.weights_NK, r.get(&q("topk_weights"))?, tol)?);
+        route_checks("forward", &q("topk_idx"), Some(&q("topk_weights")), route, &r, as_sets, tol, &mut checks)?;
     }
 
     // 2. perturbed routers, free routing
@@ -178,21 +229,22 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
     let mut changed = 0;
     for (li, &layer) in moe_layers.iter().enumerate() {
         let q = format!("perturbed.layer{li}.free_topk_idx");
-        checks.push(ids_check("perturbed", &q, &free.routes[&layer].ids_NK, r.get(&q)?)?);
-        changed += changed_sets(&free.routes[&layer].ids_NK, &out.routes[&layer].ids_NK)?;
+        route_checks("perturbed", &q, None, &free.routes[&layer], &r, as_sets, tol, &mut checks)?;
+        changed += changed_sets(&free.routes[&layer].ids_NK()?, &out.routes[&layer].ids_NK()?)?;
     }
 
     // 3. replay: perturbed routers, experts forced to the reference's unperturbed capture
     let mut plan = RoutingPlan::compute();
     for (li, &layer) in moe_layers.iter().enumerate() {
         let forced = r.get(&format!("layer{li}.topk_idx"))?.to_dtype(DType::U32)?.to_device(dev)?;
-        plan = plan.with_layer(layer, RouteMode::Replay(Replay { ids_NK: forced, weights: ReplayWeights::Recompute }));
+        plan = plan.with_layer(layer, RouteMode::Replay(Replay::top_k(forced, ReplayWeights::Recompute)));
     }
     let replay = perturbed.forward(&batch, &plan)?;
     checks.push(float_check("replay", "logits", &replay.logits, r.get("replay.logits")?, tol)?);
     for (li, &layer) in moe_layers.iter().enumerate() {
+        // replayed ids are the reference's forced ids, in the reference's order
         let q = format!("replay.layer{li}.topk_weights");
-        checks.push(float_check("replay", &q, &replay.routes[&layer].weights_NK, r.get(&q)?, tol)?);
+        checks.push(float_check("replay", &q, &replay.routes[&layer].weights_NK()?, r.get(&q)?, tol)?);
     }
 
     let reference_changed_routes = reference

@@ -1,20 +1,21 @@
 //! Routing modes, passed into the forward per MoE layer (keyed by decoder layer index):
-//! compute, record, or replay a recorded route. This file holds the plan and the record; the
-//! router (`moe::router`) carries them out.
+//! compute, record, or replay a recorded route. This file holds the plan, the forced route and
+//! the record; the router (`moe::router`) carries them out.
 //!
-//! Replay follows R3 / Megatron semantics: the expert ids are forced; with
-//! [`ReplayWeights::Recompute`] the weights are the *live* router probabilities gathered at the
-//! forced ids (renormalised iff `norm_topk_prob`), so the router still receives gradients; with
-//! [`ReplayWeights::Given`] the supplied weights are applied verbatim.
+//! Replay follows R3 / Megatron semantics: the assignments are forced; with
+//! [`ReplayWeights::Recompute`] the weights are the *live* router scores gathered at the forced
+//! experts (for token choice renormalised iff `norm_topk_prob`, times `routed_scaling_factor`;
+//! no expert bias, no group step), so the router still receives gradients; with
+//! [`ReplayWeights::Given`] the supplied weights are applied verbatim, as constants.
 //!
-//! A replay row whose ids are all [`ROUTE_FREE`] routes freely (padding slots of a packed
+//! A token-choice replay row of all [`ROUTE_FREE`] routes freely (padding slots of a packed
 //! micro-batch, or tokens whose route a foreign engine did not provide).
 //!
-//! Legend: N token slots (B*T, batch-major), K experts per token, E experts.
+//! Legend: N token slots (B*T, batch-major), K experts per token, E experts, A assignments.
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -25,18 +26,50 @@ pub const ROUTE_FREE: u32 = u32::MAX;
 /// Where replayed weights come from.
 #[derive(Debug, Clone)]
 pub enum ReplayWeights {
-    /// Live router probabilities gathered at the forced ids (router gets gradients).
+    /// Live router scores gathered at the forced assignments (router gets gradients).
     Recompute,
-    /// These [N, K] weights, applied verbatim.
+    /// These weights ([N, K] for top-k, [A] for assignments), applied verbatim.
     Given(Tensor),
+}
+
+/// The experts a replay forces.
+#[derive(Debug, Clone)]
+pub enum ForcedRoute {
+    /// Token choice: [N, K] u32 expert ids per token in selection order.
+    TopK(Tensor),
+    /// Any routing (expert choice): flat (token, expert) pairs, [A] u32 each.
+    Assignments { token_A: Tensor, expert_A: Tensor },
 }
 
 /// A forced route for one MoE layer.
 #[derive(Debug, Clone)]
 pub struct Replay {
-    /// [N, K] u32 expert ids in selection order; a row of all [`ROUTE_FREE`] routes freely.
-    pub ids_NK: Tensor,
+    pub route: ForcedRoute,
     pub weights: ReplayWeights,
+}
+
+impl Replay {
+    /// Force token-choice ids [N, K].
+    pub fn top_k(ids_NK: Tensor, weights: ReplayWeights) -> Self {
+        Self { route: ForcedRoute::TopK(ids_NK), weights }
+    }
+
+    /// Replay what a recorded layer did.
+    pub fn of(route: &LayerRoute, recompute_weights: bool) -> Self {
+        let forced = match route.top_k {
+            Some(k) => ForcedRoute::TopK(route.expert_A.reshape((route.num_tokens, k)).expect("top-k record is N*K")),
+            None => ForcedRoute::Assignments { token_A: route.token_A.clone(), expert_A: route.expert_A.clone() },
+        };
+        let weights = if recompute_weights {
+            ReplayWeights::Recompute
+        } else {
+            match route.top_k {
+                Some(k) => ReplayWeights::Given(route.weight_A.reshape((route.num_tokens, k)).expect("top-k record is N*K")),
+                None => ReplayWeights::Given(route.weight_A.clone()),
+            }
+        };
+        Self { route: forced, weights }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -49,19 +82,54 @@ pub enum RouteMode {
     Replay(Replay),
 }
 
-/// What one MoE layer decided, for every token slot of the batch.
+/// The routing decision of one MoE layer: flat assignments (token, expert, weight), whichever
+/// router made them. Token choice gives exactly K per token in token-major order
+/// (`a = n·K + j`, j in selection order), so `ids_NK()` is a reshape; expert choice gives a
+/// variable number per token, ordered by expert then by the expert's preference.
 #[derive(Debug, Clone)]
 pub struct LayerRoute {
-    /// [N, K] u32 selected experts in selection order (descending router probability).
-    pub ids_NK: Tensor,
-    /// [N, K] router probability of each selected expert (full softmax, before renormalisation).
-    pub probs_NK: Tensor,
-    /// [N, K] weight actually applied to each selected expert's output.
-    pub weights_NK: Tensor,
-    /// [N, E] the full router probability distribution.
+    /// token slots N of the batch
+    pub num_tokens: usize,
+    /// Some(K) for token choice
+    pub top_k: Option<usize>,
+    /// [A] u32 token slot of each assignment
+    pub token_A: Tensor,
+    /// [A] u32 expert of each assignment
+    pub expert_A: Tensor,
+    /// [A] router score of the pair before renormalisation / scaling (softmax probability or
+    /// sigmoid score)
+    pub prob_A: Tensor,
+    /// [A] weight applied to the expert's output
+    pub weight_A: Tensor,
+    /// [N, E] all router scores (softmax distribution or sigmoid scores)
     pub scores_NE: Tensor,
-    /// [N, E] raw router logits (before the score function).
+    /// [N, E] raw router logits
     pub logits_NE: Tensor,
+}
+
+impl LayerRoute {
+    fn per_token(&self, t: &Tensor, what: &str) -> Result<Tensor> {
+        match self.top_k {
+            Some(k) => Ok(t.reshape((self.num_tokens, k))?),
+            None => Err(ModelError::batch(what, "expert-choice routes have a variable number of experts per token")),
+        }
+    }
+    /// [N, K] u32 selected experts (token choice only).
+    pub fn ids_NK(&self) -> Result<Tensor> {
+        self.per_token(&self.expert_A, "ids")
+    }
+    /// [N, K] scores of the selected experts before renormalisation (token choice only).
+    pub fn probs_NK(&self) -> Result<Tensor> {
+        self.per_token(&self.prob_A, "probs")
+    }
+    /// [N, K] applied weights (token choice only).
+    pub fn weights_NK(&self) -> Result<Tensor> {
+        self.per_token(&self.weight_A, "weights")
+    }
+    /// Host copies of (token, expert) per assignment.
+    pub fn pairs(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        Ok((self.token_A.to_vec1()?, self.expert_A.to_vec1()?))
+    }
 }
 
 /// Decisions of every recorded / replayed MoE layer, keyed by decoder layer index.
@@ -87,14 +155,7 @@ impl RoutingPlan {
 
     /// Replay every layer of a recording.
     pub fn replay(recording: &Recording, recompute_weights: bool) -> Self {
-        let layers = recording
-            .iter()
-            .map(|(&l, r)| {
-                let weights =
-                    if recompute_weights { ReplayWeights::Recompute } else { ReplayWeights::Given(r.weights_NK.clone()) };
-                (l, RouteMode::Replay(Replay { ids_NK: r.ids_NK.clone(), weights }))
-            })
-            .collect();
+        let layers = recording.iter().map(|(&l, r)| (l, RouteMode::Replay(Replay::of(r, recompute_weights)))).collect();
         Self { record_by_default: false, layers }
     }
 
@@ -115,10 +176,8 @@ impl RoutingPlan {
     }
 
     /// Check the plan against the model and the batch before any compute: every keyed layer is
-    /// an MoE layer, replay tensors are [N, K], ids are < E (or a whole free row).
+    /// an MoE layer; forced routes fit the batch, the router's kind and the expert count.
     pub fn validate(&self, cfg: &ModelConfig, num_slots: usize) -> Result<()> {
-        let e = cfg.moe.router.num_experts;
-        let k = cfg.moe.router.top_k;
         for (&layer, mode) in &self.layers {
             if !cfg.is_moe_layer(layer) {
                 let why = if layer >= cfg.num_layers {
@@ -128,41 +187,73 @@ impl RoutingPlan {
                 };
                 return Err(ModelError::routing(layer, format!("not an MoE layer: {why}")));
             }
-            let RouteMode::Replay(r) = mode else { continue };
-            let dims = r.ids_NK.dims();
-            if dims != [num_slots, k] {
-                return Err(ModelError::routing(
-                    layer,
-                    format!("replay ids have shape {dims:?}, expected [{num_slots} tokens, {k} experts per token]"),
-                ));
+            if let RouteMode::Replay(r) = mode {
+                validate_replay(r, cfg, num_slots, layer)?;
             }
-            let ids: Vec<u32> = r.ids_NK.to_dtype(candle_core::DType::U32)?.flatten_all()?.to_vec1()?;
-            for (n, row) in ids.chunks(k).enumerate() {
+        }
+        Ok(())
+    }
+}
+
+fn host_u32(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?)
+}
+
+fn validate_replay(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize) -> Result<()> {
+    let e = cfg.moe.router.num_experts;
+    let token_choice = cfg.moe.router.strategy == crate::config::RoutingStrategy::TokenChoice;
+    let bad = |msg: String| Err(ModelError::routing(layer, msg));
+    let num_assignments = match &r.route {
+        ForcedRoute::TopK(ids_NK) => {
+            if !token_choice {
+                return bad("a top-k replay on an expert-choice router; replay its assignments".into());
+            }
+            let k = cfg.moe.router.top_k;
+            let dims = ids_NK.dims();
+            if dims != [num_slots, k] {
+                return bad(format!("replay ids have shape {dims:?}, expected [{num_slots} tokens, {k} experts per token]"));
+            }
+            for (n, row) in host_u32(ids_NK)?.chunks(k).enumerate() {
                 let free = row.iter().filter(|&&i| i == ROUTE_FREE).count();
                 if free == k {
                     continue;
                 }
                 if free > 0 {
-                    return Err(ModelError::routing(layer, format!("token {n}: row mixes ROUTE_FREE with expert ids")));
+                    return bad(format!("token {n}: row mixes ROUTE_FREE with expert ids"));
                 }
-                if let Some(&bad) = row.iter().find(|&&i| i as usize >= e) {
-                    return Err(ModelError::routing(layer, format!("token {n}: expert id {bad} >= num_experts {e}")));
+                if let Some(&x) = row.iter().find(|&&i| i as usize >= e) {
+                    return bad(format!("token {n}: expert id {x} >= num_experts {e}"));
                 }
-                for (a, &x) in row.iter().enumerate() {
-                    if row[..a].contains(&x) {
-                        return Err(ModelError::routing(layer, format!("token {n}: expert {x} selected twice")));
-                    }
+                if let Some((a, &x)) = row.iter().enumerate().find(|(a, x)| row[..*a].contains(x)) {
+                    return bad(format!("token {n}: expert {x} selected twice (slot {a})"));
                 }
             }
-            if let ReplayWeights::Given(w) = &r.weights {
-                if w.dims() != [num_slots, k] {
-                    return Err(ModelError::routing(
-                        layer,
-                        format!("replay weights have shape {:?}, expected [{num_slots}, {k}]", w.dims()),
-                    ));
-                }
-            }
+            num_slots * k
         }
-        Ok(())
+        ForcedRoute::Assignments { token_A, expert_A } => {
+            let (t, x) = (host_u32(token_A)?, host_u32(expert_A)?);
+            if t.len() != x.len() {
+                return bad(format!("{} tokens but {} experts in the forced assignments", t.len(), x.len()));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (a, (&tok, &ex)) in t.iter().zip(&x).enumerate() {
+                if tok as usize >= num_slots {
+                    return bad(format!("assignment {a}: token {tok} >= {num_slots} tokens in the batch"));
+                }
+                if ex as usize >= e {
+                    return bad(format!("assignment {a}: expert id {ex} >= num_experts {e}"));
+                }
+                if !seen.insert((tok, ex)) {
+                    return bad(format!("assignment {a}: token {tok} given to expert {ex} twice"));
+                }
+            }
+            t.len()
+        }
+    };
+    if let ReplayWeights::Given(w) = &r.weights {
+        if w.elem_count() != num_assignments {
+            return bad(format!("replay weights have shape {:?}, expected {num_assignments} values (one per assignment)", w.dims()));
+        }
     }
+    Ok(())
 }

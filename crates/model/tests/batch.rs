@@ -37,8 +37,8 @@ fn packed_row_equals_separate_sequences() {
     // routes align with tokens: packed route rows equal the separate runs' rows
     let b0 = Batch::from_sequences(&[s[1].clone()], 0, &Device::Cpu).unwrap();
     let r0 = model.forward(&b0, &RoutingPlan::record()).unwrap();
-    let packed_rows: Vec<u32> = out.routes[&3].ids_NK.narrow(0, cu[1], s[1].len()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let alone_rows: Vec<u32> = r0.routes[&3].ids_NK.flatten_all().unwrap().to_vec1().unwrap();
+    let packed_rows: Vec<u32> = out.routes[&3].ids_NK().unwrap().narrow(0, cu[1], s[1].len()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let alone_rows: Vec<u32> = r0.routes[&3].ids_NK().unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(packed_rows, alone_rows);
 }
 

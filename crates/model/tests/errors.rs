@@ -125,8 +125,8 @@ fn bad_replay_routes_are_named() {
     let model = MoeCausalLm::embedded_default(0, DType::F32, &Device::Cpu).unwrap();
     let b = Batch::from_sequences(&[vec![1, 2, 3, 4], vec![5, 6]], 0, &Device::Cpu).unwrap();
     let rec = model.forward(&b, &RoutingPlan::record()).unwrap();
-    let ids = rec.routes[&0].ids_NK.clone();
-    let replay = |ids: Tensor| RouteMode::Replay(Replay { ids_NK: ids, weights: ReplayWeights::Recompute });
+    let ids = rec.routes[&0].ids_NK().unwrap().clone();
+    let replay = |ids: Tensor| RouteMode::Replay(Replay::top_k(ids, ReplayWeights::Recompute));
 
     // a layer that is dense (2) or beyond the model (9)
     for layer in [2usize, 9] {
@@ -145,7 +145,7 @@ fn bad_replay_routes_are_named() {
     assert!(e.contains("layer 3") && e.contains("expert id 8") && e.contains("num_experts 8"), "{e}");
     // given weights of the wrong shape
     let w = Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap();
-    let mode = RouteMode::Replay(Replay { ids_NK: ids.clone(), weights: ReplayWeights::Given(w) });
+    let mode = RouteMode::Replay(Replay::top_k(ids.clone(), ReplayWeights::Given(w)));
     let e = model.forward(&b, &RoutingPlan::compute().with_layer(0, mode)).unwrap_err().to_string();
     assert!(e.contains("layer 0") && e.contains("weights"), "{e}");
 }

@@ -49,3 +49,10 @@ fn qwen2_moe_sparse_step_bf16_sharded_matches_transformers() {
     let name = "qwen2_moe_sparse_step_bf16_sharded";
     check_dir(name, common::extra_fixture(name));
 }
+
+/// Sigmoid scores + selection-only expert bias, group-limited top-4 of 16, routed scaling 2.5,
+/// a shared expert, a dense first layer, QK-norm, partial rotary; ids compared as sets.
+#[test]
+fn glm4_moe_matches_transformers() {
+    check("glm4_moe_tiny");
+}

@@ -29,7 +29,7 @@ fn round_trip(model: &MoeCausalLm) {
         let rep = model.forward(&b, &RoutingPlan::replay(&rec.routes, recompute)).unwrap();
         assert_bitwise(&rec.logits, &rep.logits);
         for (l, r) in &rep.routes {
-            assert_bitwise(&r.weights_NK, &rec.routes[l].weights_NK);
+            assert_bitwise(&r.weights_NK().unwrap(), &rec.routes[l].weights_NK().unwrap());
         }
     }
     let plain = model.forward(&b, &RoutingPlan::compute()).unwrap();
@@ -62,20 +62,20 @@ fn free_rows_route_like_compute_and_forced_rows_change_output() {
     let model = MoeCausalLm::embedded_default(3, DType::F32, &Device::Cpu).unwrap();
     let b = batch(256);
     let rec = model.forward(&b, &RoutingPlan::record()).unwrap();
-    let (n, k) = rec.routes[&0].ids_NK.dims2().unwrap();
+    let (n, k) = rec.routes[&0].ids_NK().unwrap().dims2().unwrap();
 
     // all rows free → identical to compute
     let free = Tensor::from_vec(vec![ROUTE_FREE; n * k], (n, k), &Device::Cpu).unwrap();
     let mut plan = RoutingPlan::compute();
     for &l in &model.cfg.moe_layers {
-        plan = plan.with_layer(l, RouteMode::Replay(Replay { ids_NK: free.clone(), weights: ReplayWeights::Recompute }));
+        plan = plan.with_layer(l, RouteMode::Replay(Replay::top_k(free.clone(), ReplayWeights::Recompute)));
     }
     let out = model.forward(&b, &plan).unwrap();
     assert_bitwise(&rec.logits, &out.logits);
 
     // force experts that the router did not pick on layer 0 → logits change; the replayed ids are
     // exactly the forced ones; free rows keep the router's choice
-    let ids: Vec<u32> = rec.routes[&0].ids_NK.flatten_all().unwrap().to_vec1().unwrap();
+    let ids: Vec<u32> = rec.routes[&0].ids_NK().unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let e = model.cfg.moe.router.num_experts as u32;
     let mut forced = Vec::with_capacity(n * k);
     for (row_i, row) in ids.chunks(k).enumerate() {
@@ -88,9 +88,9 @@ fn free_rows_route_like_compute_and_forced_rows_change_output() {
         forced.extend(other);
     }
     let forced_t = Tensor::from_vec(forced.clone(), (n, k), &Device::Cpu).unwrap();
-    let plan = RoutingPlan::compute().with_layer(0, RouteMode::Replay(Replay { ids_NK: forced_t, weights: ReplayWeights::Recompute }));
+    let plan = RoutingPlan::compute().with_layer(0, RouteMode::Replay(Replay::top_k(forced_t, ReplayWeights::Recompute)));
     let out = model.forward(&b, &plan).unwrap();
-    let used: Vec<u32> = out.routes[&0].ids_NK.flatten_all().unwrap().to_vec1().unwrap();
+    let used: Vec<u32> = out.routes[&0].ids_NK().unwrap().flatten_all().unwrap().to_vec1().unwrap();
     for (i, (&u, &f)) in used.iter().zip(&forced).enumerate() {
         let expect = if f == ROUTE_FREE { ids[i] } else { f };
         assert_eq!(u, expect, "slot {i}");

@@ -5,9 +5,11 @@
 //! token, so each expert sees one contiguous slice and the combine stage adds each token's
 //! contributions in ascending expert order (the order transformers' expert loop uses).
 //!
-//! Legend: N tokens, K experts per token, E experts, A assignments.
+//! Legend: N tokens, E experts, A assignments.
 
 use candle_core::{Device, Result, Tensor};
+
+use crate::routing::LayerRoute;
 
 /// Flat assignments sorted by expert.
 #[derive(Debug, Clone)]
@@ -21,11 +23,11 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    /// From token-choice ids [N, K] (host copy `ids`) and weights [N, K].
-    pub fn from_topk(ids: &[u32], weights_NK: &Tensor, num_experts: usize, device: &Device) -> Result<Self> {
-        let k = weights_NK.dim(1)?;
+    /// Group a layer's assignments by expert (stable: ties keep the decision's order).
+    pub fn new(route: &LayerRoute, num_experts: usize, device: &Device) -> crate::error::Result<Self> {
+        let (tokens, experts) = route.pairs()?;
         let mut counts = vec![0usize; num_experts];
-        for &e in ids {
+        for &e in &experts {
             counts[e as usize] += 1;
         }
         let mut next: Vec<usize> = counts
@@ -36,18 +38,19 @@ impl Dispatch {
                 Some(start)
             })
             .collect();
-        // stable counting sort of the flat slots a = n*K + j by expert
-        let mut order = vec![0u32; ids.len()];
-        let mut token = vec![0u32; ids.len()];
-        for (a, &e) in ids.iter().enumerate() {
+        // stable counting sort of the assignments by expert
+        let mut order = vec![0u32; experts.len()];
+        let mut token = vec![0u32; experts.len()];
+        for (a, &e) in experts.iter().enumerate() {
             let dst = next[e as usize];
             next[e as usize] += 1;
             order[dst] = a as u32;
-            token[dst] = (a / k) as u32;
+            token[dst] = tokens[a];
         }
-        let order_A = Tensor::from_vec(order, ids.len(), device)?;
-        let weight_A = weights_NK.flatten_all()?.index_select(&order_A, 0)?;
-        let token_A = Tensor::from_vec(token, ids.len(), device)?;
+        let n = order.len();
+        let order_A = Tensor::from_vec(order, n, device)?;
+        let weight_A = route.weight_A.index_select(&order_A, 0)?;
+        let token_A = Tensor::from_vec(token, n, device)?;
         Ok(Self { token_A, weight_A, counts })
     }
 

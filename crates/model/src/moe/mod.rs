@@ -10,15 +10,17 @@ pub mod router;
 use candle_core::{Module, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
+use crate::batch::Batch;
 use crate::config::MoeBlockConfig;
 use crate::error::Result;
 use crate::nn::mlp::SwiGlu;
 use crate::routing::{LayerRoute, RouteMode};
 use dispatch::Dispatch;
 use experts::Experts;
-use router::TopKRouter;
+use router::Router;
 
-/// Qwen2-MoE's shared expert: `sigmoid(shared_expert_gate(x)) · SwiGLU(x)` (ungated if no gate).
+/// A shared expert every token passes through: Qwen2-MoE's `sigmoid(shared_expert_gate(x)) ·
+/// SwiGLU(x)`, or GLM-4.5's ungated `shared_experts`.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub mlp: SwiGlu,
@@ -27,19 +29,19 @@ pub struct SharedExpert {
 
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
-    pub router: TopKRouter,
+    pub router: Router,
     pub experts: Experts,
     pub shared: Option<SharedExpert>,
 }
 
 impl MoeBlock {
     pub fn new(cfg: &MoeBlockConfig, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let router = TopKRouter::new(&cfg.router, hidden, vb.pp("gate"))?;
+        let router = Router::new(&cfg.router, hidden, vb.pp("gate"))?;
         let experts = Experts::new(cfg.router.num_experts, hidden, cfg.expert_intermediate_size, vb.pp("experts"))?;
         let shared = match &cfg.shared_expert {
             None => None,
             Some(s) => Some(SharedExpert {
-                mlp: SwiGlu::new(hidden, s.intermediate_size, vb.pp("shared_expert"))?,
+                mlp: SwiGlu::new(hidden, s.intermediate_size, vb.pp(&s.name))?,
                 gate: if s.gated { Some(linear_no_bias(hidden, 1, vb.pp("shared_expert_gate"))?) } else { None },
             }),
         };
@@ -47,13 +49,12 @@ impl MoeBlock {
     }
 
     /// x_ND → (out_ND, the route taken).
-    pub fn forward(&self, x_ND: &Tensor, mode: &RouteMode, layer: usize) -> Result<(Tensor, LayerRoute)> {
+    pub fn forward(&self, x_ND: &Tensor, mode: &RouteMode, layer: usize, batch: &Batch) -> Result<(Tensor, LayerRoute)> {
         let n = x_ND.dim(0)?;
         // route
-        let route = self.router.route(x_ND, mode, layer)?;
+        let route = self.router.route(x_ND, mode, layer, batch)?;
         // dispatch
-        let ids: Vec<u32> = route.ids_NK.flatten_all()?.to_vec1()?;
-        let dispatch = Dispatch::from_topk(&ids, &route.weights_NK, self.experts.num_experts(), x_ND.device())?;
+        let dispatch = Dispatch::new(&route, self.experts.num_experts(), x_ND.device())?;
         let x_AD = dispatch.gather(x_ND)?;
         // experts
         let y_AD = self.experts.forward(&x_AD, &dispatch.counts)?;

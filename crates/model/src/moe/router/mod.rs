@@ -1,0 +1,78 @@
+//! Route stage: router logits → scores → a routing decision ([`LayerRoute`]), for token choice
+//! (each token picks k experts) and expert choice (each expert picks tokens), computed, recorded
+//! or replayed through the same code, so replaying a recording reproduces it bit for bit.
+//!
+//! scores_NE = softmax(logits) or sigmoid(logits), logits = x_ND · Wᵀ in f32.
+//!
+//! Legend: N tokens, D hidden, E experts, K experts per token, A assignments.
+
+pub mod expert_choice;
+pub mod token_choice;
+
+use candle_core::{DType, Module, Result as CResult, Tensor, D};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+
+use crate::batch::Batch;
+use crate::config::{RouterConfig, RoutingStrategy, ScoreFunction};
+use crate::error::Result;
+use crate::routing::{LayerRoute, RouteMode};
+
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `mlp.gate.weight`: [E, D]
+    pub gate: Linear,
+    /// `mlp.gate.e_score_correction_bias`: [E], added to scores for selection only
+    pub expert_bias: Option<Tensor>,
+    cfg: RouterConfig,
+}
+
+impl Router {
+    pub fn new(cfg: &RouterConfig, hidden: usize, vb: VarBuilder) -> CResult<Self> {
+        let gate = linear_no_bias(hidden, cfg.num_experts, vb.clone())?;
+        let expert_bias = if cfg.expert_bias {
+            Some(vb.get_with_hints_dtype(cfg.num_experts, "e_score_correction_bias", Default::default(), DType::F32)?)
+        } else {
+            None
+        };
+        Ok(Self { gate, expert_bias, cfg: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    /// Change the routing strategy (e.g. token choice → expert choice) keeping the weights.
+    pub fn set_strategy(&mut self, s: RoutingStrategy) {
+        self.cfg.strategy = s;
+    }
+
+    /// Raw logits and scores, both [N, E] f32.
+    pub fn scores(&self, x_ND: &Tensor) -> CResult<(Tensor, Tensor)> {
+        let logits_NE = self.gate.forward(x_ND)?.to_dtype(DType::F32)?;
+        let scores_NE = match self.cfg.score_function {
+            ScoreFunction::Softmax => candle_nn::ops::softmax(&logits_NE, D::Minus1)?,
+            ScoreFunction::Sigmoid => candle_nn::ops::sigmoid(&logits_NE)?,
+        };
+        Ok((logits_NE, scores_NE))
+    }
+
+    /// Decide the route of `x_ND` under `mode` (`layer` names errors). Weights are f32.
+    pub fn route(&self, x_ND: &Tensor, mode: &RouteMode, layer: usize, batch: &Batch) -> Result<LayerRoute> {
+        let (logits_NE, scores_NE) = self.scores(x_ND)?;
+        match self.cfg.strategy {
+            RoutingStrategy::TokenChoice => token_choice::route(self, logits_NE, scores_NE, mode, layer),
+            RoutingStrategy::ExpertChoice { capacity_factor, pool } => {
+                expert_choice::route(self, logits_NE, scores_NE, mode, layer, batch, capacity_factor, pool)
+            }
+        }
+    }
+
+    /// Multiply by `routed_scaling_factor` unless it is 1.
+    fn scale(&self, w: Tensor) -> CResult<Tensor> {
+        if self.cfg.routed_scaling_factor == 1.0 {
+            Ok(w)
+        } else {
+            w * self.cfg.routed_scaling_factor
+        }
+    }
+}
