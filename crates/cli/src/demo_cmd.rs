@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::DType;
 use lockstep_model::metrics::{layer_health, route_agreement};
 use lockstep_model::parity::max_abs_diff;
+use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 use rand::{Rng, SeedableRng};
 
@@ -29,6 +30,23 @@ pub struct DemoArgs {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// token-choice (each token picks k experts) or expert-choice (each expert picks tokens).
+    #[arg(long, default_value = "token-choice")]
+    routing: String,
+    /// Expert choice: C = ceil(F · pool tokens / experts).
+    #[arg(long, default_value_t = 1.0)]
+    capacity_factor: f64,
+    /// Expert choice: where experts pick from: block:N, sequence or batch.
+    #[arg(long, default_value = "sequence")]
+    pool: String,
+    /// Attention: causal, bidirectional or block:N (expert choice over a wide pool needs one of the
+    /// latter two); the model's own when absent.
+    #[arg(long)]
+    attention: Option<String>,
+    /// Expert choice with a pool wider than one token on a causal model leaks the future; allow it
+    /// anyway (for experiments).
+    #[arg(long)]
+    allow_causal_pool: bool,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -40,6 +58,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(dir) => MoeCausalLm::load(dir, DType::F32, &dev).with_context(|| format!("loading {}", dir.display()))?,
         None => MoeCausalLm::embedded_default(args.seed, DType::F32, &dev)?,
     };
+    let (mut model, strategy) = (model, strategy(&args)?);
+    let attention = match &args.attention {
+        Some(a) => AttentionMode::parse(a).map_err(|m| anyhow::anyhow!("--attention {m}"))?,
+        None => model.cfg.attention.mode,
+    };
+    model.set_routing(strategy, attention, args.allow_causal_pool).context("--routing / --pool / --attention")?;
     let cfg = &model.cfg;
     println!(
         "model: {} ({:?}), {} layers, MoE layers {:?}, {} experts, top-{}, renorm {}",
@@ -63,10 +87,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("batch: {} sequences, lengths {:?}, padded to {}", seqs.len(), seqs.iter().map(Vec::len).collect::<Vec<_>>(), batch.dims().1);
 
     let rec = model.forward(&batch, &RoutingPlan::record())?;
-    println!("\n{:>5} {:>7} {:>11} {:>8}  tokens per expert", "layer", "tokens", "confidence", "max_vio");
+    println!("routing: {:?}, attention {:?}", cfg.moe.router.strategy, cfg.attention.mode);
+    println!(
+        "\n{:>5} {:>7} {:>11} {:>8} {:>8} {:>9}  tokens per expert",
+        "layer", "tokens", "confidence", "max_vio", "dropped", "experts/t"
+    );
     for (l, route) in &rec.routes {
-        let h = layer_health(route, &real)?;
-        println!("{l:>5} {:>7} {:>11.4} {:>8.3}  {:?}", h.tokens, h.confidence, h.max_vio, h.load);
+        let h = layer_health(route, &real, cfg.moe.router.score_function)?;
+        println!(
+            "{l:>5} {:>7} {:>11.4} {:>8.3} {:>7.1}% {:>9.2}  {:?}",
+            h.tokens,
+            h.confidence,
+            h.max_vio,
+            100.0 * h.dropped,
+            h.mean_experts_per_token,
+            h.load
+        );
     }
 
     let given = model.forward(&batch, &RoutingPlan::replay(&rec.routes, false))?;
@@ -77,10 +113,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("record → replay (recomputed weights): max |Δ logits| = {d_recompute:e}");
 
     // An engine running the same weights in bf16 records routes; the f32 trainer replays them.
-    let engine = match &args.model {
+    let mut engine = match &args.model {
         Some(dir) => MoeCausalLm::load(dir, DType::BF16, &dev)?,
         None => MoeCausalLm::embedded_default(args.seed, DType::BF16, &dev)?,
     };
+    engine.set_routing(strategy, attention, args.allow_causal_pool)?;
     let engine_rec = engine.forward(&batch, &RoutingPlan::record())?;
     let pinned = model.forward(&batch, &RoutingPlan::replay(&engine_rec.routes, true))?;
     println!("\nroutes recorded by a bf16 engine, seen by the f32 trainer:");
@@ -94,4 +131,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("\nreplay reproduced the recording exactly.");
     Ok(())
+}
+
+fn strategy(args: &DemoArgs) -> anyhow::Result<RoutingStrategy> {
+    match args.routing.as_str() {
+        "token-choice" => Ok(RoutingStrategy::TokenChoice),
+        "expert-choice" => Ok(RoutingStrategy::ExpertChoice {
+            capacity_factor: args.capacity_factor,
+            pool: Pool::parse(&args.pool).map_err(|m| anyhow::anyhow!("--pool {m}"))?,
+        }),
+        other => bail!("--routing {other}: expected token-choice or expert-choice"),
+    }
 }

@@ -86,6 +86,20 @@ pub enum AttentionMode {
     Block(usize),
 }
 
+impl AttentionMode {
+    /// `causal`, `bidirectional` or `block:N`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "causal" => Ok(AttentionMode::Causal),
+            "bidirectional" => Ok(AttentionMode::Bidirectional),
+            _ => match s.strip_prefix("block:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > 0 => Ok(AttentionMode::Block(n)),
+                _ => Err(format!("`{s}`: expected causal, bidirectional or block:N (N > 0)")),
+            },
+        }
+    }
+}
+
 /// How router logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScoreFunction {
@@ -398,12 +412,8 @@ impl ModelConfig {
         };
         let attention_mode = match hf.attention_mode.as_deref() {
             None if architecture == Architecture::Llada2Moe => AttentionMode::Bidirectional,
-            None | Some("causal") => AttentionMode::Causal,
-            Some("bidirectional") => AttentionMode::Bidirectional,
-            Some(other) => match other.strip_prefix("block:").map(str::parse::<usize>) {
-                Some(Ok(n)) if n > 0 => AttentionMode::Block(n),
-                _ => return Err(ModelError::config(file, "attention_mode", format!("`{other}`: expected causal, bidirectional or block:N"))),
-            },
+            None => AttentionMode::Causal,
+            Some(m) => AttentionMode::parse(m).map_err(|msg| ModelError::config(file, "attention_mode", msg))?,
         };
         let partial = hf
             .partial_rotary_factor

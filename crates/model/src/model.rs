@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 
 use crate::batch::Batch;
-use crate::config::ModelConfig;
+use crate::config::{AttentionMode, ModelConfig, RoutingStrategy};
 use crate::error::{ModelError, Result};
 use crate::moe::MoeBlock;
 use crate::nn::attention::Attention;
@@ -109,6 +109,20 @@ impl MoeCausalLm {
             layer.self_attn.set_kernels(k);
         }
         self.norm.set_kernels(k);
+    }
+
+    /// Change how the model routes and attends (e.g. expert choice on a bidirectional model),
+    /// keeping the weights; the new combination is validated like a config.
+    pub fn set_routing(&mut self, strategy: RoutingStrategy, attention: AttentionMode, allow_causal_pool: bool) -> Result<()> {
+        let mut cfg = self.cfg.clone();
+        cfg.moe.router.strategy = strategy;
+        cfg.attention.mode = attention;
+        cfg.validate(allow_causal_pool)?;
+        self.cfg = cfg;
+        for l in self.cfg.moe_layers.clone() {
+            self.moe_block_mut(l).expect("MoE layer").router.set_strategy(strategy);
+        }
+        Ok(())
     }
 
     /// The MoE block of decoder layer `layer`, if it has one.
