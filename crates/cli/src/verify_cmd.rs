@@ -22,12 +22,19 @@ pub struct VerifyArgs {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also run a training reference laid out like testdata/fixtures/*/grads.safetensors (loss,
+    /// token logprobs and every parameter's gradient under forced routes, perturbed routers).
+    #[arg(long)]
+    grads: Option<PathBuf>,
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let model = MoeCausalLm::load(&args.model, DType::F32, &crate::device::parse(&args.device)?)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let report = run_reference(&model, &args.reference, args.tolerance)?;
+    let mut report = run_reference(&model, &args.reference, args.tolerance)?;
+    if let Some(g) = &args.grads {
+        report.checks.extend(lockstep_trainer::grads::run_grads_reference(&model, g, &args.reference, args.tolerance)?);
+    }
     println!(
         "{} ({:?}, {} layers, MoE layers {:?}, {} experts, top-{})",
         args.model.display(),

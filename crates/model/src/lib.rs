@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod nn;
+pub mod params;
 pub mod parity;
 pub mod routing;
 

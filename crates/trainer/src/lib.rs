@@ -1,0 +1,12 @@
+//! lockstep-trainer: the trainer side of routing replay — log-probabilities from the shared
+//! forward, RL losses (token and joint token+expert importance sampling), gradients checked
+//! against PyTorch, AdamW, checkpoints.
+//!
+//! Legend: B rows, T slots per row, N = B·T, V vocab.
+#![allow(non_snake_case)]
+
+pub mod error;
+pub mod grads;
+pub mod logprobs;
+
+pub use error::{Result, TrainError};

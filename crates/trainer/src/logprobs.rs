@@ -1,0 +1,37 @@
+//! Token log-probabilities from the shared forward, aligned to tokens:
+//! `logp[n] = log_softmax(logits[n − 1])[token[n]]` for every slot n whose previous slot is in
+//! the same sequence; `valid[n]` is false for the first token of each sequence and for padding.
+//! (The same alignment as inference logprobs: the logprob of the token *at* n.)
+
+use candle_core::{DType, Tensor, D};
+use lockstep_model::Batch;
+
+use crate::error::Result;
+
+/// [B, T] log-probabilities (0 where invalid) and the per-slot validity.
+pub fn token_logprobs(logits_BTV: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {
+    let (b, t) = batch.dims();
+    let ids: Vec<u32> = batch.input_ids_BT.flatten_all()?.to_vec1()?;
+    let seg = batch.segments();
+    // target of prediction slot p = token at p + 1 (same row), or 0 when there is none
+    let mut target = vec![0u32; b * t];
+    let mut valid = vec![false; b * t];
+    for r in 0..b {
+        for p in 0..t.saturating_sub(1) {
+            let (i, j) = (r * t + p, r * t + p + 1);
+            if seg[i] != 0 && seg[i] == seg[j] {
+                target[i] = ids[j];
+                valid[j] = true;
+            }
+        }
+    }
+    let logsm = candle_nn::ops::log_softmax(&logits_BTV.to_dtype(DType::F32)?, D::Minus1)?;
+    let target = Tensor::from_vec(target, (b, t, 1), logits_BTV.device())?;
+    let pred_BT = logsm.gather(&target, 2)?.squeeze(2)?;
+    // shift right by one: slot n takes the prediction made at n − 1
+    let zeros = Tensor::zeros((b, 1), DType::F32, logits_BTV.device())?;
+    let shifted = if t == 1 { zeros } else { Tensor::cat(&[&zeros, &pred_BT.narrow(1, 0, t - 1)?], 1)? };
+    let mask = Tensor::from_vec(valid.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>(), (b, t), logits_BTV.device())?;
+    let logp = mask.where_cond(&shifted, &shifted.zeros_like()?)?;
+    Ok((logp, valid))
+}
