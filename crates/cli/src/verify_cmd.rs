@@ -44,11 +44,11 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         model.cfg.moe.router.num_experts,
         model.cfg.moe.router.top_k
     );
-    println!("{:<10} {:<40} {:>11} {:>11} {:>10}  result", "case", "quantity", "max abs", "max rel", "agreement");
+    println!("{:<10} {:<58} {:>11} {:>11} {:>10}  result", "case", "quantity", "max abs", "max rel", "agreement");
     for c in &report.checks {
         let agree = c.agreement.map(|a| format!("{:.2}%", 100.0 * a)).unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<40} {:>11.3e} {:>11.3e} {:>10}  {}",
+            "{:<10} {:<58} {:>11.3e} {:>11.3e} {:>10}  {}",
             c.case,
             c.quantity,
             c.max_abs,

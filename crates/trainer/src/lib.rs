@@ -8,5 +8,6 @@
 pub mod error;
 pub mod grads;
 pub mod logprobs;
+pub mod loss;
 
 pub use error::{Result, TrainError};
