@@ -146,3 +146,84 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     }
     out
 }
+
+impl MoeCausalLm {
+    /// Every tensor under its checkpoint (hub) name: experts split back into one tensor per
+    /// expert, expert biases included — the layout `load` reads and transformers loads.
+    pub fn hub_tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
+        let mut out = Vec::new();
+        for (name, t) in self.named_params()? {
+            if let Some(p) = name.strip_suffix(".experts.gate_up_proj") {
+                let (e, two_f, _) = t.dims3()?;
+                let f = two_f / 2;
+                for x in 0..e {
+                    let w = t.get(x)?;
+                    out.push((format!("{p}.experts.{x}.gate_proj.weight"), w.narrow(0, 0, f)?.contiguous()?));
+                    out.push((format!("{p}.experts.{x}.up_proj.weight"), w.narrow(0, f, f)?.contiguous()?));
+                }
+            } else if let Some(p) = name.strip_suffix(".experts.down_proj") {
+                for x in 0..t.dim(0)? {
+                    out.push((format!("{p}.experts.{x}.down_proj.weight"), t.get(x)?.contiguous()?));
+                }
+            } else {
+                out.push((name, t));
+            }
+        }
+        for &l in &self.cfg.moe_layers {
+            if let Some(b) = &self.moe_block(l).and_then(|b| b.router.expert_bias.clone()) {
+                out.push((format!("model.layers.{l}.mlp.gate.e_score_correction_bias"), b.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Save as a Hugging Face checkpoint directory (`config.json` + `model.safetensors`),
+    /// atomically: written into a temporary sibling directory, then renamed over `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let files = self.checkpoint_files()?;
+        write_dir_atomically(dir, |tmp| files.write(tmp))
+    }
+
+    /// The checkpoint's contents in memory, to write into a directory (with other files).
+    pub fn checkpoint_files(&self) -> Result<CheckpointFiles> {
+        let tensors = self
+            .hub_tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.detach().to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        Ok(CheckpointFiles { config_json: self.cfg.to_json_string(), tensors })
+    }
+}
+
+/// `config.json` text and hub-named tensors of a model.
+pub struct CheckpointFiles {
+    pub config_json: String,
+    pub tensors: std::collections::HashMap<String, candle_core::Tensor>,
+}
+
+impl CheckpointFiles {
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::write(dir.join("config.json"), &self.config_json)?;
+        candle_core::safetensors::save(&self.tensors, dir.join("model.safetensors")).map_err(std::io::Error::other)
+    }
+}
+
+/// Fill a fresh temporary sibling of `dir` with `fill`, then swap it in with renames, so a
+/// reader never sees a half-written checkpoint.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
+    let io = |e: std::io::Error| ModelError::WeightFile { path: dir.to_path_buf(), msg: e.to_string() };
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "checkpoint".into());
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    fill(&tmp).map_err(io)?;
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(io)?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}

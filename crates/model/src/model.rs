@@ -126,6 +126,14 @@ impl MoeCausalLm {
     }
 
     /// The MoE block of decoder layer `layer`, if it has one.
+    pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
+        match &self.layers.get(layer)?.mlp {
+            Mlp::Moe(b) => Some(b),
+            Mlp::Dense(_) => None,
+        }
+    }
+
+    /// The MoE block of decoder layer `layer`, if it has one (mutable).
     pub fn moe_block_mut(&mut self, layer: usize) -> Option<&mut MoeBlock> {
         match &mut self.layers.get_mut(layer)?.mlp {
             Mlp::Moe(b) => Some(b),

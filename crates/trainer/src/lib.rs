@@ -5,9 +5,12 @@
 //! Legend: B rows, T slots per row, N = B·T, V vocab.
 #![allow(non_snake_case)]
 
+pub mod checkpoint;
 pub mod error;
 pub mod grads;
 pub mod logprobs;
 pub mod loss;
+pub mod optim;
+pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -67,6 +67,11 @@ impl Router {
         }
     }
 
+    /// The ids this router would pick freely from `scores_NE` (token choice): [N, K] u32.
+    pub fn free_top_k(&self, scores_NE: &Tensor) -> Result<Tensor> {
+        token_choice::select(self, scores_NE)
+    }
+
     /// Multiply by `routed_scaling_factor` unless it is 1.
     fn scale(&self, w: Tensor) -> CResult<Tensor> {
         if self.cfg.routed_scaling_factor == 1.0 {

@@ -81,7 +81,7 @@ pub(super) fn route(r: &Router, logits_NE: Tensor, scores_NE: Tensor, mode: &Rou
 }
 
 /// Selected ids [N, K] u32.
-fn select(r: &Router, scores_NE: &Tensor) -> Result<Tensor> {
+pub(super) fn select(r: &Router, scores_NE: &Tensor) -> Result<Tensor> {
     let cfg = &r.cfg;
     if r.expert_bias.is_none() && cfg.n_group == 1 {
         // plain top-k on the device

@@ -1,0 +1,181 @@
+//! AdamW with decoupled weight decay, global grad-norm clipping and a warmup + constant / cosine
+//! learning-rate schedule, f32. Its state (step, first and second moments) is plain tensors so a
+//! checkpoint can save it and a resumed run continues bit for bit.
+//!
+//! At step t (1-based), for each parameter θ with gradient g (after clipping):
+//!     g ← g · min(1, max_norm / (‖g_all‖₂ + 1e-6))
+//!     m ← β₁ m + (1 − β₁) g;   v ← β₂ v + (1 − β₂) g²
+//!     θ ← θ − lr_t · (wd · θ + (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε))
+//! lr_t = lr · t / warmup for t ≤ warmup; then lr (constant) or
+//! lr · (min_ratio + (1 − min_ratio) · ½ (1 + cos(π · p))), p = (t − warmup) / (total − warmup).
+
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Cosine { total_steps: u64, min_lr_ratio: f64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global grad-norm clip; none when absent.
+    pub max_grad_norm: Option<f64>,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.warmup_steps > 0 && step <= self.warmup_steps {
+            return self.lr * step as f64 / self.warmup_steps as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine { total_steps, min_lr_ratio } => {
+                let span = total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let p = ((step.saturating_sub(self.warmup_steps)) as f64 / span).min(1.0);
+                self.lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: &str| Err(TrainError::input(&format!("optimizer.{f}"), m));
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be > 0");
+        }
+        if !(0.0..1.0).contains(&self.beta1) {
+            return bad("beta1", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta2", "must be in [0, 1)");
+        }
+        if self.eps <= 0.0 {
+            return bad("eps", "must be > 0");
+        }
+        if self.weight_decay < 0.0 {
+            return bad("weight_decay", "must be >= 0");
+        }
+        if self.max_grad_norm.is_some_and(|c| c <= 0.0) {
+            return bad("max_grad_norm", "must be > 0");
+        }
+        if let Schedule::Cosine { min_lr_ratio, .. } = self.schedule {
+            if !(0.0..=1.0).contains(&min_lr_ratio) {
+                return bad("schedule.min_lr_ratio", "must be in [0, 1]");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gradients summed over micro-batches, per parameter.
+#[derive(Default)]
+pub struct GradAccumulator {
+    grads: HashMap<String, Tensor>,
+}
+
+impl GradAccumulator {
+    pub fn add(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
+        for (name, v) in params {
+            if let Some(g) = store.get(v.as_tensor()) {
+                let sum = match self.grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                self.grads.insert(name.clone(), sum);
+            }
+        }
+        Ok(())
+    }
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.grads.get(name)
+    }
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    /// steps taken
+    pub step: u64,
+    /// first / second moments per parameter name
+    pub m: HashMap<String, Tensor>,
+    pub v: HashMap<String, Tensor>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { cfg, step: 0, m: HashMap::new(), v: HashMap::new() })
+    }
+
+    /// One update of every parameter that has a gradient.
+    pub fn apply(&mut self, params: &[(String, Var)], grads: &GradAccumulator) -> Result<StepStats> {
+        let mut sq = 0f64;
+        for (name, _) in params {
+            if let Some(g) = grads.get(name) {
+                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
+        let grad_norm = sq.sqrt();
+        let scale = match self.cfg.max_grad_norm {
+            Some(c) => (c / (grad_norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        self.step += 1;
+        let t = self.step as i32;
+        let lr = self.cfg.lr_at(self.step);
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for (name, var) in params {
+            let Some(g) = grads.get(name) else { continue };
+            let g = if scale < 1.0 { (g * scale)? } else { g.clone() };
+            let theta = var.as_tensor();
+            let m = match self.m.get(name) {
+                Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
+                None => (&g * (1.0 - b1))?,
+            };
+            let v = match self.v.get(name) {
+                Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
+                None => (g.sqr()? * (1.0 - b2))?,
+            };
+            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.cfg.eps)?)?;
+            let update = (update + (theta * self.cfg.weight_decay)?)?;
+            var.set(&(theta - (update * lr)?)?)?;
+            self.m.insert(name.clone(), m);
+            self.v.insert(name.clone(), v);
+        }
+        Ok(StepStats { grad_norm, lr })
+    }
+}

@@ -1,0 +1,263 @@
+//! One optimizer step over packed micro-batches: forward with replayed routes (or free routing),
+//! token log-probabilities, the RL loss, backward, gradient accumulation, AdamW — and the step's
+//! metrics, routing health per MoE layer included.
+//!
+//! Legend: N token slots of a micro-batch, K experts per token.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var, D};
+use lockstep_model::metrics::{layer_health, route_agreement};
+use lockstep_model::{Batch, LayerRoute, MoeCausalLm, Replay, ReplayWeights, RouteMode, RoutingPlan, ROUTE_FREE};
+
+use crate::error::{Result, TrainError};
+use crate::logprobs::token_logprobs;
+use crate::loss::{rl_loss, LossConfig, LossInputs, RatioMode};
+use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
+
+/// Inference-time route of one MoE layer for every slot of a micro-batch.
+#[derive(Debug, Clone)]
+pub struct LayerReplay {
+    /// [N·K] expert ids; a row of `ROUTE_FREE` routes freely (padding, missing rows)
+    pub ids: Vec<u32>,
+    /// [N·K] inference router probabilities of those experts, when the engine sent them
+    pub probs: Option<Vec<f32>>,
+}
+
+/// One packed micro-batch with everything the loss needs, per slot (token-aligned).
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    pub batch: Batch,
+    pub logp_infer: Vec<f32>,
+    pub advantages: Vec<f32>,
+    pub loss_mask: Vec<f32>,
+    /// keyed by decoder layer index; empty when the samples came without routes
+    pub routes: BTreeMap<usize, LayerReplay>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainerConfig {
+    pub loss: LossConfig,
+    pub optimizer: AdamWConfig,
+    /// Force the inference routes (R3); off = the trainer routes freely.
+    pub replay: bool,
+}
+
+/// Routing health of one MoE layer over a step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerStepMetrics {
+    pub confidence: f64,
+    pub max_vio: f64,
+    /// share of real (token, layer) routes that free routing would have chosen identically
+    pub route_agreement: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub entropy: f64,
+    pub kl: f64,
+    pub extreme_fraction: f64,
+    pub clip_fraction: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: f64,
+    pub fallback_tokens: f64,
+    pub mis_dropped: f64,
+    pub layers: BTreeMap<usize, LayerStepMetrics>,
+}
+
+pub struct Trainer {
+    pub model: MoeCausalLm,
+    pub params: Vec<(String, Var)>,
+    pub optimizer: AdamW,
+    pub cfg: TrainerConfig,
+}
+
+fn vec_tensor(v: &[f32], dev: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v.to_vec(), v.len(), dev)?)
+}
+
+impl Trainer {
+    /// Take a model (f32) and make its parameters trainable.
+    pub fn new(mut model: MoeCausalLm, cfg: TrainerConfig) -> Result<Self> {
+        let mut params = Vec::new();
+        model.map_params(|name, t| {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            params.push((name.to_string(), v.clone()));
+            Ok(v.as_tensor().clone())
+        })?;
+        Ok(Self { model, params, optimizer: AdamW::new(cfg.optimizer)?, cfg })
+    }
+
+    fn plan(&self, tb: &TrainBatch) -> Result<RoutingPlan> {
+        if !self.cfg.replay || tb.routes.is_empty() {
+            return Ok(RoutingPlan::record());
+        }
+        let n = tb.batch.num_slots();
+        let k = self.model.cfg.moe.router.top_k;
+        let mut plan = RoutingPlan::record();
+        for (&l, r) in &tb.routes {
+            if r.ids.len() != n * k {
+                return Err(TrainError::input(&format!("routes[{l}].ids"), format!("{} ids for {n} slots x top-{k}", r.ids.len())));
+            }
+            let ids = Tensor::from_vec(r.ids.clone(), (n, k), self.model.device())?;
+            plan = plan.with_layer(l, RouteMode::Replay(Replay::top_k(ids, ReplayWeights::Recompute)));
+        }
+        Ok(plan)
+    }
+
+    /// Forward + loss + backward of one micro-batch; gradients go into `acc`.
+    fn micro_step(&self, tb: &TrainBatch, denominator: f64, acc: &mut GradAccumulator, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, (f64, f64, f64, f64)>) -> Result<()> {
+        let dev = self.model.device().clone();
+        let n = tb.batch.num_slots();
+        for (name, v) in [("logp_infer", &tb.logp_infer), ("advantages", &tb.advantages), ("loss_mask", &tb.loss_mask)] {
+            if v.len() != n {
+                return Err(TrainError::input(name, format!("{} values for {n} slots", v.len())));
+            }
+        }
+        let out = self.model.forward(&tb.batch, &self.plan(tb)?)?;
+        let (logp_BT, valid) = token_logprobs(&out.logits, &tb.batch)?;
+        let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
+        let k = self.model.cfg.moe.router.top_k;
+        let (mut router_train, mut router_infer) = (Vec::new(), Vec::new());
+        let mut available = vec![1f32; n];
+        if matches!(self.cfg.loss.ratio, RatioMode::Joint(_)) {
+            if tb.routes.is_empty() {
+                available.iter_mut().for_each(|a| *a = 0.0);
+            }
+            for (l, r) in &tb.routes {
+                let route = &out.routes[l];
+                router_train.push(route.probs_NK()?.log()?.sum(1)?);
+                let mut inf = vec![0f32; n];
+                match &r.probs {
+                    Some(p) if p.len() == n * k => {
+                        for s in 0..n {
+                            if r.ids[s * k] == ROUTE_FREE {
+                                available[s] = 0.0;
+                            } else {
+                                inf[s] = p[s * k..(s + 1) * k].iter().map(|x| x.ln()).sum();
+                            }
+                        }
+                    }
+                    Some(p) => return Err(TrainError::input(&format!("routes[{l}].probs"), format!("{} values for {n} slots x top-{k}", p.len()))),
+                    None => available.iter_mut().for_each(|a| *a = 0.0),
+                }
+                router_infer.push(vec_tensor(&inf, &dev)?);
+            }
+        }
+        let inputs = LossInputs {
+            logp_train: logp_BT.flatten_all()?,
+            logp_infer: vec_tensor(&tb.logp_infer, &dev)?,
+            advantages: vec_tensor(&tb.advantages, &dev)?,
+            mask: vec_tensor(&mask, &dev)?,
+            router_logp_train: router_train,
+            router_logp_infer: router_infer,
+            joint_available: Some(vec_tensor(&available, &dev)?),
+        };
+        let (loss, lm) = rl_loss(&self.cfg.loss, &inputs, denominator)?;
+        acc.add(&self.params, &loss.backward()?)?;
+
+        // metrics (weighted by tokens, divided at the end)
+        let t = lm.tokens;
+        m.loss += loss.to_scalar::<f32>()? as f64;
+        m.kl += lm.kl * t;
+        m.extreme_fraction += lm.extreme_fraction * t;
+        m.clip_fraction += lm.clip_fraction * t;
+        m.tokens += t;
+        m.fallback_tokens += lm.fallback_tokens;
+        m.mis_dropped += lm.mis_dropped;
+        let logits = out.logits.detach();
+        let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let ent_BT = (logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?;
+        // entropy of the distribution that predicted slot s sits at s − 1
+        let ent: Vec<f32> = ent_BT.flatten_all()?.to_vec1()?;
+        let (_, tt) = tb.batch.dims();
+        for s in 0..n {
+            if mask[s] > 0.0 && s % tt > 0 {
+                m.entropy += ent[s - 1] as f64;
+            }
+        }
+        let real = tb.batch.real_mask();
+        let score = self.model.cfg.moe.router.score_function;
+        for (&l, route) in &out.routes {
+            let h = layer_health(route, &real, score)?;
+            let agree = self.free_agreement(l, route, &real)?;
+            let e = layer_acc.entry(l).or_default();
+            let w = h.tokens as f64;
+            e.0 += h.confidence * w;
+            e.1 += h.max_vio * w;
+            e.2 += agree * w;
+            e.3 += w;
+        }
+        Ok(())
+    }
+
+    /// Share of routes free routing would have kept, given the live router scores.
+    fn free_agreement(&self, layer: usize, route: &LayerRoute, real: &[bool]) -> Result<f64> {
+        let block = self.model.moe_block(layer).expect("recorded layers are MoE layers");
+        let ids = block.router.free_top_k(&route.scores_NE)?;
+        let free = LayerRoute {
+            top_k: route.top_k,
+            expert_A: ids.flatten_all()?,
+            ..route.clone()
+        };
+        Ok(route_agreement(route, &free, real)?)
+    }
+
+    /// One optimizer step over the micro-batches of a step.
+    pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
+        let denominator: f64 = micro
+            .iter()
+            .map(|tb| {
+                let valid = token_valid(&tb.batch);
+                tb.loss_mask.iter().zip(&valid).filter(|(&m, &v)| m > 0.0 && v).count() as f64
+            })
+            .sum();
+        if denominator == 0.0 {
+            return Err(TrainError::input("loss_mask", "no completion tokens in the step"));
+        }
+        let mut acc = GradAccumulator::default();
+        let mut m = StepMetrics::default();
+        let mut layer_acc = BTreeMap::new();
+        for tb in micro {
+            self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc)?;
+        }
+        let stats = self.optimizer.apply(&self.params, &acc)?;
+        let per = |x: f64| if m.tokens > 0.0 { x / m.tokens } else { 0.0 };
+        m.kl = per(m.kl);
+        m.extreme_fraction = per(m.extreme_fraction);
+        m.clip_fraction = per(m.clip_fraction);
+        m.entropy = per(m.entropy);
+        m.grad_norm = stats.grad_norm;
+        m.lr = stats.lr;
+        m.step = self.optimizer.step;
+        m.layers = layer_acc
+            .into_iter()
+            .map(|(l, (c, v, a, w))| {
+                let d = if w > 0.0 { w } else { 1.0 };
+                (l, LayerStepMetrics { confidence: c / d, max_vio: v / d, route_agreement: a / d })
+            })
+            .collect();
+        Ok(m)
+    }
+}
+
+fn token_valid(batch: &Batch) -> Vec<bool> {
+    let seg = batch.segments();
+    let (b, t) = batch.dims();
+    (0..b * t).map(|s| s % t > 0 && seg[s] != 0 && seg[s] == seg[s - 1]).collect()
+}
+
+/// Routes of a recording as inference-time routes (what an engine would send): ids and probs.
+pub fn replay_from_recording(rec: &lockstep_model::Recording) -> Result<BTreeMap<usize, LayerReplay>> {
+    rec.iter()
+        .map(|(&l, r)| {
+            let ids: Vec<u32> = r.expert_A.to_vec1()?;
+            let probs: Vec<f32> = r.prob_A.to_dtype(DType::F32)?.to_vec1()?;
+            Ok((l, LayerReplay { ids, probs: Some(probs) }))
+        })
+        .collect()
+}
+
