@@ -67,6 +67,7 @@ def make(name, cfg_cls, cfg_kwargs, seed, outdir, bf16_weights=False, shard=None
             "total_token_layers": int(ids.numel() * len(selected)),
             "bf16_weights": bf16_weights, "sharded": bool(shard)}
     json.dump(meta, open(os.path.join(d, "reference.json"), "w"), indent=1)
+    mf.make_grads(d, seed)  # grads.safetensors: the training reference
     print(name, sorted(os.listdir(d)), meta)
     tar = os.path.join(outdir, name + ".tar.gz")
     with tarfile.open(tar, "w:gz") as t:

@@ -36,3 +36,26 @@ fn qwen2_moe_gradients_match_pytorch() {
 fn glm4_moe_gradients_match_pytorch() {
     check("glm4_moe_tiny");
 }
+
+fn check_extra(name: &str) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/extra_fixtures").join(name);
+    let model = MoeCausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let checks = run_grads_reference(&model, &dir.join("grads.safetensors"), &dir.join("reference.safetensors"), 1e-4).unwrap();
+    assert!(checks.len() > 20);
+    for c in &checks {
+        assert!(c.pass, "{name}: {} rel {:.3e}", c.quantity, c.max_rel);
+    }
+}
+
+/// Dense layers between MoE layers, top-4 of 16, no renorm, tied embeddings
+/// (`scripts/make_extra_fixtures.py`).
+#[test]
+fn dense_gaps_top4_tied_gradients_match_pytorch() {
+    check_extra("qwen3_moe_dense_gaps");
+}
+
+/// decoder_sparse_step 2, top-3 of 12, bf16 weights in shards (`scripts/make_extra_fixtures.py`).
+#[test]
+fn sparse_step_bf16_sharded_gradients_match_pytorch() {
+    check_extra("qwen2_moe_sparse_step_bf16_sharded");
+}
