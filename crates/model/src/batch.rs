@@ -10,6 +10,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::config::AttentionMode;
+use crate::nn::attention::AttentionLayout;
 use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone)]
@@ -140,6 +141,35 @@ impl Batch {
 
     pub fn segments(&self) -> &[u32] {
         &self.segments
+    }
+
+    /// How this batch's tokens see each other: a packed row is cut into its sequences (attention
+    /// cost Σ len² instead of T²); padded rows use one dense bias.
+    pub(crate) fn attention_layout(&self, mode: AttentionMode, device: &Device) -> Result<AttentionLayout> {
+        if self.b != 1 {
+            return Ok(AttentionLayout::Dense(self.attention_bias(mode, device)?));
+        }
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < self.t {
+            let mut end = start + 1;
+            while end < self.t && self.segments[end] == self.segments[start] {
+                end += 1;
+            }
+            let part = Batch {
+                input_ids_BT: self.input_ids_BT.narrow(1, start, end - start)?,
+                positions: self.positions[start..end].to_vec(),
+                segments: self.segments[start..end].to_vec(),
+                b: 1,
+                t: end - start,
+            };
+            runs.push((start, end - start, part.attention_bias(mode, device)?));
+            start = end;
+        }
+        if runs.len() == 1 {
+            return Ok(AttentionLayout::Dense(runs.remove(0).2));
+        }
+        Ok(AttentionLayout::Runs(runs))
     }
 
     /// [B, 1, T, T] additive attention bias: 0 where a query may attend a key, -inf elsewhere.

@@ -149,12 +149,12 @@ impl MoeCausalLm {
         if let Some(&bad) = ids.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::batch("input_ids", format!("token id {bad} >= vocab_size {}", self.cfg.vocab_size)));
         }
-        let bias_B1TT = batch.attention_bias(self.cfg.attention.mode, &self.device)?;
+        let layout = batch.attention_layout(self.cfg.attention.mode, &self.device)?;
         let rope = self.rope.tables(batch.positions(), b, t, self.dtype)?;
         let mut x_BTD = self.embed_tokens.forward(ids)?;
         let mut routes = Recording::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x_BTD)?, &rope, &bias_B1TT)?;
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x_BTD)?, &rope, &layout)?;
             let h_BTD = (x_BTD + h)?;
             let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
             let out_BTD = match &layer.mlp {

@@ -3,7 +3,9 @@
 //! routers perturbed (`perturbed.layerL.router_weight` from the reference dump), experts forced
 //! to the unperturbed capture (`layerL.topk_idx`) with live recomputed weights, and
 //!
-//!     loss = −Σ mask · adv · logp / Σ mask,  logp[b, t] = log_softmax(logits[b, t])[ids[b, t+1]]
+//! ```text
+//! loss = −Σ mask · adv · logp / Σ mask,  logp[b, t] = log_softmax(logits[b, t])[ids[b, t+1]]
+//! ```
 //!
 //! Compared: the loss, the token log-probabilities and every parameter's gradient under
 //! transformers' in-memory names (fused experts). A replay that detached the router would fail

@@ -7,8 +7,10 @@
 //! For each MoE layer l the selected experts S_l(n) of slot n (the replayed ones) carry router
 //! probabilities from the trainer (live, with gradient) and from inference (the route trace):
 //!
-//!     log ρ_n = [log π_train(y_n) − log π_infer(y_n)]
-//!             + agg_l Σ_{e ∈ S_l(n)} [log p_train,l(e | n) − log p_infer,l(e | n)]
+//! ```text
+//! log ρ_n = [log π_train(y_n) − log π_infer(y_n)]
+//!         + agg_l Σ_{e ∈ S_l(n)} [log p_train,l(e | n) − log p_infer,l(e | n)]
+//! ```
 //!
 //! with agg = Σ_l (`ExpertAggregation::Sum`) or (1/L) Σ_l (`Mean`, L = number of MoE layers).
 //! A slot without inference router probabilities (`joint_available = 0`: the sample came

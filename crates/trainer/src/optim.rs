@@ -3,9 +3,13 @@
 //! checkpoint can save it and a resumed run continues bit for bit.
 //!
 //! At step t (1-based), for each parameter θ with gradient g (after clipping):
-//!     g ← g · min(1, max_norm / (‖g_all‖₂ + 1e-6))
-//!     m ← β₁ m + (1 − β₁) g;   v ← β₂ v + (1 − β₂) g²
-//!     θ ← θ − lr_t · (wd · θ + (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε))
+//!
+//! ```text
+//! g ← g · min(1, max_norm / (‖g_all‖₂ + 1e-6))
+//! m ← β₁ m + (1 − β₁) g;   v ← β₂ v + (1 − β₂) g²
+//! θ ← θ − lr_t · (wd · θ + (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε))
+//! ```
+//!
 //! lr_t = lr · t / warmup for t ≤ warmup; then lr (constant) or
 //! lr · (min_ratio + (1 − min_ratio) · ½ (1 + cos(π · p))), p = (t − warmup) / (total − warmup).
 

@@ -55,11 +55,10 @@ impl Attention {
         }
     }
 
-    /// x_BTD: [B, T, D]; bias_B1TT: [B, 1, T, T] additive mask (0 / -inf).
-    pub fn forward(&self, x_BTD: &Tensor, rope: &RopeTables, bias_B1TT: &Tensor) -> Result<Tensor> {
+    /// x_BTD: [B, T, D] → [B, T, D] under the batch's attention layout.
+    pub fn forward(&self, x_BTD: &Tensor, rope: &RopeTables, layout: &AttentionLayout) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
         let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let r = h / g;
         let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
             let x_BTND = match norm {
@@ -71,10 +70,33 @@ impl Attention {
         let q_BHTD = rope.apply(&heads(&self.q_proj, h, &self.q_norm)?)?;
         let k_BGTD = rope.apply(&heads(&self.k_proj, g, &self.k_norm)?)?;
         let v_BGTD = heads(&self.v_proj, g, &None)?;
+        let out_BHTD = match layout {
+            AttentionLayout::Dense(bias_B1TT) => self.attend(&q_BHTD, &k_BGTD, &v_BGTD, bias_B1TT)?,
+            AttentionLayout::Runs(runs) => {
+                // packed row: each sequence attends only to itself, so compute it alone
+                let outs = runs
+                    .iter()
+                    .map(|(start, len, bias)| {
+                        let n = |x: &Tensor| x.narrow(2, *start, *len);
+                        self.attend(&n(&q_BHTD)?, &n(&k_BGTD)?, &n(&v_BGTD)?, bias)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 2)?
+            }
+        };
+        let out_BTD = out_BHTD.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dh))?;
+        self.o_proj.forward(&out_BTD)
+    }
 
+    /// Scaled dot-product attention of q [B, H, T, Dh] over k, v [B, G, T, Dh] with an additive
+    /// bias [B | 1, 1, T, T].
+    fn attend(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {
+        let (b, h, t, dh) = q_BHTD.dims4()?;
+        let g = self.num_kv_heads;
+        let r = h / g;
         // Grouped-query attention without copying K/V: the R query heads of a group are stacked
         // along the query axis, so one batched matmul per group serves them all.
-        let q_BG_RT_D = q_BHTD.reshape((b, g, r * t, dh))?;
+        let q_BG_RT_D = q_BHTD.contiguous()?.reshape((b, g, r * t, dh))?;
         let scale = 1.0 / (dh as f64).sqrt();
         let scores = (q_BG_RT_D.matmul(&k_BGTD.t()?.contiguous()?)? * scale)?;
         let in_dtype = scores.dtype();
@@ -85,8 +107,16 @@ impl Attention {
             Kernels::Inference => candle_nn::ops::softmax_last_dim(&scores_BGRTT)?,
         };
         let probs_BG_RT_T = probs.to_dtype(in_dtype)?.reshape((b, g, r * t, t))?;
-        let out_BHTD = probs_BG_RT_T.matmul(&v_BGTD)?.reshape((b, h, t, dh))?;
-        let out_BTD = out_BHTD.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dh))?;
-        self.o_proj.forward(&out_BTD)
+        probs_BG_RT_T.matmul(&v_BGTD.contiguous()?)?.reshape((b, h, t, dh))
     }
+}
+
+/// How a batch's tokens see each other.
+#[derive(Debug, Clone)]
+pub enum AttentionLayout {
+    /// [B, 1, T, T] additive bias (0 / -inf) over whole rows.
+    Dense(Tensor),
+    /// One packed row cut into runs (start, len, [1, 1, len, len] bias): a sequence, or a run of
+    /// padding slots (which see only themselves).
+    Runs(Vec<(usize, usize, Tensor)>),
 }

@@ -3,7 +3,11 @@
 //! Tokens are grouped into pools — blocks of `block_size` tokens of one sequence (by position:
 //! block = position / block_size), whole sequences, or the whole micro-batch; padding is never
 //! pooled. In a pool of P tokens every expert takes its top-C tokens by score, with
-//!     C = min(P, ceil(capacity_factor · P / E))
+//!
+//! ```text
+//! C = min(P, ceil(capacity_factor · P / E))
+//! ```
+//!
 //! (computed in f64 as ceil(x − 1e-9), so an exact integer product is not bumped up by rounding).
 //! Ties go to the lower token slot. A token may get 0, 1 or many experts; tokens no expert took
 //! pass through the residual path (and the shared experts, if any).
