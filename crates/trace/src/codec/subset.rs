@@ -20,7 +20,6 @@ const PAD: usize = 8;
 
 /// Binomial and guess tables for one `(E, k)`.
 pub(crate) struct SubsetTables {
-    e: usize,
     k: usize,
     /// Row width of `binom`: `e + 1 + PAD`.
     w: usize,
@@ -118,7 +117,7 @@ impl SubsetTables {
         let k_fact = (1..=k as u64).try_fold(1u64, |a, x| a.checked_mul(x));
         let ordered_total = k_fact.and_then(|f| total.checked_mul(f));
         let recip = (0..=k as u64).map(|r| if r == 0 { 0 } else { (1u64 << 32).div_ceil(r) }).collect();
-        Some(SubsetTables { e, k, w, steps, recip, binom, guess, total, k_fact: k_fact.unwrap_or(0), ordered_total })
+        Some(SubsetTables { k, w, steps, recip, binom, guess, total, k_fact: k_fact.unwrap_or(0), ordered_total })
     }
 
     /// Shared tables for `(e, k)` (built once per process).
@@ -256,6 +255,7 @@ impl SubsetTables {
 
     /// Inverse of [`SubsetTables::rank_ordered`] for `v < ordered_total`.
     #[inline]
+    #[cfg(test)]
     pub(crate) fn unrank_ordered(&self, v: u64, out: &mut [u16]) {
         let k = self.k.min(64);
         let mut sorted = [0u16; 64];

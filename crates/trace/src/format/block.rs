@@ -161,8 +161,8 @@ fn decode_body(body: &[u8], ctx: &str, limits: DecodeLimits) -> Result<RouteTrac
         probs: None,
     };
     shell.validate_meta().map_err(|e| prefix(e, ctx))?;
-    if top_k != 0 {
-        let cells = (num_tokens as u64).checked_mul(num_layers as u64).and_then(|x| x.checked_mul(top_k as u64));
+    {
+        let cells = (num_tokens as u64).checked_mul(num_layers as u64).and_then(|x| x.checked_mul(top_k.max(1) as u64));
         match cells {
             Some(n) if n <= limits.max_ids => {}
             _ => {
