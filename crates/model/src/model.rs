@@ -5,13 +5,14 @@
 //! Legend: B batch rows, T slots per row, N = B*T tokens, D hidden, V vocab.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 use crate::batch::Batch;
 use crate::config::{AttentionMode, ModelConfig, RoutingStrategy};
 use crate::error::{ModelError, Result};
 use crate::moe::MoeBlock;
 use crate::nn::attention::Attention;
+use crate::nn::linear::{linear_no_bias, Linear};
 use crate::nn::mlp::SwiGlu;
 use crate::nn::norm::RmsNorm;
 use crate::nn::rope::Rope;
@@ -50,6 +51,7 @@ pub struct MoeCausalLm {
     /// None when the embeddings are tied.
     pub lm_head: Option<Linear>,
     rope: Rope,
+    kernels: Kernels,
     device: Device,
     dtype: DType,
 }
@@ -88,6 +90,7 @@ impl MoeCausalLm {
             norm,
             lm_head,
             rope,
+            kernels: Kernels::Autograd,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -107,8 +110,16 @@ impl MoeCausalLm {
             layer.input_layernorm.set_kernels(k);
             layer.post_attention_layernorm.set_kernels(k);
             layer.self_attn.set_kernels(k);
+            match &mut layer.mlp {
+                Mlp::Dense(m) => m.set_kernels(k),
+                Mlp::Moe(b) => b.set_kernels(k),
+            }
         }
         self.norm.set_kernels(k);
+        if let Some(h) = &mut self.lm_head {
+            h.set_kernels(k);
+        }
+        self.kernels = k;
     }
 
     /// Change how the model routes and attends (e.g. expert choice on a bidirectional model),
@@ -174,6 +185,7 @@ impl MoeCausalLm {
         let x_BTD = self.norm.forward(&x_BTD)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x_BTD)?,
+            None if self.kernels == Kernels::Invariant => crate::nn::invariant::matmul_nt(&x_BTD, self.embed_tokens.embeddings())?,
             None => x_BTD.broadcast_matmul(&self.embed_tokens.embeddings().t()?)?,
         };
         Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, routes })

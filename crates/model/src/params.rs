@@ -5,7 +5,9 @@
 //! is a buffer, not a parameter.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
+
+use crate::nn::linear::Linear;
 
 use crate::model::{Mlp, MoeCausalLm};
 use crate::nn::attention::Attention;
@@ -19,7 +21,7 @@ fn map_linear(f: &mut MapFn, name: &str, lin: &mut Linear) -> Result<()> {
         Some(b) => Some(f(&format!("{name}.bias"), b)?),
         None => None,
     };
-    *lin = Linear::new(w, b);
+    *lin = lin.with_params(w, b);
     Ok(())
 }
 

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
 
 use crate::batch::Batch;
 use crate::error::{ModelError, Result};
@@ -222,7 +221,7 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
                 format!("shape {:?}, router is {:?}", w.dims(), block.router.gate.weight().dims()),
             ));
         }
-        block.router.gate = Linear::new(w, None);
+        block.router.gate = block.router.gate.with_params(w, None);
     }
     let free = perturbed.forward(&batch, &RoutingPlan::record())?;
     checks.push(float_check("perturbed", "free_logits", &free.logits, r.get("perturbed.free_logits")?, tol)?);

@@ -105,7 +105,8 @@ fn replay_recompute_carries_router_gradient_given_does_not() {
     let mut model = MoeCausalLm::embedded_default(1, DType::F32, &Device::Cpu).unwrap();
     let w = model.moe_block_mut(0).unwrap().router.gate.weight().clone();
     let var = Var::from_tensor(&w).unwrap();
-    model.moe_block_mut(0).unwrap().router.gate = candle_nn::Linear::new(var.as_tensor().clone(), None);
+    let gate = model.moe_block_mut(0).unwrap().router.gate.with_params(var.as_tensor().clone(), None);
+    model.moe_block_mut(0).unwrap().router.gate = gate;
     let b = batch(256);
     let rec = model.forward(&b, &RoutingPlan::record()).unwrap();
     let grad_norm = |recompute: bool| {

@@ -59,3 +59,17 @@ fn dense_gaps_top4_tied_gradients_match_pytorch() {
 fn sparse_step_bf16_sharded_gradients_match_pytorch() {
     check_extra("qwen2_moe_sparse_step_bf16_sharded");
 }
+
+/// The batch-invariant kernels carry gradients that match PyTorch too.
+#[test]
+fn invariant_kernels_gradients_match_pytorch() {
+    for name in ["qwen3_moe_tiny", "glm4_moe_tiny"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fixtures").join(name);
+        let mut model = MoeCausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        model.set_kernels(lockstep_model::Kernels::Invariant);
+        let checks = run_grads_reference(&model, &dir.join("grads.safetensors"), &dir.join("reference.safetensors"), 1e-4).unwrap();
+        for c in &checks {
+            assert!(c.pass, "{name}: {} rel {:.3e}", c.quantity, c.max_rel);
+        }
+    }
+}

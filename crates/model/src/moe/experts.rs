@@ -9,6 +9,9 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::nn::invariant::matmul_nt;
+use crate::nn::Kernels;
+
 #[derive(Debug, Clone)]
 pub struct Experts {
     /// [E, 2F, D]
@@ -16,6 +19,7 @@ pub struct Experts {
     /// [E, D, F]
     pub down_proj: Tensor,
     intermediate: usize,
+    kernels: Kernels,
 }
 
 impl Experts {
@@ -29,7 +33,24 @@ impl Experts {
             gate_up.push(Tensor::cat(&[&g, &u], 0)?);
             down.push(vb.get((hidden, intermediate), "down_proj.weight")?);
         }
-        Ok(Self { gate_up_proj: Tensor::stack(&gate_up, 0)?, down_proj: Tensor::stack(&down, 0)?, intermediate })
+        Ok(Self {
+            gate_up_proj: Tensor::stack(&gate_up, 0)?,
+            down_proj: Tensor::stack(&down, 0)?,
+            intermediate,
+            kernels: Kernels::Autograd,
+        })
+    }
+
+    pub fn set_kernels(&mut self, k: Kernels) {
+        self.kernels = k;
+    }
+
+    /// x [n, D] · w[e]ᵀ with the selected kernel.
+    fn mm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Invariant => matmul_nt(x, w),
+            _ => x.matmul(&w.t()?),
+        }
     }
 
     pub fn num_experts(&self) -> usize {
@@ -47,9 +68,9 @@ impl Experts {
             }
             let x = x_AD.narrow(0, offset, c)?;
             offset += c;
-            let h = x.matmul(&self.gate_up_proj.get(e)?.t()?)?;
+            let h = self.mm(&x, &self.gate_up_proj.get(e)?)?;
             let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
-            outs.push(act.matmul(&self.down_proj.get(e)?.t()?)?);
+            outs.push(self.mm(&act, &self.down_proj.get(e)?)?);
         }
         if outs.is_empty() {
             return x_AD.zeros_like();

@@ -8,12 +8,14 @@ pub mod experts;
 pub mod router;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::batch::Batch;
 use crate::config::MoeBlockConfig;
 use crate::error::Result;
+use crate::nn::linear::{linear_no_bias, Linear};
 use crate::nn::mlp::SwiGlu;
+use crate::nn::Kernels;
 use crate::routing::{LayerRoute, RouteMode};
 use dispatch::Dispatch;
 use experts::Experts;
@@ -46,6 +48,17 @@ impl MoeBlock {
             }),
         };
         Ok(Self { router, experts, shared })
+    }
+
+    pub fn set_kernels(&mut self, k: Kernels) {
+        self.router.gate.set_kernels(k);
+        self.experts.set_kernels(k);
+        if let Some(s) = &mut self.shared {
+            s.mlp.set_kernels(k);
+            if let Some(g) = &mut s.gate {
+                g.set_kernels(k);
+            }
+        }
     }
 
     /// x_ND → (out_ND, the route taken).

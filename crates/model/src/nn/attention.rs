@@ -5,11 +5,13 @@
 //! R = H / G query heads per kv head, Dh head dim.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::{linear_b, Linear};
 
 use super::norm::RmsNorm;
 use super::rope::RopeTables;
-use super::Kernels;
+use super::{invariant, Kernels};
 use crate::config::AttentionConfig;
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,9 @@ impl Attention {
 
     pub fn set_kernels(&mut self, k: Kernels) {
         self.kernels = k;
+        for l in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.o_proj] {
+            l.set_kernels(k);
+        }
         for n in [&mut self.q_norm, &mut self.k_norm].into_iter().flatten() {
             n.set_kernels(k);
         }
@@ -93,6 +98,12 @@ impl Attention {
     fn attend(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {
         let (b, h, t, dh) = q_BHTD.dims4()?;
         let g = self.num_kv_heads;
+        if self.kernels == Kernels::Invariant {
+            let visible: Vec<u8> = bias_B1TT.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| u8::from(x == 0.0)).collect();
+            let visible = if bias_B1TT.dim(0)? == b { visible } else { visible.repeat(b) };
+            let scale = 1.0 / (dh as f32).sqrt();
+            return invariant::attention(q_BHTD, k_BGTD, v_BGTD, std::sync::Arc::new(visible), scale);
+        }
         let r = h / g;
         // Grouped-query attention without copying K/V: the R query heads of a group are stacked
         // along the query axis, so one batched matmul per group serves them all.
@@ -103,7 +114,7 @@ impl Attention {
         let scores_BGRTT = scores.reshape((b, g, r, t, t))?.to_dtype(DType::F32)?;
         let scores_BGRTT = scores_BGRTT.broadcast_add(&bias_B1TT.unsqueeze(1)?)?;
         let probs = match self.kernels {
-            Kernels::Autograd => candle_nn::ops::softmax(&scores_BGRTT, D::Minus1)?,
+            Kernels::Autograd | Kernels::Invariant => candle_nn::ops::softmax(&scores_BGRTT, D::Minus1)?,
             Kernels::Inference => candle_nn::ops::softmax_last_dim(&scores_BGRTT)?,
         };
         let probs_BG_RT_T = probs.to_dtype(in_dtype)?.reshape((b, g, r * t, t))?;

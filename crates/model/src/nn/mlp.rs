@@ -1,7 +1,10 @@
 //! SwiGLU MLP: `down(silu(gate(x)) * up(x))`, the dense layers' MLP and the shared expert.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::{linear_no_bias, Linear};
+use super::Kernels;
 
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
@@ -17,6 +20,14 @@ impl SwiGlu {
             up_proj: linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
             down_proj: linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
         })
+    }
+}
+
+impl SwiGlu {
+    pub fn set_kernels(&mut self, k: Kernels) {
+        for l in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
+            l.set_kernels(k);
+        }
     }
 }
 

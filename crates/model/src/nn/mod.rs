@@ -5,6 +5,8 @@
 //! they are used only when the caller selects [`Kernels::Inference`] explicitly.
 
 pub mod attention;
+pub mod invariant;
+pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
@@ -17,4 +19,8 @@ pub enum Kernels {
     Autograd,
     /// candle's fused inference ops where they exist; no gradients flow through them.
     Inference,
+    /// Batch-invariant f32 CPU kernels (matmul, attention): a row's result does not depend on
+    /// the batch around it, so an engine's decode step equals the trainer's packed forward bit
+    /// for bit. Carries gradients.
+    Invariant,
 }

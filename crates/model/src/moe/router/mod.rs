@@ -10,11 +10,12 @@ pub mod expert_choice;
 pub mod token_choice;
 
 use candle_core::{DType, Module, Result as CResult, Tensor, D};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::batch::Batch;
 use crate::config::{RouterConfig, RoutingStrategy, ScoreFunction};
 use crate::error::Result;
+use crate::nn::linear::{linear_no_bias, Linear};
 use crate::routing::{LayerRoute, RouteMode};
 
 #[derive(Debug, Clone)]
