@@ -4,7 +4,7 @@
 //! |-----------|-------------------------|-----------------------------------------------|
 //! | `Subset`  | fixed k, unordered      | `ceil(log2 C(E, k))` (41 at 128/8)            |
 //! | `Ordered` | fixed k, ordered        | `ceil(log2(C(E, k) * k!))` (56 at 128/8)      |
-//! | `Plain`   | fixed k, when the above overflow u64 | `k * ceil(log2 E)`               |
+//! | `Plain`   | fixed k, when the above overflow u64 or k > 32 | `k * ceil(log2 E)` |
 //! | `Variable`| expert choice           | `ceil(log2(E + 1))` count + count x `ceil(log2 E)` |
 //!
 //! Only tokens not marked missing are encoded, in `[token][layer]` order.

@@ -17,6 +17,12 @@ const MMASK: u64 = (1 << MBITS) - 1;
 const NKEYS: usize = 65 << MBITS;
 /// Sentinel columns past `e` in each binomial row, so correction steps never index out.
 const PAD: usize = 8;
+/// Subset coding is used for `k <= MAX_K` (larger k: plain ids).
+pub(crate) const MAX_K: usize = 32;
+/// Bound on the binomial table (`(k + 1) x (E + 1 + PAD)` u64s, 8 MB).
+const MAX_BINOM_ENTRIES: usize = 1 << 20;
+/// Tables kept per process.
+const MAX_CACHED: usize = 64;
 
 /// Binomial and guess tables for one `(E, k)`.
 pub(crate) struct SubsetTables {
@@ -81,6 +87,9 @@ pub(crate) fn binomial(n: u64, k: u64) -> Option<u64> {
 impl SubsetTables {
     /// Tables for `k` of `e` experts, or `None` when `C(e, k)` does not fit in u64.
     fn build(e: usize, k: usize) -> Option<SubsetTables> {
+        if k > MAX_K || (k + 1) * (e + 1 + PAD) > MAX_BINOM_ENTRIES {
+            return None;
+        }
         let total = binomial(e as u64, k as u64)?;
         let w = e + 1 + PAD;
         let mut binom = vec![u64::MAX; (k + 1) * w];
@@ -128,7 +137,14 @@ impl SubsetTables {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        g.entry((e, k)).or_insert_with(|| SubsetTables::build(e, k).map(Arc::new)).clone()
+        if let Some(t) = g.get(&(e, k)) {
+            return t.clone();
+        }
+        let t = SubsetTables::build(e, k).map(Arc::new);
+        if g.len() < MAX_CACHED {
+            g.insert((e, k), t.clone());
+        }
+        t
     }
 
     /// Rank of a strictly ascending row.
