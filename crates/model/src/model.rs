@@ -50,7 +50,7 @@ pub struct MoeCausalLm {
     pub norm: RmsNorm,
     /// None when the embeddings are tied.
     pub lm_head: Option<Linear>,
-    rope: Rope,
+    pub(crate) rope: Rope,
     kernels: Kernels,
     device: Device,
     dtype: DType,
@@ -182,12 +182,16 @@ impl MoeCausalLm {
             };
             x_BTD = (h_BTD + out_BTD)?;
         }
-        let x_BTD = self.norm.forward(&x_BTD)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x_BTD)?,
-            None if self.kernels == Kernels::Invariant => crate::nn::invariant::matmul_nt(&x_BTD, self.embed_tokens.embeddings())?,
-            None => x_BTD.broadcast_matmul(&self.embed_tokens.embeddings().t()?)?,
-        };
+        let logits = self.lm_head_forward(&self.norm.forward(&x_BTD)?)?;
         Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, routes })
+    }
+
+    /// Final hidden states [B, T, D] → logits [B, T, V] (tied or untied head).
+    pub(crate) fn lm_head_forward(&self, x_BTD: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.lm_head {
+            Some(head) => head.forward(x_BTD),
+            None if self.kernels == Kernels::Invariant => crate::nn::invariant::matmul_nt(x_BTD, self.embed_tokens.embeddings()),
+            None => x_BTD.broadcast_matmul(&self.embed_tokens.embeddings().t()?),
+        }
     }
 }

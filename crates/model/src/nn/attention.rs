@@ -93,10 +93,57 @@ impl Attention {
         self.o_proj.forward(&out_BTD)
     }
 
+    /// Incremental (KV-cached) attention for one packed row of new tokens: run i (start, len)
+    /// holds the next `len` tokens of the sequence whose cache is `kv[i]`; each new token sees
+    /// the cached keys and the new keys up to itself (causal). The caches grow by the new keys.
+    pub fn forward_cached(&self, x_BTD: &Tensor, rope: &RopeTables, runs: &[(usize, usize)], kv: &mut [&mut LayerKv]) -> Result<Tensor> {
+        let (b, t, _) = x_BTD.dims3()?;
+        let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
+            let x_BTND = match norm {
+                Some(norm) => norm.forward(&x_BTND)?,
+                None => x_BTND,
+            };
+            x_BTND.transpose(1, 2)?.contiguous()
+        };
+        let q_BHTD = rope.apply(&heads(&self.q_proj, h, &self.q_norm)?)?;
+        let k_BGTD = rope.apply(&heads(&self.k_proj, g, &self.k_norm)?)?;
+        let v_BGTD = heads(&self.v_proj, g, &None)?;
+        let mut outs = Vec::with_capacity(runs.len());
+        for (&(start, len), cache) in runs.iter().zip(kv.iter_mut()) {
+            let k_new = k_BGTD.narrow(2, start, len)?;
+            let v_new = v_BGTD.narrow(2, start, len)?;
+            let (k_all, v_all) = match (&cache.k, &cache.v) {
+                (Some(k), Some(v)) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),
+                _ => (k_new.contiguous()?, v_new.contiguous()?),
+            };
+            let past = k_all.dim(2)? - len;
+            let total = past + len;
+            let mut bias = vec![f32::NEG_INFINITY; len * total];
+            for j in 0..len {
+                bias[j * total..j * total + past + j + 1].iter_mut().for_each(|x| *x = 0.0);
+            }
+            let bias = Tensor::from_vec(bias, (1, 1, len, total), x_BTD.device())?;
+            outs.push(self.attend_rect(&q_BHTD.narrow(2, start, len)?, &k_all, &v_all, &bias)?);
+            cache.k = Some(k_all);
+            cache.v = Some(v_all);
+        }
+        let out_BHTD = Tensor::cat(&outs, 2)?;
+        let out_BTD = out_BHTD.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dh))?;
+        self.o_proj.forward(&out_BTD)
+    }
+
+    fn attend(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {
+        self.attend_rect(q_BHTD, k_BGTD, v_BGTD, bias_B1TT)
+    }
+
     /// Scaled dot-product attention of q [B, H, T, Dh] over k, v [B, G, T, Dh] with an additive
     /// bias [B | 1, 1, T, T].
-    fn attend(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {
+    /// (Tq queries over Tk keys; bias [B | 1, 1, Tq, Tk].)
+    fn attend_rect(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {
         let (b, h, t, dh) = q_BHTD.dims4()?;
+        let tk = k_BGTD.dim(2)?;
         let g = self.num_kv_heads;
         if self.kernels == Kernels::Invariant {
             let visible: Vec<u8> = bias_B1TT.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| u8::from(x == 0.0)).collect();
@@ -111,15 +158,22 @@ impl Attention {
         let scale = 1.0 / (dh as f64).sqrt();
         let scores = (q_BG_RT_D.matmul(&k_BGTD.t()?.contiguous()?)? * scale)?;
         let in_dtype = scores.dtype();
-        let scores_BGRTT = scores.reshape((b, g, r, t, t))?.to_dtype(DType::F32)?;
+        let scores_BGRTT = scores.reshape((b, g, r, t, tk))?.to_dtype(DType::F32)?;
         let scores_BGRTT = scores_BGRTT.broadcast_add(&bias_B1TT.unsqueeze(1)?)?;
         let probs = match self.kernels {
             Kernels::Autograd | Kernels::Invariant => candle_nn::ops::softmax(&scores_BGRTT, D::Minus1)?,
             Kernels::Inference => candle_nn::ops::softmax_last_dim(&scores_BGRTT)?,
         };
-        let probs_BG_RT_T = probs.to_dtype(in_dtype)?.reshape((b, g, r * t, t))?;
+        let probs_BG_RT_T = probs.to_dtype(in_dtype)?.reshape((b, g, r * t, tk))?;
         probs_BG_RT_T.matmul(&v_BGTD.contiguous()?)?.reshape((b, h, t, dh))
     }
+}
+
+/// Cached keys and values of one sequence at one layer: [1, G, L, Dh] each.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
 }
 
 /// How a batch's tokens see each other.
