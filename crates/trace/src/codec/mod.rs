@@ -192,13 +192,16 @@ pub(crate) fn decode(
                     .ok_or_else(|| TraceError::invalid(format!("{field}.codec"), "table overflow"))?;
                 let rows = present * num_layers;
                 let dense = if present == n { &mut ids[..] } else { &mut vec![0u16; rows * k][..] };
-                decode_fixed(&t, codec == IdCodec::Ordered, data, w, rows, dense).map_err(|j| {
+                decode_fixed(&t, codec == IdCodec::Ordered, data, w, rows, dense).map_err(|(j, v)| {
                     let l = j % num_layers.max(1);
                     let tk = missing.iter().enumerate().filter(|(_, &m)| !m).nth(j / num_layers.max(1)).map(|x| x.0);
-                    TraceError::invalid(
-                        format!("{field}[token {}][layer index {l}]", tk.unwrap_or(0)),
-                        "row code out of range (expert ids >= num_experts)",
-                    )
+                    let rank = if codec == IdCodec::Ordered { v / t.k_fact.max(1) } else { v };
+                    // the largest id of the set this code stands for: largest c with C(c, k) <= rank
+                    let mut c = e as u64;
+                    while subset::binomial(c + 1, k as u64).is_some_and(|b| b <= rank) {
+                        c += 1;
+                    }
+                    out_of_range(field, tk.unwrap_or(0), l, c, meta.num_experts)
                 })?;
                 if present != n {
                     let dense = dense.to_vec();
@@ -284,8 +287,8 @@ pub(crate) fn decode(
 }
 
 /// Decodes `rows` fixed-k rows from `data` into `out` (`rows * k` ids), four at a time.
-/// On a row code out of range returns the row's index.
-fn decode_fixed(t: &SubsetTables, ordered: bool, data: &[u8], w: u32, rows: usize, out: &mut [u16]) -> Result<(), usize> {
+/// On a row code out of range returns the row's index and code.
+fn decode_fixed(t: &SubsetTables, ordered: bool, data: &[u8], w: u32, rows: usize, out: &mut [u16]) -> Result<(), (usize, u64)> {
     const N: usize = 4;
     let k = out.len().checked_div(rows).unwrap_or(0);
     if k == 0 {
@@ -301,7 +304,7 @@ fn decode_fixed(t: &SubsetTables, ordered: bool, data: &[u8], w: u32, rows: usiz
             *slot = get(data, pos, w);
             pos += w as usize;
             if *slot >= limit {
-                return Err(g * N + lane);
+                return Err((g * N + lane, *slot));
             }
         }
         if !ordered {
