@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod init;
 pub mod kv_cache;
+pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod moe;

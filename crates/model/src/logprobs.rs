@@ -4,8 +4,7 @@
 //! (The same alignment as inference logprobs: the logprob of the token *at* n.)
 
 use candle_core::{DType, Tensor, D};
-use lockstep_model::Batch;
-
+use crate::batch::Batch;
 use crate::error::Result;
 
 /// [B, T] log-probabilities (0 where invalid) and the per-slot validity.

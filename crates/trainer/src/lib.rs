@@ -8,7 +8,8 @@
 pub mod checkpoint;
 pub mod error;
 pub mod grads;
-pub mod logprobs;
+/// Token log-probabilities: the model crate's, shared with the engine.
+pub use lockstep_model::logprobs;
 pub mod loss;
 pub mod optim;
 pub mod trainer;

@@ -1,0 +1,14 @@
+//! lockstep-engine: generation with continuous batching over per-sequence KV caches. Every
+//! token's route (expert ids and their router probabilities, every MoE layer, prompt and
+//! completion, no missing last row) comes back with the sampled tokens and their
+//! log-probabilities. With the model's batch-invariant kernels those log-probabilities and
+//! routes equal, bit for bit, what the trainer's packed forward computes for the same tokens.
+
+pub mod consistency;
+pub mod engine;
+pub mod error;
+pub mod sampling;
+
+pub use engine::{Completion, Engine, FinishReason, LayerRoutes, Request};
+pub use error::{EngineError, Result};
+pub use sampling::SamplingParams;

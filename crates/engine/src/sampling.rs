@@ -1,0 +1,80 @@
+//! Sampling from one row of logits: greedy (temperature 0) or temperature, then top-k, then
+//! top-p (nucleus) filtering, drawn with the request's own seeded RNG (ChaCha8), so a request's
+//! tokens do not depend on what else is in the batch. Log-probabilities reported with a sampled
+//! token are those of the model's own distribution (temperature 1, unfiltered): the policy the
+//! trainer scores.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy
+    pub temperature: f32,
+    /// keep the k most likely tokens (0 = all)
+    pub top_k: usize,
+    /// keep the smallest set with probability mass ≥ top_p (1 = all)
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, max_tokens: 16, stop_token_ids: Vec::new() }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", "must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Pick the next token from `logits` (one row, f32).
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a }).0 as u32;
+    if p.temperature == 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+    let mut cand: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / p.temperature as f64).exp())).collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.truncate(p.top_k);
+    }
+    let total: f64 = cand.iter().map(|c| c.1).sum();
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = cand.len();
+        for (i, c) in cand.iter().enumerate() {
+            acc += c.1 / total;
+            if acc >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        cand.truncate(keep);
+    }
+    let total: f64 = cand.iter().map(|c| c.1).sum();
+    let mut u = rng.random::<f64>() * total;
+    for c in &cand {
+        if u < c.1 {
+            return c.0;
+        }
+        u -= c.1;
+    }
+    cand.last().map(|c| c.0).unwrap_or_else(argmax)
+}
