@@ -1,5 +1,6 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
+mod consistency_cmd;
 mod demo_cmd;
 mod device;
 mod trace_cmd;
@@ -22,6 +23,8 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// Route traces: inspect files, convert vLLM / SGLang / prime-rl payloads.
     Trace(trace_cmd::TraceArgs),
+    /// Generate with the engine, re-score the trainer's way, compare logprobs and routes.
+    Consistency(consistency_cmd::ConsistencyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,5 +43,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),
+        Command::Consistency(args) => consistency_cmd::run(args),
     }
 }
