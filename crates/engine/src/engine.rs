@@ -73,6 +73,41 @@ pub struct Engine {
     pub policy_version: u64,
 }
 
+impl Completion {
+    /// Prompt followed by completion.
+    pub fn sequence(&self) -> Vec<u32> {
+        let mut s = self.prompt.clone();
+        s.extend_from_slice(&self.tokens);
+        s
+    }
+
+    /// The routes as a lockstep route trace (`[token][layer][k]`, router probabilities in f32,
+    /// ordered rows, no missing row), stamped with the policy version and a config fingerprint.
+    pub fn route_trace(&self, num_experts: usize, fingerprint: u64) -> lockstep_trace::Result<lockstep_trace::RouteTrace> {
+        let n = self.prompt.len() + self.tokens.len();
+        let k = self.top_k;
+        let layers: Vec<u32> = self.routes.keys().map(|&l| l as u32).collect();
+        let mut ids = Vec::with_capacity(n * layers.len() * k);
+        let mut probs = Vec::with_capacity(ids.capacity());
+        for t in 0..n {
+            for r in self.routes.values() {
+                ids.extend_from_slice(&r.ids[t * k..(t + 1) * k]);
+                probs.extend_from_slice(&r.probs[t * k..(t + 1) * k]);
+            }
+        }
+        let meta = lockstep_trace::TraceMeta {
+            num_experts: num_experts as u32,
+            top_k: k as u32,
+            prompt_len: self.prompt.len() as u32,
+            fingerprint,
+            policy_version: self.policy_version,
+            ordered: true,
+        };
+        let probs = lockstep_trace::Probs::from_f32(lockstep_trace::ProbDtype::F32, &probs);
+        lockstep_trace::RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], Some(probs))
+    }
+}
+
 impl Engine {
     /// An engine over `model` (use `Kernels::Invariant` for lockstep with the trainer).
     pub fn new(model: MoeCausalLm) -> Self {

@@ -134,7 +134,8 @@ impl Trainer {
                 match &r.probs {
                     Some(p) if p.len() == n * k => {
                         for s in 0..n {
-                            if r.ids[s * k] == ROUTE_FREE {
+                            // free rows, and rows whose probabilities were not sent (0), fall back
+                            if r.ids[s * k] == ROUTE_FREE || p[s * k..(s + 1) * k].iter().any(|&x| x <= 0.0) {
                                 available[s] = 0.0;
                             } else {
                                 inf[s] = p[s * k..(s + 1) * k].iter().map(|x| x.ln()).sum();
@@ -248,6 +249,38 @@ fn token_valid(batch: &Batch) -> Vec<bool> {
     let seg = batch.segments();
     let (b, t) = batch.dims();
     (0..b * t).map(|s| s % t > 0 && seg[s] != 0 && seg[s] == seg[s - 1]).collect()
+}
+
+impl TrainBatch {
+    /// From a micro-batch of the route-transport packer: `[token][layer][k]` rows become per
+    /// layer `[N·K]` rows; free rows (padding, missing, samples without routes) stay
+    /// `ROUTE_FREE` and route freely.
+    pub fn from_micro_batch(mb: &lockstep_trace::pack::MicroBatch, device: &candle_core::Device) -> Result<Self> {
+        let n = mb.len();
+        let cu: Vec<usize> = mb.cu_seqlens.iter().map(|&c| c as usize).collect();
+        let batch = Batch::packed(&mb.tokens, Some(&mb.position_ids), &cu, device)?;
+        let (nl, k) = (mb.layers.len(), mb.top_k);
+        let mut routes = BTreeMap::new();
+        for (li, &layer) in mb.layers.iter().enumerate() {
+            let mut ids = Vec::with_capacity(n * k);
+            let mut probs = mb.route_probs.as_ref().map(|_| Vec::with_capacity(n * k));
+            for t in 0..n {
+                let a = (t * nl + li) * k;
+                ids.extend_from_slice(&mb.route_ids[a..a + k]);
+                if let (Some(p), Some(src)) = (probs.as_mut(), mb.route_probs.as_ref()) {
+                    p.extend_from_slice(&src[a..a + k]);
+                }
+            }
+            routes.insert(layer as usize, LayerReplay { ids, probs });
+        }
+        Ok(TrainBatch {
+            batch,
+            logp_infer: mb.logprobs.clone(),
+            advantages: mb.advantages.clone(),
+            loss_mask: mb.loss_mask.iter().map(|&m| f32::from(u8::from(m))).collect(),
+            routes,
+        })
+    }
 }
 
 /// Routes of a recording as inference-time routes (what an engine would send): ids and probs.
