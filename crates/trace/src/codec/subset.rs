@@ -45,13 +45,11 @@ pub(crate) struct SubsetTables {
     pub(crate) ordered_total: Option<u64>,
 }
 
+/// Bucket of `r`: its bit length and the `MBITS` bits after the leading one (branch-free).
 #[inline(always)]
 fn key(r: u64) -> usize {
-    if r == 0 {
-        return 0;
-    }
     let b = 64 - r.leading_zeros();
-    let mant = if b > MBITS + 1 { r >> (b - 1 - MBITS) } else { r << (MBITS + 1 - b) } & MMASK;
+    let mant = ((((r as u128) << (MBITS + 1)) >> b) as u64) & MMASK;
     ((b as usize) << MBITS) | mant as usize
 }
 
@@ -214,7 +212,17 @@ impl SubsetTables {
 
     /// Applies the Lehmer code `lehmer < k!` to the ascending row `sorted`, writing `out`.
     #[inline(always)]
-    pub(crate) fn apply_lehmer(&self, mut lehmer: u64, sorted: &[u16], out: &mut [u16]) {
+    pub(crate) fn apply_lehmer(&self, lehmer: u64, sorted: &[u16], out: &mut [u16]) {
+        match self.k {
+            2 => apply_lehmer_k::<2>(lehmer, sorted, out),
+            4 => apply_lehmer_k::<4>(lehmer, sorted, out),
+            6 => apply_lehmer_k::<6>(lehmer, sorted, out),
+            8 => apply_perm_table::<8>(perm_table(8), lehmer, sorted, out),
+            _ => self.apply_lehmer_any(lehmer, sorted, out),
+        }
+    }
+
+    fn apply_lehmer_any(&self, mut lehmer: u64, sorted: &[u16], out: &mut [u16]) {
         let k = self.k;
         let mut buf = [0u16; 64];
         let mut digits = [0u8; 64];
@@ -249,6 +257,38 @@ impl SubsetTables {
 
     /// `rank * k! + lehmer` of an ordered row of distinct ids (needs `ordered_total`).
     pub(crate) fn rank_ordered(&self, row: &[u16], scratch: &mut Vec<u16>) -> u64 {
+        let (r, lehmer) = match row.len() {
+            2 => self.rank_ordered_k::<2>(row),
+            4 => self.rank_ordered_k::<4>(row),
+            6 => self.rank_ordered_k::<6>(row),
+            8 => self.rank_ordered_k::<8>(row),
+            _ => return self.rank_ordered_any(row, scratch),
+        };
+        r * self.k_fact + lehmer
+    }
+
+    /// `(subset rank, Lehmer code)` of an ordered row of `K` distinct ids.
+    #[inline(always)]
+    fn rank_ordered_k<const K: usize>(&self, row: &[u16]) -> (u64, u64) {
+        let mut a = [0u16; K];
+        a.copy_from_slice(&row[..K]);
+        let mut sorted = [0u16; K];
+        let mut lehmer = 0u64;
+        for j in 0..K {
+            let mut below = 0usize;
+            let mut later = 0u64;
+            for (m, &x) in a.iter().enumerate() {
+                let lt = (x < a[j]) as usize;
+                below += lt;
+                later += (lt & (m > j) as usize) as u64;
+            }
+            sorted[below.min(K - 1)] = a[j];
+            lehmer = lehmer * (K - j) as u64 + later;
+        }
+        (self.rank_sorted(&sorted), lehmer)
+    }
+
+    fn rank_ordered_any(&self, row: &[u16], scratch: &mut Vec<u16>) -> u64 {
         let k = row.len();
         scratch.clear();
         scratch.resize(k, 0);
@@ -277,6 +317,65 @@ impl SubsetTables {
         let mut sorted = [0u16; 64];
         self.unrank_sorted(v / self.k_fact, &mut sorted[..k]);
         self.apply_lehmer(v % self.k_fact, &sorted[..k], out);
+    }
+}
+
+/// For `k <= 8`: Lehmer code -> packed source positions (3 bits per output slot), built once.
+fn perm_table(k: usize) -> &'static [u32] {
+    static TABLES: [OnceLock<Vec<u32>>; 9] = [const { OnceLock::new() }; 9];
+    TABLES[k.min(8)].get_or_init(|| {
+        let k = k.min(8);
+        let n: usize = (1..=k).product();
+        (0..n as u64)
+            .map(|code| {
+                let mut digits = [0usize; 8];
+                let mut c = code;
+                for j in (0..k).rev() {
+                    digits[j] = (c % (k - j) as u64) as usize;
+                    c /= (k - j) as u64;
+                }
+                let mut remaining: Vec<u32> = (0..k as u32).collect();
+                let mut packed = 0u32;
+                for (j, &d) in digits[..k].iter().enumerate() {
+                    packed |= remaining.remove(d) << (3 * j);
+                }
+                packed
+            })
+            .collect()
+    })
+}
+
+#[inline(always)]
+fn apply_perm_table<const K: usize>(table: &[u32], lehmer: u64, sorted: &[u16], out: &mut [u16]) {
+    let p = table.get(lehmer as usize).copied().unwrap_or(0);
+    let src: &[u16; K] = match sorted.get(..K).and_then(|s| s.try_into().ok()) {
+        Some(a) => a,
+        None => return,
+    };
+    for (j, o) in out[..K].iter_mut().enumerate() {
+        *o = src[((p >> (3 * j)) & 7) as usize % K];
+    }
+}
+
+/// [`SubsetTables::apply_lehmer`] for a compile-time `K <= 8`: the remaining ids live in the
+/// 16-bit lanes of a u128, so removing the chosen one is branch-free.
+#[inline(always)]
+fn apply_lehmer_k<const K: usize>(mut lehmer: u64, sorted: &[u16], out: &mut [u16]) {
+    let mut digits = [0u32; K];
+    for j in (0..K).rev() {
+        let radix = (K - j) as u64;
+        digits[j] = (lehmer % radix) as u32;
+        lehmer /= radix;
+    }
+    let mut x: u128 = 0;
+    for (i, &v) in sorted[..K].iter().enumerate() {
+        x |= (v as u128) << (16 * i);
+    }
+    for (j, o) in out[..K].iter_mut().enumerate() {
+        let d = (digits[j].min((K - 1 - j) as u32)) * 16;
+        *o = (x >> d) as u16;
+        let low = x & ((1u128 << d) - 1);
+        x = low | ((x >> d >> 16) << d);
     }
 }
 
@@ -322,6 +421,31 @@ mod tests {
                         assert_eq!(t.rank_sorted(&out4[lane * k..(lane + 1) * k]), r + lane as u64);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn ordered_round_trip_const_k_paths() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        for (e, k) in [(128usize, 8usize), (64, 6), (40, 4), (9, 2), (200, 8), (20, 7)] {
+            let t = SubsetTables::get(e, k).unwrap();
+            let (mut out, mut scratch) = (vec![0u16; k], Vec::new());
+            for _ in 0..20_000 {
+                let mut row: Vec<u16> = Vec::new();
+                while row.len() < k {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    let id = (s % e as u64) as u16;
+                    if !row.contains(&id) {
+                        row.push(id);
+                    }
+                }
+                let v = t.rank_ordered(&row, &mut scratch);
+                assert!(v < t.ordered_total.unwrap());
+                t.unrank_ordered(v, &mut out);
+                assert_eq!(out, row);
             }
         }
     }

@@ -54,7 +54,7 @@ impl Reader {
         let f = std::fs::File::open(path.as_ref()).map_err(|e| TraceError::io(name.clone(), e))?;
         let len = f.metadata().map_err(|e| TraceError::io(name.clone(), e))?.len();
         if len < HEADER_LEN as u64 {
-            return Err(TraceError::Truncated { field: format!("{name}: header"), need: HEADER_LEN as u64, have: len });
+            return Err(TraceError::Truncated { field: "header".into(), need: HEADER_LEN as u64, have: len });
         }
         // SAFETY: the map is read-only; the format treats its bytes as untrusted input, and the
         // caller must not truncate the file while it is mapped.
