@@ -113,10 +113,17 @@ fn inspect(path: &Path, histogram: bool) -> anyhow::Result<()> {
     let per_tok = if stats.tokens > 0 { r.file_len() as f64 / stats.tokens as f64 } else { 0.0 };
     println!("sequences   {}", stats.sequences);
     println!("tokens      {}", stats.tokens);
-    println!("missing     {} rows ({:.2}%)", stats.missing_rows, 100.0 * stats.missing_rows as f64 / stats.tokens.max(1) as f64);
+    println!(
+        "missing     {} rows ({:.2}%)",
+        stats.missing_rows,
+        100.0 * stats.missing_rows as f64 / stats.tokens.max(1) as f64
+    );
     for (l, k, e) in &shapes {
         let u8_eq = l * (*k as usize);
-        println!("shape       {l} MoE layers x top-{k} of {e} experts (uint8 {u8_eq} bytes/token, int32 {})", u8_eq * 4);
+        println!(
+            "shape       {l} MoE layers x top-{k} of {e} experts (uint8 {u8_eq} bytes/token, int32 {})",
+            u8_eq * 4
+        );
     }
     println!("bytes/token {per_tok:.2} (whole file)");
     println!("max_vio     max {:.4}, mean {:.4} over layers", stats.max_vio_max(), stats.max_vio_mean());
@@ -187,8 +194,23 @@ fn convert(c: ConvertArgs) -> anyhow::Result<()> {
         let mut m = trace.meta().clone();
         m.ordered = false;
         match trace.top_k() {
-            Some(_) => RouteTrace::new(m, trace.layers().to_vec(), trace.num_tokens(), trace.ids().to_vec(), trace.missing().to_vec(), trace.probs().cloned())?,
-            None => RouteTrace::new_variable(m, trace.layers().to_vec(), trace.num_tokens(), &trace.counts(), trace.ids().to_vec(), trace.missing().to_vec(), trace.probs().cloned())?,
+            Some(_) => RouteTrace::new(
+                m,
+                trace.layers().to_vec(),
+                trace.num_tokens(),
+                trace.ids().to_vec(),
+                trace.missing().to_vec(),
+                trace.probs().cloned(),
+            )?,
+            None => RouteTrace::new_variable(
+                m,
+                trace.layers().to_vec(),
+                trace.num_tokens(),
+                &trace.counts(),
+                trace.ids().to_vec(),
+                trace.missing().to_vec(),
+                trace.probs().cloned(),
+            )?,
         }
     } else {
         trace

@@ -47,11 +47,12 @@ fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (f64, T) {
         best = best.min(t.elapsed().as_secs_f64());
         out = Some(r);
     }
-    (best, out.unwrap_or_else(|| f()))
+    (best, out.unwrap_or_else(f))
 }
 
 fn run(ordered: bool, ids: &[u16]) {
-    let meta = TraceMeta { num_experts: E, top_k: K as u32, prompt_len: 1024, fingerprint: 7, policy_version: 3, ordered };
+    let meta =
+        TraceMeta { num_experts: E, top_k: K as u32, prompt_len: 1024, fingerprint: 7, policy_version: 3, ordered };
     let layers: Vec<u32> = (0..LAYERS as u32).collect();
     let trace = RouteTrace::new(meta, layers, TOKENS, ids.to_vec(), vec![false; TOKENS], None).expect("trace");
     let u8_bytes = (TOKENS * LAYERS * K) as f64;

@@ -59,7 +59,10 @@ impl<'a> Cursor<'a> {
     }
     pub(crate) fn finish(&self, name: &str) -> Result<()> {
         if self.remaining() != 0 {
-            return Err(TraceError::invalid(self.field(name), format!("{} unexpected trailing bytes", self.remaining())));
+            return Err(TraceError::invalid(
+                self.field(name),
+                format!("{} unexpected trailing bytes", self.remaining()),
+            ));
         }
         Ok(())
     }

@@ -41,7 +41,11 @@ pub enum TraceError {
     Stale { field: String, found: String, expected: String },
     /// An I/O error on `path`.
     #[error("{path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl TraceError {

@@ -87,7 +87,11 @@ pub fn read_npy(bytes: &[u8]) -> Result<NpyArray> {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 => {
             if bytes.len() < 12 {
-                return Err(TraceError::Truncated { field: "npy.header_len".into(), need: 12, have: bytes.len() as u64 });
+                return Err(TraceError::Truncated {
+                    field: "npy.header_len".into(),
+                    need: 12,
+                    have: bytes.len() as u64,
+                });
             }
             (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
@@ -110,7 +114,9 @@ pub fn read_npy(bytes: &[u8]) -> Result<NpyArray> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| TraceError::invalid("npy.header.shape", "element count overflows"))?;
     let body = &bytes[hend..];
-    let need = count.checked_mul(dtype.size()).ok_or_else(|| TraceError::invalid("npy.header.shape", "byte size overflows"))?;
+    let need = count
+        .checked_mul(dtype.size())
+        .ok_or_else(|| TraceError::invalid("npy.header.shape", "byte size overflows"))?;
     if body.len() != need {
         return Err(TraceError::shape(
             "npy.data",
@@ -178,7 +184,11 @@ fn parse_header(h: &str) -> Result<(String, bool, Vec<usize>)> {
                     return Err(TraceError::invalid("npy.header.fortran_order", "must be True or False"));
                 })
             }
-            "shape" => shape = Some(p.tuple().ok_or_else(|| TraceError::invalid("npy.header.shape", "must be a tuple of integers"))?),
+            "shape" => {
+                shape = Some(
+                    p.tuple().ok_or_else(|| TraceError::invalid("npy.header.shape", "must be a tuple of integers"))?,
+                )
+            }
             other => return Err(err(&format!("unknown key {other:?}"))),
         }
         p.ws();

@@ -110,20 +110,32 @@ impl MicroBatch {
 
 fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<(Vec<u32>, usize)>) -> Result<()> {
     let n = s.tokens.len();
-    for (name, len) in [("loss_mask", s.loss_mask.len()), ("advantages", s.advantages.len()), ("logprobs", s.logprobs.len())] {
+    for (name, len) in
+        [("loss_mask", s.loss_mask.len()), ("advantages", s.advantages.len()), ("logprobs", s.logprobs.len())]
+    {
         if len != n {
             return Err(TraceError::shape(format!("sample[{i}].{name}"), vec![len], format!("[{n} tokens]")));
         }
     }
     if n > cfg.token_budget {
-        return Err(TraceError::invalid(format!("sample[{i}].tokens"), format!("{n} tokens exceed the budget {}", cfg.token_budget)));
+        return Err(TraceError::invalid(
+            format!("sample[{i}].tokens"),
+            format!("{n} tokens exceed the budget {}", cfg.token_budget),
+        ));
     }
     if let Some(r) = &s.routes {
         let k = r.top_k().ok_or_else(|| {
-            TraceError::invalid(format!("sample[{i}].routes"), "variable-count (expert-choice) rows are not supported by the packer")
+            TraceError::invalid(
+                format!("sample[{i}].routes"),
+                "variable-count (expert-choice) rows are not supported by the packer",
+            )
         })?;
         if r.num_tokens() != n {
-            return Err(TraceError::shape(format!("sample[{i}].routes"), vec![r.num_tokens()], format!("[{n} tokens]")));
+            return Err(TraceError::shape(
+                format!("sample[{i}].routes"),
+                vec![r.num_tokens()],
+                format!("[{n} tokens]"),
+            ));
         }
         match shape {
             None => *shape = Some((r.layers().to_vec(), k)),
@@ -267,7 +279,11 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
         let row = b.layers.len() * b.top_k;
         let n = b.tokens.len();
         if b.route_ids.len() != n * row || b.route_free.len() != n {
-            return Err(TraceError::shape(format!("batch[{bi}].route_ids"), vec![b.route_ids.len()], format!("[{n} x {row}]")));
+            return Err(TraceError::shape(
+                format!("batch[{bi}].route_ids"),
+                vec![b.route_ids.len()],
+                format!("[{n} x {row}]"),
+            ));
         }
         for (si, s) in b.sequences.iter().enumerate() {
             let r = s.start..s.start + s.len;
@@ -282,14 +298,16 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
                     let probs = match (sr.prob_dtype, &b.route_probs) {
                         (Some(dt), Some(p)) => Some(Probs::from_f32(dt, &p[r.start * row..r.end * row])),
                         (Some(_), None) => {
-                            return Err(TraceError::invalid(format!("batch[{bi}].route_probs"), "missing but a sequence has probabilities"))
+                            return Err(TraceError::invalid(
+                                format!("batch[{bi}].route_probs"),
+                                "missing but a sequence has probabilities",
+                            ))
                         }
                         _ => None,
                     };
-                    Some(
-                        RouteTrace::from_u32(sr.meta.clone(), b.layers.clone(), s.len, ids, missing, probs)
-                            .map_err(|e| TraceError::invalid(format!("batch[{bi}].sequences[{si}].routes"), e.to_string()))?,
-                    )
+                    Some(RouteTrace::from_u32(sr.meta.clone(), b.layers.clone(), s.len, ids, missing, probs).map_err(
+                        |e| TraceError::invalid(format!("batch[{bi}].sequences[{si}].routes"), e.to_string()),
+                    )?)
                 }
             };
             let sample = Sample {
@@ -303,7 +321,10 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
                 out.resize(s.sample + 1, None);
             }
             if out[s.sample].replace(sample).is_some() {
-                return Err(TraceError::invalid(format!("batch[{bi}].sequences[{si}].sample"), format!("sample {} appears twice", s.sample)));
+                return Err(TraceError::invalid(
+                    format!("batch[{bi}].sequences[{si}].sample"),
+                    format!("sample {} appears twice", s.sample),
+                ));
             }
         }
     }

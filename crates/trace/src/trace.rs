@@ -190,7 +190,11 @@ impl RouteTrace {
             }
         }
         if self.missing.len() != self.num_tokens {
-            return Err(TraceError::shape("missing", vec![self.missing.len()], format!("[{} tokens]", self.num_tokens)));
+            return Err(TraceError::shape(
+                "missing",
+                vec![self.missing.len()],
+                format!("[{} tokens]", self.num_tokens),
+            ));
         }
         if let Some(p) = &self.probs {
             if p.len() != self.ids.len() {

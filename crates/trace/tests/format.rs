@@ -3,7 +3,8 @@
 mod common;
 use common::{make, make_variable, Spec};
 use lockstep_trace::{
-    decode_block, encode_block, encode_file, scan_blocks, DecodeLimits, IdCodec, ProbDtype, Reader, TraceError, TraceMeta, Writer,
+    decode_block, encode_block, encode_file, scan_blocks, DecodeLimits, IdCodec, ProbDtype, Reader, TraceError,
+    TraceMeta, Writer,
 };
 
 fn rt(t: &lockstep_trace::RouteTrace) {
@@ -48,7 +49,15 @@ fn unordered_rows_are_canonical_sets() {
     let o = make(&Spec { ordered: true, probs: Some(ProbDtype::F32), ..Spec::default() });
     let mut m = o.meta().clone();
     m.ordered = false;
-    let u = lockstep_trace::RouteTrace::new(m, o.layers().to_vec(), o.num_tokens(), o.ids().to_vec(), o.missing().to_vec(), o.probs().cloned()).unwrap();
+    let u = lockstep_trace::RouteTrace::new(
+        m,
+        o.layers().to_vec(),
+        o.num_tokens(),
+        o.ids().to_vec(),
+        o.missing().to_vec(),
+        o.probs().cloned(),
+    )
+    .unwrap();
     for t in 0..u.num_tokens() {
         for l in 0..u.num_layers() {
             let (a, b) = (o.row(t, l).unwrap(), u.row(t, l).unwrap());
@@ -71,7 +80,9 @@ fn unordered_rows_are_canonical_sets() {
 fn file_write_index_mmap_append_and_scan() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.lstrace");
-    let traces: Vec<_> = (0..5).map(|i| make(&Spec { seed: i + 10, tokens: 5 + i as usize, missing: vec![0], ..Spec::default() })).collect();
+    let traces: Vec<_> = (0..5)
+        .map(|i| make(&Spec { seed: i + 10, tokens: 5 + i as usize, missing: vec![0], ..Spec::default() }))
+        .collect();
     let mut w = Writer::create(&path).unwrap();
     for t in &traces[..3] {
         w.push(t).unwrap();
@@ -181,7 +192,10 @@ fn expert_out_of_range_and_shape_errors_name_the_field() {
     b[n - 4 - 8 - 2..n - 4 - 8].copy_from_slice(&0x07ffu16.to_le_bytes());
     reseal(&mut b);
     let e = decode_block(&b, "block[0]", DecodeLimits::default()).err().unwrap();
-    assert!(matches!(&e, TraceError::ExpertOutOfRange { field, id, .. } if field.starts_with("block[0].ids") && *id >= 16), "{e}");
+    assert!(
+        matches!(&e, TraceError::ExpertOutOfRange { field, id, .. } if field.starts_with("block[0].ids") && *id >= 16),
+        "{e}"
+    );
     // ids stream length that disagrees with the header
     let t = make(&Spec::default());
     let mut b = encode_block(&t);
@@ -201,7 +215,7 @@ fn expert_out_of_range_and_shape_errors_name_the_field() {
 #[test]
 fn constructor_rejects_bad_input_with_field_names() {
     let m = TraceMeta::top_k(8, 2);
-    let err = |r: Result<lockstep_trace::RouteTrace, TraceError>| r.err().expect("must fail").field().to_string();
+    let err = |r: Result<lockstep_trace::RouteTrace, TraceError>| r.expect_err("must fail").field().to_string();
     use lockstep_trace::RouteTrace as T;
     assert_eq!(err(T::new(m.clone(), vec![0], 2, vec![0, 1, 2], vec![false; 2], None)), "ids");
     assert!(err(T::new(m.clone(), vec![0], 1, vec![0, 8], vec![false], None)).starts_with("ids[token 0]"));
@@ -239,8 +253,16 @@ fn stats_histogram_max_vio_missing() {
     use lockstep_trace::stats::TraceStats;
     let m = TraceMeta::top_k(4, 2);
     // layer 5: experts 0,1 every token; 3 present tokens, 1 missing
-    let ids = vec![0, 1, 0, 1, 9, 9, 1, 0];
-    let t = lockstep_trace::RouteTrace::new(m, vec![5], 4, ids.iter().map(|&x| if x == 9 { 0 } else { x }).collect(), vec![false, false, true, false], None).unwrap();
+    let ids = [0u16, 1, 0, 1, 9, 9, 1, 0];
+    let t = lockstep_trace::RouteTrace::new(
+        m,
+        vec![5],
+        4,
+        ids.iter().map(|&x| if x == 9 { 0 } else { x }).collect(),
+        vec![false, false, true, false],
+        None,
+    )
+    .unwrap();
     let mut s = TraceStats::new();
     s.add(&t);
     assert_eq!(s.missing_rows, 1);

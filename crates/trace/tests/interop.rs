@@ -22,7 +22,10 @@ fn vllm_array(rows: usize, l: usize, k: usize, e: i32, dtype: NpyDtype, seed: u6
 /// A numpy-written header (np.save of int32 [3, 2, 4]), byte for byte.
 fn numpy_bytes(arr: &NpyArray) -> Vec<u8> {
     let descr = if arr.dtype == NpyDtype::I16 { "<i2" } else { "<i4" };
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}, {}), }}", arr.shape[0], arr.shape[1], arr.shape[2]);
+    let mut h = format!(
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}, {}), }}",
+        arr.shape[0], arr.shape[1], arr.shape[2]
+    );
     while (10 + h.len() + 1) % 64 != 0 {
         h.push(' ');
     }
@@ -100,7 +103,10 @@ fn vllm_dense_zero_filled_layers_are_dropped_explicitly() {
     let meta = ImportMeta { num_experts: Some(8), layers: Some(vec![1, 3]), ..ImportMeta::default() };
     let t = vllm::from_array(&arr, &meta).unwrap();
     assert_eq!(t.layers(), &[1, 3]);
-    assert_eq!(t.row(0, 1).unwrap().iter().map(|&x| x as i32).collect::<Vec<_>>(), arr.data[(3) * 2..(3) * 2 + 2].to_vec());
+    assert_eq!(
+        t.row(0, 1).unwrap().iter().map(|&x| x as i32).collect::<Vec<_>>(),
+        arr.data[(3) * 2..(3) * 2 + 2].to_vec()
+    );
     arr.data[0] = 5; // a "dense" column with routes is not silently dropped
     let e = vllm::from_array(&arr, &meta).err().unwrap();
     assert_eq!(e.field(), "routed_experts[0][0]");
@@ -112,7 +118,10 @@ fn vllm_errors_name_fields() {
     let mut arr = vllm_array(3, 2, 2, 8, NpyDtype::I32, 6);
     arr.data[5] = 8;
     let e = vllm::from_array(&arr, &meta).err().unwrap();
-    assert!(matches!(&e, TraceError::ExpertOutOfRange { field, id: 8, .. } if field == "routed_experts[1][0][1]"), "{e}");
+    assert!(
+        matches!(&e, TraceError::ExpertOutOfRange { field, id: 8, .. } if field == "routed_experts[1][0][1]"),
+        "{e}"
+    );
     arr.data[5] = -1;
     assert!(matches!(vllm::from_array(&arr, &meta).err().unwrap(), TraceError::ExpertOutOfRange { id: -1, .. }));
     let flat = NpyArray { dtype: NpyDtype::I32, shape: vec![12], data: vec![0; 12] };
@@ -207,14 +216,21 @@ fn prime_rl_round_trips_bitwise() {
 #[test]
 fn prime_rl_errors_name_fields() {
     let m = ImportMeta::default();
-    let e = prime_rl::from_json(br#"{"data": "AQI=", "shape": [1, 1, 3], "start": 0, "dtype": "uint8"}"#, &m).err().unwrap();
+    let e = prime_rl::from_json(br#"{"data": "AQI=", "shape": [1, 1, 3], "start": 0, "dtype": "uint8"}"#, &m)
+        .err()
+        .unwrap();
     assert!(matches!(&e, TraceError::Shape { field, .. } if field == "shape"), "{e}");
-    let e = prime_rl::from_json(br#"{"data": "A*I=", "shape": [1, 1, 2], "start": 0, "dtype": "uint8"}"#, &m).err().unwrap();
+    let e = prime_rl::from_json(br#"{"data": "A*I=", "shape": [1, 1, 2], "start": 0, "dtype": "uint8"}"#, &m)
+        .err()
+        .unwrap();
     assert!(matches!(&e, TraceError::Base64 { field, .. } if field == "data"), "{e}");
-    let e = prime_rl::from_json(br#"{"data": "AQI=", "shape": [1, 1, 2], "start": 0, "dtype": "int8"}"#, &m).err().unwrap();
+    let e =
+        prime_rl::from_json(br#"{"data": "AQI=", "shape": [1, 1, 2], "start": 0, "dtype": "int8"}"#, &m).err().unwrap();
     assert_eq!(e.field(), "dtype");
     let m8 = ImportMeta { num_experts: Some(2), ..ImportMeta::default() };
-    let e = prime_rl::from_json(br#"{"data": "AQI=", "shape": [1, 1, 2], "start": 0, "dtype": "uint8"}"#, &m8).err().unwrap();
+    let e = prime_rl::from_json(br#"{"data": "AQI=", "shape": [1, 1, 2], "start": 0, "dtype": "uint8"}"#, &m8)
+        .err()
+        .unwrap();
     assert!(matches!(e, TraceError::ExpertOutOfRange { id: 2, .. }), "{e}");
     let t = make(&Spec { e: 300, ..Spec::default() });
     assert_eq!(prime_rl::to_json(&t, Some(prime_rl::PrimeDtype::U8)).err().unwrap().field(), "dtype");

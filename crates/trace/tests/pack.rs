@@ -11,25 +11,37 @@ const K: usize = 2;
 const E: u32 = 8;
 
 fn sample_strategy() -> impl Strategy<Value = Sample> {
-    (0usize..24, any::<u64>(), 0u8..4, proptest::bool::ANY, proptest::bool::ANY).prop_map(|(n, seed, route_kind, ordered, last_missing)| {
-        let mut rng = common::Rng(seed | 1);
-        let tokens: Vec<u32> = (0..n).map(|_| rng.below(50_000) as u32).collect();
-        let loss_mask = (0..n).map(|_| rng.below(2) == 1).collect();
-        let advantages = (0..n).map(|_| rng.below(1000) as f32 / 7.0 - 50.0).collect();
-        let logprobs = (0..n).map(|_| -(rng.below(1000) as f32) / 13.0).collect();
-        let routes = (route_kind > 0).then(|| {
-            let ids = common::random_ids(&mut rng, n * LAYERS.len(), K, E);
-            let missing: Vec<bool> = (0..n).map(|t| (last_missing && t + 1 == n) || rng.below(9) == 0).collect();
-            let probs = match route_kind {
-                2 => Some(Probs::from_f32(ProbDtype::Bf16, &(0..ids.len()).map(|i| i as f32 / 64.0).collect::<Vec<_>>())),
-                3 => Some(Probs::F32((0..ids.len()).map(|i| 1.0 / (i as f32 + 1.0)).collect())),
-                _ => None,
-            };
-            let meta = TraceMeta { num_experts: E, top_k: K as u32, prompt_len: (n / 2) as u32, fingerprint: seed, policy_version: 3, ordered };
-            RouteTrace::new(meta, LAYERS.to_vec(), n, ids, missing, probs).unwrap()
-        });
-        Sample { tokens, loss_mask, advantages, logprobs, routes }
-    })
+    (0usize..24, any::<u64>(), 0u8..4, proptest::bool::ANY, proptest::bool::ANY).prop_map(
+        |(n, seed, route_kind, ordered, last_missing)| {
+            let mut rng = common::Rng(seed | 1);
+            let tokens: Vec<u32> = (0..n).map(|_| rng.below(50_000) as u32).collect();
+            let loss_mask = (0..n).map(|_| rng.below(2) == 1).collect();
+            let advantages = (0..n).map(|_| rng.below(1000) as f32 / 7.0 - 50.0).collect();
+            let logprobs = (0..n).map(|_| -(rng.below(1000) as f32) / 13.0).collect();
+            let routes = (route_kind > 0).then(|| {
+                let ids = common::random_ids(&mut rng, n * LAYERS.len(), K, E);
+                let missing: Vec<bool> = (0..n).map(|t| (last_missing && t + 1 == n) || rng.below(9) == 0).collect();
+                let probs = match route_kind {
+                    2 => Some(Probs::from_f32(
+                        ProbDtype::Bf16,
+                        &(0..ids.len()).map(|i| i as f32 / 64.0).collect::<Vec<_>>(),
+                    )),
+                    3 => Some(Probs::F32((0..ids.len()).map(|i| 1.0 / (i as f32 + 1.0)).collect())),
+                    _ => None,
+                };
+                let meta = TraceMeta {
+                    num_experts: E,
+                    top_k: K as u32,
+                    prompt_len: (n / 2) as u32,
+                    fingerprint: seed,
+                    policy_version: 3,
+                    ordered,
+                };
+                RouteTrace::new(meta, LAYERS.to_vec(), n, ids, missing, probs).unwrap()
+            });
+            Sample { tokens, loss_mask, advantages, logprobs, routes }
+        },
+    )
 }
 
 fn same(a: &Sample, b: &Sample) -> bool {
@@ -113,7 +125,13 @@ proptest! {
 
 #[test]
 fn first_fit_decreasing_fills_bins() {
-    let mk = |n: usize| Sample { tokens: vec![1; n], loss_mask: vec![true; n], advantages: vec![0.0; n], logprobs: vec![0.0; n], routes: None };
+    let mk = |n: usize| Sample {
+        tokens: vec![1; n],
+        loss_mask: vec![true; n],
+        advantages: vec![0.0; n],
+        logprobs: vec![0.0; n],
+        routes: None,
+    };
     let samples: Vec<Sample> = [6, 5, 4, 3, 2, 2].iter().map(|&n| mk(n)).collect();
     let b = pack(&samples, &PackConfig { token_budget: 11, pad_to_multiple: 1, pad_token: 0 }).unwrap();
     // FFD: [6,5], [4,3,2,2]
@@ -126,10 +144,22 @@ fn first_fit_decreasing_fills_bins() {
 #[test]
 fn packer_errors_name_the_sample() {
     let cfg = PackConfig { token_budget: 8, pad_to_multiple: 1, pad_token: 0 };
-    let mut s = Sample { tokens: vec![1; 3], loss_mask: vec![true; 2], advantages: vec![0.0; 3], logprobs: vec![0.0; 3], routes: None };
+    let mut s = Sample {
+        tokens: vec![1; 3],
+        loss_mask: vec![true; 2],
+        advantages: vec![0.0; 3],
+        logprobs: vec![0.0; 3],
+        routes: None,
+    };
     assert_eq!(pack(&[s.clone()], &cfg).err().unwrap().field(), "sample[0].loss_mask");
     s.loss_mask.push(false);
-    let long = Sample { tokens: vec![1; 9], loss_mask: vec![true; 9], advantages: vec![0.0; 9], logprobs: vec![0.0; 9], routes: None };
+    let long = Sample {
+        tokens: vec![1; 9],
+        loss_mask: vec![true; 9],
+        advantages: vec![0.0; 9],
+        logprobs: vec![0.0; 9],
+        routes: None,
+    };
     assert_eq!(pack(&[s.clone(), long], &cfg).err().unwrap().field(), "sample[1].tokens");
     // variable-count rows are rejected by the packer
     let var = common::make_variable(3, 2, 8, 1, &[]);
@@ -139,5 +169,8 @@ fn packer_errors_name_the_sample() {
     let t = common::make(&common::Spec { tokens: 4, ..Default::default() });
     let st = Sample { routes: Some(t), ..s.clone() };
     assert_eq!(pack(&[st], &cfg).err().unwrap().field(), "sample[0].routes");
-    assert_eq!(pack(&[], &PackConfig { token_budget: 8, pad_to_multiple: 3, pad_token: 0 }).err().unwrap().field(), "pad_to_multiple");
+    assert_eq!(
+        pack(&[], &PackConfig { token_budget: 8, pad_to_multiple: 3, pad_token: 0 }).err().unwrap().field(),
+        "pad_to_multiple"
+    );
 }

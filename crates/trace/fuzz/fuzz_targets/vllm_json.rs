@@ -8,7 +8,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(t) = vllm::from_json(data, &meta) {
         let v = vllm::to_json(&t).expect("exports");
         let text = serde_json::to_vec(&v).expect("json");
-        let back = vllm::from_json(&text, &ImportMeta { num_experts: Some(t.meta().num_experts), ..meta }).expect("re-parses");
+        let back =
+            vllm::from_json(&text, &ImportMeta { num_experts: Some(t.meta().num_experts), ..meta }).expect("re-parses");
         assert!(back.bits_eq(&t));
     }
 });

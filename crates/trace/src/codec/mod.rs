@@ -91,11 +91,8 @@ pub(crate) fn encode(
                     continue;
                 }
                 for row in ids[tk * tok..(tk + 1) * tok].chunks_exact(k.max(1)) {
-                    let v = if codec == IdCodec::Subset {
-                        t.rank_sorted(row)
-                    } else {
-                        t.rank_ordered(row, &mut scratch)
-                    };
+                    let v =
+                        if codec == IdCodec::Subset { t.rank_sorted(row) } else { t.rank_ordered(row, &mut scratch) };
                     bw.put(v, w);
                 }
             }
@@ -168,11 +165,14 @@ pub(crate) fn decode(
         if k == 0 {
             return Err(TraceError::invalid(format!("{field}.codec"), "fixed-k codec with top_k = 0"));
         }
-        let w = codec
-            .row_bits(meta)
-            .ok_or_else(|| TraceError::invalid(format!("{field}.codec"), format!("{codec:?} cannot code {k} of {e}")))?;
+        let w = codec.row_bits(meta).ok_or_else(|| {
+            TraceError::invalid(format!("{field}.codec"), format!("{codec:?} cannot code {k} of {e}"))
+        })?;
         if codec == IdCodec::Subset && meta.ordered {
-            return Err(TraceError::invalid(format!("{field}.codec"), "subset codec cannot keep order of an ordered trace"));
+            return Err(TraceError::invalid(
+                format!("{field}.codec"),
+                "subset codec cannot keep order of an ordered trace",
+            ));
         }
         let total_bits = (present as u128) * (num_layers as u128) * (w as u128);
         let want = total_bits.div_ceil(8);
@@ -288,7 +288,14 @@ pub(crate) fn decode(
 
 /// Decodes `rows` fixed-k rows from `data` into `out` (`rows * k` ids), four at a time.
 /// On a row code out of range returns the row's index and code.
-fn decode_fixed(t: &SubsetTables, ordered: bool, data: &[u8], w: u32, rows: usize, out: &mut [u16]) -> Result<(), (usize, u64)> {
+fn decode_fixed(
+    t: &SubsetTables,
+    ordered: bool,
+    data: &[u8],
+    w: u32,
+    rows: usize,
+    out: &mut [u16],
+) -> Result<(), (usize, u64)> {
     const N: usize = 4;
     let k = out.len().checked_div(rows).unwrap_or(0);
     if k == 0 {

@@ -91,9 +91,7 @@ impl SubsetTables {
         let total = binomial(e as u64, k as u64)?;
         let w = e + 1 + PAD;
         let mut binom = vec![u64::MAX; (k + 1) * w];
-        for c in 0..=e {
-            binom[c] = 1;
-        }
+        binom[..=e].fill(1);
         for i in 1..=k {
             binom[i * w] = 0;
             for c in 1..=e {
@@ -129,7 +127,8 @@ impl SubsetTables {
 
     /// Shared tables for `(e, k)` (built once per process).
     pub(crate) fn get(e: usize, k: usize) -> Option<Arc<SubsetTables>> {
-        static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Option<Arc<SubsetTables>>>>> = OnceLock::new();
+        type Cache = Mutex<HashMap<(usize, usize), Option<Arc<SubsetTables>>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         let mut g = match cache.lock() {
             Ok(g) => g,
@@ -163,7 +162,7 @@ impl SubsetTables {
         for i in (2..=self.k).rev() {
             let row = &self.binom[i * w..(i + 1) * w];
             let mut c = self.guess[i * NKEYS + key(r)] as usize;
-            if self.steps <= PAD - 1 {
+            if self.steps < PAD {
                 for _ in 0..self.steps {
                     c += (row[c + 1] <= r) as usize;
                 }

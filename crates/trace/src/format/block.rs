@@ -151,15 +151,8 @@ fn decode_body(body: &[u8], ctx: &str, limits: DecodeLimits) -> Result<RouteTrac
     c.finish("probs")?;
 
     // cheap metadata checks before any large allocation
-    let mut shell = RouteTrace {
-        meta: meta.clone(),
-        layers,
-        num_tokens,
-        missing,
-        offsets: None,
-        ids: Vec::new(),
-        probs: None,
-    };
+    let mut shell =
+        RouteTrace { meta: meta.clone(), layers, num_tokens, missing, offsets: None, ids: Vec::new(), probs: None };
     shell.validate_meta().map_err(|e| prefix(e, ctx))?;
     {
         let cells = (num_tokens as u64).checked_mul(num_layers as u64).and_then(|x| x.checked_mul(top_k.max(1) as u64));
@@ -168,7 +161,10 @@ fn decode_body(body: &[u8], ctx: &str, limits: DecodeLimits) -> Result<RouteTrac
             _ => {
                 return Err(TraceError::invalid(
                     format!("{ctx}.num_tokens"),
-                    format!("{num_tokens} tokens x {num_layers} layers x {top_k} exceeds the decode limit of {} ids", limits.max_ids),
+                    format!(
+                        "{num_tokens} tokens x {num_layers} layers x {top_k} exceeds the decode limit of {} ids",
+                        limits.max_ids
+                    ),
                 ))
             }
         }
@@ -229,7 +225,9 @@ fn prefix(e: TraceError, ctx: &str) -> TraceError {
     }
     match e {
         TraceError::Invalid { field, msg } => TraceError::Invalid { field: format!("{ctx}.{field}"), msg },
-        TraceError::Shape { field, found, expected } => TraceError::Shape { field: format!("{ctx}.{field}"), found, expected },
+        TraceError::Shape { field, found, expected } => {
+            TraceError::Shape { field: format!("{ctx}.{field}"), found, expected }
+        }
         TraceError::ExpertOutOfRange { field, id, num_experts } => {
             TraceError::ExpertOutOfRange { field: format!("{ctx}.{field}"), id, num_experts }
         }

@@ -27,7 +27,11 @@ pub(crate) fn check_header(data: &[u8]) -> Result<()> {
     let mut c = Cursor::new(data, "header");
     let magic = c.take(8, "magic")?;
     if magic != FILE_MAGIC {
-        return Err(TraceError::BadMagic { field: "header.magic".into(), expected: magic_str(FILE_MAGIC), found: magic_str(magic) });
+        return Err(TraceError::BadMagic {
+            field: "header.magic".into(),
+            expected: magic_str(FILE_MAGIC),
+            found: magic_str(magic),
+        });
     }
     let version = c.u32("version")?;
     if version != VERSION {
@@ -109,7 +113,10 @@ impl Reader {
         let bytes = &self.data.bytes()[e.offset as usize..(e.offset + e.len) as usize];
         let (t, used) = decode_block(bytes, &ctx, self.limits)?;
         if used as u64 != e.len {
-            return Err(TraceError::invalid(format!("index.entry[{i}].len"), format!("{} but block is {used} bytes", e.len)));
+            return Err(TraceError::invalid(
+                format!("index.entry[{i}].len"),
+                format!("{} but block is {used} bytes", e.len),
+            ));
         }
         if t.num_tokens as u64 != e.num_tokens {
             return Err(TraceError::invalid(

@@ -33,7 +33,11 @@ impl<W: Write> Writer<W> {
     pub fn push(&mut self, trace: &RouteTrace) -> Result<()> {
         let block = encode_block(trace);
         self.inner.write_all(&block).map_err(|e| TraceError::io(self.name.clone(), e))?;
-        self.entries.push(IndexEntry { offset: self.offset, len: block.len() as u64, num_tokens: trace.num_tokens as u64 });
+        self.entries.push(IndexEntry {
+            offset: self.offset,
+            len: block.len() as u64,
+            num_tokens: trace.num_tokens as u64,
+        });
         self.offset += block.len() as u64;
         Ok(())
     }
@@ -69,7 +73,11 @@ impl Writer<BufWriter<File>> {
     /// [`Writer::finish`] with the old and new sequences.
     pub fn append(path: impl AsRef<Path>) -> Result<Self> {
         let name = path.as_ref().display().to_string();
-        let mut f = OpenOptions::new().read(true).write(true).open(path.as_ref()).map_err(|e| TraceError::io(name.clone(), e))?;
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.as_ref())
+            .map_err(|e| TraceError::io(name.clone(), e))?;
         let mut data = Vec::new();
         f.read_to_end(&mut data).map_err(|e| TraceError::io(name.clone(), e))?;
         check_header(&data)?;

@@ -53,17 +53,23 @@ impl Default for ImportMeta {
 
 /// Builds a fixed top-k trace from a dense `[rows][cols][k]` block whose row `i` is token
 /// `first + i`; all other tokens of `0..num_tokens` are missing.
+/// A dense `[rows][cols][k]` block of ids as parsed from a payload.
+pub(crate) struct Dense<'a> {
+    pub(crate) data: &'a [i64],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) k: usize,
+}
+
 pub(crate) fn build_trace(
-    data: &[i64],
-    rows: usize,
-    cols: usize,
-    k: usize,
+    dense: Dense<'_>,
     first: usize,
     num_tokens: usize,
     prompt_len: u32,
     meta: &ImportMeta,
     field: &str,
 ) -> Result<RouteTrace> {
+    let Dense { data, rows, cols, k } = dense;
     if rows.checked_mul(cols).and_then(|x| x.checked_mul(k)) != Some(data.len()) {
         return Err(TraceError::shape(field, vec![rows, cols, k], format!("{} values", data.len())));
     }

@@ -4,7 +4,7 @@
 //! Tokens before `start` (and after the rows, when `num_tokens` says the sequence is longer)
 //! import as missing rows. Export writes the contiguous run of present tokens.
 
-use super::{b64_decode, b64_encode, build_trace, export_rows, get_u64, parse_json, ImportMeta};
+use super::{b64_decode, b64_encode, build_trace, export_rows, get_u64, parse_json, Dense, ImportMeta};
 use crate::error::{Result, TraceError};
 use crate::trace::RouteTrace;
 use serde_json::{json, Value};
@@ -70,7 +70,14 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     };
     let end = start.checked_add(shape[0]).ok_or_else(|| TraceError::json("start", "overflow"))?;
     let n = meta.num_tokens.unwrap_or(end);
-    build_trace(&data, shape[0], shape[1], shape[2], start, n, meta.prompt_len.unwrap_or(0), meta, "data")
+    build_trace(
+        Dense { data: &data, rows: shape[0], cols: shape[1], k: shape[2] },
+        start,
+        n,
+        meta.prompt_len.unwrap_or(0),
+        meta,
+        "data",
+    )
 }
 
 /// The payload for the present tokens (which must be contiguous). `dtype` `None` picks

@@ -7,7 +7,7 @@
 //! rows `0..N-1`; a present last row cannot be expressed and is dropped (see
 //! [`to_json`]'s return value).
 
-use super::{b64_decode, b64_encode, build_trace, export_rows, get_u64, parse_json, ImportMeta};
+use super::{b64_decode, b64_encode, build_trace, export_rows, get_u64, parse_json, Dense, ImportMeta};
 use crate::error::{Result, TraceError};
 use crate::trace::RouteTrace;
 use serde_json::{json, Value};
@@ -34,7 +34,9 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     let prompt = get_u64(mi, "prompt_tokens", "meta_info")?;
     let completion = get_u64(mi, "completion_tokens", "meta_info")?;
     let seqlen = match (prompt, completion, meta.num_tokens) {
-        (Some(p), Some(c), _) => Some(p.checked_add(c).ok_or_else(|| TraceError::json("meta_info.prompt_tokens", "overflow"))? as usize),
+        (Some(p), Some(c), _) => {
+            Some(p.checked_add(c).ok_or_else(|| TraceError::json("meta_info.prompt_tokens", "overflow"))? as usize)
+        }
         (_, _, n) => n,
     };
     let cols = meta.layers.as_ref().map(|l| l.len());
@@ -51,7 +53,13 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
             match (l, k) {
                 (Some(l), _) if l > 0 && rows > 0 && per % l == 0 => (rows, l, per / l),
                 (_, Some(k)) if k > 0 && rows > 0 && per % k == 0 => (rows, per / k, k),
-                _ => return Err(TraceError::shape(FIELD, vec![data.len()], format!("[{rows} rows, layers, top_k] (pass layers / top_k)"))),
+                _ => {
+                    return Err(TraceError::shape(
+                        FIELD,
+                        vec![data.len()],
+                        format!("[{rows} rows, layers, top_k] (pass layers / top_k)"),
+                    ))
+                }
             }
         }
         _ => return Err(TraceError::invalid(FIELD, "shape unknown: pass top_k and the MoE layers")),
@@ -61,7 +69,11 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     }
     let n = match seqlen {
         Some(n) if n != rows + 1 => {
-            return Err(TraceError::shape(FIELD, vec![rows, cols, k], format!("seqlen - 1 = {} rows", n.saturating_sub(1))))
+            return Err(TraceError::shape(
+                FIELD,
+                vec![rows, cols, k],
+                format!("seqlen - 1 = {} rows", n.saturating_sub(1)),
+            ))
         }
         _ => rows + 1,
     };
@@ -70,7 +82,7 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     if m.layers.as_ref().is_some_and(|l| l.len() != cols) {
         m.layers = None;
     }
-    build_trace(&data, rows, cols, k, 0, n, prompt_len, &m, FIELD)
+    build_trace(Dense { data: &data, rows, cols, k }, 0, n, prompt_len, &m, FIELD)
 }
 
 /// `{"meta_info": {"completion_tokens", "prompt_tokens", "routed_experts"}}` for rows `0..N-1`.

@@ -6,7 +6,7 @@
 //! has every row). Exports write `N - 1` rows when exactly the last token is missing, `N` rows
 //! when none is, and fail when a missing row sits anywhere else.
 
-use super::{build_trace, export_rows, ImportMeta};
+use super::{build_trace, export_rows, Dense, ImportMeta};
 use crate::error::{Result, TraceError};
 use crate::npy::{read_npy, write_npy, NpyArray, NpyDtype};
 use crate::trace::RouteTrace;
@@ -33,7 +33,7 @@ pub fn from_array(arr: &NpyArray, meta: &ImportMeta) -> Result<RouteTrace> {
     let (r, l, k) = (arr.shape[0], arr.shape[1], arr.shape[2]);
     let n = tokens_for(r, meta, "routed_experts", &arr.shape)?;
     let data: Vec<i64> = arr.data.iter().map(|&x| x as i64).collect();
-    build_trace(&data, r, l, k, 0, n, meta.prompt_len.unwrap_or(0), meta, "routed_experts")
+    build_trace(Dense { data: &data, rows: r, cols: l, k }, 0, n, meta.prompt_len.unwrap_or(0), meta, "routed_experts")
 }
 
 /// Imports `prompt_routed_experts` (`[P, L, K]`) followed by `routed_experts` (completion
@@ -53,7 +53,14 @@ pub fn from_prompt_and_completion(prompt: &NpyArray, completion: &NpyArray, meta
     let r = prompt.shape[0] + completion.shape[0];
     let shape = [r, completion.shape[1], completion.shape[2]];
     let n = tokens_for(r, meta, "routed_experts", &shape)?;
-    build_trace(&data, r, shape[1], shape[2], 0, n, prompt.shape[0] as u32, meta, "routed_experts")
+    build_trace(
+        Dense { data: &data, rows: r, cols: shape[1], k: shape[2] },
+        0,
+        n,
+        prompt.shape[0] as u32,
+        meta,
+        "routed_experts",
+    )
 }
 
 /// Imports a `.npy` file's bytes.
@@ -189,7 +196,11 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     let shape = comp.shape;
     if let Some(p) = prompt {
         if p.shape[0] > 0 && shape[0] > 0 && p.shape[1..] != shape[1..] {
-            return Err(TraceError::shape("prompt_routed_experts", p.shape.to_vec(), format!("layers / top_k of {shape:?}")));
+            return Err(TraceError::shape(
+                "prompt_routed_experts",
+                p.shape.to_vec(),
+                format!("layers / top_k of {shape:?}"),
+            ));
         }
         rows += p.shape[0];
         prompt_len = p.shape[0] as u32;
@@ -206,7 +217,7 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
 fn finish(data: &[i64], rows: usize, shape: [usize; 3], prompt_len: u32, meta: &ImportMeta) -> Result<RouteTrace> {
     let s = [rows, shape[1], shape[2]];
     let n = tokens_for(rows, meta, "routed_experts", &s)?;
-    build_trace(data, rows, shape[1], shape[2], 0, n, prompt_len, meta, "routed_experts")
+    build_trace(Dense { data, rows, cols: shape[1], k: shape[2] }, 0, n, prompt_len, meta, "routed_experts")
 }
 
 /// OpenAI-response JSON: `{"prompt_routed_experts": [...], "routed_experts": [...]}` (the prompt
@@ -221,7 +232,9 @@ pub fn to_json(t: &RouteTrace) -> Result<serde_json::Value> {
                 .take(count)
                 .map(|tok| {
                     serde_json::Value::Array(
-                        tok.chunks(k.max(1)).map(|r| serde_json::Value::Array(r.iter().map(|&x| x.into()).collect())).collect(),
+                        tok.chunks(k.max(1))
+                            .map(|r| serde_json::Value::Array(r.iter().map(|&x| x.into()).collect()))
+                            .collect(),
                     )
                 })
                 .collect(),

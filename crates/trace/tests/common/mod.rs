@@ -84,5 +84,6 @@ pub fn make_variable(tokens: usize, layers: usize, e: u32, seed: u64, missing: &
     }
     let meta = TraceMeta { num_experts: e, top_k: 0, prompt_len: 0, fingerprint: 1, policy_version: 2, ordered: true };
     let miss = (0..tokens).map(|t| missing.contains(&t)).collect();
-    RouteTrace::new_variable(meta, (0..layers as u32).collect(), tokens, &counts, ids, miss, None).expect("variable trace")
+    RouteTrace::new_variable(meta, (0..layers as u32).collect(), tokens, &counts, ids, miss, None)
+        .expect("variable trace")
 }
