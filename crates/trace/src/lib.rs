@@ -6,6 +6,26 @@
 //! * [`interop`]: vLLM (`.npy` / nested JSON), SGLang (base64 int32), prime-rl payloads.
 //! * [`pack`]: samples into token-budget micro-batches with route rows aligned, and back.
 //! * [`stats`]: per-layer expert load histograms, `max_vio`, missing rows.
+//!
+//! Size and speed (`cargo bench -p lockstep-trace --bench trace`, 32K tokens x 48 MoE layers x
+//! top-8 of 128 experts, one core): expert *sets* (`ordered: false`) take 246.1 bytes/token
+//! (uint8: 384, int32: 1536, k-subset bound 242.3), selection *order* (`ordered: true`, what
+//! vLLM / SGLang / prime-rl carry) 336.1 bytes/token; both decode at > 300 MB/s of
+//! uint8-equivalent ids (a 32K-token sample in about 40 ms).
+//!
+//! ```
+//! use lockstep_trace::{decode_block, encode_block, DecodeLimits, RouteTrace, TraceMeta};
+//! // 3 tokens, MoE layers 1 and 3, top-2 of 8 experts; token 2's routes were not provided
+//! let meta = TraceMeta { num_experts: 8, top_k: 2, prompt_len: 1, fingerprint: 7, policy_version: 12, ordered: true };
+//! let ids = vec![5, 1, 0, 7, 2, 3, 4, 6, 0, 0, 0, 0];
+//! let t = RouteTrace::new(meta, vec![1, 3], 3, ids, vec![false, false, true], None)?;
+//! assert_eq!(t.row(0, 1), Some(&[0u16, 7][..]));
+//! assert_eq!(t.row(2, 0), None); // missing, never zero-filled
+//! let (back, _) = decode_block(&encode_block(&t), "block", DecodeLimits::default())?;
+//! assert!(back.bits_eq(&t));
+//! back.check_policy(12, 7)?;
+//! # Ok::<(), lockstep_trace::TraceError>(())
+//! ```
 
 mod bytes;
 pub mod codec;

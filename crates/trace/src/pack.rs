@@ -278,6 +278,20 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
     for (bi, b) in batches.iter().enumerate() {
         let row = b.layers.len() * b.top_k;
         let n = b.tokens.len();
+        for (name, len) in [
+            ("position_ids", b.position_ids.len()),
+            ("loss_mask", b.loss_mask.len()),
+            ("advantages", b.advantages.len()),
+            ("logprobs", b.logprobs.len()),
+        ] {
+            if len != n {
+                return Err(TraceError::shape(format!("batch[{bi}].{name}"), vec![len], format!("[{n} tokens]")));
+            }
+        }
+        if b.route_probs.as_ref().is_some_and(|p| p.len() != n * row) {
+            let len = b.route_probs.as_ref().map_or(0, |p| p.len());
+            return Err(TraceError::shape(format!("batch[{bi}].route_probs"), vec![len], format!("[{n} x {row}]")));
+        }
         if b.route_ids.len() != n * row || b.route_free.len() != n {
             return Err(TraceError::shape(
                 format!("batch[{bi}].route_ids"),
@@ -286,8 +300,8 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
             ));
         }
         for (si, s) in b.sequences.iter().enumerate() {
-            let r = s.start..s.start + s.len;
-            if r.end > n {
+            let r = s.start..s.start.saturating_add(s.len);
+            if r.end > n || s.start.checked_add(s.len).is_none() {
                 return Err(TraceError::invalid(format!("batch[{bi}].sequences[{si}]"), "extends past the batch"));
             }
             let routes = match &s.routes {

@@ -321,6 +321,8 @@ impl RouteTrace {
         }
     }
     /// Selected experts of `(token, layer_index)`, `None` for a missing token.
+    ///
+    /// Panics if `token >= num_tokens` or `layer >= num_layers` (like slice indexing).
     pub fn row(&self, token: usize, layer: usize) -> Option<&[u16]> {
         if self.missing[token] {
             None
