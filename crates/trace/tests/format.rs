@@ -112,6 +112,14 @@ fn file_write_index_mmap_append_and_scan() {
     assert!(err.is_none());
     assert_eq!(seqs.len(), 5);
     assert!(matches!(Reader::from_bytes(bytes[..idx as usize].to_vec()), Err(TraceError::BadMagic { .. })));
+    // appending to an unfinished file with a torn last block recovers the whole blocks
+    let torn = dir.path().join("torn.lstrace");
+    std::fs::write(&torn, &bytes[..idx as usize - 7]).unwrap();
+    let mut w = Writer::append(&torn).unwrap();
+    assert_eq!(w.len(), 4);
+    w.push(&traces[4]).unwrap();
+    w.finish().unwrap();
+    assert_eq!(std::fs::read(&torn).unwrap(), bytes);
     if let Ok(dir) = std::env::var("LSTRACE_FUZZ_SEEDS") {
         std::fs::write(format!("{dir}/five.lstrace"), &bytes).unwrap();
         std::fs::write(format!("{dir}/variable.lstrace"), encode_file(&[make_variable(6, 2, 9, 1, &[3])])).unwrap();

@@ -133,6 +133,24 @@ impl Reader {
     }
 }
 
+/// Index entries of the valid blocks at the front of a (possibly unfinished) file, and the
+/// offset where they end.
+pub(crate) fn scan_entries(data: &[u8], limits: DecodeLimits) -> Result<(Vec<IndexEntry>, u64)> {
+    check_header(data)?;
+    let mut pos = HEADER_LEN;
+    let mut out = Vec::new();
+    while pos < data.len() && !data[pos..].starts_with(INDEX_MAGIC) {
+        match decode_block(&data[pos..], &format!("block[{}]", out.len()), limits) {
+            Ok((t, used)) => {
+                out.push(IndexEntry { offset: pos as u64, len: used as u64, num_tokens: t.num_tokens() as u64 });
+                pos += used;
+            }
+            Err(_) => break,
+        }
+    }
+    Ok((out, pos as u64))
+}
+
 /// Decodes the blocks of a (possibly unfinished) file front to back, without the index.
 /// Returns the sequences read and the error that stopped the scan, if any (reaching the
 /// index or the end of the data cleanly is not an error).

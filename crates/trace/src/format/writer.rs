@@ -1,8 +1,9 @@
 //! Streaming writer: header, then one block per pushed sequence, then index + footer.
 
 use super::block::encode_block;
+use super::block::DecodeLimits;
 use super::index::{decode_tail, encode_tail, IndexEntry};
-use super::reader::check_header;
+use super::reader::{check_header, scan_entries};
 use super::{FILE_MAGIC, HEADER_LEN, VERSION};
 use crate::error::{Result, TraceError};
 use crate::trace::RouteTrace;
@@ -69,8 +70,10 @@ impl Writer<BufWriter<File>> {
         Ok(w)
     }
 
-    /// Opens a finished file for appending: its index and footer are dropped and rewritten by
-    /// [`Writer::finish`] with the old and new sequences.
+    /// Opens a file for appending: its index and footer are dropped and rewritten by
+    /// [`Writer::finish`] with the old and new sequences. A file that was never finished (a
+    /// writer died before `finish`) is recovered: its valid blocks are kept, a torn last
+    /// block is cut off.
     pub fn append(path: impl AsRef<Path>) -> Result<Self> {
         let name = path.as_ref().display().to_string();
         let mut f = OpenOptions::new()
@@ -81,7 +84,13 @@ impl Writer<BufWriter<File>> {
         let mut data = Vec::new();
         f.read_to_end(&mut data).map_err(|e| TraceError::io(name.clone(), e))?;
         check_header(&data)?;
-        let (entries, index_offset) = decode_tail(&data)?;
+        let (entries, index_offset) = match decode_tail(&data) {
+            Ok(x) => x,
+            Err(TraceError::BadMagic { .. } | TraceError::Truncated { .. }) => {
+                scan_entries(&data, DecodeLimits::default())?
+            }
+            Err(e) => return Err(e),
+        };
         f.set_len(index_offset).map_err(|e| TraceError::io(name.clone(), e))?;
         f.seek(SeekFrom::Start(index_offset)).map_err(|e| TraceError::io(name.clone(), e))?;
         Ok(Writer { inner: BufWriter::new(f), offset: index_offset, entries, name })
