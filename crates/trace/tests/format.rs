@@ -121,10 +121,24 @@ fn file_write_index_mmap_append_and_scan() {
     w.finish().unwrap();
     assert_eq!(std::fs::read(&torn).unwrap(), bytes);
     if let Ok(dir) = std::env::var("LSTRACE_FUZZ_SEEDS") {
-        std::fs::write(format!("{dir}/five.lstrace"), &bytes).unwrap();
-        std::fs::write(format!("{dir}/variable.lstrace"), encode_file(&[make_variable(6, 2, 9, 1, &[3])])).unwrap();
         let small = make(&Spec { tokens: 3, ordered: false, probs: Some(ProbDtype::Bf16), ..Spec::default() });
-        std::fs::write(format!("{dir}/small.lstrace"), encode_file(&[small])).unwrap();
+        std::fs::write(format!("{dir}/small.lstrace"), [&[0u8][..], &encode_file(&[small.clone()])].concat()).unwrap();
+        std::fs::write(format!("{dir}/five.lstrace"), [&[0u8][..], &bytes].concat()).unwrap();
+        let var = make_variable(6, 2, 9, 1, &[3]);
+        std::fs::write(format!("{dir}/variable.lstrace"), [&[0u8][..], &encode_file(&[var.clone()])].concat()).unwrap();
+        // block bodies (mode 1): every codec and probability dtype
+        let bodies = [
+            small,
+            var,
+            make(&Spec { ordered: true, probs: Some(ProbDtype::F16), missing: vec![2], ..Spec::default() }),
+            make(&Spec { ordered: false, e: 128, k: 8, layers: vec![0, 1], ..Spec::default() }),
+            make(&Spec { e: 65535, k: 8, probs: Some(ProbDtype::F32), ..Spec::default() }),
+        ];
+        for (i, t) in bodies.iter().enumerate() {
+            let b = encode_block(t);
+            std::fs::write(format!("{dir}/body{i}.bin"), [&[1u8][..], &b[12..b.len() - 4]].concat()).unwrap();
+            std::fs::write(format!("{dir}/block{i}.bin"), [&[2u8][..], &b].concat()).unwrap();
+        }
     }
 }
 
