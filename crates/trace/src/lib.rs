@@ -2,7 +2,7 @@
 //!
 //! * [`RouteTrace`]: one sequence's routes (`[token][moe_layer][k]`, explicit missing rows,
 //!   optional router probabilities, policy version / config fingerprint).
-//! * [`format`]: the `.lstrace` file (streaming blocks, CRC32, index, mmap reader).
+//! * [`format`](mod@format): the `.lstrace` file (streaming blocks, CRC32, index, mmap reader).
 //! * [`interop`]: vLLM (`.npy` / nested JSON), SGLang (base64 int32), prime-rl payloads.
 //! * [`pack`]: samples into token-budget micro-batches with route rows aligned, and back.
 //! * [`stats`]: per-layer expert load histograms, `max_vio`, missing rows.
