@@ -4,6 +4,7 @@ mod consistency_cmd;
 mod demo_cmd;
 mod device;
 mod trace_cmd;
+mod train_cmd;
 mod verify_cmd;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The RL loop with routing replay (embedded default or --config run.toml).
+    Train(train_cmd::TrainArgs),
     /// Record a batch on the embedded default (or a checkpoint), replay it, print routing health.
     Demo(demo_cmd::DemoArgs),
     /// Compare a checkpoint against a transformers reference dump (logits, routes, replay).
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train_cmd::run_cmd(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),

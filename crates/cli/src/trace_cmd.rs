@@ -263,3 +263,67 @@ fn convert(c: ConvertArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_trace::npy::{write_npy, NpyArray};
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lockstep-trace-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join(name)
+    }
+
+    fn args(from: Fmt, to: Fmt, input: &Path, output: &Path) -> ConvertArgs {
+        ConvertArgs {
+            from,
+            to,
+            input: input.into(),
+            output: output.into(),
+            num_experts: Some(64),
+            layers: Some("1,3-4".into()),
+            top_k: Some(4),
+            num_tokens: None,
+            prompt_len: Some(2),
+            policy_version: 9,
+            fingerprint: Some("0xabc".into()),
+            dtype: None,
+            index: None,
+            unordered: false,
+        }
+    }
+
+    #[test]
+    fn convert_chain_is_bitwise_and_inspect_runs() {
+        // 5 rows of [3 layers x top-4] distinct ids: vLLM's N-1 rows for 6 tokens
+        let data: Vec<i32> = (0..5 * 3).flat_map(|r| (0..4).map(move |j| ((r * 7 + j * 13) % 64) as i32)).collect();
+        let arr = NpyArray { dtype: NpyDtype::I32, shape: vec![5, 3, 4], data };
+        let npy = tmp("a.npy");
+        std::fs::write(&npy, write_npy(&arr).unwrap()).unwrap();
+        let (ls, sg, pr, back) = (tmp("a.lstrace"), tmp("s.json"), tmp("p.json"), tmp("b.npy"));
+        convert(args(Fmt::Vllm, Fmt::Lockstep, &npy, &ls)).unwrap();
+        inspect(&ls, true).unwrap();
+        convert(args(Fmt::Lockstep, Fmt::Sglang, &ls, &sg)).unwrap();
+        convert(args(Fmt::Sglang, Fmt::PrimeRl, &sg, &pr)).unwrap();
+        let mut a = args(Fmt::PrimeRl, Fmt::Vllm, &pr, &back);
+        a.num_tokens = Some(6);
+        convert(a).unwrap();
+        assert_eq!(std::fs::read(&npy).unwrap(), std::fs::read(&back).unwrap());
+        let t = Reader::open(&ls).unwrap().get(0).unwrap();
+        assert_eq!((t.num_tokens(), t.num_missing(), t.layers()), (6, 1, &[1u32, 3, 4][..]));
+        t.check_policy(9, 0xabc).unwrap();
+        // errors name the field
+        let mut bad = args(Fmt::Vllm, Fmt::Lockstep, &npy, &ls);
+        bad.num_experts = Some(10);
+        let e = convert(bad).unwrap_err().to_string();
+        assert!(e.contains("routed_experts["), "{e}");
+        let _ = std::fs::remove_dir_all(npy.parent().unwrap());
+    }
+
+    #[test]
+    fn layer_lists_parse() {
+        assert_eq!(parse_layers("0-2, 5,7").unwrap(), vec![0, 1, 2, 5, 7]);
+        assert!(parse_layers("a").is_err());
+    }
+}

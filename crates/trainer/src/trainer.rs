@@ -283,6 +283,44 @@ impl TrainBatch {
     }
 }
 
+impl Trainer {
+    /// One supervised step (warm-up): loss = −Σ mask · log π(y) / Σ mask over the
+    /// micro-batches (cross-entropy on the masked tokens), free routing, AdamW. Returns the loss.
+    pub fn sft_step(&mut self, micro: &[TrainBatch]) -> Result<f64> {
+        let denominator: f64 = micro
+            .iter()
+            .map(|tb| {
+                let valid = token_valid(&tb.batch);
+                tb.loss_mask.iter().zip(&valid).filter(|(&m, &v)| m > 0.0 && v).count() as f64
+            })
+            .sum();
+        if denominator == 0.0 {
+            return Err(TrainError::input("loss_mask", "no supervised tokens in the step"));
+        }
+        let mut acc = GradAccumulator::default();
+        let mut total = 0.0;
+        for tb in micro {
+            let out = self.model.forward(&tb.batch, &RoutingPlan::compute())?;
+            let (logp, valid) = token_logprobs(&out.logits, &tb.batch)?;
+            let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
+            let mask = vec_tensor(&mask, self.model.device())?;
+            let loss = ((logp.flatten_all()? * mask)?.sum_all()?.neg()? / denominator)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            acc.add(&self.params, &loss.backward()?)?;
+        }
+        self.optimizer.apply(&self.params, &acc)?;
+        Ok(total)
+    }
+
+    /// A copy of the model for inference: same weights (shared storage, so it follows later
+    /// updates without copying), no autograd tracking.
+    pub fn inference_model(&self) -> Result<MoeCausalLm> {
+        let mut m = self.model.clone();
+        m.map_params(|_, t| Ok(t.detach()))?;
+        Ok(m)
+    }
+}
+
 /// Routes of a recording as inference-time routes (what an engine would send): ids and probs.
 pub fn replay_from_recording(rec: &lockstep_model::Recording) -> Result<BTreeMap<usize, LayerReplay>> {
     rec.iter()

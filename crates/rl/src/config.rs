@@ -1,0 +1,274 @@
+//! One TOML file configures a whole run; sections mirror the modules. Unknown keys and bad
+//! values are refused up front with an error naming the key. `DEFAULT_TOML` is the embedded
+//! default (`lockstep train` with no `--config`), and `lockstep train --print-config` prints the
+//! effective configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RlError};
+
+pub const DEFAULT_TOML: &str = r#"# lockstep train: the embedded default run
+seed = 0
+# RL steps (each: rollouts → rewards → advantages → `mini_steps` updates)
+steps = 40
+
+[model]
+# checkpoint = "path/to/hf-checkpoint"   # default: the embedded tiny Qwen3-MoE
+seed = 0
+
+[task]
+kind = "addition"
+digits = 1
+
+[warmup]            # supervised warm-up so rewards are not all zero
+steps = 80
+batch = 32
+lr = 3e-3
+
+[rollout]
+prompts_per_step = 16
+group_size = 8
+max_tokens = 4
+temperature = 1.0
+
+[trainer]
+lr = 5e-4
+weight_decay = 0.0
+max_grad_norm = 1.0
+warmup_steps = 0
+# updates per rollout batch: the 2nd and later are off-policy (where replay matters)
+mini_steps = 2
+token_budget = 1024
+
+[replay]
+enabled = true
+
+[loss]
+objective = "ppo"      # ppo | policy_gradient
+clip_low = 0.2
+clip_high = 0.28
+is_correction = "none" # none | tis | mis
+tis_cap = 2.0
+mis_low = 0.5
+mis_high = 2.0
+ratio = "token"        # token | joint_sum | joint_mean
+extreme_tau = 2.0
+
+[eval]
+every = 5
+
+[output]
+dir = "runs/default"
+checkpoint_every = 20
+"#;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub seed: u64,
+    pub steps: u64,
+    pub model: ModelSection,
+    pub task: TaskSection,
+    pub warmup: WarmupSection,
+    pub rollout: RolloutSection,
+    pub trainer: TrainerSection,
+    pub replay: ReplaySection,
+    pub loss: LossSection,
+    pub eval: EvalSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    pub kind: String,
+    pub digits: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupSection {
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    pub prompts_per_step: usize,
+    pub group_size: usize,
+    pub max_tokens: usize,
+    pub temperature: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerSection {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub warmup_steps: u64,
+    pub mini_steps: usize,
+    pub token_budget: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaySection {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    pub objective: String,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub is_correction: String,
+    pub tis_cap: f64,
+    pub mis_low: f64,
+    pub mis_high: f64,
+    pub ratio: String,
+    pub extreme_tau: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    pub every: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: String,
+    pub checkpoint_every: u64,
+}
+
+fn bad(key: &str, msg: impl Into<String>) -> RlError {
+    RlError::Config { key: key.into(), msg: msg.into() }
+}
+
+impl RunConfig {
+    pub fn default_config() -> Self {
+        Self::from_toml(DEFAULT_TOML).expect("the embedded default config is valid")
+    }
+
+    /// Parse and validate; errors name the key.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: RunConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            // toml names unknown keys in its message; fall back to the span's text
+            bad(&msg.split('`').nth(1).unwrap_or("<toml>").to_string(), msg)
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig serialises")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.task.kind != "addition" {
+            return Err(bad("task.kind", format!("`{}`: the built-in task is `addition` (implement Environment for others)", self.task.kind)));
+        }
+        if !(1..=4).contains(&self.task.digits) {
+            return Err(bad("task.digits", "must be 1..=4"));
+        }
+        if self.warmup.steps > 0 && self.warmup.batch == 0 {
+            return Err(bad("warmup.batch", "must be > 0"));
+        }
+        if !(self.warmup.lr > 0.0) {
+            return Err(bad("warmup.lr", "must be > 0"));
+        }
+        if self.rollout.prompts_per_step == 0 {
+            return Err(bad("rollout.prompts_per_step", "must be > 0"));
+        }
+        if self.rollout.group_size < 2 {
+            return Err(bad("rollout.group_size", "must be >= 2 (group-normalised advantages)"));
+        }
+        if self.rollout.max_tokens == 0 {
+            return Err(bad("rollout.max_tokens", "must be > 0"));
+        }
+        if !(self.rollout.temperature > 0.0 && self.rollout.temperature.is_finite()) {
+            return Err(bad("rollout.temperature", "must be > 0"));
+        }
+        if !(self.trainer.lr > 0.0) {
+            return Err(bad("trainer.lr", "must be > 0"));
+        }
+        if self.trainer.mini_steps == 0 {
+            return Err(bad("trainer.mini_steps", "must be > 0"));
+        }
+        if self.trainer.mini_steps > self.rollout.prompts_per_step {
+            return Err(bad("trainer.mini_steps", "cannot exceed rollout.prompts_per_step (each update takes whole groups)"));
+        }
+        if self.trainer.token_budget < 16 {
+            return Err(bad("trainer.token_budget", "must be >= 16"));
+        }
+        if !(self.trainer.max_grad_norm > 0.0) {
+            return Err(bad("trainer.max_grad_norm", "must be > 0"));
+        }
+        if !["ppo", "policy_gradient"].contains(&self.loss.objective.as_str()) {
+            return Err(bad("loss.objective", format!("`{}`: expected ppo or policy_gradient", self.loss.objective)));
+        }
+        if !["none", "tis", "mis"].contains(&self.loss.is_correction.as_str()) {
+            return Err(bad("loss.is_correction", format!("`{}`: expected none, tis or mis", self.loss.is_correction)));
+        }
+        if !["token", "joint_sum", "joint_mean"].contains(&self.loss.ratio.as_str()) {
+            return Err(bad("loss.ratio", format!("`{}`: expected token, joint_sum or joint_mean", self.loss.ratio)));
+        }
+        if !(self.loss.clip_low > 0.0 && self.loss.clip_low < 1.0) {
+            return Err(bad("loss.clip_low", "must be in (0, 1)"));
+        }
+        if !(self.loss.clip_high > 0.0) {
+            return Err(bad("loss.clip_high", "must be > 0"));
+        }
+        if !(self.loss.tis_cap > 0.0) {
+            return Err(bad("loss.tis_cap", "must be > 0"));
+        }
+        if !(self.loss.mis_low < self.loss.mis_high && self.loss.mis_low >= 0.0) {
+            return Err(bad("loss.mis_low", "need 0 <= mis_low < mis_high"));
+        }
+        if !(self.loss.extreme_tau > 1.0) {
+            return Err(bad("loss.extreme_tau", "must be > 1"));
+        }
+        if self.eval.every == 0 {
+            return Err(bad("eval.every", "must be > 0"));
+        }
+        if self.output.dir.is_empty() {
+            return Err(bad("output.dir", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub fn loss_config(&self) -> lockstep_trainer::loss::LossConfig {
+        use lockstep_trainer::loss::{ExpertAggregation, IsCorrection, LossConfig, Objective, RatioMode};
+        LossConfig {
+            objective: match self.loss.objective.as_str() {
+                "policy_gradient" => Objective::PolicyGradient,
+                _ => Objective::Ppo { clip_low: self.loss.clip_low, clip_high: self.loss.clip_high },
+            },
+            is_correction: match self.loss.is_correction.as_str() {
+                "tis" => IsCorrection::Tis { cap: self.loss.tis_cap },
+                "mis" => IsCorrection::Mis { low: self.loss.mis_low, high: self.loss.mis_high },
+                _ => IsCorrection::None,
+            },
+            ratio: match self.loss.ratio.as_str() {
+                "joint_sum" => RatioMode::Joint(ExpertAggregation::Sum),
+                "joint_mean" => RatioMode::Joint(ExpertAggregation::Mean),
+                _ => RatioMode::Token,
+            },
+            extreme_tau: self.loss.extreme_tau,
+        }
+    }
+}

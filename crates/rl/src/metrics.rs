@@ -1,0 +1,55 @@
+//! Per-step records of a run, written as JSON lines (`metrics.jsonl`).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RlError};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub confidence: f64,
+    pub max_vio: f64,
+    pub route_agreement: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// "warmup" or "rl"
+    pub phase: String,
+    pub step: u64,
+    pub replay: bool,
+    pub reward_mean: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+    pub loss: f64,
+    /// KL estimate mean(ρ − 1 − log ρ), averaged over the step's mini-steps
+    pub kl: f64,
+    /// the largest mini-step KL (the most off-policy update)
+    pub kl_max: f64,
+    pub extreme_fraction: f64,
+    pub clip_fraction: f64,
+    pub grad_norm: f64,
+    pub entropy: f64,
+    pub fallback_tokens: f64,
+    pub completion_tokens: usize,
+    pub seconds: f64,
+    pub layers: BTreeMap<usize, LayerRecord>,
+}
+
+pub fn append(path: &Path, rec: &StepRecord) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| RlError::io(path, e))?;
+    let line = serde_json::to_string(rec).map_err(|e| RlError::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| RlError::io(path, e))
+}
+
+pub fn read(path: &Path) -> Result<Vec<StepRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|e| RlError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| RlError::io(path, format!("line {}: {e}", i + 1))))
+        .collect()
+}

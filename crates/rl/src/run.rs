@@ -1,0 +1,222 @@
+//! The main job: warm-up (supervised), then RL steps — rollouts through the in-process engine
+//! (batch-invariant kernels: its logprobs and routes are what the trainer computes), rewards,
+//! GRPO advantages, packing with routes, `mini_steps` replayed updates, weight sync (the engine
+//! shares the trainer's weight storage), periodic evaluation, metrics JSONL, checkpoints, and
+//! the HTML report.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use lockstep_engine::Engine;
+use lockstep_model::{Batch, Kernels, MoeCausalLm};
+use lockstep_trace::pack::{pack, PackConfig};
+use lockstep_trainer::optim::{AdamWConfig, Schedule};
+use lockstep_trainer::trainer::{TrainBatch, Trainer, TrainerConfig};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::env::{Addition, Environment};
+use crate::error::{Result, RlError};
+use crate::metrics::{self, LayerRecord, StepRecord};
+use crate::rollout;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from a checkpoint directory written by a previous run.
+    pub resume: Option<PathBuf>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub out_dir: PathBuf,
+    pub warmup_eval: f64,
+    pub first_reward: f64,
+    pub last_reward: f64,
+    pub final_eval: f64,
+    pub records: Vec<StepRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunState {
+    rl_step: u64,
+    warmup_eval: f64,
+}
+
+fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
+    TrainerConfig {
+        loss: cfg.loss_config(),
+        optimizer: AdamWConfig {
+            lr: cfg.trainer.lr,
+            weight_decay: cfg.trainer.weight_decay,
+            max_grad_norm: Some(cfg.trainer.max_grad_norm),
+            warmup_steps: cfg.trainer.warmup_steps,
+            schedule: Schedule::Constant,
+            ..AdamWConfig::default()
+        },
+        replay,
+    }
+}
+
+fn base_model(cfg: &RunConfig) -> Result<MoeCausalLm> {
+    let mut m = match &cfg.model.checkpoint {
+        Some(dir) => MoeCausalLm::load(Path::new(dir), DType::F32, &Device::Cpu)?,
+        None => MoeCausalLm::embedded_default(cfg.model.seed, DType::F32, &Device::Cpu)?,
+    };
+    m.set_kernels(Kernels::Invariant);
+    Ok(m)
+}
+
+/// Supervised warm-up: cross-entropy on the answers of training instances.
+fn warmup(model: MoeCausalLm, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar) -> Result<MoeCausalLm> {
+    let tc = TrainerConfig {
+        loss: cfg.loss_config(),
+        optimizer: AdamWConfig { lr: cfg.warmup.lr, max_grad_norm: Some(1.0), ..AdamWConfig::default() },
+        replay: false,
+    };
+    let mut t = Trainer::new(model, tc)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
+    for s in 0..cfg.warmup.steps {
+        let (mut toks, mut mask, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
+        for _ in 0..cfg.warmup.batch {
+            let task = env.sample(&mut rng);
+            mask.extend(std::iter::repeat_n(0.0, task.prompt.len()));
+            mask.extend(std::iter::repeat_n(1.0, task.answer.len()));
+            toks.extend_from_slice(&task.prompt);
+            toks.extend_from_slice(&task.answer);
+            cu.push(toks.len());
+        }
+        let n = toks.len();
+        let tb = TrainBatch {
+            batch: Batch::packed(&toks, None, &cu, &Device::Cpu)?,
+            logp_infer: vec![0.0; n],
+            advantages: vec![0.0; n],
+            loss_mask: mask,
+            routes: Default::default(),
+        };
+        let loss = t.sft_step(&[tb])?;
+        bar.set_message(format!("warm-up {}/{} loss {loss:.3}", s + 1, cfg.warmup.steps));
+        bar.tick();
+    }
+    Ok(t.model)
+}
+
+/// Run the whole job (`replay` overrides `[replay] enabled`), writing under `out`.
+pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Result<RunSummary> {
+    std::fs::create_dir_all(out).map_err(|e| RlError::io(out, e))?;
+    let cfg_path = out.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
+    let env: Box<dyn Environment> = Box::new(Addition { digits: cfg.task.digits });
+    let metrics_path = out.join("metrics.jsonl");
+    let bar = if opts.progress { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").expect("valid template"));
+    let max_answer = cfg.rollout.max_tokens;
+
+    // --- model and trainer: fresh (warm-up first) or resumed
+    let (mut trainer, start, warmup_eval) = match &opts.resume {
+        Some(dir) => {
+            let st_path = dir.join("run_state.json");
+            let text = std::fs::read_to_string(&st_path).map_err(|e| RlError::io(&st_path, e))?;
+            let st: RunState = serde_json::from_str(&text).map_err(|e| RlError::io(&st_path, e))?;
+            let mut t = Trainer::resume(dir, trainer_config(cfg, replay), &Device::Cpu)?;
+            t.model.set_kernels(Kernels::Invariant);
+            // keep the metrics of the steps before the checkpoint
+            if metrics_path.exists() {
+                let kept: Vec<StepRecord> = metrics::read(&metrics_path)?.into_iter().filter(|r| r.phase == "warmup" || r.step <= st.rl_step).collect();
+                std::fs::remove_file(&metrics_path).map_err(|e| RlError::io(&metrics_path, e))?;
+                for r in &kept {
+                    metrics::append(&metrics_path, r)?;
+                }
+            }
+            (t, st.rl_step + 1, st.warmup_eval)
+        }
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+            let warm = warmup(base_model(cfg)?, env.as_ref(), cfg, &bar)?;
+            let t = Trainer::new(warm, trainer_config(cfg, replay))?;
+            let acc = rollout::evaluate(&mut Engine::new(t.inference_model()?), env.as_ref(), max_answer)?;
+            metrics::append(&metrics_path, &StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() })?;
+            (t, 1, acc)
+        }
+    };
+    let num_experts = trainer.model.cfg.moe.router.num_experts;
+    let fingerprint = lockstep_trace::fingerprint_of(trainer.model.cfg.to_json_string().as_bytes());
+    bar.set_position(start - 1);
+
+    for step in start..=cfg.steps {
+        let t0 = Instant::now();
+        // weight sync: the engine reads the trainer's (updated) weight storage
+        let mut engine = Engine::new(trainer.inference_model()?);
+        engine.policy_version = step;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(step));
+        let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step, num_experts, fingerprint)?;
+
+        // mini-steps: whole groups per update; the later ones are off-policy
+        let per = ro.groups.len().div_ceil(cfg.trainer.mini_steps);
+        let mut rec = StepRecord { phase: "rl".into(), step, replay, reward_mean: ro.reward_mean, completion_tokens: ro.completion_tokens, ..StepRecord::default() };
+        let mut layer_sums: std::collections::BTreeMap<usize, (LayerRecord, f64)> = Default::default();
+        let mut updates = 0.0;
+        for chunk in ro.groups.chunks(per) {
+            let samples: Vec<_> = chunk.iter().flatten().cloned().collect();
+            let mbs = pack(&samples, &PackConfig { token_budget: cfg.trainer.token_budget, pad_to_multiple: 1, pad_token: 0 })?;
+            let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &Device::Cpu)).collect::<std::result::Result<_, _>>()?;
+            let m = trainer.step(&tbs)?;
+            updates += 1.0;
+            rec.loss += m.loss;
+            rec.kl += m.kl;
+            rec.kl_max = rec.kl_max.max(m.kl);
+            rec.extreme_fraction += m.extreme_fraction;
+            rec.clip_fraction += m.clip_fraction;
+            rec.grad_norm += m.grad_norm;
+            rec.entropy += m.entropy;
+            rec.fallback_tokens += m.fallback_tokens;
+            for (l, x) in m.layers {
+                let e = layer_sums.entry(l).or_default();
+                e.0.confidence += x.confidence;
+                e.0.max_vio += x.max_vio;
+                e.0.route_agreement += x.route_agreement;
+                e.1 += 1.0;
+            }
+        }
+        for v in [&mut rec.loss, &mut rec.kl, &mut rec.extreme_fraction, &mut rec.clip_fraction, &mut rec.grad_norm, &mut rec.entropy] {
+            *v /= updates;
+        }
+        rec.layers = layer_sums
+            .into_iter()
+            .map(|(l, (s, n))| (l, LayerRecord { confidence: s.confidence / n, max_vio: s.max_vio / n, route_agreement: s.route_agreement / n }))
+            .collect();
+        if step % cfg.eval.every == 0 || step == cfg.steps {
+            rec.eval_accuracy = Some(rollout::evaluate(&mut Engine::new(trainer.inference_model()?), env.as_ref(), max_answer)?);
+        }
+        rec.seconds = t0.elapsed().as_secs_f64();
+        metrics::append(&metrics_path, &rec)?;
+        let conf: f64 = rec.layers.values().map(|l| l.confidence).sum::<f64>() / rec.layers.len().max(1) as f64;
+        bar.set_message(format!("reward {:.3} kl {:.2e} conf {:.3}{}", rec.reward_mean, rec.kl, conf, rec.eval_accuracy.map(|a| format!(" eval {a:.3}")).unwrap_or_default()));
+        bar.inc(1);
+        if cfg.output.checkpoint_every > 0 && (step % cfg.output.checkpoint_every == 0 || step == cfg.steps) {
+            let dir = out.join("checkpoints").join(format!("step-{step}"));
+            trainer.save(&dir)?;
+            let st = serde_json::to_string(&RunState { rl_step: step, warmup_eval }).map_err(|e| RlError::io(&dir, e))?;
+            std::fs::write(dir.join("run_state.json"), st).map_err(|e| RlError::io(&dir, e))?;
+        }
+    }
+    bar.finish();
+    let records = metrics::read(&metrics_path)?;
+    let rl: Vec<&StepRecord> = records.iter().filter(|r| r.phase == "rl").collect();
+    let final_eval = rl.iter().rev().find_map(|r| r.eval_accuracy).unwrap_or(warmup_eval);
+    let summary = RunSummary {
+        out_dir: out.to_path_buf(),
+        warmup_eval,
+        first_reward: rl.first().map(|r| r.reward_mean).unwrap_or(0.0),
+        last_reward: rl.last().map(|r| r.reward_mean).unwrap_or(0.0),
+        final_eval,
+        records: records.clone(),
+    };
+    crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train")?;
+    Ok(summary)
+}
