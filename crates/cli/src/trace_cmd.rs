@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn convert_chain_is_bitwise_and_inspect_runs() {
         // 5 rows of [3 layers x top-4] distinct ids: vLLM's N-1 rows for 6 tokens
-        let data: Vec<i32> = (0..5 * 3).flat_map(|r| (0..4).map(move |j| ((r * 7 + j * 13) % 64) as i32)).collect();
+        let data: Vec<i32> = (0..5 * 3).flat_map(|r| (0..4).map(move |j| (r * 7 + j * 13) % 64)).collect();
         let arr = NpyArray { dtype: NpyDtype::I32, shape: vec![5, 3, 4], data };
         let npy = tmp("a.npy");
         std::fs::write(&npy, write_npy(&arr).unwrap()).unwrap();
