@@ -33,6 +33,12 @@ fn block_round_trips_every_codec_and_dtype() {
     let t = make(&Spec { e: 65535, k: 8, ..Spec::default() });
     assert_eq!(IdCodec::choose(t.meta()), IdCodec::Plain);
     rt(&t);
+    // wide expert counts (guess tables need several correction steps)
+    for ordered in [true, false] {
+        rt(&make(&Spec { e: 65535, k: 2, ordered, ..Spec::default() }));
+        rt(&make(&Spec { e: 1000, k: 4, ordered, probs: Some(ProbDtype::F16), ..Spec::default() }));
+        rt(&make(&Spec { e: 64, k: 16, ordered, missing: vec![1], ..Spec::default() }));
+    }
     // edge shapes: k = E, k = 1, E = 1, no layers, no tokens
     rt(&make(&Spec { e: 4, k: 4, ..Spec::default() }));
     rt(&make(&Spec { e: 300, k: 1, ..Spec::default() }));

@@ -427,9 +427,10 @@ mod tests {
     #[test]
     fn ordered_round_trip_const_k_paths() {
         let mut s = 0x1234_5678_9abc_def1u64;
-        for (e, k) in [(128usize, 8usize), (64, 6), (40, 4), (9, 2), (200, 8), (20, 7)] {
+        for (e, k) in [(128usize, 8usize), (64, 6), (40, 4), (9, 2), (200, 8), (20, 7), (65535, 2), (1000, 4), (64, 16)] {
             let t = SubsetTables::get(e, k).unwrap();
             let (mut out, mut scratch) = (vec![0u16; k], Vec::new());
+            let mut out4 = vec![0u16; 4 * k];
             for _ in 0..20_000 {
                 let mut row: Vec<u16> = Vec::new();
                 while row.len() < k {
@@ -441,8 +442,17 @@ mod tests {
                         row.push(id);
                     }
                 }
+                let mut sorted = row.clone();
+                sorted.sort_unstable();
+                let r = t.rank_sorted(&sorted);
+                t.unrank_sorted_n([r, r / 2, r / 3, 0], &mut out4);
+                assert_eq!(&out4[..k], &sorted[..]);
+                for (lane, d) in [(1usize, 2u64), (2, 3)] {
+                    assert_eq!(t.rank_sorted(&out4[lane * k..(lane + 1) * k]), r / d);
+                }
+                let Some(total) = t.ordered_total else { continue };
                 let v = t.rank_ordered(&row, &mut scratch);
-                assert!(v < t.ordered_total.unwrap());
+                assert!(v < total);
                 t.unrank_ordered(v, &mut out);
                 assert_eq!(out, row);
             }
