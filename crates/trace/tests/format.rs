@@ -128,10 +128,10 @@ fn file_write_index_mmap_append_and_scan() {
     assert_eq!(std::fs::read(&torn).unwrap(), bytes);
     if let Ok(dir) = std::env::var("LSTRACE_FUZZ_SEEDS") {
         let small = make(&Spec { tokens: 3, ordered: false, probs: Some(ProbDtype::Bf16), ..Spec::default() });
-        std::fs::write(format!("{dir}/small.lstrace"), [&[0u8][..], &encode_file(&[small.clone()])].concat()).unwrap();
+        std::fs::write(format!("{dir}/small.lstrace"), [&[0u8][..], &encode_file(std::slice::from_ref(&small))].concat()).unwrap();
         std::fs::write(format!("{dir}/five.lstrace"), [&[0u8][..], &bytes].concat()).unwrap();
         let var = make_variable(6, 2, 9, 1, &[3]);
-        std::fs::write(format!("{dir}/variable.lstrace"), [&[0u8][..], &encode_file(&[var.clone()])].concat()).unwrap();
+        std::fs::write(format!("{dir}/variable.lstrace"), [&[0u8][..], &encode_file(std::slice::from_ref(&var))].concat()).unwrap();
         // block bodies (mode 1): every codec and probability dtype
         let bodies = [
             small,

@@ -54,15 +54,15 @@ impl Default for ImportMeta {
 /// Builds a fixed top-k trace from a dense `[rows][cols][k]` block whose row `i` is token
 /// `first + i`; all other tokens of `0..num_tokens` are missing.
 /// A dense `[rows][cols][k]` block of ids as parsed from a payload.
-pub(crate) struct Dense<'a> {
-    pub(crate) data: &'a [i64],
+pub(crate) struct Dense<'a, T> {
+    pub(crate) data: &'a [T],
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) k: usize,
 }
 
-pub(crate) fn build_trace(
-    dense: Dense<'_>,
+pub(crate) fn build_trace<T: Copy + Into<i64>>(
+    dense: Dense<'_, T>,
     first: usize,
     num_tokens: usize,
     prompt_len: u32,
@@ -112,7 +112,7 @@ pub(crate) fn build_trace(
         for r in 0..rows {
             for c in (0..cols).filter(|c| !keep.contains(c)) {
                 let row = &data[(r * cols + c) * k..(r * cols + c + 1) * k];
-                if row.iter().any(|&x| x != 0) {
+                if row.iter().any(|&x| x.into() != 0) {
                     return Err(TraceError::invalid(
                         format!("{field}[{r}][{c}]"),
                         "dense layer column (not in layers) has nonzero ids",
@@ -123,6 +123,7 @@ pub(crate) fn build_trace(
     }
     let mut max_id = -1i64;
     for (i, &x) in data.iter().enumerate() {
+        let x: i64 = x.into();
         let c = (i / k) % cols;
         if keep.len() != cols && !keep.contains(&c) {
             continue;
@@ -144,7 +145,7 @@ pub(crate) fn build_trace(
             let src = &data[(r * cols + c) * k..(r * cols + c + 1) * k];
             let dst = &mut ids[((first + r) * nl + j) * k..((first + r) * nl + j + 1) * k];
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = s as u16;
+                *d = s.into() as u16;
             }
         }
     }
@@ -165,7 +166,7 @@ pub(crate) fn build_trace(
 
 /// Rows `first..first + count` of a fixed top-k trace as `[count][layers][k]` values;
 /// every one of those tokens must be present.
-pub(crate) fn export_rows(t: &RouteTrace, first: usize, count: usize, format: &str) -> Result<Vec<i64>> {
+pub(crate) fn export_rows(t: &RouteTrace, first: usize, count: usize, format: &str) -> Result<Vec<i32>> {
     let k = t.top_k().ok_or_else(|| {
         TraceError::invalid("top_k", format!("variable-count (expert-choice) rows cannot be written as {format}"))
     })?;
@@ -178,7 +179,7 @@ pub(crate) fn export_rows(t: &RouteTrace, first: usize, count: usize, format: &s
                 format!("token {tok} has no routes and {format} cannot mark a missing row there"),
             ));
         }
-        out.extend(t.ids()[tok * nl * k..(tok + 1) * nl * k].iter().map(|&x| x as i64));
+        out.extend(t.ids()[tok * nl * k..(tok + 1) * nl * k].iter().map(|&x| x as i32));
     }
     Ok(out)
 }

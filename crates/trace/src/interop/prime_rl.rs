@@ -63,10 +63,10 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     if want != Some(raw.len()) {
         return Err(TraceError::shape("shape", shape, format!("{} data bytes of {}", raw.len(), dtype.name())));
     }
-    let data: Vec<i64> = if sz == 1 {
-        raw.iter().map(|&b| b as i64).collect()
+    let data: Vec<u16> = if sz == 1 {
+        raw.iter().map(|&b| b as u16).collect()
     } else {
-        raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i64).collect()
+        raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
     };
     let end = start.checked_add(shape[0]).ok_or_else(|| TraceError::json("start", "overflow"))?;
     let n = meta.num_tokens.unwrap_or(end);

@@ -30,7 +30,7 @@ pub fn from_json(bytes: &[u8], meta: &ImportMeta) -> Result<RouteTrace> {
     if raw.len() % 4 != 0 {
         return Err(TraceError::shape(FIELD, vec![raw.len()], "a whole number of int32 values (bytes % 4 == 0)"));
     }
-    let data: Vec<i64> = raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect();
+    let data: Vec<i32> = raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let prompt = get_u64(mi, "prompt_tokens", "meta_info")?;
     let completion = get_u64(mi, "completion_tokens", "meta_info")?;
     let seqlen = match (prompt, completion, meta.num_tokens) {
@@ -96,7 +96,7 @@ pub fn to_json(t: &RouteTrace) -> Result<(Value, bool)> {
     let data = export_rows(t, 0, n - 1, "SGLang routed_experts")?;
     let mut raw = Vec::with_capacity(data.len() * 4);
     for x in data {
-        raw.extend_from_slice(&(x as i32).to_le_bytes());
+        raw.extend_from_slice(&x.to_le_bytes());
     }
     let p = t.meta().prompt_len as u64;
     let v = json!({"meta_info": {

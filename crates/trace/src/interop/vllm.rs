@@ -32,8 +32,14 @@ pub fn from_array(arr: &NpyArray, meta: &ImportMeta) -> Result<RouteTrace> {
     check3(arr, "routed_experts")?;
     let (r, l, k) = (arr.shape[0], arr.shape[1], arr.shape[2]);
     let n = tokens_for(r, meta, "routed_experts", &arr.shape)?;
-    let data: Vec<i64> = arr.data.iter().map(|&x| x as i64).collect();
-    build_trace(Dense { data: &data, rows: r, cols: l, k }, 0, n, meta.prompt_len.unwrap_or(0), meta, "routed_experts")
+    build_trace(
+        Dense { data: &arr.data, rows: r, cols: l, k },
+        0,
+        n,
+        meta.prompt_len.unwrap_or(0),
+        meta,
+        "routed_experts",
+    )
 }
 
 /// Imports `prompt_routed_experts` (`[P, L, K]`) followed by `routed_experts` (completion
@@ -48,8 +54,8 @@ pub fn from_prompt_and_completion(prompt: &NpyArray, completion: &NpyArray, meta
             format!("the layers / top_k of routed_experts {:?}", completion.shape),
         ));
     }
-    let mut data: Vec<i64> = prompt.data.iter().map(|&x| x as i64).collect();
-    data.extend(completion.data.iter().map(|&x| x as i64));
+    let mut data: Vec<i32> = prompt.data.clone();
+    data.extend_from_slice(&completion.data);
     let r = prompt.shape[0] + completion.shape[0];
     let shape = [r, completion.shape[1], completion.shape[2]];
     let n = tokens_for(r, meta, "routed_experts", &shape)?;
@@ -84,7 +90,7 @@ fn export_len(t: &RouteTrace) -> Result<usize> {
 fn array(t: &RouteTrace, first: usize, rows: usize, dtype: NpyDtype) -> Result<NpyArray> {
     let k = t.top_k().unwrap_or(0);
     let data = export_rows(t, first, rows, "a vLLM array")?;
-    Ok(NpyArray { dtype, shape: vec![rows, t.num_layers(), k], data: data.into_iter().map(|x| x as i32).collect() })
+    Ok(NpyArray { dtype, shape: vec![rows, t.num_layers(), k], data })
 }
 
 /// The whole sequence as one `routed_experts` array.
