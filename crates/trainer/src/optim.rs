@@ -109,9 +109,11 @@ impl GradAccumulator {
     pub fn add(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
         for (name, v) in params {
             if let Some(g) = store.get(v.as_tensor()) {
+                // detached: a gradient must not keep the step's autograd graph alive
+                let g = g.detach();
                 let sum = match self.grads.remove(name) {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 };
                 self.grads.insert(name.clone(), sum);
             }
@@ -165,7 +167,8 @@ impl AdamW {
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
             let g = if scale < 1.0 { (g * scale)? } else { g.clone() };
-            let theta = var.as_tensor();
+            // plain tensors: the update must not record an autograd graph through the Var
+            let theta = &var.as_tensor().detach();
             let m = match self.m.get(name) {
                 Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
                 None => (&g * (1.0 - b1))?,
