@@ -10,7 +10,7 @@ use crate::error::{Result, RlError};
 pub const DEFAULT_TOML: &str = r#"# lockstep train: the embedded default run
 seed = 0
 # RL steps (each: rollouts → rewards → advantages → `mini_steps` updates)
-steps = 40
+steps = 100
 
 [model]
 # checkpoint = "path/to/hf-checkpoint"   # default: the embedded tiny Qwen3-MoE
@@ -21,7 +21,7 @@ kind = "addition"
 digits = 1
 
 [warmup]            # supervised warm-up so rewards are not all zero
-steps = 80
+steps = 60
 batch = 32
 lr = 3e-3
 
