@@ -40,7 +40,7 @@ fn plot(title: &str, series: &[Series]) -> String {
     for (v, y) in [(y0, sy(y0)), (y1, sy(y1)), ((y0 + y1) / 2.0, sy((y0 + y1) / 2.0))] {
         let _ = write!(svg, r#"<text x="4" y="{:.1}">{}</text>"#, y + 4.0, fmt(v));
     }
-    let _ = write!(svg, r#"<text x="{ml}" y="{}">{}</text><text x="{}" y="{}" text-anchor="end">{}</text>"#, h - 8.0, fmt(x0), ml + pw, h - 8.0, fmt(x1));
+    let _ = write!(svg, r#"<text x="{ml}" y="{}">step {:.0}</text><text x="{}" y="{}" text-anchor="end">step {:.0}</text>"#, h - 8.0, x0, ml + pw, h - 8.0, x1);
     for (i, s) in series.iter().enumerate() {
         let path: Vec<String> = s.points.iter().filter(|p| p.1.is_finite()).map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
         let dash = if s.dashed { r#" stroke-dasharray="5,3""# } else { "" };
