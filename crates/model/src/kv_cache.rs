@@ -8,9 +8,9 @@ use candle_core::{DType, Module};
 use crate::batch::Batch;
 use crate::config::{AttentionMode, RoutingStrategy};
 use crate::error::{ModelError, Result};
-use crate::model::{ForwardOutput, Mlp, MoeCausalLm};
+use crate::model::{ForwardOutput, MoeCausalLm};
 use crate::nn::attention::LayerKv;
-use crate::routing::{Recording, RouteMode, RoutingPlan};
+use crate::routing::{Recording, RoutingPlan};
 
 /// The cached keys / values of one sequence, every layer.
 #[derive(Debug, Clone, Default)]
@@ -81,18 +81,7 @@ impl MoeCausalLm {
             let h = layer.self_attn.forward_cached(&layer.input_layernorm.forward(&x_BTD)?, &rope, &runs, &mut kv)?;
             let h_BTD = (x_BTD + h)?;
             let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
-            let out_BTD = match &layer.mlp {
-                Mlp::Dense(mlp) => mlp.forward(&y_BTD)?,
-                Mlp::Moe(block) => {
-                    let d = y_BTD.dim(2)?;
-                    let mode = plan.mode(l);
-                    let (out_ND, route) = block.forward(&y_BTD.reshape((t, d))?, mode, l, step)?;
-                    if !matches!(mode, RouteMode::Compute) {
-                        routes.insert(l, route);
-                    }
-                    out_ND.reshape((1, t, d))?
-                }
-            };
+            let out_BTD = layer.mlp_forward(&y_BTD, plan, l, step, &mut routes)?;
             x_BTD = (h_BTD + out_BTD)?;
         }
         for (c, &(_, len)) in caches.iter_mut().zip(&runs) {

@@ -33,6 +33,25 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// The layer's MLP on y [B, T, D]: dense, or the MoE block under the plan's mode for layer
+    /// `l` (its route goes into `routes` unless the mode is compute).
+    pub(crate) fn mlp_forward(&self, y_BTD: &Tensor, plan: &RoutingPlan, l: usize, batch: &Batch, routes: &mut Recording) -> Result<Tensor> {
+        match &self.mlp {
+            Mlp::Dense(mlp) => Ok(mlp.forward(y_BTD)?),
+            Mlp::Moe(block) => {
+                let (b, t, d) = y_BTD.dims3()?;
+                let mode = plan.mode(l);
+                let (out_ND, route) = block.forward(&y_BTD.reshape((b * t, d))?, mode, l, batch)?;
+                if !matches!(mode, RouteMode::Compute) {
+                    routes.insert(l, route);
+                }
+                Ok(out_ND.reshape((b, t, d))?)
+            }
+        }
+    }
+}
+
 /// Output of one forward.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
@@ -168,18 +187,7 @@ impl MoeCausalLm {
             let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x_BTD)?, &rope, &layout)?;
             let h_BTD = (x_BTD + h)?;
             let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
-            let out_BTD = match &layer.mlp {
-                Mlp::Dense(mlp) => mlp.forward(&y_BTD)?,
-                Mlp::Moe(block) => {
-                    let d = y_BTD.dim(2)?;
-                    let mode = plan.mode(l);
-                    let (out_ND, route) = block.forward(&y_BTD.reshape((n, d))?, mode, l, batch)?;
-                    if !matches!(mode, RouteMode::Compute) {
-                        routes.insert(l, route);
-                    }
-                    out_ND.reshape((b, t, d))?
-                }
-            };
+            let out_BTD = layer.mlp_forward(&y_BTD, plan, l, batch, &mut routes)?;
             x_BTD = (h_BTD + out_BTD)?;
         }
         let logits = self.lm_head_forward(&self.norm.forward(&x_BTD)?)?;

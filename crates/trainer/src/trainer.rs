@@ -209,13 +209,7 @@ impl Trainer {
 
     /// One optimizer step over the micro-batches of a step.
     pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
-        let denominator: f64 = micro
-            .iter()
-            .map(|tb| {
-                let valid = token_valid(&tb.batch);
-                tb.loss_mask.iter().zip(&valid).filter(|(&m, &v)| m > 0.0 && v).count() as f64
-            })
-            .sum();
+        let denominator = loss_tokens(micro);
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no completion tokens in the step"));
         }
@@ -243,6 +237,17 @@ impl Trainer {
             .collect();
         Ok(m)
     }
+}
+
+/// Loss tokens of a step: masked slots that have a prediction (not a sequence's first token).
+fn loss_tokens(micro: &[TrainBatch]) -> f64 {
+    micro
+        .iter()
+        .map(|tb| {
+            let valid = token_valid(&tb.batch);
+            tb.loss_mask.iter().zip(&valid).filter(|(&m, &v)| m > 0.0 && v).count() as f64
+        })
+        .sum()
 }
 
 fn token_valid(batch: &Batch) -> Vec<bool> {
@@ -287,13 +292,7 @@ impl Trainer {
     /// One supervised step (warm-up): loss = −Σ mask · log π(y) / Σ mask over the
     /// micro-batches (cross-entropy on the masked tokens), free routing, AdamW. Returns the loss.
     pub fn sft_step(&mut self, micro: &[TrainBatch]) -> Result<f64> {
-        let denominator: f64 = micro
-            .iter()
-            .map(|tb| {
-                let valid = token_valid(&tb.batch);
-                tb.loss_mask.iter().zip(&valid).filter(|(&m, &v)| m > 0.0 && v).count() as f64
-            })
-            .sum();
+        let denominator = loss_tokens(micro);
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no supervised tokens in the step"));
         }

@@ -60,10 +60,10 @@ impl Attention {
         }
     }
 
-    /// x_BTD: [B, T, D] → [B, T, D] under the batch's attention layout.
-    pub fn forward(&self, x_BTD: &Tensor, rope: &RopeTables, layout: &AttentionLayout) -> Result<Tensor> {
+    /// Queries [B, H, T, Dh] and keys [B, G, T, Dh] (QK-norm, RoPE), values [B, G, T, Dh].
+    fn project(&self, x_BTD: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x_BTD.dims3()?;
-        let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let dh = self.head_dim;
         let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
             let x_BTND = match norm {
@@ -72,9 +72,17 @@ impl Attention {
             };
             x_BTND.transpose(1, 2)?.contiguous()
         };
-        let q_BHTD = rope.apply(&heads(&self.q_proj, h, &self.q_norm)?)?;
-        let k_BGTD = rope.apply(&heads(&self.k_proj, g, &self.k_norm)?)?;
-        let v_BGTD = heads(&self.v_proj, g, &None)?;
+        let q_BHTD = rope.apply(&heads(&self.q_proj, self.num_heads, &self.q_norm)?)?;
+        let k_BGTD = rope.apply(&heads(&self.k_proj, self.num_kv_heads, &self.k_norm)?)?;
+        let v_BGTD = heads(&self.v_proj, self.num_kv_heads, &None)?;
+        Ok((q_BHTD, k_BGTD, v_BGTD))
+    }
+
+    /// x_BTD: [B, T, D] → [B, T, D] under the batch's attention layout.
+    pub fn forward(&self, x_BTD: &Tensor, rope: &RopeTables, layout: &AttentionLayout) -> Result<Tensor> {
+        let (b, t, _) = x_BTD.dims3()?;
+        let (h, dh) = (self.num_heads, self.head_dim);
+        let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
         let out_BHTD = match layout {
             AttentionLayout::Dense(bias_B1TT) => self.attend(&q_BHTD, &k_BGTD, &v_BGTD, bias_B1TT)?,
             AttentionLayout::Runs(runs) => {
@@ -98,18 +106,8 @@ impl Attention {
     /// the cached keys and the new keys up to itself (causal). The caches grow by the new keys.
     pub fn forward_cached(&self, x_BTD: &Tensor, rope: &RopeTables, runs: &[(usize, usize)], kv: &mut [&mut LayerKv]) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
-        let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
-            let x_BTND = match norm {
-                Some(norm) => norm.forward(&x_BTND)?,
-                None => x_BTND,
-            };
-            x_BTND.transpose(1, 2)?.contiguous()
-        };
-        let q_BHTD = rope.apply(&heads(&self.q_proj, h, &self.q_norm)?)?;
-        let k_BGTD = rope.apply(&heads(&self.k_proj, g, &self.k_norm)?)?;
-        let v_BGTD = heads(&self.v_proj, g, &None)?;
+        let (h, dh) = (self.num_heads, self.head_dim);
+        let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
         let mut outs = Vec::with_capacity(runs.len());
         for (&(start, len), cache) in runs.iter().zip(kv.iter_mut()) {
             let k_new = k_BGTD.narrow(2, start, len)?;
