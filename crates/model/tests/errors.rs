@@ -185,3 +185,24 @@ fn both_config_spellings_parse_the_same() {
     let e = ModelConfig::from_json_str(&both.to_string(), "both").unwrap_err().to_string();
     assert!(e.contains("num_experts") && e.contains("num_local_experts"), "{e}");
 }
+
+#[test]
+fn f16_and_bf16_weight_files_load() {
+    // the same checkpoint with its tensors stored as f16 / bf16 loads (converted to f32) and
+    // computes logits close to the f32 file's (weights rounded to 11 / 8 mantissa bits)
+    let reference = MoeCausalLm::load(&common::fixture("qwen3_moe_tiny"), DType::F32, &Device::Cpu).unwrap();
+    let b = Batch::from_sequences(&[vec![1, 2, 3, 4, 5, 6]], 0, &Device::Cpu).unwrap();
+    let want = reference.forward(&b, &RoutingPlan::compute()).unwrap().logits;
+    for (dtype, tol) in [(DType::F16, 2e-2), (DType::BF16, 1e-1)] {
+        let d = copy_fixture("qwen3_moe_tiny");
+        rewrite_weights(d.path(), |ts| {
+            for t in ts.values_mut() {
+                *t = t.to_dtype(dtype).unwrap();
+            }
+        });
+        let m = MoeCausalLm::load(d.path(), DType::F32, &Device::Cpu).unwrap();
+        let got = m.forward(&b, &RoutingPlan::compute()).unwrap().logits;
+        let (_, rel) = lockstep_model::parity::rel_error(&got, &want).unwrap();
+        assert!(rel < tol && rel > 0.0, "{dtype:?}: rel {rel}");
+    }
+}
