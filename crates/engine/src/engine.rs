@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{EngineError, Result};
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{sample, top_n, SamplingParams};
 
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -45,6 +45,9 @@ pub struct Completion {
     /// keyed by decoder layer; rows = prompt + completion tokens
     pub routes: BTreeMap<usize, LayerRoutes>,
     pub top_k: usize,
+    /// per completion token, the `params.logprobs` most likely (token, log π) — empty when
+    /// `params.logprobs` is 0
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish: FinishReason,
     /// weights version that produced it
     pub policy_version: u64,
@@ -59,8 +62,21 @@ struct Seq {
     rng: ChaCha8Rng,
     params: SamplingParams,
     logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
     routes: BTreeMap<usize, LayerRoutes>,
     finished: Option<FinishReason>,
+}
+
+/// A token sampled in the last step (see [`Engine::sampled`]): what a streaming server sends
+/// before the request completes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub id: u64,
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// set when this token ends the request (its completion follows after the route flush)
+    pub finish: Option<FinishReason>,
 }
 
 pub struct Engine {
@@ -71,6 +87,8 @@ pub struct Engine {
     /// most sequences in one step
     pub max_running: usize,
     pub policy_version: u64,
+    capture: bool,
+    sampled: Vec<Sampled>,
 }
 
 impl Completion {
@@ -84,34 +102,111 @@ impl Completion {
     /// The routes as a lockstep route trace (`[token][layer][k]`, router probabilities in f32,
     /// ordered rows, no missing row), stamped with the policy version and a config fingerprint.
     pub fn route_trace(&self, num_experts: usize, fingerprint: u64) -> lockstep_trace::Result<lockstep_trace::RouteTrace> {
-        let n = self.prompt.len() + self.tokens.len();
+        self.route_trace_from(num_experts, fingerprint, 0, true)
+    }
+
+    /// Like [`Completion::route_trace`] with only the rows of tokens `start..` (a multi-turn
+    /// client already holds the routes of the prefix): the trace's tokens are the sequence's
+    /// tokens from `start` on and its `prompt_len` is the prompt's part of them. Router
+    /// probabilities only `with_probs`.
+    pub fn route_trace_from(
+        &self,
+        num_experts: usize,
+        fingerprint: u64,
+        start: usize,
+        with_probs: bool,
+    ) -> lockstep_trace::Result<lockstep_trace::RouteTrace> {
+        let total = self.prompt.len() + self.tokens.len();
+        let start = start.min(total);
+        let n = total - start;
         let k = self.top_k;
         let layers: Vec<u32> = self.routes.keys().map(|&l| l as u32).collect();
         let mut ids = Vec::with_capacity(n * layers.len() * k);
-        let mut probs = Vec::with_capacity(ids.capacity());
-        for t in 0..n {
+        let mut probs = Vec::with_capacity(if with_probs { ids.capacity() } else { 0 });
+        for t in start..total {
             for r in self.routes.values() {
                 ids.extend_from_slice(&r.ids[t * k..(t + 1) * k]);
-                probs.extend_from_slice(&r.probs[t * k..(t + 1) * k]);
+                if with_probs {
+                    probs.extend_from_slice(&r.probs[t * k..(t + 1) * k]);
+                }
             }
         }
         let meta = lockstep_trace::TraceMeta {
             num_experts: num_experts as u32,
             top_k: k as u32,
-            prompt_len: self.prompt.len() as u32,
+            prompt_len: self.prompt.len().saturating_sub(start) as u32,
             fingerprint,
             policy_version: self.policy_version,
             ordered: true,
         };
-        let probs = lockstep_trace::Probs::from_f32(lockstep_trace::ProbDtype::F32, &probs);
-        lockstep_trace::RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], Some(probs))
+        let probs = with_probs.then(|| lockstep_trace::Probs::from_f32(lockstep_trace::ProbDtype::F32, &probs));
+        lockstep_trace::RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], probs)
     }
 }
 
 impl Engine {
     /// An engine over `model` (use `Kernels::Invariant` for lockstep with the trainer).
     pub fn new(model: MoeCausalLm) -> Self {
-        Self { model, waiting: VecDeque::new(), running: Vec::new(), next_id: 0, max_running: 64, policy_version: 0 }
+        Self {
+            model,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            max_running: 64,
+            policy_version: 0,
+            capture: true,
+            sampled: Vec::new(),
+        }
+    }
+
+    /// Route capture on (the default) or off. Off, steps route without recording, completions
+    /// carry no routes and a finished sequence completes at once (no step forwards its last
+    /// token only for its route row). Only between requests.
+    pub fn set_capture_routes(&mut self, on: bool) -> Result<()> {
+        if !self.is_idle() {
+            return Err(EngineError::Request { id: 0, field: "capture_routes".into(), msg: "requests are in flight; drain first".into() });
+        }
+        self.capture = on;
+        Ok(())
+    }
+
+    pub fn captures_routes(&self) -> bool {
+        self.capture
+    }
+
+    /// Sequences in the running batch / queued behind it.
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Tokens sampled by the last [`Engine::step`], in batch order.
+    pub fn sampled(&self) -> &[Sampled] {
+        &self.sampled
+    }
+
+    /// End request `id` now, as if a stop token had been sampled (a server's stop strings): its
+    /// completion (tokens so far, finish `Stop`) comes from the next step, after its last
+    /// token's route row. False if it is not running or already completing.
+    pub fn stop(&mut self, id: u64) -> bool {
+        match self.running.iter_mut().find(|s| s.id == id) {
+            Some(s) if s.fed < s.tokens.len() && s.finished != Some(FinishReason::Stop) => {
+                s.finished = Some(FinishReason::Stop);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drop request `id` (queued or running) without a completion (a client went away).
+    pub fn abort(&mut self, id: u64) -> bool {
+        let (w, r) = (self.waiting.len(), self.running.len());
+        self.waiting.retain(|s| s.id != id);
+        self.running.retain(|s| s.id != id);
+        w != self.waiting.len() || r != self.running.len()
     }
 
     pub fn model(&self) -> &MoeCausalLm {
@@ -151,6 +246,7 @@ impl Engine {
             rng,
             params: req.params,
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             routes: BTreeMap::new(),
             finished: None,
         });
@@ -163,6 +259,7 @@ impl Engine {
 
     /// One batched forward; returns the requests that completed.
     pub fn step(&mut self) -> Result<Vec<Completion>> {
+        self.sampled.clear();
         while self.running.len() < self.max_running {
             match self.waiting.pop_front() {
                 Some(s) => self.running.push(s),
@@ -180,7 +277,8 @@ impl Engine {
         }
         let step = Batch::packed(&toks, Some(&pos), &cu, &Device::Cpu)?;
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
-        let out = self.model.forward_cached(&step, &mut caches, &RoutingPlan::record())?;
+        let plan = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
+        let out = self.model.forward_cached(&step, &mut caches, &plan)?;
         let logsm = candle_nn::ops::log_softmax(&out.logits.to_dtype(DType::F32)?, D::Minus1)?;
         let k = self.model.cfg.moe.router.top_k;
         let step_routes: Vec<(usize, Vec<u32>, Vec<f32>)> = out
@@ -204,11 +302,19 @@ impl Engine {
             let tok = sample(&row, &s.params, &mut s.rng);
             s.tokens.push(tok);
             s.logprobs.push(lp[tok as usize]);
+            let top = top_n(&lp, s.params.logprobs);
+            if s.params.logprobs > 0 {
+                s.top_logprobs.push(top.clone());
+            }
             if s.params.stop_token_ids.contains(&tok) {
                 s.finished = Some(FinishReason::Stop);
             } else if s.tokens.len() - s.prompt_len >= s.params.max_tokens {
                 s.finished = Some(FinishReason::Length);
             }
+            if s.finished.is_some() && !self.capture {
+                s.fed = s.tokens.len(); // no route row to flush
+            }
+            self.sampled.push(Sampled { id: s.id, token: tok, logprob: lp[tok as usize], top_logprobs: top, finish: s.finished });
         }
         let mut done = Vec::new();
         let mut keep = Vec::new();
@@ -221,6 +327,7 @@ impl Engine {
                     logprobs: s.logprobs,
                     routes: s.routes,
                     top_k: k,
+                    top_logprobs: s.top_logprobs,
                     finish,
                     policy_version: self.policy_version,
                 }),

@@ -18,11 +18,14 @@ pub struct SamplingParams {
     pub seed: u64,
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
+    /// report the `logprobs` most likely tokens (and their log-probabilities, temperature 1)
+    /// at every sampled position (0 = none)
+    pub logprobs: usize,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, max_tokens: 16, stop_token_ids: Vec::new() }
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, max_tokens: 16, stop_token_ids: Vec::new(), logprobs: 0 }
     }
 }
 
@@ -40,6 +43,22 @@ impl SamplingParams {
         }
         Ok(())
     }
+}
+
+/// The `n` most likely entries of a log-probability row, most likely first (ties: lower id
+/// first).
+pub fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut all: Vec<(u32, f32)> = logprobs.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if n < all.len() {
+        all.select_nth_unstable_by(n - 1, cmp);
+        all.truncate(n);
+    }
+    all.sort_by(cmp);
+    all
 }
 
 /// Pick the next token from `logits` (one row, f32).
