@@ -128,10 +128,18 @@ fn file_write_index_mmap_append_and_scan() {
     assert_eq!(std::fs::read(&torn).unwrap(), bytes);
     if let Ok(dir) = std::env::var("LSTRACE_FUZZ_SEEDS") {
         let small = make(&Spec { tokens: 3, ordered: false, probs: Some(ProbDtype::Bf16), ..Spec::default() });
-        std::fs::write(format!("{dir}/small.lstrace"), [&[0u8][..], &encode_file(std::slice::from_ref(&small))].concat()).unwrap();
+        std::fs::write(
+            format!("{dir}/small.lstrace"),
+            [&[0u8][..], &encode_file(std::slice::from_ref(&small))].concat(),
+        )
+        .unwrap();
         std::fs::write(format!("{dir}/five.lstrace"), [&[0u8][..], &bytes].concat()).unwrap();
         let var = make_variable(6, 2, 9, 1, &[3]);
-        std::fs::write(format!("{dir}/variable.lstrace"), [&[0u8][..], &encode_file(std::slice::from_ref(&var))].concat()).unwrap();
+        std::fs::write(
+            format!("{dir}/variable.lstrace"),
+            [&[0u8][..], &encode_file(std::slice::from_ref(&var))].concat(),
+        )
+        .unwrap();
         // block bodies (mode 1): every codec and probability dtype
         let bodies = [
             small,
@@ -301,4 +309,22 @@ fn stats_histogram_max_vio_missing() {
     // mean 1.5, max 3 -> (3 - 1.5) / 1.5 = 1
     assert!((l.max_vio() - 1.0).abs() < 1e-12);
     assert!((s.max_vio_max() - 1.0).abs() < 1e-12);
+}
+
+/// Fuzz finding: a CRC-sealed body with zero MoE layers and a missing token panicked in the
+/// scatter of decoded rows (`chunks_exact(0)`).
+#[test]
+fn fuzz_regression_zero_layers_with_missing_tokens() {
+    let input: &[u8] = &[
+        0x97, 0xae, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x6, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x1, 0x0, 0x1, 0x1, 0x0,
+        0xed, 0x57, 0x0, 0x0, 0x3e, 0x41, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x3, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x38, 0x0,
+        0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0,
+    ];
+    let mut block = b"LSQB".to_vec();
+    block.extend_from_slice(&(input.len() as u64).to_le_bytes());
+    block.extend_from_slice(input);
+    block.extend_from_slice(&crc32(input).to_le_bytes());
+    let _ = decode_block(&block, "b", DecodeLimits { max_ids: 1 << 20 }); // Ok or Err, never a panic
+                                                                          // and the shape itself round-trips
+    rt(&make(&Spec { layers: vec![], missing: vec![0, 3], ..Spec::default() }));
 }

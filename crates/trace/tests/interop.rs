@@ -235,3 +235,20 @@ fn prime_rl_errors_name_fields() {
     let t = make(&Spec { e: 300, ..Spec::default() });
     assert_eq!(prime_rl::to_json(&t, Some(prime_rl::PrimeDtype::U8)).err().unwrap().field(), "dtype");
 }
+
+/// Fuzz finding: a payload with no rows but a huge claimed `layers x topk` allocated the
+/// column list before any size check.
+#[test]
+fn fuzz_regression_huge_empty_shapes_are_refused() {
+    let m = ImportMeta { max_ids: 1 << 20, ..ImportMeta::default() };
+    let e = prime_rl::from_json(br#"{"data":"", "shape": [0,83333333333373, 255555], "dtype": "uint8"}"#, &m)
+        .expect_err("refused");
+    assert_eq!(e.field(), "num_tokens");
+    let npy = NpyArray { dtype: NpyDtype::I32, shape: vec![0, 1 << 30, 1 << 20], data: vec![] };
+    assert!(vllm::from_array(&npy, &m).is_err());
+    // zero MoE layers: vLLM JSON keeps the rows
+    let t = make(&Spec { layers: vec![], ..Spec::default() });
+    let v = vllm::to_json(&t).unwrap();
+    assert_eq!(v["routed_experts"].as_array().unwrap().len(), 9 - 3);
+    assert!(vllm::from_json(b"[[]]", &m).is_err());
+}

@@ -203,7 +203,7 @@ pub(crate) fn decode(
                     }
                     out_of_range(field, tk.unwrap_or(0), l, c, meta.num_experts)
                 })?;
-                if present != n {
+                if present != n && tok > 0 {
                     let dense = dense.to_vec();
                     let mut src = dense.chunks_exact(tok);
                     for (tk, &m) in missing.iter().enumerate() {

@@ -83,8 +83,10 @@ pub(crate) fn build_trace<T: Copy + Into<i64>>(
     if k == 0 {
         return Err(TraceError::shape(field, vec![rows, cols, k], "top_k >= 1"));
     }
-    let cells = (num_tokens as u64).checked_mul(cols.max(1) as u64).and_then(|x| x.checked_mul(k as u64));
-    if cells.is_none_or(|c| c > meta.max_ids) {
+    // bound the per-token row as well as the whole: a payload with no rows may still claim huge layers x k
+    let per_token = (cols.max(1) as u64).checked_mul(k as u64);
+    let cells = per_token.and_then(|x| x.checked_mul(num_tokens.max(1) as u64));
+    if cells.is_none_or(|c| c > meta.max_ids) || cols > u32::MAX as usize {
         return Err(TraceError::invalid(
             "num_tokens",
             format!("{num_tokens} tokens x {cols} layers x {k} exceeds the limit of {} ids", meta.max_ids),

@@ -129,8 +129,10 @@ impl<'de> Deserialize<'de> for Flat3 {
                 while seq.next_element_seed(Level { f: &mut f, depth: 1 })?.is_some() {
                     f.shape[0] += 1;
                 }
-                if f.shape[0] == 0 {
-                    f.shape = [0, 0, 0];
+                for d in &mut f.shape[1..] {
+                    if *d == usize::MAX {
+                        *d = 0; // no list at this depth was seen
+                    }
                 }
                 Ok(f)
             }
@@ -233,17 +235,9 @@ pub fn to_json(t: &RouteTrace) -> Result<serde_json::Value> {
     let (nl, k) = (t.num_layers(), t.top_k().unwrap_or(0));
     let nest = |first: usize, count: usize| -> Result<serde_json::Value> {
         let d = export_rows(t, first, count, "vLLM JSON")?;
+        let row = |i: usize| serde_json::Value::Array(d[i * k..(i + 1) * k].iter().map(|&x| x.into()).collect());
         Ok(serde_json::Value::Array(
-            d.chunks(nl * k.max(1))
-                .take(count)
-                .map(|tok| {
-                    serde_json::Value::Array(
-                        tok.chunks(k.max(1))
-                            .map(|r| serde_json::Value::Array(r.iter().map(|&x| x.into()).collect()))
-                            .collect(),
-                    )
-                })
-                .collect(),
+            (0..count).map(|tok| serde_json::Value::Array((0..nl).map(|l| row(tok * nl + l)).collect())).collect(),
         ))
     };
     let p = (t.meta().prompt_len as usize).min(rows);
