@@ -3,6 +3,7 @@
 mod consistency_cmd;
 mod demo_cmd;
 mod device;
+mod serve_cmd;
 mod trace_cmd;
 mod train_cmd;
 mod verify_cmd;
@@ -28,6 +29,8 @@ enum Command {
     Trace(trace_cmd::TraceArgs),
     /// Generate with the engine, re-score the trainer's way, compare logprobs and routes.
     Consistency(consistency_cmd::ConsistencyArgs),
+    /// OpenAI-compatible server (completions, chat, SSE) returning routes with every sample.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,5 +51,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(args) => verify_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),
         Command::Consistency(args) => consistency_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args),
     }
 }

@@ -1,0 +1,115 @@
+//! Errors: [`ServerError`] for starting the server (model, tokenizer, socket) and [`ApiError`],
+//! the OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) that a bad
+//! request gets with its 4xx status — the server keeps serving.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Model(#[from] lockstep_model::ModelError),
+    #[error(transparent)]
+    Engine(#[from] lockstep_engine::EngineError),
+    #[error("{file}: {msg}")]
+    Tokenizer { file: String, msg: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, ServerError>;
+
+/// An error answered to a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`
+    pub kind: &'static str,
+    /// the request field at fault
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400 naming `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: if param.is_empty() { message } else { format!("{param}: {message}") },
+            kind: "invalid_request_error",
+            param: (!param.is_empty()).then(|| param.to_string()),
+            code: Some("invalid_value"),
+        }
+    }
+
+    pub fn model_not_found(name: &str, served: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("model: `{name}` does not exist; this server serves `{served}`"),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self { status: StatusCode::NOT_FOUND, message: format!("no route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found") }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: None }
+    }
+
+    /// The JSON body (also sent as an SSE event when a stream fails midway).
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(Body {
+            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+        })
+        .unwrap_or_default()
+    }
+
+    /// From an engine error: request errors name their field (400), the rest are 500.
+    pub fn from_engine(e: &lockstep_engine::EngineError) -> Self {
+        match e {
+            lockstep_engine::EngineError::Request { field, msg, .. } => Self::invalid(field, msg.clone()),
+            other => Self::internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}

@@ -1,0 +1,347 @@
+//! From a request body to engine jobs (every check names its field), and from a completion
+//! back to a choice: text under stop strings, log-probabilities, routes (a base64 `.lstrace`
+//! file, and on request vLLM-style nested lists).
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use base64::Engine as _;
+use lockstep_engine::{Completion, FinishReason, SamplingParams};
+
+use crate::api::{ChatTokenLogprob, CompletionLogprobs, Content, GenRequest, Prompt, RouteFields, Stop, TopLogprob};
+use crate::error::ApiError;
+use crate::scheduler::Job;
+use crate::state::AppState;
+use crate::text::{find_stop, visible};
+use crate::tokenizer::TemplateMessage;
+
+/// Most prompts × `n` in one request.
+pub const MAX_CHOICES: usize = 256;
+/// Most alternatives per token (`logprobs` / `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// A checked request: one job per choice (prompt `i`, sample `j` → choice `i·n + j`).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub jobs: Vec<Job>,
+    /// samples per prompt
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// top-n alternatives per token when log-probabilities are asked for
+    pub logprobs: Option<usize>,
+    pub routed_experts: bool,
+    pub router_probs: bool,
+    pub routes_start: usize,
+}
+
+fn unsupported(param: &str) -> ApiError {
+    ApiError::invalid(param, "not supported by lockstep")
+}
+
+/// Check everything that does not need the engine.
+pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, ApiError> {
+    let info = &state.info;
+    if let Some(m) = &req.model {
+        if m != &info.name {
+            return Err(ApiError::model_not_found(m, &info.name));
+        }
+    }
+    if req.echo == Some(true) {
+        return Err(unsupported("echo"));
+    }
+    if req.best_of.is_some_and(|b| b > 1) {
+        return Err(unsupported("best_of"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported("suffix"));
+    }
+    for (name, v) in [("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)] {
+        if v.is_some_and(|x| x != 0.0) {
+            return Err(unsupported(name));
+        }
+    }
+    if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(unsupported("logit_bias"));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(unsupported("tools"));
+    }
+    let prompts = match ep {
+        Endpoint::Completions => completion_prompts(state, req)?,
+        Endpoint::Chat => vec![chat_prompt(state, req)?],
+    };
+    let n = req.n.unwrap_or(1) as usize;
+    if n == 0 || n * prompts.len() > MAX_CHOICES {
+        return Err(ApiError::invalid("n", format!("must be in 1..={} (prompts × n)", MAX_CHOICES / prompts.len().max(1))));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(ApiError::invalid("temperature", "must be a finite number >= 0"));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", "must be in (0, 1]"));
+    }
+    let top_k = match req.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(_) => return Err(ApiError::invalid("top_k", "must be > 0, or 0 / -1 for all tokens")),
+    };
+    let stops: Vec<String> = match &req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > 16 || stops.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid("stop", "at most 16 non-empty strings"));
+    }
+    let mut stop_ids = req.stop_token_ids.clone().unwrap_or_default();
+    if let Some(&t) = stop_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+        return Err(ApiError::invalid("stop_token_ids", format!("token id {t} >= vocab_size {}", info.vocab_size)));
+    }
+    if !req.ignore_eos.unwrap_or(false) {
+        stop_ids.extend(state.tok.eos_token_ids.iter().copied());
+    }
+    let logprobs = logprobs(req, ep)?;
+    let max_tokens = match ep {
+        Endpoint::Completions => req.max_tokens,
+        Endpoint::Chat => req.max_completion_tokens.or(req.max_tokens),
+    };
+    let start = req.routes_prompt_start.unwrap_or(0);
+    let seed = req.seed.unwrap_or_else(rand::random);
+    let mut jobs = Vec::with_capacity(prompts.len() * n);
+    for prompt in prompts {
+        if start > prompt.len() {
+            return Err(ApiError::invalid("routes_prompt_start", format!("{start} is beyond the prompt ({} tokens)", prompt.len())));
+        }
+        let room = info.context.saturating_sub(prompt.len());
+        if room == 0 {
+            return Err(ApiError::invalid("prompt", format!("{} tokens leave no room in the context of {}", prompt.len(), info.context)));
+        }
+        let max = match max_tokens {
+            Some(0) => return Err(ApiError::invalid("max_tokens", "must be > 0")),
+            Some(m) if m as usize > room => {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!("{m} + {} prompt tokens exceed the context of {} tokens", prompt.len(), info.context),
+                ))
+            }
+            Some(m) => m as usize,
+            None if ep == Endpoint::Completions => 16.min(room),
+            None => room,
+        };
+        for j in 0..n {
+            let params = SamplingParams {
+                temperature: temperature as f32,
+                top_k,
+                top_p: top_p as f32,
+                seed: seed.wrapping_add(j as u64),
+                max_tokens: max,
+                stop_token_ids: stop_ids.clone(),
+                logprobs: logprobs.unwrap_or(0),
+            };
+            jobs.push(Job { prompt: prompt.clone(), params, stops: stops.clone() });
+        }
+    }
+    Ok(Plan {
+        jobs,
+        n,
+        stream: req.stream.unwrap_or(false),
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs,
+        routed_experts: req.return_routed_experts.unwrap_or(false),
+        router_probs: req.return_router_probs.unwrap_or(false),
+        routes_start: start,
+    })
+}
+
+fn logprobs(req: &GenRequest, ep: Endpoint) -> Result<Option<usize>, ApiError> {
+    use serde_json::Value;
+    let range = |param: &str, n: u64| {
+        if n as usize > MAX_TOP_LOGPROBS {
+            Err(ApiError::invalid(param, format!("at most {MAX_TOP_LOGPROBS}")))
+        } else {
+            Ok(n as usize)
+        }
+    };
+    match ep {
+        Endpoint::Completions => match &req.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.as_u64().is_some() => range("logprobs", n.as_u64().unwrap_or(0)).map(Some),
+            Some(_) => Err(ApiError::invalid("logprobs", format!("expected an integer from 0 to {MAX_TOP_LOGPROBS}"))),
+        },
+        Endpoint::Chat => match &req.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                if req.top_logprobs.is_some_and(|n| n > 0) {
+                    return Err(ApiError::invalid("top_logprobs", "needs logprobs: true"));
+                }
+                Ok(None)
+            }
+            Some(Value::Bool(true)) => range("top_logprobs", req.top_logprobs.unwrap_or(0) as u64).map(Some),
+            Some(_) => Err(ApiError::invalid("logprobs", "expected a boolean")),
+        },
+    }
+}
+
+fn checked_ids(state: &AppState, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt", "empty prompt"));
+    }
+    let v = state.info.vocab_size;
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= v) {
+        return Err(ApiError::invalid("prompt", format!("token id {t} >= vocab_size {v}")));
+    }
+    Ok(ids)
+}
+
+fn encode(state: &AppState, text: &str, special: bool, param: &str) -> Result<Vec<u32>, ApiError> {
+    state.tok.encode(text, special).map_err(|e| ApiError::invalid(param, format!("tokenizer: {e}")))
+}
+
+fn completion_prompts(state: &AppState, req: &GenRequest) -> Result<Vec<Vec<u32>>, ApiError> {
+    if req.messages.is_some() {
+        return Err(ApiError::invalid("messages", "not a field of /v1/completions (use /v1/chat/completions)"));
+    }
+    let lists = match &req.prompt {
+        None => return Err(ApiError::invalid("prompt", "required")),
+        Some(Prompt::Text(s)) => vec![encode(state, s, true, "prompt")?],
+        Some(Prompt::Tokens(t)) => vec![t.clone()],
+        Some(Prompt::Texts(v)) => v.iter().map(|s| encode(state, s, true, "prompt")).collect::<Result<_, _>>()?,
+        Some(Prompt::TokenLists(v)) => v.clone(),
+    };
+    if lists.is_empty() {
+        return Err(ApiError::invalid("prompt", "empty list"));
+    }
+    lists.into_iter().map(|ids| checked_ids(state, ids)).collect()
+}
+
+fn chat_prompt(state: &AppState, req: &GenRequest) -> Result<Vec<u32>, ApiError> {
+    if req.prompt.is_some() {
+        return Err(ApiError::invalid("prompt", "not a field of /v1/chat/completions (use messages, or /v1/completions)"));
+    }
+    let msgs = match &req.messages {
+        Some(m) if !m.is_empty() => m,
+        _ => return Err(ApiError::invalid("messages", "required, at least one message")),
+    };
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        if m.role.is_empty() {
+            return Err(ApiError::invalid("messages", format!("messages[{i}].role is empty")));
+        }
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(s)) => s.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => s.push_str(t),
+                        (kind, _) => return Err(ApiError::invalid("messages", format!("messages[{i}]: content part `{kind}` is not supported (text only)"))),
+                    }
+                }
+                s
+            }
+        };
+        out.push(TemplateMessage { role: m.role.clone(), content, name: m.name.clone() });
+    }
+    let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    let text = state
+        .tok
+        .apply_chat_template(&out, req.add_generation_prompt.unwrap_or(true), &kwargs)
+        .map_err(|e| ApiError::invalid("messages", format!("chat template: {e}")))?;
+    checked_ids(state, encode(state, &text, false, "messages")?)
+}
+
+/// The choice's text (cut before a stop string) and finish reason (`stop` when a stop string
+/// or stop token ended it).
+pub fn final_text(state: &AppState, c: &Completion, stops: &[String]) -> (String, &'static str) {
+    let text = state.tok.decode(&c.tokens);
+    let hit = find_stop(&text, stops).is_some();
+    let reason = if hit || c.finish == FinishReason::Stop { "stop" } else { "length" };
+    (visible(&text, stops, true).to_string(), reason)
+}
+
+/// lockstep's fields of a finished choice; counts the trace bytes into the metrics.
+pub fn route_fields(state: &AppState, plan: &Plan, c: &Completion) -> Result<RouteFields, ApiError> {
+    let mut f = RouteFields {
+        prompt_token_ids: c.prompt.clone(),
+        token_ids: c.tokens.clone(),
+        routes_start: plan.routes_start,
+        policy_version: c.policy_version,
+        ..RouteFields::default()
+    };
+    if c.routes.is_empty() {
+        return Ok(f); // capture off
+    }
+    let trace = c
+        .route_trace_from(state.info.num_experts, state.info.fingerprint, plan.routes_start, plan.router_probs)
+        .map_err(|e| ApiError::internal(format!("route trace: {e}")))?;
+    let bytes = lockstep_trace::encode_file(&[trace]);
+    state.metrics.capture_bytes.fetch_add(bytes.len() as u64, Relaxed);
+    f.routes = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
+    if plan.routed_experts {
+        let (k, total) = (c.top_k, c.prompt.len() + c.tokens.len());
+        f.routed_experts = Some(
+            (plan.routes_start..total)
+                .map(|t| c.routes.values().map(|r| r.ids[t * k..(t + 1) * k].to_vec()).collect())
+                .collect(),
+        );
+        if plan.router_probs {
+            f.router_probs = Some(
+                (plan.routes_start..total)
+                    .map(|t| c.routes.values().map(|r| r.probs[t * k..(t + 1) * k].to_vec()).collect())
+                    .collect(),
+            );
+        }
+        f.moe_layers = Some(c.routes.keys().copied().collect());
+    }
+    Ok(f)
+}
+
+/// Legacy completions log-probabilities of tokens `(id, logprob, top)`, text offsets from
+/// `offset` on (returns the offset after them).
+pub fn completion_logprobs(state: &AppState, toks: &[(u32, f32, &[(u32, f32)])], mut offset: usize) -> (CompletionLogprobs, usize) {
+    let mut out = CompletionLogprobs::default();
+    for &(id, lp, top) in toks {
+        let (piece, _) = state.tok.token_piece(id);
+        out.text_offset.push(offset);
+        offset += piece.len();
+        out.tokens.push(piece);
+        out.token_logprobs.push(lp);
+        out.top_logprobs.push(top.iter().map(|&(t, l)| (state.tok.token_piece(t).0, serde_json::json!(l))).collect());
+    }
+    (out, offset)
+}
+
+/// Chat log-probabilities of tokens `(id, logprob, top)`.
+pub fn chat_logprobs(state: &AppState, toks: &[(u32, f32, &[(u32, f32)])]) -> Vec<ChatTokenLogprob> {
+    toks.iter()
+        .map(|&(id, lp, top)| {
+            let (token, bytes) = state.tok.token_piece(id);
+            let top = top
+                .iter()
+                .map(|&(t, l)| {
+                    let (token, bytes) = state.tok.token_piece(t);
+                    TopLogprob { token, logprob: l, bytes }
+                })
+                .collect();
+            ChatTokenLogprob { token, logprob: lp, bytes, top_logprobs: top, token_id: id }
+        })
+        .collect()
+}
+
+/// `(id, logprob, top)` of every completion token.
+pub fn token_rows(c: &Completion) -> Vec<(u32, f32, &[(u32, f32)])> {
+    c.tokens
+        .iter()
+        .zip(&c.logprobs)
+        .enumerate()
+        .map(|(i, (&t, &l))| (t, l, c.top_logprobs.get(i).map(Vec::as_slice).unwrap_or(&[])))
+        .collect()
+}

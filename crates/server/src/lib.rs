@@ -1,0 +1,129 @@
+//! lockstep-server: an OpenAI-compatible HTTP server (axum + tokio) over the lockstep engine.
+//!
+//! * `POST /v1/completions`, `POST /v1/chat/completions` — whole responses or SSE streams
+//!   (`stream: true`); every choice carries its token ids, its routes as a base64 `.lstrace`
+//!   file (rows = prompt + completion tokens, none missing; from `routes_prompt_start` on) and
+//!   the policy version; `return_routed_experts` adds vLLM-style `[tokens][layers][top_k]`
+//!   lists, `return_router_probs` the router probabilities.
+//! * `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
+//! * `POST /v1/load_weights {"path", "version"}` — waits for the running requests, swaps the
+//!   weights, bumps the policy version stamped into routes.
+//!
+//! One OS thread owns the engine ([`scheduler`]) and steps it continuously; requests join the
+//! batch between steps. The model runs the batch-invariant kernels, so what the server returns
+//! (tokens, log-probabilities, routes) equals the trainer's packed forward bit for bit.
+
+pub mod api;
+pub mod error;
+pub mod generate;
+pub mod metrics;
+pub mod routes;
+pub mod scheduler;
+pub mod state;
+pub mod text;
+pub mod tokenizer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lockstep_engine::Engine;
+
+pub use error::{ApiError, Result, ServerError};
+pub use state::{AppState, ModelInfo};
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `default` (the embedded default model) or a checkpoint directory
+    pub model: String,
+    /// the name clients use in `model` (default: `model` as given)
+    pub served_model_name: Option<String>,
+    /// weights seed of the embedded default
+    pub seed: u64,
+    /// most sequences in one engine step
+    pub max_running: usize,
+    /// record routes (off: no routes in responses, a little faster)
+    pub capture_routes: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { model: "default".into(), served_model_name: None, seed: 0, max_running: 64, capture_routes: true }
+    }
+}
+
+/// The router and the engine thread behind it (the thread ends once the router is dropped
+/// and the requests in flight are done).
+pub fn app(cfg: &ServerConfig) -> Result<axum::Router> {
+    let (model, tok) = state::load_model(&cfg.model, cfg.seed)?;
+    let info = ModelInfo::of(cfg.served_model_name.clone().unwrap_or_else(|| cfg.model.clone()), &model.cfg);
+    let mut engine = Engine::new(model);
+    engine.max_running = cfg.max_running.max(1);
+    engine.set_capture_routes(cfg.capture_routes)?;
+    let tok = Arc::new(tok);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (sched, _join) = scheduler::Scheduler::start(engine, tok.clone(), metrics.clone());
+    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics })))
+}
+
+/// A server running on a tokio task (tests, benchmarks): its address and a way to stop it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stop accepting, finish the open connections.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| ServerError::Io { what: format!("binding {addr}"), source: e })
+}
+
+/// Start serving on `addr` (e.g. `127.0.0.1:0`) in the background.
+pub async fn start(cfg: &ServerConfig, addr: &str) -> Result<RunningServer> {
+    let router = app(cfg)?;
+    let listener = bind(addr).await?;
+    let addr = listener.local_addr().map_err(|e| ServerError::Io { what: "local address".into(), source: e })?;
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    Ok(RunningServer { addr, stop: Some(stop), task })
+}
+
+/// Serve on `addr` until Ctrl-C.
+pub async fn serve(cfg: &ServerConfig, addr: &str) -> Result<()> {
+    let router = app(cfg)?;
+    let listener = bind(addr).await?;
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!("serving {} on http://{a}", cfg.model);
+        eprintln!("lockstep serve: {} on http://{a}", cfg.served_model_name.as_deref().unwrap_or(&cfg.model));
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| ServerError::Io { what: "serving".into(), source: e })
+}
+
+/// [`serve`] on a tokio runtime of its own (for a synchronous `main`).
+pub fn serve_blocking(cfg: &ServerConfig, addr: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::Io { what: "starting the tokio runtime".into(), source: e })?;
+    rt.block_on(serve(cfg, addr))
+}

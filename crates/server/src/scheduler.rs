@@ -1,0 +1,210 @@
+//! The engine task: one OS thread owns the [`Engine`] and steps it while it has work
+//! (continuous batching: requests that arrive join between steps). Handlers talk to it over a
+//! channel; every request gets its own event channel: each sampled token (for streams), then
+//! its completion. Stop strings are checked on the engine thread right after each step, so a
+//! request ends at the token that completed one, batch or no batch. A weight load waits for
+//! the running requests to finish (new ones are held), swaps the model and bumps the policy
+//! version stamped into routes. A client that goes away has its request dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use lockstep_engine::{Completion, Engine, FinishReason, Request, Sampled, SamplingParams};
+use lockstep_model::MoeCausalLm;
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::text::find_stop;
+use crate::tokenizer::Tokenizer;
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// stop strings (checked on the decoded completion after every token)
+    pub stops: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Token(Sampled),
+    Done(Box<Completion>),
+    Failed(ApiError),
+}
+
+pub type Events = tmpsc::UnboundedReceiver<Event>;
+
+enum Command {
+    Submit(Vec<(Job, tmpsc::UnboundedSender<Event>)>),
+    Load { model: Box<MoeCausalLm>, version: Option<u64>, reply: oneshot::Sender<Result<u64, ApiError>> },
+}
+
+/// A handle on the engine thread (cheap to clone); the thread ends when every handle is gone
+/// and its requests are done.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: Sender<Command>,
+}
+
+struct Active {
+    events: tmpsc::UnboundedSender<Event>,
+    stops: Vec<String>,
+    tokens: Vec<u32>,
+}
+
+struct Loop {
+    engine: Engine,
+    tok: Arc<Tokenizer>,
+    metrics: Arc<Metrics>,
+    active: HashMap<u64, Active>,
+    held: Vec<(Job, tmpsc::UnboundedSender<Event>)>,
+    loads: Vec<(Box<MoeCausalLm>, Option<u64>, oneshot::Sender<Result<u64, ApiError>>)>,
+}
+
+impl Scheduler {
+    pub fn start(engine: Engine, tok: Arc<Tokenizer>, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        metrics.policy_version.store(engine.policy_version, Relaxed);
+        let mut l = Loop { engine, tok, metrics, active: HashMap::new(), held: Vec::new(), loads: Vec::new() };
+        let join = std::thread::Builder::new()
+            .name("lockstep-engine".into())
+            .spawn(move || l.run(rx))
+            .expect("spawning the engine thread");
+        (Self { tx }, join)
+    }
+
+    /// Queue jobs together (they join the batch at the same step); one event channel each.
+    pub fn submit(&self, jobs: Vec<Job>) -> Result<Vec<Events>, ApiError> {
+        let mut rxs = Vec::with_capacity(jobs.len());
+        let mut cmd = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let (tx, rx) = tmpsc::unbounded_channel();
+            cmd.push((j, tx));
+            rxs.push(rx);
+        }
+        self.tx.send(Command::Submit(cmd)).map_err(|_| ApiError::unavailable("the engine has stopped"))?;
+        Ok(rxs)
+    }
+
+    /// Swap weights once the running requests are done; the new policy version.
+    pub async fn load_weights(&self, model: MoeCausalLm, version: Option<u64>) -> Result<u64, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Load { model: Box::new(model), version, reply }).map_err(|_| ApiError::unavailable("the engine has stopped"))?;
+        rx.await.map_err(|_| ApiError::unavailable("the engine has stopped"))?
+    }
+}
+
+impl Loop {
+    fn run(&mut self, rx: Receiver<Command>) {
+        loop {
+            if self.engine.is_idle() && self.loads.is_empty() {
+                match rx.recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.engine.is_idle() && self.loads.is_empty() => return,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            if !self.loads.is_empty() && self.engine.is_idle() {
+                self.swap();
+            }
+            if !self.engine.is_idle() {
+                self.step();
+            }
+            self.metrics.running.store(self.engine.num_running() as u64, Relaxed);
+            self.metrics.waiting.store((self.engine.num_waiting() + self.held.len()) as u64, Relaxed);
+        }
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Submit(jobs) if !self.loads.is_empty() => self.held.extend(jobs),
+            Command::Submit(jobs) => {
+                for (job, tx) in jobs {
+                    self.admit(job, tx);
+                }
+            }
+            Command::Load { model, version, reply } => self.loads.push((model, version, reply)),
+        }
+    }
+
+    fn admit(&mut self, job: Job, events: tmpsc::UnboundedSender<Event>) {
+        let n = job.prompt.len() as u64;
+        match self.engine.submit(Request { prompt: job.prompt, params: job.params }) {
+            Ok(id) => {
+                self.metrics.prompt_tokens.fetch_add(n, Relaxed);
+                self.active.insert(id, Active { events, stops: job.stops, tokens: Vec::new() });
+            }
+            Err(e) => {
+                let _ = events.send(Event::Failed(ApiError::from_engine(&e)));
+            }
+        }
+    }
+
+    fn swap(&mut self) {
+        for (model, version, reply) in std::mem::take(&mut self.loads) {
+            let v = version.unwrap_or(self.engine.policy_version + 1);
+            let r = self.engine.load_weights(*model, v).map(|()| v).map_err(|e| ApiError::from_engine(&e));
+            if r.is_ok() {
+                self.metrics.policy_version.store(v, Relaxed);
+                self.metrics.weight_loads.fetch_add(1, Relaxed);
+                tracing::info!("weights loaded, policy version {v}");
+            }
+            let _ = reply.send(r);
+        }
+        for (job, tx) in std::mem::take(&mut self.held) {
+            self.admit(job, tx);
+        }
+    }
+
+    fn step(&mut self) {
+        let done = match self.engine.step() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("engine step failed: {e}");
+                for (id, a) in self.active.drain() {
+                    self.engine.abort(id);
+                    let _ = a.events.send(Event::Failed(ApiError::internal(format!("engine: {e}"))));
+                }
+                return;
+            }
+        };
+        self.metrics.engine_steps.fetch_add(1, Relaxed);
+        let mut to_stop = Vec::new();
+        for s in self.engine.sampled() {
+            self.metrics.generation_tokens.fetch_add(1, Relaxed);
+            let Some(a) = self.active.get_mut(&s.id) else { continue };
+            if !a.stops.is_empty() && s.finish != Some(FinishReason::Stop) {
+                a.tokens.push(s.token);
+                if find_stop(&self.tok.decode(&a.tokens), &a.stops).is_some() {
+                    to_stop.push(s.id);
+                }
+            }
+            let _ = a.events.send(Event::Token(s.clone()));
+        }
+        for id in to_stop {
+            self.engine.stop(id);
+        }
+        for c in done {
+            if let Some(a) = self.active.remove(&c.id) {
+                let _ = a.events.send(Event::Done(Box::new(c)));
+            }
+        }
+        let gone: Vec<u64> = self.active.iter().filter(|(_, a)| a.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.engine.abort(id);
+            self.active.remove(&id);
+        }
+    }
+}

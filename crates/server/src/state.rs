@@ -1,0 +1,92 @@
+//! What the handlers share: the engine thread's handle, the tokenizer, facts about the served
+//! model, metrics — and loading a model (`default` or a checkpoint directory) with the
+//! batch-invariant kernels, so served log-probabilities equal the trainer's bit for bit.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use lockstep_model::{Kernels, ModelConfig, MoeCausalLm};
+
+use crate::error::{Result, ServerError};
+use crate::metrics::Metrics;
+use crate::scheduler::Scheduler;
+use crate::tokenizer::Tokenizer;
+
+/// Facts about the served model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// the `model` name requests must use (or omit)
+    pub name: String,
+    pub vocab_size: usize,
+    /// most tokens per sequence (prompt + completion): `max_position_embeddings`
+    pub context: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub moe_layers: Vec<usize>,
+    /// fingerprint of the model config, stamped into every route trace
+    pub fingerprint: u64,
+    pub created: u64,
+    pub cfg: ModelConfig,
+}
+
+/// Context when config.json names none.
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+impl ModelInfo {
+    pub fn of(name: String, cfg: &ModelConfig) -> Self {
+        let context = cfg.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(DEFAULT_CONTEXT);
+        Self {
+            name,
+            vocab_size: cfg.vocab_size,
+            context,
+            num_experts: cfg.moe.router.num_experts,
+            top_k: cfg.moe.router.top_k,
+            moe_layers: cfg.moe_layers.clone(),
+            fingerprint: lockstep_trace::fingerprint_of(cfg.to_json_string().as_bytes()),
+            created: now(),
+            cfg: cfg.clone(),
+        }
+    }
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub struct AppState {
+    pub sched: Scheduler,
+    pub tok: Arc<Tokenizer>,
+    pub info: ModelInfo,
+    pub metrics: Arc<Metrics>,
+}
+
+/// `default` (the embedded default, weights from `seed`, byte-level tokenizer) or a checkpoint
+/// directory (its tokenizer files beside the weights); batch-invariant kernels.
+pub fn load_model(spec: &str, seed: u64) -> Result<(MoeCausalLm, Tokenizer)> {
+    if spec == "default" {
+        let mut m = MoeCausalLm::embedded_default(seed, DType::F32, &Device::Cpu)?;
+        m.set_kernels(Kernels::Invariant);
+        return Ok((m, Tokenizer::bytes()));
+    }
+    let dir = Path::new(spec);
+    if !dir.is_dir() {
+        return Err(ServerError::Config(format!("--model {spec}: not a directory (a checkpoint directory or `default`)")));
+    }
+    let m = load_weights(dir)?;
+    let tok = Tokenizer::from_dir(dir, m.cfg.vocab_size)?;
+    Ok((m, tok))
+}
+
+/// A checkpoint's weights with the batch-invariant kernels.
+pub fn load_weights(dir: &Path) -> Result<MoeCausalLm> {
+    let mut m = MoeCausalLm::load(dir, DType::F32, &Device::Cpu)?;
+    m.set_kernels(Kernels::Invariant);
+    Ok(m)
+}
+
+/// Whether `new` can replace the served model (same architecture and shapes).
+pub fn same_shape(served: &ModelConfig, new: &ModelConfig) -> bool {
+    let strip = |c: &ModelConfig| ModelConfig { raw: serde_json::Value::Null, ..c.clone() };
+    strip(served) == strip(new)
+}

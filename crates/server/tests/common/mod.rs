@@ -1,0 +1,107 @@
+//! A loopback HTTP/1.1 client for the tests and the benchmark (hyper's connection API), and
+//! helpers to read lockstep's fields back from responses.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use lockstep_engine::{Completion, FinishReason, LayerRoutes};
+use lockstep_trace::{Reader, RouteTrace};
+use serde_json::Value;
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `data:` payloads of an SSE body, which must end with `[DONE]`.
+    pub fn events(&self) -> Vec<Value> {
+        let text = String::from_utf8_lossy(&self.body);
+        let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).collect();
+        assert_eq!(data.last(), Some(&"[DONE]"), "stream ends with [DONE]: {text}");
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+    }
+}
+
+/// One request on a fresh connection, within 120 s.
+pub async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        Reply { status, body }
+    };
+    tokio::time::timeout(Duration::from_secs(120), fut).await.expect("request timed out")
+}
+
+pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
+    call(addr, "POST", path, &body.to_string()).await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    call(addr, "GET", path, "").await
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// The choice's route trace (base64 `.lstrace` file with one sequence).
+pub fn trace(choice: &Value) -> RouteTrace {
+    let b = base64::engine::general_purpose::STANDARD.decode(choice["routes"].as_str().expect("routes")).unwrap();
+    let r = Reader::from_bytes(b).unwrap();
+    assert_eq!(r.len(), 1);
+    r.get(0).unwrap()
+}
+
+/// A choice as the engine's `Completion` (ids and probabilities from the trace, which must
+/// start at token 0; logprobs from `logprobs`), for re-scoring with the trainer's forward.
+pub fn completion(choice: &Value, logprobs: &[f32]) -> Completion {
+    let t = trace(choice);
+    let prompt = ids(&choice["prompt_token_ids"]);
+    let tokens = ids(&choice["token_ids"]);
+    assert_eq!(t.num_tokens(), prompt.len() + tokens.len());
+    let mut routes = std::collections::BTreeMap::new();
+    for (li, &l) in t.layers().iter().enumerate() {
+        let mut r = LayerRoutes::default();
+        for tok in 0..t.num_tokens() {
+            r.ids.extend(t.row_u32(tok, li).unwrap());
+            r.probs.extend(t.row_probs(tok, li).unwrap());
+        }
+        routes.insert(l as usize, r);
+    }
+    Completion {
+        id: 0,
+        prompt,
+        tokens,
+        logprobs: logprobs.to_vec(),
+        routes,
+        top_k: t.top_k().unwrap(),
+        top_logprobs: Vec::new(),
+        finish: if choice["finish_reason"] == "stop" { FinishReason::Stop } else { FinishReason::Length },
+        policy_version: t.meta().policy_version,
+    }
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
