@@ -27,72 +27,102 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn engine_tps(batch: usize, capture: bool, tokens: usize, reps: usize) -> f64 {
+/// Tokens/s of `reqs` on an engine (after a warm-up run).
+fn engine(capture: bool) -> Engine {
     let mut m = MoeCausalLm::embedded_default(0, DType::F32, &Device::Cpu).unwrap();
     m.set_kernels(Kernels::Invariant);
     let mut e = Engine::new(m);
     e.set_capture_routes(capture).unwrap();
+    e
+}
+
+fn engine_run(e: &mut Engine, batch: usize, tokens: usize) -> f64 {
     let reqs: Vec<Request> = (0..batch)
         .map(|i| Request { prompt: prompt(i), params: SamplingParams { seed: i as u64, max_tokens: tokens, ..SamplingParams::default() } })
         .collect();
-    e.generate(reqs.clone()).unwrap(); // warm-up
-    median(
-        (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                let done = e.generate(reqs.clone()).unwrap();
-                let n: usize = done.iter().map(|c| c.tokens.len()).sum();
-                n as f64 / t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
+    let t = Instant::now();
+    let done = e.generate(reqs).unwrap();
+    let n: usize = done.iter().map(|c| c.tokens.len()).sum();
+    n as f64 / t.elapsed().as_secs_f64()
 }
 
-async fn server_tps(batch: usize, capture: bool, tokens: usize, reps: usize) -> (f64, f64) {
-    let srv = start(&ServerConfig { capture_routes: capture, ..ServerConfig::default() }, "127.0.0.1:0").await.unwrap();
-    let addr = srv.addr;
-    let mut rates = Vec::new();
-    let mut bytes = Vec::new();
-    for rep in 0..=reps {
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..batch)
-            .map(|i| {
-                let b = json!({"prompt": prompt(i), "max_tokens": tokens, "seed": i, "temperature": 1.0});
-                tokio::spawn(async move { common::post(addr, "/v1/completions", &b).await })
-            })
-            .collect();
-        let (mut n, mut route_bytes) = (0usize, 0usize);
-        for t in tasks {
-            let r = t.await.unwrap();
-            assert_eq!(r.status, 200);
-            let v = r.json();
-            n += v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
-            route_bytes += v["choices"][0]["routes"].as_str().map_or(0, str::len);
-        }
-        if rep > 0 {
-            rates.push(n as f64 / t.elapsed().as_secs_f64());
-            bytes.push(route_bytes as f64 / batch as f64);
-        }
+/// `batch` concurrent requests; tokens/s and base64 route bytes per response.
+async fn server_run(addr: std::net::SocketAddr, batch: usize, tokens: usize) -> (f64, f64) {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..batch)
+        .map(|i| {
+            let b = json!({"prompt": prompt(i), "max_tokens": tokens, "seed": i, "temperature": 1.0});
+            tokio::spawn(async move { common::post(addr, "/v1/completions", &b).await })
+        })
+        .collect();
+    let (mut n, mut route_bytes) = (0usize, 0usize);
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        n += v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+        route_bytes += v["choices"][0]["routes"].as_str().map_or(0, str::len);
     }
-    srv.shutdown().await;
-    (median(rates), median(bytes))
+    (n as f64 / t.elapsed().as_secs_f64(), route_bytes as f64 / batch as f64)
+}
+
+/// Medians of capture-on and capture-off runs taken in alternation (so both see the same
+/// machine load), and the median of the per-pair overheads.
+struct Paired {
+    on: Vec<f64>,
+    off: Vec<f64>,
+}
+
+impl Paired {
+    fn new() -> Self {
+        Self { on: Vec::new(), off: Vec::new() }
+    }
+    fn overhead(&self) -> f64 {
+        median(self.on.iter().zip(&self.off).map(|(on, off)| 100.0 * (off - on) / off).collect())
+    }
 }
 
 fn main() {
     let tokens = env("BENCH_TOKENS", 64);
-    let reps = env("BENCH_REPS", 5);
+    let reps = env("BENCH_REPS", 9);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    println!("generated tokens/s, embedded default, invariant kernels, {tokens} tokens per request, median of {reps}");
-    println!("{:<8} {:>6} {:>14} {:>14} {:>10}   {:>14} {:>14} {:>10} {:>16}", "", "batch", "engine cap on", "engine off", "overhead", "server cap on", "server off", "overhead", "routes b64/resp");
+    println!("generated tokens/s, embedded default, invariant kernels, {tokens} tokens per request; capture on / off alternated, medians of {reps}");
+    println!("{:>5} {:>13} {:>12} {:>9}   {:>13} {:>12} {:>9} {:>15}", "batch", "engine on", "engine off", "overhead", "server on", "server off", "overhead", "routes b64/resp");
+    let (mut e_on, mut e_off) = (engine(true), engine(false));
+    let (s_on, s_off) = rt.block_on(async {
+        (
+            start(&ServerConfig { capture_routes: true, ..ServerConfig::default() }, "127.0.0.1:0").await.unwrap(),
+            start(&ServerConfig { capture_routes: false, ..ServerConfig::default() }, "127.0.0.1:0").await.unwrap(),
+        )
+    });
     for batch in [1usize, 16] {
-        let (e_on, e_off) = (engine_tps(batch, true, tokens, reps), engine_tps(batch, false, tokens, reps));
-        let ((s_on, b64), (s_off, _)) = rt.block_on(async { (server_tps(batch, true, tokens, reps).await, server_tps(batch, false, tokens, reps).await) });
-        let pct = |on: f64, off: f64| 100.0 * (off - on) / off;
+        let (mut e, mut s, mut b64) = (Paired::new(), Paired::new(), Vec::new());
+        for rep in 0..=reps {
+            let on = engine_run(&mut e_on, batch, tokens);
+            let off = engine_run(&mut e_off, batch, tokens);
+            let ((son, bytes), (soff, _)) = rt.block_on(async { (server_run(s_on.addr, batch, tokens).await, server_run(s_off.addr, batch, tokens).await) });
+            if rep > 0 {
+                // rep 0 warms up
+                e.on.push(on);
+                e.off.push(off);
+                s.on.push(son);
+                s.off.push(soff);
+                b64.push(bytes);
+            }
+        }
         println!(
-            "{:<8} {batch:>6} {e_on:>14.1} {e_off:>14.1} {:>9.1}%   {s_on:>14.1} {s_off:>14.1} {:>9.1}% {b64:>16.0}",
-            "",
-            pct(e_on, e_off),
-            pct(s_on, s_off)
+            "{batch:>5} {:>13.1} {:>12.1} {:>8.1}%   {:>13.1} {:>12.1} {:>8.1}% {:>15.0}",
+            median(e.on.clone()),
+            median(e.off.clone()),
+            e.overhead(),
+            median(s.on.clone()),
+            median(s.off.clone()),
+            s.overhead(),
+            median(b64)
         );
     }
+    rt.block_on(async {
+        s_on.shutdown().await;
+        s_off.shutdown().await;
+    });
 }

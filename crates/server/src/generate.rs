@@ -14,6 +14,9 @@ use crate::state::AppState;
 use crate::text::{find_stop, visible};
 use crate::tokenizer::TemplateMessage;
 
+/// One sampled token: id, log-probability, top-n alternatives.
+pub type TokenRow<'a> = (u32, f32, &'a [(u32, f32)]);
+
 /// Most prompts × `n` in one request.
 pub const MAX_CHOICES: usize = 256;
 /// Most alternatives per token (`logprobs` / `top_logprobs`).
@@ -115,6 +118,7 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
     };
     let start = req.routes_prompt_start.unwrap_or(0);
     let seed = req.seed.unwrap_or_else(rand::random);
+    let stream = req.stream.unwrap_or(false);
     let mut jobs = Vec::with_capacity(prompts.len() * n);
     for prompt in prompts {
         if start > prompt.len() {
@@ -146,13 +150,13 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
                 stop_token_ids: stop_ids.clone(),
                 logprobs: logprobs.unwrap_or(0),
             };
-            jobs.push(Job { prompt: prompt.clone(), params, stops: stops.clone() });
+            jobs.push(Job { prompt: prompt.clone(), params, stops: stops.clone(), stream });
         }
     }
     Ok(Plan {
         jobs,
         n,
-        stream: req.stream.unwrap_or(false),
+        stream,
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs,
         routed_experts: req.return_routed_experts.unwrap_or(false),
@@ -306,7 +310,7 @@ pub fn route_fields(state: &AppState, plan: &Plan, c: &Completion) -> Result<Rou
 
 /// Legacy completions log-probabilities of tokens `(id, logprob, top)`, text offsets from
 /// `offset` on (returns the offset after them).
-pub fn completion_logprobs(state: &AppState, toks: &[(u32, f32, &[(u32, f32)])], mut offset: usize) -> (CompletionLogprobs, usize) {
+pub fn completion_logprobs(state: &AppState, toks: &[TokenRow], mut offset: usize) -> (CompletionLogprobs, usize) {
     let mut out = CompletionLogprobs::default();
     for &(id, lp, top) in toks {
         let (piece, _) = state.tok.token_piece(id);
@@ -320,7 +324,7 @@ pub fn completion_logprobs(state: &AppState, toks: &[(u32, f32, &[(u32, f32)])],
 }
 
 /// Chat log-probabilities of tokens `(id, logprob, top)`.
-pub fn chat_logprobs(state: &AppState, toks: &[(u32, f32, &[(u32, f32)])]) -> Vec<ChatTokenLogprob> {
+pub fn chat_logprobs(state: &AppState, toks: &[TokenRow]) -> Vec<ChatTokenLogprob> {
     toks.iter()
         .map(|&(id, lp, top)| {
             let (token, bytes) = state.tok.token_piece(id);
@@ -337,7 +341,7 @@ pub fn chat_logprobs(state: &AppState, toks: &[(u32, f32, &[(u32, f32)])]) -> Ve
 }
 
 /// `(id, logprob, top)` of every completion token.
-pub fn token_rows(c: &Completion) -> Vec<(u32, f32, &[(u32, f32)])> {
+pub fn token_rows(c: &Completion) -> Vec<TokenRow<'_>> {
     c.tokens
         .iter()
         .zip(&c.logprobs)

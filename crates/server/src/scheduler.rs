@@ -28,6 +28,8 @@ pub struct Job {
     pub params: SamplingParams,
     /// stop strings (checked on the decoded completion after every token)
     pub stops: Vec<String>,
+    /// send every sampled token (else only the first, then the completion)
+    pub stream: bool,
 }
 
 #[derive(Debug)]
@@ -51,10 +53,14 @@ pub struct Scheduler {
     tx: Sender<Command>,
 }
 
+type PendingLoad = (Box<MoeCausalLm>, Option<u64>, oneshot::Sender<Result<u64, ApiError>>);
+
 struct Active {
     events: tmpsc::UnboundedSender<Event>,
     stops: Vec<String>,
     tokens: Vec<u32>,
+    stream: bool,
+    sent: usize,
 }
 
 struct Loop {
@@ -63,7 +69,7 @@ struct Loop {
     metrics: Arc<Metrics>,
     active: HashMap<u64, Active>,
     held: Vec<(Job, tmpsc::UnboundedSender<Event>)>,
-    loads: Vec<(Box<MoeCausalLm>, Option<u64>, oneshot::Sender<Result<u64, ApiError>>)>,
+    loads: Vec<PendingLoad>,
 }
 
 impl Scheduler {
@@ -144,7 +150,7 @@ impl Loop {
         match self.engine.submit(Request { prompt: job.prompt, params: job.params }) {
             Ok(id) => {
                 self.metrics.prompt_tokens.fetch_add(n, Relaxed);
-                self.active.insert(id, Active { events, stops: job.stops, tokens: Vec::new() });
+                self.active.insert(id, Active { events, stops: job.stops, tokens: Vec::new(), stream: job.stream, sent: 0 });
             }
             Err(e) => {
                 let _ = events.send(Event::Failed(ApiError::from_engine(&e)));
@@ -191,7 +197,10 @@ impl Loop {
                     to_stop.push(s.id);
                 }
             }
-            let _ = a.events.send(Event::Token(s.clone()));
+            if a.stream || a.sent == 0 {
+                let _ = a.events.send(Event::Token(s.clone()));
+                a.sent += 1;
+            }
         }
         for id in to_stop {
             self.engine.stop(id);

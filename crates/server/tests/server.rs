@@ -331,7 +331,7 @@ async fn load_weights_drains_swaps_and_bumps_the_policy_version() {
     let ch = &new["choices"][0];
     assert_eq!(ch["policy_version"], 7);
     assert_eq!(trace(ch).meta().policy_version, 7);
-    check_lockstep(&new_model, &[ch.clone()]);
+    check_lockstep(&new_model, std::slice::from_ref(ch));
     assert_eq!(get(addr, "/health").await.json()["policy_version"], 7);
     // without a version: current + 1
     assert_eq!(post(addr, "/v1/load_weights", &json!({"path": path})).await.json()["policy_version"], 8);
