@@ -193,7 +193,10 @@ impl Loop {
             let Some(a) = self.active.get_mut(&s.id) else { continue };
             if !a.stops.is_empty() && s.finish != Some(FinishReason::Stop) {
                 a.tokens.push(s.token);
-                if find_stop(&self.tok.decode(&a.tokens), &a.stops).is_some() {
+                // a stop string completed by this token lies in the last few tokens' text
+                let longest = a.stops.iter().map(|x| x.len()).max().unwrap_or(0);
+                let from = a.tokens.len().saturating_sub(2 * longest + 8);
+                if find_stop(&self.tok.decode(&a.tokens[from..]), &a.stops).is_some() {
                     to_stop.push(s.id);
                 }
             }

@@ -373,3 +373,43 @@ async fn a_client_that_goes_away_frees_its_sequence() {
     assert!(gen < 1000, "stopped early: {gen} tokens");
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_ends_the_request_at_the_token_that_completes_it() {
+    let srv = start(&ServerConfig::default(), "127.0.0.1:0").await.unwrap();
+    let addr = srv.addr;
+    let printable = |t: u32| (0x20..0x7f).contains(&t);
+    let mut checked = 0;
+    for seed in 0..60u64 {
+        let base = json!({"prompt": "The sum is ", "max_tokens": 24, "seed": seed, "temperature": 1.0});
+        let toks = ids(&post(addr, "/v1/completions", &base).await.json()["choices"][0]["token_ids"]);
+        let text = |ts: &[u32]| String::from_utf8_lossy(&ts.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned();
+        // a two-token stop string that first appears at tokens k-1..=k
+        let Some(k) = (3..toks.len() - 1).find(|&k| printable(toks[k - 1]) && printable(toks[k]) && !text(&toks[..k]).contains(&text(&toks[k - 1..=k]))) else { continue };
+        let stop = text(&toks[k - 1..=k]);
+        let mut b = base.clone();
+        b["stop"] = json!([stop]);
+        // alongside other requests (batched), whole and streamed
+        let noise: Vec<_> = (0..4).map(|i| tokio::spawn(async move { post(addr, "/v1/completions", &json!({"prompt": "xx", "max_tokens": 30, "seed": i})).await })).collect();
+        let whole = post(addr, "/v1/completions", &b).await.json();
+        b["stream"] = json!(true);
+        let streamed = assemble(&post(addr, "/v1/completions", &b).await.events());
+        for n in noise {
+            assert_eq!(n.await.unwrap().status, 200);
+        }
+        let ch = &whole["choices"][0];
+        assert_eq!(ids(&ch["token_ids"]), toks[..=k].to_vec(), "seed {seed}: stop {stop:?}");
+        assert_eq!(ch["finish_reason"], "stop");
+        assert_eq!(ch["text"], text(&toks[..k - 1]));
+        assert_eq!(trace(ch).num_tokens(), 11 + k + 1);
+        assert_eq!(streamed[0]["text"], ch["text"]);
+        assert_eq!(streamed[0]["token_ids"], ch["token_ids"]);
+        assert_eq!(streamed[0]["routes"], ch["routes"]);
+        checked += 1;
+        if checked == 3 {
+            break;
+        }
+    }
+    assert_eq!(checked, 3, "found two-token stop strings to test");
+    srv.shutdown().await;
+}
