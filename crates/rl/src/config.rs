@@ -30,6 +30,9 @@ prompts_per_step = 16
 group_size = 8
 max_tokens = 4
 temperature = 1.0
+# lockstep servers to roll out on (e.g. ["http://127.0.0.1:8000"]); empty: the in-process engine.
+# Weights are synced after every update through POST /v1/load_weights (same filesystem).
+servers = []
 
 [trainer]
 lr = 5e-4
@@ -108,6 +111,8 @@ pub struct RolloutSection {
     pub group_size: usize,
     pub max_tokens: usize,
     pub temperature: f32,
+    #[serde(default)]
+    pub servers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +210,9 @@ impl RunConfig {
         }
         if !(self.trainer.lr > 0.0) {
             return Err(bad("trainer.lr", "must be > 0"));
+        }
+        if let Some(s) = self.rollout.servers.iter().find(|s| !(s.starts_with("http://") || s.starts_with("https://"))) {
+            return Err(bad("rollout.servers", format!("`{s}`: expected an http:// URL")));
         }
         if self.trainer.mini_steps == 0 {
             return Err(bad("trainer.mini_steps", "must be > 0"));

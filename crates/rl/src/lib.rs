@@ -5,6 +5,7 @@ pub mod config;
 pub mod env;
 pub mod error;
 pub mod metrics;
+pub mod remote;
 pub mod report;
 pub mod rollout;
 pub mod run;

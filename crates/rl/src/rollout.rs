@@ -27,9 +27,24 @@ pub fn grpo_advantages(rewards: &[f32]) -> Vec<f32> {
     rewards.iter().map(|&r| ((r as f64 - mean) / (std + 1e-6)) as f32).collect()
 }
 
+/// Where rollouts come from: the in-process engine or lockstep servers by URL.
+pub enum Rollouter {
+    Local(Box<Engine>),
+    Remote(crate::remote::RemoteEngine),
+}
+
+impl Rollouter {
+    pub fn generate(&mut self, reqs: Vec<Request>) -> Result<Vec<Completion>> {
+        match self {
+            Rollouter::Local(e) => Ok(e.generate(reqs)?),
+            Rollouter::Remote(r) => r.generate(&reqs),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn collect(
-    engine: &mut Engine,
+    engine: &mut Rollouter,
     env: &dyn Environment,
     cfg: &RunConfig,
     rng: &mut ChaCha8Rng,
@@ -83,7 +98,7 @@ pub fn collect(
 }
 
 /// Greedy accuracy on the environment's held-out set.
-pub fn evaluate(engine: &mut Engine, env: &dyn Environment, max_tokens: usize) -> Result<f64> {
+pub fn evaluate(engine: &mut Rollouter, env: &dyn Environment, max_tokens: usize) -> Result<f64> {
     let set = env.eval_set();
     let reqs: Vec<Request> = set
         .iter()

@@ -22,7 +22,7 @@ use crate::config::RunConfig;
 use crate::env::{Addition, Environment};
 use crate::error::{Result, RlError};
 use crate::metrics::{self, LayerRecord, StepRecord};
-use crate::rollout;
+use crate::rollout::{self, Rollouter};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -106,6 +106,21 @@ fn warmup(model: MoeCausalLm, env: &dyn Environment, cfg: &RunConfig, bar: &Prog
     Ok(t.model)
 }
 
+/// The rollout engine for policy version `version`: in process (sharing the trainer's weight
+/// storage), or the configured servers after loading the current weights.
+fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Result<Rollouter> {
+    if cfg.rollout.servers.is_empty() {
+        let mut e = Engine::new(trainer.inference_model()?);
+        e.policy_version = version;
+        return Ok(Rollouter::Local(Box::new(e)));
+    }
+    let remote = crate::remote::RemoteEngine::new(cfg.rollout.servers.clone());
+    let dir = out.join("weights-sync");
+    trainer.model.save(&dir)?;
+    remote.load_weights(&dir, version)?;
+    Ok(Rollouter::Remote(remote))
+}
+
 /// Run the whole job (`replay` overrides `[replay] enabled`), writing under `out`.
 pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Result<RunSummary> {
     std::fs::create_dir_all(out).map_err(|e| RlError::io(out, e))?;
@@ -139,7 +154,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             let _ = std::fs::remove_file(&metrics_path);
             let warm = warmup(base_model(cfg)?, env.as_ref(), cfg, &bar)?;
             let t = Trainer::new(warm, trainer_config(cfg, replay))?;
-            let acc = rollout::evaluate(&mut Engine::new(t.inference_model()?), env.as_ref(), max_answer)?;
+            let acc = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), max_answer)?;
             metrics::append(&metrics_path, &StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() })?;
             (t, 1, acc)
         }
@@ -150,9 +165,9 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
 
     for step in start..=cfg.steps {
         let t0 = Instant::now();
-        // weight sync: the engine reads the trainer's (updated) weight storage
-        let mut engine = Engine::new(trainer.inference_model()?);
-        engine.policy_version = step;
+        // weight sync: the in-process engine reads the trainer's weight storage; servers load a
+        // checkpoint of the current weights
+        let mut engine = rollouter(cfg, &trainer, out, step)?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(step));
         let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step, num_experts, fingerprint)?;
 
@@ -191,7 +206,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             .map(|(l, (s, n))| (l, LayerRecord { confidence: s.confidence / n, max_vio: s.max_vio / n, route_agreement: s.route_agreement / n }))
             .collect();
         if step % cfg.eval.every == 0 || step == cfg.steps {
-            rec.eval_accuracy = Some(rollout::evaluate(&mut Engine::new(trainer.inference_model()?), env.as_ref(), max_answer)?);
+            rec.eval_accuracy = Some(rollout::evaluate(&mut rollouter(cfg, &trainer, out, step)?, env.as_ref(), max_answer)?);
         }
         rec.seconds = t0.elapsed().as_secs_f64();
         metrics::append(&metrics_path, &rec)?;

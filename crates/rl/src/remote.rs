@@ -1,0 +1,133 @@
+//! Rollouts against lockstep servers by URL (the OpenAI-compatible `/v1/completions` with
+//! lockstep's extensions: token-id prompts, `stop_token_ids`, `return_router_probs`, routes as a
+//! base64 `.lstrace`), and weight sync through `/v1/load_weights`. Requests go to the servers
+//! round-robin, several in flight per server so each server batches them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::Engine as _;
+use lockstep_engine::{Completion, FinishReason, LayerRoutes, Request};
+use serde_json::{json, Value};
+
+use crate::error::{Result, RlError};
+
+/// In-flight requests per server.
+const PER_SERVER: usize = 16;
+
+pub struct RemoteEngine {
+    pub urls: Vec<String>,
+    agent: ureq::Agent,
+}
+
+fn err(url: &str, msg: impl ToString) -> RlError {
+    RlError::Io { path: url.to_string(), msg: msg.to_string() }
+}
+
+impl RemoteEngine {
+    pub fn new(urls: Vec<String>) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600)).build();
+        Self { urls: urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect(), agent }
+    }
+
+    /// Ask every server to load a checkpoint directory (drains, swaps, bumps the version).
+    pub fn load_weights(&self, dir: &Path, version: u64) -> Result<()> {
+        let path = std::fs::canonicalize(dir).map_err(|e| RlError::io(dir, e))?;
+        for u in &self.urls {
+            let url = format!("{u}/v1/load_weights");
+            self.agent
+                .post(&url)
+                .send_json(json!({"path": path.display().to_string(), "version": version}))
+                .map_err(|e| err(&url, describe(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Generate every request; completions in request order.
+    pub fn generate(&self, reqs: &[Request]) -> Result<Vec<Completion>> {
+        let lanes = self.urls.len() * PER_SERVER;
+        let mut out: Vec<Option<Completion>> = vec![None; reqs.len()];
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    let url = &self.urls[lane % self.urls.len()];
+                    s.spawn(move || -> Result<Vec<(usize, Completion)>> {
+                        (lane..reqs.len()).step_by(lanes).map(|i| Ok((i, self.one(url, &reqs[i], i as u64)?))).collect()
+                    })
+                })
+                .collect();
+            for h in handles {
+                for (i, c) in h.join().map_err(|_| err("rollout", "a request thread panicked"))?? {
+                    out[i] = Some(c);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out.into_iter().map(|c| c.expect("every request answered")).collect())
+    }
+
+    fn one(&self, base: &str, r: &Request, id: u64) -> Result<Completion> {
+        let url = format!("{base}/v1/completions");
+        let body = json!({
+            "prompt": r.prompt,
+            "max_tokens": r.params.max_tokens,
+            "temperature": r.params.temperature,
+            "top_p": r.params.top_p,
+            "top_k": r.params.top_k,
+            "seed": r.params.seed,
+            "stop_token_ids": r.params.stop_token_ids,
+            "logprobs": 0,
+            "return_router_probs": true,
+        });
+        let resp: Value = self.agent.post(&url).send_json(body).map_err(|e| err(&url, describe(e)))?.into_json().map_err(|e| err(&url, e))?;
+        let choice = resp.pointer("/choices/0").ok_or_else(|| err(&url, "response without choices[0]"))?;
+        let ids = |key: &str| -> Result<Vec<u32>> {
+            serde_json::from_value(choice.get(key).cloned().unwrap_or(Value::Null)).map_err(|e| err(&url, format!("choices[0].{key}: {e}")))
+        };
+        let prompt = ids("prompt_token_ids")?;
+        let tokens = ids("token_ids")?;
+        let logprobs: Vec<f32> = serde_json::from_value(choice.pointer("/logprobs/token_logprobs").cloned().unwrap_or(Value::Null))
+            .map_err(|e| err(&url, format!("choices[0].logprobs.token_logprobs: {e}")))?;
+        if logprobs.len() != tokens.len() {
+            return Err(err(&url, format!("{} logprobs for {} tokens", logprobs.len(), tokens.len())));
+        }
+        let b64 = choice.get("routes").and_then(Value::as_str).ok_or_else(|| err(&url, "choices[0].routes missing (capture off?)"))?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| err(&url, format!("choices[0].routes: {e}")))?;
+        let trace = lockstep_trace::Reader::from_bytes(bytes)?.get(0)?;
+        let n = prompt.len() + tokens.len();
+        if trace.num_tokens() != n {
+            return Err(err(&url, format!("routes hold {} rows for {n} tokens", trace.num_tokens())));
+        }
+        let k = trace.top_k().ok_or_else(|| err(&url, "variable-count routes"))?;
+        let mut routes: BTreeMap<usize, LayerRoutes> = BTreeMap::new();
+        for (li, &layer) in trace.layers().iter().enumerate() {
+            let r = routes.entry(layer as usize).or_default();
+            for t in 0..n {
+                r.ids.extend(trace.row_u32(t, li).ok_or_else(|| err(&url, format!("routes: token {t} missing")))?);
+                r.probs.extend(trace.row_probs(t, li).ok_or_else(|| err(&url, "routes without router probabilities"))?);
+            }
+        }
+        let finish = match choice.get("finish_reason").and_then(Value::as_str) {
+            Some("stop") => FinishReason::Stop,
+            _ => FinishReason::Length,
+        };
+        Ok(Completion {
+            id,
+            prompt,
+            tokens,
+            logprobs,
+            routes,
+            top_k: k,
+            top_logprobs: Vec::new(),
+            finish,
+            policy_version: choice.get("policy_version").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+}
+
+fn describe(e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(code, r) => format!("HTTP {code}: {}", r.into_string().unwrap_or_default()),
+        other => other.to_string(),
+    }
+}
