@@ -159,6 +159,39 @@ pub struct OutputSection {
     pub checkpoint_every: u64,
 }
 
+/// The dotted key a toml error is about: the `[section]` above the error's line plus the key
+/// on that line (a bad value), or the key toml names in backticks (unknown / missing field,
+/// whose span is the key or the section).
+fn key_of_error(text: &str, span: Option<std::ops::Range<usize>>, msg: &str) -> String {
+    let named = msg.split('`').nth(1).filter(|_| msg.contains("unknown field") || msg.contains("missing field"));
+    let Some(span) = span else {
+        return named.unwrap_or("<toml>").to_string();
+    };
+    let at = span.start.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let header = |l: &str| l.strip_prefix('[').and_then(|l| l.split(']').next()).map(|h| h.trim().to_string());
+    let section = text[..line_start].lines().rev().find_map(|l| header(l.trim()));
+    let join = |sec: Option<String>, key: &str| match sec {
+        Some(sec) if !sec.is_empty() => format!("{sec}.{key}"),
+        _ => key.to_string(),
+    };
+    if let Some(h) = header(line) {
+        // the span is a whole table: a field missing in it, or an unknown section
+        return match named {
+            Some(k) if msg.contains("missing field") => join(Some(h), k),
+            Some(k) => k.to_string(),
+            None => h,
+        };
+    }
+    let key = if line.starts_with('#') { "" } else { line.split('=').next().unwrap_or("").trim().trim_matches('"') };
+    match (key.is_empty(), named) {
+        (false, _) => join(section, key),
+        (true, Some(k)) => join(section, k),
+        (true, None) => "<toml>".into(),
+    }
+}
+
 fn bad(key: &str, msg: impl Into<String>) -> RlError {
     RlError::Config { key: key.into(), msg: msg.into() }
 }
@@ -172,8 +205,7 @@ impl RunConfig {
     pub fn from_toml(text: &str) -> Result<Self> {
         let cfg: RunConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
-            // toml names unknown keys in its message; fall back to the span's text
-            bad(&msg.split('`').nth(1).unwrap_or("<toml>").to_string(), msg)
+            bad(&key_of_error(text, e.span(), &msg), msg)
         })?;
         cfg.validate()?;
         Ok(cfg)

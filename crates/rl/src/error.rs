@@ -6,6 +6,10 @@ pub enum RlError {
     Config { key: String, msg: String },
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },
+    /// The stop flag was set (Ctrl-C): the run stopped after `after` and wrote `checkpoint`
+    /// (with its run_state.json); `RunOptions::resume` with it continues bit for bit.
+    #[error("interrupted after {after}; checkpoint: {}", checkpoint.display())]
+    Interrupted { after: String, checkpoint: std::path::PathBuf },
     #[error(transparent)]
     Model(#[from] lockstep_model::ModelError),
     #[error(transparent)]

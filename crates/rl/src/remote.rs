@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use base64::Engine as _;
 use lockstep_engine::{Completion, FinishReason, LayerRoutes, Request};
@@ -14,6 +15,10 @@ use crate::error::{Result, RlError};
 
 /// In-flight requests per server.
 const PER_SERVER: usize = 16;
+/// Connecting to a server (a host that drops packets fails after this).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The whole of one `GET /health` (a server that accepts but does not answer).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct RemoteEngine {
     pub urls: Vec<String>,
@@ -26,8 +31,37 @@ fn err(url: &str, msg: impl ToString) -> RlError {
 
 impl RemoteEngine {
     pub fn new(urls: Vec<String>) -> Self {
-        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600)).build();
+        Self::with_timeouts(urls, CONNECT_TIMEOUT, Duration::from_secs(600))
+    }
+
+    /// `connect`: to open a connection; `request`: the whole of one request (generation can be
+    /// slow).
+    pub fn with_timeouts(urls: Vec<String>, connect: Duration, request: Duration) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout_connect(connect).timeout(request).build();
         Self { urls: urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect(), agent }
+    }
+
+    /// `GET /health` on every server: each must answer a lockstep server's `{"status": "ok"}`.
+    /// Errors name the URL and what failed (connection refused, timeout, HTTP status, body).
+    pub fn check(&self) -> Result<()> {
+        self.check_within(HEALTH_TIMEOUT)
+    }
+
+    /// [`RemoteEngine::check`] with its own time limit per server.
+    pub fn check_within(&self, limit: Duration) -> Result<()> {
+        for u in &self.urls {
+            let url = format!("{u}/health");
+            let resp = self.agent.get(&url).timeout(limit).call().map_err(|e| {
+                let what = if matches!(e, ureq::Error::Status(..)) { "rollout server failed" } else { "rollout server unreachable" };
+                err(&url, format!("{what}: {}", describe(e)))
+            })?;
+            let text = resp.into_string().map_err(|e| err(&url, format!("reading the answer: {e}")))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| err(&url, format!("not a lockstep server: the answer is not JSON ({e}): {}", snippet(&text))))?;
+            if v.get("status").and_then(Value::as_str) != Some("ok") {
+                return Err(err(&url, format!("not a lockstep server: expected {{\"status\": \"ok\"}}, got {}", snippet(&text))));
+            }
+        }
+        Ok(())
     }
 
     /// Ask every server to load a checkpoint directory (drains, swaps, bumps the version).
@@ -35,10 +69,17 @@ impl RemoteEngine {
         let path = std::fs::canonicalize(dir).map_err(|e| RlError::io(dir, e))?;
         for u in &self.urls {
             let url = format!("{u}/v1/load_weights");
-            self.agent
+            let text = self
+                .agent
                 .post(&url)
                 .send_json(json!({"path": path.display().to_string(), "version": version}))
-                .map_err(|e| err(&url, describe(e)))?;
+                .map_err(|e| err(&url, describe(e)))?
+                .into_string()
+                .map_err(|e| err(&url, format!("reading the answer: {e}")))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| err(&url, format!("the answer is not JSON ({e}): {}", snippet(&text))))?;
+            if v.get("policy_version").and_then(Value::as_u64) != Some(version) {
+                return Err(err(&url, format!("policy_version: expected {version}, got {}", snippet(&text))));
+            }
         }
         Ok(())
     }
@@ -79,7 +120,8 @@ impl RemoteEngine {
             "logprobs": 0,
             "return_router_probs": true,
         });
-        let resp: Value = self.agent.post(&url).send_json(body).map_err(|e| err(&url, describe(e)))?.into_json().map_err(|e| err(&url, e))?;
+        let text = self.agent.post(&url).send_json(body).map_err(|e| err(&url, describe(e)))?.into_string().map_err(|e| err(&url, format!("reading the answer: {e}")))?;
+        let resp: Value = serde_json::from_str(&text).map_err(|e| err(&url, format!("the answer is not JSON ({e}): {}", snippet(&text))))?;
         let choice = resp.pointer("/choices/0").ok_or_else(|| err(&url, "response without choices[0]"))?;
         let ids = |key: &str| -> Result<Vec<u32>> {
             serde_json::from_value(choice.get(key).cloned().unwrap_or(Value::Null)).map_err(|e| err(&url, format!("choices[0].{key}: {e}")))
@@ -125,9 +167,37 @@ impl RemoteEngine {
     }
 }
 
+/// What failed, without the URL (the caller names it): `HTTP 500: <body>`, `connection
+/// refused`, `timed out`, ...
 fn describe(e: ureq::Error) -> String {
     match e {
-        ureq::Error::Status(code, r) => format!("HTTP {code}: {}", r.into_string().unwrap_or_default()),
-        other => other.to_string(),
+        ureq::Error::Status(code, r) => format!("HTTP {code}: {}", snippet(&r.into_string().unwrap_or_default())),
+        ureq::Error::Transport(t) => {
+            let mut msg = t.kind().to_string();
+            if let Some(m) = t.message() {
+                msg = format!("{msg}: {m}");
+            }
+            // the io error underneath says refused / timed out / reset
+            let mut src = std::error::Error::source(&t);
+            let mut last = None;
+            while let Some(s) = src {
+                last = Some(s.to_string());
+                src = s.source();
+            }
+            match last {
+                Some(l) if !msg.contains(&l) => format!("{msg}: {l}"),
+                _ => msg,
+            }
+        }
+    }
+}
+
+/// The start of an answer body, for error messages.
+fn snippet(text: &str) -> String {
+    let t = text.trim();
+    match t.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &t[..i]),
+        None if t.is_empty() => "(empty body)".into(),
+        None => t.to_string(),
     }
 }

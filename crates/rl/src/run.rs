@@ -2,9 +2,12 @@
 //! (batch-invariant kernels: its logprobs and routes are what the trainer computes), rewards,
 //! GRPO advantages, packing with routes, `mini_steps` replayed updates, weight sync (the engine
 //! shares the trainer's weight storage), periodic evaluation, metrics JSONL, checkpoints, and
-//! the HTML report.
+//! the HTML report. A stop flag (Ctrl-C) ends the run after the current step with a checkpoint
+//! that `--resume` continues bit for bit.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -30,6 +33,16 @@ pub struct RunOptions {
     pub resume: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
+    /// Checked after every warm-up and RL step: once set, the run finishes the step, writes a
+    /// checkpoint + run_state.json (as the periodic checkpoints) and returns
+    /// [`RlError::Interrupted`] naming it.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl RunOptions {
+    fn stopped(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +59,18 @@ pub struct RunSummary {
 struct RunState {
     rl_step: u64,
     warmup_eval: f64,
+    /// Set in a checkpoint taken during the warm-up: warm-up steps done (the trainer and its
+    /// optimizer state are the warm-up's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    warmup_step: Option<u64>,
+}
+
+/// Trainer checkpoint + run_state.json.
+fn save_checkpoint(trainer: &Trainer, dir: &Path, st: &RunState) -> Result<()> {
+    trainer.save(dir)?;
+    let text = serde_json::to_string(st).map_err(|e| RlError::io(dir, e))?;
+    let path = dir.join("run_state.json");
+    std::fs::write(&path, text).map_err(|e| RlError::io(&path, e))
 }
 
 fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
@@ -72,16 +97,24 @@ fn base_model(cfg: &RunConfig) -> Result<MoeCausalLm> {
     Ok(m)
 }
 
-/// Supervised warm-up: cross-entropy on the answers of training instances.
-fn warmup(model: MoeCausalLm, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar) -> Result<MoeCausalLm> {
-    let tc = TrainerConfig {
+fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
+    TrainerConfig {
         loss: cfg.loss_config(),
         optimizer: AdamWConfig { lr: cfg.warmup.lr, max_grad_norm: Some(1.0), ..AdamWConfig::default() },
         replay: false,
-    };
-    let mut t = Trainer::new(model, tc)?;
+    }
+}
+
+/// Supervised warm-up: cross-entropy on the answers of training instances, from warm-up step
+/// `from` (0, or where an interrupted warm-up stopped). Returns the trainer and, when the stop
+/// flag ended it before its last step, the number of warm-up steps done.
+fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions) -> Result<(Trainer, Option<u64>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
-    for s in 0..cfg.warmup.steps {
+    // skip the instances of the steps already done
+    for _ in 0..from * cfg.warmup.batch as u64 {
+        env.sample(&mut rng);
+    }
+    for s in from..cfg.warmup.steps {
         let (mut toks, mut mask, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
         for _ in 0..cfg.warmup.batch {
             let task = env.sample(&mut rng);
@@ -102,8 +135,11 @@ fn warmup(model: MoeCausalLm, env: &dyn Environment, cfg: &RunConfig, bar: &Prog
         let loss = t.sft_step(&[tb])?;
         bar.set_message(format!("warm-up {}/{} loss {loss:.3}", s + 1, cfg.warmup.steps));
         bar.tick();
+        if opts.stopped() && s + 1 < cfg.warmup.steps {
+            return Ok((t, Some(s + 1)));
+        }
     }
-    Ok(t.model)
+    Ok((t, None))
 }
 
 /// The rollout engine for policy version `version`: in process (sharing the trainer's weight
@@ -124,20 +160,33 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
 /// Run the whole job (`replay` overrides `[replay] enabled`), writing under `out`.
 pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Result<RunSummary> {
     std::fs::create_dir_all(out).map_err(|e| RlError::io(out, e))?;
+    // the effective config (replay as run): `--config <out>/config.toml --resume ..` continues it
     let cfg_path = out.join("config.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
+    let mut effective = cfg.clone();
+    effective.replay.enabled = replay;
+    std::fs::write(&cfg_path, effective.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
     let env: Box<dyn Environment> = Box::new(Addition { digits: cfg.task.digits });
     let metrics_path = out.join("metrics.jsonl");
     let bar = if opts.progress { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").expect("valid template"));
     let max_answer = cfg.rollout.max_tokens;
 
+    if !cfg.rollout.servers.is_empty() {
+        // fail fast (before the warm-up) on a server that is down or is not a lockstep server
+        crate::remote::RemoteEngine::new(cfg.rollout.servers.clone()).check()?;
+    }
+
     // --- model and trainer: fresh (warm-up first) or resumed
-    let (mut trainer, start, warmup_eval) = match &opts.resume {
+    let state = match &opts.resume {
         Some(dir) => {
             let st_path = dir.join("run_state.json");
             let text = std::fs::read_to_string(&st_path).map_err(|e| RlError::io(&st_path, e))?;
-            let st: RunState = serde_json::from_str(&text).map_err(|e| RlError::io(&st_path, e))?;
+            Some(serde_json::from_str::<RunState>(&text).map_err(|e| RlError::io(&st_path, e))?)
+        }
+        None => None,
+    };
+    let (mut trainer, start, warmup_eval) = match (&opts.resume, state) {
+        (Some(dir), Some(st)) if st.warmup_step.is_none() => {
             let mut t = Trainer::resume(dir, trainer_config(cfg, replay), &Device::Cpu)?;
             t.model.set_kernels(Kernels::Invariant);
             // keep the metrics of the steps before the checkpoint
@@ -150,12 +199,33 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             }
             (t, st.rl_step + 1, st.warmup_eval)
         }
-        None => {
+        (resume, st) => {
+            // from scratch, or from a checkpoint taken during the warm-up
             let _ = std::fs::remove_file(&metrics_path);
-            let warm = warmup(base_model(cfg)?, env.as_ref(), cfg, &bar)?;
-            let t = Trainer::new(warm, trainer_config(cfg, replay))?;
+            let (t, from) = match (resume, st.and_then(|s| s.warmup_step)) {
+                (Some(dir), Some(done)) => {
+                    let mut t = Trainer::resume(dir, warmup_config(cfg), &Device::Cpu)?;
+                    t.model.set_kernels(Kernels::Invariant);
+                    (t, done)
+                }
+                _ => (Trainer::new(base_model(cfg)?, warmup_config(cfg))?, 0),
+            };
+            let (warm, stopped) = warmup(t, from, env.as_ref(), cfg, &bar, opts)?;
+            if let Some(done) = stopped {
+                let dir = out.join("checkpoints").join(format!("warmup-{done}"));
+                save_checkpoint(&warm, &dir, &RunState { rl_step: 0, warmup_eval: 0.0, warmup_step: Some(done) })?;
+                bar.abandon();
+                return Err(RlError::Interrupted { after: format!("warm-up step {done}/{}", cfg.warmup.steps), checkpoint: dir });
+            }
+            let t = Trainer::new(warm.model, trainer_config(cfg, replay))?;
             let acc = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), max_answer)?;
             metrics::append(&metrics_path, &StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() })?;
+            if opts.stopped() && cfg.steps > 0 {
+                let dir = out.join("checkpoints").join("step-0");
+                save_checkpoint(&t, &dir, &RunState { rl_step: 0, warmup_eval: acc, warmup_step: None })?;
+                bar.abandon();
+                return Err(RlError::Interrupted { after: "the warm-up".into(), checkpoint: dir });
+            }
             (t, 1, acc)
         }
     };
@@ -213,11 +283,16 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         let conf: f64 = rec.layers.values().map(|l| l.confidence).sum::<f64>() / rec.layers.len().max(1) as f64;
         bar.set_message(format!("reward {:.3} kl {:.2e} conf {:.3}{}", rec.reward_mean, rec.kl, conf, rec.eval_accuracy.map(|a| format!(" eval {a:.3}")).unwrap_or_default()));
         bar.inc(1);
-        if cfg.output.checkpoint_every > 0 && (step % cfg.output.checkpoint_every == 0 || step == cfg.steps) {
+        let stop = opts.stopped() && step < cfg.steps;
+        if stop || (cfg.output.checkpoint_every > 0 && (step % cfg.output.checkpoint_every == 0 || step == cfg.steps)) {
             let dir = out.join("checkpoints").join(format!("step-{step}"));
-            trainer.save(&dir)?;
-            let st = serde_json::to_string(&RunState { rl_step: step, warmup_eval }).map_err(|e| RlError::io(&dir, e))?;
-            std::fs::write(dir.join("run_state.json"), st).map_err(|e| RlError::io(&dir, e))?;
+            save_checkpoint(&trainer, &dir, &RunState { rl_step: step, warmup_eval, warmup_step: None })?;
+            if stop {
+                bar.abandon();
+                let records = metrics::read(&metrics_path)?;
+                crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train (interrupted)")?;
+                return Err(RlError::Interrupted { after: format!("step {step}/{}", cfg.steps), checkpoint: dir });
+            }
         }
     }
     bar.finish();
