@@ -1,10 +1,61 @@
 //! `lockstep train`: the RL loop with routing replay on the embedded default (or a TOML config),
-//! a progress bar, per-step metrics (JSONL), checkpoints and an HTML run report.
+//! a progress bar, per-step metrics (JSONL), checkpoints and an HTML run report. Ctrl-C
+//! finishes the current step, writes a checkpoint, prints the command that resumes it and exits
+//! with 130; a second Ctrl-C aborts at once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
-use lockstep_rl::{run, RunConfig, RunOptions};
+use lockstep_rl::{run, RlError, RunConfig, RunOptions};
+
+/// Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+const INTERRUPTED: i32 = 130;
+
+/// SIGINT handler: the first sets `stop` (the run finishes its step and checkpoints), the second
+/// exits at once. Only async-signal-safe calls inside (an atomic swap, write(2), _exit(2)).
+fn install_sigint(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let action = move || {
+        let msg: &[u8] = if stop.swap(true, Ordering::SeqCst) {
+            b"\nsecond Ctrl-C: aborting without a checkpoint\n"
+        } else {
+            b"\nCtrl-C: finishing the current step, then writing a checkpoint (Ctrl-C again aborts)\n"
+        };
+        let second = msg.starts_with(b"\nsecond");
+        // SAFETY: write(2) and _exit(2) are async-signal-safe
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            if second {
+                libc::_exit(INTERRUPTED);
+            }
+        }
+    };
+    // SAFETY: the action only does async-signal-safe work (above)
+    unsafe { signal_hook_registry::register(libc::SIGINT, action) }.context("installing the Ctrl-C handler")?;
+    Ok(())
+}
+
+/// A path as one shell word.
+fn shell_word(p: &Path) -> String {
+    let s = p.display().to_string();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Print where an interrupted run stopped and the command that resumes it; exit 130.
+fn interrupted(after: &str, checkpoint: &Path, run_dir: &Path, compare: bool) -> ! {
+    let exe = std::env::args_os().next().map(PathBuf::from).unwrap_or_else(|| "lockstep".into());
+    eprintln!("interrupted after {after}; checkpoint written: {}", checkpoint.display());
+    eprintln!("resume with:\n  {} train --config {} --resume {}", shell_word(&exe), shell_word(&run_dir.join("config.toml")), shell_word(checkpoint));
+    if compare {
+        eprintln!("(that resumes this one run of --compare-replay; the comparison report needs both runs)");
+    }
+    std::process::exit(INTERRUPTED);
+}
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -57,14 +108,21 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let out = PathBuf::from(&cfg.output.dir);
-    let opts = RunOptions { resume: args.resume.clone(), progress: !args.quiet };
+    let stop = Arc::new(AtomicBool::new(false));
+    install_sigint(stop.clone())?;
+    let opts = RunOptions { resume: args.resume.clone(), progress: !args.quiet, stop: Some(stop) };
+    // a run that the stop flag ended: say how to resume it, exit 130
+    let go = |dir: &Path, replay: bool| match run(&cfg, dir, replay, &opts) {
+        Err(RlError::Interrupted { after, checkpoint }) => interrupted(&after, &checkpoint, dir, args.compare_replay),
+        r => r,
+    };
     let t0 = std::time::Instant::now();
     if args.compare_replay {
         if args.resume.is_some() {
             anyhow::bail!("--compare-replay starts both runs from scratch; drop --resume");
         }
-        let off = run(&cfg, &out.join("replay_off"), false, &opts)?;
-        let on = run(&cfg, &out.join("replay_on"), true, &opts)?;
+        let off = go(&out.join("replay_off"), false)?;
+        let on = go(&out.join("replay_on"), true)?;
         lockstep_rl::report::write(
             &out.join("report.html"),
             &[("replay off".into(), off.records.clone()), ("replay on".into(), on.records.clone())],
@@ -75,7 +133,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
         }
         println!("report: {}", out.join("report.html").display());
     } else {
-        let s = run(&cfg, &out, cfg.replay.enabled, &opts)?;
+        let s = go(&out, cfg.replay.enabled)?;
         print_summary(if cfg.replay.enabled { "replay on" } else { "replay off" }, &s);
         println!("metrics: {}\nreport: {}", out.join("metrics.jsonl").display(), out.join("report.html").display());
     }

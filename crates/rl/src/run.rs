@@ -160,10 +160,11 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
 /// Run the whole job (`replay` overrides `[replay] enabled`), writing under `out`.
 pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Result<RunSummary> {
     std::fs::create_dir_all(out).map_err(|e| RlError::io(out, e))?;
-    // the effective config (replay as run): `--config <out>/config.toml --resume ..` continues it
+    // the effective config (replay and directory as run): `--config <out>/config.toml --resume ..` continues it
     let cfg_path = out.join("config.toml");
     let mut effective = cfg.clone();
     effective.replay.enabled = replay;
+    effective.output.dir = out.display().to_string();
     std::fs::write(&cfg_path, effective.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
     let env: Box<dyn Environment> = Box::new(Addition { digits: cfg.task.digits });
     let metrics_path = out.join("metrics.jsonl");

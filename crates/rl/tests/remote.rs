@@ -115,12 +115,12 @@ fn garbage_answers_are_named() {
     let remote = RemoteEngine::new(vec![url.clone()]);
     remote.check().unwrap();
     let req = lockstep_engine::Request { prompt: vec![1, 2], params: lockstep_engine::SamplingParams::default() };
-    let e = remote.generate(&[req.clone()]).unwrap_err().to_string();
+    let e = remote.generate(std::slice::from_ref(&req)).unwrap_err().to_string();
     eprintln!("{e}");
     assert!(e.contains(&format!("{url}/v1/completions")) && e.contains("choices[0].prompt_token_ids"), "{e}");
     // completions answering 500 / non-JSON
     let url = fake_server(|p| if p == "/health" { ("200 OK", r#"{"status": "ok"}"#) } else { ("503 Service Unavailable", "overloaded") });
-    let e = RemoteEngine::new(vec![url.clone()]).generate(&[req.clone()]).unwrap_err().to_string();
+    let e = RemoteEngine::new(vec![url.clone()]).generate(std::slice::from_ref(&req)).unwrap_err().to_string();
     eprintln!("{e}");
     assert!(e.contains(&format!("{url}/v1/completions")) && e.contains("HTTP 503") && e.contains("overloaded"), "{e}");
     let url = fake_server(|p| if p == "/health" { ("200 OK", r#"{"status": "ok"}"#) } else { ("200 OK", "not json") });
