@@ -1,6 +1,8 @@
 //! `lockstep consistency`: generate a batch with mixed prompt lengths, re-score it the trainer's
 //! way, print max |Δ logprob|, the KL estimate and route agreement — with the batch-invariant
-//! kernels (lockstep) and, for comparison, candle's ordinary kernels.
+//! kernels (lockstep) and, for comparison, candle's ordinary kernels. `--routing expert-choice
+//! --pool block:1` checks expert choice (per token, so it generates token by token); wider pools
+//! are refused by the engine (a token's experts would depend on later tokens).
 
 use std::path::PathBuf;
 
@@ -8,6 +10,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use lockstep_engine::consistency::rescore;
 use lockstep_engine::{Engine, Request, SamplingParams};
+use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
 use lockstep_model::{Kernels, ModelConfig, MoeCausalLm};
 
 #[derive(clap::Args)]
@@ -24,6 +27,16 @@ pub struct ConsistencyArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// token-choice or expert-choice; the model's own when absent.
+    #[arg(long)]
+    routing: Option<String>,
+    /// Expert choice: C = ceil(F · pool tokens / experts).
+    #[arg(long, default_value_t = 1.0)]
+    capacity_factor: f64,
+    /// Expert choice: where experts pick from. Only block:1 (one-token pools) can be generated
+    /// token by token; block:N, sequence and batch are refused.
+    #[arg(long, default_value = "block:1")]
+    pool: String,
 }
 
 const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
@@ -42,6 +55,28 @@ pub fn run(args: ConsistencyArgs) -> anyhow::Result<()> {
         (None, "wide") => MoeCausalLm::random(&ModelConfig::from_json_str(WIDE, "<wide>")?, args.seed, DType::F32, &dev)?,
         (None, other) => bail!("--width {other}: expected default or wide"),
     };
+    let mut base = base;
+    if let Some(routing) = &args.routing {
+        let strategy = match routing.as_str() {
+            "token-choice" => RoutingStrategy::TokenChoice,
+            "expert-choice" => RoutingStrategy::ExpertChoice {
+                capacity_factor: args.capacity_factor,
+                pool: Pool::parse(&args.pool).map_err(|m| anyhow::anyhow!("--pool {m}"))?,
+            },
+            other => bail!("--routing {other}: expected token-choice or expert-choice"),
+        };
+        // causal attention; a wide pool is let through here so the engine says why it cannot
+        // generate it
+        base.set_routing(strategy, AttentionMode::Causal, true).context("--routing / --pool / --capacity-factor")?;
+    }
+    base.check_incremental().context("the engine generates token by token")?;
+    let r = &base.cfg.moe.router;
+    println!(
+        "routing: {:?}, {} experts, {} per token in the routes",
+        r.strategy,
+        r.num_experts,
+        lockstep_engine::engine::route_width(&base)
+    );
     let v = base.cfg.vocab_size as u32;
     let reqs: Vec<Request> = (0..args.batch)
         .map(|i| Request {

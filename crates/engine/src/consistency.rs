@@ -2,11 +2,11 @@
 //! trainer's way (one packed forward over prompt + completion, token log-probabilities from
 //! `lockstep_model::logprobs`, free routes), and compare log-probabilities and routes.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use lockstep_model::logprobs::token_logprobs;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
-use crate::engine::Completion;
+use crate::engine::{route_width, token_rows, Completion};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,16 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
     let logp: Vec<f32> = logp.flatten_all()?.to_vec1()?;
     let (mut max_d, mut kl, mut n) = (0f64, 0f64, 0usize);
     let (mut rows, mut same_rows, mut prob_diff) = (0usize, 0usize, 0usize);
+    // the trainer's routes as token-major rows of k experts
+    let k = route_width(model);
+    let trainer_rows: Vec<(usize, Vec<u32>, Vec<f32>)> = out
+        .routes
+        .iter()
+        .map(|(&l, r)| {
+            let (ids, probs) = token_rows(r, k)?;
+            Ok((l, ids, probs))
+        })
+        .collect::<Result<_>>()?;
     for (i, c) in completions.iter().enumerate() {
         let start = cu[i];
         for (j, &lp_engine) in c.logprobs.iter().enumerate() {
@@ -47,10 +57,7 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
             n += 1;
         }
         let len = c.prompt.len() + c.tokens.len();
-        for (l, r) in &out.routes {
-            let k = r.top_k.unwrap_or(1);
-            let ids: Vec<u32> = r.expert_A.to_vec1()?;
-            let probs: Vec<f32> = r.prob_A.to_dtype(DType::F32)?.to_vec1()?;
+        for (l, ids, probs) in &trainer_rows {
             let Some(e) = c.routes.get(l) else {
                 rows += len;
                 continue;

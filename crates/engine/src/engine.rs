@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use candle_core::{DType, Device, IndexOp, D};
-use lockstep_model::{Batch, KvCache, MoeCausalLm, RoutingPlan};
+use lockstep_model::config::{Pool, RoutingStrategy};
+use lockstep_model::moe::router::expert_choice::capacity;
+use lockstep_model::{Batch, KvCache, LayerRoute, MoeCausalLm, RoutingPlan};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -89,6 +91,37 @@ pub struct Engine {
     pub policy_version: u64,
     capture: bool,
     sampled: Vec<Sampled>,
+}
+
+/// Experts per token in a generated sequence's routes: top-k for token choice; for expert choice
+/// over one-token pools (`block:1`, the only expert choice that generates token by token) each
+/// expert takes C = min(1, ceil(capacity_factor / E)) of every token, so E·C (every expert).
+pub fn route_width(model: &MoeCausalLm) -> usize {
+    let r = &model.cfg.moe.router;
+    match r.strategy {
+        RoutingStrategy::ExpertChoice { capacity_factor, pool: Pool::Block(1) } => r.num_experts * capacity(capacity_factor, 1, r.num_experts),
+        _ => r.top_k,
+    }
+}
+
+/// A layer's route as token-major rows of `width` experts: (ids, router probabilities), row n
+/// = token slot n. Token choice rows are in selection order; expert choice assignments are
+/// grouped by token (in expert order) and every token must have `width` of them.
+pub fn token_rows(route: &LayerRoute, width: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let ids: Vec<u32> = route.expert_A.to_vec1()?;
+    let probs: Vec<f32> = route.prob_A.to_dtype(DType::F32)?.to_vec1()?;
+    if route.top_k.is_some() {
+        return Ok((ids, probs));
+    }
+    let tok: Vec<u32> = route.token_A.to_vec1()?;
+    let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::with_capacity(width); route.num_tokens];
+    for ((&t, &e), &p) in tok.iter().zip(&ids).zip(&probs) {
+        rows[t as usize].push((e, p));
+    }
+    if let Some((n, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {
+        return Err(EngineError::Request { id: 0, field: "routes".into(), msg: format!("token slot {n} has {} experts, expected {width}", r.len()) });
+    }
+    Ok(rows.into_iter().flatten().unzip())
 }
 
 impl Completion {
@@ -235,6 +268,8 @@ impl Engine {
             return Err(bad("prompt", format!("token id {t} >= vocab_size {v}")));
         }
         req.params.validate().map_err(|(f, m)| bad(&f, m))?;
+        // token-by-token generation needs causal routes (expert choice: one-token pools)
+        self.model.check_incremental()?;
         self.next_id += 1;
         let rng = ChaCha8Rng::seed_from_u64(req.params.seed);
         self.waiting.push_back(Seq {
@@ -280,11 +315,14 @@ impl Engine {
         let plan = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
         let out = self.model.forward_cached(&step, &mut caches, &plan)?;
         let logsm = candle_nn::ops::log_softmax(&out.logits.to_dtype(DType::F32)?, D::Minus1)?;
-        let k = self.model.cfg.moe.router.top_k;
+        let k = route_width(&self.model);
         let step_routes: Vec<(usize, Vec<u32>, Vec<f32>)> = out
             .routes
             .iter()
-            .map(|(&l, r)| Ok((l, r.expert_A.to_vec1()?, r.prob_A.to_dtype(DType::F32)?.to_vec1()?)))
+            .map(|(&l, r)| {
+                let (ids, probs) = token_rows(r, k)?;
+                Ok((l, ids, probs))
+            })
             .collect::<Result<_>>()?;
         for (i, s) in self.running.iter_mut().enumerate() {
             let (a, b) = (cu[i], cu[i + 1]);

@@ -77,3 +77,38 @@ fn bad_requests_are_named() {
     assert_eq!(stop[0].tokens.len(), 1, "any token stops");
     assert_eq!(stop[0].finish, lockstep_engine::FinishReason::Stop);
 }
+
+/// Expert choice over one-token pools (`block:1`) is per token and causal: it generates token by
+/// token and stays in lockstep with the trainer (every expert takes every token: C = 1 of 1).
+#[test]
+fn expert_choice_block1_lockstep() {
+    use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
+    let mut m = MoeCausalLm::embedded_default(0, DType::F32, &Device::Cpu).unwrap();
+    m.set_routing(RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: Pool::Block(1) }, AttentionMode::Causal, false).unwrap();
+    m.set_kernels(Kernels::Invariant);
+    assert_eq!(lockstep_engine::engine::route_width(&m), m.cfg.moe.router.num_experts);
+    check(m.clone(), 16, 6);
+    check(m, 1, 6);
+}
+
+/// Wider expert-choice pools pick a token's experts by later tokens: the engine refuses them
+/// (and non-causal attention) with an error naming the field.
+#[test]
+fn engine_refuses_non_causal_routing() {
+    use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
+    let req = Request { prompt: vec![1, 2, 3], params: SamplingParams::default() };
+    for (pool, attention, field) in [
+        (Pool::Sequence, AttentionMode::Causal, "expert_choice_pool"),
+        (Pool::Block(4), AttentionMode::Causal, "expert_choice_pool"),
+        (Pool::Batch, AttentionMode::Causal, "expert_choice_pool"),
+        (Pool::Sequence, AttentionMode::Bidirectional, "attention_mode"),
+    ] {
+        let mut m = MoeCausalLm::embedded_default(0, DType::F32, &Device::Cpu).unwrap();
+        m.set_routing(RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool }, attention, true).unwrap();
+        let e = Engine::new(m).submit(req.clone()).unwrap_err().to_string();
+        assert!(e.contains(field), "{pool:?} {attention:?}: {e}");
+        if field == "expert_choice_pool" {
+            assert!(e.contains("block:1") && e.contains("token by token"), "{e}");
+        }
+    }
+}

@@ -6,7 +6,7 @@
 use candle_core::{DType, Module};
 
 use crate::batch::Batch;
-use crate::config::{AttentionMode, RoutingStrategy};
+use crate::config::{AttentionMode, Pool, RoutingStrategy};
 use crate::error::{ModelError, Result};
 use crate::model::{ForwardOutput, MoeCausalLm};
 use crate::nn::attention::LayerKv;
@@ -30,15 +30,32 @@ impl KvCache {
 }
 
 impl MoeCausalLm {
+    /// Whether the model can be generated token by token over a KV cache: causal attention, and
+    /// each token's route independent of later tokens — token choice, or expert choice over
+    /// one-token pools (`block:1`). A wider expert-choice pool is refused: there a token's experts
+    /// depend on the tokens after it. Errors name the config field.
+    pub fn check_incremental(&self) -> Result<()> {
+        let mode = self.cfg.attention.mode;
+        if mode != AttentionMode::Causal {
+            return Err(ModelError::batch("attention_mode", format!("{mode:?}: a KV cache (token-by-token generation) needs causal attention")));
+        }
+        match self.cfg.moe.router.strategy {
+            RoutingStrategy::TokenChoice | RoutingStrategy::ExpertChoice { pool: Pool::Block(1), .. } => Ok(()),
+            RoutingStrategy::ExpertChoice { pool, .. } => Err(ModelError::batch(
+                "expert_choice_pool",
+                format!(
+                    "{pool:?}: expert choice over a pool wider than one token picks a token's experts by the \
+                     tokens after it, so it cannot be generated token by token; use pool block:1 (per token, causal)"
+                ),
+            )),
+        }
+    }
+
     /// Forward new tokens: `step` is a packed row whose i-th sequence continues `caches[i]`
-    /// (positions must continue the cache: `caches[i].len()..`). Causal token-choice models only.
+    /// (positions must continue the cache: `caches[i].len()..`). Models that pass
+    /// [`MoeCausalLm::check_incremental`] only.
     pub fn forward_cached(&self, step: &Batch, caches: &mut [&mut KvCache], plan: &RoutingPlan) -> Result<ForwardOutput> {
-        if self.cfg.attention.mode != AttentionMode::Causal {
-            return Err(ModelError::batch("attention_mode", "a KV cache needs causal attention"));
-        }
-        if self.cfg.moe.router.strategy != RoutingStrategy::TokenChoice {
-            return Err(ModelError::batch("routing_strategy", "incremental decoding supports token choice only"));
-        }
+        self.check_incremental()?;
         let (b, t) = step.dims();
         if b != 1 {
             return Err(ModelError::batch("step", "one packed row of new tokens expected"));
