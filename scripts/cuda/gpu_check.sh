@@ -110,6 +110,17 @@ for dev in cuda cpu; do
   done
 done
 
+# gradients (a masked policy-gradient loss under forced routes) against PyTorch's, where a
+# grads.safetensors exists: on CUDA this runs the grouped-GEMM custom ops' backward
+for dev in cuda cpu; do
+  for d in "${FIXTURES[@]}"; do
+    [[ -f "$d/grads.safetensors" ]] || continue
+    check "verify --grads --device $dev $(basename "$d")" \
+      "$BIN" verify --device "$dev" --model "$d" --reference "$d/reference.safetensors" --grads "$d/grads.safetensors"
+    grep -E "checks within|beyond" "$LAST_OUT" | tail -1 | sed "s/^/     [grads $dev $(basename "$d")] /" >> "$SUMMARY"
+  done
+done
+
 # demo: record → replay must be bitwise (0e0) on either device. Expert choice over a pool wider
 # than one token needs non-causal attention (the CLI refuses the future leak otherwise); the
 # 16 × 256 batch pool makes each expert rank 3136 tokens (a sort well past 1024 columns on the GPU).

@@ -1,5 +1,6 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
+mod bench_moe_cmd;
 mod consistency_cmd;
 mod demo_cmd;
 mod device;
@@ -31,6 +32,8 @@ enum Command {
     Consistency(consistency_cmd::ConsistencyArgs),
     /// OpenAI-compatible server (completions, chat, SSE) returning routes with every sample.
     Serve(serve_cmd::ServeArgs),
+    /// Time one MoE expert layer forward + backward on the GPU (grouped GEMM CUDA ops).
+    BenchMoe(bench_moe_cmd::BenchMoeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,5 +55,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(args) => trace_cmd::run(args),
         Command::Consistency(args) => consistency_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
+        Command::BenchMoe(args) => bench_moe_cmd::run(args),
     }
 }

@@ -16,6 +16,8 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod init;
 pub mod kv_cache;
 pub mod logprobs;

@@ -45,6 +45,10 @@ impl Experts {
         self.kernels = k;
     }
 
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
     /// x [n, D] · w[e]ᵀ with the selected kernel.
     fn mm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         match self.kernels {

@@ -66,13 +66,18 @@ impl MoeBlock {
         let n = x_ND.dim(0)?;
         // route
         let route = self.router.route(x_ND, mode, layer, batch)?;
-        // dispatch
-        let dispatch = Dispatch::new(&route, self.experts.num_experts(), x_ND.device())?;
-        let x_AD = dispatch.gather(x_ND)?;
-        // experts
-        let y_AD = self.experts.forward(&x_AD, &dispatch.counts)?;
-        // combine
-        let mut out_ND = combine::combine(&y_AD, &dispatch, n)?;
+        let mut out_ND = if gpu_path(x_ND, &self.experts) {
+            // dispatch → experts → combine as CUDA custom ops (crate::gpu)
+            gpu_experts(x_ND, &route, &self.experts)?
+        } else {
+            // dispatch
+            let dispatch = Dispatch::new(&route, self.experts.num_experts(), x_ND.device())?;
+            let x_AD = dispatch.gather(x_ND)?;
+            // experts
+            let y_AD = self.experts.forward(&x_AD, &dispatch.counts)?;
+            // combine
+            combine::combine(&y_AD, &dispatch, n)?
+        };
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x_ND)?;
             if let Some(gate) = &shared.gate {
@@ -83,4 +88,25 @@ impl MoeBlock {
         }
         Ok((out_ND, route))
     }
+}
+
+/// CUDA tensors take the grouped-GEMM path, except under the (CPU-only) batch-invariant kernels.
+#[cfg(feature = "cuda")]
+fn gpu_path(x_ND: &Tensor, experts: &Experts) -> bool {
+    x_ND.device().is_cuda() && experts.kernels() != Kernels::Invariant
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_path(_: &Tensor, _: &Experts) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_experts(x_ND: &Tensor, route: &LayerRoute, experts: &Experts) -> Result<Tensor> {
+    crate::gpu::moe_experts(x_ND, route, experts)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_experts(_: &Tensor, _: &LayerRoute, _: &Experts) -> Result<Tensor> {
+    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
 }

@@ -1,0 +1,219 @@
+// MoE dispatch / SwiGLU / combine kernels for the CUDA expert path (crates/model/src/gpu).
+// Compiled to PTX by crates/model/build.rs (nvcc --ptx) when the `cuda` feature is on.
+//
+// Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments (token, expert,
+// weight), R expert-sorted rows (R = A, or E * padded rows per expert in the padded layout).
+// Every reduction runs in a fixed order (no atomics on floats): results are deterministic.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef uint32_t u32;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch plan
+
+// counts[k] = #assignments with key k; counts[num_keys] = #keys out of range.
+// (Integer atomics: order-free, exact.)
+extern "C" __global__ void moe_histogram(const u32* __restrict__ key_A, u32 A, u32* __restrict__ counts, u32 num_keys) {
+    for (u32 a = blockIdx.x * blockDim.x + threadIdx.x; a < A; a += gridDim.x * blockDim.x) {
+        u32 k = key_A[a];
+        atomicAdd(&counts[k < num_keys ? k : num_keys], 1u);
+    }
+}
+
+// One block per expert (blockDim 1024): a stable rank of each of its assignments, so
+// pos_A[a] = row_offset[e] + (#assignments of e before a). Assignment order is kept within an
+// expert, like a stable counting sort.
+extern "C" __global__ void moe_positions(const u32* __restrict__ expert_A, u32 A, const u32* __restrict__ row_offset,
+                                         u32* __restrict__ pos_A) {
+    __shared__ u32 warp_tot[32];
+    __shared__ u32 running;
+    const u32 e = blockIdx.x;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    if (threadIdx.x == 0) running = 0;
+    __syncthreads();
+    const u32 base_row = row_offset[e];
+    for (u32 base = 0; base < A; base += blockDim.x) {
+        u32 a = base + threadIdx.x;
+        bool m = a < A && expert_A[a] == e;
+        u32 ballot = __ballot_sync(0xffffffffu, m);
+        u32 in_warp = __popc(ballot & ((1u << lane) - 1u));
+        if (lane == 0) warp_tot[warp] = __popc(ballot);
+        __syncthreads();
+        u32 before = 0, total = 0;
+        for (u32 w = 0; w < nwarps; ++w) {
+            u32 t = warp_tot[w];
+            if (w < warp) before += t;
+            total += t;
+        }
+        if (m) pos_A[a] = base_row + running + before + in_warp;
+        __syncthreads();
+        if (threadIdx.x == 0) running += total;
+        __syncthreads();
+    }
+}
+
+// out[0] = 0, out[i + 1] = in[0] + ... + in[i]; one block of 1024 threads.
+extern "C" __global__ void moe_exclusive_scan(const u32* __restrict__ in, u32 n, u32* __restrict__ out) {
+    __shared__ u32 part[1024];
+    const u32 t = threadIdx.x, nt = blockDim.x;
+    const u32 chunk = (n + nt - 1) / nt;
+    const u32 lo = min(n, t * chunk), hi = min(n, lo + chunk);
+    u32 s = 0;
+    for (u32 i = lo; i < hi; ++i) s += in[i];
+    part[t] = s;
+    __syncthreads();
+    if (t == 0) {
+        u32 acc = 0;
+        for (u32 i = 0; i < nt; ++i) { u32 v = part[i]; part[i] = acc; acc += v; }
+    }
+    __syncthreads();
+    u32 acc = part[t];
+    if (t == 0) out[0] = 0;
+    for (u32 i = lo; i < hi; ++i) { acc += in[i]; out[i + 1] = acc; }
+}
+
+// Token CSR: list[toff[n] ..] gets the assignments of token n (any order; sorted afterwards).
+extern "C" __global__ void moe_token_fill(const u32* __restrict__ token_A, u32 A, const u32* __restrict__ toff,
+                                          u32* __restrict__ cursor, u32* __restrict__ list) {
+    for (u32 a = blockIdx.x * blockDim.x + threadIdx.x; a < A; a += gridDim.x * blockDim.x) {
+        u32 n = token_A[a];
+        u32 slot = atomicAdd(&cursor[n], 1u);
+        list[toff[n] + slot] = a;
+    }
+}
+
+// Sort each token's (short) assignment list ascending: a fixed summation order.
+extern "C" __global__ void moe_token_sort(const u32* __restrict__ toff, u32 N, u32* __restrict__ list) {
+    for (u32 n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
+        u32 lo = toff[n], hi = toff[n + 1];
+        for (u32 i = lo + 1; i < hi; ++i) {
+            u32 v = list[i];
+            u32 j = i;
+            while (j > lo && list[j - 1] > v) { list[j] = list[j - 1]; --j; }
+            list[j] = v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Permute (dispatch) and its backward
+
+// xp[pos[a]] = x[token[a]]   (grid: A blocks; rows not written stay as allocated: zero)
+template <typename T>
+__device__ void permute(const T* __restrict__ x, const u32* __restrict__ token_A, const u32* __restrict__ pos_A, u32 A,
+                        u32 D, T* __restrict__ xp) {
+    for (u32 a = blockIdx.x; a < A; a += gridDim.x) {
+        const T* src = x + (size_t)token_A[a] * D;
+        T* dst = xp + (size_t)pos_A[a] * D;
+        for (u32 d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
+    }
+}
+
+// out[n] = sum over token n's assignments a (ascending) of w[a] * y[pos[a]]  (w null: weight 1)
+template <typename T>
+__device__ void gather_sum(const T* __restrict__ y, const float* __restrict__ w_A, const u32* __restrict__ toff,
+                           const u32* __restrict__ list, const u32* __restrict__ pos_A, u32 N, u32 D, T* __restrict__ out) {
+    for (u32 n = blockIdx.x; n < N; n += gridDim.x) {
+        const u32 lo = toff[n], hi = toff[n + 1];
+        for (u32 d = threadIdx.x; d < D; d += blockDim.x) {
+            float acc = 0.f;
+            for (u32 j = lo; j < hi; ++j) {
+                u32 a = list[j];
+                float v = to_f(y[(size_t)pos_A[a] * D + d]);
+                acc += w_A ? w_A[a] * v : v;
+            }
+            out[(size_t)n * D + d] = from_f<T>(acc);
+        }
+    }
+}
+
+// Combine backward, one block per assignment: dy[pos[a]] = w[a] * dout[token[a]] (when dy is
+// given, with w), dw[a] = <dout[token[a]], y[pos[a]]> (when dw is given, with y).
+// blockDim must be a power of two <= 1024.
+template <typename T>
+__device__ void combine_bwd(const T* __restrict__ dout, const T* __restrict__ y, const float* __restrict__ w_A,
+                            const u32* __restrict__ token_A, const u32* __restrict__ pos_A, u32 A, u32 D,
+                            T* __restrict__ dy, float* __restrict__ dw_A) {
+    __shared__ float red[1024];
+    for (u32 a = blockIdx.x; a < A; a += gridDim.x) {
+        const T* g = dout + (size_t)token_A[a] * D;
+        const size_t row = (size_t)pos_A[a] * D;
+        if (dy) {
+            const float w = w_A[a];
+            for (u32 d = threadIdx.x; d < D; d += blockDim.x) dy[row + d] = from_f<T>(w * to_f(g[d]));
+        }
+        if (dw_A) {
+            float acc = 0.f;
+            for (u32 d = threadIdx.x; d < D; d += blockDim.x) acc += to_f(g[d]) * to_f(y[row + d]);
+            red[threadIdx.x] = acc;
+            __syncthreads();
+            for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
+                if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+                __syncthreads();
+            }
+            if (threadIdx.x == 0) dw_A[a] = red[0];
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU on the fused gate_up output: gu [R, 2F] (gate columns, then up) → a [R, F]
+
+template <typename T>
+__device__ void swiglu(const T* __restrict__ gu, size_t R, u32 F, T* __restrict__ out) {
+    const size_t total = R * F;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / F, f = i % F;
+        float g = to_f(gu[r * 2 * F + f]);
+        float u = to_f(gu[r * 2 * F + F + f]);
+        float s = 1.f / (1.f + __expf(-g));
+        out[i] = from_f<T>(g * s * u);
+    }
+}
+
+template <typename T>
+__device__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ da, size_t R, u32 F, T* __restrict__ dgu) {
+    const size_t total = R * F;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / F, f = i % F;
+        float g = to_f(gu[r * 2 * F + f]);
+        float u = to_f(gu[r * 2 * F + F + f]);
+        float d = to_f(da[i]);
+        float s = 1.f / (1.f + __expf(-g));
+        float silu = g * s;
+        float dsilu = s * (1.f + g * (1.f - s));
+        dgu[r * 2 * F + f] = from_f<T>(d * u * dsilu);
+        dgu[r * 2 * F + F + f] = from_f<T>(d * silu);
+    }
+}
+
+#define MOE_TYPED(T, SUF)                                                                                          \
+    extern "C" __global__ void moe_permute_##SUF(const T* x, const u32* token_A, const u32* pos_A, u32 A, u32 D,   \
+                                                 T* xp) {                                                          \
+        permute<T>(x, token_A, pos_A, A, D, xp);                                                                   \
+    }                                                                                                              \
+    extern "C" __global__ void moe_gather_sum_##SUF(const T* y, const float* w_A, const u32* toff, const u32* list, \
+                                                    const u32* pos_A, u32 N, u32 D, T* out) {                      \
+        gather_sum<T>(y, w_A, toff, list, pos_A, N, D, out);                                                       \
+    }                                                                                                              \
+    extern "C" __global__ void moe_combine_bwd_##SUF(const T* dout, const T* y, const float* w_A,                  \
+                                                     const u32* token_A, const u32* pos_A, u32 A, u32 D, T* dy,    \
+                                                     float* dw_A) {                                                \
+        combine_bwd<T>(dout, y, w_A, token_A, pos_A, A, D, dy, dw_A);                                              \
+    }                                                                                                              \
+    extern "C" __global__ void moe_swiglu_##SUF(const T* gu, size_t R, u32 F, T* out) { swiglu<T>(gu, R, F, out); } \
+    extern "C" __global__ void moe_swiglu_bwd_##SUF(const T* gu, const T* da, size_t R, u32 F, T* dgu) {           \
+        swiglu_bwd<T>(gu, da, R, F, dgu);                                                                          \
+    }
+
+MOE_TYPED(float, f32)
+MOE_TYPED(__nv_bfloat16, bf16)

@@ -1,0 +1,110 @@
+//! The MoE expert stages on CUDA: dispatch → grouped GEMMs with SwiGLU → weighted combine, and
+//! their backward, as candle custom ops (`ops`). Same stage boundaries as `crate::moe`, whose CPU
+//! code stays the reference; `MoeBlock::forward` takes this path for CUDA tensors (except under
+//! the batch-invariant kernels, which are CPU only).
+//!
+//! - `plan`: the dispatch plan, computed on the device from the routing decision;
+//! - `gemm`: per-expert GEMMs through cuBLAS (grouped, padded strided-batched, or a loop);
+//! - `ops`: the custom ops with their backward;
+//! - `kernels.cu`: the dispatch / SwiGLU / combine kernels (compiled to PTX by build.rs).
+//!
+//! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
+
+pub mod gemm;
+pub mod ops;
+pub mod plan;
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchArgs};
+use candle_core::{CudaDevice, DType, Result, Tensor};
+
+use crate::moe::experts::Experts;
+use crate::routing::LayerRoute;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_kernels.ptx"));
+const MODULE: &str = "lockstep_moe";
+
+/// A kernel of `kernels.cu`, launched on the device's stream.
+pub(crate) struct Kernel {
+    f: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    pub(crate) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.f)
+    }
+}
+
+pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// How the per-expert GEMMs are issued (see `gemm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmImpl {
+    /// one cuBLAS grouped GEMM call per product, compact rows
+    #[default]
+    Grouped,
+    /// every expert padded to the largest expert's rows, one strided-batched GEMM per product
+    Padded,
+    /// one cuBLAS GEMM per expert
+    Loop,
+}
+
+impl std::str::FromStr for GemmImpl {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "grouped" => Ok(Self::Grouped),
+            "padded" => Ok(Self::Padded),
+            "loop" => Ok(Self::Loop),
+            other => Err(format!("unknown grouped GEMM implementation {other:?} (grouped, padded, loop)")),
+        }
+    }
+}
+
+impl GemmImpl {
+    /// `LOCKSTEP_MOE_GEMM` (grouped | padded | loop), else the default.
+    pub fn from_env() -> Self {
+        std::env::var("LOCKSTEP_MOE_GEMM").ok().and_then(|s| s.parse().ok()).unwrap_or_default()
+    }
+}
+
+/// The experts stage of one layer on the GPU: x_ND and the layer's assignments → out_ND.
+/// Carries gradients to x, the expert weights and the routing weights.
+pub fn experts_forward(
+    x_ND: &Tensor,
+    token_A: &Tensor,
+    expert_A: &Tensor,
+    weight_A: &Tensor,
+    gate_up_EFD: &Tensor,
+    down_EDF: &Tensor,
+    imp: GemmImpl,
+) -> Result<Tensor> {
+    let n = x_ND.dim(0)?;
+    let e = gate_up_EFD.dim(0)?;
+    let plan = Arc::new(plan::Plan::build(token_A, expert_A, n, e, imp)?);
+    let dtype = gate_up_EFD.dtype();
+    let xp_RD = x_ND.to_dtype(dtype)?.contiguous()?.apply_op1(ops::Permute(plan.clone()))?;
+    let gu_R2F = xp_RD.apply_op2(gate_up_EFD, ops::GroupedMm { plan: plan.clone(), product: gemm::Product::Nt })?;
+    let a_RF = gu_R2F.apply_op1(ops::SwiGlu)?;
+    let y_RD = a_RF.apply_op2(down_EDF, ops::GroupedMm { plan: plan.clone(), product: gemm::Product::Nt })?;
+    let w_A = weight_A.to_dtype(DType::F32)?.contiguous()?;
+    y_RD.apply_op2(&w_A, ops::Combine(plan))?.to_dtype(x_ND.dtype())
+}
+
+/// `experts_forward` for a model layer's route and experts.
+pub fn moe_experts(x_ND: &Tensor, route: &LayerRoute, experts: &Experts) -> crate::error::Result<Tensor> {
+    Ok(experts_forward(
+        x_ND,
+        &route.token_A,
+        &route.expert_A,
+        &route.weight_A,
+        &experts.gate_up_proj,
+        &experts.down_proj,
+        GemmImpl::from_env(),
+    )?)
+}

@@ -1,0 +1,163 @@
+//! The dispatch plan of one MoE layer on the GPU: where every assignment's row goes in the
+//! expert-sorted buffer, and which assignments every token sums in the combine.
+//!
+//! Built on the device from the routing decision's `token_A` / `expert_A` (no host copy of the
+//! route): a histogram of experts, a stable per-expert rank (`pos_A`), and a token CSR sorted by
+//! assignment index (a fixed summation order). Only the E expert counts come back to the host:
+//! cuBLAS needs each expert's row count to size its GEMMs.
+//!
+//! Legend: N tokens, E experts, A assignments, R expert-sorted rows.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
+
+use super::{func, GemmImpl};
+
+/// Row layout of the expert-sorted buffer.
+#[derive(Debug, Clone)]
+pub struct RowLayout {
+    /// rows (assignments) of each expert
+    pub counts: Vec<usize>,
+    /// first row of each expert
+    pub offsets: Vec<usize>,
+    /// total rows R
+    pub rows: usize,
+    /// padded layout: every expert owns `padded` rows (offsets e · padded), the unused ones zero
+    pub padded: Option<usize>,
+}
+
+impl RowLayout {
+    fn new(counts: Vec<usize>, imp: GemmImpl) -> Self {
+        match imp {
+            GemmImpl::Padded => {
+                let max = counts.iter().copied().max().unwrap_or(0);
+                let padded = max.div_ceil(8) * 8;
+                let offsets = (0..counts.len()).map(|e| e * padded).collect();
+                Self { rows: padded * counts.len(), counts, offsets, padded: Some(padded) }
+            }
+            GemmImpl::Grouped | GemmImpl::Loop => {
+                let mut offsets = Vec::with_capacity(counts.len());
+                let mut acc = 0;
+                for &c in &counts {
+                    offsets.push(acc);
+                    acc += c;
+                }
+                Self { rows: acc, counts, offsets, padded: None }
+            }
+        }
+    }
+}
+
+/// Everything the dispatch / combine kernels and the grouped GEMMs need for one layer.
+#[derive(Debug)]
+pub struct Plan {
+    pub dev: CudaDevice,
+    pub imp: GemmImpl,
+    pub layout: RowLayout,
+    pub num_tokens: usize,
+    pub num_assignments: usize,
+    /// [A] token of each assignment
+    pub token_A: CudaSlice<u32>,
+    /// [A] row of each assignment in the expert-sorted buffer
+    pub pos_A: CudaSlice<u32>,
+    /// [N + 1] token CSR offsets into `list`
+    pub toff: CudaSlice<u32>,
+    /// [A] assignments grouped by token, ascending within a token
+    pub list: CudaSlice<u32>,
+}
+
+/// An owned copy of a u32 tensor's data on `dev` (contiguous).
+fn u32_slice(t: &Tensor, dev: &CudaDevice) -> Result<CudaSlice<u32>> {
+    let t = t.to_dtype(DType::U32)?.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else { candle_core::bail!("moe plan: route tensors must live on the CUDA device") };
+    let n = l.shape().elem_count();
+    let src = cs.as_cuda_slice::<u32>()?.slice(l.start_offset()..l.start_offset() + n);
+    let mut dst = unsafe { dev.alloc::<u32>(n.max(1))? };
+    if n > 0 {
+        dev.memcpy_dtod(&src, &mut dst)?;
+    }
+    Ok(dst)
+}
+
+fn grid(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).clamp(1, 65535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Plan {
+    /// Plan a layer from its assignments (`token_A`, `expert_A`, [A] u32 on the device).
+    pub fn build(token_A: &Tensor, expert_A: &Tensor, num_tokens: usize, num_experts: usize, imp: GemmImpl) -> Result<Self> {
+        let dev = match token_A.device() {
+            candle_core::Device::Cuda(d) => d.clone(),
+            _ => candle_core::bail!("moe plan: not a CUDA tensor"),
+        };
+        let a = token_A.elem_count();
+        if expert_A.elem_count() != a {
+            candle_core::bail!("moe plan: {} tokens but {} experts in the assignments", a, expert_A.elem_count());
+        }
+        let token = u32_slice(token_A, &dev)?;
+        let expert = u32_slice(expert_A, &dev)?;
+        let (a32, e32, n32) = (a as u32, num_experts as u32, num_tokens as u32);
+
+        // one buffer, one copy back: expert histogram [E + 1] then token histogram [N + 1]; the
+        // last bin of each counts ids out of range
+        let mut hist = dev.alloc_zeros::<u32>(num_experts + num_tokens + 2)?;
+        for (keys, lo, hi, nk) in [(&expert, 0, num_experts + 1, e32), (&token, num_experts + 1, num_experts + num_tokens + 2, n32)] {
+            if a == 0 {
+                break;
+            }
+            let f = func(&dev, "moe_histogram")?;
+            let mut bins = hist.slice_mut(lo..hi);
+            let mut b = f.builder();
+            b.arg(keys).arg(&a32).arg(&mut bins).arg(&nk);
+            unsafe { b.launch(grid(a, 256)) }.w()?;
+        }
+        let host = dev.clone_dtoh(&hist)?;
+        if host[num_experts] > 0 {
+            candle_core::bail!("moe plan: {} assignments name an expert id >= num_experts ({num_experts})", host[num_experts]);
+        }
+        let bad_tokens = host[num_experts + num_tokens + 1];
+        if bad_tokens > 0 {
+            candle_core::bail!("moe plan: {bad_tokens} assignments name a token >= the {num_tokens} tokens of the batch");
+        }
+        let layout = RowLayout::new(host[..num_experts].iter().map(|&c| c as usize).collect(), imp);
+        let offsets: Vec<u32> = layout.offsets.iter().map(|&o| o as u32).collect();
+        let offsets = dev.clone_htod(&offsets)?;
+
+        // stable rank of every assignment within its expert
+        let mut pos = unsafe { dev.alloc::<u32>(a.max(1))? };
+        if a > 0 {
+            let f = func(&dev, "moe_positions")?;
+            let mut b = f.builder();
+            b.arg(&expert).arg(&a32).arg(&offsets).arg(&mut pos);
+            let cfg = LaunchConfig { grid_dim: (e32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+        }
+
+        // token CSR (checked: a token id >= N lands in the overflow bin)
+        let mut toff = unsafe { dev.alloc::<u32>(num_tokens + 1)? };
+        {
+            let f = func(&dev, "moe_exclusive_scan")?;
+            let tcount = hist.slice(num_experts + 1..num_experts + 1 + num_tokens);
+            let mut b = f.builder();
+            b.arg(&tcount).arg(&n32).arg(&mut toff);
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let mut list = unsafe { dev.alloc::<u32>(a.max(1))? };
+        if a > 0 {
+            let mut cursor = dev.alloc_zeros::<u32>(num_tokens.max(1))?;
+            let f = func(&dev, "moe_token_fill")?;
+            let mut b = f.builder();
+            b.arg(&token).arg(&a32).arg(&toff).arg(&mut cursor).arg(&mut list);
+            unsafe { b.launch(grid(a, 256)) }.w()?;
+            let f = func(&dev, "moe_token_sort")?;
+            let mut b = f.builder();
+            b.arg(&toff).arg(&n32).arg(&mut list);
+            unsafe { b.launch(grid(num_tokens, 256)) }.w()?;
+        }
+        Ok(Self { dev, imp, layout, num_tokens, num_assignments: a, token_A: token, pos_A: pos, toff, list })
+    }
+}
