@@ -25,7 +25,7 @@ pub struct BenchMoeArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
-    /// Forward-only token counts (decode-like); empty to skip.
+    /// Forward-only token counts (decode-like); 0 to skip.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
     pub decode: Vec<usize>,
     /// Check every implementation against the f32 reference (shape by shape) before timing.
@@ -119,11 +119,33 @@ mod imp {
         if !backward {
             return Ok((out, vec![]));
         }
-        let loss = out.mul(&l.g)?.to_dtype(DType::F32)?.sum_all()?;
-        let grads = loss.backward()?;
+        // out.backward(g), like PyTorch's y.backward(g): no loss reduction in the timed region
+        let root = out.apply_op1(Seed(l.g.clone()))?;
+        let grads = root.backward()?;
         let get = |v: &Var, what: &str| grads.get(v.as_tensor()).cloned().with_context(|| format!("no gradient for {what}"));
         let gs = vec![get(&l.x, "x")?, get(&l.gate_up, "gate_up")?, get(&l.down, "down")?, get(&l.w_A, "w")?];
         Ok((out, gs))
+    }
+
+    /// Identity whose backward hands `g` to its input: `root.backward()` then gives out the
+    /// gradient g (candle seeds a non-scalar root with ones).
+    struct Seed(Tensor);
+
+    impl candle_core::CustomOp1 for Seed {
+        fn name(&self) -> &'static str {
+            "bench-seed"
+        }
+        fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            Ok((s.try_clone(l)?, l.shape().clone()))
+        }
+        fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            Ok((s.try_clone(l)?, l.shape().clone()))
+        }
+        fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(self.0.clone()))
+        }
     }
 
     /// The CPU-path stages (index_select / per-expert matmul / index_add, candle autograd) in
@@ -225,7 +247,7 @@ mod imp {
                 println!("fwd+bwd shape {} (T {} H {} F {} E {} K {}) {name:<8} {med:8.3} ms (min {min:.3})  {tf:6.1} TFLOP/s", s.name, s.t, s.h, s.f, s.e, s.k);
                 records.push(json!({"kind": "fwd_bwd", "shape": s.name, "T": s.t, "impl": name, "dtype": args.dtype, "ms_median": med, "ms_min": min, "tflops": tf}));
             }
-            for &t in &args.decode {
+            for &t in args.decode.iter().filter(|&&t| t > 0) {
                 let ld = layer(*s, t, dtype, &dev)?;
                 let flops = 6.0 * (t * s.k * s.h * s.f) as f64;
                 for (name, imp) in &impls {

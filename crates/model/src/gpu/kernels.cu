@@ -106,14 +106,22 @@ extern "C" __global__ void moe_token_sort(const u32* __restrict__ toff, u32 N, u
 // ---------------------------------------------------------------------------------------------
 // Permute (dispatch) and its backward
 
-// xp[pos[a]] = x[token[a]]   (grid: A blocks; rows not written stay as allocated: zero)
+// xp[pos[a]] = x[token[a]]   (grid: A blocks; rows not written stay as allocated: zero).
+// 16-byte copies when the rows allow it.
 template <typename T>
 __device__ void permute(const T* __restrict__ x, const u32* __restrict__ token_A, const u32* __restrict__ pos_A, u32 A,
                         u32 D, T* __restrict__ xp) {
     for (u32 a = blockIdx.x; a < A; a += gridDim.x) {
         const T* src = x + (size_t)token_A[a] * D;
         T* dst = xp + (size_t)pos_A[a] * D;
-        for (u32 d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
+        if (((D * sizeof(T)) % 16 == 0) && ((((uintptr_t)src) | ((uintptr_t)dst)) % 16 == 0)) {
+            const uint4* s4 = reinterpret_cast<const uint4*>(src);
+            uint4* d4 = reinterpret_cast<uint4*>(dst);
+            const u32 n4 = D * sizeof(T) / 16;
+            for (u32 i = threadIdx.x; i < n4; i += blockDim.x) d4[i] = s4[i];
+        } else {
+            for (u32 d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
+        }
     }
 }
 
@@ -166,33 +174,36 @@ __device__ void combine_bwd(const T* __restrict__ dout, const T* __restrict__ y,
 }
 
 // ---------------------------------------------------------------------------------------------
-// SwiGLU on the fused gate_up output: gu [R, 2F] (gate columns, then up) → a [R, F]
+// SwiGLU on the fused gate_up output: gu [R, 2F] (gate columns, then up) → a [R, F].
+// grid: (ceil(F / blockDim), rows stride)
 
 template <typename T>
-__device__ void swiglu(const T* __restrict__ gu, size_t R, u32 F, T* __restrict__ out) {
-    const size_t total = R * F;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / F, f = i % F;
-        float g = to_f(gu[r * 2 * F + f]);
-        float u = to_f(gu[r * 2 * F + F + f]);
+__device__ void swiglu(const T* __restrict__ gu, u32 R, u32 F, T* __restrict__ out) {
+    const u32 f = blockIdx.x * blockDim.x + threadIdx.x;
+    if (f >= F) return;
+    for (u32 r = blockIdx.y; r < R; r += gridDim.y) {
+        const T* row = gu + (size_t)r * 2 * F;
+        float g = to_f(row[f]);
+        float u = to_f(row[F + f]);
         float s = 1.f / (1.f + __expf(-g));
-        out[i] = from_f<T>(g * s * u);
+        out[(size_t)r * F + f] = from_f<T>(g * s * u);
     }
 }
 
 template <typename T>
-__device__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ da, size_t R, u32 F, T* __restrict__ dgu) {
-    const size_t total = R * F;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / F, f = i % F;
-        float g = to_f(gu[r * 2 * F + f]);
-        float u = to_f(gu[r * 2 * F + F + f]);
-        float d = to_f(da[i]);
+__device__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ da, u32 R, u32 F, T* __restrict__ dgu) {
+    const u32 f = blockIdx.x * blockDim.x + threadIdx.x;
+    if (f >= F) return;
+    for (u32 r = blockIdx.y; r < R; r += gridDim.y) {
+        const T* row = gu + (size_t)r * 2 * F;
+        float g = to_f(row[f]);
+        float u = to_f(row[F + f]);
+        float d = to_f(da[(size_t)r * F + f]);
         float s = 1.f / (1.f + __expf(-g));
         float silu = g * s;
         float dsilu = s * (1.f + g * (1.f - s));
-        dgu[r * 2 * F + f] = from_f<T>(d * u * dsilu);
-        dgu[r * 2 * F + F + f] = from_f<T>(d * silu);
+        dgu[(size_t)r * 2 * F + f] = from_f<T>(d * u * dsilu);
+        dgu[(size_t)r * 2 * F + F + f] = from_f<T>(d * silu);
     }
 }
 
@@ -210,8 +221,8 @@ __device__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ da, s
                                                      float* dw_A) {                                                \
         combine_bwd<T>(dout, y, w_A, token_A, pos_A, A, D, dy, dw_A);                                              \
     }                                                                                                              \
-    extern "C" __global__ void moe_swiglu_##SUF(const T* gu, size_t R, u32 F, T* out) { swiglu<T>(gu, R, F, out); } \
-    extern "C" __global__ void moe_swiglu_bwd_##SUF(const T* gu, const T* da, size_t R, u32 F, T* dgu) {           \
+    extern "C" __global__ void moe_swiglu_##SUF(const T* gu, u32 R, u32 F, T* out) { swiglu<T>(gu, R, F, out); }    \
+    extern "C" __global__ void moe_swiglu_bwd_##SUF(const T* gu, const T* da, u32 R, u32 F, T* dgu) {              \
         swiglu_bwd<T>(gu, da, R, F, dgu);                                                                          \
     }
 

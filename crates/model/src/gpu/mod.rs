@@ -87,13 +87,13 @@ pub fn experts_forward(
     let n = x_ND.dim(0)?;
     let e = gate_up_EFD.dim(0)?;
     let plan = Arc::new(plan::Plan::build(token_A, expert_A, n, e, imp)?);
-    let dtype = gate_up_EFD.dtype();
-    let xp_RD = x_ND.to_dtype(dtype)?.contiguous()?.apply_op1(ops::Permute(plan.clone()))?;
-    let gu_R2F = xp_RD.apply_op2(gate_up_EFD, ops::GroupedMm { plan: plan.clone(), product: gemm::Product::Nt })?;
-    let a_RF = gu_R2F.apply_op1(ops::SwiGlu)?;
-    let y_RD = a_RF.apply_op2(down_EDF, ops::GroupedMm { plan: plan.clone(), product: gemm::Product::Nt })?;
+    let (dtype, out_dtype) = (gate_up_EFD.dtype(), x_ND.dtype());
+    let x_ND = x_ND.to_dtype(dtype)?.contiguous()?;
+    // dispatch → gate_up → SwiGLU → down, one op (activations kept for its backward)
+    let y_RD = x_ND.apply_op3(gate_up_EFD, down_EDF, ops::ExpertMlp::new(plan.clone()))?;
+    // combine
     let w_A = weight_A.to_dtype(DType::F32)?.contiguous()?;
-    y_RD.apply_op2(&w_A, ops::Combine(plan))?.to_dtype(x_ND.dtype())
+    y_RD.apply_op2(&w_A, ops::Combine(plan))?.to_dtype(out_dtype)
 }
 
 /// `experts_forward` for a model layer's route and experts.

@@ -2,19 +2,23 @@
 //!
 //! | op | forward | backward |
 //! |---|---|---|
-//! | `Permute`   | x_ND → xp_RD (rows in expert order)          | dx_N = Σ over the token's rows (`Unpermute`) |
-//! | `GroupedMm` | (xp_RK, W_ENK) → y_RN = xp · W_eᵀ per expert | dx = dy · W_e, dW_e = dyᵀ · xp (grouped GEMMs) |
-//! | `SwiGlu`    | gu_R2F → silu(g) · u                          | `SwiGluBwd` |
-//! | `Combine`   | (y_RD, w_A) → out_N = Σ_a w_a · y_pos(a)      | dy (`CombineBwdDy`), dw (`CombineBwdDw`) |
+//! | `ExpertMlp` | (x_ND, W_gu [E,2F,D], W_d [E,D,F]) → y_RD: dispatch (permute rows into expert order), gate_up GEMM, SwiGLU, down GEMM | `MlpBwd` stages: dgu (dy·W_d, SwiGLU backward), dW_d = dyᵀ·a, dx (dgu·W_gu, summed back per token), dW_gu = dguᵀ·xp |
+//! | `Combine`   | (y_RD, w_A) → out_ND = Σ_a w_a · y[pos(a)] | dy (`CombineBwd`), dw (`CombineBwd`) |
+//!
+//! `ExpertMlp` keeps its activations (xp, gu, a) for the backward and runs the whole expert MLP
+//! in one op, so candle's gradient store only sees its inputs (each gradient candle accumulates
+//! costs a zero fill and an add of the full tensor).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 
 use super::gemm::{self, Product};
@@ -25,7 +29,7 @@ fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name}: CUDA only (the CPU path is crates/model/src/moe)")
 }
 
-fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((o1, o2)) => Ok(s.as_cuda_slice::<T>()?.slice(o1..o2)),
         None => candle_core::bail!("{what}: input must be contiguous"),
@@ -62,49 +66,29 @@ macro_rules! typed {
 }
 
 // ---------------------------------------------------------------------------------------------
+// kernel launches on typed device buffers
 
-/// x_ND → xp_RD.
-pub struct Permute(pub Arc<Plan>);
-
-impl CustomOp1 for Permute {
-    fn name(&self) -> &'static str {
-        "moe-permute"
+/// xp[pos(a)] = x[token(a)] → [R, D] (padded rows zero).
+fn permute<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    p: &Plan,
+    x: &CudaView<T>,
+    d: usize,
+    suf: &str,
+) -> Result<CudaSlice<T>> {
+    let rows = p.layout.rows;
+    let mut xp = if p.layout.padded.is_some() { p.dev.alloc_zeros::<T>((rows * d).max(1))? } else { unsafe { p.dev.alloc::<T>((rows * d).max(1))? } };
+    if p.num_assignments > 0 {
+        let f = func(&p.dev, &format!("moe_permute_{suf}"))?;
+        let (a32, d32) = (p.num_assignments as u32, d as u32);
+        let mut b = f.builder();
+        b.arg(x).arg(&p.token_A).arg(&p.pos_A).arg(&a32).arg(&d32).arg(&mut xp);
+        let cfg = LaunchConfig { grid_dim: (blocks(p.num_assignments, 1 << 16), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.w()?;
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let p = &self.0;
-        let (n, d) = l.shape().dims2()?;
-        if n != p.num_tokens {
-            candle_core::bail!("moe-permute: {n} token rows, the plan has {}", p.num_tokens);
-        }
-        let rows = p.layout.rows;
-        let suf = suffix(s.dtype(), self.name())?;
-        typed!(s.dtype(), self.name(), T => {
-            let x = contiguous::<T>(s, l, self.name())?;
-            // padded rows must read as zeros
-            let mut xp = if p.layout.padded.is_some() { p.dev.alloc_zeros::<T>(rows * d)? } else { unsafe { p.dev.alloc::<T>(rows * d)? } };
-            if p.num_assignments > 0 {
-                let f = func(&p.dev, &format!("moe_permute_{suf}"))?;
-                let (a32, d32) = (p.num_assignments as u32, d as u32);
-                let mut b = f.builder();
-                b.arg(&x).arg(&p.token_A).arg(&p.pos_A).arg(&a32).arg(&d32).arg(&mut xp);
-                let cfg = LaunchConfig { grid_dim: (blocks(p.num_assignments, 1 << 16), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            Ok((CudaStorage::wrap_cuda_slice(xp, p.dev.clone()), Shape::from((rows, d))))
-        })
-    }
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&GatherSum(self.0.clone()))?))
-    }
+    Ok(xp)
 }
 
-/// dxp_RD → dx_ND: each token sums its rows (ascending assignment order).
-pub struct GatherSum(pub Arc<Plan>);
-
-fn gather_sum<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+fn gather_sum<T: CudaDType + DeviceRepr>(
     p: &Plan,
     y: &CudaView<T>,
     w: Option<&CudaView<f32>>,
@@ -131,176 +115,218 @@ fn gather_sum<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backen
     Ok(out)
 }
 
-impl CustomOp1 for GatherSum {
-    fn name(&self) -> &'static str {
-        "moe-gather-sum"
+fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (cols.div_ceil(256).max(1) as u32, blocks(rows, 65535), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// silu(gate) · up of gu [R, 2F] → [R, F].
+fn swiglu<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
+    let mut out = unsafe { dev.alloc::<T>((r * f).max(1))? };
+    if r * f > 0 {
+        let func = func(dev, &format!("moe_swiglu_{suf}"))?;
+        let (r32, f32_) = (r as u32, f as u32);
+        let mut b = func.builder();
+        b.arg(gu).arg(&r32).arg(&f32_).arg(&mut out);
+        unsafe { b.launch(rows_cfg(r, f)) }.w()?;
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
+    Ok(out)
+}
+
+/// (gu [R, 2F], da [R, F]) → dgu [R, 2F].
+fn swiglu_bwd<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, da: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
+    let mut out = unsafe { dev.alloc::<T>((r * 2 * f).max(1))? };
+    if r * f > 0 {
+        let func = func(dev, &format!("moe_swiglu_bwd_{suf}"))?;
+        let (r32, f32_) = (r as u32, f as u32);
+        let mut b = func.builder();
+        b.arg(gu).arg(da).arg(&r32).arg(&f32_).arg(&mut out);
+        unsafe { b.launch(rows_cfg(r, f)) }.w()?;
     }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let p = &self.0;
-        let (_, d) = l.shape().dims2()?;
-        let suf = suffix(s.dtype(), self.name())?;
-        typed!(s.dtype(), self.name(), T => {
-            let y = contiguous::<T>(s, l, self.name())?;
-            let out = gather_sum::<T>(p, &y, None, d, suf)?;
-            Ok((CudaStorage::wrap_cuda_slice(out, p.dev.clone()), Shape::from((p.num_tokens, d))))
-        })
+    Ok(out)
+}
+
+/// One per-expert product (`gemm`) into a new buffer; the weight is [E, ndim, kdim].
+fn gemm<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    p: &Plan,
+    product: Product,
+    lhs: &CudaView<T>,
+    rhs: &CudaView<T>,
+    kdim: usize,
+    ndim: usize,
+    dtype: DType,
+) -> Result<CudaSlice<T>> {
+    let rows = p.layout.rows;
+    let e = p.layout.counts.len();
+    let n_out = match product {
+        Product::Nt => rows * ndim,
+        Product::Nn => rows * kdim,
+        Product::Tn => e * ndim * kdim,
+    };
+    // Tn skips experts without rows: their gradient must read zero
+    let mut out = if product == Product::Tn { p.dev.alloc_zeros::<T>(n_out.max(1))? } else { unsafe { p.dev.alloc::<T>(n_out.max(1))? } };
+    let stream = p.dev.cuda_stream();
+    {
+        let (lp, _g1) = lhs.device_ptr(&stream);
+        let (rp, _g2) = rhs.device_ptr(&stream);
+        let (op, _g3) = out.device_ptr_mut(&stream);
+        unsafe { gemm::run(&p.dev, p.imp, &p.layout, product, dtype, kdim, ndim, lp, rp, op)? };
     }
+    Ok(out)
+}
+
+fn storage<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(s, dev.clone())
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage) -> Result<CudaView<'a, T>> {
+    let sl = s.as_cuda_slice::<T>()?;
+    Ok(sl.slice(0..sl.len()))
 }
 
 // ---------------------------------------------------------------------------------------------
 
-/// The per-expert products of `gemm` as an op: `Nt` (forward, with backward), `Nn` and `Tn`
-/// (used by the backward).
-pub struct GroupedMm {
+/// Activations the backward needs: xp [R, D], gu [R, 2F], a [R, F].
+struct Saved {
+    xp: CudaStorage,
+    gu: CudaStorage,
+    a: CudaStorage,
+    d: usize,
+    f: usize,
+}
+
+/// (x_ND, gate_up [E, 2F, D], down [E, D, F]) → y_RD, every row one assignment's expert output.
+pub struct ExpertMlp {
     pub plan: Arc<Plan>,
-    pub product: Product,
+    saved: Mutex<Option<Arc<Saved>>>,
 }
 
-impl CustomOp2 for GroupedMm {
-    fn name(&self) -> &'static str {
-        "moe-grouped-mm"
+impl ExpertMlp {
+    pub fn new(plan: Arc<Plan>) -> Self {
+        Self { plan, saved: Mutex::new(None) }
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+}
+
+impl CustomOp3 for ExpertMlp {
+    fn name(&self) -> &'static str {
+        "moe-expert-mlp"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu_only(self.name())
     }
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(&self, sx: &CudaStorage, lx: &Layout, sg: &CudaStorage, lg: &Layout, sd: &CudaStorage, ld: &Layout) -> Result<(CudaStorage, Shape)> {
         let p = &self.plan;
-        let dtype = s1.dtype();
-        if s2.dtype() != dtype {
-            candle_core::bail!("moe-grouped-mm: operands {dtype:?} and {:?} differ", s2.dtype());
+        let (n, d) = lx.shape().dims2()?;
+        let (e, f2, d2) = lg.shape().dims3()?;
+        let (e2, d3, f) = ld.shape().dims3()?;
+        if n != p.num_tokens || e != p.layout.counts.len() || e2 != e || d2 != d || d3 != d || f2 != 2 * f {
+            candle_core::bail!(
+                "moe-expert-mlp: x {:?}, gate_up {:?}, down {:?} do not fit {} tokens / {} experts",
+                lx.dims(), lg.dims(), ld.dims(), p.num_tokens, p.layout.counts.len()
+            );
         }
-        let rows = p.layout.rows;
-        let e = p.layout.counts.len();
-        // (lhs = the row buffer, rhs) and the weight's [N, K]
-        let (kdim, ndim, out_shape) = match self.product {
-            Product::Nt => {
-                let (en, nd, kd) = l2.shape().dims3()?;
-                let (r, k) = l1.shape().dims2()?;
-                if en != e || r != rows || k != kd {
-                    candle_core::bail!("moe-grouped-mm: x {:?} · W {:?}ᵀ for {e} experts, {rows} rows", l1.dims(), l2.dims());
-                }
-                (kd, nd, Shape::from((rows, nd)))
-            }
-            Product::Nn => {
-                let (en, nd, kd) = l2.shape().dims3()?;
-                let (r, n) = l1.shape().dims2()?;
-                if en != e || r != rows || n != nd {
-                    candle_core::bail!("moe-grouped-mm: dy {:?} · W {:?} for {e} experts, {rows} rows", l1.dims(), l2.dims());
-                }
-                (kd, nd, Shape::from((rows, kd)))
-            }
-            Product::Tn => {
-                let (r, nd) = l1.shape().dims2()?;
-                let (r2, kd) = l2.shape().dims2()?;
-                if r != rows || r2 != rows {
-                    candle_core::bail!("moe-grouped-mm: dyᵀ {:?} · x {:?} for {rows} rows", l1.dims(), l2.dims());
-                }
-                (kd, nd, Shape::from((e, nd, kd)))
-            }
-        };
+        let dtype = sx.dtype();
+        if sg.dtype() != dtype || sd.dtype() != dtype {
+            candle_core::bail!("moe-expert-mlp: x {dtype:?}, gate_up {:?}, down {:?} must share a dtype", sg.dtype(), sd.dtype());
+        }
+        let suf = suffix(dtype, self.name())?;
+        let r = p.layout.rows;
         typed!(dtype, self.name(), T => {
-            let lhs = contiguous::<T>(s1, l1, self.name())?;
-            let rhs = contiguous::<T>(s2, l2, self.name())?;
-            let n_out = out_shape.elem_count();
-            // Tn skips experts without rows: their gradient must read zero; a padded layout's
-            // unused rows are written by the batched GEMM itself
-            let mut out = if self.product == Product::Tn { p.dev.alloc_zeros::<T>(n_out.max(1))? } else { unsafe { p.dev.alloc::<T>(n_out.max(1))? } };
-            let stream = p.dev.cuda_stream();
-            {
-                let (lp, _g1) = lhs.device_ptr(&stream);
-                let (rp, _g2) = rhs.device_ptr(&stream);
-                let (op, _g3) = out.device_ptr_mut(&stream);
-                unsafe { gemm::run(&p.dev, p.imp, &p.layout, self.product, dtype, kdim, ndim, lp, rp, op)? };
-            }
-            Ok((CudaStorage::wrap_cuda_slice(out, p.dev.clone()), out_shape))
+            let x = contiguous::<T>(sx, lx, self.name())?;
+            let wg = contiguous::<T>(sg, lg, self.name())?;
+            let wd = contiguous::<T>(sd, ld, self.name())?;
+            let xp = permute::<T>(p, &x, d, suf)?;
+            let gu = gemm::<T>(p, Product::Nt, &xp.slice(..), &wg, d, 2 * f, dtype)?;
+            let a = swiglu::<T>(&p.dev, &gu.slice(..), r, f, suf)?;
+            let y = gemm::<T>(p, Product::Nt, &a.slice(..), &wd, f, d, dtype)?;
+            *self.saved.lock().unwrap() = Some(Arc::new(Saved { xp: storage(xp, &p.dev), gu: storage(gu, &p.dev), a: storage(a, &p.dev), d, f }));
+            Ok((storage(y, &p.dev), Shape::from((r, d))))
         })
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.product != Product::Nt {
-            candle_core::bail!("moe-grouped-mm: no second derivative");
-        }
-        let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(w, &GroupedMm { plan: self.plan.clone(), product: Product::Nn })?;
-        let dw = grad.apply_op2_no_bwd(x, &GroupedMm { plan: self.plan.clone(), product: Product::Tn })?;
-        Ok((Some(dx), Some(dw)))
+    fn bwd(&self, _x: &Tensor, gate_up: &Tensor, down: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().unwrap().clone();
+        let Some(saved) = saved else { candle_core::bail!("moe-expert-mlp: backward without a forward") };
+        let stage = |s: Stage| MlpBwd { plan: self.plan.clone(), saved: saved.clone(), stage: s };
+        let dy = grad.contiguous()?;
+        let dgu = dy.apply_op2_no_bwd(down, &stage(Stage::Dgu))?;
+        let ddown = dy.apply_op1_no_bwd(&stage(Stage::Ddown))?;
+        drop(dy);
+        let dx = dgu.apply_op2_no_bwd(gate_up, &stage(Stage::Dx))?;
+        let dgate_up = dgu.apply_op1_no_bwd(&stage(Stage::DgateUp))?;
+        Ok((Some(dx), Some(dgate_up), Some(ddown)))
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-
-/// gu_R2F → silu(gate) · up.
-pub struct SwiGlu;
-
-fn elementwise_cfg(total: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (blocks(total.div_ceil(256), 1 << 20), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+#[derive(Clone, Copy)]
+enum Stage {
+    /// (dy, down) → dgu = SwiGLU'(gu) ⊙ (dy · W_d)
+    Dgu,
+    /// dy → dW_d = dyᵀ · a
+    Ddown,
+    /// (dgu, gate_up) → dx = Σ_rows-of-token (dgu · W_gu)
+    Dx,
+    /// dgu → dW_gu = dguᵀ · xp
+    DgateUp,
 }
 
-impl CustomOp1 for SwiGlu {
+struct MlpBwd {
+    plan: Arc<Plan>,
+    saved: Arc<Saved>,
+    stage: Stage,
+}
+
+const NAME_BWD: &str = "moe-expert-mlp-bwd";
+
+impl CustomOp1 for MlpBwd {
     fn name(&self) -> &'static str {
-        "moe-swiglu"
+        NAME_BWD
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
+        cpu_only(NAME_BWD)
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (r, f2) = l.shape().dims2()?;
-        if f2 % 2 != 0 {
-            candle_core::bail!("moe-swiglu: odd gate_up width {f2}");
-        }
-        let f = f2 / 2;
-        let dev = s.device().clone();
-        let suf = suffix(s.dtype(), self.name())?;
-        typed!(s.dtype(), self.name(), T => {
-            let gu = contiguous::<T>(s, l, self.name())?;
-            let mut out = unsafe { dev.alloc::<T>((r * f).max(1))? };
-            if r * f > 0 {
-                let func = func(&dev, &format!("moe_swiglu_{suf}"))?;
-                let (r64, f32_) = (r as u64, f as u32);
-                let mut b = func.builder();
-                b.arg(&gu).arg(&r64).arg(&f32_).arg(&mut out);
-                unsafe { b.launch(elementwise_cfg(r * f)) }.w()?;
-            }
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((r, f))))
+        let (p, sv) = (&self.plan, &self.saved);
+        let e = p.layout.counts.len();
+        let dtype = s.dtype();
+        typed!(dtype, NAME_BWD, T => {
+            let g = contiguous::<T>(s, l, NAME_BWD)?;
+            let (out, shape) = match self.stage {
+                Stage::Ddown => (gemm::<T>(p, Product::Tn, &g, &view::<T>(&sv.a)?, sv.f, sv.d, dtype)?, Shape::from((e, sv.d, sv.f))),
+                Stage::DgateUp => (gemm::<T>(p, Product::Tn, &g, &view::<T>(&sv.xp)?, sv.d, 2 * sv.f, dtype)?, Shape::from((e, 2 * sv.f, sv.d))),
+                _ => candle_core::bail!("moe-expert-mlp-bwd: stage takes two inputs"),
+            };
+            Ok((storage(out, &p.dev), shape))
         })
-    }
-    fn bwd(&self, gu: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gu.apply_op2_no_bwd(&grad.contiguous()?, &SwiGluBwd)?))
     }
 }
 
-/// (gu_R2F, da_RF) → dgu_R2F.
-pub struct SwiGluBwd;
-
-impl CustomOp2 for SwiGluBwd {
+impl CustomOp2 for MlpBwd {
     fn name(&self) -> &'static str {
-        "moe-swiglu-bwd"
+        NAME_BWD
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
+        cpu_only(NAME_BWD)
     }
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (r, f2) = l1.shape().dims2()?;
-        let f = f2 / 2;
-        if l2.shape().dims2()? != (r, f) || s1.dtype() != s2.dtype() {
-            candle_core::bail!("moe-swiglu-bwd: gu {:?} / da {:?}", l1.dims(), l2.dims());
-        }
-        let dev = s1.device().clone();
-        let suf = suffix(s1.dtype(), self.name())?;
-        typed!(s1.dtype(), self.name(), T => {
-            let gu = contiguous::<T>(s1, l1, self.name())?;
-            let da = contiguous::<T>(s2, l2, self.name())?;
-            let mut out = unsafe { dev.alloc::<T>((r * f2).max(1))? };
-            if r * f > 0 {
-                let func = func(&dev, &format!("moe_swiglu_bwd_{suf}"))?;
-                let (r64, f32_) = (r as u64, f as u32);
-                let mut b = func.builder();
-                b.arg(&gu).arg(&da).arg(&r64).arg(&f32_).arg(&mut out);
-                unsafe { b.launch(elementwise_cfg(r * f)) }.w()?;
+        let (p, sv) = (&self.plan, &self.saved);
+        let dtype = s1.dtype();
+        let suf = suffix(dtype, NAME_BWD)?;
+        let r = p.layout.rows;
+        typed!(dtype, NAME_BWD, T => {
+            let g = contiguous::<T>(s1, l1, NAME_BWD)?;
+            let w = contiguous::<T>(s2, l2, NAME_BWD)?;
+            match self.stage {
+                Stage::Dgu => {
+                    let da = gemm::<T>(p, Product::Nn, &g, &w, sv.f, sv.d, dtype)?;
+                    let dgu = swiglu_bwd::<T>(&p.dev, &view::<T>(&sv.gu)?, &da.slice(..), r, sv.f, suf)?;
+                    Ok((storage(dgu, &p.dev), Shape::from((r, 2 * sv.f))))
+                }
+                Stage::Dx => {
+                    let dxp = gemm::<T>(p, Product::Nn, &g, &w, sv.d, 2 * sv.f, dtype)?;
+                    let dx = gather_sum::<T>(p, &dxp.slice(..), None, sv.d, suf)?;
+                    Ok((storage(dx, &p.dev), Shape::from((p.num_tokens, sv.d))))
+                }
+                _ => candle_core::bail!("moe-expert-mlp-bwd: stage takes one input"),
             }
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((r, f2))))
         })
     }
 }
