@@ -745,7 +745,9 @@ impl GradStore {
                     let sum = tensor.zeros_like()?.add(grad)?;
                     entry.insert(sum);
                 } else {
-                    entry.insert(grad.clone());
+                    // contiguous like the sum upstream stores (some CUDA kernels, e.g. index_add,
+                    // need it); a no-op for gradients that already are
+                    entry.insert(grad.contiguous()?);
                 }
             }
         }

@@ -177,33 +177,71 @@ __device__ void combine_bwd(const T* __restrict__ dout, const T* __restrict__ y,
 // SwiGLU on the fused gate_up output: gu [R, 2F] (gate columns, then up) → a [R, F].
 // grid: (ceil(F / blockDim), rows stride)
 
+// Two adjacent columns per thread (F even: 4-byte bf16 pairs / 8-byte f32 pairs).
+template <typename T> struct Pair;
+template <> struct Pair<float> { typedef float2 type; };
+template <> struct Pair<__nv_bfloat16> { typedef __nv_bfloat162 type; };
+__device__ __forceinline__ float2 to_f2(float2 v) { return v; }
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename P> __device__ __forceinline__ P from_f2(float a, float b);
+template <> __device__ __forceinline__ float2 from_f2<float2>(float a, float b) { return make_float2(a, b); }
+template <> __device__ __forceinline__ __nv_bfloat162 from_f2<__nv_bfloat162>(float a, float b) { return __floats2bfloat162_rn(a, b); }
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g)); }
+
 template <typename T>
 __device__ void swiglu(const T* __restrict__ gu, u32 R, u32 F, T* __restrict__ out) {
-    const u32 f = blockIdx.x * blockDim.x + threadIdx.x;
+    typedef typename Pair<T>::type P;
+    const u32 f = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (f >= F) return;
+    const bool pair = (F % 2 == 0);
     for (u32 r = blockIdx.y; r < R; r += gridDim.y) {
         const T* row = gu + (size_t)r * 2 * F;
-        float g = to_f(row[f]);
-        float u = to_f(row[F + f]);
-        float s = 1.f / (1.f + __expf(-g));
-        out[(size_t)r * F + f] = from_f<T>(g * s * u);
+        T* o = out + (size_t)r * F;
+        if (pair) {
+            float2 g = to_f2(*reinterpret_cast<const P*>(row + f));
+            float2 u = to_f2(*reinterpret_cast<const P*>(row + F + f));
+            *reinterpret_cast<P*>(o + f) = from_f2<P>(silu_f(g.x) * u.x, silu_f(g.y) * u.y);
+        } else {
+            for (u32 j = f; j < min(f + 2, F); ++j) o[j] = from_f<T>(silu_f(to_f(row[j])) * to_f(row[F + j]));
+        }
     }
+}
+
+__device__ __forceinline__ void swiglu_grad(float g, float u, float d, float& dg, float& du) {
+    float s = 1.f / (1.f + __expf(-g));
+    float silu = g * s;
+    dg = d * u * s * (1.f + g * (1.f - s));
+    du = d * silu;
 }
 
 template <typename T>
 __device__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ da, u32 R, u32 F, T* __restrict__ dgu) {
-    const u32 f = blockIdx.x * blockDim.x + threadIdx.x;
+    typedef typename Pair<T>::type P;
+    const u32 f = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (f >= F) return;
+    const bool pair = (F % 2 == 0);
     for (u32 r = blockIdx.y; r < R; r += gridDim.y) {
         const T* row = gu + (size_t)r * 2 * F;
-        float g = to_f(row[f]);
-        float u = to_f(row[F + f]);
-        float d = to_f(da[(size_t)r * F + f]);
-        float s = 1.f / (1.f + __expf(-g));
-        float silu = g * s;
-        float dsilu = s * (1.f + g * (1.f - s));
-        dgu[(size_t)r * 2 * F + f] = from_f<T>(d * u * dsilu);
-        dgu[(size_t)r * 2 * F + F + f] = from_f<T>(d * silu);
+        const T* d = da + (size_t)r * F;
+        T* o = dgu + (size_t)r * 2 * F;
+        if (pair) {
+            float2 g = to_f2(*reinterpret_cast<const P*>(row + f));
+            float2 u = to_f2(*reinterpret_cast<const P*>(row + F + f));
+            float2 dd = to_f2(*reinterpret_cast<const P*>(d + f));
+            float dg0, du0, dg1, du1;
+            swiglu_grad(g.x, u.x, dd.x, dg0, du0);
+            swiglu_grad(g.y, u.y, dd.y, dg1, du1);
+            *reinterpret_cast<P*>(o + f) = from_f2<P>(dg0, dg1);
+            *reinterpret_cast<P*>(o + F + f) = from_f2<P>(du0, du1);
+        } else {
+            for (u32 j = f; j < min(f + 2, F); ++j) {
+                float dg, du;
+                swiglu_grad(to_f(row[j]), to_f(row[F + j]), to_f(d[j]), dg, du);
+                o[j] = from_f<T>(dg);
+                o[F + j] = from_f<T>(du);
+            }
+        }
     }
 }
 

@@ -115,8 +115,9 @@ fn gather_sum<T: CudaDType + DeviceRepr>(
     Ok(out)
 }
 
+/// SwiGLU kernels: a thread per two adjacent columns, a grid row per row (strided past 65535).
 fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (cols.div_ceil(256).max(1) as u32, blocks(rows, 65535), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig { grid_dim: (cols.div_ceil(512).max(1) as u32, blocks(rows, 65535), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// silu(gate) · up of gu [R, 2F] → [R, F].
