@@ -15,8 +15,8 @@ pub struct BenchMoeArgs {
     /// small = (T 256, H 64, F 32, E 8, K 2).
     #[arg(long, value_delimiter = ',', default_value = "a,b")]
     pub shapes: Vec<String>,
-    /// GEMM implementations to time: grouped, padded, loop.
-    #[arg(long, value_delimiter = ',', default_value = "grouped,padded,loop")]
+    /// GEMM implementations to time: auto, grouped, padded, loop.
+    #[arg(long, value_delimiter = ',', default_value = "auto,grouped,padded,loop")]
     pub impls: Vec<String>,
     /// bf16 or f32.
     #[arg(long, default_value = "bf16")]

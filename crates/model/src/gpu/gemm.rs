@@ -140,7 +140,7 @@ pub unsafe fn run(
         return Ok(());
     }
     match imp {
-        GemmImpl::Loop | GemmImpl::Padded => {
+        GemmImpl::Loop | GemmImpl::Padded | GemmImpl::Auto => {
             for q in &probs {
                 check(
                     sys::cublasGemmEx(

@@ -45,8 +45,11 @@ pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// How the per-expert GEMMs are issued (see `gemm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmImpl {
-    /// one cuBLAS grouped GEMM call per product, compact rows
+    /// `Padded` when padding wastes at most half the rows (balanced routes, training-size
+    /// batches), else `Grouped` (skewed routes, decode-size batches)
     #[default]
+    Auto,
+    /// one cuBLAS grouped GEMM call per product, compact rows
     Grouped,
     /// every expert padded to the largest expert's rows, one strided-batched GEMM per product
     Padded,
@@ -58,16 +61,17 @@ impl std::str::FromStr for GemmImpl {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
             "grouped" => Ok(Self::Grouped),
             "padded" => Ok(Self::Padded),
             "loop" => Ok(Self::Loop),
-            other => Err(format!("unknown grouped GEMM implementation {other:?} (grouped, padded, loop)")),
+            other => Err(format!("unknown grouped GEMM implementation {other:?} (auto, grouped, padded, loop)")),
         }
     }
 }
 
 impl GemmImpl {
-    /// `LOCKSTEP_MOE_GEMM` (grouped | padded | loop), else the default.
+    /// `LOCKSTEP_MOE_GEMM` (auto | grouped | padded | loop), else `Auto`.
     pub fn from_env() -> Self {
         std::env::var("LOCKSTEP_MOE_GEMM").ok().and_then(|s| s.parse().ok()).unwrap_or_default()
     }

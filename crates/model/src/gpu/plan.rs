@@ -28,15 +28,24 @@ pub struct RowLayout {
 }
 
 impl RowLayout {
-    fn new(counts: Vec<usize>, imp: GemmImpl) -> Self {
-        match imp {
+    /// The layout for `imp`, and the implementation `Auto` resolves to.
+    fn new(counts: Vec<usize>, imp: GemmImpl) -> (Self, GemmImpl) {
+        let imp = match imp {
+            GemmImpl::Auto => {
+                let total: usize = counts.iter().sum();
+                let padded = counts.iter().copied().max().unwrap_or(0).div_ceil(8) * 8 * counts.len();
+                if total > 0 && 2 * padded <= 3 * total { GemmImpl::Padded } else { GemmImpl::Grouped }
+            }
+            other => other,
+        };
+        let layout = match imp {
             GemmImpl::Padded => {
                 let max = counts.iter().copied().max().unwrap_or(0);
                 let padded = max.div_ceil(8) * 8;
                 let offsets = (0..counts.len()).map(|e| e * padded).collect();
                 Self { rows: padded * counts.len(), counts, offsets, padded: Some(padded) }
             }
-            GemmImpl::Grouped | GemmImpl::Loop => {
+            GemmImpl::Grouped | GemmImpl::Loop | GemmImpl::Auto => {
                 let mut offsets = Vec::with_capacity(counts.len());
                 let mut acc = 0;
                 for &c in &counts {
@@ -45,7 +54,8 @@ impl RowLayout {
                 }
                 Self { rows: acc, counts, offsets, padded: None }
             }
-        }
+        };
+        (layout, imp)
     }
 }
 
@@ -122,7 +132,7 @@ impl Plan {
         if bad_tokens > 0 {
             candle_core::bail!("moe plan: {bad_tokens} assignments name a token >= the {num_tokens} tokens of the batch");
         }
-        let layout = RowLayout::new(host[..num_experts].iter().map(|&c| c as usize).collect(), imp);
+        let (layout, imp) = RowLayout::new(host[..num_experts].iter().map(|&c| c as usize).collect(), imp);
         let offsets: Vec<u32> = layout.offsets.iter().map(|&o| o as u32).collect();
         let offsets = dev.clone_htod(&offsets)?;
 
