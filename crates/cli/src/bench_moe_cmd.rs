@@ -55,6 +55,7 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::{DType, Device, Tensor, Var};
     use lockstep_model::gpu::{experts_forward, GemmImpl};
+    use lockstep_model::moe::{combine, dispatch::Dispatch, experts::Experts};
     use serde_json::json;
 
     use super::BenchMoeArgs;
@@ -148,38 +149,21 @@ mod imp {
         }
     }
 
-    /// The CPU-path stages (index_select / per-expert matmul / index_add, candle autograd) in
-    /// f32 on the same device: the reference the CUDA ops are checked against.
-    fn reference(l: &Layer, s: Shape) -> anyhow::Result<(Tensor, Vec<Tensor>)> {
-        let f32v = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
-        let (x, gu, dn, w) = (f32v(&l.x), f32v(&l.gate_up), f32v(&l.down), f32v(&l.w_A));
+    /// The CPU-path stages (`moe::dispatch` / `moe::experts` / `moe::combine`, candle
+    /// autograd) in f32 on the same device: the reference the CUDA ops are checked against.
+    fn reference(l: &Layer) -> anyhow::Result<(Tensor, Vec<Tensor>)> {
+        let f32v = |v: &Var| -> anyhow::Result<Var> { Ok(Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)?) };
+        let (x, gu, dn, w) = (f32v(&l.x)?, f32v(&l.gate_up)?, f32v(&l.down)?, f32v(&l.w_A)?);
+        let experts = Experts::from_stacked(gu.as_tensor().clone(), dn.as_tensor().clone())?;
         let tok: Vec<u32> = l.token_A.to_vec1()?;
         let exp: Vec<u32> = l.expert_A.to_vec1()?;
-        let dev = x.device().clone();
-        let mut out = x.as_tensor().zeros_like()?;
-        for e in 0..s.e as u32 {
-            let a: Vec<u32> = (0..exp.len() as u32).filter(|&a| exp[a as usize] == e).collect();
-            if a.is_empty() {
-                continue;
-            }
-            let ai = Tensor::from_vec(a.clone(), a.len(), &dev)?;
-            let ti = Tensor::from_vec(a.iter().map(|&a| tok[a as usize]).collect::<Vec<_>>(), a.len(), &dev)?;
-            let xe = x.as_tensor().index_select(&ti, 0)?;
-            let h = xe.matmul(&gu.as_tensor().get(e as usize)?.t()?)?;
-            let act = (candle_nn_silu(&h.narrow(1, 0, s.f)?)? * h.narrow(1, s.f, s.f)?)?;
-            let y = act.matmul(&dn.as_tensor().get(e as usize)?.t()?)?;
-            let y = y.broadcast_mul(&w.as_tensor().index_select(&ai, 0)?.unsqueeze(1)?)?;
-            out = out.index_add(&ti, &y, 0)?;
-        }
+        let dispatch = Dispatch::from_pairs(&tok, &exp, w.as_tensor(), experts.num_experts(), x.device())?;
+        let y_AD = experts.forward(&dispatch.gather(x.as_tensor())?, &dispatch.counts)?;
+        let out = combine::combine(&y_AD, &dispatch, x.dim(0)?)?;
         let loss = out.mul(&l.g.to_dtype(DType::F32)?)?.sum_all()?;
         let grads = loss.backward()?;
         let get = |v: &Var| grads.get(v.as_tensor()).cloned().context("reference gradient missing");
         Ok((out, vec![get(&x)?, get(&gu)?, get(&dn)?, get(&w)?]))
-    }
-
-    fn candle_nn_silu(x: &Tensor) -> candle_core::Result<Tensor> {
-        // x · sigmoid(x), composed (carries gradients)
-        x.mul(&(x.neg()?.exp()? + 1.0)?.recip()?)
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
@@ -228,7 +212,7 @@ mod imp {
         for s in &shapes {
             let l = layer(*s, s.t, dtype, &dev)?;
             if args.check {
-                let (ro, rg) = reference(&l, *s)?;
+                let (ro, rg) = reference(&l)?;
                 for (name, imp) in &impls {
                     let (o, g) = step(&l, *imp, true)?;
                     let errs: Vec<f32> = std::iter::once(max_rel(&o, &ro)).chain(g.iter().zip(&rg).map(|(a, b)| max_rel(a, b))).collect::<anyhow::Result<_>>()?;

@@ -26,8 +26,13 @@ impl Dispatch {
     /// Group a layer's assignments by expert (stable: ties keep the decision's order).
     pub fn new(route: &LayerRoute, num_experts: usize, device: &Device) -> crate::error::Result<Self> {
         let (tokens, experts) = route.pairs()?;
+        Ok(Self::from_pairs(&tokens, &experts, &route.weight_A, num_experts, device)?)
+    }
+
+    /// The same from host (token, expert) pairs and their weights `weight_A` (same order).
+    pub fn from_pairs(tokens: &[u32], experts: &[u32], weight_A: &Tensor, num_experts: usize, device: &Device) -> Result<Self> {
         let mut counts = vec![0usize; num_experts];
-        for &e in &experts {
+        for &e in experts {
             counts[e as usize] += 1;
         }
         let mut next: Vec<usize> = counts
@@ -49,7 +54,7 @@ impl Dispatch {
         }
         let n = order.len();
         let order_A = Tensor::from_vec(order, n, device)?;
-        let weight_A = route.weight_A.index_select(&order_A, 0)?;
+        let weight_A = weight_A.index_select(&order_A, 0)?;
         let token_A = Tensor::from_vec(token, n, device)?;
         Ok(Self { token_A, weight_A, counts })
     }

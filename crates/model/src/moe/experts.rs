@@ -41,6 +41,15 @@ impl Experts {
         })
     }
 
+    /// From stacked weights: `gate_up_proj` [E, 2F, D], `down_proj` [E, D, F].
+    pub fn from_stacked(gate_up_proj: Tensor, down_proj: Tensor) -> Result<Self> {
+        let (e, f2, d) = gate_up_proj.dims3()?;
+        if down_proj.dims3()? != (e, d, f2 / 2) || f2 % 2 != 0 {
+            candle_core::bail!("experts: gate_up_proj {:?} and down_proj {:?} do not fit", gate_up_proj.dims(), down_proj.dims());
+        }
+        Ok(Self { gate_up_proj, down_proj, intermediate: f2 / 2, kernels: Kernels::Autograd })
+    }
+
     pub fn set_kernels(&mut self, k: Kernels) {
         self.kernels = k;
     }
