@@ -1,4 +1,5 @@
-//! With the `cuda` feature, compile `src/gpu/kernels.cu` (MoE dispatch / SwiGLU / combine) to PTX
+//! With the `cuda` feature, compile `src/gpu/kernels.cu` (MoE dispatch / SwiGLU / combine) and
+//! `src/gpu/route.cu` (top-k, expert choice, replay checks) to PTX
 //! with nvcc; the PTX is embedded and loaded by the driver at first use. Without the feature
 //! nothing happens (CI and CPU builds need no CUDA toolkit).
 
@@ -7,22 +8,25 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=src/gpu/kernels.cu");
+    println!("cargo:rerun-if-changed=src/gpu/route.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("moe_kernels.ptx");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let nvcc = std::env::var("NVCC").ok().unwrap_or_else(|| match std::env::var("CUDA_HOME") {
         Ok(h) => format!("{h}/bin/nvcc"),
         Err(_) => "nvcc".to_string(),
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), "-o"])
-        .arg(&out)
-        .arg("src/gpu/kernels.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("could not run {nvcc} (set NVCC or CUDA_HOME; see scripts/cuda/build.sh): {e}"));
-    assert!(status.success(), "{nvcc} failed to compile src/gpu/kernels.cu");
+    for (src, ptx) in [("src/gpu/kernels.cu", "moe_kernels.ptx"), ("src/gpu/route.cu", "route_kernels.ptx")] {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), "-o"])
+            .arg(out_dir.join(ptx))
+            .arg(src)
+            .status()
+            .unwrap_or_else(|e| panic!("could not run {nvcc} (set NVCC or CUDA_HOME; see scripts/cuda/build.sh): {e}"));
+        assert!(status.success(), "{nvcc} failed to compile {src}");
+    }
 }

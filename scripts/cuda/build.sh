@@ -139,6 +139,18 @@ echo "building $BUILT_FROM"
 
 BIN="$CARGO_TARGET_DIR/release/lockstep"
 [[ -x "$BIN" ]] || die "cargo succeeded but $BIN is missing"
+# the GPU-only tests (crates/*/tests/gpu_*.rs, `#![cfg(feature = "cuda")]`), run by gpu_check.sh
+GPU_TESTS=()
+for t in $(cd "$SRC" && ls crates/*/tests/gpu_*.rs 2>/dev/null); do
+  crate="$(basename "$(dirname "$(dirname "$t")")")"; name="$(basename "$t" .rs)"
+  exe="$(cd "$SRC" && cargo test --release -p "lockstep-$crate" --features cuda --test "$name" --no-run --message-format=json "${JOBS[@]}" 2>/dev/null \
+    | "$CUDA_ENV/bin/python" -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]: print(m["executable"])' | tail -1)"
+  [[ -x "$exe" ]] || die "could not build the GPU test $t"
+  GPU_TESTS+=("$exe")
+done
 
 # ---------------------------------------------------------------------------------------------
 step "4. .gpu-bin/lockstep.gz (carried to the GPU machine with carry: [\".gpu-bin\"])"
@@ -151,6 +163,13 @@ cp -f "$BIN" "$TMPBIN"
 strip --strip-unneeded "$TMPBIN" 2>/dev/null || echo "(strip unavailable: packing unstripped)"
 gzip -6 -c "$TMPBIN" > "$ROOT/.gpu-bin/lockstep.gz.tmp" && mv -f "$ROOT/.gpu-bin/lockstep.gz.tmp" "$ROOT/.gpu-bin/lockstep.gz"
 echo "$BUILT_FROM" > "$ROOT/.gpu-bin/BUILT_FROM"
+rm -f "$ROOT"/.gpu-bin/gpu_*.gz
+for exe in "${GPU_TESTS[@]}"; do
+  name="$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
+  cp -f "$exe" "$TMPBIN.t" && strip --strip-unneeded "$TMPBIN.t" 2>/dev/null || true
+  gzip -6 -c "$TMPBIN.t" > "$ROOT/.gpu-bin/$name.gz" && rm -f "$TMPBIN.t"
+  echo "GPU test $name: .gpu-bin/$name.gz"
+done
 echo "needs (from the GPU machine's driver / CUDA toolkit):"
 readelf -d "$TMPBIN" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/  \1/p'
 echo "binary: $BIN ($(stat -c %s "$BIN") bytes; stripped $(stat -c %s "$TMPBIN"))"

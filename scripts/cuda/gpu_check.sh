@@ -110,6 +110,34 @@ for dev in cuda cpu; do
   done
 done
 
+# bf16 model (weights and activations bf16; router scores f32) against the f32 references,
+# under the tolerance documented in README "GPU" (the same as crates/model/tests/parity.rs)
+for dev in cuda cpu; do
+  for d in testdata/fixtures/*/; do
+    d="${d%/}"
+    [[ -f "$d/reference.safetensors" ]] || continue
+    check "verify --dtype bf16 --device $dev $(basename "$d")" \
+      "$BIN" verify --device "$dev" --dtype bf16 --tolerance 3e-2 --free-tolerance 0.3 --min-route-agreement 0.9 \
+      --model "$d" --reference "$d/reference.safetensors"
+    awk -v tag="[bf16 $dev $(basename "$d")]" '
+      ($NF=="ok" || $NF=="FAIL") && $(NF-2) ~ /^[0-9.]+e/ {
+        if ($1=="replay") { if ($(NF-2)+0 > rw) rw=$(NF-2)+0 } else if ($(NF-2)+0 > fw && $(NF-1)=="-") fw=$(NF-2)+0
+        if ($(NF-1) ~ /%$/) { a=$(NF-1)+0; if (min=="" || a < min) min=a } }
+      END { printf "     %s worst rel: replay %.3e, free %.3e; lowest route agreement %s%%\n", tag, rw, fw, min }' "$LAST_OUT" >> "$SUMMARY"
+  done
+done
+
+# GPU-only tests (routing kernels against their host definition, device checks of forced
+# routes, model routing / replay on the GPU), built by build.sh into .gpu-bin/gpu_*.gz
+for gz in "$ROOT"/.gpu-bin/gpu_*.gz; do
+  [[ -f "$gz" ]] || continue
+  name="$(basename "$gz" .gz)"
+  exe="$(dirname "$BIN")/$name"
+  gunzip -c "$gz" > "$exe" && chmod +x "$exe"
+  check "cargo test $name (CUDA)" "$exe" --test-threads 1
+  grep -E "^test result" "$LAST_OUT" | sed "s/^/     [$name] /" >> "$SUMMARY"
+done
+
 # gradients (a masked policy-gradient loss under forced routes) against PyTorch's, where a
 # grads.safetensors exists: on CUDA this runs the grouped-GEMM custom ops' backward
 for dev in cuda cpu; do

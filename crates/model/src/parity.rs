@@ -37,13 +37,15 @@ pub struct ParityReport {
     pub total_routes: usize,
     /// The same count as the reference's `reference.json` states it, if present.
     pub reference_changed_routes: Option<usize>,
+    /// How far the two counts may differ: 0 at full route agreement.
+    pub changed_routes_slack: usize,
 }
 
 impl ParityReport {
     pub fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.pass)
             && self.changed_routes > 0
-            && self.reference_changed_routes.is_none_or(|r| r == self.changed_routes)
+            && self.reference_changed_routes.is_none_or(|r| r.abs_diff(self.changed_routes) <= self.changed_routes_slack)
     }
 }
 
@@ -107,14 +109,15 @@ fn canonical(ids: &Tensor, weights: &Tensor, as_sets: bool) -> Result<(Vec<Vec<i
     Ok((out_ids, Tensor::from_vec(out_w, (n, k), &Device::Cpu)?))
 }
 
-fn ids_check(case: &str, quantity: &str, a: &[Vec<i64>], b: &[Vec<i64>]) -> Result<Check> {
+fn ids_check(case: &str, quantity: &str, a: &[Vec<i64>], b: &[Vec<i64>], min_agreement: f64) -> Result<Check> {
     if a.len() != b.len() || a.first().map(Vec::len) != b.first().map(Vec::len) {
         return Err(ModelError::batch(quantity, format!("{} rows vs {} in the reference", a.len(), b.len())));
     }
     let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
     let agreement = same as f64 / a.len().max(1) as f64;
     let wrong = (a.len() - same) as f64;
-    Ok(Check { case: case.into(), quantity: quantity.into(), max_abs: wrong, max_rel: wrong, agreement: Some(agreement), pass: same == a.len() })
+    let pass = same == a.len() || agreement >= min_agreement;
+    Ok(Check { case: case.into(), quantity: quantity.into(), max_abs: wrong, max_rel: wrong, agreement: Some(agreement), pass })
 }
 
 /// ids (exact, or as sets) and the weights that go with them.
@@ -126,7 +129,7 @@ fn route_checks(
     route: &crate::routing::LayerRoute,
     r: &Reference,
     as_sets: bool,
-    tol: f64,
+    tol: Tolerance,
     out: &mut Vec<Check>,
 ) -> Result<()> {
     let (ours_ids, ours_w) = canonical(&route.ids_NK()?, &route.weights_NK()?, as_sets)?;
@@ -137,9 +140,16 @@ fn route_checks(
     };
     let (theirs_ids, theirs_w) = canonical(ref_ids, &ref_w, as_sets)?;
     let suffix = if as_sets { " (as sets)" } else { "" };
-    out.push(ids_check(case, &format!("{ids_name}{suffix}"), &ours_ids, &theirs_ids)?);
+    out.push(ids_check(case, &format!("{ids_name}{suffix}"), &ours_ids, &theirs_ids, tol.min_route_agreement)?);
     if let Some(w) = weights_name {
-        out.push(float_check(case, w, &ours_w, &theirs_w, tol)?);
+        // weights are compared on the rows whose experts agree (all rows, when the ids pass at
+        // full agreement)
+        let rows: Vec<u32> =
+            ours_ids.iter().zip(&theirs_ids).enumerate().filter(|(_, (a, b))| a == b).map(|(i, _)| i as u32).collect();
+        let quantity = if rows.len() == ours_ids.len() { w.to_string() } else { format!("{w} (rows with equal ids)") };
+        let keep = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+        let (ours_w, theirs_w) = (ours_w.index_select(&keep, 0)?, theirs_w.index_select(&keep, 0)?);
+        out.push(float_check(case, &quantity, &ours_w, &theirs_w, tol.rel)?);
     }
     Ok(())
 }
@@ -181,8 +191,27 @@ fn router_checks(route: &crate::routing::LayerRoute, r: &Reference, li: usize, t
     Ok(out)
 }
 
-/// Run every case of a reference file against `model` (f32 recommended) with tolerance `tol`.
+/// What `run_reference_with` accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    /// largest max|ours − ref| / max|ref| of every float quantity
+    pub rel: f64,
+    /// the same for the free-routing cases ("forward", "perturbed"): in bf16 a near-tie that
+    /// rounds the other way sends a token to another expert, and everything after it differs
+    pub rel_free: f64,
+    /// smallest fraction of tokens whose experts must equal the reference's (1 in f32; bf16
+    /// rounding flips near-ties, see README "GPU")
+    pub min_route_agreement: f64,
+}
+
+/// Run every case of a reference file against `model` (f32) with relative tolerance `tol` and
+/// every route equal to the reference's.
 pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<ParityReport> {
+    run_reference_with(model, reference, Tolerance { rel: tol, rel_free: tol, min_route_agreement: 1.0 })
+}
+
+/// `run_reference` under any tolerance (e.g. a bf16 model).
+pub fn run_reference_with(model: &MoeCausalLm, reference: &Path, tol: Tolerance) -> Result<ParityReport> {
     let file = reference.display().to_string();
     let tensors = candle_core::safetensors::load(reference, &Device::Cpu)
         .map_err(|e| ModelError::WeightFile { path: reference.into(), msg: e.to_string() })?;
@@ -199,15 +228,17 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
     // sigmoid routers select with topk(sorted=False) in transformers: compare ids as sets
     let as_sets = model.cfg.moe.router.score_function == crate::config::ScoreFunction::Sigmoid;
     let mut checks = Vec::new();
+    let free = Tolerance { rel: tol.rel_free, ..tol };
+    let tol_free = free;
 
     // 1. plain forward, recorded
     let out = model.forward(&batch, &RoutingPlan::record())?;
-    checks.push(float_check("forward", "logits", &out.logits, r.get("logits")?, tol)?);
+    checks.push(float_check("forward", "logits", &out.logits, r.get("logits")?, tol.rel_free)?);
     for (li, &layer) in moe_layers.iter().enumerate() {
         let route = &out.routes[&layer];
         let q = |s: &str| format!("layer{li}.{s}");
-        checks.extend(router_checks(route, &r, li, tol)?);
-        route_checks("forward", &q("topk_idx"), Some(&q("topk_weights")), route, &r, as_sets, tol, &mut checks)?;
+        checks.extend(router_checks(route, &r, li, tol.rel_free)?);
+        route_checks("forward", &q("topk_idx"), Some(&q("topk_weights")), route, &r, as_sets, free, &mut checks)?;
     }
 
     // 2. perturbed routers, free routing
@@ -224,11 +255,11 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
         block.router.gate = block.router.gate.with_params(w, None);
     }
     let free = perturbed.forward(&batch, &RoutingPlan::record())?;
-    checks.push(float_check("perturbed", "free_logits", &free.logits, r.get("perturbed.free_logits")?, tol)?);
+    checks.push(float_check("perturbed", "free_logits", &free.logits, r.get("perturbed.free_logits")?, tol.rel_free)?);
     let mut changed = 0;
     for (li, &layer) in moe_layers.iter().enumerate() {
         let q = format!("perturbed.layer{li}.free_topk_idx");
-        route_checks("perturbed", &q, None, &free.routes[&layer], &r, as_sets, tol, &mut checks)?;
+        route_checks("perturbed", &q, None, &free.routes[&layer], &r, as_sets, tol_free, &mut checks)?;
         changed += changed_sets(&free.routes[&layer].ids_NK()?, &out.routes[&layer].ids_NK()?)?;
     }
 
@@ -239,11 +270,11 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
         plan = plan.with_layer(layer, RouteMode::Replay(Replay::top_k(forced, ReplayWeights::Recompute)));
     }
     let replay = perturbed.forward(&batch, &plan)?;
-    checks.push(float_check("replay", "logits", &replay.logits, r.get("replay.logits")?, tol)?);
+    checks.push(float_check("replay", "logits", &replay.logits, r.get("replay.logits")?, tol.rel)?);
     for (li, &layer) in moe_layers.iter().enumerate() {
         // replayed ids are the reference's forced ids, in the reference's order
         let q = format!("replay.layer{li}.topk_weights");
-        checks.push(float_check("replay", &q, &replay.routes[&layer].weights_NK()?, r.get(&q)?, tol)?);
+        checks.push(float_check("replay", &q, &replay.routes[&layer].weights_NK()?, r.get(&q)?, tol.rel)?);
     }
 
     let reference_changed_routes = reference
@@ -258,6 +289,7 @@ pub fn run_reference(model: &MoeCausalLm, reference: &Path, tol: f64) -> Result<
         changed_routes: changed,
         total_routes: b * t * moe_layers.len(),
         reference_changed_routes,
+        changed_routes_slack: ((1.0 - tol.min_route_agreement) * (b * t * moe_layers.len()) as f64).floor() as usize,
     })
 }
 

@@ -178,6 +178,7 @@ impl RoutingPlan {
     /// Check the plan against the model and the batch before any compute: every keyed layer is
     /// an MoE layer; forced routes fit the batch, the router's kind and the expert count.
     pub fn validate(&self, cfg: &ModelConfig, num_slots: usize) -> Result<()> {
+        let mut on_device = Vec::new();
         for (&layer, mode) in &self.layers {
             if !cfg.is_moe_layer(layer) {
                 let why = if layer >= cfg.num_layers {
@@ -188,19 +189,74 @@ impl RoutingPlan {
                 return Err(ModelError::routing(layer, format!("not an MoE layer: {why}")));
             }
             if let RouteMode::Replay(r) = mode {
-                validate_replay(r, cfg, num_slots, layer)?;
+                validate_shape(r, cfg, num_slots, layer)?;
+                if forced_on_cuda(r) {
+                    on_device.push((layer, r));
+                } else {
+                    validate_ids(r, cfg, num_slots, layer)?;
+                }
             }
+        }
+        // routes on the GPU are checked there, all layers with one copy back; a faulty layer is
+        // then re-checked on the host for the message
+        for layer in faulty_on_device(&on_device, cfg, num_slots)? {
+            let (_, r) = on_device.iter().find(|(l, _)| *l == layer).expect("checked layer");
+            validate_ids(r, cfg, num_slots, layer)?;
+            return Err(ModelError::routing(layer, "the forced route failed the device checks"));
         }
         Ok(())
     }
+}
+
+fn forced_on_cuda(r: &Replay) -> bool {
+    match &r.route {
+        ForcedRoute::TopK(t) => t.device().is_cuda(),
+        ForcedRoute::Assignments { token_A, .. } => token_A.device().is_cuda(),
+    }
+}
+
+/// Layers whose forced route (on the GPU) has a fault.
+#[cfg(feature = "cuda")]
+fn faulty_on_device(routes: &[(usize, &Replay)], cfg: &ModelConfig, num_slots: usize) -> Result<Vec<usize>> {
+    use crate::gpu::route::{check_forced, Forced};
+    let Some((_, first)) = routes.first() else { return Ok(Vec::new()) };
+    let dev = match &first.route {
+        ForcedRoute::TopK(t) => t.device().as_cuda_device()?.clone(),
+        ForcedRoute::Assignments { token_A, .. } => token_A.device().as_cuda_device()?.clone(),
+    };
+    let mut owned = Vec::with_capacity(routes.len());
+    for (_, r) in routes {
+        owned.push(match &r.route {
+            ForcedRoute::TopK(t) => (t.to_dtype(DType::U32)?.contiguous()?, None),
+            ForcedRoute::Assignments { token_A, expert_A } => (
+                token_A.to_dtype(DType::U32)?.flatten_all()?.contiguous()?,
+                Some(expert_A.to_dtype(DType::U32)?.flatten_all()?.to_device(&candle_core::Device::Cuda(dev.clone()))?.contiguous()?),
+            ),
+        });
+    }
+    let forced: Vec<Forced<'_>> = owned
+        .iter()
+        .map(|(a, b)| match b {
+            None => Forced::TopK(a),
+            Some(b) => Forced::Pairs(a, b),
+        })
+        .collect();
+    let counts = check_forced(&dev, &forced, num_slots, cfg.moe.router.num_experts)?;
+    Ok(routes.iter().zip(counts).filter(|(_, c)| c.iter().any(|&x| x > 0)).map(|((l, _), _)| *l).collect())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn faulty_on_device(routes: &[(usize, &Replay)], _: &ModelConfig, _: usize) -> Result<Vec<usize>> {
+    // without the feature no tensor is on a GPU; check on the host
+    Ok(routes.iter().map(|(l, _)| *l).collect())
 }
 
 fn host_u32(t: &Tensor) -> Result<Vec<u32>> {
     Ok(t.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?)
 }
 
-fn validate_replay(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize) -> Result<()> {
-    let e = cfg.moe.router.num_experts;
+/// Shapes and lengths of a forced route (metadata only: nothing is copied).
+fn validate_shape(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize) -> Result<()> {
     let token_choice = cfg.moe.router.strategy == crate::config::RoutingStrategy::TokenChoice;
     let bad = |msg: String| Err(ModelError::routing(layer, msg));
     let num_assignments = match &r.route {
@@ -213,6 +269,30 @@ fn validate_replay(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize
             if dims != [num_slots, k] {
                 return bad(format!("replay ids have shape {dims:?}, expected [{num_slots} tokens, {k} experts per token]"));
             }
+            num_slots * k
+        }
+        ForcedRoute::Assignments { token_A, expert_A } => {
+            if token_A.elem_count() != expert_A.elem_count() {
+                return bad(format!("{} tokens but {} experts in the forced assignments", token_A.elem_count(), expert_A.elem_count()));
+            }
+            token_A.elem_count()
+        }
+    };
+    if let ReplayWeights::Given(w) = &r.weights {
+        if w.elem_count() != num_assignments {
+            return bad(format!("replay weights have shape {:?}, expected {num_assignments} values (one per assignment)", w.dims()));
+        }
+    }
+    Ok(())
+}
+
+/// The ids of a forced route, on the host: range, ROUTE_FREE rows, duplicates.
+fn validate_ids(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize) -> Result<()> {
+    let e = cfg.moe.router.num_experts;
+    let bad = |msg: String| Err(ModelError::routing(layer, msg));
+    match &r.route {
+        ForcedRoute::TopK(ids_NK) => {
+            let k = cfg.moe.router.top_k;
             for (n, row) in host_u32(ids_NK)?.chunks(k).enumerate() {
                 let free = row.iter().filter(|&&i| i == ROUTE_FREE).count();
                 if free == k {
@@ -228,13 +308,9 @@ fn validate_replay(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize
                     return bad(format!("token {n}: expert {x} selected twice (slot {a})"));
                 }
             }
-            num_slots * k
         }
         ForcedRoute::Assignments { token_A, expert_A } => {
             let (t, x) = (host_u32(token_A)?, host_u32(expert_A)?);
-            if t.len() != x.len() {
-                return bad(format!("{} tokens but {} experts in the forced assignments", t.len(), x.len()));
-            }
             let mut seen = std::collections::HashSet::new();
             for (a, (&tok, &ex)) in t.iter().zip(&x).enumerate() {
                 if tok as usize >= num_slots {
@@ -247,12 +323,6 @@ fn validate_replay(r: &Replay, cfg: &ModelConfig, num_slots: usize, layer: usize
                     return bad(format!("assignment {a}: token {tok} given to expert {ex} twice"));
                 }
             }
-            t.len()
-        }
-    };
-    if let ReplayWeights::Given(w) = &r.weights {
-        if w.elem_count() != num_assignments {
-            return bad(format!("replay weights have shape {:?}, expected {num_assignments} values (one per assignment)", w.dims()));
         }
     }
     Ok(())

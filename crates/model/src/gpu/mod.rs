@@ -6,13 +6,15 @@
 //! - `plan`: the dispatch plan, computed on the device from the routing decision;
 //! - `gemm`: per-expert GEMMs through cuBLAS (grouped, padded strided-batched, or a loop);
 //! - `ops`: the custom ops with their backward;
-//! - `kernels.cu`: the dispatch / SwiGLU / combine kernels (compiled to PTX by build.rs).
+//! - `route`: token-choice top-k, expert-choice selection and replay checks on the device;
+//! - `kernels.cu`, `route.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
 pub mod gemm;
 pub mod ops;
 pub mod plan;
+pub mod route;
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ use crate::routing::LayerRoute;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_kernels.ptx"));
 const MODULE: &str = "lockstep_moe";
+const ROUTE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/route_kernels.ptx"));
+const ROUTE_MODULE: &str = "lockstep_route";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -37,8 +41,15 @@ impl Kernel {
     }
 }
 
+/// A kernel of `kernels.cu`.
 pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `route.cu`.
+pub(crate) fn route_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, ROUTE_MODULE, ROUTE_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 
+use super::select::ExpertChoice;
 use super::Router;
 use crate::batch::Batch;
 use crate::config::Pool;
@@ -64,59 +65,36 @@ pub(super) fn route(
     pool: Pool,
 ) -> Result<LayerRoute> {
     let (n, e) = scores_NE.dims2()?;
-    let dev = scores_NE.device().clone();
     let (token_A, expert_A, given) = match mode {
         RouteMode::Compute | RouteMode::Record => {
-            let host: Vec<f32> = match &r.expert_bias {
+            let choice = match &r.expert_bias {
                 Some(b) => scores_NE.broadcast_add(&b.to_dtype(DType::F32)?.unsqueeze(0)?)?,
                 None => scores_NE.clone(),
-            }
-            .flatten_all()?
-            .to_vec1()?;
+            };
             let pools = pools(batch, pool);
-            let (mut tok, mut exp) = (Vec::new(), Vec::new());
-            for ex in 0..e {
-                for p in &pools {
-                    let c = capacity(capacity_factor, p.len(), e);
-                    let mut order = p.clone();
-                    order.sort_by(|&a, &b| host[b as usize * e + ex].total_cmp(&host[a as usize * e + ex]).then(a.cmp(&b)));
-                    for &slot in &order[..c] {
-                        tok.push(slot);
-                        exp.push(ex as u32);
-                    }
-                }
-            }
-            (tok, exp, None)
+            let caps = pools.iter().map(|p| capacity(capacity_factor, p.len(), e)).collect();
+            // selected where the scores live (select::ExpertChoice; on CUDA, gpu::route)
+            let pairs_2A = ExpertChoice { pools, caps }.apply(&choice)?;
+            (pairs_2A.get(0)?, pairs_2A.get(1)?, None)
         }
         RouteMode::Replay(replay) => {
             let ForcedRoute::Assignments { token_A, expert_A } = &replay.route else {
                 return Err(ModelError::routing(layer, "expert-choice router given top-k ids; replay its assignments"));
             };
-            let tok: Vec<u32> = token_A.to_dtype(DType::U32)?.to_vec1()?;
-            let exp: Vec<u32> = expert_A.to_dtype(DType::U32)?.to_vec1()?;
             let given = match &replay.weights {
                 ReplayWeights::Recompute => None,
                 ReplayWeights::Given(w) => Some(w.detach().to_dtype(DType::F32)?.flatten_all()?),
             };
-            (tok, exp, given)
+            (token_A.to_dtype(DType::U32)?.flatten_all()?, expert_A.to_dtype(DType::U32)?.flatten_all()?, given)
         }
     };
-    let flat: Vec<u32> = token_A.iter().zip(&expert_A).map(|(&t, &x)| t * e as u32 + x).collect();
-    let a = flat.len();
-    let flat = Tensor::from_vec(flat, a, &dev)?;
-    let prob_A = scores_NE.flatten_all()?.index_select(&flat, 0)?;
+    // prob_A = scores_NE[token, expert], gathered on the device
+    let e_1 = Tensor::new(&[e as u32], scores_NE.device())?;
+    let flat_A = token_A.broadcast_mul(&e_1)?.add(&expert_A)?;
+    let prob_A = scores_NE.flatten_all()?.index_select(&flat_A, 0)?;
     let weight_A = match given {
         Some(w) => w,
         None => r.scale(prob_A.clone())?,
     };
-    Ok(LayerRoute {
-        num_tokens: n,
-        top_k: None,
-        token_A: Tensor::from_vec(token_A, a, &dev)?,
-        expert_A: Tensor::from_vec(expert_A, a, &dev)?,
-        prob_A,
-        weight_A,
-        scores_NE,
-        logits_NE,
-    })
+    Ok(LayerRoute { num_tokens: n, top_k: None, token_A, expert_A, prob_A, weight_A, scores_NE, logits_NE })
 }

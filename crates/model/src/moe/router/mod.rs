@@ -7,6 +7,7 @@
 //! Legend: N tokens, D hidden, E experts, K experts per token, A assignments.
 
 pub mod expert_choice;
+pub mod select;
 pub mod token_choice;
 
 use candle_core::{DType, Module, Result as CResult, Tensor, D};

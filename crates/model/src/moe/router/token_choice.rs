@@ -11,8 +11,9 @@
 //! Replay-recompute gathers the live scores at the forced ids and applies the same weight rule
 //! (no bias, no group step).
 
-use candle_core::{DType, Device, Result as CResult, Tensor};
+use candle_core::{DType, Result as CResult, Tensor};
 
+use super::select::TopK;
 use super::Router;
 use crate::config::{RouterConfig, ScoreFunction};
 use crate::error::{ModelError, Result};
@@ -31,47 +32,33 @@ pub(super) fn route(r: &Router, logits_NE: Tensor, scores_NE: Tensor, mode: &Rou
             let ForcedRoute::TopK(forced) = &replay.route else {
                 return Err(ModelError::routing(layer, "token-choice router given forced assignments; replay top-k ids"));
             };
-            let forced = forced.to_dtype(DType::U32)?;
-            let forced_host: Vec<u32> = forced.flatten_all()?.to_vec1()?;
-            if forced_host.len() != n * k {
-                return Err(ModelError::routing(layer, format!("replay ids hold {} entries for {n} tokens x {k}", forced_host.len())));
+            if forced.elem_count() != n * k {
+                return Err(ModelError::routing(layer, format!("replay ids hold {} entries for {n} tokens x {k}", forced.elem_count())));
             }
-            let free_rows: Vec<bool> = forced_host.chunks(k).map(|row| row[0] == ROUTE_FREE).collect();
-            let any_free = free_rows.iter().any(|&f| f);
-            let dev = scores_NE.device();
-            let ids = if any_free {
-                // free rows take the router's own choice; forced rows keep theirs
-                let own: Vec<u32> = select(r, &scores_NE)?.flatten_all()?.to_vec1()?;
-                let merged: Vec<u32> = forced_host
-                    .chunks(k)
-                    .zip(own.chunks(k))
-                    .flat_map(|(f, o)| if f[0] == ROUTE_FREE { o.to_vec() } else { f.to_vec() })
-                    .collect();
-                Tensor::from_vec(merged, (n, k), dev)?
-            } else {
-                forced.reshape((n, k))?
-            };
+            // Everything stays where the scores are (no host copy): free rows (ROUTE_FREE)
+            // take the router's own choice, forced rows keep theirs.
+            let forced = forced.to_dtype(DType::U32)?.reshape((n, k))?;
+            let free_NK = forced
+                .narrow(1, 0, 1)?
+                .eq(&Tensor::full(ROUTE_FREE, (n, 1), scores_NE.device())?)?
+                .broadcast_as((n, k))?
+                .contiguous()?;
+            let ids = free_NK.where_cond(&select(r, &scores_NE)?, &forced)?;
             let (probs, live) = weights_at(r, &scores_NE, &ids)?;
             let weights = match &replay.weights {
                 ReplayWeights::Recompute => live,
-                ReplayWeights::Given(w) => {
-                    // supplied weights are data, not part of this graph
-                    let w = w.detach().to_dtype(DType::F32)?.reshape((n, k))?;
-                    if any_free {
-                        free_mask(&free_rows, k, dev)?.where_cond(&live, &w)?
-                    } else {
-                        w
-                    }
-                }
+                // supplied weights are data, not part of this graph; free rows get live ones
+                ReplayWeights::Given(w) => free_NK.where_cond(&live, &w.detach().to_dtype(DType::F32)?.reshape((n, k))?)?,
             };
             (ids, probs, weights)
         }
     };
-    let token_A: Vec<u32> = (0..(n * k) as u32).map(|a| a / k as u32).collect();
+    let token_A =
+        Tensor::arange(0u32, n as u32, scores_NE.device())?.unsqueeze(1)?.broadcast_as((n, k))?.contiguous()?.flatten_all()?;
     Ok(LayerRoute {
         num_tokens: n,
         top_k: Some(k),
-        token_A: Tensor::from_vec(token_A, n * k, scores_NE.device())?,
+        token_A,
         expert_A: ids_NK.flatten_all()?,
         prob_A: probs_NK.flatten_all()?,
         weight_A: weights_NK.flatten_all()?,
@@ -80,48 +67,18 @@ pub(super) fn route(r: &Router, logits_NE: Tensor, scores_NE: Tensor, mode: &Rou
     })
 }
 
-/// Selected ids [N, K] u32.
+/// Selected ids [N, K] u32, on the scores' device (`select::TopK`).
 pub(super) fn select(r: &Router, scores_NE: &Tensor) -> Result<Tensor> {
-    let cfg = &r.cfg;
-    if r.expert_bias.is_none() && cfg.n_group == 1 {
-        // plain top-k on the device
-        return Ok(scores_NE.arg_sort_last_dim(false)?.narrow(1, 0, cfg.top_k)?.contiguous()?);
-    }
     let choice = match &r.expert_bias {
         Some(b) => scores_NE.broadcast_add(&b.to_dtype(DType::F32)?.unsqueeze(0)?)?,
         None => scores_NE.clone(),
     };
-    let (n, e) = choice.dims2()?;
-    let host: Vec<f32> = choice.flatten_all()?.to_vec1()?;
-    let mut ids = Vec::with_capacity(n * cfg.top_k);
-    for row in host.chunks(e) {
-        ids.extend(select_row(row, cfg).into_iter().map(|i| i as u32));
-    }
-    Ok(Tensor::from_vec(ids, (n, cfg.top_k), scores_NE.device())?)
-}
-
-/// Indices of the `k` largest values, descending, ties to the lower index.
-fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
+    Ok(TopK::of(&r.cfg).apply(&choice)?)
 }
 
 /// Group-limited top-k over one token's biased scores (see the module doc).
 pub fn select_row(choice: &[f32], cfg: &RouterConfig) -> Vec<usize> {
-    if cfg.n_group <= 1 {
-        return top_indices(choice, cfg.top_k);
-    }
-    let per = choice.len() / cfg.n_group;
-    let group_scores: Vec<f32> = choice
-        .chunks(per)
-        .map(|g| top_indices(g, 2.min(per)).iter().map(|&i| g[i]).sum())
-        .collect();
-    let keep = top_indices(&group_scores, cfg.topk_group);
-    let masked: Vec<f32> =
-        choice.iter().enumerate().map(|(i, &s)| if keep.contains(&(i / per)) { s } else { 0.0 }).collect();
-    top_indices(&masked, cfg.top_k)
+    super::select::select_row(choice, cfg.n_group, cfg.topk_group, cfg.top_k)
 }
 
 /// Scores at `ids` and the weights they imply (module doc).
@@ -138,10 +95,4 @@ fn weights_at(r: &Router, scores_NE: &Tensor, ids_NK: &Tensor) -> CResult<(Tenso
         probs_NK.clone()
     };
     Ok((probs_NK, r.scale(weights_NK)?))
-}
-
-/// [N, K] u8 mask, 1 on the rows that route freely.
-fn free_mask(free_rows: &[bool], k: usize, dev: &Device) -> CResult<Tensor> {
-    let v: Vec<u8> = free_rows.iter().flat_map(|&f| std::iter::repeat_n(u8::from(f), k)).collect();
-    Tensor::from_vec(v, (free_rows.len(), k), dev)
 }

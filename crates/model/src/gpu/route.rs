@@ -1,0 +1,164 @@
+//! The routing stage on the GPU (kernels in `route.cu`): token-choice top-k (plain, biased and
+//! group-limited), expert-choice selection, and the checks of forced routes, so that routing,
+//! recording and replaying a layer need no host round trip. The host versions in
+//! `moe::router::select` define the semantics; these give the same ids (total order on f32,
+//! larger first, ties to the lower index).
+//!
+//! Legend: N tokens, E experts, G expert groups, K experts per token, P pools, A assignments.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::route_func;
+
+fn f32_rows<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+    if s.dtype() != DType::F32 {
+        candle_core::bail!("{what}: scores must be f32, got {:?}", s.dtype());
+    }
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        None => candle_core::bail!("{what}: scores must be contiguous"),
+    }
+}
+
+/// ids_NK (u32) = the K best of each row of choice_NE; group-limited when `groups > 1`.
+pub fn top_k(s: &CudaStorage, l: &Layout, groups: usize, topk_group: usize, k: usize) -> Result<(CudaStorage, Shape)> {
+    let (n, e) = l.shape().dims2()?;
+    if e > 1024 || k > e || groups == 0 || e % groups != 0 || topk_group > groups {
+        candle_core::bail!("route top-k: {e} experts, {groups} groups, top-{topk_group} groups, top-{k}: unsupported (E <= 1024)");
+    }
+    let dev = s.device().clone();
+    let choice = f32_rows(s, l, "route top-k")?;
+    let mut ids = unsafe { dev.alloc::<u32>((n * k).max(1))? };
+    if n > 0 && k > 0 {
+        let warps = 4u32;
+        let f = route_func(&dev, "route_topk")?;
+        let mut b = f.builder();
+        let (n32, e32, g32, kg32, k32) = (n as u32, e as u32, groups as u32, topk_group as u32, k as u32);
+        b.arg(&choice).arg(&n32).arg(&e32).arg(&g32).arg(&kg32).arg(&k32).arg(&mut ids);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(warps as usize) as u32, 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: warps * 4 * (e32 + 2 * g32),
+        };
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(ids, dev), Shape::from((n, k))))
+}
+
+/// Expert choice over `pools` (token slots, ascending) with capacities `caps`: [2, A] u32,
+/// row 0 the token slots, row 1 the experts, ordered by expert, pool, then preference.
+pub fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[usize]) -> Result<(CudaStorage, Shape)> {
+    let (_, e) = l.shape().dims2()?;
+    let dev = s.device().clone();
+    let choice = f32_rows(s, l, "expert choice")?;
+    let per_expert: usize = caps.iter().sum();
+    let a = per_expert * e;
+    let mut pool_off = Vec::with_capacity(pools.len() + 1);
+    let mut slots = Vec::new();
+    pool_off.push(0u32);
+    for p in pools {
+        slots.extend_from_slice(p);
+        pool_off.push(slots.len() as u32);
+    }
+    let np = pools.len();
+    let mut out_off = Vec::with_capacity(e * np);
+    for x in 0..e {
+        let mut acc = x * per_expert;
+        for &c in caps {
+            out_off.push(acc as u32);
+            acc += c;
+        }
+    }
+    let mut out = unsafe { dev.alloc::<u32>((2 * a).max(1))? };
+    if a > 0 {
+        let pool_off = dev.clone_htod(&pool_off)?;
+        let slots = dev.clone_htod(&slots)?;
+        let caps32: Vec<u32> = caps.iter().map(|&c| c as u32).collect();
+        let caps_d = dev.clone_htod(&caps32)?;
+        let out_off = dev.clone_htod(&out_off)?;
+        let (tok, exp) = out.split_at_mut(a);
+        let (mut tok, mut exp) = (tok, exp);
+        let f = route_func(&dev, "route_expert_choice")?;
+        let mut b = f.builder();
+        let (e32, np32) = (e as u32, np as u32);
+        b.arg(&choice).arg(&e32).arg(&pool_off).arg(&slots).arg(&caps_d).arg(&out_off).arg(&np32).arg(&mut tok).arg(&mut exp);
+        let cfg = LaunchConfig { grid_dim: (np32, e32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, a))))
+}
+
+/// A forced route to check on the device.
+pub enum Forced<'a> {
+    /// [N, K] u32 ids (ROUTE_FREE rows allowed)
+    TopK(&'a Tensor),
+    /// [A] token slots and [A] experts
+    Pairs(&'a Tensor, &'a Tensor),
+}
+
+fn slice_u32<'a>(t: &'a Tensor, what: &str) -> Result<(std::sync::RwLockReadGuard<'a, Storage>, usize, usize)> {
+    if t.dtype() != DType::U32 {
+        candle_core::bail!("{what}: expected u32 ids, got {:?}", t.dtype());
+    }
+    let (st, l) = t.storage_and_layout();
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: ids must be contiguous") };
+    Ok((st, a, b))
+}
+
+/// Count the faults of every forced route with one copy back to the host: per route, [3]
+/// counts (top-k: rows mixing ROUTE_FREE and ids, rows with an id >= E, rows naming an expert
+/// twice; pairs: tokens >= N, experts >= E, pairs given twice). All tensors on `dev`,
+/// contiguous u32.
+pub fn check_forced(dev: &CudaDevice, routes: &[Forced<'_>], num_tokens: usize, num_experts: usize) -> Result<Vec<[u32; 3]>> {
+    if routes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut bad = dev.alloc_zeros::<u32>(3 * routes.len())?;
+    let (n32, e32) = (num_tokens as u32, num_experts as u32);
+    for (i, r) in routes.iter().enumerate() {
+        let mut out = bad.slice_mut(3 * i..3 * i + 3);
+        match r {
+            Forced::TopK(ids) => {
+                let (n, k) = ids.dims2()?;
+                if n == 0 || k == 0 {
+                    continue;
+                }
+                let (st, a, b) = slice_u32(ids, "forced ids")?;
+                let Storage::Cuda(cs) = &*st else { candle_core::bail!("forced ids: not on the CUDA device") };
+                let view = cs.as_cuda_slice::<u32>()?.slice(a..b);
+                let f = route_func(dev, "route_check_topk")?;
+                let mut bl = f.builder();
+                let (nn, kk) = (n as u32, k as u32);
+                bl.arg(&view).arg(&nn).arg(&kk).arg(&e32).arg(&mut out);
+                unsafe { bl.launch(grid(n)) }.w()?;
+            }
+            Forced::Pairs(tok, exp) => {
+                let a_len = tok.elem_count();
+                if a_len == 0 || exp.elem_count() != a_len {
+                    continue; // lengths are checked on the host
+                }
+                let (st_t, ta, tb) = slice_u32(tok, "forced token_A")?;
+                let (st_e, ea, eb) = slice_u32(exp, "forced expert_A")?;
+                let (Storage::Cuda(ct), Storage::Cuda(ce)) = (&*st_t, &*st_e) else {
+                    candle_core::bail!("forced assignments: not on the CUDA device")
+                };
+                let tv = ct.as_cuda_slice::<u32>()?.slice(ta..tb);
+                let ev = ce.as_cuda_slice::<u32>()?.slice(ea..eb);
+                let mut seen: CudaSlice<u32> = dev.alloc_zeros::<u32>((num_tokens * num_experts).div_ceil(32).max(1))?;
+                let f = route_func(dev, "route_check_pairs")?;
+                let mut bl = f.builder();
+                let a32 = a_len as u32;
+                bl.arg(&tv).arg(&ev).arg(&a32).arg(&n32).arg(&e32).arg(&mut seen).arg(&mut out);
+                unsafe { bl.launch(grid(a_len)) }.w()?;
+            }
+        }
+    }
+    let host = dev.clone_dtoh(&bad)?;
+    Ok(host.chunks(3).map(|c| [c[0], c[1], c[2]]).collect())
+}
+
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
