@@ -139,10 +139,11 @@ echo "building $BUILT_FROM"
 
 BIN="$CARGO_TARGET_DIR/release/lockstep"
 [[ -x "$BIN" ]] || die "cargo succeeded but $BIN is missing"
-# the GPU-only tests (crates/*/tests/gpu_*.rs, `#![cfg(feature = "cuda")]`), run by gpu_check.sh
+# the GPU-only tests (crates/cli/tests/gpu_*.rs, `#![cfg(feature = "cuda")]`), run by gpu_check.sh
 GPU_TESTS=()
-for t in $(cd "$SRC" && ls crates/*/tests/gpu_*.rs 2>/dev/null); do
+for t in $(cd "$SRC" && ls crates/cli/tests/gpu_*.rs 2>/dev/null); do
   crate="$(basename "$(dirname "$(dirname "$t")")")"; name="$(basename "$t" .rs)"
+  # (only crates/cli: the binary's feature set, so candle's CUDA kernels are not built twice)
   exe="$(cd "$SRC" && cargo test --release -p "lockstep-$crate" --features cuda --test "$name" --no-run --message-format=json "${JOBS[@]}" 2>/dev/null \
     | "$CUDA_ENV/bin/python" -c 'import json,sys
 for l in sys.stdin:

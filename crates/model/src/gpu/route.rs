@@ -6,6 +6,7 @@
 //!
 //! Legend: N tokens, E experts, G expert groups, K experts per token, P pools, A assignments.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -98,7 +99,7 @@ pub enum Forced<'a> {
     Pairs(&'a Tensor, &'a Tensor),
 }
 
-fn slice_u32<'a>(t: &'a Tensor, what: &str) -> Result<(std::sync::RwLockReadGuard<'a, Storage>, usize, usize)> {
+fn slice_u32<'a>(t: &'a Tensor, what: &str) -> Result<(impl std::ops::Deref<Target = Storage> + 'a, usize, usize)> {
     if t.dtype() != DType::U32 {
         candle_core::bail!("{what}: expected u32 ids, got {:?}", t.dtype());
     }

@@ -2,6 +2,7 @@
 //! biased, group-limited, with ties), expert choice (pools up to thousands of tokens, ties),
 //! the device checks of forced routes, and whole-model routing / replay on the GPU.
 //!
+//! (In the cli crate so that it builds with the binary's exact features: no second CUDA kernel build.)
 //! Needs the `cuda` feature and a GPU: built by `scripts/cuda/build.sh` and run on the GPU
 //! machine by `scripts/cuda/gpu_check.sh`. Without the feature this file compiles to nothing.
 #![cfg(feature = "cuda")]
