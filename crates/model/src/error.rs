@@ -32,10 +32,10 @@ pub enum ModelError {
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
-    pub(crate) fn config(file: &str, field: &str, msg: impl Into<String>) -> Self {
+    pub fn config(file: &str, field: &str, msg: impl Into<String>) -> Self {
         ModelError::Config { file: file.to_string(), field: field.to_string(), msg: msg.into() }
     }
-    pub(crate) fn routing(layer: usize, msg: impl Into<String>) -> Self {
+    pub fn routing(layer: usize, msg: impl Into<String>) -> Self {
         ModelError::Routing { layer, msg: msg.into() }
     }
     pub(crate) fn batch(field: &str, msg: impl Into<String>) -> Self {

@@ -5,6 +5,7 @@
 pub mod combine;
 pub mod dispatch;
 pub mod experts;
+pub mod parallel;
 pub mod router;
 
 use candle_core::{Module, Tensor};
@@ -17,8 +18,8 @@ use crate::nn::linear::{linear_no_bias, Linear};
 use crate::nn::mlp::SwiGlu;
 use crate::nn::Kernels;
 use crate::routing::{LayerRoute, RouteMode};
-use dispatch::Dispatch;
 use experts::Experts;
+use parallel::ExpertParallel;
 use router::Router;
 
 /// A shared expert every token passes through: Qwen2-MoE's `sigmoid(shared_expert_gate(x)) ·
@@ -34,6 +35,9 @@ pub struct MoeBlock {
     pub router: Router,
     pub experts: Experts,
     pub shared: Option<SharedExpert>,
+    /// Set when the experts are sharded across ranks (`lockstep-dist`): `experts` then holds
+    /// this rank's experts only and this carries tokens to and from their owners.
+    pub expert_parallel: Option<std::sync::Arc<dyn ExpertParallel>>,
 }
 
 impl MoeBlock {
@@ -47,7 +51,7 @@ impl MoeBlock {
                 gate: if s.gated { Some(linear_no_bias(hidden, 1, vb.pp("shared_expert_gate"))?) } else { None },
             }),
         };
-        Ok(Self { router, experts, shared })
+        Ok(Self { router, experts, shared, expert_parallel: None })
     }
 
     pub fn set_kernels(&mut self, k: Kernels) {
@@ -63,20 +67,12 @@ impl MoeBlock {
 
     /// x_ND → (out_ND, the route taken).
     pub fn forward(&self, x_ND: &Tensor, mode: &RouteMode, layer: usize, batch: &Batch) -> Result<(Tensor, LayerRoute)> {
-        let n = x_ND.dim(0)?;
         // route
         let route = self.router.route(x_ND, mode, layer, batch)?;
-        let mut out_ND = if gpu_path(x_ND, &self.experts) {
-            // dispatch → experts → combine as CUDA custom ops (crate::gpu)
-            gpu_experts(x_ND, &route, &self.experts)?
-        } else {
-            // dispatch
-            let dispatch = Dispatch::new(&route, self.experts.num_experts(), x_ND.device())?;
-            let x_AD = dispatch.gather(x_ND)?;
-            // experts
-            let y_AD = self.experts.forward(&x_AD, &dispatch.counts)?;
-            // combine
-            combine::combine(&y_AD, &dispatch, n)?
+        // dispatch → experts → combine, here or across the expert-parallel ranks
+        let mut out_ND = match &self.expert_parallel {
+            None => parallel::local_experts(x_ND, &route.token_A, &route.expert_A, &route.weight_A, &self.experts)?,
+            Some(ep) => ep.experts_stage(layer, x_ND, &route.token_A, &route.expert_A, &route.weight_A, &self.experts)?,
         };
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x_ND)?;
@@ -88,25 +84,4 @@ impl MoeBlock {
         }
         Ok((out_ND, route))
     }
-}
-
-/// CUDA tensors take the grouped-GEMM path, except under the (CPU-only) batch-invariant kernels.
-#[cfg(feature = "cuda")]
-fn gpu_path(x_ND: &Tensor, experts: &Experts) -> bool {
-    x_ND.device().is_cuda() && experts.kernels() != Kernels::Invariant
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_path(_: &Tensor, _: &Experts) -> bool {
-    false
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_experts(x_ND: &Tensor, route: &LayerRoute, experts: &Experts) -> Result<Tensor> {
-    crate::gpu::moe_experts(x_ND, route, experts)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_experts(_: &Tensor, _: &LayerRoute, _: &Experts) -> Result<Tensor> {
-    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
 }

@@ -1,0 +1,32 @@
+//! The collectives EP and DP use. Every rank calls them in the same order (the forward and the
+//! backward visit the MoE layers in the same order on every rank); results are identical on
+//! every rank wherever they are meant to be (sums in rank order).
+
+use candle_core::{Result, Tensor};
+
+pub trait Collective: Send + Sync + std::fmt::Debug {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// `send` [S, ...]: its first `send_rows[0]` rows go to rank 0, the next `send_rows[1]` to
+    /// rank 1, ...; returns the rows every rank sent here, in rank order (`recv_rows[w]` from
+    /// rank w). The data is not part of any autograd graph (`ep::AllToAll` adds the backward).
+    fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> Result<Tensor>;
+    /// `counts[w]` is what this rank will send to rank w; returns what each rank sends here.
+    fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>>;
+    /// Element-wise sum over ranks (the same tensor on every rank).
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Every rank's `values`, in rank order.
+    fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>>;
+}
+
+/// Row offsets of consecutive blocks.
+pub fn offsets(rows: &[usize]) -> Vec<usize> {
+    let mut acc = 0;
+    rows.iter()
+        .map(|&r| {
+            let o = acc;
+            acc += r;
+            o
+        })
+        .collect()
+}

@@ -1,0 +1,66 @@
+//! Data parallelism around expert parallelism: every rank keeps the replicated parameters
+//! (attention, norms, routers, embeddings, shared experts) and its shard of every MoE layer's
+//! experts; after the backward, the replicated parameters' gradients are summed over the ranks
+//! (the loss of each rank already divided by the *global* normaliser), the expert gradients are
+//! the rank's own (every token that used an expert sent its gradient there), so an optimizer
+//! step on each rank gives identical replicated weights everywhere.
+
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use lockstep_model::moe::experts::Experts;
+use lockstep_model::{ModelError, MoeCausalLm, Result};
+
+use crate::collective::Collective;
+use crate::ep::ExpertParallelism;
+
+/// Keep this rank's experts of every MoE layer (rank r: experts r·L .. (r+1)·L, L = E / world)
+/// and route their tokens through `comm`.
+pub fn shard_experts(model: &mut MoeCausalLm, comm: Arc<dyn Collective>) -> Result<()> {
+    let (w, r) = (comm.world_size(), comm.rank());
+    let e = model.cfg.moe.router.num_experts;
+    if w == 0 || e % w != 0 {
+        return Err(ModelError::config("<launch>", "world_size", format!("{w} ranks do not divide the {e} experts of every MoE layer")));
+    }
+    let l = e / w;
+    let ep = Arc::new(ExpertParallelism { comm, num_experts: e });
+    for layer in model.cfg.moe_layers.clone() {
+        let block = model.moe_block_mut(layer).expect("moe_layers lists MoE layers");
+        if block.experts.num_experts() != e {
+            return Err(ModelError::config("<launch>", "experts", format!("layer {layer} is already sharded")));
+        }
+        let kernels = block.experts.kernels();
+        let mut local = Experts::from_stacked(
+            block.experts.gate_up_proj.narrow(0, r * l, l)?.contiguous()?,
+            block.experts.down_proj.narrow(0, r * l, l)?.contiguous()?,
+        )?;
+        local.set_kernels(kernels);
+        block.experts = local;
+        block.expert_parallel = Some(ep.clone());
+    }
+    Ok(())
+}
+
+/// Whether a parameter name is a (sharded) expert weight, whose gradient stays on its rank.
+pub fn is_expert_param(name: &str) -> bool {
+    name.contains(".mlp.experts.")
+}
+
+/// Sum the gradients of the replicated parameters over the ranks, in place. Every rank must
+/// call it with the same parameters in the same order; a parameter without a gradient on this
+/// rank contributes zeros (another rank may have one).
+pub fn all_reduce_grads(comm: &dyn Collective, params: &[(String, Var)], grads: &mut GradStore) -> Result<()> {
+    for (name, var) in params {
+        if is_expert_param(name) {
+            continue;
+        }
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
+        };
+        let sum = comm.all_reduce_sum(&g)?;
+        grads.insert(var.as_tensor(), sum);
+    }
+    Ok(())
+}

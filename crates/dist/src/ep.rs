@@ -1,0 +1,159 @@
+//! Expert parallelism: experts sharded over the ranks (rank r owns experts r·L .. (r+1)·L,
+//! L = E / world), tokens moved to their experts' owners and back, as the named stages
+//!
+//! ```text
+//! route (local, replicated router) → dispatch: order assignments by owner, all-to-all
+//!   (counts first, then rows + local expert ids) → experts: this rank's grouped experts
+//!   (`local_experts`, the single-device stage) → combine: reverse all-to-all, weight, sum
+//!   per token
+//! ```
+//!
+//! The backward runs the same exchanges in reverse (`AllToAll`'s backward is the all-to-all
+//! with the counts swapped), so gradients reach x, the local experts and the router's weights.
+//! It is the same for token choice (K assignments per token) and expert choice (any
+//! assignments): the exchange moves assignments, whoever chose them. Expert choice pools stay
+//! local to the rank (each rank routes its own micro-batch; pools `block:*` and `sequence`
+//! equal the single-GPU result as long as sequences are not split across ranks, `batch` means
+//! the rank's micro-batch). A replayed route sends every token to the same experts, hence the
+//! same ranks.
+//!
+//! Legend: N tokens, D hidden, E experts, L experts per rank, A assignments (this rank's
+//! tokens), R rows received (assignments to this rank's experts), W ranks.
+
+use std::sync::Arc;
+
+#[cfg(feature = "cuda")]
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result as CResult, Shape, Storage, Tensor};
+use lockstep_model::moe::experts::Experts;
+use lockstep_model::moe::parallel::{local_experts, ExpertParallel};
+use lockstep_model::{ModelError, Result};
+
+use crate::collective::Collective;
+
+/// The experts stage of every MoE layer across the ranks of `comm`.
+#[derive(Debug, Clone)]
+pub struct ExpertParallelism {
+    pub comm: Arc<dyn Collective>,
+    /// experts of the whole model layer
+    pub num_experts: usize,
+}
+
+impl ExpertParallelism {
+    pub fn experts_per_rank(&self) -> usize {
+        self.num_experts / self.comm.world_size()
+    }
+}
+
+fn err(layer: usize, msg: String) -> ModelError {
+    ModelError::routing(layer, format!("expert parallelism: {msg}"))
+}
+
+impl ExpertParallel for ExpertParallelism {
+    fn experts_stage(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, local: &Experts)
+        -> Result<Tensor> {
+        let (n, d) = x_ND.dims2()?;
+        let w = self.comm.world_size();
+        let l = self.experts_per_rank();
+        if local.num_experts() != l {
+            return Err(err(layer, format!("this rank holds {} experts, expected {l} ({} over {w} ranks)", local.num_experts(), self.num_experts)));
+        }
+        let dev = x_ND.device();
+        // dispatch: the route's host copy sizes the exchange (counts must be known anyway)
+        let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
+        let mut send_rows = vec![0usize; w];
+        for &e in &exp {
+            let owner = e as usize / l;
+            if owner >= w {
+                return Err(err(layer, format!("expert id {e} >= num_experts {}", self.num_experts)));
+            }
+            send_rows[owner] += 1;
+        }
+        // stable order by owner rank
+        let mut next = crate::collective::offsets(&send_rows);
+        let mut perm = vec![0u32; exp.len()];
+        let mut tok_sorted = vec![0u32; exp.len()];
+        let mut local_ids = vec![0u32; exp.len()];
+        for (a, &e) in exp.iter().enumerate() {
+            let owner = e as usize / l;
+            let dst = next[owner];
+            next[owner] += 1;
+            perm[dst] = a as u32;
+            tok_sorted[dst] = tok[a];
+            local_ids[dst] = e - (owner * l) as u32;
+        }
+        let a = perm.len();
+        let perm_A = Tensor::from_vec(perm, a, dev)?;
+        let tok_A = Tensor::from_vec(tok_sorted, a, dev)?;
+        let recv_rows = self.comm.exchange_counts(&send_rows)?;
+        let r: usize = recv_rows.iter().sum();
+        let ids_R = self.comm.all_to_all_rows(&Tensor::from_vec(local_ids, a, dev)?, &send_rows, &recv_rows)?;
+        let x_AD = x_ND.index_select(&tok_A, 0)?;
+        let x_RD = AllToAll::apply(&self.comm, &x_AD, &send_rows, &recv_rows)?;
+        // experts: one row per received assignment, weight 1 (weights are applied at home)
+        let y_RD = if r == 0 {
+            // keeps x_RD in the graph, so this rank joins the backward exchange like the others
+            (x_RD * 0.0)?
+        } else {
+            let rows = Tensor::arange(0u32, r as u32, dev)?;
+            let ones = Tensor::ones(r, DType::F32, dev)?;
+            local_experts(&x_RD, &rows, &ids_R, &ones, local)?
+        };
+        // combine: back to the tokens' ranks, weighted, summed per token
+        let y_AD = AllToAll::apply(&self.comm, &y_RD, &recv_rows, &send_rows)?;
+        let w_A1 = weight_A.index_select(&perm_A, 0)?.to_dtype(y_AD.dtype())?.unsqueeze(1)?;
+        Ok(Tensor::zeros((n, d), y_AD.dtype(), dev)?.index_add(&tok_A, &y_AD.broadcast_mul(&w_A1)?, 0)?)
+    }
+}
+
+/// A differentiable row all-to-all: forward sends `send_rows` / receives `recv_rows`, the
+/// backward sends the gradient back the same way reversed. The exchange itself runs at the
+/// tensor level (`Collective::all_to_all_rows`); the op hands its result to candle's graph.
+struct AllToAll {
+    comm: Arc<dyn Collective>,
+    send_rows: Vec<usize>,
+    recv_rows: Vec<usize>,
+    result: Tensor,
+}
+
+impl AllToAll {
+    fn apply(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CResult<Tensor> {
+        let result = comm.all_to_all_rows(x, send_rows, recv_rows)?.contiguous()?;
+        let op = AllToAll { comm: comm.clone(), send_rows: send_rows.to_vec(), recv_rows: recv_rows.to_vec(), result };
+        x.apply_op1_arc(Arc::new(Box::new(op)))
+    }
+
+    /// The precomputed result's storage (contiguous, from offset 0).
+    fn owned(&self) -> CResult<(Storage, Shape)> {
+        let (st, l) = self.result.storage_and_layout();
+        match (l.contiguous_offsets(), &*st) {
+            (Some((0, _)), Storage::Cpu(c)) => Ok((Storage::Cpu(c.clone()), l.shape().clone())),
+            #[cfg(feature = "cuda")]
+            (Some((0, _)), Storage::Cuda(c)) => Ok((Storage::Cuda(c.try_clone(l)?), l.shape().clone())),
+            _ => candle_core::bail!("all-to-all: unexpected result layout"),
+        }
+    }
+}
+
+impl CustomOp1 for AllToAll {
+    fn name(&self) -> &'static str {
+        "ep-all-to-all"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        match self.owned()? {
+            (Storage::Cpu(c), s) => Ok((c, s)),
+            _ => candle_core::bail!("all-to-all: result not on the CPU"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        match self.owned()? {
+            (Storage::Cuda(c), s) => Ok((c, s)),
+            _ => candle_core::bail!("all-to-all: result not on the GPU"),
+        }
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
+        let g = self.comm.all_to_all_rows(&grad_res.contiguous()?, &self.recv_rows, &self.send_rows)?;
+        Ok(Some(g))
+    }
+}

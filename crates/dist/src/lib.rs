@@ -1,0 +1,24 @@
+#![allow(non_snake_case)] // shape-suffixed names (x_ND, token_A), legend atop each file
+//! Beyond one device: expert parallelism (EP) and data parallelism (DP) for lockstep models,
+//! kept apart from the single-device model code (which only exposes the seam
+//! `lockstep_model::moe::parallel::ExpertParallel`).
+//!
+//! - `collective`: what EP and DP need from a process group (row all-to-all, count exchange,
+//!   sum all-reduce, host all-gather); `local` implements it with threads in one process (the
+//!   CPU tests; the 2-rank == 1-rank checks run in CI on it).
+//! - `ep`: the MoE experts stage across ranks — dispatch by all-to-all to the experts' owners,
+//!   local grouped experts, combine by the reverse all-to-all — with its backward.
+//! - `dp`: sharding a model's experts over the ranks, and the gradient all-reduce of the
+//!   replicated parameters.
+//! - `metrics`: routing health reduced over ranks.
+
+pub mod collective;
+pub mod dp;
+pub mod ep;
+pub mod local;
+pub mod metrics;
+
+pub use collective::Collective;
+pub use dp::{all_reduce_grads, shard_experts};
+pub use ep::ExpertParallelism;
+pub use local::{local_group, LocalComm};
