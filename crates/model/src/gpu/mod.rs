@@ -21,8 +21,6 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchArgs};
 use candle_core::{CudaDevice, DType, Result, Tensor};
 
-use crate::moe::experts::Experts;
-use crate::routing::LayerRoute;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_kernels.ptx"));
 const MODULE: &str = "lockstep_moe";
@@ -109,17 +107,4 @@ pub fn experts_forward(
     // combine
     let w_A = weight_A.to_dtype(DType::F32)?.contiguous()?;
     y_RD.apply_op2(&w_A, ops::Combine(plan))?.to_dtype(out_dtype)
-}
-
-/// `experts_forward` for a model layer's route and experts.
-pub fn moe_experts(x_ND: &Tensor, route: &LayerRoute, experts: &Experts) -> crate::error::Result<Tensor> {
-    Ok(experts_forward(
-        x_ND,
-        &route.token_A,
-        &route.expert_A,
-        &route.weight_A,
-        &experts.gate_up_proj,
-        &experts.down_proj,
-        GemmImpl::from_env(),
-    )?)
 }
