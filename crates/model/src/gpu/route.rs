@@ -79,8 +79,7 @@ pub fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[us
         let caps32: Vec<u32> = caps.iter().map(|&c| c as u32).collect();
         let caps_d = dev.clone_htod(&caps32)?;
         let out_off = dev.clone_htod(&out_off)?;
-        let (tok, exp) = out.split_at_mut(a);
-        let (mut tok, mut exp) = (tok, exp);
+        let (mut tok, mut exp) = out.split_at_mut(a);
         let f = route_func(&dev, "route_expert_choice")?;
         let mut b = f.builder();
         let (e32, np32) = (e as u32, np as u32);

@@ -9,7 +9,6 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::routing::LayerRoute;
 
 /// Flat assignments sorted by expert.
 #[derive(Debug, Clone)]
@@ -23,13 +22,8 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    /// Group a layer's assignments by expert (stable: ties keep the decision's order).
-    pub fn new(route: &LayerRoute, num_experts: usize, device: &Device) -> crate::error::Result<Self> {
-        let (tokens, experts) = route.pairs()?;
-        Ok(Self::from_pairs(&tokens, &experts, &route.weight_A, num_experts, device)?)
-    }
-
-    /// The same from host (token, expert) pairs and their weights `weight_A` (same order).
+    /// Group a layer's assignments, given as host (token, expert) pairs and their weights
+    /// `weight_A` (same order), by expert (stable: ties keep the decision's order).
     pub fn from_pairs(tokens: &[u32], experts: &[u32], weight_A: &Tensor, num_experts: usize, device: &Device) -> Result<Self> {
         let mut counts = vec![0usize; num_experts];
         for &e in experts {

@@ -67,10 +67,7 @@ pub(super) fn route(
     let (n, e) = scores_NE.dims2()?;
     let (token_A, expert_A, given) = match mode {
         RouteMode::Compute | RouteMode::Record => {
-            let choice = match &r.expert_bias {
-                Some(b) => scores_NE.broadcast_add(&b.to_dtype(DType::F32)?.unsqueeze(0)?)?,
-                None => scores_NE.clone(),
-            };
+            let choice = r.selection_scores(&scores_NE)?;
             let pools = pools(batch, pool);
             let caps = pools.iter().map(|p| capacity(capacity_factor, p.len(), e)).collect();
             // selected where the scores live (select::ExpertChoice; on CUDA, gpu::route)

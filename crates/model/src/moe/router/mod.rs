@@ -74,6 +74,15 @@ impl Router {
         token_choice::select(self, scores_NE)
     }
 
+    /// The scores selection ranks: `scores_NE` plus the expert bias, if any (the bias only
+    /// steers selection; weights use the unbiased scores).
+    fn selection_scores(&self, scores_NE: &Tensor) -> CResult<Tensor> {
+        match &self.expert_bias {
+            Some(b) => scores_NE.broadcast_add(&b.to_dtype(DType::F32)?.unsqueeze(0)?),
+            None => Ok(scores_NE.clone()),
+        }
+    }
+
     /// Multiply by `routed_scaling_factor` unless it is 1.
     fn scale(&self, w: Tensor) -> CResult<Tensor> {
         if self.cfg.routed_scaling_factor == 1.0 {

@@ -69,11 +69,7 @@ pub(super) fn route(r: &Router, logits_NE: Tensor, scores_NE: Tensor, mode: &Rou
 
 /// Selected ids [N, K] u32, on the scores' device (`select::TopK`).
 pub(super) fn select(r: &Router, scores_NE: &Tensor) -> Result<Tensor> {
-    let choice = match &r.expert_bias {
-        Some(b) => scores_NE.broadcast_add(&b.to_dtype(DType::F32)?.unsqueeze(0)?)?,
-        None => scores_NE.clone(),
-    };
-    Ok(TopK::of(&r.cfg).apply(&choice)?)
+    Ok(TopK::of(&r.cfg).apply(&r.selection_scores(scores_NE)?)?)
 }
 
 /// Group-limited top-k over one token's biased scores (see the module doc).
