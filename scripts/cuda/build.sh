@@ -39,6 +39,7 @@ PINS=(
   nvidia-cublas==13.0.2.14     # libcublas / libcublasLt to link against
   nvidia-curand==10.4.0.35     # libcurand to link against
   nvidia-cuda-nvrtc==13.0.88   # libnvrtc to link against
+  nvidia-nccl-cu13==2.28.3     # libnccl to link against (feature nccl); 2.28 = the GPU machines' NCCL
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +114,17 @@ for lib in cublas cublasLt curand nvrtc cudart; do
   ln -sfn "$real" "$STUBS/lib$lib.so"
   echo "lib$lib.so -> $(basename "$real")"
 done
+# NCCL (feature nccl) lives in its own wheel folder; the binary asks for libnccl.so.2 at run time
+# (the GPU machine's system NCCL, or torch's: see gpu_check.sh).
+nccl="$SITE/nvidia/nccl/lib/libnccl.so.2"
+[[ -f "$nccl" ]] || die "no $nccl (nvidia-nccl-cu13 missing from the pins?)"
+ln -sfn "$nccl" "$STUBS/libnccl.so"
+echo "libnccl.so -> $nccl"
 # gcc (the linker driver rustc uses) searches LIBRARY_PATH for -l libraries.
 export LIBRARY_PATH="$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
 # ---------------------------------------------------------------------------------------------
-step "3. cargo build --release -p lockstep-cli --features cuda (target dir $CARGO_TARGET_DIR)"
+step "3. cargo build --release -p lockstep-cli --features cuda,nccl (target dir $CARGO_TARGET_DIR)"
 # A separate target dir keeps the CPU build (target/) untouched and avoids rebuilding
 # candle with/without cuda every time one switches.
 JOBS=(); [[ -n "${LOCKSTEP_CUDA_JOBS:-}" ]] && JOBS=(-j "$LOCKSTEP_CUDA_JOBS")
@@ -134,7 +141,7 @@ if [[ -n "${LOCKSTEP_CUDA_REV:-}" ]]; then
   BUILT_FROM="commit $REV"
 fi
 echo "building $BUILT_FROM"
-(cd "$SRC" && cargo build --release -p lockstep-cli --features cuda "${JOBS[@]}") \
+(cd "$SRC" && cargo build --release -p lockstep-cli --features cuda,nccl "${JOBS[@]}") \
   || die "cargo build failed (see above; linker errors naming cu* symbols mean the stub is stale)"
 
 BIN="$CARGO_TARGET_DIR/release/lockstep"
@@ -144,7 +151,7 @@ GPU_TESTS=()
 for t in $(cd "$SRC" && ls crates/cli/tests/gpu_*.rs 2>/dev/null); do
   crate="$(basename "$(dirname "$(dirname "$t")")")"; name="$(basename "$t" .rs)"
   # (only crates/cli: the binary's feature set, so candle's CUDA kernels are not built twice)
-  exe="$(cd "$SRC" && cargo test --release -p "lockstep-$crate" --features cuda --test "$name" --no-run --message-format=json "${JOBS[@]}" 2>/dev/null \
+  exe="$(cd "$SRC" && cargo test --release -p "lockstep-$crate" --features cuda,nccl --test "$name" --no-run --message-format=json "${JOBS[@]}" 2>/dev/null \
     | "$CUDA_ENV/bin/python" -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)

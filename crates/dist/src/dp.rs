@@ -10,6 +10,8 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use lockstep_model::moe::experts::Experts;
+use lockstep_model::moe::parallel::ExpertParallel;
+use lockstep_model::moe::MoeBlock;
 use lockstep_model::{ModelError, MoeCausalLm, Result};
 
 use crate::collective::Collective;
@@ -23,22 +25,30 @@ pub fn shard_experts(model: &mut MoeCausalLm, comm: Arc<dyn Collective>) -> Resu
     if w == 0 || e % w != 0 {
         return Err(ModelError::config("<launch>", "world_size", format!("{w} ranks do not divide the {e} experts of every MoE layer")));
     }
-    let l = e / w;
-    let ep = Arc::new(ExpertParallelism { comm, num_experts: e });
+    let ep: Arc<dyn ExpertParallel> = Arc::new(ExpertParallelism { comm, num_experts: e });
     for layer in model.cfg.moe_layers.clone() {
         let block = model.moe_block_mut(layer).expect("moe_layers lists MoE layers");
-        if block.experts.num_experts() != e {
-            return Err(ModelError::config("<launch>", "experts", format!("layer {layer} is already sharded")));
-        }
-        let kernels = block.experts.kernels();
-        let mut local = Experts::from_stacked(
-            block.experts.gate_up_proj.narrow(0, r * l, l)?.contiguous()?,
-            block.experts.down_proj.narrow(0, r * l, l)?.contiguous()?,
-        )?;
-        local.set_kernels(kernels);
-        block.experts = local;
-        block.expert_parallel = Some(ep.clone());
+        shard_block(block, ep.clone(), r, w).map_err(|m| ModelError::config("<launch>", "experts", format!("layer {layer}: {m}")))?;
     }
+    Ok(())
+}
+
+/// One MoE block: keep rank `rank`'s experts of `world` equal shards, route through `ep`.
+pub fn shard_block(block: &mut MoeBlock, ep: Arc<dyn ExpertParallel>, rank: usize, world: usize) -> std::result::Result<(), String> {
+    let e = block.experts.num_experts();
+    if block.expert_parallel.is_some() {
+        return Err("already sharded".into());
+    }
+    if world == 0 || e % world != 0 || rank >= world {
+        return Err(format!("{world} ranks do not divide the {e} experts (rank {rank})"));
+    }
+    let l = e / world;
+    let narrow = |t: &Tensor| t.narrow(0, rank * l, l).and_then(|t| t.contiguous()).map_err(|e| e.to_string());
+    let kernels = block.experts.kernels();
+    let mut local = Experts::from_stacked(narrow(&block.experts.gate_up_proj)?, narrow(&block.experts.down_proj)?).map_err(|e| e.to_string())?;
+    local.set_kernels(kernels);
+    block.experts = local;
+    block.expert_parallel = Some(ep);
     Ok(())
 }
 

@@ -49,17 +49,33 @@ fn err(layer: usize, msg: String) -> ModelError {
     ModelError::routing(layer, format!("expert parallelism: {msg}"))
 }
 
-impl ExpertParallel for ExpertParallelism {
-    fn experts_stage(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, local: &Experts)
-        -> Result<Tensor> {
+/// The dispatch stage's result: this rank's share of the assignments of every rank, and what
+/// the combine stage needs to bring the results home.
+#[derive(Debug, Clone)]
+pub struct Dispatched {
+    /// rows received, one per assignment to this rank's experts, grouped by source rank
+    pub x_RD: Tensor,
+    /// the local expert (0..L) of each received row
+    pub ids_R: Tensor,
+    pub send_rows: Vec<usize>,
+    pub recv_rows: Vec<usize>,
+    /// assignment order by owner rank: `perm_A[i]` = the route's assignment sent i-th
+    perm_A: Tensor,
+    /// token of each sent assignment, in that order
+    tok_A: Tensor,
+    n: usize,
+    d: usize,
+}
+
+impl ExpertParallelism {
+    /// dispatch: order the assignments by owner rank, exchange the counts, then the rows and
+    /// their local expert ids.
+    pub fn dispatch(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<Dispatched> {
         let (n, d) = x_ND.dims2()?;
         let w = self.comm.world_size();
         let l = self.experts_per_rank();
-        if local.num_experts() != l {
-            return Err(err(layer, format!("this rank holds {} experts, expected {l} ({} over {w} ranks)", local.num_experts(), self.num_experts)));
-        }
         let dev = x_ND.device();
-        // dispatch: the route's host copy sizes the exchange (counts must be known anyway)
+        // the route's host copy sizes the exchange (the counts must reach the host anyway)
         let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
         let mut send_rows = vec![0usize; w];
         for &e in &exp {
@@ -86,23 +102,47 @@ impl ExpertParallel for ExpertParallelism {
         let perm_A = Tensor::from_vec(perm, a, dev)?;
         let tok_A = Tensor::from_vec(tok_sorted, a, dev)?;
         let recv_rows = self.comm.exchange_counts(&send_rows)?;
-        let r: usize = recv_rows.iter().sum();
         let ids_R = self.comm.all_to_all_rows(&Tensor::from_vec(local_ids, a, dev)?, &send_rows, &recv_rows)?;
         let x_AD = x_ND.index_select(&tok_A, 0)?;
         let x_RD = AllToAll::apply(&self.comm, &x_AD, &send_rows, &recv_rows)?;
-        // experts: one row per received assignment, weight 1 (weights are applied at home)
-        let y_RD = if r == 0 {
+        Ok(Dispatched { x_RD, ids_R, send_rows, recv_rows, perm_A, tok_A, n, d })
+    }
+
+    /// experts: one row per received assignment through this rank's grouped experts, weight 1
+    /// (the weights are applied at home, in `combine`).
+    pub fn experts(&self, dispatched: &Dispatched, local: &Experts) -> Result<Tensor> {
+        let x_RD = &dispatched.x_RD;
+        let r = x_RD.dim(0)?;
+        if r == 0 {
             // keeps x_RD in the graph, so this rank joins the backward exchange like the others
-            (x_RD * 0.0)?
-        } else {
-            let rows = Tensor::arange(0u32, r as u32, dev)?;
-            let ones = Tensor::ones(r, DType::F32, dev)?;
-            local_experts(&x_RD, &rows, &ids_R, &ones, local)?
-        };
-        // combine: back to the tokens' ranks, weighted, summed per token
-        let y_AD = AllToAll::apply(&self.comm, &y_RD, &recv_rows, &send_rows)?;
-        let w_A1 = weight_A.index_select(&perm_A, 0)?.to_dtype(y_AD.dtype())?.unsqueeze(1)?;
-        Ok(Tensor::zeros((n, d), y_AD.dtype(), dev)?.index_add(&tok_A, &y_AD.broadcast_mul(&w_A1)?, 0)?)
+            return Ok((x_RD * 0.0)?);
+        }
+        let dev = x_RD.device();
+        let rows = Tensor::arange(0u32, r as u32, dev)?;
+        let ones = Tensor::ones(r, DType::F32, dev)?;
+        local_experts(x_RD, &rows, &dispatched.ids_R, &ones, local)
+    }
+
+    /// combine: the results back to their tokens' ranks, weighted, summed per token.
+    pub fn combine(&self, dispatched: &Dispatched, y_RD: &Tensor, weight_A: &Tensor) -> Result<Tensor> {
+        let Dispatched { send_rows, recv_rows, perm_A, tok_A, n, d, .. } = dispatched;
+        let y_AD = AllToAll::apply(&self.comm, y_RD, recv_rows, send_rows)?;
+        let w_A1 = weight_A.index_select(perm_A, 0)?.to_dtype(y_AD.dtype())?.unsqueeze(1)?;
+        Ok(Tensor::zeros((*n, *d), y_AD.dtype(), y_AD.device())?.index_add(tok_A, &y_AD.broadcast_mul(&w_A1)?, 0)?)
+    }
+}
+
+impl ExpertParallel for ExpertParallelism {
+    fn experts_stage(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, local: &Experts)
+        -> Result<Tensor> {
+        let w = self.comm.world_size();
+        let l = self.experts_per_rank();
+        if local.num_experts() != l {
+            return Err(err(layer, format!("this rank holds {} experts, expected {l} ({} over {w} ranks)", local.num_experts(), self.num_experts)));
+        }
+        let dispatched = self.dispatch(layer, x_ND, token_A, expert_A)?;
+        let y_RD = self.experts(&dispatched, local)?;
+        self.combine(&dispatched, &y_RD, weight_A)
     }
 }
 

@@ -11,12 +11,19 @@
 //! - `dp`: sharding a model's experts over the ranks, and the gradient all-reduce of the
 //!   replicated parameters.
 //! - `metrics`: routing health reduced over ranks.
+//! - `nccl` (feature `nccl`): the NCCL process group, one process per GPU, bootstrapped by
+//!   `lockstep launch` through the variables of `launch_env`.
+//! - `check`: the "W ranks equal one rank" comparison, on any process group.
 
+pub mod check;
 pub mod collective;
 pub mod dp;
 pub mod ep;
+pub mod launch_env;
 pub mod local;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub use collective::Collective;
 pub use dp::{all_reduce_grads, shard_experts};

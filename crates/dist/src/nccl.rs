@@ -1,0 +1,252 @@
+//! The NCCL process group: one process per GPU, bootstrapped by `lockstep launch` (an NCCL
+//! unique id made by the launcher, handed to every rank in `LOCKSTEP_NCCL_ID`, see
+//! `launch_env`). Implements [`Collective`] on CUDA tensors:
+//!
+//! - `all_to_all_rows`: one NCCL group of point-to-point sends and receives (the row blocks to
+//!   and from every peer, moved as bytes, any dtype) — the uneven all-to-all (alltoallv) that
+//!   the dispatch and combine stages need;
+//! - `exchange_counts`, `all_gather_host`: `ncclAllGather`;
+//! - `all_reduce_sum`: `ncclAllReduce` (sum), in the tensor's own dtype.
+//!
+//! Every call is enqueued on candle's stream for the device, so it is ordered with the kernels
+//! before and after it and nothing waits on the host (the counts exchange and the host gather
+//! read their small results back, which synchronises). Outputs are fresh tensors that NCCL
+//! writes into before anyone else sees them.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::nccl::{result, sys};
+
+use crate::collective::{offsets, Collective};
+use crate::launch_env::{RankEnv, NCCL_ID_BYTES};
+
+/// A fresh NCCL unique id (made once, by the launcher, and handed to every rank).
+pub fn unique_id() -> Result<[u8; NCCL_ID_BYTES]> {
+    let id = result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// The NCCL library's version, e.g. 22803 for 2.28.3.
+pub fn version() -> Result<i32> {
+    result::get_nccl_version().map_err(|e| nccl_err("ncclGetVersion", e))
+}
+
+fn nccl_err(what: &str, e: result::NcclError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("NCCL {what} failed: {e:?} (run with NCCL_DEBUG=WARN for details)"))
+}
+
+struct RawComm(sys::ncclComm_t);
+
+// The communicator is used under `NcclComm::lock` only (one NCCL call sequence at a time).
+unsafe impl Send for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // abort, not destroy: destroy waits for peers, which may already have gone away
+        unsafe {
+            let _ = result::comm_abort(self.0);
+        }
+    }
+}
+
+/// One rank of an NCCL process group, on one CUDA device.
+pub struct NcclComm {
+    comm: Mutex<RawComm>,
+    rank: usize,
+    world: usize,
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclComm {{ rank: {}, world: {}, device: {:?} }}", self.rank, self.world, self.device.id())
+    }
+}
+
+impl NcclComm {
+    /// Join the group described by `env` on its GPU (`cuda:local_rank`). Every rank must call
+    /// this; it returns once all have joined.
+    pub fn init(env: &RankEnv) -> Result<(Self, Device)> {
+        let dev = Device::new_cuda(env.local_rank)?;
+        let comm = Self::init_on(env, &dev)?;
+        Ok((comm, dev))
+    }
+
+    pub fn init_on(env: &RankEnv, dev: &Device) -> Result<Self> {
+        let Device::Cuda(cuda) = dev else { bail!("NCCL needs a CUDA device, got {dev:?}") };
+        let stream = cuda.cuda_stream();
+        stream.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
+        let id = sys::ncclUniqueId { internal: env.nccl_id.map(|b| b as ::core::ffi::c_char) };
+        let mut comm = std::mem::MaybeUninit::uninit();
+        unsafe { result::comm_init_rank(comm.as_mut_ptr(), env.world_size as i32, id, env.rank as i32) }
+            .map_err(|e| nccl_err(&format!("ncclCommInitRank (rank {} of {})", env.rank, env.world_size), e))?;
+        let comm = unsafe { comm.assume_init() };
+        Ok(NcclComm { comm: Mutex::new(RawComm(comm)), rank: env.rank, world: env.world_size, device: cuda.clone(), stream })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, RawComm>> {
+        self.comm.lock().map_err(|_| candle_core::Error::Msg("NCCL communicator: a thread panicked mid-call".into()))
+    }
+
+    fn cu_stream(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
+    }
+
+    /// Device address of a contiguous CUDA tensor's first element on this rank's device.
+    fn addr(&self, t: &Tensor) -> Result<u64> {
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cuda(c) = &*st else { bail!("NCCL: tensor on {:?}, not on this rank's GPU", t.device()) };
+        if c.device.id() != self.device.id() {
+            bail!("NCCL: tensor on another CUDA device than this rank's");
+        }
+        let Some((start, _)) = l.contiguous_offsets() else { bail!("NCCL: tensor not contiguous") };
+        let s = &self.stream;
+        let base = match &c.slice {
+            CudaStorageSlice::U8(x) => x.device_ptr(s).0,
+            CudaStorageSlice::U32(x) => x.device_ptr(s).0,
+            CudaStorageSlice::I16(x) => x.device_ptr(s).0,
+            CudaStorageSlice::I32(x) => x.device_ptr(s).0,
+            CudaStorageSlice::I64(x) => x.device_ptr(s).0,
+            CudaStorageSlice::BF16(x) => x.device_ptr(s).0,
+            CudaStorageSlice::F16(x) => x.device_ptr(s).0,
+            CudaStorageSlice::F32(x) => x.device_ptr(s).0,
+            CudaStorageSlice::F64(x) => x.device_ptr(s).0,
+            _ => bail!("NCCL: dtype {:?} not supported", t.dtype()),
+        };
+        Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+    }
+
+    /// An uneven all-to-all of raw bytes between preallocated buffers: `send_bytes[w]` bytes
+    /// from `send + send_off[w]` to rank w, `recv_bytes[w]` from rank w into `recv + ...`.
+    /// Public for the benchmark's plain-NCCL baseline.
+    pub fn all_to_all_bytes(&self, send: &Tensor, send_bytes: &[usize], recv: &Tensor, recv_bytes: &[usize]) -> Result<()> {
+        let (sp, rp) = (self.addr(send)?, self.addr(recv)?);
+        let (so, ro) = (offsets(send_bytes), offsets(recv_bytes));
+        let total = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        if send_bytes.len() != self.world || recv_bytes.len() != self.world
+            || send_bytes.iter().sum::<usize>() > total(send) || recv_bytes.iter().sum::<usize>() > total(recv) {
+            bail!("NCCL all-to-all: byte counts {send_bytes:?} / {recv_bytes:?} do not fit the buffers or {} ranks", self.world);
+        }
+        let comm = self.lock()?;
+        result::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
+        let mut status = Ok(());
+        for peer in 0..self.world {
+            if status.is_err() {
+                break;
+            }
+            if send_bytes[peer] > 0 {
+                status = unsafe {
+                    result::send((sp + so[peer] as u64) as *const _, send_bytes[peer], sys::ncclDataType_t::ncclUint8, peer as i32, comm.0, self.cu_stream())
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclSend", e));
+            }
+            if status.is_ok() && recv_bytes[peer] > 0 {
+                status = unsafe {
+                    result::recv((rp + ro[peer] as u64) as *mut _, recv_bytes[peer], sys::ncclDataType_t::ncclUint8, peer as i32, comm.0, self.cu_stream())
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclRecv", e));
+            }
+        }
+        // always close the group, even after a failed call inside it
+        let end = result::group_end().map_err(|e| nccl_err("ncclGroupEnd", e));
+        status.and(end.map(|_| ()))
+    }
+
+    fn all_gather_bytes(&self, send: &Tensor) -> Result<Tensor> {
+        let send = send.contiguous()?;
+        let n = send.elem_count();
+        let out = Tensor::zeros(n * self.world, send.dtype(), send.device())?;
+        let bytes = n * send.dtype().size_in_bytes();
+        let comm = self.lock()?;
+        unsafe {
+            result::all_gather(self.addr(&send)? as *const _, self.addr(&out)? as *mut _, bytes, sys::ncclDataType_t::ncclUint8, comm.0, self.cu_stream())
+        }
+        .map_err(|e| nccl_err("ncclAllGather", e))?;
+        Ok(out)
+    }
+}
+
+fn nccl_dtype(dt: DType) -> Result<sys::ncclDataType_t> {
+    use sys::ncclDataType_t as N;
+    Ok(match dt {
+        DType::F32 => N::ncclFloat32,
+        DType::F64 => N::ncclFloat64,
+        DType::BF16 => N::ncclBfloat16,
+        DType::F16 => N::ncclFloat16,
+        DType::U32 => N::ncclUint32,
+        DType::I32 => N::ncclInt32,
+        DType::I64 => N::ncclInt64,
+        DType::U8 => N::ncclUint8,
+        other => bail!("NCCL all-reduce: dtype {other:?} not supported"),
+    })
+}
+
+impl Collective for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> Result<Tensor> {
+        let w = self.world;
+        if send_rows.len() != w || recv_rows.len() != w || send_rows.iter().sum::<usize>() != send.dim(0)? {
+            bail!("all_to_all_rows: {} rows to split as {send_rows:?} / receive {recv_rows:?} over {w} ranks", send.dim(0)?);
+        }
+        let send = send.detach().contiguous()?;
+        let mut shape = send.dims().to_vec();
+        shape[0] = recv_rows.iter().sum();
+        let recv = Tensor::zeros(shape, send.dtype(), send.device())?;
+        let row = send.dims()[1..].iter().product::<usize>() * send.dtype().size_in_bytes();
+        let bytes = |rows: &[usize]| rows.iter().map(|r| r * row).collect::<Vec<_>>();
+        self.all_to_all_bytes(&send, &bytes(send_rows), &recv, &bytes(recv_rows))?;
+        Ok(recv)
+    }
+    fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>> {
+        if counts.len() != self.world {
+            bail!("exchange_counts: {} counts for {} ranks", counts.len(), self.world);
+        }
+        let c: Vec<i64> = counts.iter().map(|&c| c as i64).collect();
+        let t = Tensor::from_vec(c, self.world, &Device::Cuda(self.device.clone()))?;
+        let all = self.all_gather_bytes(&t)?.to_vec1::<i64>()?;
+        // all[from * W + to]: what `from` sends to `to`
+        Ok((0..self.world).map(|from| all[from * self.world + self.rank] as usize).collect())
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let src = t.detach().contiguous()?;
+        let out = Tensor::zeros(src.shape(), src.dtype(), src.device())?;
+        let comm = self.lock()?;
+        unsafe {
+            result::all_reduce(
+                self.addr(&src)? as *const _,
+                self.addr(&out)? as *mut _,
+                src.elem_count(),
+                nccl_dtype(src.dtype())?,
+                sys::ncclRedOp_t::ncclSum,
+                comm.0,
+                self.cu_stream(),
+            )
+        }
+        .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        Ok(out)
+    }
+    fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let dev = Device::Cuda(self.device.clone());
+        // lengths first (ranks may send different numbers of values), then the padded values
+        let lens = self.all_gather_bytes(&Tensor::new(&[values.len() as i64], &dev)?)?.to_vec1::<i64>()?;
+        let max = *lens.iter().max().unwrap_or(&0) as usize;
+        if max == 0 {
+            return Ok(vec![Vec::new(); self.world]);
+        }
+        let mut padded = values.to_vec();
+        padded.resize(max, 0.0);
+        let all = self.all_gather_bytes(&Tensor::from_vec(padded, max, &dev)?)?.to_vec1::<f64>()?;
+        Ok(lens.iter().enumerate().map(|(r, &n)| all[r * max..r * max + n as usize].to_vec()).collect())
+    }
+}
