@@ -1,9 +1,12 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
+mod bench_ep_cmd;
 mod bench_moe_cmd;
 mod consistency_cmd;
 mod demo_cmd;
+mod dist_check_cmd;
 mod device;
+mod launch_cmd;
 mod serve_cmd;
 mod trace_cmd;
 mod train_cmd;
@@ -34,6 +37,12 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Time one MoE expert layer forward + backward on the GPU (grouped GEMM CUDA ops).
     BenchMoe(bench_moe_cmd::BenchMoeArgs),
+    /// One process per GPU in an NCCL process group: `launch --gpus N -- dist-check`.
+    Launch(launch_cmd::LaunchArgs),
+    /// Expert + data parallelism over W ranks equal one rank (thread ranks, or under `launch`).
+    DistCheck(dist_check_cmd::DistCheckArgs),
+    /// Time EP dispatch / combine beside plain NCCL all-to-all, and an EP MoE layer vs one GPU.
+    BenchEp(bench_ep_cmd::BenchEpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +57,19 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let single_rank = match &cli.command {
+        Command::Launch(_) | Command::DistCheck(_) | Command::BenchEp(_) => None,
+        Command::Train(_) => Some("train"),
+        Command::Demo(_) => Some("demo"),
+        Command::Verify(_) => Some("verify"),
+        Command::Trace(_) => Some("trace"),
+        Command::Consistency(_) => Some("consistency"),
+        Command::Serve(_) => Some("serve"),
+        Command::BenchMoe(_) => Some("bench-moe"),
+    };
+    if let Some(name) = single_rank {
+        launch_cmd::refuse_under_launch(name)?;
+    }
     match cli.command {
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Demo(args) => demo_cmd::run(args),
@@ -56,5 +78,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consistency(args) => consistency_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
         Command::BenchMoe(args) => bench_moe_cmd::run(args),
+        Command::Launch(args) => launch_cmd::run(args),
+        Command::DistCheck(args) => dist_check_cmd::run(args),
+        Command::BenchEp(args) => bench_ep_cmd::run(args),
     }
 }

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Expert + data parallelism over NCCL on the GPU machine, with the binary and GPU test binaries
+# built by scripts/cuda/build.sh (features cuda,nccl):
+#
+#   device run:  bash scripts/cuda/gpu_dist.sh        with  carry: [".gpu-bin"]
+#                (kind nvidia-h200-x2 for 2 GPUs; on a 1-GPU kind, W = 1 only)
+#
+# For W = 1 and, when the machine has them, W = 2 .. number of GPUs (powers of two):
+#   1. `lockstep launch --gpus W -- dist-check` in f32 and bf16, token and expert choice
+#      (W NCCL ranks equal one rank: logits, routes, gradients, bitwise replay, health);
+#   2. `lockstep launch --gpus W -- bench-ep` (T 4096 per rank, H 2048, E 128, K 8, F 768, bf16).
+# Also: the thread-rank GPU test (gpu_ep), and the launcher's failure path (more ranks than
+# GPUs: the rank without a GPU fails, the launcher must stop the others and exit non-zero).
+# Output: $OUT/dist.log (everything), $OUT/dist-summary.txt (a line per check), $OUT/bench-ep-W.json.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/lockstep-gpu-dist}"
+mkdir -p "$OUT"
+LOG="$OUT/dist.log"; SUMMARY="$OUT/dist-summary.txt"
+: > "$LOG"; : > "$SUMMARY"
+BIN=/tmp/lockstep-dist-bin/lockstep
+mkdir -p "$(dirname "$BIN")"
+gunzip -c .gpu-bin/lockstep.gz > "$BIN" && chmod +x "$BIN"
+export LD_LIBRARY_PATH="${CUDA_LIB_DIR:-/usr/local/cuda/lib64}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+FAILED=0
+
+run() { # name, timeout, command...
+  local name="$1" limit="$2"; shift 2
+  echo "=== $name: $*" >> "$LOG"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  local line="$name: rc $rc ($(( $(date +%s) - t0 )) s)"
+  [[ $rc -eq 0 ]] || FAILED=1
+  echo "$line" | tee -a "$SUMMARY"
+  return $rc
+}
+
+NGPU=$(nvidia-smi -L | wc -l)
+echo "GPUs: $NGPU; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee -a "$SUMMARY"
+ldd "$BIN" | grep -E "nccl|cublas|cudart" >> "$SUMMARY"
+nvidia-smi topo -m >> "$LOG" 2>&1
+
+W=1
+while (( W <= NGPU )); do
+  run "dist-check W=$W f32" 300 "$BIN" launch --gpus "$W" -- dist-check --dtype f32
+  run "dist-check W=$W bf16" 300 "$BIN" launch --gpus "$W" -- dist-check --dtype bf16
+  run "bench-ep W=$W" 400 "$BIN" launch --gpus "$W" -- bench-ep --json "$OUT/bench-ep-$W.json"
+  W=$(( W * 2 ))
+done
+# every "ok"/"FAILED" line of the checks, and the benchmark tables, into the summary
+grep -E "choice (rank|:)|equal one rank|differ|dispatch|combine|NCCL a2a|bytes|EP=|1 GPU|global batch|EP output|error" "$LOG" >> "$SUMMARY"
+
+if [[ -f .gpu-bin/gpu_ep.gz ]]; then
+  gunzip -c .gpu-bin/gpu_ep.gz > /tmp/lockstep-dist-bin/gpu_ep && chmod +x /tmp/lockstep-dist-bin/gpu_ep
+  run "gpu_ep (2 thread ranks on cuda:0)" 300 /tmp/lockstep-dist-bin/gpu_ep --test-threads 1
+fi
+
+# failure path: one rank more than there are GPUs
+echo "=== launcher failure path" >> "$LOG"
+timeout 120 "$BIN" launch --gpus $(( NGPU + 1 )) -- dist-check --routing token >> "$LOG" 2>&1
+rc=$?
+if [[ $rc -ne 0 && $rc -ne 124 ]] && grep -q "launch: rank .* failed" "$LOG"; then
+  echo "launcher stops the group when a rank fails: ok (rc $rc)" | tee -a "$SUMMARY"
+else
+  echo "launcher failure path: FAILED (rc $rc)" | tee -a "$SUMMARY"; FAILED=1
+fi
+echo "overall: $([[ $FAILED -eq 0 ]] && echo PASS || echo FAIL)" | tee -a "$SUMMARY"
+exit $FAILED
