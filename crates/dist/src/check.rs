@@ -10,7 +10,10 @@
 //! - replicated gradients bitwise identical on every rank (a hash of each, gathered);
 //! - record → replay of its own route reproduces its logits bitwise;
 //! - routing health reduced over the ranks equals the single rank's (tokens per expert,
-//!   max_vio, token-weighted confidence).
+//!   max_vio, token-weighted confidence);
+//! - one AdamW step with clipping (`dp::step`): the global gradient norm equals the single
+//!   rank's, every parameter afterwards too, and the replicated ones are bitwise identical on
+//!   every rank.
 //!
 //! Used by the CPU tests (`tests/ep_equals_single.rs`, thread ranks), the GPU test
 //! (`crates/cli/tests/gpu_ep.rs`) and `lockstep dist-check` (NCCL ranks, one per GPU).
@@ -25,7 +28,12 @@ use lockstep_model::metrics::{layer_health, LayerHealth};
 use lockstep_model::{Batch, MoeCausalLm, Result, RoutingPlan};
 
 use crate::collective::Collective;
-use crate::dp::{all_reduce_grads, is_expert_param, shard_experts};
+use crate::dp::{is_expert_param, shard_experts};
+use lockstep_trainer::optim::{AdamW, AdamWConfig, GradAccumulator};
+
+fn train_err(e: lockstep_trainer::TrainError) -> lockstep_model::ModelError {
+    lockstep_model::ModelError::Candle(candle_core::Error::Msg(format!("optimizer: {e}")))
+}
 
 #[derive(Debug, Clone)]
 pub struct CheckCase {
@@ -91,6 +99,10 @@ pub struct RankRun {
     pub replay_diff: f64,
     /// layer → routing health of the global batch (reduced over the ranks)
     pub health: HashMap<usize, LayerHealth>,
+    /// the global gradient norm the optimizer step clipped against
+    pub grad_norm: f64,
+    /// every parameter after one AdamW step
+    pub updated: HashMap<String, Tensor>,
 }
 
 /// Forward (recorded), loss, backward and gradient all-reduce on rows `first_row..` of the
@@ -112,13 +124,22 @@ pub fn run_rank(case: &CheckCase, mut m: MoeCausalLm, comm: Option<Arc<dyn Colle
     let v = out.logits.dim(2)?;
     let r = case.cotangent(v)?.narrow(0, first_row, rows.len())?.to_device(&dev)?;
     let loss = (out.logits.to_dtype(DType::F32)? * r)?.sum_all()?;
-    let mut grads = loss.backward()?;
-    if let Some(c) = &comm {
-        all_reduce_grads(c.as_ref(), &params, &mut grads)?;
-    }
-    let grads = params.iter().filter_map(|(n, var)| grads.get(var.as_tensor()).map(|g| (n.clone(), g.clone()))).collect();
+    let grads = loss.backward()?;
+    // replay before the update changes the weights
     let replay = m.forward(&batch, &RoutingPlan::replay(&out.routes, true))?;
     let replay_diff = lockstep_model::parity::max_abs_diff(&replay.logits, &out.logits)?;
+    // one AdamW step, clipping active (the norm must then be the global one on every rank)
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, max_grad_norm: Some(1e-3), ..AdamWConfig::default() }).map_err(train_err)?;
+    let (stats, acc) = match &comm {
+        Some(c) => crate::dp::step(c.as_ref(), &mut opt, &params, grads)?,
+        None => {
+            let mut acc = GradAccumulator::default();
+            acc.add(&params, &grads).map_err(train_err)?;
+            (opt.apply(&params, &acc).map_err(train_err)?, acc)
+        }
+    };
+    let grads = params.iter().filter_map(|(n, _)| acc.get(n).map(|g| (n.clone(), g.clone()))).collect();
+    let updated = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
     let mut routes = HashMap::new();
     let mut health = HashMap::new();
     let score = m.cfg.moe.router.score_function;
@@ -135,7 +156,7 @@ pub fn run_rank(case: &CheckCase, mut m: MoeCausalLm, comm: Option<Arc<dyn Colle
         };
         health.insert(l, h);
     }
-    Ok(RankRun { logits: out.logits.detach(), routes, grads, replay_diff, health })
+    Ok(RankRun { logits: out.logits.detach(), routes, grads, replay_diff, health, grad_norm: stats.grad_norm, updated })
 }
 
 /// max |a − b| / max |b|, in f32 on the CPU.
@@ -164,6 +185,12 @@ pub struct RankReport {
     pub health_mismatches: Vec<String>,
     /// replicated parameters whose gradient differs bitwise between ranks
     pub replicated_differ: Vec<String>,
+    /// global gradient norm: this rank's and the single rank's
+    pub grad_norm: (f64, f64),
+    /// the worst parameter after one AdamW step: (parameter, error relative to its max |value|)
+    pub worst_update: (String, f64),
+    /// replicated parameters that differ bitwise between ranks after the step
+    pub updated_differ: Vec<String>,
     /// problems that are not numbers (a missing gradient, ...)
     pub missing: Vec<String>,
 }
@@ -194,12 +221,20 @@ impl RankReport {
         }
         f.extend(self.health_mismatches.iter().map(|h| format!("routing health differs: {h}")));
         f.extend(self.replicated_differ.iter().map(|n| format!("gradient of {n} differs across ranks")));
+        let norm_rel = (self.grad_norm.0 - self.grad_norm.1).abs() / self.grad_norm.1.max(1e-30);
+        if norm_rel > tg {
+            f.push(format!("global gradient norm {} vs {} on one rank", self.grad_norm.0, self.grad_norm.1));
+        }
+        if self.worst_update.1 > tg {
+            f.push(format!("{} after the AdamW step: rel {:.3e} > {tg:.0e}", self.worst_update.0, self.worst_update.1));
+        }
+        f.extend(self.updated_differ.iter().map(|n| format!("{n} differs across ranks after the AdamW step")));
         f
     }
 
     pub fn summary(&self) -> String {
         format!(
-            "rank {}/{}: logits rel {:.2e}, worst of {} gradients {:.2e} ({}), routes {}, replay {}, health {}, replicated grads {}",
+            "rank {}/{}: logits rel {:.2e}, worst of {} gradients {:.2e} ({}), routes {}, replay {}, health {}, replicated grads {}; AdamW step: grad norm {:.6e} (1 rank {:.6e}), worst param {:.2e}, replicated params {}",
             self.rank,
             self.world,
             self.logits_rel,
@@ -210,6 +245,10 @@ impl RankReport {
             if self.replay_diff == 0.0 { "bitwise" } else { "NOT bitwise" },
             if self.health_mismatches.is_empty() { "equal" } else { "DIFFERS" },
             if self.replicated_differ.is_empty() { "identical on all ranks" } else { "DIFFER across ranks" },
+            self.grad_norm.0,
+            self.grad_norm.1,
+            self.worst_update.1,
+            if self.updated_differ.is_empty() { "identical on all ranks" } else { "DIFFER across ranks" },
         )
     }
 }
@@ -255,6 +294,9 @@ fn compare(case: &CheckCase, single: &RankRun, run: &RankRun, comm: &dyn Collect
         reference_replay_diff: single.replay_diff,
         health_mismatches: Vec::new(),
         replicated_differ: Vec::new(),
+        grad_norm: (run.grad_norm, single.grad_norm),
+        worst_update: (String::new(), 0.0),
+        updated_differ: Vec::new(),
         missing: Vec::new(),
     };
     let mut layers: Vec<usize> = single.routes.keys().copied().collect();
@@ -312,6 +354,37 @@ fn compare(case: &CheckCase, single: &RankRun, run: &RankRun, comm: &dyn Collect
     for (i, name) in replicated.iter().enumerate() {
         if all.iter().any(|h| h.get(i) != Some(&hashes[i])) {
             rep.replicated_differ.push((**name).clone());
+        }
+    }
+    // after the optimizer step: every parameter against one rank's, replicated ones bitwise
+    // identical across the ranks
+    let mut names: Vec<&String> = single.updated.keys().collect();
+    names.sort();
+    let mut hashes = Vec::new();
+    let mut replicated = Vec::new();
+    for name in names {
+        let Some(got) = run.updated.get(name) else {
+            rep.missing.push(format!("no parameter {name} after the step"));
+            continue;
+        };
+        let p_single = &single.updated[name];
+        let want = if is_expert_param(name) {
+            let l = p_single.dim(0)? / w;
+            p_single.narrow(0, r * l, l)?
+        } else {
+            hashes.push(hash(got)?);
+            replicated.push(name.clone());
+            p_single.clone()
+        };
+        let e = rel(got, &want)?;
+        if e >= rep.worst_update.1 {
+            rep.worst_update = (name.clone(), e);
+        }
+    }
+    let all = comm.all_gather_host(&hashes)?;
+    for (i, name) in replicated.into_iter().enumerate() {
+        if all.iter().any(|h| h.get(i) != Some(&hashes[i])) {
+            rep.updated_differ.push(name);
         }
     }
     Ok(rep)

@@ -3,7 +3,8 @@
 //! experts; after the backward, the replicated parameters' gradients are summed over the ranks
 //! (the loss of each rank already divided by the *global* normaliser), the expert gradients are
 //! the rank's own (every token that used an expert sent its gradient there), so an optimizer
-//! step on each rank gives identical replicated weights everywhere.
+//! step on each rank gives identical replicated weights everywhere ([`step`]: the gradient
+//! norm for clipping is reduced over the ranks too, so every rank clips by the same factor).
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use lockstep_model::moe::experts::Experts;
 use lockstep_model::moe::parallel::ExpertParallel;
 use lockstep_model::moe::MoeBlock;
 use lockstep_model::{ModelError, MoeCausalLm, Result};
+use lockstep_trainer::optim::{grad_sq_sum, AdamW, GradAccumulator, StepStats};
 
 use crate::collective::Collective;
 use crate::ep::ExpertParallelism;
@@ -73,4 +75,32 @@ pub fn all_reduce_grads(comm: &dyn Collective, params: &[(String, Var)], grads: 
         grads.insert(var.as_tensor(), sum);
     }
     Ok(())
+}
+
+/// The global gradient norm over the ranks: the replicated gradients (after
+/// [`all_reduce_grads`], the same on every rank) once, plus every rank's expert shards; the
+/// per-rank sums are added in rank order, so every rank gets the same number.
+pub fn global_grad_norm(comm: &dyn Collective, params: &[(String, Var)], grads: &GradAccumulator) -> Result<f64> {
+    let names = || params.iter().map(|(n, _)| n.as_str());
+    let replicated = grad_sq_sum(names().filter(|n| !is_expert_param(n)), grads).map_err(train_err)?;
+    let experts = grad_sq_sum(names().filter(|n| is_expert_param(n)), grads).map_err(train_err)?;
+    let all = comm.all_gather_host(&[experts])?;
+    Ok((replicated + all.iter().map(|v| v[0]).sum::<f64>()).sqrt())
+}
+
+/// One data-parallel optimizer step on this rank: sum the replicated gradients over the
+/// ranks, clip against the global norm, update. Every rank calls it with the same parameters
+/// in the same order; the replicated parameters then stay identical on every rank. Returns the
+/// step's statistics (the global norm) and the gradients it applied.
+pub fn step(comm: &dyn Collective, opt: &mut AdamW, params: &[(String, Var)], mut grads: GradStore) -> Result<(StepStats, GradAccumulator)> {
+    all_reduce_grads(comm, params, &mut grads)?;
+    let mut acc = GradAccumulator::default();
+    acc.add(params, &grads).map_err(train_err)?;
+    let norm = global_grad_norm(comm, params, &acc)?;
+    let stats = opt.apply_with_grad_norm(params, &acc, norm).map_err(train_err)?;
+    Ok((stats, acc))
+}
+
+fn train_err(e: lockstep_trainer::TrainError) -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(format!("optimizer step: {e}")))
 }

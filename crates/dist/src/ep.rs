@@ -59,53 +59,80 @@ pub struct Dispatched {
     pub ids_R: Tensor,
     pub send_rows: Vec<usize>,
     pub recv_rows: Vec<usize>,
-    /// assignment order by owner rank: `perm_A[i]` = the route's assignment sent i-th
-    perm_A: Tensor,
-    /// token of each sent assignment, in that order
-    tok_A: Tensor,
+    home: Home,
     n: usize,
     d: usize,
 }
 
+/// How the sent assignments map back to the route's order.
+#[derive(Debug, Clone)]
+enum Home {
+    /// CPU: `perm_A[i]` = the route's assignment sent i-th, `tok_A` its token
+    Host { perm_A: Tensor, tok_A: Tensor },
+    /// CUDA: the owner-grouped rows of the device plan (gather / f32 combine in route order)
+    #[cfg(feature = "cuda")]
+    Device(lockstep_model::gpu::RowGroups),
+}
+
 impl ExpertParallelism {
-    /// dispatch: order the assignments by owner rank, exchange the counts, then the rows and
-    /// their local expert ids.
+    /// dispatch: order the assignments by owner rank (stable), exchange the counts, then the
+    /// rows and their local expert ids.
     pub fn dispatch(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<Dispatched> {
         let (n, d) = x_ND.dims2()?;
         let w = self.comm.world_size();
         let l = self.experts_per_rank();
         let dev = x_ND.device();
-        // the route's host copy sizes the exchange (the counts must reach the host anyway)
-        let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
+        // the experts' host copy gives the counts (they must reach the host to size the
+        // exchange anyway) and the local ids
+        let exp: Vec<u32> = expert_A.to_vec1()?;
         let mut send_rows = vec![0usize; w];
+        let mut owner_A = Vec::with_capacity(exp.len());
         for &e in &exp {
             let owner = e as usize / l;
             if owner >= w {
                 return Err(err(layer, format!("expert id {e} >= num_experts {}", self.num_experts)));
             }
             send_rows[owner] += 1;
+            owner_A.push(owner as u32);
         }
-        // stable order by owner rank
+        let a = exp.len();
         let mut next = crate::collective::offsets(&send_rows);
-        let mut perm = vec![0u32; exp.len()];
-        let mut tok_sorted = vec![0u32; exp.len()];
-        let mut local_ids = vec![0u32; exp.len()];
-        for (a, &e) in exp.iter().enumerate() {
-            let owner = e as usize / l;
-            let dst = next[owner];
-            next[owner] += 1;
-            perm[dst] = a as u32;
-            tok_sorted[dst] = tok[a];
-            local_ids[dst] = e - (owner * l) as u32;
+        let mut perm = vec![0u32; a];
+        let mut local_ids = vec![0u32; a];
+        for (i, (&e, &o)) in exp.iter().zip(&owner_A).enumerate() {
+            let dst = next[o as usize];
+            next[o as usize] += 1;
+            perm[dst] = i as u32;
+            local_ids[dst] = e - o * l as u32;
         }
-        let a = perm.len();
-        let perm_A = Tensor::from_vec(perm, a, dev)?;
-        let tok_A = Tensor::from_vec(tok_sorted, a, dev)?;
+        let (x_AD, home) = if dev.is_cuda() {
+            self.device_home(layer, x_ND, token_A, owner_A, &send_rows)?
+        } else {
+            let tok: Vec<u32> = token_A.to_vec1()?;
+            let tok_A = Tensor::from_vec(perm.iter().map(|&i| tok[i as usize]).collect::<Vec<_>>(), a, dev)?;
+            let perm_A = Tensor::from_vec(perm, a, dev)?;
+            (x_ND.index_select(&tok_A, 0)?, Home::Host { perm_A, tok_A })
+        };
         let recv_rows = self.comm.exchange_counts(&send_rows)?;
         let ids_R = self.comm.all_to_all_rows(&Tensor::from_vec(local_ids, a, dev)?, &send_rows, &recv_rows)?;
-        let x_AD = x_ND.index_select(&tok_A, 0)?;
         let x_RD = AllToAll::apply(&self.comm, &x_AD, &send_rows, &recv_rows)?;
-        Ok(Dispatched { x_RD, ids_R, send_rows, recv_rows, perm_A, tok_A, n, d })
+        Ok(Dispatched { x_RD, ids_R, send_rows, recv_rows, home, n, d })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, owner_A: Vec<u32>, send_rows: &[usize]) -> Result<(Tensor, Home)> {
+        let a = owner_A.len();
+        let owner_A = Tensor::from_vec(owner_A, a, x_ND.device())?;
+        let groups = lockstep_model::gpu::RowGroups::new(token_A, &owner_A, x_ND.dim(0)?, send_rows.len())?;
+        if groups.counts() != send_rows {
+            return Err(err(layer, format!("device plan counts {:?} differ from the host's {send_rows:?}", groups.counts())));
+        }
+        Ok((groups.gather(x_ND)?, Home::Device(groups)))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_home(&self, layer: usize, _: &Tensor, _: &Tensor, _: Vec<u32>, _: &[usize]) -> Result<(Tensor, Home)> {
+        Err(err(layer, "CUDA tensors need the `cuda` feature".into()))
     }
 
     /// experts: one row per received assignment through this rank's grouped experts, weight 1
@@ -123,12 +150,19 @@ impl ExpertParallelism {
         local_experts(x_RD, &rows, &dispatched.ids_R, &ones, local)
     }
 
-    /// combine: the results back to their tokens' ranks, weighted, summed per token.
+    /// combine: the results back to their tokens' ranks, weighted, summed per token (on the
+    /// GPU in ascending route order and f32, like the single-device combine).
     pub fn combine(&self, dispatched: &Dispatched, y_RD: &Tensor, weight_A: &Tensor) -> Result<Tensor> {
-        let Dispatched { send_rows, recv_rows, perm_A, tok_A, n, d, .. } = dispatched;
+        let Dispatched { send_rows, recv_rows, home, n, d, .. } = dispatched;
         let y_AD = AllToAll::apply(&self.comm, y_RD, recv_rows, send_rows)?;
-        let w_A1 = weight_A.index_select(perm_A, 0)?.to_dtype(y_AD.dtype())?.unsqueeze(1)?;
-        Ok(Tensor::zeros((*n, *d), y_AD.dtype(), y_AD.device())?.index_add(tok_A, &y_AD.broadcast_mul(&w_A1)?, 0)?)
+        match home {
+            Home::Host { perm_A, tok_A } => {
+                let w_A1 = weight_A.index_select(perm_A, 0)?.to_dtype(y_AD.dtype())?.unsqueeze(1)?;
+                Ok(Tensor::zeros((*n, *d), y_AD.dtype(), y_AD.device())?.index_add(tok_A, &y_AD.broadcast_mul(&w_A1)?, 0)?)
+            }
+            #[cfg(feature = "cuda")]
+            Home::Device(groups) => Ok(groups.combine(&y_AD, weight_A)?),
+        }
     }
 }
 

@@ -125,6 +125,17 @@ impl GradAccumulator {
     }
 }
 
+/// Σ g² over the named parameters' gradients (f64).
+pub fn grad_sq_sum<'a>(names: impl IntoIterator<Item = &'a str>, grads: &GradAccumulator) -> Result<f64> {
+    let mut sq = 0f64;
+    for name in names {
+        if let Some(g) = grads.get(name) {
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+    }
+    Ok(sq)
+}
+
 pub struct AdamW {
     pub cfg: AdamWConfig,
     /// steps taken
@@ -148,13 +159,14 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient.
     pub fn apply(&mut self, params: &[(String, Var)], grads: &GradAccumulator) -> Result<StepStats> {
-        let mut sq = 0f64;
-        for (name, _) in params {
-            if let Some(g) = grads.get(name) {
-                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-            }
-        }
-        let grad_norm = sq.sqrt();
+        let sq = grad_sq_sum(params.iter().map(|(n, _)| n.as_str()), grads)?;
+        self.apply_with_grad_norm(params, grads, sq.sqrt())
+    }
+
+    /// One update, clipping against a given global gradient norm: under expert parallelism
+    /// each rank holds only its experts' gradients, so the norm is reduced over the ranks
+    /// (`lockstep_dist::dp::global_grad_norm`) and every rank clips by the same factor.
+    pub fn apply_with_grad_norm(&mut self, params: &[(String, Var)], grads: &GradAccumulator, grad_norm: f64) -> Result<StepStats> {
         let scale = match self.cfg.max_grad_norm {
             Some(c) => (c / (grad_norm + 1e-6)).min(1.0),
             None => 1.0,

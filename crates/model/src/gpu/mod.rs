@@ -108,3 +108,33 @@ pub fn experts_forward(
     let w_A = weight_A.to_dtype(DType::F32)?.contiguous()?;
     y_RD.apply_op2(&w_A, ops::Combine(plan))?.to_dtype(out_dtype)
 }
+
+/// Assignments grouped on the device (expert parallelism: the groups are the owner ranks):
+/// `gather` places every assignment's token row in its group, in stable assignment order, and
+/// `combine` sums weighted group-ordered rows back per token — in ascending assignment order
+/// and in f32, exactly as the local combine does — both with their backward.
+#[derive(Debug, Clone)]
+pub struct RowGroups(Arc<plan::Plan>);
+
+impl RowGroups {
+    /// `group_A` [A] u32 < `groups`; one copy back: the group sizes.
+    pub fn new(token_A: &Tensor, group_A: &Tensor, num_tokens: usize, groups: usize) -> Result<Self> {
+        Ok(Self(Arc::new(plan::Plan::build(token_A, group_A, num_tokens, groups, GemmImpl::Grouped)?)))
+    }
+
+    /// rows of each group
+    pub fn counts(&self) -> &[usize] {
+        &self.0.layout.counts
+    }
+
+    /// x_ND → x_AD, grouped
+    pub fn gather(&self, x_ND: &Tensor) -> Result<Tensor> {
+        x_ND.contiguous()?.apply_op1(ops::Gather(self.0.clone()))
+    }
+
+    /// (y_AD grouped, weight_A in assignment order) → out_ND = Σ_a weight_a · y[row of a]
+    pub fn combine(&self, y_AD: &Tensor, weight_A: &Tensor) -> Result<Tensor> {
+        let w_A = weight_A.to_dtype(DType::F32)?.contiguous()?;
+        y_AD.contiguous()?.apply_op2(&w_A, ops::Combine(self.0.clone()))
+    }
+}

@@ -417,3 +417,60 @@ impl CustomOp2 for CombineBwd {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// x_ND → xp_RD: every assignment's token row, placed at its row of the plan (the dispatch
+/// permute on its own, for expert parallelism: the plan's groups are then the owner ranks).
+/// Backward: dx[n] = Σ over token n's assignments (ascending) of dxp[pos[a]].
+pub struct Gather(pub Arc<Plan>);
+
+impl CustomOp1 for Gather {
+    fn name(&self) -> &'static str {
+        "moe-gather"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let p = &self.0;
+        let (n, d) = l.shape().dims2()?;
+        if n != p.num_tokens {
+            candle_core::bail!("moe-gather: {n} rows, {} tokens planned", p.num_tokens);
+        }
+        let suf = suffix(s.dtype(), self.name())?;
+        typed!(s.dtype(), self.name(), T => {
+            let x = contiguous::<T>(s, l, self.name())?;
+            let xp = permute::<T>(p, &x, d, suf)?;
+            Ok((storage(xp, &p.dev), Shape::from((p.layout.rows, d))))
+        })
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&GatherBwd(self.0.clone()))?))
+    }
+}
+
+/// dxp_RD → dx_ND (the sum of `Gather`'s backward).
+pub struct GatherBwd(pub Arc<Plan>);
+
+impl CustomOp1 for GatherBwd {
+    fn name(&self) -> &'static str {
+        "moe-gather-bwd"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let p = &self.0;
+        let (r, d) = l.shape().dims2()?;
+        if r != p.layout.rows {
+            candle_core::bail!("moe-gather-bwd: {r} rows, {} planned", p.layout.rows);
+        }
+        let suf = suffix(s.dtype(), self.name())?;
+        typed!(s.dtype(), self.name(), T => {
+            let dy = contiguous::<T>(s, l, self.name())?;
+            let dx = gather_sum::<T>(p, &dy, None, d, suf)?;
+            Ok((storage(dx, &p.dev), Shape::from((p.num_tokens, d))))
+        })
+    }
+}
