@@ -181,25 +181,37 @@ impl ExpertParallel for ExpertParallelism {
 }
 
 /// A differentiable row all-to-all: forward sends `send_rows` / receives `recv_rows`, the
-/// backward sends the gradient back the same way reversed. The exchange itself runs at the
-/// tensor level (`Collective::all_to_all_rows`); the op hands its result to candle's graph.
+/// backward sends the gradient back the same way reversed. A collective that exchanges CUDA
+/// storages directly (NCCL) does it inside the op into fresh memory; otherwise the exchange
+/// runs at the tensor level first (`Collective::all_to_all_rows`) and the op hands the result
+/// to candle's graph.
 struct AllToAll {
     comm: Arc<dyn Collective>,
     send_rows: Vec<usize>,
     recv_rows: Vec<usize>,
-    result: Tensor,
+    /// the tensor-level result, when the exchange is not done inside the op
+    result: Option<Tensor>,
 }
 
 impl AllToAll {
+    fn new(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CResult<Self> {
+        #[cfg(feature = "cuda")]
+        let direct = x.device().is_cuda() && comm.exchanges_cuda_storage();
+        #[cfg(not(feature = "cuda"))]
+        let direct = false;
+        let result = if direct { None } else { Some(comm.all_to_all_rows(x, send_rows, recv_rows)?.contiguous()?) };
+        Ok(AllToAll { comm: comm.clone(), send_rows: send_rows.to_vec(), recv_rows: recv_rows.to_vec(), result })
+    }
+
     fn apply(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CResult<Tensor> {
-        let result = comm.all_to_all_rows(x, send_rows, recv_rows)?.contiguous()?;
-        let op = AllToAll { comm: comm.clone(), send_rows: send_rows.to_vec(), recv_rows: recv_rows.to_vec(), result };
-        x.apply_op1_arc(Arc::new(Box::new(op)))
+        let op = Self::new(comm, x, send_rows, recv_rows)?;
+        x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
     }
 
     /// The precomputed result's storage (contiguous, from offset 0).
     fn owned(&self) -> CResult<(Storage, Shape)> {
-        let (st, l) = self.result.storage_and_layout();
+        let Some(result) = &self.result else { candle_core::bail!("all-to-all: no result computed") };
+        let (st, l) = result.storage_and_layout();
         match (l.contiguous_offsets(), &*st) {
             (Some((0, _)), Storage::Cpu(c)) => Ok((Storage::Cpu(c.clone()), l.shape().clone())),
             #[cfg(feature = "cuda")]
@@ -220,14 +232,24 @@ impl CustomOp1 for AllToAll {
         }
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        if self.result.is_none() {
+            let out = match self.comm.all_to_all_cuda(s, l, &self.send_rows, &self.recv_rows) {
+                Some(r) => r?,
+                None => candle_core::bail!("all-to-all: this collective cannot exchange CUDA storages"),
+            };
+            let mut dims = l.dims().to_vec();
+            dims[0] = self.recv_rows.iter().sum();
+            return Ok((out, Shape::from(dims)));
+        }
         match self.owned()? {
             (Storage::Cuda(c), s) => Ok((c, s)),
             _ => candle_core::bail!("all-to-all: result not on the GPU"),
         }
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> CResult<Option<Tensor>> {
-        let g = self.comm.all_to_all_rows(&grad_res.contiguous()?, &self.recv_rows, &self.send_rows)?;
-        Ok(Some(g))
+        let g = grad_res.contiguous()?;
+        let op = AllToAll::new(&self.comm, &g, &self.recv_rows, &self.send_rows)?;
+        Ok(Some(g.apply_op1_no_bwd(&op)?))
     }
 }

@@ -16,6 +16,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use cudarc::driver::{CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
@@ -125,12 +126,18 @@ impl NcclComm {
     /// Public for the benchmark's plain-NCCL baseline.
     pub fn all_to_all_bytes(&self, send: &Tensor, send_bytes: &[usize], recv: &Tensor, recv_bytes: &[usize]) -> Result<()> {
         let (sp, rp) = (self.addr(send)?, self.addr(recv)?);
-        let (so, ro) = (offsets(send_bytes), offsets(recv_bytes));
         let total = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         if send_bytes.len() != self.world || recv_bytes.len() != self.world
             || send_bytes.iter().sum::<usize>() > total(send) || recv_bytes.iter().sum::<usize>() > total(recv) {
             bail!("NCCL all-to-all: byte counts {send_bytes:?} / {recv_bytes:?} do not fit the buffers or {} ranks", self.world);
         }
+        self.grouped_send_recv(sp, send_bytes, rp, recv_bytes)
+    }
+
+    /// One NCCL group: `send_bytes[w]` bytes from `sp + offset` to rank w, `recv_bytes[w]`
+    /// from rank w into `rp + offset`.
+    fn grouped_send_recv(&self, sp: u64, send_bytes: &[usize], rp: u64, recv_bytes: &[usize]) -> Result<()> {
+        let (so, ro) = (offsets(send_bytes), offsets(recv_bytes));
         let comm = self.lock()?;
         result::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
         let mut status = Ok(());
@@ -169,6 +176,43 @@ impl NcclComm {
         }
         .map_err(|e| nccl_err("ncclAllGather", e))?;
         Ok(out)
+    }
+}
+
+impl NcclComm {
+    /// The row all-to-all into fresh, uninitialised device memory (every byte is received).
+    fn exchange_storage(&self, send: &candle_core::CudaStorage, layout: &candle_core::Layout, send_rows: &[usize], recv_rows: &[usize])
+        -> Result<candle_core::CudaStorage> {
+        let dims = layout.dims();
+        let w = self.world;
+        if dims.is_empty() || send_rows.len() != w || recv_rows.len() != w || send_rows.iter().sum::<usize>() != dims[0] {
+            bail!("all_to_all_rows: {dims:?} to split as {send_rows:?} / receive {recv_rows:?} over {w} ranks");
+        }
+        let Some((start, _)) = layout.contiguous_offsets() else { bail!("NCCL all-to-all: input not contiguous") };
+        let row: usize = dims[1..].iter().product();
+        let elt = send.dtype().size_in_bytes();
+        let n_out = recv_rows.iter().sum::<usize>() * row;
+        let s = &self.stream;
+        macro_rules! go {
+            ($x:expr, $T:ty) => {{
+                let out = unsafe { self.device.alloc::<$T>(n_out.max(1))? };
+                let sp = $x.device_ptr(s).0 + (start * elt) as u64;
+                let rp = out.device_ptr(s).0;
+                let bytes = |rows: &[usize]| rows.iter().map(|r| r * row * elt).collect::<Vec<_>>();
+                self.grouped_send_recv(sp, &bytes(send_rows), rp, &bytes(recv_rows))?;
+                candle_core::CudaStorage::wrap_cuda_slice(out, self.device.clone())
+            }};
+        }
+        Ok(match &send.slice {
+            CudaStorageSlice::U8(x) => go!(x, u8),
+            CudaStorageSlice::U32(x) => go!(x, u32),
+            CudaStorageSlice::I64(x) => go!(x, i64),
+            CudaStorageSlice::BF16(x) => go!(x, half::bf16),
+            CudaStorageSlice::F16(x) => go!(x, half::f16),
+            CudaStorageSlice::F32(x) => go!(x, f32),
+            CudaStorageSlice::F64(x) => go!(x, f64),
+            _ => bail!("NCCL all-to-all: dtype {:?} not supported", send.dtype()),
+        })
     }
 }
 
@@ -235,6 +279,13 @@ impl Collective for NcclComm {
         }
         .map_err(|e| nccl_err("ncclAllReduce", e))?;
         Ok(out)
+    }
+    fn exchanges_cuda_storage(&self) -> bool {
+        true
+    }
+    fn all_to_all_cuda(&self, send: &candle_core::CudaStorage, layout: &candle_core::Layout, send_rows: &[usize], recv_rows: &[usize])
+        -> Option<Result<candle_core::CudaStorage>> {
+        Some(self.exchange_storage(send, layout, send_rows, recv_rows))
     }
     fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         let dev = Device::Cuda(self.device.clone());
