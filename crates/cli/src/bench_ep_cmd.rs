@@ -240,7 +240,7 @@ mod imp {
             ("gather rows", timer.time(|| groups.gather(x).map(|_| ()).map_err(Into::into))?),
             ("exchange counts", timer.time(|| comm.exchange_counts(&d.send_rows).map(|_| ()).map_err(Into::into))?),
             ("ids all-to-all", timer.time(|| comm.all_to_all_rows(&ids, &d.send_rows, &d.recv_rows).map(|_| ()).map_err(Into::into))?),
-            ("rows all-to-all (tensor API: zero-filled output)", timer.time(|| comm.all_to_all_rows(&x_AD, &d.send_rows, &d.recv_rows).map(|_| ()).map_err(Into::into))?),
+            ("rows all-to-all", timer.time(|| comm.all_to_all_rows(&x_AD, &d.send_rows, &d.recv_rows).map(|_| ()).map_err(Into::into))?),
         ];
         let mut stage_ms = Vec::new();
         for (name, ms) in stages {

@@ -28,12 +28,8 @@ use lockstep_model::metrics::{layer_health, LayerHealth};
 use lockstep_model::{Batch, MoeCausalLm, Result, RoutingPlan};
 
 use crate::collective::Collective;
-use crate::dp::{is_expert_param, shard_experts};
+use crate::dp::{is_expert_param, shard_experts, train_err};
 use lockstep_trainer::optim::{AdamW, AdamWConfig, GradAccumulator};
-
-fn train_err(e: lockstep_trainer::TrainError) -> lockstep_model::ModelError {
-    lockstep_model::ModelError::Candle(candle_core::Error::Msg(format!("optimizer: {e}")))
-}
 
 #[derive(Debug, Clone)]
 pub struct CheckCase {

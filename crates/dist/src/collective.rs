@@ -17,17 +17,17 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
     /// Every rank's `values`, in rank order.
     fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>>;
-    /// `all_to_all_rows` straight between CUDA storages (no zero-filled receive tensor, no
-    /// copy into candle's graph): `None` when this collective cannot (then the tensor-level
-    /// exchange is used).
+    /// Whether `all_to_all_cuda` works (then the EP all-to-all op exchanges inside its CUDA
+    /// forward, into fresh memory; else it uses `all_to_all_rows`).
     #[cfg(feature = "cuda")]
     fn exchanges_cuda_storage(&self) -> bool {
         false
     }
+    /// `all_to_all_rows` straight between CUDA storages, for an input of `layout`.
     #[cfg(feature = "cuda")]
     fn all_to_all_cuda(&self, _send: &candle_core::CudaStorage, _layout: &candle_core::Layout, _send_rows: &[usize], _recv_rows: &[usize])
-        -> Option<Result<candle_core::CudaStorage>> {
-        None
+        -> Result<candle_core::CudaStorage> {
+        candle_core::bail!("this collective does not exchange CUDA storages")
     }
 }
 

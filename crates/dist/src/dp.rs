@@ -101,6 +101,6 @@ pub fn step(comm: &dyn Collective, opt: &mut AdamW, params: &[(String, Var)], mu
     Ok((stats, acc))
 }
 
-fn train_err(e: lockstep_trainer::TrainError) -> ModelError {
+pub(crate) fn train_err(e: lockstep_trainer::TrainError) -> ModelError {
     ModelError::Candle(candle_core::Error::Msg(format!("optimizer step: {e}")))
 }

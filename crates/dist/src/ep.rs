@@ -96,6 +96,7 @@ impl ExpertParallelism {
             owner_A.push(owner as u32);
         }
         let a = exp.len();
+        // local ids in the stable owner order (and, on the host path, that order itself)
         let mut next = crate::collective::offsets(&send_rows);
         let mut perm = vec![0u32; a];
         let mut local_ids = vec![0u32; a];
@@ -106,6 +107,7 @@ impl ExpertParallelism {
             local_ids[dst] = e - o * l as u32;
         }
         let (x_AD, home) = if dev.is_cuda() {
+            // the device plan groups the rows itself (same stable order)
             self.device_home(layer, x_ND, token_A, owner_A, &send_rows)?
         } else {
             let tok: Vec<u32> = token_A.to_vec1()?;
@@ -234,10 +236,7 @@ impl CustomOp1 for AllToAll {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         if self.result.is_none() {
-            let out = match self.comm.all_to_all_cuda(s, l, &self.send_rows, &self.recv_rows) {
-                Some(r) => r?,
-                None => candle_core::bail!("all-to-all: this collective cannot exchange CUDA storages"),
-            };
+            let out = self.comm.all_to_all_cuda(s, l, &self.send_rows, &self.recv_rows)?;
             let mut dims = l.dims().to_vec();
             dims[0] = self.recv_rows.iter().sum();
             return Ok((out, Shape::from(dims)));

@@ -188,6 +188,9 @@ impl NcclComm {
         if dims.is_empty() || send_rows.len() != w || recv_rows.len() != w || send_rows.iter().sum::<usize>() != dims[0] {
             bail!("all_to_all_rows: {dims:?} to split as {send_rows:?} / receive {recv_rows:?} over {w} ranks");
         }
+        if send.device.id() != self.device.id() {
+            bail!("NCCL all-to-all: tensor on another CUDA device than this rank's");
+        }
         let Some((start, _)) = layout.contiguous_offsets() else { bail!("NCCL all-to-all: input not contiguous") };
         let row: usize = dims[1..].iter().product();
         let elt = send.dtype().size_in_bytes();
@@ -216,6 +219,29 @@ impl NcclComm {
     }
 }
 
+/// `exchange_storage` as a (non-differentiable) op, so the tensor-level all-to-all also
+/// receives into fresh memory.
+struct Exchange<'a> {
+    comm: &'a NcclComm,
+    send_rows: &'a [usize],
+    recv_rows: &'a [usize],
+}
+
+impl candle_core::CustomOp1 for Exchange<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-to-all"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        bail!("NCCL all-to-all: tensor on the CPU, not on this rank's GPU")
+    }
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let out = self.comm.exchange_storage(s, l, self.send_rows, self.recv_rows)?;
+        let mut dims = l.dims().to_vec();
+        dims[0] = self.recv_rows.iter().sum();
+        Ok((out, candle_core::Shape::from(dims)))
+    }
+}
+
 fn nccl_dtype(dt: DType) -> Result<sys::ncclDataType_t> {
     use sys::ncclDataType_t as N;
     Ok(match dt {
@@ -239,18 +265,7 @@ impl Collective for NcclComm {
         self.world
     }
     fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> Result<Tensor> {
-        let w = self.world;
-        if send_rows.len() != w || recv_rows.len() != w || send_rows.iter().sum::<usize>() != send.dim(0)? {
-            bail!("all_to_all_rows: {} rows to split as {send_rows:?} / receive {recv_rows:?} over {w} ranks", send.dim(0)?);
-        }
-        let send = send.detach().contiguous()?;
-        let mut shape = send.dims().to_vec();
-        shape[0] = recv_rows.iter().sum();
-        let recv = Tensor::zeros(shape, send.dtype(), send.device())?;
-        let row = send.dims()[1..].iter().product::<usize>() * send.dtype().size_in_bytes();
-        let bytes = |rows: &[usize]| rows.iter().map(|r| r * row).collect::<Vec<_>>();
-        self.all_to_all_bytes(&send, &bytes(send_rows), &recv, &bytes(recv_rows))?;
-        Ok(recv)
+        send.detach().contiguous()?.apply_op1_no_bwd(&Exchange { comm: self, send_rows, recv_rows })
     }
     fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>> {
         if counts.len() != self.world {
@@ -284,8 +299,8 @@ impl Collective for NcclComm {
         true
     }
     fn all_to_all_cuda(&self, send: &candle_core::CudaStorage, layout: &candle_core::Layout, send_rows: &[usize], recv_rows: &[usize])
-        -> Option<Result<candle_core::CudaStorage>> {
-        Some(self.exchange_storage(send, layout, send_rows, recv_rows))
+        -> Result<candle_core::CudaStorage> {
+        self.exchange_storage(send, layout, send_rows, recv_rows)
     }
     fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         let dev = Device::Cuda(self.device.clone());
