@@ -55,7 +55,7 @@ pub fn run(args: DistCheckArgs) -> anyhow::Result<()> {
     let mut failed = 0;
     match lockstep_dist::launch_env::RankEnv::from_env()? {
         Some(env) => {
-            let comm = launched(&env)?;
+            let comm = crate::launch_cmd::join_group(&env)?;
             for (name, case) in &cases {
                 let rep = check_rank(case, comm.0.clone(), &comm.1).with_context(|| format!("{name} choice"))?;
                 failed += report(name, &rep, dtype, comm.0.as_ref())?;
@@ -106,15 +106,4 @@ fn threads(case: &CheckCase, world: usize, dev: &Device) -> anyhow::Result<Vec<R
             .collect();
         handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank thread panicked"))?.map_err(Into::into)).collect()
     })
-}
-
-#[cfg(feature = "nccl")]
-fn launched(env: &lockstep_dist::launch_env::RankEnv) -> anyhow::Result<(Arc<dyn Collective>, Device)> {
-    let (comm, dev) = lockstep_dist::nccl::NcclComm::init(env).context("joining the NCCL process group")?;
-    Ok((Arc::new(comm), dev))
-}
-
-#[cfg(not(feature = "nccl"))]
-fn launched(_: &lockstep_dist::launch_env::RankEnv) -> anyhow::Result<(Arc<dyn Collective>, Device)> {
-    bail!("started by `lockstep launch`, but this binary was built without NCCL (`--features cuda,nccl`)")
 }

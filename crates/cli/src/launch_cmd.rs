@@ -5,7 +5,7 @@
 //! prefixed with `[rank r]`. When a rank fails, the others are stopped (they would wait on it
 //! in NCCL forever) and the launcher exits with the failing rank's status.
 //!
-//! Commands that run over several ranks: `dist-check`, `bench-ep`. The others refuse to start
+//! Commands that run over several ranks: `train`, `dist-check`, `bench-ep`. The others refuse to start
 //! under `launch` rather than run N independent copies.
 
 use std::io::{BufRead, BufReader, Write};
@@ -26,7 +26,7 @@ pub struct LaunchArgs {
 }
 
 /// Subcommands that know how to run as one rank of a process group.
-pub const MULTI_RANK_COMMANDS: &[&str] = &["dist-check", "bench-ep"];
+pub const MULTI_RANK_COMMANDS: &[&str] = &["train", "dist-check", "bench-ep"];
 
 pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     if args.gpus == 0 {
@@ -129,4 +129,16 @@ pub fn refuse_under_launch(command: &str) -> anyhow::Result<()> {
         bail!("{command} does not run over several ranks (under `lockstep launch` these do: {})", MULTI_RANK_COMMANDS.join(", "));
     }
     Ok(())
+}
+
+/// This process's rank of the NCCL process group `launch` started, and its GPU.
+#[cfg(feature = "nccl")]
+pub fn join_group(env: &lockstep_dist::launch_env::RankEnv) -> anyhow::Result<(std::sync::Arc<dyn lockstep_dist::Collective>, candle_core::Device)> {
+    let (comm, dev) = lockstep_dist::nccl::NcclComm::init(env).context("joining the NCCL process group")?;
+    Ok((std::sync::Arc::new(comm), dev))
+}
+
+#[cfg(not(feature = "nccl"))]
+pub fn join_group(_: &lockstep_dist::launch_env::RankEnv) -> anyhow::Result<(std::sync::Arc<dyn lockstep_dist::Collective>, candle_core::Device)> {
+    bail!("started by `lockstep launch`, but this binary was built without NCCL (`--features cuda,nccl`)")
 }

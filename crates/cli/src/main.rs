@@ -37,7 +37,7 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Time one MoE expert layer forward + backward on the GPU (grouped GEMM CUDA ops).
     BenchMoe(bench_moe_cmd::BenchMoeArgs),
-    /// One process per GPU in an NCCL process group: `launch --gpus N -- dist-check`.
+    /// One process per GPU in an NCCL process group: `launch --gpus N -- train` (or dist-check, bench-ep).
     Launch(launch_cmd::LaunchArgs),
     /// Expert + data parallelism over W ranks equal one rank (thread ranks, or under `launch`).
     DistCheck(dist_check_cmd::DistCheckArgs),
@@ -58,8 +58,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let single_rank = match &cli.command {
-        Command::Launch(_) | Command::DistCheck(_) | Command::BenchEp(_) => None,
-        Command::Train(_) => Some("train"),
+        Command::Launch(_) | Command::DistCheck(_) | Command::BenchEp(_) | Command::Train(_) => None,
         Command::Demo(_) => Some("demo"),
         Command::Verify(_) => Some("verify"),
         Command::Trace(_) => Some("trace"),

@@ -2,13 +2,20 @@
 //! a progress bar, per-step metrics (JSONL), checkpoints and an HTML run report. Ctrl-C
 //! finishes the current step, writes a checkpoint, prints the command that resumes it and exits
 //! with 130; a second Ctrl-C aborts at once.
+//!
+//! Over ranks (expert parallelism + data parallelism, `lockstep_rl::run`'s module notes):
+//! `--ranks N` runs N thread ranks in this process on `--device`; under
+//! `lockstep launch --gpus N -- train ...` each process is one NCCL rank on its own GPU. Rank 0
+//! prints, shows the progress bar and writes the run directory.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Context;
-use lockstep_rl::{run, RlError, RunConfig, RunOptions};
+use anyhow::{bail, Context};
+use lockstep_dist::Collective;
+use lockstep_rl::{run, RlError, RunConfig, RunOptions, RunSummary};
+use lockstep_trainer::parallel::Parallel;
 
 /// Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 const INTERRUPTED: i32 = 130;
@@ -83,6 +90,13 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// cpu or cuda[:N] (under `launch`, each rank uses its own GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Thread ranks in this process (experts sharded over them, data parallel for the rest);
+    /// under `launch`, the ranks are the launched processes.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
@@ -110,35 +124,90 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
     let out = PathBuf::from(&cfg.output.dir);
     let stop = Arc::new(AtomicBool::new(false));
     install_sigint(stop.clone())?;
-    let opts = RunOptions { resume: args.resume.clone(), progress: !args.quiet, stop: Some(stop) };
-    // a run that the stop flag ended: say how to resume it, exit 130
-    let go = |dir: &Path, replay: bool| match run(&cfg, dir, replay, &opts) {
-        Err(RlError::Interrupted { after, checkpoint }) => interrupted(&after, &checkpoint, dir, args.compare_replay),
-        r => r,
-    };
+    if args.compare_replay && args.resume.is_some() {
+        bail!("--compare-replay starts both runs from scratch; drop --resume");
+    }
+    if args.ranks == 0 {
+        bail!("--ranks: at least 1");
+    }
     let t0 = std::time::Instant::now();
-    if args.compare_replay {
-        if args.resume.is_some() {
-            anyhow::bail!("--compare-replay starts both runs from scratch; drop --resume");
+    let base = RunOptions { resume: args.resume.clone(), progress: !args.quiet, stop: Some(stop), parallel: None, device: None };
+    let launched = lockstep_dist::launch_env::RankEnv::from_env()?;
+    let runs = match launched {
+        Some(env) => {
+            if args.ranks != 1 {
+                bail!("--ranks {}: under `lockstep launch` the ranks are the launched processes", args.ranks);
+            }
+            let (comm, dev) = crate::launch_cmd::join_group(&env)?;
+            let r = rank_runs(&cfg, &out, &args, RunOptions { device: Some(dev), parallel: group(comm), ..base.clone() });
+            if env.rank != 0 {
+                // rank 0 says how to resume an interrupted run; the others exit as it does
+                if let Err(e) = &r {
+                    if matches!(e.downcast_ref::<RlError>(), Some(RlError::Interrupted { .. })) {
+                        std::process::exit(INTERRUPTED);
+                    }
+                }
+                return r.map(|_| ());
+            }
+            r?
         }
-        let off = go(&out.join("replay_off"), false)?;
-        let on = go(&out.join("replay_on"), true)?;
+        None if args.ranks > 1 => {
+            let dev = crate::device::parse(&args.device)?;
+            let (cfg, out, args, base) = (&cfg, &out, &args, &base);
+            let mut results = lockstep_dist::run_ranks(args.ranks, move |c| {
+                let comm: Arc<dyn Collective> = Arc::new(c);
+                rank_runs(cfg, out, args, RunOptions { device: Some(dev.clone()), parallel: group(comm), ..base.clone() })
+            });
+            // rank 0's result, unless another rank failed first (its error names the cause)
+            let first_err = results.iter().position(|r| matches!(r, Ok(Err(e)) if !is_abort(e)));
+            match results.swap_remove(first_err.unwrap_or(0)) {
+                Ok(r) => r?,
+                Err(_) => bail!("a rank thread panicked"),
+            }
+        }
+        None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(&args.device)?), ..base.clone() })?,
+    };
+    if args.compare_replay {
+        let (off, on) = (&runs[0], &runs[1]);
         lockstep_rl::report::write(
             &out.join("report.html"),
             &[("replay off".into(), off.records.clone()), ("replay on".into(), on.records.clone())],
             "lockstep train: replay off vs on",
         )?;
-        for (name, s) in [("replay off", &off), ("replay on", &on)] {
+        for (name, s) in [("replay off", off), ("replay on", on)] {
             print_summary(name, s);
         }
         println!("report: {}", out.join("report.html").display());
     } else {
-        let s = go(&out, cfg.replay.enabled)?;
-        print_summary(if cfg.replay.enabled { "replay on" } else { "replay off" }, &s);
+        print_summary(if cfg.replay.enabled { "replay on" } else { "replay off" }, &runs[0]);
         println!("metrics: {}\nreport: {}", out.join("metrics.jsonl").display(), out.join("report.html").display());
     }
     println!("wall time {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn group(comm: Arc<dyn Collective>) -> Parallel {
+    Some(Arc::new(lockstep_dist::RankGroup::new(comm)))
+}
+
+/// A rank's error caused by another rank's failure (the thread group was aborted).
+fn is_abort(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("local collective: rank")
+}
+
+/// This rank's run(s): one, or replay off then on for `--compare-replay`. A run that the stop
+/// flag ended says how to resume it (rank 0) and exits 130.
+fn rank_runs(cfg: &RunConfig, out: &Path, args: &TrainArgs, opts: RunOptions) -> anyhow::Result<Vec<RunSummary>> {
+    let rank0 = opts.parallel.as_ref().is_none_or(|p| p.rank() == 0);
+    let go = |dir: &Path, replay: bool| match run(cfg, dir, replay, &opts) {
+        Err(RlError::Interrupted { after, checkpoint }) if rank0 => interrupted(&after, &checkpoint, dir, args.compare_replay),
+        r => r,
+    };
+    if args.compare_replay {
+        Ok(vec![go(&out.join("replay_off"), false)?, go(&out.join("replay_on"), true)?])
+    } else {
+        Ok(vec![go(out, cfg.replay.enabled)?])
+    }
 }
 
 fn print_summary(name: &str, s: &lockstep_rl::RunSummary) {

@@ -41,11 +41,49 @@ fn single_rank_commands_refuse_to_run_under_launch() {
     let (ok, out) = run(lockstep().args(["demo"]).env("LOCKSTEP_RANK", "0"));
     assert!(!ok);
     assert!(out.contains("demo does not run over several ranks"), "{out}");
-    let (ok, out) = run(lockstep().args(["launch", "--gpus", "2", "--", "train"]));
+    let (ok, out) = run(lockstep().args(["launch", "--gpus", "2", "--", "serve"]));
     assert!(!ok);
-    assert!(out.contains("`train` does not run over several ranks") && out.contains("dist-check"), "{out}");
+    assert!(out.contains("`serve` does not run over several ranks") && out.contains("train, dist-check"), "{out}");
     let (ok, out) = run(lockstep().args(["launch", "--gpus", "0", "--", "dist-check"]));
     assert!(!ok && out.contains("--gpus"), "{out}");
+}
+
+/// `train --ranks 2` (thread ranks on the CPU): the run finishes, rank 0 reports it once, and
+/// its rollouts are the single-rank run's (the reward and token counts of every step are
+/// identical; `crates/rl/tests/ranks.rs` compares the runs in detail).
+#[test]
+fn train_over_two_thread_ranks_matches_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = |ranks: &str, sub: &str| {
+        let out = dir.path().join(sub);
+        let (ok, text) = run(lockstep().args(["train", "--quiet", "--steps", "2", "--warmup-steps", "4", "--ranks", ranks, "--out"]).arg(&out));
+        assert!(ok, "{text}");
+        assert_eq!(text.matches("eval accuracy after warm-up").count(), 1, "{text}");
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        metrics
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["reward_mean"].as_f64().unwrap(), v["completion_tokens"].as_u64().unwrap(), v["eval_accuracy"].as_f64())
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = go("1", "one");
+    let two = go("2", "two");
+    assert_eq!(one.len(), 3);
+    assert_eq!(one, two);
+}
+
+#[test]
+fn train_over_ranks_refuses_what_it_cannot_split() {
+    let (ok, out) = run(lockstep().args(["train", "--ranks", "0"]));
+    assert!(!ok && out.contains("--ranks"), "{out}");
+    // 8 experts per MoE layer do not split over 3 ranks
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = run(lockstep().args(["train", "--quiet", "--steps", "1", "--warmup-steps", "1", "--ranks", "3", "--out"]).arg(dir.path()));
+    assert!(!ok && out.contains("3 ranks do not divide"), "{out}");
+    let (ok, out) = run(lockstep().args(["train", "--ranks", "2"]).env("LOCKSTEP_RANK", "0").env("LOCKSTEP_WORLD_SIZE", "2").env("LOCKSTEP_NCCL_ID", "00"));
+    assert!(!ok && out.contains("LOCKSTEP_NCCL_ID"), "{out}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use lockstep_model::moe::parallel::ExpertParallel;
 use lockstep_model::moe::MoeBlock;
 use lockstep_model::{ModelError, MoeCausalLm, Result};
 use lockstep_trainer::optim::{grad_sq_sum, AdamW, GradAccumulator, StepStats};
+use lockstep_trainer::parallel::DataParallel;
+use lockstep_trainer::Result as TrainResult;
 
 use crate::collective::Collective;
 use crate::ep::ExpertParallelism;
@@ -25,12 +27,12 @@ pub fn shard_experts(model: &mut MoeCausalLm, comm: Arc<dyn Collective>) -> Resu
     let (w, r) = (comm.world_size(), comm.rank());
     let e = model.cfg.moe.router.num_experts;
     if w == 0 || e % w != 0 {
-        return Err(ModelError::config("<launch>", "world_size", format!("{w} ranks do not divide the {e} experts of every MoE layer")));
+        return Err(ModelError::config("<ranks>", "world_size", format!("{w} ranks do not divide the {e} experts of every MoE layer")));
     }
     let ep: Arc<dyn ExpertParallel> = Arc::new(ExpertParallelism { comm, num_experts: e });
     for layer in model.cfg.moe_layers.clone() {
         let block = model.moe_block_mut(layer).expect("moe_layers lists MoE layers");
-        shard_block(block, ep.clone(), r, w).map_err(|m| ModelError::config("<launch>", "experts", format!("layer {layer}: {m}")))?;
+        shard_block(block, ep.clone(), r, w).map_err(|m| ModelError::config("<ranks>", "experts", format!("layer {layer}: {m}")))?;
     }
     Ok(())
 }
@@ -103,4 +105,59 @@ pub fn step(comm: &dyn Collective, opt: &mut AdamW, params: &[(String, Var)], mu
 
 pub(crate) fn train_err(e: lockstep_trainer::TrainError) -> ModelError {
     ModelError::Candle(candle_core::Error::Msg(format!("optimizer step: {e}")))
+}
+
+/// A trainer's view of the ranks ([`lockstep_trainer::parallel::DataParallel`]) over a
+/// collective: experts sharded by [`shard_experts`], replicated gradients summed by
+/// [`all_reduce_grads`]'s rule, the gradient norm by [`global_grad_norm`]'s.
+#[derive(Debug, Clone)]
+pub struct RankGroup {
+    pub comm: Arc<dyn Collective>,
+}
+
+impl RankGroup {
+    pub fn new(comm: Arc<dyn Collective>) -> Self {
+        Self { comm }
+    }
+}
+
+impl DataParallel for RankGroup {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+    fn all_gather_host(&self, values: &[f64]) -> TrainResult<Vec<Vec<f64>>> {
+        Ok(self.comm.all_gather_host(values)?)
+    }
+    fn shard_model(&self, model: &mut MoeCausalLm) -> TrainResult<()> {
+        Ok(shard_experts(model, self.comm.clone())?)
+    }
+    fn is_sharded(&self, name: &str) -> bool {
+        is_expert_param(name)
+    }
+    fn local_rows(&self, whole: &Tensor) -> TrainResult<Tensor> {
+        let (w, r, n) = (self.comm.world_size(), self.comm.rank(), whole.dim(0)?);
+        if n % w != 0 {
+            return Err(ModelError::config("<ranks>", "world_size", format!("{w} ranks do not divide {n} rows")).into());
+        }
+        Ok(whole.narrow(0, r * n / w, n / w)?.contiguous()?)
+    }
+    fn gather_rows(&self, shard: &Tensor) -> TrainResult<Tensor> {
+        Ok(self.comm.all_gather_rows(shard)?)
+    }
+    fn reduce_grads(&self, params: &[(String, Var)], grads: &mut GradAccumulator) -> TrainResult<f64> {
+        for (name, var) in params {
+            if is_expert_param(name) {
+                continue;
+            }
+            let g = match grads.get(name) {
+                Some(g) => g.clone(),
+                None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
+            };
+            grads.set(name, self.comm.all_reduce_sum(&g)?);
+        }
+        Ok(global_grad_norm(self.comm.as_ref(), params, grads)?)
+    }
 }

@@ -26,6 +26,6 @@ pub mod metrics;
 pub mod nccl;
 
 pub use collective::Collective;
-pub use dp::{all_reduce_grads, shard_experts};
+pub use dp::{all_reduce_grads, shard_experts, RankGroup};
 pub use ep::ExpertParallelism;
-pub use local::{local_group, LocalComm};
+pub use local::{local_group, run_ranks, LocalComm};

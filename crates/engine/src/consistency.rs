@@ -2,7 +2,6 @@
 //! trainer's way (one packed forward over prompt + completion, token log-probabilities from
 //! `lockstep_model::logprobs`, free routes), and compare log-probabilities and routes.
 
-use candle_core::Device;
 use lockstep_model::logprobs::token_logprobs;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
@@ -31,7 +30,7 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
         tokens.extend_from_slice(&c.tokens);
         cu.push(tokens.len());
     }
-    let batch = Batch::packed(&tokens, None, &cu, &Device::Cpu)?;
+    let batch = Batch::packed(&tokens, None, &cu, model.device())?;
     let out = model.forward(&batch, &RoutingPlan::record())?;
     let (logp, _) = token_logprobs(&out.logits, &batch)?;
     let logp: Vec<f32> = logp.flatten_all()?.to_vec1()?;

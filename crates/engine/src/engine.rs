@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use candle_core::{DType, Device, IndexOp, D};
+use candle_core::{DType, IndexOp, D};
 use lockstep_model::config::{Pool, RoutingStrategy};
 use lockstep_model::moe::router::expert_choice::capacity;
 use lockstep_model::{Batch, KvCache, LayerRoute, MoeCausalLm, RoutingPlan};
@@ -310,7 +310,7 @@ impl Engine {
             pos.extend((s.fed..s.tokens.len()).map(|p| p as u32));
             cu.push(toks.len());
         }
-        let step = Batch::packed(&toks, Some(&pos), &cu, &Device::Cpu)?;
+        let step = Batch::packed(&toks, Some(&pos), &cu, self.model.device())?;
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
         let plan = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
         let out = self.model.forward_cached(&step, &mut caches, &plan)?;
@@ -374,6 +374,40 @@ impl Engine {
         }
         self.running = keep;
         Ok(done)
+    }
+
+    /// [`Engine::generate`] on one rank of a model whose experts are spread over ranks: every
+    /// forward is then a collective all ranks take part in, so the ranks step together.
+    /// `any_busy(busy)` is that agreement (itself a collective): given whether this rank has
+    /// work, it says whether any rank has. A rank with nothing left runs [`Engine::idle_step`]
+    /// until every rank is done. On one rank this is `generate`.
+    pub fn generate_lockstep(&mut self, reqs: Vec<Request>, any_busy: &mut dyn FnMut(bool) -> Result<bool>) -> Result<Vec<Completion>> {
+        let ids: Vec<u64> = reqs.into_iter().map(|r| self.submit(r)).collect::<Result<_>>()?;
+        let mut done: BTreeMap<u64, Completion> = BTreeMap::new();
+        loop {
+            let busy = !self.is_idle();
+            if !any_busy(busy)? {
+                break;
+            }
+            if busy {
+                for c in self.step()? {
+                    done.insert(c.id, c);
+                }
+            } else {
+                self.idle_step()?;
+            }
+        }
+        Ok(ids.iter().filter_map(|id| done.remove(id)).collect())
+    }
+
+    /// A forward of one pad token with a throw-away cache, its output dropped: what a rank
+    /// with no sequence left runs while other ranks still step (their expert-parallel layers
+    /// exchange tokens with this one).
+    pub fn idle_step(&mut self) -> Result<()> {
+        let step = Batch::packed(&[0], Some(&[0]), &[0, 1], self.model.device())?;
+        let mut cache = KvCache::default();
+        self.model.forward_cached(&step, &mut [&mut cache], &RoutingPlan::compute())?;
+        Ok(())
     }
 
     /// Submit all and step until every request completes; completions in request order.

@@ -291,6 +291,25 @@ impl RunConfig {
         Ok(())
     }
 
+    /// What a run over `ranks` ranks needs beyond [`RunConfig::validate`]: the in-process
+    /// engine (rollout servers are one engine each; their weights would not be sharded), and
+    /// at least one warm-up instance and one rollout group per rank.
+    pub fn validate_ranks(&self, ranks: usize) -> Result<()> {
+        if ranks == 0 {
+            return Err(bad("<ranks>", "must be > 0"));
+        }
+        if !self.rollout.servers.is_empty() {
+            return Err(bad("rollout.servers", format!("a run over {ranks} ranks generates on its own ranks; leave servers empty")));
+        }
+        if self.rollout.prompts_per_step < ranks {
+            return Err(bad("rollout.prompts_per_step", format!("{} groups cannot give each of {ranks} ranks a group", self.rollout.prompts_per_step)));
+        }
+        if self.warmup.steps > 0 && self.warmup.batch < ranks {
+            return Err(bad("warmup.batch", format!("{} instances cannot give each of {ranks} ranks one", self.warmup.batch)));
+        }
+        Ok(())
+    }
+
     pub fn loss_config(&self) -> lockstep_trainer::loss::LossConfig {
         use lockstep_trainer::loss::{ExpertAggregation, IsCorrection, LossConfig, Objective, RatioMode};
         LossConfig {

@@ -4,6 +4,15 @@
 //! shares the trainer's weight storage), periodic evaluation, metrics JSONL, checkpoints, and
 //! the HTML report. A stop flag (Ctrl-C) ends the run after the current step with a checkpoint
 //! that `--resume` continues bit for bit.
+//!
+//! Over ranks ([`RunOptions::parallel`]: `lockstep train --ranks N` with thread ranks, or one
+//! process per GPU under `lockstep launch`), every rank holds the replicated weights and its
+//! shard of the experts; rollouts, the warm-up batch and every update are split over the ranks
+//! by whole groups (group g on rank g mod N, the updates taking the same groups as one rank
+//! would), the gradients of the replicated weights are summed and the metrics reduced, so the
+//! run is the single-rank run up to floating-point summation order. Rank 0 writes the metrics,
+//! report and checkpoints; a checkpoint is an ordinary one (the experts gathered), which any
+//! number of ranks can resume.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use lockstep_trainer::parallel::Parallel;
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_engine::Engine;
 use lockstep_model::{Batch, Kernels, MoeCausalLm};
@@ -37,12 +47,56 @@ pub struct RunOptions {
     /// checkpoint + run_state.json (as the periodic checkpoints) and returns
     /// [`RlError::Interrupted`] naming it.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The ranks this run spreads over (`None`: one rank).
+    pub parallel: Parallel,
+    /// Where the model, trainer and engine run (`None`: the CPU).
+    pub device: Option<Device>,
 }
 
 impl RunOptions {
-    fn stopped(&self) -> bool {
-        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    /// Whether the run stops after this step: the local flag, or (over ranks) any rank's flag,
+    /// so that every rank stops at the same step. A collective over ranks.
+    fn stopped(&self) -> Result<bool> {
+        let local = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        match &self.parallel {
+            None => Ok(local),
+            Some(dp) => Ok(dp.all_gather_host(&[f64::from(u8::from(local))])?.iter().any(|r| r[0] > 0.0)),
+        }
     }
+
+    fn device(&self) -> Device {
+        self.device.clone().unwrap_or(Device::Cpu)
+    }
+
+    /// Whether this process writes the run's files (rank 0, or the only rank).
+    fn writes(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|dp| dp.rank() == 0)
+    }
+
+    /// A trainer on this run's ranks from a whole model.
+    fn trainer(&self, model: MoeCausalLm, cfg: TrainerConfig) -> Result<Trainer> {
+        Ok(match &self.parallel {
+            None => Trainer::new(model, cfg)?,
+            Some(dp) => Trainer::new_parallel(model, cfg, dp.clone())?,
+        })
+    }
+
+    fn resume_trainer(&self, dir: &Path, cfg: TrainerConfig) -> Result<Trainer> {
+        let mut t = match &self.parallel {
+            None => Trainer::resume(dir, cfg, &self.device())?,
+            Some(dp) => Trainer::resume_parallel(dir, cfg, &self.device(), dp.clone())?,
+        };
+        t.model.set_kernels(Kernels::Invariant);
+        Ok(t)
+    }
+}
+
+/// A trainer with a new config over the same (possibly sharded) model and ranks.
+fn reconfigure(t: Trainer, cfg: TrainerConfig) -> Result<Trainer> {
+    let parallel = t.parallel.clone();
+    let mut n = Trainer::new(t.model, cfg)?;
+    n.parallel = parallel;
+    Ok(n)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,9 +119,12 @@ struct RunState {
     warmup_step: Option<u64>,
 }
 
-/// Trainer checkpoint + run_state.json.
+/// Trainer checkpoint + run_state.json (every rank calls it; rank 0 writes).
 fn save_checkpoint(trainer: &Trainer, dir: &Path, st: &RunState) -> Result<()> {
     trainer.save(dir)?;
+    if trainer.parallel.as_ref().is_some_and(|dp| dp.rank() != 0) {
+        return Ok(());
+    }
     let text = serde_json::to_string(st).map_err(|e| RlError::io(dir, e))?;
     let path = dir.join("run_state.json");
     std::fs::write(&path, text).map_err(|e| RlError::io(&path, e))
@@ -88,10 +145,10 @@ fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
     }
 }
 
-fn base_model(cfg: &RunConfig) -> Result<MoeCausalLm> {
+fn base_model(cfg: &RunConfig, dev: &Device) -> Result<MoeCausalLm> {
     let mut m = match &cfg.model.checkpoint {
-        Some(dir) => MoeCausalLm::load(Path::new(dir), DType::F32, &Device::Cpu)?,
-        None => MoeCausalLm::embedded_default(cfg.model.seed, DType::F32, &Device::Cpu)?,
+        Some(dir) => MoeCausalLm::load(Path::new(dir), DType::F32, dev)?,
+        None => MoeCausalLm::embedded_default(cfg.model.seed, DType::F32, dev)?,
     };
     m.set_kernels(Kernels::Invariant);
     Ok(m)
@@ -107,17 +164,23 @@ fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
 
 /// Supervised warm-up: cross-entropy on the answers of training instances, from warm-up step
 /// `from` (0, or where an interrupted warm-up stopped). Returns the trainer and, when the stop
-/// flag ended it before its last step, the number of warm-up steps done.
+/// flag ended it before its last step, the number of warm-up steps done. Over ranks, every
+/// rank draws the same instances and trains on those i ≡ rank (mod ranks).
 fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions) -> Result<(Trainer, Option<u64>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
     // skip the instances of the steps already done
     for _ in 0..from * cfg.warmup.batch as u64 {
         env.sample(&mut rng);
     }
+    let (rank, world) = t.parallel.as_ref().map(|d| (d.rank(), d.world_size())).unwrap_or((0, 1));
+    let dev = opts.device();
     for s in from..cfg.warmup.steps {
         let (mut toks, mut mask, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
-        for _ in 0..cfg.warmup.batch {
+        for i in 0..cfg.warmup.batch {
             let task = env.sample(&mut rng);
+            if i % world != rank {
+                continue;
+            }
             mask.extend(std::iter::repeat_n(0.0, task.prompt.len()));
             mask.extend(std::iter::repeat_n(1.0, task.answer.len()));
             toks.extend_from_slice(&task.prompt);
@@ -125,17 +188,21 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
             cu.push(toks.len());
         }
         let n = toks.len();
-        let tb = TrainBatch {
-            batch: Batch::packed(&toks, None, &cu, &Device::Cpu)?,
-            logp_infer: vec![0.0; n],
-            advantages: vec![0.0; n],
-            loss_mask: mask,
-            routes: Default::default(),
+        let micro = if n == 0 {
+            Vec::new() // fewer instances than ranks: this rank runs an empty round
+        } else {
+            vec![TrainBatch {
+                batch: Batch::packed(&toks, None, &cu, &dev)?,
+                logp_infer: vec![0.0; n],
+                advantages: vec![0.0; n],
+                loss_mask: mask,
+                routes: Default::default(),
+            }]
         };
-        let loss = t.sft_step(&[tb])?;
+        let loss = t.sft_step(&micro)?;
         bar.set_message(format!("warm-up {}/{} loss {loss:.3}", s + 1, cfg.warmup.steps));
         bar.tick();
-        if opts.stopped() && s + 1 < cfg.warmup.steps {
+        if opts.stopped()? && s + 1 < cfg.warmup.steps {
             return Ok((t, Some(s + 1)));
         }
     }
@@ -148,7 +215,7 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
     if cfg.rollout.servers.is_empty() {
         let mut e = Engine::new(trainer.inference_model()?);
         e.policy_version = version;
-        return Ok(Rollouter::Local(Box::new(e)));
+        return Ok(Rollouter::Local(Box::new(e), trainer.parallel.clone()));
     }
     let remote = crate::remote::RemoteEngine::new(cfg.rollout.servers.clone());
     let dir = out.join("weights-sync");
@@ -159,16 +226,32 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
 
 /// Run the whole job (`replay` overrides `[replay] enabled`), writing under `out`.
 pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Result<RunSummary> {
-    std::fs::create_dir_all(out).map_err(|e| RlError::io(out, e))?;
-    // the effective config (replay and directory as run): `--config <out>/config.toml --resume ..` continues it
-    let cfg_path = out.join("config.toml");
-    let mut effective = cfg.clone();
-    effective.replay.enabled = replay;
-    effective.output.dir = out.display().to_string();
-    std::fs::write(&cfg_path, effective.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
+    if let Some(dp) = &opts.parallel {
+        cfg.validate_ranks(dp.world_size())?;
+    }
+    let writes = opts.writes();
+    let dev = opts.device();
+    if writes {
+        std::fs::create_dir_all(out).map_err(|e| RlError::io(out, e))?;
+        // the effective config (replay and directory as run): `--config <out>/config.toml --resume ..` continues it
+        let cfg_path = out.join("config.toml");
+        let mut effective = cfg.clone();
+        effective.replay.enabled = replay;
+        effective.output.dir = out.display().to_string();
+        std::fs::write(&cfg_path, effective.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
+    }
     let env: Box<dyn Environment> = Box::new(Addition { digits: cfg.task.digits });
     let metrics_path = out.join("metrics.jsonl");
-    let bar = if opts.progress { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
+    // the records of this run (rank 0 also appends them to metrics.jsonl)
+    let mut records: Vec<StepRecord> = Vec::new();
+    let record = |rec: StepRecord, records: &mut Vec<StepRecord>| -> Result<()> {
+        if writes {
+            metrics::append(&metrics_path, &rec)?;
+        }
+        records.push(rec);
+        Ok(())
+    };
+    let bar = if opts.progress && writes { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").expect("valid template"));
     let max_answer = cfg.rollout.max_tokens;
 
@@ -188,28 +271,25 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
     };
     let (mut trainer, start, warmup_eval) = match (&opts.resume, state) {
         (Some(dir), Some(st)) if st.warmup_step.is_none() => {
-            let mut t = Trainer::resume(dir, trainer_config(cfg, replay), &Device::Cpu)?;
-            t.model.set_kernels(Kernels::Invariant);
+            let t = opts.resume_trainer(dir, trainer_config(cfg, replay))?;
             // keep the metrics of the steps before the checkpoint
-            if metrics_path.exists() {
+            if writes && metrics_path.exists() {
                 let kept: Vec<StepRecord> = metrics::read(&metrics_path)?.into_iter().filter(|r| r.phase == "warmup" || r.step <= st.rl_step).collect();
                 std::fs::remove_file(&metrics_path).map_err(|e| RlError::io(&metrics_path, e))?;
-                for r in &kept {
-                    metrics::append(&metrics_path, r)?;
+                for r in kept {
+                    record(r, &mut records)?;
                 }
             }
             (t, st.rl_step + 1, st.warmup_eval)
         }
         (resume, st) => {
             // from scratch, or from a checkpoint taken during the warm-up
-            let _ = std::fs::remove_file(&metrics_path);
+            if writes {
+                let _ = std::fs::remove_file(&metrics_path);
+            }
             let (t, from) = match (resume, st.and_then(|s| s.warmup_step)) {
-                (Some(dir), Some(done)) => {
-                    let mut t = Trainer::resume(dir, warmup_config(cfg), &Device::Cpu)?;
-                    t.model.set_kernels(Kernels::Invariant);
-                    (t, done)
-                }
-                _ => (Trainer::new(base_model(cfg)?, warmup_config(cfg))?, 0),
+                (Some(dir), Some(done)) => (opts.resume_trainer(dir, warmup_config(cfg))?, done),
+                _ => (opts.trainer(base_model(cfg, &dev)?, warmup_config(cfg))?, 0),
             };
             let (warm, stopped) = warmup(t, from, env.as_ref(), cfg, &bar, opts)?;
             if let Some(done) = stopped {
@@ -218,10 +298,10 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 bar.abandon();
                 return Err(RlError::Interrupted { after: format!("warm-up step {done}/{}", cfg.warmup.steps), checkpoint: dir });
             }
-            let t = Trainer::new(warm.model, trainer_config(cfg, replay))?;
+            let t = reconfigure(warm, trainer_config(cfg, replay))?;
             let acc = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), max_answer)?;
-            metrics::append(&metrics_path, &StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() })?;
-            if opts.stopped() && cfg.steps > 0 {
+            record(StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() }, &mut records)?;
+            if opts.stopped()? && cfg.steps > 0 {
                 let dir = out.join("checkpoints").join("step-0");
                 save_checkpoint(&t, &dir, &RunState { rl_step: 0, warmup_eval: acc, warmup_step: None })?;
                 bar.abandon();
@@ -242,15 +322,16 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(step));
         let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step, num_experts, fingerprint)?;
 
-        // mini-steps: whole groups per update; the later ones are off-policy
-        let per = ro.groups.len().div_ceil(cfg.trainer.mini_steps);
+        // mini-steps: whole groups per update (the global groups c·per .. (c+1)·per, this
+        // rank's of them); the later ones are off-policy
+        let per = cfg.rollout.prompts_per_step.div_ceil(cfg.trainer.mini_steps);
         let mut rec = StepRecord { phase: "rl".into(), step, replay, reward_mean: ro.reward_mean, completion_tokens: ro.completion_tokens, ..StepRecord::default() };
         let mut layer_sums: std::collections::BTreeMap<usize, (LayerRecord, f64)> = Default::default();
         let mut updates = 0.0;
-        for chunk in ro.groups.chunks(per) {
-            let samples: Vec<_> = chunk.iter().flatten().cloned().collect();
-            let mbs = pack(&samples, &PackConfig { token_budget: cfg.trainer.token_budget, pad_to_multiple: 1, pad_token: 0 })?;
-            let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &Device::Cpu)).collect::<std::result::Result<_, _>>()?;
+        for c in 0..cfg.rollout.prompts_per_step.div_ceil(per) {
+            let samples: Vec<_> = ro.groups.iter().zip(&ro.index).filter(|(_, &i)| i / per == c).flat_map(|(g, _)| g.iter().cloned()).collect();
+            let mbs = if samples.is_empty() { Vec::new() } else { pack(&samples, &PackConfig { token_budget: cfg.trainer.token_budget, pad_to_multiple: 1, pad_token: 0 })? };
+            let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &dev)).collect::<std::result::Result<_, _>>()?;
             let m = trainer.step(&tbs)?;
             updates += 1.0;
             rec.loss += m.loss;
@@ -280,24 +361,28 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             rec.eval_accuracy = Some(rollout::evaluate(&mut rollouter(cfg, &trainer, out, step)?, env.as_ref(), max_answer)?);
         }
         rec.seconds = t0.elapsed().as_secs_f64();
-        metrics::append(&metrics_path, &rec)?;
+        let (msg_reward, msg_kl, msg_eval) = (rec.reward_mean, rec.kl, rec.eval_accuracy);
         let conf: f64 = rec.layers.values().map(|l| l.confidence).sum::<f64>() / rec.layers.len().max(1) as f64;
-        bar.set_message(format!("reward {:.3} kl {:.2e} conf {:.3}{}", rec.reward_mean, rec.kl, conf, rec.eval_accuracy.map(|a| format!(" eval {a:.3}")).unwrap_or_default()));
+        record(rec, &mut records)?;
+        bar.set_message(format!("reward {msg_reward:.3} kl {msg_kl:.2e} conf {conf:.3}{}", msg_eval.map(|a| format!(" eval {a:.3}")).unwrap_or_default()));
         bar.inc(1);
-        let stop = opts.stopped() && step < cfg.steps;
+        let stop = opts.stopped()? && step < cfg.steps;
         if stop || (cfg.output.checkpoint_every > 0 && (step % cfg.output.checkpoint_every == 0 || step == cfg.steps)) {
             let dir = out.join("checkpoints").join(format!("step-{step}"));
             save_checkpoint(&trainer, &dir, &RunState { rl_step: step, warmup_eval, warmup_step: None })?;
             if stop {
                 bar.abandon();
-                let records = metrics::read(&metrics_path)?;
-                crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train (interrupted)")?;
+                if writes {
+                    let records = metrics::read(&metrics_path)?;
+                    crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train (interrupted)")?;
+                }
                 return Err(RlError::Interrupted { after: format!("step {step}/{}", cfg.steps), checkpoint: dir });
             }
         }
     }
     bar.finish();
-    let records = metrics::read(&metrics_path)?;
+    // rank 0: the whole file (steps before a resume included); other ranks: this process's records
+    let records = if writes { metrics::read(&metrics_path)? } else { records };
     let rl: Vec<&StepRecord> = records.iter().filter(|r| r.phase == "rl").collect();
     let final_eval = rl.iter().rev().find_map(|r| r.eval_accuracy).unwrap_or(warmup_eval);
     let summary = RunSummary {
@@ -308,6 +393,8 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         final_eval,
         records: records.clone(),
     };
-    crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train")?;
+    if writes {
+        crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train")?;
+    }
     Ok(summary)
 }

@@ -12,6 +12,7 @@ pub mod grads;
 pub use lockstep_model::logprobs;
 pub mod loss;
 pub mod optim;
+pub mod parallel;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

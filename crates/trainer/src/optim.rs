@@ -123,6 +123,10 @@ impl GradAccumulator {
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.grads.get(name)
     }
+    /// Replace a parameter's gradient (the data-parallel all-reduce writes the sum back).
+    pub fn set(&mut self, name: &str, grad: Tensor) {
+        self.grads.insert(name.to_string(), grad);
+    }
 }
 
 /// Σ g² over the named parameters' gradients (f64).

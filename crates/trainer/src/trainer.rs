@@ -13,7 +13,8 @@ use lockstep_model::{Batch, LayerRoute, MoeCausalLm, Replay, ReplayWeights, Rout
 use crate::error::{Result, TrainError};
 use crate::logprobs::token_logprobs;
 use crate::loss::{rl_loss, LossConfig, LossInputs, RatioMode};
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
+use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
+use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
 
 /// Inference-time route of one MoE layer for every slot of a micro-batch.
 #[derive(Debug, Clone)]
@@ -43,10 +44,12 @@ pub struct TrainerConfig {
     pub replay: bool,
 }
 
-/// Routing health of one MoE layer over a step.
+/// Routing health of one MoE layer over a step (all its micro-batches, on every rank).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerStepMetrics {
+    /// token-weighted mean routing confidence
     pub confidence: f64,
+    /// max_vio of the step's load (tokens per expert summed over the micro-batches and ranks)
     pub max_vio: f64,
     /// share of real (token, layer) routes that free routing would have chosen identically
     pub route_agreement: f64,
@@ -73,6 +76,17 @@ pub struct Trainer {
     pub params: Vec<(String, Var)>,
     pub optimizer: AdamW,
     pub cfg: TrainerConfig,
+    /// The ranks this trainer is spread over (`None`: one rank holds everything).
+    pub parallel: Parallel,
+}
+
+/// Per MoE layer over a step: token-weighted sums of confidence and agreement, tokens, load.
+#[derive(Debug, Clone, Default)]
+struct LayerAcc {
+    confidence: f64,
+    agreement: f64,
+    tokens: f64,
+    load: Vec<f64>,
 }
 
 fn vec_tensor(v: &[f32], dev: &candle_core::Device) -> Result<Tensor> {
@@ -88,7 +102,51 @@ impl Trainer {
             params.push((name.to_string(), v.clone()));
             Ok(v.as_tensor().clone())
         })?;
-        Ok(Self { model, params, optimizer: AdamW::new(cfg.optimizer)?, cfg })
+        Ok(Self { model, params, optimizer: AdamW::new(cfg.optimizer)?, cfg, parallel: None })
+    }
+
+    /// Take a whole model (the same on every rank), keep this rank's experts and train over the
+    /// ranks of `dp` (see [`crate::parallel`]).
+    pub fn new_parallel(mut model: MoeCausalLm, cfg: TrainerConfig, dp: std::sync::Arc<dyn DataParallel>) -> Result<Self> {
+        dp.shard_model(&mut model)?;
+        let mut t = Self::new(model, cfg)?;
+        t.parallel = Some(dp);
+        Ok(t)
+    }
+
+    /// Global loss normaliser and the number of micro-batch rounds every rank runs.
+    fn rounds(&self, local_tokens: f64, local_micro: usize) -> Result<(f64, usize)> {
+        match &self.parallel {
+            None => Ok((local_tokens, local_micro)),
+            Some(dp) => {
+                let all = dp.all_gather_host(&[local_tokens, local_micro as f64])?;
+                Ok((all.iter().map(|r| r[0]).sum(), all.iter().map(|r| r[1] as usize).max().unwrap_or(0)))
+            }
+        }
+    }
+
+    /// A micro-batch that contributes nothing (two pad tokens, loss mask 0): what a rank with
+    /// fewer micro-batches forwards so that the expert-parallel collectives stay in step.
+    fn empty_batch(&self) -> Result<TrainBatch> {
+        Ok(TrainBatch {
+            batch: Batch::packed(&[0, 0], None, &[0, 2], self.model.device())?,
+            logp_infer: vec![0.0; 2],
+            advantages: vec![0.0; 2],
+            loss_mask: vec![0.0; 2],
+            routes: BTreeMap::new(),
+        })
+    }
+
+    /// Clip and update: against the local gradient norm, or (over ranks) after the replicated
+    /// gradients are summed, against the global norm.
+    fn apply(&mut self, acc: &mut GradAccumulator) -> Result<StepStats> {
+        match &self.parallel {
+            None => self.optimizer.apply(&self.params, acc),
+            Some(dp) => {
+                let norm = dp.reduce_grads(&self.params, acc)?;
+                self.optimizer.apply_with_grad_norm(&self.params, acc, norm)
+            }
+        }
     }
 
     fn plan(&self, tb: &TrainBatch) -> Result<RoutingPlan> {
@@ -109,7 +167,7 @@ impl Trainer {
     }
 
     /// Forward + loss + backward of one micro-batch; gradients go into `acc`.
-    fn micro_step(&self, tb: &TrainBatch, denominator: f64, acc: &mut GradAccumulator, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, (f64, f64, f64, f64)>) -> Result<()> {
+    fn micro_step(&self, tb: &TrainBatch, denominator: f64, acc: &mut GradAccumulator, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, LayerAcc>) -> Result<()> {
         let dev = self.model.device().clone();
         let n = tb.batch.num_slots();
         for (name, v) in [("logp_infer", &tb.logp_infer), ("advantages", &tb.advantages), ("loss_mask", &tb.loss_mask)] {
@@ -187,10 +245,13 @@ impl Trainer {
             let agree = self.free_agreement(l, route, &real)?;
             let e = layer_acc.entry(l).or_default();
             let w = h.tokens as f64;
-            e.0 += h.confidence * w;
-            e.1 += h.max_vio * w;
-            e.2 += agree * w;
-            e.3 += w;
+            e.confidence += h.confidence * w;
+            e.agreement += agree * w;
+            e.tokens += w;
+            e.load.resize(h.load.len(), 0.0);
+            for (a, &x) in e.load.iter_mut().zip(&h.load) {
+                *a += x as f64;
+            }
         }
         Ok(())
     }
@@ -207,19 +268,25 @@ impl Trainer {
         Ok(route_agreement(route, &free, real)?)
     }
 
-    /// One optimizer step over the micro-batches of a step.
+    /// One optimizer step over the micro-batches of a step (this rank's share of the global
+    /// batch when the trainer is parallel).
     pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
-        let denominator = loss_tokens(micro);
+        let (denominator, rounds) = self.rounds(loss_tokens(micro), micro.len())?;
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no completion tokens in the step"));
         }
         let mut acc = GradAccumulator::default();
         let mut m = StepMetrics::default();
         let mut layer_acc = BTreeMap::new();
-        for tb in micro {
-            self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc)?;
+        for i in 0..rounds {
+            match micro.get(i) {
+                Some(tb) => self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc)?,
+                // metrics of an empty round are dropped
+                None => self.micro_step(&self.empty_batch()?, denominator, &mut acc, &mut StepMetrics::default(), &mut BTreeMap::new())?,
+            }
         }
-        let stats = self.optimizer.apply(&self.params, &acc)?;
+        let stats = self.apply(&mut acc)?;
+        self.reduce_metrics(&mut m, &mut layer_acc)?;
         let per = |x: f64| if m.tokens > 0.0 { x / m.tokens } else { 0.0 };
         m.kl = per(m.kl);
         m.extreme_fraction = per(m.extreme_fraction);
@@ -230,12 +297,39 @@ impl Trainer {
         m.step = self.optimizer.step;
         m.layers = layer_acc
             .into_iter()
-            .map(|(l, (c, v, a, w))| {
-                let d = if w > 0.0 { w } else { 1.0 };
-                (l, LayerStepMetrics { confidence: c / d, max_vio: v / d, route_agreement: a / d })
+            .map(|(l, a)| {
+                let d = if a.tokens > 0.0 { a.tokens } else { 1.0 };
+                let load: Vec<usize> = a.load.iter().map(|&x| x as usize).collect();
+                (l, LayerStepMetrics { confidence: a.confidence / d, max_vio: lockstep_model::metrics::max_vio(&load), route_agreement: a.agreement / d })
             })
             .collect();
         Ok(m)
+    }
+
+    /// Over ranks: sum the step's metric sums and every layer's sums and load.
+    fn reduce_metrics(&self, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, LayerAcc>) -> Result<()> {
+        let Some(dp) = &self.parallel else { return Ok(()) };
+        let e = self.model.cfg.moe.router.num_experts;
+        let mut v = vec![m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped];
+        // every rank lists the same layers (a rank may have seen none of them)
+        let layers = self.model.cfg.moe_layers.clone();
+        for l in &layers {
+            let a = layer_acc.entry(*l).or_default();
+            a.load.resize(e, 0.0);
+            v.extend([a.confidence, a.agreement, a.tokens]);
+            v.extend(&a.load);
+        }
+        let sum = sum_over_ranks(dp.as_ref(), &v)?;
+        [m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped] =
+            [sum[0], sum[1], sum[2], sum[3], sum[4], sum[5], sum[6], sum[7]];
+        let mut at = 8;
+        for l in &layers {
+            let a = layer_acc.get_mut(l).expect("inserted above");
+            (a.confidence, a.agreement, a.tokens) = (sum[at], sum[at + 1], sum[at + 2]);
+            a.load = sum[at + 3..at + 3 + e].to_vec();
+            at += 3 + e;
+        }
+        Ok(())
     }
 }
 
@@ -292,13 +386,15 @@ impl Trainer {
     /// One supervised step (warm-up): loss = −Σ mask · log π(y) / Σ mask over the
     /// micro-batches (cross-entropy on the masked tokens), free routing, AdamW. Returns the loss.
     pub fn sft_step(&mut self, micro: &[TrainBatch]) -> Result<f64> {
-        let denominator = loss_tokens(micro);
+        let (denominator, rounds) = self.rounds(loss_tokens(micro), micro.len())?;
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no supervised tokens in the step"));
         }
         let mut acc = GradAccumulator::default();
         let mut total = 0.0;
-        for tb in micro {
+        let empty = if rounds > micro.len() { Some(self.empty_batch()?) } else { None };
+        for i in 0..rounds {
+            let tb = micro.get(i).or(empty.as_ref()).expect("an empty batch pads the missing rounds");
             let out = self.model.forward(&tb.batch, &RoutingPlan::compute())?;
             let (logp, valid) = token_logprobs(&out.logits, &tb.batch)?;
             let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
@@ -307,8 +403,11 @@ impl Trainer {
             total += loss.to_scalar::<f32>()? as f64;
             acc.add(&self.params, &loss.backward()?)?;
         }
-        self.optimizer.apply(&self.params, &acc)?;
-        Ok(total)
+        self.apply(&mut acc)?;
+        match &self.parallel {
+            Some(dp) => Ok(sum_over_ranks(dp.as_ref(), &[total])?[0]),
+            None => Ok(total),
+        }
     }
 
     /// A copy of the model for inference: same weights (shared storage, so it follows later
