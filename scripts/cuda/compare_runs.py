@@ -2,7 +2,12 @@
 """Compare two `lockstep train` metrics.jsonl files step by step: rewards, completion tokens and
 held-out accuracy must be identical (the same completions), losses, KL, gradient norms and
 entropy within a relative 1e-4, per-layer max_vio and route agreement identical (the same routes).
-Used by scripts/cuda/gpu_dist.sh (launch over W GPUs against one GPU). Exit 1 on a mismatch."""
+Used by scripts/cuda/gpu_dist.sh (launch over W GPUs against one GPU). Exit 1 on a mismatch.
+
+With --report-only, print the differences and exit 0: on a GPU the RL loop uses cuBLAS, which
+is not batch-invariant, so W > 1 ranks (other decode batches) round differently from one GPU
+and sampled completions may part; the CPU runs (batch-invariant kernels) are compared exactly
+by crates/rl/tests/ranks.rs."""
 import json
 import sys
 
@@ -16,7 +21,9 @@ def close(a, b):
     return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-3)
 
 
-a, b = load(sys.argv[1]), load(sys.argv[2])
+args = [x for x in sys.argv[1:] if not x.startswith("--")]
+report_only = "--report-only" in sys.argv
+a, b = load(args[0]), load(args[1])
 bad = []
 if len(a) != len(b):
     bad.append(f"{len(a)} records vs {len(b)}")
@@ -34,7 +41,7 @@ for x, y in zip(a, b):
             bad.append(f"{tag} layer {l}: {p} vs {q}")
 rl = [x for x in a if x["phase"] == "rl"]
 if bad:
-    print("MISMATCH:\n  " + "\n  ".join(bad))
-    sys.exit(1)
+    print(("differences (report only):" if report_only else "MISMATCH:") + "\n  " + "\n  ".join(bad))
+    sys.exit(0 if report_only else 1)
 print(f"runs match: {len(rl)} RL steps, rewards {[round(x['reward_mean'], 4) for x in rl]}, "
       f"losses {['%.4g' % x['loss'] for x in rl]} (relative tolerance 1e-4)")

@@ -86,8 +86,19 @@ impl RunOptions {
             None => Trainer::resume(dir, cfg, &self.device())?,
             Some(dp) => Trainer::resume_parallel(dir, cfg, &self.device(), dp.clone())?,
         };
-        t.model.set_kernels(Kernels::Invariant);
+        t.model.set_kernels(kernels_for(&self.device()));
         Ok(t)
+    }
+}
+
+/// The batch-invariant kernels on the CPU (the engine's log-probabilities equal the trainer's
+/// bit for bit); on a GPU, candle's kernels with gradients (cuBLAS: the engine's decode and the
+/// trainer's packed forward agree to rounding — the KL metric shows how closely).
+fn kernels_for(dev: &Device) -> Kernels {
+    if dev.is_cpu() {
+        Kernels::Invariant
+    } else {
+        Kernels::Autograd
     }
 }
 
@@ -150,7 +161,7 @@ fn base_model(cfg: &RunConfig, dev: &Device) -> Result<MoeCausalLm> {
         Some(dir) => MoeCausalLm::load(Path::new(dir), DType::F32, dev)?,
         None => MoeCausalLm::embedded_default(cfg.model.seed, DType::F32, dev)?,
     };
-    m.set_kernels(Kernels::Invariant);
+    m.set_kernels(kernels_for(dev));
     Ok(m)
 }
 
