@@ -68,6 +68,26 @@ while (( W <= NGPU )); do
   W=$(( W * 2 ))
 done
 cp /tmp/lockstep-train-1gpu/metrics.jsonl "$OUT/train-1gpu.jsonl" 2>/dev/null
+# 2 thread ranks sharing GPU 0 (experts sharded, the collectives through host memory)
+run "train 2 thread ranks on cuda:0" 400 "$BIN" train --device cuda --ranks 2 "${TRAIN[@]}" --out /tmp/lockstep-train-threads2
+run "train 2 thread ranks vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py --report-only /tmp/lockstep-train-1gpu/metrics.jsonl /tmp/lockstep-train-threads2/metrics.jsonl
+
+# Ctrl-C on a launched run: the launcher forwards it, every rank finishes its step, rank 0
+# writes a checkpoint, all exit 130; the printed command resumes it to the end
+echo "=== launch Ctrl-C and resume" >> "$LOG"
+rm -rf /tmp/lockstep-train-int
+"$BIN" launch --gpus "$NGPU" -- train --quiet --steps 25 --warmup-steps 10 --out /tmp/lockstep-train-int > /tmp/int.log 2>&1 &
+LPID=$!
+sleep 12; kill -INT "$LPID"; wait "$LPID"; rc=$?
+cat /tmp/int.log >> "$LOG"
+RESUME=$(grep -A1 "resume with:" /tmp/int.log | tail -1 | sed 's/^\[rank 0\] *//')
+if [[ $rc -eq 130 && "$RESUME" == *"launch --gpus $NGPU -- train"* ]]; then
+  echo "launch Ctrl-C: exit 130, checkpoint $(grep -o 'checkpoints/step-[0-9]*' /tmp/int.log | head -1): ok" | tee -a "$SUMMARY"
+  run "resume the interrupted launch" 400 $RESUME
+  grep -q '"step":25' /tmp/lockstep-train-int/metrics.jsonl && echo "resumed run reached step 25: ok" | tee -a "$SUMMARY"
+else
+  echo "launch Ctrl-C: FAILED (rc $rc, resume command: $RESUME)" | tee -a "$SUMMARY"; FAILED=1
+fi
 # every "ok"/"FAILED" line of the checks, and the benchmark tables, into the summary
 grep -E "choice (rank|:)|equal one rank|differ|dispatch|combine|NCCL a2a|bytes|EP=|1 GPU|global batch|EP output|error|replay on:|wall time|runs match|MISMATCH|differences|vs 1 GPU" "$LOG" >> "$SUMMARY"
 

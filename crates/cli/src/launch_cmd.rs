@@ -7,9 +7,17 @@
 //!
 //! Commands that run over several ranks: `train`, `dist-check`, `bench-ep`. The others refuse to start
 //! under `launch` rather than run N independent copies.
+//!
+//! Ctrl-C: the ranks run in their own process group, so the terminal's SIGINT reaches only the
+//! launcher, which forwards each one to every rank once (`train` finishes its step on all
+//! ranks, writes a checkpoint and exits 130; a second Ctrl-C aborts). Ranks that exit 130 after
+//! a Ctrl-C are not failures: the launcher exits 130 too.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -24,6 +32,9 @@ pub struct LaunchArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub command: Vec<String>,
 }
+
+/// Exit status of an interrupted rank (128 + SIGINT).
+const INTERRUPTED: i32 = 130;
 
 /// Subcommands that know how to run as one rank of a process group.
 pub const MULTI_RANK_COMMANDS: &[&str] = &["train", "dist-check", "bench-ep"];
@@ -46,7 +57,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     for rank in 0..args.gpus {
         let env = lockstep_dist::launch_env::RankEnv { rank, world_size: args.gpus, local_rank: rank, nccl_id: id };
         let mut cmd = Command::new(&exe);
-        cmd.args(&args.command).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&args.command).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         for (k, v) in env.vars() {
             cmd.env(k, v);
         }
@@ -62,15 +73,32 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         pumps.push(std::thread::spawn(move || prefix(rank, err, true)));
         children.push(child);
     }
+    // Ctrl-C: counted here, forwarded to the ranks below
+    let interrupts = Arc::new(AtomicUsize::new(0));
+    let counter = interrupts.clone();
+    // SAFETY: the action only increments an atomic (async-signal-safe)
+    let sigint = unsafe { signal_hook_registry::register(libc::SIGINT, move || { counter.fetch_add(1, Ordering::SeqCst); }) }.context("launch: installing the Ctrl-C handler")?;
+    let mut forwarded = 0;
     // wait for all; the first failure stops the rest
     let mut status: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
     let mut failed: Option<(usize, std::process::ExitStatus)> = None;
     while status.iter().any(Option::is_none) {
+        let seen = interrupts.load(Ordering::SeqCst);
+        while forwarded < seen {
+            forwarded += 1;
+            for (rank, child) in children.iter().enumerate() {
+                if status[rank].is_none() {
+                    // SAFETY: kill(2) on our own child's pid
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+                }
+            }
+        }
         for (rank, child) in children.iter_mut().enumerate() {
             if status[rank].is_none() {
                 if let Some(s) = child.try_wait().with_context(|| format!("launch: waiting for rank {rank}"))? {
                     status[rank] = Some(s);
-                    if !s.success() && failed.is_none() {
+                    let interrupted = forwarded > 0 && s.code() == Some(INTERRUPTED);
+                    if !s.success() && !interrupted && failed.is_none() {
                         failed = Some((rank, s));
                     }
                 }
@@ -85,7 +113,9 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     for p in pumps {
         let _ = p.join();
     }
+    signal_hook_registry::unregister(sigint);
     match failed {
+        None if status.iter().any(|s| s.and_then(|s| s.code()) == Some(INTERRUPTED)) => std::process::exit(INTERRUPTED),
         None => Ok(()),
         Some((rank, s)) => bail!("launch: rank {rank} failed ({s}); the other ranks were stopped"),
     }

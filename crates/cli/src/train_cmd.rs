@@ -54,14 +54,32 @@ fn shell_word(p: &Path) -> String {
 }
 
 /// Print where an interrupted run stopped and the command that resumes it; exit 130.
-fn interrupted(after: &str, checkpoint: &Path, run_dir: &Path, compare: bool) -> ! {
+fn interrupted(after: &str, checkpoint: &Path, run_dir: &Path, compare: bool, ranks: Ranks) -> ! {
     let exe = std::env::args_os().next().map(PathBuf::from).unwrap_or_else(|| "lockstep".into());
+    let (pre, post) = match ranks {
+        Ranks::One => (String::new(), String::new()),
+        Ranks::Threads(n) => (String::new(), format!(" --ranks {n}")),
+        Ranks::Launched(n) => (format!("launch --gpus {n} -- "), String::new()),
+    };
     eprintln!("interrupted after {after}; checkpoint written: {}", checkpoint.display());
-    eprintln!("resume with:\n  {} train --config {} --resume {}", shell_word(&exe), shell_word(&run_dir.join("config.toml")), shell_word(checkpoint));
+    eprintln!(
+        "resume with:\n  {} {pre}train --config {} --resume {}{post}",
+        shell_word(&exe),
+        shell_word(&run_dir.join("config.toml")),
+        shell_word(checkpoint)
+    );
     if compare {
         eprintln!("(that resumes this one run of --compare-replay; the comparison report needs both runs)");
     }
     std::process::exit(INTERRUPTED);
+}
+
+/// How the run is spread, for the resume command.
+#[derive(Clone, Copy)]
+enum Ranks {
+    One,
+    Threads(usize),
+    Launched(usize),
 }
 
 #[derive(clap::Args)]
@@ -199,8 +217,13 @@ fn is_abort(e: &anyhow::Error) -> bool {
 /// flag ended says how to resume it (rank 0) and exits 130.
 fn rank_runs(cfg: &RunConfig, out: &Path, args: &TrainArgs, opts: RunOptions) -> anyhow::Result<Vec<RunSummary>> {
     let rank0 = opts.parallel.as_ref().is_none_or(|p| p.rank() == 0);
+    let ranks = match &opts.parallel {
+        None => Ranks::One,
+        Some(p) if lockstep_dist::launch_env::RankEnv::from_env().ok().flatten().is_some() => Ranks::Launched(p.world_size()),
+        Some(p) => Ranks::Threads(p.world_size()),
+    };
     let go = |dir: &Path, replay: bool| match run(cfg, dir, replay, &opts) {
-        Err(RlError::Interrupted { after, checkpoint }) if rank0 => interrupted(&after, &checkpoint, dir, args.compare_replay),
+        Err(RlError::Interrupted { after, checkpoint }) if rank0 => interrupted(&after, &checkpoint, dir, args.compare_replay, ranks),
         r => r,
     };
     if args.compare_replay {
