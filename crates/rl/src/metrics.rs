@@ -11,7 +11,11 @@ use crate::error::{Result, RlError};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LayerRecord {
     pub confidence: f64,
+    /// from the step's load over all ranks
     pub max_vio: f64,
+    /// the largest of the ranks' own max_vio (= max_vio on one rank)
+    #[serde(default)]
+    pub max_vio_rank_max: f64,
     pub route_agreement: f64,
 }
 

@@ -357,6 +357,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 let e = layer_sums.entry(l).or_default();
                 e.0.confidence += x.confidence;
                 e.0.max_vio += x.max_vio;
+                e.0.max_vio_rank_max += x.max_vio_rank_max;
                 e.0.route_agreement += x.route_agreement;
                 e.1 += 1.0;
             }
@@ -366,7 +367,10 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         }
         rec.layers = layer_sums
             .into_iter()
-            .map(|(l, (s, n))| (l, LayerRecord { confidence: s.confidence / n, max_vio: s.max_vio / n, route_agreement: s.route_agreement / n }))
+            .map(|(l, (s, n))| {
+                let r = LayerRecord { confidence: s.confidence / n, max_vio: s.max_vio / n, max_vio_rank_max: s.max_vio_rank_max / n, route_agreement: s.route_agreement / n };
+                (l, r)
+            })
             .collect();
         if step % cfg.eval.every == 0 || step == cfg.steps {
             rec.eval_accuracy = Some(rollout::evaluate(&mut rollouter(cfg, &trainer, out, step)?, env.as_ref(), max_answer)?);

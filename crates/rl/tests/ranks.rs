@@ -62,6 +62,10 @@ fn two_ranks_run_the_single_rank_run() {
             // loads of identical routes: max_vio and agreement exactly; confidence up to rounding
             assert_eq!((p.max_vio, p.route_agreement), (q.max_vio, q.route_agreement), "step {} layer {l}", x.step);
             close(p.confidence, q.confidence, "confidence");
+            // one rank: the same load; two ranks: no rank's own imbalance is below the global
+            // one (max Σ_r load ≤ Σ_r max load_r, the mediant of the ranks' ratios)
+            assert_eq!(p.max_vio_rank_max, p.max_vio);
+            assert!(q.max_vio_rank_max >= q.max_vio, "step {} layer {l}: {q:?}", x.step);
         }
     }
     // only rank 0 wrote the run directory, once

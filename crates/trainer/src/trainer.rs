@@ -14,7 +14,7 @@ use crate::error::{Result, TrainError};
 use crate::logprobs::token_logprobs;
 use crate::loss::{rl_loss, LossConfig, LossInputs, RatioMode};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
-use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
+use crate::parallel::{max_over_ranks, sum_over_ranks, DataParallel, Parallel};
 
 /// Inference-time route of one MoE layer for every slot of a micro-batch.
 #[derive(Debug, Clone)]
@@ -49,8 +49,11 @@ pub struct TrainerConfig {
 pub struct LayerStepMetrics {
     /// token-weighted mean routing confidence
     pub confidence: f64,
-    /// max_vio of the step's load (tokens per expert summed over the micro-batches and ranks)
+    /// max_vio of the step's load (tokens per expert summed over the micro-batches and ranks):
+    /// the imbalance the experts' owners see
     pub max_vio: f64,
+    /// the largest max_vio of one rank's own load (equal to `max_vio` on one rank)
+    pub max_vio_rank_max: f64,
     /// share of real (token, layer) routes that free routing would have chosen identically
     pub route_agreement: f64,
 }
@@ -87,6 +90,12 @@ struct LayerAcc {
     agreement: f64,
     tokens: f64,
     load: Vec<f64>,
+    /// max_vio of this rank's load, the maximum over the ranks after the reduction
+    rank_max_vio: f64,
+}
+
+fn load_max_vio(load: &[f64]) -> f64 {
+    lockstep_model::metrics::max_vio(&load.iter().map(|&x| x as usize).collect::<Vec<_>>())
 }
 
 fn vec_tensor(v: &[f32], dev: &candle_core::Device) -> Result<Tensor> {
@@ -299,8 +308,9 @@ impl Trainer {
             .into_iter()
             .map(|(l, a)| {
                 let d = if a.tokens > 0.0 { a.tokens } else { 1.0 };
-                let load: Vec<usize> = a.load.iter().map(|&x| x as usize).collect();
-                (l, LayerStepMetrics { confidence: a.confidence / d, max_vio: lockstep_model::metrics::max_vio(&load), route_agreement: a.agreement / d })
+                let max_vio = load_max_vio(&a.load);
+                let rank_max = if self.parallel.is_some() { a.rank_max_vio } else { max_vio };
+                (l, LayerStepMetrics { confidence: a.confidence / d, max_vio, max_vio_rank_max: rank_max, route_agreement: a.agreement / d })
             })
             .collect();
         Ok(m)
@@ -319,6 +329,8 @@ impl Trainer {
             v.extend([a.confidence, a.agreement, a.tokens]);
             v.extend(&a.load);
         }
+        let rank_vio: Vec<f64> = layers.iter().map(|l| load_max_vio(&layer_acc[l].load)).collect();
+        let rank_max = max_over_ranks(dp.as_ref(), &rank_vio)?;
         let sum = sum_over_ranks(dp.as_ref(), &v)?;
         [m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped] =
             [sum[0], sum[1], sum[2], sum[3], sum[4], sum[5], sum[6], sum[7]];
@@ -328,6 +340,9 @@ impl Trainer {
             (a.confidence, a.agreement, a.tokens) = (sum[at], sum[at + 1], sum[at + 2]);
             a.load = sum[at + 3..at + 3 + e].to_vec();
             at += 3 + e;
+        }
+        for (l, m) in layers.iter().zip(rank_max) {
+            layer_acc.get_mut(l).expect("inserted above").rank_max_vio = m;
         }
         Ok(())
     }
