@@ -157,7 +157,8 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
                 bail!("--ranks {}: under `lockstep launch` the ranks are the launched processes", args.ranks);
             }
             let (comm, dev) = crate::launch_cmd::join_group(&env)?;
-            let r = rank_runs(&cfg, &out, &args, RunOptions { device: Some(dev), parallel: group(comm), ..base.clone() });
+            let ranks = Ranks::Launched(env.world_size);
+            let r = rank_runs(&cfg, &out, &args, RunOptions { device: Some(dev), parallel: group(comm), ..base.clone() }, ranks);
             if env.rank != 0 {
                 // rank 0 says how to resume an interrupted run; the others exit as it does
                 if let Err(e) = &r {
@@ -174,7 +175,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
             let (cfg, out, args, base) = (&cfg, &out, &args, &base);
             let mut results = lockstep_dist::run_ranks(args.ranks, move |c| {
                 let comm: Arc<dyn Collective> = Arc::new(c);
-                rank_runs(cfg, out, args, RunOptions { device: Some(dev.clone()), parallel: group(comm), ..base.clone() })
+                rank_runs(cfg, out, args, RunOptions { device: Some(dev.clone()), parallel: group(comm), ..base.clone() }, Ranks::Threads(args.ranks))
             });
             // rank 0's result, unless another rank failed first (its error names the cause)
             let first_err = results.iter().position(|r| matches!(r, Ok(Err(e)) if !is_abort(e)));
@@ -183,7 +184,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
                 Err(_) => bail!("a rank thread panicked"),
             }
         }
-        None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(&args.device)?), ..base.clone() })?,
+        None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(&args.device)?), ..base.clone() }, Ranks::One)?,
     };
     if args.compare_replay {
         let (off, on) = (&runs[0], &runs[1]);
@@ -215,13 +216,8 @@ fn is_abort(e: &anyhow::Error) -> bool {
 
 /// This rank's run(s): one, or replay off then on for `--compare-replay`. A run that the stop
 /// flag ended says how to resume it (rank 0) and exits 130.
-fn rank_runs(cfg: &RunConfig, out: &Path, args: &TrainArgs, opts: RunOptions) -> anyhow::Result<Vec<RunSummary>> {
+fn rank_runs(cfg: &RunConfig, out: &Path, args: &TrainArgs, opts: RunOptions, ranks: Ranks) -> anyhow::Result<Vec<RunSummary>> {
     let rank0 = opts.parallel.as_ref().is_none_or(|p| p.rank() == 0);
-    let ranks = match &opts.parallel {
-        None => Ranks::One,
-        Some(p) if lockstep_dist::launch_env::RankEnv::from_env().ok().flatten().is_some() => Ranks::Launched(p.world_size()),
-        Some(p) => Ranks::Threads(p.world_size()),
-    };
     let go = |dir: &Path, replay: bool| match run(cfg, dir, replay, &opts) {
         Err(RlError::Interrupted { after, checkpoint }) if rank0 => interrupted(&after, &checkpoint, dir, args.compare_replay, ranks),
         r => r,

@@ -17,8 +17,6 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
     /// Every rank's `values`, in rank order.
     fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>>;
-    /// Whether `all_to_all_cuda` works (then the EP all-to-all op exchanges inside its CUDA
-    /// forward, into fresh memory; else it uses `all_to_all_rows`).
     /// Every rank's `t` (the same shape on every rank) stacked along dim 0 in rank order:
     /// one all-to-all that sends the whole tensor to every rank.
     fn all_gather_rows(&self, t: &Tensor) -> Result<Tensor> {
@@ -26,6 +24,8 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
         let send = Tensor::cat(&vec![t.detach(); w], 0)?;
         self.all_to_all_rows(&send, &vec![n; w], &vec![n; w])
     }
+    /// Whether `all_to_all_cuda` works (then the EP all-to-all op exchanges inside its CUDA
+    /// forward, into fresh memory; else it uses `all_to_all_rows`).
     #[cfg(feature = "cuda")]
     fn exchanges_cuda_storage(&self) -> bool {
         false

@@ -64,17 +64,16 @@ pub fn is_expert_param(name: &str) -> bool {
 /// Sum the gradients of the replicated parameters over the ranks, in place. Every rank must
 /// call it with the same parameters in the same order; a parameter without a gradient on this
 /// rank contributes zeros (another rank may have one).
-pub fn all_reduce_grads(comm: &dyn Collective, params: &[(String, Var)], grads: &mut GradStore) -> Result<()> {
+pub fn all_reduce_grads(comm: &dyn Collective, params: &[(String, Var)], grads: &mut GradAccumulator) -> Result<()> {
     for (name, var) in params {
         if is_expert_param(name) {
             continue;
         }
-        let g = match grads.get(var.as_tensor()) {
+        let g = match grads.get(name) {
             Some(g) => g.clone(),
             None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
         };
-        let sum = comm.all_reduce_sum(&g)?;
-        grads.insert(var.as_tensor(), sum);
+        grads.set(name, comm.all_reduce_sum(&g)?);
     }
     Ok(())
 }
@@ -94,10 +93,10 @@ pub fn global_grad_norm(comm: &dyn Collective, params: &[(String, Var)], grads: 
 /// ranks, clip against the global norm, update. Every rank calls it with the same parameters
 /// in the same order; the replicated parameters then stay identical on every rank. Returns the
 /// step's statistics (the global norm) and the gradients it applied.
-pub fn step(comm: &dyn Collective, opt: &mut AdamW, params: &[(String, Var)], mut grads: GradStore) -> Result<(StepStats, GradAccumulator)> {
-    all_reduce_grads(comm, params, &mut grads)?;
+pub fn step(comm: &dyn Collective, opt: &mut AdamW, params: &[(String, Var)], grads: GradStore) -> Result<(StepStats, GradAccumulator)> {
     let mut acc = GradAccumulator::default();
     acc.add(params, &grads).map_err(train_err)?;
+    all_reduce_grads(comm, params, &mut acc)?;
     let norm = global_grad_norm(comm, params, &acc)?;
     let stats = opt.apply_with_grad_norm(params, &acc, norm).map_err(train_err)?;
     Ok((stats, acc))
@@ -148,16 +147,7 @@ impl DataParallel for RankGroup {
         Ok(self.comm.all_gather_rows(shard)?)
     }
     fn reduce_grads(&self, params: &[(String, Var)], grads: &mut GradAccumulator) -> TrainResult<f64> {
-        for (name, var) in params {
-            if is_expert_param(name) {
-                continue;
-            }
-            let g = match grads.get(name) {
-                Some(g) => g.clone(),
-                None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
-            };
-            grads.set(name, self.comm.all_reduce_sum(&g)?);
-        }
+        all_reduce_grads(self.comm.as_ref(), params, grads)?;
         Ok(global_grad_norm(self.comm.as_ref(), params, grads)?)
     }
 }

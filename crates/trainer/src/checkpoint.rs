@@ -40,17 +40,17 @@ impl Trainer {
             Some(dp) => {
                 let model = self.whole_model(dp.as_ref())?;
                 let (mut m, mut v) = (HashMap::new(), HashMap::new());
-                for (name, var) in &self.params {
+                // before the first step there are no moments (on every rank alike)
+                let params = if self.optimizer.step > 0 { &self.params[..] } else { &[] };
+                for (name, var) in params {
                     for (src, dst) in [(&self.optimizer.m, &mut m), (&self.optimizer.v, &mut v)] {
-                        // no moment yet (no step, or no gradient so far) equals a zero moment
+                        // no moment yet (no gradient so far) equals a zero moment
                         let local = match src.get(name) {
                             Some(t) => t.clone(),
                             None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
                         };
                         let whole = if dp.is_sharded(name) { dp.gather_rows(&local)? } else { local };
-                        if self.optimizer.step > 0 {
-                            dst.insert(name.clone(), whole);
-                        }
+                        dst.insert(name.clone(), whole);
                     }
                 }
                 if dp.rank() != 0 {

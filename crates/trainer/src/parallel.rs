@@ -57,16 +57,4 @@ pub fn sum_over_ranks(dp: &dyn DataParallel, values: &[f64]) -> Result<Vec<f64>>
     Ok(sum)
 }
 
-/// Element-wise maxima of every rank's values.
-pub fn max_over_ranks(dp: &dyn DataParallel, values: &[f64]) -> Result<Vec<f64>> {
-    let all = dp.all_gather_host(values)?;
-    let mut max = vec![f64::NEG_INFINITY; values.len()];
-    for r in &all {
-        for (s, x) in max.iter_mut().zip(r) {
-            *s = s.max(*x);
-        }
-    }
-    Ok(max)
-}
-
 pub type Parallel = Option<Arc<dyn DataParallel>>;

@@ -14,7 +14,7 @@ use crate::error::{Result, TrainError};
 use crate::logprobs::token_logprobs;
 use crate::loss::{rl_loss, LossConfig, LossInputs, RatioMode};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
-use crate::parallel::{max_over_ranks, sum_over_ranks, DataParallel, Parallel};
+use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
 
 /// Inference-time route of one MoE layer for every slot of a micro-batch.
 #[derive(Debug, Clone)]
@@ -287,11 +287,13 @@ impl Trainer {
         let mut acc = GradAccumulator::default();
         let mut m = StepMetrics::default();
         let mut layer_acc = BTreeMap::new();
+        let empty = if rounds > micro.len() { Some(self.empty_batch()?) } else { None };
         for i in 0..rounds {
-            match micro.get(i) {
-                Some(tb) => self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc)?,
+            match (micro.get(i), &empty) {
+                (Some(tb), _) => self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc)?,
                 // metrics of an empty round are dropped
-                None => self.micro_step(&self.empty_batch()?, denominator, &mut acc, &mut StepMetrics::default(), &mut BTreeMap::new())?,
+                (None, Some(tb)) => self.micro_step(tb, denominator, &mut acc, &mut StepMetrics::default(), &mut BTreeMap::new())?,
+                (None, None) => unreachable!("an empty batch pads the missing rounds"),
             }
         }
         let stats = self.apply(&mut acc)?;
@@ -329,9 +331,19 @@ impl Trainer {
             v.extend([a.confidence, a.agreement, a.tokens]);
             v.extend(&a.load);
         }
-        let rank_vio: Vec<f64> = layers.iter().map(|l| load_max_vio(&layer_acc[l].load)).collect();
-        let rank_max = max_over_ranks(dp.as_ref(), &rank_vio)?;
-        let sum = sum_over_ranks(dp.as_ref(), &v)?;
+        // one exchange: the sums, then each layer's max_vio of this rank's load (maximised)
+        let summed = v.len();
+        v.extend(layers.iter().map(|l| load_max_vio(&layer_acc[l].load)));
+        let all = dp.all_gather_host(&v)?;
+        let mut sum = vec![0f64; summed];
+        let mut rank_max = vec![f64::NEG_INFINITY; layers.len()];
+        for r in &all {
+            if r.len() != v.len() {
+                return Err(TrainError::input("<ranks>", format!("a rank sent {} metric values, {} expected", r.len(), v.len())));
+            }
+            sum.iter_mut().zip(&r[..summed]).for_each(|(s, x)| *s += x);
+            rank_max.iter_mut().zip(&r[summed..]).for_each(|(s, x)| *s = s.max(*x));
+        }
         [m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped] =
             [sum[0], sum[1], sum[2], sum[3], sum[4], sum[5], sum[6], sum[7]];
         let mut at = 8;
