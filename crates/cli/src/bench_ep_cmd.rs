@@ -229,18 +229,15 @@ mod imp {
             ("dispatch_bytes_sent_off_rank", off_rank as f64),
         ];
         // where the dispatch time goes (each step alone, same inputs)
-        let owner: Vec<u32> = route.expert_A.to_vec1::<u32>()?.iter().map(|&x| x / (e / w) as u32).collect();
-        let owner_A = Tensor::from_vec(owner, route.expert_A.dim(0)?, &dev)?;
-        let groups = lockstep_model::gpu::RowGroups::new(&route.token_A, &owner_A, t, w)?;
+        let groups = lockstep_model::gpu::RowGroups::new(&route.token_A, &route.expert_A, t, e)?;
         let x_AD = groups.gather(x)?;
-        let ids = Tensor::zeros(route.expert_A.dim(0)?, DType::U32, &dev)?;
+        let counts_E = groups.counts().to_vec();
         let stages = [
-            ("route to host", timer.time(|| route.expert_A.to_vec1::<u32>().map(|_| ()).map_err(Into::into))?),
-            ("plan (counts to host)", timer.time(|| lockstep_model::gpu::RowGroups::new(&route.token_A, &owner_A, t, w).map(|_| ()).map_err(Into::into))?),
+            ("plan (expert counts to host)", timer.time(|| lockstep_model::gpu::RowGroups::new(&route.token_A, &route.expert_A, t, e).map(|_| ()).map_err(Into::into))?),
             ("gather rows", timer.time(|| groups.gather(x).map(|_| ()).map_err(Into::into))?),
-            ("exchange counts", timer.time(|| comm.exchange_counts(&d.send_rows).map(|_| ()).map_err(Into::into))?),
-            ("ids all-to-all", timer.time(|| comm.all_to_all_rows(&ids, &d.send_rows, &d.recv_rows).map(|_| ()).map_err(Into::into))?),
+            ("exchange counts", timer.time(|| comm.exchange_counts(&counts_E).map(|_| ()).map_err(Into::into))?),
             ("rows all-to-all", timer.time(|| comm.all_to_all_rows(&x_AD, &d.send_rows, &d.recv_rows).map(|_| ()).map_err(Into::into))?),
+            ("experts (rows)", timer.time(|| ep.experts(&d, &sharded.experts).map(|_| ()).map_err(Into::into))?),
         ];
         let mut stage_ms = Vec::new();
         for (name, ms) in stages {

@@ -11,7 +11,9 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     /// rank 1, ...; returns the rows every rank sent here, in rank order (`recv_rows[w]` from
     /// rank w). The data is not part of any autograd graph (`ep::AllToAll` adds the backward).
     fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> Result<Tensor>;
-    /// `counts[w]` is what this rank will send to rank w; returns what each rank sends here.
+    /// `counts`: W blocks of B values (B = len / W, the same on every rank), block w for rank w
+    /// (e.g. the rows this rank sends rank w, per expert of rank w); returns W blocks of B, block
+    /// w the one rank w sent here.
     fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>>;
     /// Element-wise sum over ranks (the same tensor on every rank).
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;

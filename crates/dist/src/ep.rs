@@ -2,10 +2,11 @@
 //! L = E / world), tokens moved to their experts' owners and back, as the named stages
 //!
 //! ```text
-//! route (local, replicated router) → dispatch: order assignments by owner, all-to-all
-//!   (counts first, then rows + local expert ids) → experts: this rank's grouped experts
-//!   (`local_experts`, the single-device stage) → combine: reverse all-to-all, weight, sum
-//!   per token
+//! route (local, replicated router) → dispatch: group assignments by expert (so by owner
+//!   rank, each owner's block by local expert), all-to-all (rows per expert first, then the
+//!   rows) → experts: this rank's grouped experts on the received rows
+//!   (`local_experts_rows`: expert-major, sources in order) → combine: reverse all-to-all,
+//!   weight, sum per token
 //! ```
 //!
 //! The backward runs the same exchanges in reverse (`AllToAll`'s backward is the all-to-all
@@ -24,9 +25,9 @@ use std::sync::Arc;
 
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result as CResult, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result as CResult, Shape, Storage, Tensor};
 use lockstep_model::moe::experts::Experts;
-use lockstep_model::moe::parallel::{local_experts, ExpertParallel};
+use lockstep_model::moe::parallel::{local_experts_rows, ExpertParallel};
 use lockstep_model::{ModelError, Result};
 
 use crate::collective::Collective;
@@ -53,10 +54,11 @@ fn err(layer: usize, msg: String) -> ModelError {
 /// the combine stage needs to bring the results home.
 #[derive(Debug, Clone)]
 pub struct Dispatched {
-    /// rows received, one per assignment to this rank's experts, grouped by source rank
+    /// rows received, one per assignment to this rank's experts: grouped by source rank, each
+    /// source's rows grouped by local expert (stable within an expert)
     pub x_RD: Tensor,
-    /// the local expert (0..L) of each received row
-    pub ids_R: Tensor,
+    /// `recv_counts[s · L + j]`: rows from rank s for local expert j
+    pub recv_counts: Vec<usize>,
     pub send_rows: Vec<usize>,
     pub recv_rows: Vec<usize>,
     home: Home,
@@ -69,87 +71,75 @@ pub struct Dispatched {
 enum Home {
     /// CPU: `perm_A[i]` = the route's assignment sent i-th, `tok_A` its token
     Host { perm_A: Tensor, tok_A: Tensor },
-    /// CUDA: the owner-grouped rows of the device plan (gather / f32 combine in route order)
+    /// CUDA: the expert-grouped rows of the device plan (gather / f32 combine in route order)
     #[cfg(feature = "cuda")]
     Device(lockstep_model::gpu::RowGroups),
 }
 
+fn block_sums(counts: &[usize], block: usize) -> Vec<usize> {
+    counts.chunks(block).map(|c| c.iter().sum()).collect()
+}
+
 impl ExpertParallelism {
-    /// dispatch: order the assignments by owner rank (stable), exchange the counts, then the
-    /// rows and their local expert ids.
+    /// dispatch: group the assignments by expert (stable) — hence by owner rank, each owner's
+    /// block by its local expert —, exchange the rows per expert, then the rows.
     pub fn dispatch(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<Dispatched> {
         let (n, d) = x_ND.dims2()?;
-        let w = self.comm.world_size();
         let l = self.experts_per_rank();
-        let dev = x_ND.device();
-        // the experts' host copy gives the counts (they must reach the host to size the
-        // exchange anyway) and the local ids
-        let exp: Vec<u32> = expert_A.to_vec1()?;
-        let mut send_rows = vec![0usize; w];
-        let mut owner_A = Vec::with_capacity(exp.len());
-        for &e in &exp {
-            let owner = e as usize / l;
-            if owner >= w {
-                return Err(err(layer, format!("expert id {e} >= num_experts {}", self.num_experts)));
-            }
-            send_rows[owner] += 1;
-            owner_A.push(owner as u32);
-        }
-        let a = exp.len();
-        // local ids in the stable owner order (and, on the host path, that order itself)
-        let mut next = crate::collective::offsets(&send_rows);
-        let mut perm = vec![0u32; a];
-        let mut local_ids = vec![0u32; a];
-        for (i, (&e, &o)) in exp.iter().zip(&owner_A).enumerate() {
-            let dst = next[o as usize];
-            next[o as usize] += 1;
-            perm[dst] = i as u32;
-            local_ids[dst] = e - o * l as u32;
-        }
-        let (x_AD, home) = if dev.is_cuda() {
-            // the device plan groups the rows itself (same stable order)
-            self.device_home(layer, x_ND, token_A, owner_A, &send_rows)?
-        } else {
-            let tok: Vec<u32> = token_A.to_vec1()?;
-            let tok_A = Tensor::from_vec(perm.iter().map(|&i| tok[i as usize]).collect::<Vec<_>>(), a, dev)?;
-            let perm_A = Tensor::from_vec(perm, a, dev)?;
-            (x_ND.index_select(&tok_A, 0)?, Home::Host { perm_A, tok_A })
-        };
-        let recv_rows = self.comm.exchange_counts(&send_rows)?;
-        let ids_R = self.comm.all_to_all_rows(&Tensor::from_vec(local_ids, a, dev)?, &send_rows, &recv_rows)?;
+        let (x_AD, home, counts_E) = if x_ND.device().is_cuda() { self.device_home(layer, x_ND, token_A, expert_A)? } else { self.host_home(layer, x_ND, token_A, expert_A)? };
+        let send_rows = block_sums(&counts_E, l);
+        let recv_counts = self.comm.exchange_counts(&counts_E)?;
+        let recv_rows = block_sums(&recv_counts, l);
         let x_RD = AllToAll::apply(&self.comm, &x_AD, &send_rows, &recv_rows)?;
-        Ok(Dispatched { x_RD, ids_R, send_rows, recv_rows, home, n, d })
+        Ok(Dispatched { x_RD, recv_counts, send_rows, recv_rows, home, n, d })
     }
 
-    #[cfg(feature = "cuda")]
-    fn device_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, owner_A: Vec<u32>, send_rows: &[usize]) -> Result<(Tensor, Home)> {
-        let a = owner_A.len();
-        let owner_A = Tensor::from_vec(owner_A, a, x_ND.device())?;
-        let groups = lockstep_model::gpu::RowGroups::new(token_A, &owner_A, x_ND.dim(0)?, send_rows.len())?;
-        if groups.counts() != send_rows {
-            return Err(err(layer, format!("device plan counts {:?} differ from the host's {send_rows:?}", groups.counts())));
+    /// The host plan: a stable counting sort of the assignments by expert.
+    fn host_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
+        let e = self.num_experts;
+        let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
+        let mut counts = vec![0usize; e];
+        for &x in &exp {
+            match counts.get_mut(x as usize) {
+                Some(c) => *c += 1,
+                None => return Err(err(layer, format!("expert id {x} >= num_experts {e}"))),
+            }
         }
-        Ok((groups.gather(x_ND)?, Home::Device(groups)))
+        let mut next = crate::collective::offsets(&counts);
+        let mut perm = vec![0u32; exp.len()];
+        for (i, &x) in exp.iter().enumerate() {
+            perm[next[x as usize]] = i as u32;
+            next[x as usize] += 1;
+        }
+        let (a, dev) = (exp.len(), x_ND.device());
+        let tok_A = Tensor::from_vec(perm.iter().map(|&i| tok[i as usize]).collect::<Vec<_>>(), a, dev)?;
+        let perm_A = Tensor::from_vec(perm, a, dev)?;
+        Ok((x_ND.index_select(&tok_A, 0)?, Home::Host { perm_A, tok_A }, counts))
+    }
+
+    /// The device plan groups the rows by expert on the GPU; only the expert counts come back.
+    #[cfg(feature = "cuda")]
+    fn device_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
+        let groups = lockstep_model::gpu::RowGroups::new(token_A, expert_A, x_ND.dim(0)?, self.num_experts).map_err(|e| err(layer, e.to_string()))?;
+        let counts = groups.counts().to_vec();
+        Ok((groups.gather(x_ND)?, Home::Device(groups), counts))
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn device_home(&self, layer: usize, _: &Tensor, _: &Tensor, _: Vec<u32>, _: &[usize]) -> Result<(Tensor, Home)> {
+    fn device_home(&self, layer: usize, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
         Err(err(layer, "CUDA tensors need the `cuda` feature".into()))
     }
 
-    /// experts: one row per received assignment through this rank's grouped experts, weight 1
-    /// (the weights are applied at home, in `combine`).
+    /// experts: every received row through this rank's experts, weight 1 (the weights are
+    /// applied at home, in `combine`); each local expert sees its rows source rank by source
+    /// rank, the order one device holding the whole batch gives them.
     pub fn experts(&self, dispatched: &Dispatched, local: &Experts) -> Result<Tensor> {
         let x_RD = &dispatched.x_RD;
-        let r = x_RD.dim(0)?;
-        if r == 0 {
+        if x_RD.dim(0)? == 0 {
             // keeps x_RD in the graph, so this rank joins the backward exchange like the others
             return Ok((x_RD * 0.0)?);
         }
-        let dev = x_RD.device();
-        let rows = Tensor::arange(0u32, r as u32, dev)?;
-        let ones = Tensor::ones(r, DType::F32, dev)?;
-        local_experts(x_RD, &rows, &dispatched.ids_R, &ones, local)
+        local_experts_rows(x_RD, &dispatched.recv_counts, local)
     }
 
     /// combine: the results back to their tokens' ranks, weighted, summed per token (on the

@@ -167,9 +167,17 @@ impl Collective for LocalComm {
         Tensor::cat(&got, 0)?.contiguous()
     }
     fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>> {
+        let w = self.shared.world;
+        if counts.is_empty() || counts.len() % w != 0 {
+            candle_core::bail!("exchange_counts: {} counts are not {w} equal blocks (one per rank)", counts.len());
+        }
         let dev = candle_core::Device::Cpu;
-        let out = counts.iter().map(|&c| Tensor::new(&[c as u32], &dev)).collect::<Result<Vec<_>>>()?;
-        self.exchange(out)?.iter().map(|t| Ok(t.to_vec1::<u32>()?[0] as usize)).collect()
+        let out = counts.chunks(counts.len() / w).map(|c| Tensor::from_vec(c.iter().map(|&c| c as u32).collect(), c.len(), &dev)).collect::<Result<Vec<_>>>()?;
+        let mut got = Vec::with_capacity(counts.len());
+        for t in self.exchange(out)? {
+            got.extend(t.to_vec1::<u32>()?.into_iter().map(|c| c as usize));
+        }
+        Ok(got)
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         let all = self.exchange(vec![t.detach(); self.shared.world])?;

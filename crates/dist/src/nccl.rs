@@ -73,6 +73,9 @@ impl NcclComm {
     /// this; it returns once all have joined.
     pub fn init(env: &RankEnv) -> Result<(Self, Device)> {
         let dev = Device::new_cuda(env.local_rank)?;
+        if let Device::Cuda(d) = &dev {
+            lockstep_model::gpu::keep_freed_memory(d)?;
+        }
         let comm = Self::init_on(env, &dev)?;
         Ok((comm, dev))
     }
@@ -268,14 +271,16 @@ impl Collective for NcclComm {
         send.detach().contiguous()?.apply_op1_no_bwd(&Exchange { comm: self, send_rows, recv_rows })
     }
     fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>> {
-        if counts.len() != self.world {
-            bail!("exchange_counts: {} counts for {} ranks", counts.len(), self.world);
+        let w = self.world;
+        if counts.is_empty() || counts.len() % w != 0 {
+            bail!("exchange_counts: {} counts are not {w} equal blocks (one per rank)", counts.len());
         }
+        let b = counts.len() / w;
         let c: Vec<i64> = counts.iter().map(|&c| c as i64).collect();
-        let t = Tensor::from_vec(c, self.world, &Device::Cuda(self.device.clone()))?;
+        let t = Tensor::from_vec(c, counts.len(), &Device::Cuda(self.device.clone()))?;
         let all = self.all_gather_bytes(&t)?.to_vec1::<i64>()?;
-        // all[from * W + to]: what `from` sends to `to`
-        Ok((0..self.world).map(|from| all[from * self.world + self.rank] as usize).collect())
+        // all[(from · W + to) · B ..][..B]: the block `from` sends to `to`
+        Ok((0..w).flat_map(|from| all[(from * w + self.rank) * b..(from * w + self.rank + 1) * b].iter().map(|&c| c as usize).collect::<Vec<_>>()).collect())
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         let src = t.detach().contiguous()?;

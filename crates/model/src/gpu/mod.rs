@@ -51,6 +51,28 @@ pub(crate) fn route_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 
+/// Keep freed device memory in the device's memory pool instead of handing it back to the
+/// driver at every synchronisation (the pool's default release threshold is 0). candle
+/// allocates through cudarc's stream-ordered `cuMemAllocAsync`; with the default, every copy
+/// back to the host (the MoE plan's counts, a loss value) returns the pool's free memory and the
+/// next large allocation maps it again. PyTorch's caching allocator keeps it likewise.
+/// `LOCKSTEP_CUDA_POOL=release` keeps the driver default (for comparisons).
+pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    if std::env::var("LOCKSTEP_CUDA_POOL").is_ok_and(|v| v == "release") {
+        return Ok(());
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let mut threshold: u64 = u64::MAX;
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device()).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _)
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    }
+    Ok(())
+}
+
 /// How the per-expert GEMMs are issued (see `gemm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmImpl {
@@ -109,7 +131,31 @@ pub fn experts_forward(
     y_RD.apply_op2(&w_A, ops::Combine(plan))?.to_dtype(out_dtype)
 }
 
-/// Assignments grouped on the device (expert parallelism: the groups are the owner ranks):
+/// The experts stage on rows that arrive grouped by source, each source's rows grouped by
+/// expert (expert parallelism, after the dispatch all-to-all): `counts_SE[s · E + e]` rows of
+/// expert `e` from source `s`. Returns every row's expert output in arrival order (unweighted:
+/// the weights are applied at home). The rows go through the same `ExpertMlp` op as
+/// `experts_forward`, each expert's rows in the same order as on one device when the sources
+/// are the ranks in order; when they already sit in that order (one source, compact layout)
+/// neither the permute nor its inverse runs.
+pub fn experts_rows(x_RD: &Tensor, counts_SE: &[usize], gate_up_EFD: &Tensor, down_EDF: &Tensor, imp: GemmImpl) -> Result<Tensor> {
+    let dev = match x_RD.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("experts_rows: not a CUDA tensor"),
+    };
+    let plan = Arc::new(plan::Plan::sorted_rows(&dev, counts_SE, gate_up_EFD.dim(0)?, imp)?);
+    if plan.num_tokens != x_RD.dim(0)? {
+        candle_core::bail!("experts_rows: {} rows, the counts say {}", x_RD.dim(0)?, plan.num_tokens);
+    }
+    let (dtype, out_dtype) = (gate_up_EFD.dtype(), x_RD.dtype());
+    let x_RD = x_RD.to_dtype(dtype)?.contiguous()?;
+    let y = x_RD.apply_op3(gate_up_EFD, down_EDF, ops::ExpertMlp::new(plan.clone()))?;
+    let y_RD = if plan.identity { y } else { y.apply_op1(ops::Unpermute(plan))? };
+    y_RD.to_dtype(out_dtype)
+}
+
+/// Assignments grouped on the device (expert parallelism: the groups are the experts, so the
+/// owner ranks in order):
 /// `gather` places every assignment's token row in its group, in stable assignment order, and
 /// `combine` sums weighted group-ordered rows back per token — in ascending assignment order
 /// and in f32, exactly as the local combine does — both with their backward.

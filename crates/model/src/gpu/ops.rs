@@ -186,9 +186,10 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage) -> Result<CudaView<'a, T>> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Activations the backward needs: xp [R, D], gu [R, 2F], a [R, F].
+/// Activations the backward needs: xp [R, D] (none under an identity plan: x is xp), gu
+/// [R, 2F], a [R, F].
 struct Saved {
-    xp: CudaStorage,
+    xp: Option<CudaStorage>,
     gu: CudaStorage,
     a: CudaStorage,
     d: usize,
@@ -235,15 +236,19 @@ impl CustomOp3 for ExpertMlp {
             let x = contiguous::<T>(sx, lx, self.name())?;
             let wg = contiguous::<T>(sg, lg, self.name())?;
             let wd = contiguous::<T>(sd, ld, self.name())?;
-            let xp = permute::<T>(p, &x, d, suf)?;
-            let gu = gemm::<T>(p, Product::Nt, &xp.slice(..), &wg, d, 2 * f, dtype)?;
+            let xp = if p.identity { None } else { Some(permute::<T>(p, &x, d, suf)?) };
+            let gu = match &xp {
+                Some(xp) => gemm::<T>(p, Product::Nt, &xp.slice(..), &wg, d, 2 * f, dtype)?,
+                None => gemm::<T>(p, Product::Nt, &x, &wg, d, 2 * f, dtype)?,
+            };
             let a = swiglu::<T>(&p.dev, &gu.slice(..), r, f, suf)?;
             let y = gemm::<T>(p, Product::Nt, &a.slice(..), &wd, f, d, dtype)?;
-            *self.saved.lock().unwrap() = Some(Arc::new(Saved { xp: storage(xp, &p.dev), gu: storage(gu, &p.dev), a: storage(a, &p.dev), d, f }));
+            let xp = xp.map(|xp| storage(xp, &p.dev));
+            *self.saved.lock().unwrap() = Some(Arc::new(Saved { xp, gu: storage(gu, &p.dev), a: storage(a, &p.dev), d, f }));
             Ok((storage(y, &p.dev), Shape::from((r, d))))
         })
     }
-    fn bwd(&self, _x: &Tensor, gate_up: &Tensor, down: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, gate_up: &Tensor, down: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = self.saved.lock().unwrap().clone();
         let Some(saved) = saved else { candle_core::bail!("moe-expert-mlp: backward without a forward") };
         let stage = |s: Stage| MlpBwd { plan: self.plan.clone(), saved: saved.clone(), stage: s };
@@ -252,7 +257,10 @@ impl CustomOp3 for ExpertMlp {
         let ddown = dy.apply_op1_no_bwd(&stage(Stage::Ddown))?;
         drop(dy);
         let dx = dgu.apply_op2_no_bwd(gate_up, &stage(Stage::Dx))?;
-        let dgate_up = dgu.apply_op1_no_bwd(&stage(Stage::DgateUp))?;
+        let dgate_up = match saved.xp {
+            Some(_) => dgu.apply_op1_no_bwd(&stage(Stage::DgateUp))?,
+            None => dgu.apply_op2_no_bwd(&x.contiguous()?, &stage(Stage::DgateUpFromX))?,
+        };
         Ok((Some(dx), Some(dgate_up), Some(ddown)))
     }
 }
@@ -267,6 +275,8 @@ enum Stage {
     Dx,
     /// dgu → dW_gu = dguᵀ · xp
     DgateUp,
+    /// (dgu, x) → dW_gu = dguᵀ · x (identity plan: x is xp)
+    DgateUpFromX,
 }
 
 struct MlpBwd {
@@ -292,7 +302,10 @@ impl CustomOp1 for MlpBwd {
             let g = contiguous::<T>(s, l, NAME_BWD)?;
             let (out, shape) = match self.stage {
                 Stage::Ddown => (gemm::<T>(p, Product::Tn, &g, &view::<T>(&sv.a)?, sv.f, sv.d, dtype)?, Shape::from((e, sv.d, sv.f))),
-                Stage::DgateUp => (gemm::<T>(p, Product::Tn, &g, &view::<T>(&sv.xp)?, sv.d, 2 * sv.f, dtype)?, Shape::from((e, 2 * sv.f, sv.d))),
+                Stage::DgateUp => {
+                    let Some(xp) = &sv.xp else { candle_core::bail!("moe-expert-mlp-bwd: no saved xp") };
+                    (gemm::<T>(p, Product::Tn, &g, &view::<T>(xp)?, sv.d, 2 * sv.f, dtype)?, Shape::from((e, 2 * sv.f, sv.d)))
+                }
                 _ => candle_core::bail!("moe-expert-mlp-bwd: stage takes two inputs"),
             };
             Ok((storage(out, &p.dev), shape))
@@ -323,8 +336,12 @@ impl CustomOp2 for MlpBwd {
                 }
                 Stage::Dx => {
                     let dxp = gemm::<T>(p, Product::Nn, &g, &w, sv.d, 2 * sv.f, dtype)?;
-                    let dx = gather_sum::<T>(p, &dxp.slice(..), None, sv.d, suf)?;
+                    let dx = if p.identity { dxp } else { gather_sum::<T>(p, &dxp.slice(..), None, sv.d, suf)? };
                     Ok((storage(dx, &p.dev), Shape::from((p.num_tokens, sv.d))))
+                }
+                Stage::DgateUpFromX => {
+                    let e = p.layout.counts.len();
+                    Ok((storage(gemm::<T>(p, Product::Tn, &g, &w, sv.d, 2 * sv.f, dtype)?, &p.dev), Shape::from((e, 2 * sv.f, sv.d))))
                 }
                 _ => candle_core::bail!("moe-expert-mlp-bwd: stage takes one input"),
             }
@@ -421,7 +438,8 @@ impl CustomOp2 for CombineBwd {
 // ---------------------------------------------------------------------------------------------
 
 /// x_ND → xp_RD: every assignment's token row, placed at its row of the plan (the dispatch
-/// permute on its own, for expert parallelism: the plan's groups are then the owner ranks).
+/// permute on its own, for expert parallelism: the plan's groups are then the experts of every
+/// rank).
 /// Backward: dx[n] = Σ over token n's assignments (ascending) of dxp[pos[a]].
 pub struct Gather(pub Arc<Plan>);
 
@@ -472,5 +490,35 @@ impl CustomOp1 for GatherBwd {
             let dx = gather_sum::<T>(p, &dy, None, d, suf)?;
             Ok((storage(dx, &p.dev), Shape::from((p.num_tokens, d))))
         })
+    }
+}
+
+/// y_RD in the plan's row layout → y_AD, every assignment's row (`out[a] = y[pos[a]]`): the
+/// inverse of the dispatch permute for plans whose tokens are the assignments
+/// (`Plan::sorted_rows`). Backward: the permute (padding rows zero).
+pub struct Unpermute(pub Arc<Plan>);
+
+impl CustomOp1 for Unpermute {
+    fn name(&self) -> &'static str {
+        "moe-unpermute"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let p = &self.0;
+        let (r, d) = l.shape().dims2()?;
+        if r != p.layout.rows || p.num_tokens != p.num_assignments {
+            candle_core::bail!("moe-unpermute: {r} rows, {} planned ({} tokens, {} assignments)", p.layout.rows, p.num_tokens, p.num_assignments);
+        }
+        let suf = suffix(s.dtype(), self.name())?;
+        typed!(s.dtype(), self.name(), T => {
+            let y = contiguous::<T>(s, l, self.name())?;
+            let out = gather_sum::<T>(p, &y, None, d, suf)?;
+            Ok((storage(out, &p.dev), Shape::from((p.num_assignments, d))))
+        })
+    }
+    fn bwd(&self, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Gather(self.0.clone()))?))
     }
 }

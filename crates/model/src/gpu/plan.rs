@@ -75,6 +75,9 @@ pub struct Plan {
     pub toff: CudaSlice<u32>,
     /// [A] assignments grouped by token, ascending within a token
     pub list: CudaSlice<u32>,
+    /// every assignment is its own token and already sits at its row (`pos_A[a] = a`, compact
+    /// layout): the dispatch permute and the per-token sums are copies, so the ops skip them
+    pub identity: bool,
 }
 
 /// An owned copy of a u32 tensor's data on `dev` (contiguous).
@@ -168,6 +171,52 @@ impl Plan {
             b.arg(&toff).arg(&n32).arg(&mut list);
             unsafe { b.launch(grid(num_tokens, 256)) }.w()?;
         }
-        Ok(Self { dev, imp, layout, num_tokens, num_assignments: a, token_A: token, pos_A: pos, toff, list })
+        Ok(Self { dev, imp, layout, num_tokens, num_assignments: a, token_A: token, pos_A: pos, toff, list, identity: false })
+    }
+
+    /// Plan rows that arrive grouped by source, each source's rows grouped by expert
+    /// (expert parallelism, after the all-to-all): `counts_SE[s · E + e]` rows of expert `e`
+    /// from source `s`, sources in order. Every row is its own token; the plan's rows are
+    /// grouped by expert, sources in order within an expert (a stable sort of the rows by
+    /// expert). Built on the host from the counts (no copy back); when that order is the
+    /// arrival order and the layout is compact, the plan is the identity.
+    pub fn sorted_rows(dev: &CudaDevice, counts_SE: &[usize], num_experts: usize, imp: GemmImpl) -> Result<Self> {
+        if num_experts == 0 || counts_SE.len() % num_experts != 0 {
+            candle_core::bail!("moe plan: {} row counts are not whole sources of {num_experts} experts", counts_SE.len());
+        }
+        let sources = counts_SE.len() / num_experts;
+        let counts: Vec<usize> = (0..num_experts).map(|e| (0..sources).map(|s| counts_SE[s * num_experts + e]).sum()).collect();
+        let r: usize = counts.iter().sum();
+        let (layout, imp) = RowLayout::new(counts, imp);
+        // row of every arriving row: its expert's first row + the rows of earlier sources
+        let mut next = layout.offsets.clone();
+        let mut pos = Vec::with_capacity(r);
+        for s in 0..sources {
+            for (e, slot) in next.iter_mut().enumerate() {
+                let c = counts_SE[s * num_experts + e];
+                pos.extend((*slot..*slot + c).map(|p| p as u32));
+                *slot += c;
+            }
+        }
+        let identity = layout.padded.is_none() && pos.iter().enumerate().all(|(a, &p)| p as usize == a);
+        let arange: Vec<u32> = (0..=r as u32).collect();
+        let upload = |v: &[u32]| -> Result<CudaSlice<u32>> {
+            if v.is_empty() {
+                return Ok(dev.alloc_zeros::<u32>(1)?);
+            }
+            dev.clone_htod(v)
+        };
+        Ok(Self {
+            dev: dev.clone(),
+            imp,
+            layout,
+            num_tokens: r,
+            num_assignments: r,
+            token_A: upload(&arange[..r])?,
+            pos_A: upload(&pos)?,
+            toff: upload(&arange)?,
+            list: upload(&arange[..r])?,
+            identity,
+        })
     }
 }

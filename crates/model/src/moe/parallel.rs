@@ -3,7 +3,8 @@
 //! attached, which then moves tokens to the ranks owning their experts, runs the rank's local
 //! experts through [`local_experts`], and brings the results back (`lockstep-dist`).
 //!
-//! Legend: N tokens, D hidden, A assignments.
+//! Legend: N tokens, D hidden, A assignments, R rows received (expert parallelism), S sources,
+//! E experts.
 
 use candle_core::Tensor;
 
@@ -39,6 +40,62 @@ pub fn local_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_
     Ok(combine::combine(&y_AD, &dispatch, n)?)
 }
 
+/// The experts stage on rows that arrive grouped by source, each source's rows grouped by
+/// expert (expert parallelism, after the dispatch all-to-all; `counts_SE[s · E + e]` rows of
+/// expert `e` from source `s`): every row's expert output, unweighted, in arrival order. The
+/// experts see each expert's rows sources in order — with the ranks as sources, the order one
+/// device sees for the whole batch.
+pub fn local_experts_rows(x_RD: &Tensor, counts_SE: &[usize], experts: &Experts) -> Result<Tensor> {
+    let e = experts.num_experts();
+    if e == 0 || counts_SE.len() % e != 0 || counts_SE.iter().sum::<usize>() != x_RD.dim(0)? {
+        return Err(crate::error::ModelError::Candle(candle_core::Error::Msg(format!(
+            "local experts: {} rows do not match the row counts {counts_SE:?} of {e} experts",
+            x_RD.dim(0)?
+        ))));
+    }
+    if x_RD.device().is_cuda() && experts.kernels() != Kernels::Invariant {
+        return gpu_experts_rows(x_RD, counts_SE, experts);
+    }
+    let sources = counts_SE.len() / e;
+    // arrival offset of every (source, expert) block, then the rows expert-major
+    let mut start = Vec::with_capacity(counts_SE.len());
+    let mut acc = 0u32;
+    for &c in counts_SE {
+        start.push(acc);
+        acc += c as u32;
+    }
+    let mut order = Vec::with_capacity(acc as usize);
+    let mut counts = vec![0usize; e];
+    for (x, count) in counts.iter_mut().enumerate() {
+        for s in 0..sources {
+            let (o, c) = (start[s * e + x], counts_SE[s * e + x]);
+            order.extend(o..o + c as u32);
+            *count += c;
+        }
+    }
+    if order.iter().enumerate().all(|(k, &a)| a as usize == k) {
+        return Ok(experts.forward(x_RD, &counts)?);
+    }
+    let mut inv = vec![0u32; order.len()];
+    for (k, &a) in order.iter().enumerate() {
+        inv[a as usize] = k as u32;
+    }
+    let dev = x_RD.device();
+    let n = order.len();
+    let y_sorted = experts.forward(&x_RD.index_select(&Tensor::from_vec(order, n, dev)?, 0)?, &counts)?;
+    Ok(y_sorted.index_select(&Tensor::from_vec(inv, n, dev)?, 0)?)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_experts_rows(x_RD: &Tensor, counts_SE: &[usize], experts: &Experts) -> Result<Tensor> {
+    Ok(crate::gpu::experts_rows(x_RD, counts_SE, &experts.gate_up_proj, &experts.down_proj, crate::gpu::GemmImpl::from_env())?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_experts_rows(_: &Tensor, _: &[usize], _: &Experts) -> Result<Tensor> {
+    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
+}
+
 #[cfg(feature = "cuda")]
 fn gpu_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
     Ok(crate::gpu::experts_forward(
@@ -55,4 +112,39 @@ fn gpu_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Te
 #[cfg(not(feature = "cuda"))]
 fn gpu_experts(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Experts) -> Result<Tensor> {
     Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Rows from three sources, each grouped by expert, equal the same rows as single-device
+    /// assignments (token = row, weight 1), bitwise, under both CPU kernels; and a count list
+    /// that does not match the rows is an error.
+    #[test]
+    fn rows_from_sources_equal_local_experts() {
+        let dev = Device::Cpu;
+        let (e, d, f, sources) = (4usize, 8usize, 6usize, 3usize);
+        let gu = Tensor::randn(0f32, 0.3, (e, 2 * f, d), &dev).unwrap();
+        let dn = Tensor::randn(0f32, 0.3, (e, d, f), &dev).unwrap();
+        let counts_SE: Vec<usize> = (0..sources * e).map(|i| (i * 5 + 1) % 4).collect();
+        let expert: Vec<u32> = counts_SE.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat((i % e) as u32).take(c)).collect();
+        let r = expert.len();
+        let x = Tensor::randn(0f32, 1.0, (r, d), &dev).unwrap();
+        let token = Tensor::arange(0u32, r as u32, &dev).unwrap();
+        let expert = Tensor::from_vec(expert, r, &dev).unwrap();
+        let ones = Tensor::ones(r, DType::F32, &dev).unwrap();
+        for kernels in [Kernels::Autograd, Kernels::Invariant] {
+            let mut experts = Experts::from_stacked(gu.clone(), dn.clone()).unwrap();
+            experts.set_kernels(kernels);
+            let got = local_experts_rows(&x, &counts_SE, &experts).unwrap();
+            let want = local_experts(&x, &token, &expert, &ones, &experts).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{kernels:?}");
+        }
+        let experts = Experts::from_stacked(gu, dn).unwrap();
+        let err = local_experts_rows(&x, &counts_SE[1..], &experts).unwrap_err().to_string();
+        assert!(err.contains("row counts"), "{err}");
+    }
 }
