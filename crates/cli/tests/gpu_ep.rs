@@ -2,7 +2,7 @@
 //! (the collectives of `local_group`, the experts stage through the grouped-GEMM ops and the
 //! all-to-all op's CUDA path) equal one rank on the whole batch: logits, routes, gradients,
 //! bitwise replay, reduced routing health. Same harness as the CPU test
-//! (`crates/dist/tests/common/mod.rs`); 4 thread ranks too. And the experts stage on received
+//! (`crates/dist/tests/common/mod.rs`); 4 thread ranks, and bf16, too. And the experts stage on received
 //! rows (`gpu::experts_rows`, rows grouped by source then expert) equals the single-device
 //! experts stage on the same rows bitwise, for every GEMM implementation.
 //!
@@ -30,6 +30,12 @@ fn expert_choice_two_ranks_equal_one_on_gpu() {
 #[test]
 fn token_choice_four_ranks_equal_one_on_gpu() {
     common::check(4, false, &gpu());
+}
+
+#[test]
+fn bf16_two_ranks_equal_one_on_gpu() {
+    common::check_dtype(2, false, &gpu(), candle_core::DType::BF16);
+    common::check_dtype(2, true, &gpu(), candle_core::DType::BF16);
 }
 
 /// Rows from S sources, each source's rows grouped by expert, through `experts_rows` equal the

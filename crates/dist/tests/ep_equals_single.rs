@@ -29,3 +29,20 @@ fn check_reports_a_broken_rank() {
     let f = reports[1].failures(candle_core::DType::F32);
     assert!(f.iter().any(|m| m.contains("differs across ranks")), "{f:?}");
 }
+
+/// bf16: held to one rank's own error against an f32 reference (`check::AgainstF32`).
+#[test]
+fn bf16_two_ranks_equal_one() {
+    common::check_dtype(2, false, &Device::Cpu, candle_core::DType::BF16);
+}
+
+/// ... and that yardstick catches a rank whose gradient all-reduce counts a contribution twice.
+#[test]
+fn bf16_check_reports_a_doubled_gradient() {
+    use candle_core::DType;
+    let case = lockstep_dist::check::CheckCase { dtype: DType::BF16, ..Default::default() };
+    let reports = common::run_case(2, case, &Device::Cpu, Some(1));
+    let f = reports[1].failures(DType::BF16);
+    assert!(f.iter().any(|m| m.contains("vs f32")), "{f:?}");
+    assert!(reports[0].failures(DType::BF16).iter().all(|m| !m.contains("vs f32")), "rank 0 is intact");
+}

@@ -10,9 +10,12 @@ use lockstep_dist::check::{check_rank, CheckCase, RankReport};
 use lockstep_dist::Collective;
 
 /// Every rank's report; `sabotage`: that rank perturbs its all-reduced gradients (a test of
-/// the check itself).
+/// the check itself): adds 1e-3 in f32, doubles them (a contribution counted twice) below.
 pub fn run(world: usize, expert_choice: bool, dev: &Device, sabotage: Option<usize>) -> Vec<RankReport> {
-    let case = CheckCase { expert_choice, ..CheckCase::default() };
+    run_case(world, CheckCase { expert_choice, ..CheckCase::default() }, dev, sabotage)
+}
+
+pub fn run_case(world: usize, case: CheckCase, dev: &Device, sabotage: Option<usize>) -> Vec<RankReport> {
     std::thread::scope(|s| {
         let handles: Vec<_> = lockstep_dist::local_group(world)
             .into_iter()
@@ -20,7 +23,8 @@ pub fn run(world: usize, expert_choice: bool, dev: &Device, sabotage: Option<usi
                 let case = &case;
                 s.spawn(move || {
                     let broken = sabotage == Some(c.rank());
-                    let comm: Arc<dyn Collective> = if broken { Arc::new(Sabotage(c)) } else { Arc::new(c) };
+                    let double = case.dtype != DType::F32;
+                    let comm: Arc<dyn Collective> = if broken { Arc::new(Sabotage(c, double)) } else { Arc::new(c) };
                     check_rank(case, comm, dev).expect("check ran")
                 })
             })
@@ -30,17 +34,24 @@ pub fn run(world: usize, expert_choice: bool, dev: &Device, sabotage: Option<usi
 }
 
 pub fn check(world: usize, expert_choice: bool, dev: &Device) {
-    for rep in run(world, expert_choice, dev, None) {
+    check_dtype(world, expert_choice, dev, DType::F32)
+}
+
+/// The check with the model in `dtype` (tolerances of `RankReport::failures` for it).
+pub fn check_dtype(world: usize, expert_choice: bool, dev: &Device, dtype: DType) {
+    let case = CheckCase { expert_choice, dtype, ..CheckCase::default() };
+    for rep in run_case(world, case, dev, None) {
         println!("{}", rep.summary());
-        let f = rep.failures(DType::F32);
-        assert!(f.is_empty(), "{dev:?} world {world} expert_choice {expert_choice} rank {}: {f:?}", rep.rank);
+        let f = rep.failures(dtype);
+        assert!(f.is_empty(), "{dev:?} {dtype:?} world {world} expert_choice {expert_choice} rank {}: {f:?}", rep.rank);
         assert!(rep.grads_compared > 20, "only {} gradients compared", rep.grads_compared);
     }
 }
 
-/// A rank whose all-reduce adds a little: its replicated gradients differ from the others'.
+/// A rank whose all-reduce adds a little (or doubles): its replicated gradients differ from
+/// the others'.
 #[derive(Debug)]
-struct Sabotage(lockstep_dist::LocalComm);
+struct Sabotage(lockstep_dist::LocalComm, bool);
 
 impl Collective for Sabotage {
     fn rank(&self) -> usize {
@@ -56,7 +67,11 @@ impl Collective for Sabotage {
         self.0.exchange_counts(c)
     }
     fn all_reduce_sum(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        self.0.all_reduce_sum(t)? + 1e-3
+        if self.1 {
+            self.0.all_reduce_sum(t)? * 2.0
+        } else {
+            self.0.all_reduce_sum(t)? + 1e-3
+        }
     }
     fn all_gather_host(&self, v: &[f64]) -> candle_core::Result<Vec<Vec<f64>>> {
         self.0.all_gather_host(v)
