@@ -4,6 +4,11 @@
 //! |---|---|---|
 //! | `ExpertMlp` | (x_ND, W_gu [E,2F,D], W_d [E,D,F]) → y_RD: dispatch (permute rows into expert order), gate_up GEMM, SwiGLU, down GEMM | `MlpBwd` stages: dgu (dy·W_d, SwiGLU backward), dW_d = dyᵀ·a, dx (dgu·W_gu, summed back per token), dW_gu = dguᵀ·xp |
 //! | `Combine`   | (y_RD, w_A) → out_ND = Σ_a w_a · y[pos(a)] | dy (`CombineBwd`), dw (`CombineBwd`) |
+//! | `Gather`    | x_ND → xp_RD, the dispatch permute alone (expert parallelism, sender side) | per-token sum (`GatherBwd`) |
+//! | `Unpermute` | y_RD → y_AD = y[pos(a)] (expert parallelism, receiver side) | the permute (`Gather`) |
+//!
+//! Under an identity plan (`Plan::sorted_rows` when the rows already sit in expert order)
+//! `ExpertMlp` reads x as xp and returns dx unsummed.
 //!
 //! `ExpertMlp` keeps its activations (xp, gu, a) for the backward and runs the whole expert MLP
 //! in one op, so candle's gradient store only sees its inputs (each gradient candle accumulates
