@@ -280,7 +280,7 @@ impl Collective for NcclComm {
         let t = Tensor::from_vec(c, counts.len(), &Device::Cuda(self.device.clone()))?;
         let all = self.all_gather_bytes(&t)?.to_vec1::<i64>()?;
         // all[(from · W + to) · B ..][..B]: the block `from` sends to `to`
-        Ok((0..w).flat_map(|from| all[(from * w + self.rank) * b..(from * w + self.rank + 1) * b].iter().map(|&c| c as usize).collect::<Vec<_>>()).collect())
+        Ok((0..w).flat_map(|from| &all[(from * w + self.rank) * b..(from * w + self.rank + 1) * b]).map(|&c| c as usize).collect())
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         let src = t.detach().contiguous()?;

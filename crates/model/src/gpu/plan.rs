@@ -184,20 +184,10 @@ impl Plan {
         if num_experts == 0 || counts_SE.len() % num_experts != 0 {
             candle_core::bail!("moe plan: {} row counts are not whole sources of {num_experts} experts", counts_SE.len());
         }
-        let sources = counts_SE.len() / num_experts;
-        let counts: Vec<usize> = (0..num_experts).map(|e| (0..sources).map(|s| counts_SE[s * num_experts + e]).sum()).collect();
+        let counts = crate::moe::parallel::expert_counts(counts_SE, num_experts);
         let r: usize = counts.iter().sum();
         let (layout, imp) = RowLayout::new(counts, imp);
-        // row of every arriving row: its expert's first row + the rows of earlier sources
-        let mut next = layout.offsets.clone();
-        let mut pos = Vec::with_capacity(r);
-        for s in 0..sources {
-            for (e, slot) in next.iter_mut().enumerate() {
-                let c = counts_SE[s * num_experts + e];
-                pos.extend((*slot..*slot + c).map(|p| p as u32));
-                *slot += c;
-            }
-        }
+        let pos = crate::moe::parallel::expert_major_rows(counts_SE, &layout.offsets);
         let identity = layout.padded.is_none() && pos.iter().enumerate().all(|(a, &p)| p as usize == a);
         let arange: Vec<u32> = (0..=r as u32).collect();
         let upload = |v: &[u32]| -> Result<CudaSlice<u32>> {

@@ -56,34 +56,52 @@ pub fn local_experts_rows(x_RD: &Tensor, counts_SE: &[usize], experts: &Experts)
     if x_RD.device().is_cuda() && experts.kernels() != Kernels::Invariant {
         return gpu_experts_rows(x_RD, counts_SE, experts);
     }
-    let sources = counts_SE.len() / e;
-    // arrival offset of every (source, expert) block, then the rows expert-major
-    let mut start = Vec::with_capacity(counts_SE.len());
-    let mut acc = 0u32;
-    for &c in counts_SE {
-        start.push(acc);
-        acc += c as u32;
+    let counts = expert_counts(counts_SE, e);
+    let mut first = Vec::with_capacity(e);
+    let mut acc = 0;
+    for &c in &counts {
+        first.push(acc);
+        acc += c;
     }
-    let mut order = Vec::with_capacity(acc as usize);
-    let mut counts = vec![0usize; e];
-    for (x, count) in counts.iter_mut().enumerate() {
-        for s in 0..sources {
-            let (o, c) = (start[s * e + x], counts_SE[s * e + x]);
-            order.extend(o..o + c as u32);
-            *count += c;
-        }
-    }
-    if order.iter().enumerate().all(|(k, &a)| a as usize == k) {
+    // pos[a]: the expert-major row of arriving row a
+    let pos = expert_major_rows(counts_SE, &first);
+    if pos.iter().enumerate().all(|(a, &p)| p as usize == a) {
         return Ok(experts.forward(x_RD, &counts)?);
     }
-    let mut inv = vec![0u32; order.len()];
-    for (k, &a) in order.iter().enumerate() {
-        inv[a as usize] = k as u32;
+    let mut order = vec![0u32; pos.len()];
+    for (a, &p) in pos.iter().enumerate() {
+        order[p as usize] = a as u32;
     }
     let dev = x_RD.device();
-    let n = order.len();
+    let n = pos.len();
     let y_sorted = experts.forward(&x_RD.index_select(&Tensor::from_vec(order, n, dev)?, 0)?, &counts)?;
-    Ok(y_sorted.index_select(&Tensor::from_vec(inv, n, dev)?, 0)?)
+    Ok(y_sorted.index_select(&Tensor::from_vec(pos, n, dev)?, 0)?)
+}
+
+/// Rows of each expert over all sources (`counts_SE[s · E + e]` → [E]).
+pub fn expert_counts(counts_SE: &[usize], num_experts: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; num_experts];
+    for (i, &c) in counts_SE.iter().enumerate() {
+        counts[i % num_experts] += c;
+    }
+    counts
+}
+
+/// The one ordering rule of received rows: rows that arrive grouped by source, each source's
+/// rows grouped by expert, regrouped expert-major with the sources in order within an expert.
+/// Returns, per arriving row, its row there: `first_E[e]` (expert e's first row) + the rows of
+/// e from earlier sources + its index within its block. Shared by the CPU path and the CUDA
+/// plan (`gpu::plan::Plan::sorted_rows`, whose padded layout gives other `first_E`).
+pub fn expert_major_rows(counts_SE: &[usize], first_E: &[usize]) -> Vec<u32> {
+    let mut next = first_E.to_vec();
+    let mut pos = Vec::with_capacity(counts_SE.iter().sum());
+    for block in counts_SE.chunks(first_E.len().max(1)) {
+        for (slot, &c) in next.iter_mut().zip(block) {
+            pos.extend((*slot..*slot + c).map(|p| p as u32));
+            *slot += c;
+        }
+    }
+    pos
 }
 
 #[cfg(feature = "cuda")]
