@@ -4,10 +4,11 @@ held-out accuracy must be identical (the same completions), losses, KL, gradient
 entropy within a relative 1e-4, per-layer max_vio and route agreement identical (the same routes).
 Used by scripts/cuda/gpu_dist.sh (launch over W GPUs against one GPU). Exit 1 on a mismatch.
 
-With --report-only, print the differences and exit 0: on a GPU the RL loop uses cuBLAS, which
-is not batch-invariant, so W > 1 ranks (other decode batches) round differently from one GPU
-and sampled completions may part; the CPU runs (batch-invariant kernels) are compared exactly
-by crates/rl/tests/ranks.rs."""
+With the batch-invariant kernels (model.kernels = "invariant", the default, on the CPU and on
+CUDA) W ranks sample exactly one rank's completions, so the comparison is strict. With
+--report-only, print the differences and exit 0: for runs with model.kernels = "standard"
+(cuBLAS is not batch-invariant, so W > 1 ranks' other decode batches round differently from one
+GPU and sampled completions may part). crates/rl/tests/ranks.rs compares CPU runs likewise."""
 import json
 import sys
 

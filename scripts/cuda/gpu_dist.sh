@@ -10,9 +10,10 @@
 #      (W NCCL ranks equal one rank: logits, routes, gradients, bitwise replay, health);
 #   2. `lockstep launch --gpus W -- bench-ep` (T 4096 per rank, H 2048, E 128, K 8, F 768, bf16);
 #   3. `lockstep launch --gpus W -- train` (a short RL run, experts sharded over the ranks) against
-#      `lockstep train --device cuda` on one GPU: at W = 1 the same rewards, token counts and
-#      held-out accuracy every step, losses and gradient norms within 1e-4; at W > 1 the
-#      differences are reported (scripts/cuda/compare_runs.py says why).
+#      `lockstep train --device cuda` on one GPU, with the batch-invariant kernels (the default):
+#      the same rewards, token counts and held-out accuracy every step, losses and gradient norms
+#      within 1e-4; with model.kernels = "standard" (cuBLAS) the differences are reported
+#      (scripts/cuda/compare_runs.py says why).
 # Also: the thread-rank GPU test (gpu_ep), and the launcher's failure path (more ranks than
 # GPUs: the rank without a GPU fails, the launcher must stop the others and exit non-zero).
 # Output: $OUT/dist.log (everything), $OUT/dist-summary.txt (a line per check), $OUT/bench-ep-W.json.
@@ -60,17 +61,20 @@ run "train 1 GPU (no launch)" 400 "$BIN" train --device cuda "${TRAIN[@]}" --out
 W=1
 while (( W <= NGPU )); do
   run "train launch W=$W" 400 "$BIN" launch --gpus "$W" -- train "${TRAIN[@]}" --out "/tmp/lockstep-train-w$W"
-  # W = 1: the same decode batches as one GPU, so the same numbers; W > 1: report only (cuBLAS
-  # is not batch-invariant; see compare_runs.py)
-  CMP=(); (( W > 1 )) && CMP=(--report-only)
-  run "train launch W=$W vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py "${CMP[@]}" /tmp/lockstep-train-1gpu/metrics.jsonl "/tmp/lockstep-train-w$W/metrics.jsonl"
+  # the batch-invariant kernels (the default): W ranks sample one GPU's completions exactly
+  run "train launch W=$W vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py /tmp/lockstep-train-1gpu/metrics.jsonl "/tmp/lockstep-train-w$W/metrics.jsonl"
   cp "/tmp/lockstep-train-w$W/metrics.jsonl" "$OUT/train-w$W.jsonl" 2>/dev/null
   W=$(( W * 2 ))
 done
 cp /tmp/lockstep-train-1gpu/metrics.jsonl "$OUT/train-1gpu.jsonl" 2>/dev/null
 # 2 thread ranks sharing GPU 0 (experts sharded, the collectives through host memory)
 run "train 2 thread ranks on cuda:0" 400 "$BIN" train --device cuda --ranks 2 "${TRAIN[@]}" --out /tmp/lockstep-train-threads2
-run "train 2 thread ranks vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py --report-only /tmp/lockstep-train-1gpu/metrics.jsonl /tmp/lockstep-train-threads2/metrics.jsonl
+run "train 2 thread ranks vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py /tmp/lockstep-train-1gpu/metrics.jsonl /tmp/lockstep-train-threads2/metrics.jsonl
+# candle's kernels (model.kernels = "standard", cuBLAS): W > 1 reported, not compared (compare_runs.py says why)
+"$BIN" train --print-config | sed 's/^kernels = "invariant"/kernels = "standard"/' > /tmp/standard.toml
+run "train 1 GPU, standard kernels" 400 "$BIN" train --device cuda --config /tmp/standard.toml "${TRAIN[@]}" --out /tmp/lockstep-train-std-1gpu
+run "train launch W=$NGPU, standard kernels" 400 "$BIN" launch --gpus "$NGPU" -- train --config /tmp/standard.toml "${TRAIN[@]}" --out /tmp/lockstep-train-std-w
+run "train launch W=$NGPU vs 1 GPU, standard kernels" 60 python3 scripts/cuda/compare_runs.py --report-only /tmp/lockstep-train-std-1gpu/metrics.jsonl /tmp/lockstep-train-std-w/metrics.jsonl
 
 # Ctrl-C on a launched run: the launcher forwards it, every rank finishes its step, rank 0
 # writes a checkpoint, all exit 130; the printed command resumes it to the end

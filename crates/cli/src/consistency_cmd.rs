@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use lockstep_engine::consistency::rescore;
 use lockstep_engine::{Engine, Request, SamplingParams};
 use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
@@ -37,6 +37,12 @@ pub struct ConsistencyArgs {
     /// token by token; block:N, sequence and batch are refused.
     #[arg(long, default_value = "block:1")]
     pool: String,
+    /// cpu, cuda or cuda:N (CUDA needs the `cuda` build: scripts/cuda/build.sh).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16 (the invariant kernels take bf16 on CUDA only).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
@@ -48,11 +54,16 @@ pub fn run(args: ConsistencyArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.max_tokens == 0 {
         bail!("--batch and --max-tokens must be > 0");
     }
-    let dev = Device::Cpu;
+    let dev = crate::device::parse(&args.device)?;
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => bail!("--dtype {other}: expected f32 or bf16"),
+    };
     let base = match (&args.model, args.width.as_str()) {
-        (Some(dir), _) => MoeCausalLm::load(dir, DType::F32, &dev).with_context(|| format!("loading {}", dir.display()))?,
-        (None, "default") => MoeCausalLm::embedded_default(args.seed, DType::F32, &dev)?,
-        (None, "wide") => MoeCausalLm::random(&ModelConfig::from_json_str(WIDE, "<wide>")?, args.seed, DType::F32, &dev)?,
+        (Some(dir), _) => MoeCausalLm::load(dir, dtype, &dev).with_context(|| format!("loading {}", dir.display()))?,
+        (None, "default") => MoeCausalLm::embedded_default(args.seed, dtype, &dev)?,
+        (None, "wide") => MoeCausalLm::random(&ModelConfig::from_json_str(WIDE, "<wide>")?, args.seed, dtype, &dev)?,
         (None, other) => bail!("--width {other}: expected default or wide"),
     };
     let mut base = base;
@@ -72,10 +83,12 @@ pub fn run(args: ConsistencyArgs) -> anyhow::Result<()> {
     base.check_incremental().context("the engine generates token by token")?;
     let r = &base.cfg.moe.router;
     println!(
-        "routing: {:?}, {} experts, {} per token in the routes",
+        "routing: {:?}, {} experts, {} per token in the routes; {:?} {:?}",
         r.strategy,
         r.num_experts,
-        lockstep_engine::engine::route_width(&base)
+        lockstep_engine::engine::route_width(&base),
+        dev.location(),
+        dtype
     );
     let v = base.cfg.vocab_size as u32;
     let reqs: Vec<Request> = (0..args.batch)
@@ -84,20 +97,23 @@ pub fn run(args: ConsistencyArgs) -> anyhow::Result<()> {
             params: SamplingParams { seed: args.seed + i as u64, max_tokens: args.max_tokens, ..SamplingParams::default() },
         })
         .collect();
-    println!("{:<10} {:>6} {:>8} {:>16} {:>12} {:>16} {:>14}", "kernels", "seqs", "tokens", "max |Δ logprob|", "KL est.", "route agreement", "prob rows ≠");
+    println!("{:<10} {:>6} {:>8} {:>16} {:>12} {:>16} {:>14} {:>16}", "kernels", "seqs", "tokens", "max |Δ logprob|", "KL est.", "route agreement", "prob rows ≠", "generate+rescore");
     for (name, k) in [("invariant", Kernels::Invariant), ("standard", Kernels::Autograd)] {
         let mut m = base.clone();
         m.set_kernels(k);
+        let t0 = std::time::Instant::now();
         let done = Engine::new(m.clone()).generate(reqs.clone())?;
         let r = rescore(&m, &done)?;
+        let secs = t0.elapsed().as_secs_f64();
         println!(
-            "{name:<10} {:>6} {:>8} {:>16.3e} {:>12.3e} {:>15.2}% {:>14}",
+            "{name:<10} {:>6} {:>8} {:>16.3e} {:>12.3e} {:>15.2}% {:>14} {:>15.2}s",
             r.sequences,
             r.completion_tokens,
             r.max_abs_logprob_diff,
             r.kl_estimate,
             100.0 * r.route_agreement,
-            r.prob_rows_differing
+            r.prob_rows_differing,
+            secs
         );
     }
     Ok(())

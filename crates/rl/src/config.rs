@@ -15,6 +15,9 @@ steps = 100
 [model]
 # checkpoint = "path/to/hf-checkpoint"   # default: the embedded tiny Qwen3-MoE
 seed = 0
+# invariant: batch-invariant kernels (CPU and CUDA), the engine's log-probs equal the trainer's
+# bit for bit; standard: candle's kernels (cuBLAS on a GPU), faster at size, equal to rounding
+kernels = "invariant"
 
 [task]
 kind = "addition"
@@ -87,6 +90,13 @@ pub struct ModelSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
     pub seed: u64,
+    /// "invariant" (default) | "standard"
+    #[serde(default = "default_kernels")]
+    pub kernels: String,
+}
+
+fn default_kernels() -> String {
+    "invariant".to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +226,9 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if !matches!(self.model.kernels.as_str(), "invariant" | "standard") {
+            return Err(bad("model.kernels", format!("`{}`: expected invariant or standard", self.model.kernels)));
+        }
         if self.task.kind != "addition" {
             return Err(bad("task.kind", format!("`{}`: the built-in task is `addition` (implement Environment for others)", self.task.kind)));
         }

@@ -33,6 +33,14 @@ pub struct StepRecord {
     pub kl: f64,
     /// the largest mini-step KL (the most off-policy update)
     pub kl_max: f64,
+    /// train–inference mismatch: the first mini-step's KL estimate, before any update of the
+    /// step (0 when the trainer reproduces the engine's log-probabilities exactly)
+    #[serde(default)]
+    pub train_infer_kl: f64,
+    /// max |logp_train − logp_infer| over the first mini-step's completion tokens (before any
+    /// update: 0 with the batch-invariant kernels)
+    #[serde(default)]
+    pub train_infer_logprob_diff_max: f64,
     pub extreme_fraction: f64,
     pub clip_fraction: f64,
     pub grad_norm: f64,

@@ -81,24 +81,24 @@ impl RunOptions {
         })
     }
 
-    fn resume_trainer(&self, dir: &Path, cfg: TrainerConfig) -> Result<Trainer> {
+    fn resume_trainer(&self, dir: &Path, cfg: TrainerConfig, kernels: Kernels) -> Result<Trainer> {
         let mut t = match &self.parallel {
             None => Trainer::resume(dir, cfg, &self.device())?,
             Some(dp) => Trainer::resume_parallel(dir, cfg, &self.device(), dp.clone())?,
         };
-        t.model.set_kernels(kernels_for(&self.device()));
+        t.model.set_kernels(kernels);
         Ok(t)
     }
 }
 
-/// The batch-invariant kernels on the CPU (the engine's log-probabilities equal the trainer's
-/// bit for bit); on a GPU, candle's kernels with gradients (cuBLAS: the engine's decode and the
-/// trainer's packed forward agree to rounding — the KL metric shows how closely).
-fn kernels_for(dev: &Device) -> Kernels {
-    if dev.is_cpu() {
-        Kernels::Invariant
-    } else {
-        Kernels::Autograd
+/// `model.kernels`: "invariant" (the default, on the CPU and on CUDA: the engine's decode and
+/// the trainer's packed forward give the same log-probabilities bit for bit) or "standard"
+/// (candle's kernels, cuBLAS on a GPU: faster at large sizes, the two sides agree to rounding —
+/// the KL metric shows how closely).
+fn kernels_for(cfg: &RunConfig) -> Kernels {
+    match cfg.model.kernels.as_str() {
+        "standard" => Kernels::Autograd,
+        _ => Kernels::Invariant,
     }
 }
 
@@ -161,7 +161,7 @@ fn base_model(cfg: &RunConfig, dev: &Device) -> Result<MoeCausalLm> {
         Some(dir) => MoeCausalLm::load(Path::new(dir), DType::F32, dev)?,
         None => MoeCausalLm::embedded_default(cfg.model.seed, DType::F32, dev)?,
     };
-    m.set_kernels(kernels_for(dev));
+    m.set_kernels(kernels_for(cfg));
     Ok(m)
 }
 
@@ -282,7 +282,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
     };
     let (mut trainer, start, warmup_eval) = match (&opts.resume, state) {
         (Some(dir), Some(st)) if st.warmup_step.is_none() => {
-            let t = opts.resume_trainer(dir, trainer_config(cfg, replay))?;
+            let t = opts.resume_trainer(dir, trainer_config(cfg, replay), kernels_for(cfg))?;
             // keep the metrics of the steps before the checkpoint
             if writes && metrics_path.exists() {
                 let kept: Vec<StepRecord> = metrics::read(&metrics_path)?.into_iter().filter(|r| r.phase == "warmup" || r.step <= st.rl_step).collect();
@@ -299,7 +299,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 let _ = std::fs::remove_file(&metrics_path);
             }
             let (t, from) = match (resume, st.and_then(|s| s.warmup_step)) {
-                (Some(dir), Some(done)) => (opts.resume_trainer(dir, warmup_config(cfg))?, done),
+                (Some(dir), Some(done)) => (opts.resume_trainer(dir, warmup_config(cfg), kernels_for(cfg))?, done),
                 _ => (opts.trainer(base_model(cfg, &dev)?, warmup_config(cfg))?, 0),
             };
             let (warm, stopped) = warmup(t, from, env.as_ref(), cfg, &bar, opts)?;
@@ -344,6 +344,10 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             let mbs = if samples.is_empty() { Vec::new() } else { pack(&samples, &PackConfig { token_budget: cfg.trainer.token_budget, pad_to_multiple: 1, pad_token: 0 })? };
             let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &dev)).collect::<std::result::Result<_, _>>()?;
             let m = trainer.step(&tbs)?;
+            if c == 0 {
+                rec.train_infer_kl = m.kl;
+                rec.train_infer_logprob_diff_max = m.max_abs_logprob_diff;
+            }
             updates += 1.0;
             rec.loss += m.loss;
             rec.kl += m.kl;

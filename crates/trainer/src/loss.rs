@@ -107,6 +107,9 @@ pub struct LossMetrics {
     pub mis_dropped: f64,
     pub fallback_tokens: f64,
     pub mean_ratio: f64,
+    /// max |logp_train − logp_infer| over the completion tokens (the token log-probabilities
+    /// alone): 0 when the trainer reproduces the engine exactly, before any update
+    pub max_abs_logprob_diff: f64,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -187,6 +190,11 @@ pub fn rl_loss(cfg: &LossConfig, x: &LossInputs, denominator: f64) -> Result<(Te
         mis_dropped,
         fallback_tokens: fallback,
         mean_ratio: per(scalar(&(&ratio_d * &mask)?)?),
+        max_abs_logprob_diff: if n == 0 {
+            0.0
+        } else {
+            ((&x.logp_train - &x.logp_infer)?.detach().abs()? * &x.mask)?.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?
+        },
     };
     Ok((loss, metrics))
 }

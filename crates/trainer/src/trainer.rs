@@ -64,6 +64,8 @@ pub struct StepMetrics {
     pub loss: f64,
     pub entropy: f64,
     pub kl: f64,
+    /// max |logp_train − logp_infer| over the step's completion tokens (over ranks: the max)
+    pub max_abs_logprob_diff: f64,
     pub extreme_fraction: f64,
     pub clip_fraction: f64,
     pub grad_norm: f64,
@@ -231,6 +233,7 @@ impl Trainer {
         let t = lm.tokens;
         m.loss += loss.to_scalar::<f32>()? as f64;
         m.kl += lm.kl * t;
+        m.max_abs_logprob_diff = m.max_abs_logprob_diff.max(lm.max_abs_logprob_diff);
         m.extreme_fraction += lm.extreme_fraction * t;
         m.clip_fraction += lm.clip_fraction * t;
         m.tokens += t;
@@ -334,6 +337,7 @@ impl Trainer {
         // one exchange: the sums, then each layer's max_vio of this rank's load (maximised)
         let summed = v.len();
         v.extend(layers.iter().map(|l| load_max_vio(&layer_acc[l].load)));
+        v.push(m.max_abs_logprob_diff);
         let all = dp.all_gather_host(&v)?;
         let mut sum = vec![0f64; summed];
         let mut rank_max = vec![f64::NEG_INFINITY; layers.len()];
@@ -343,6 +347,7 @@ impl Trainer {
             }
             sum.iter_mut().zip(&r[..summed]).for_each(|(s, x)| *s += x);
             rank_max.iter_mut().zip(&r[summed..]).for_each(|(s, x)| *s = s.max(*x));
+            m.max_abs_logprob_diff = m.max_abs_logprob_diff.max(r[v.len() - 1]);
         }
         [m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped] =
             [sum[0], sum[1], sum[2], sum[3], sum[4], sum[5], sum[6], sum[7]];

@@ -1,17 +1,19 @@
 //! The MoE expert stages on CUDA: dispatch → grouped GEMMs with SwiGLU → weighted combine, and
 //! their backward, as candle custom ops (`ops`). Same stage boundaries as `crate::moe`, whose CPU
-//! code stays the reference; `MoeBlock::forward` takes this path for CUDA tensors (except under
-//! the batch-invariant kernels, which are CPU only).
+//! code stays the reference; `MoeBlock::forward` takes this path for CUDA tensors (under the
+//! batch-invariant kernels: the plan's gather and combine around `invariant`'s products).
 //!
 //! - `plan`: the dispatch plan, computed on the device from the routing decision;
 //! - `gemm`: per-expert GEMMs through cuBLAS (grouped, padded strided-batched, or a loop);
 //! - `ops`: the custom ops with their backward;
 //! - `route`: token-choice top-k, expert-choice selection and replay checks on the device;
-//! - `kernels.cu`, `route.cu`: the kernels (compiled to PTX by build.rs).
+//! - `invariant`: the batch-invariant matmul and attention (`crate::nn::invariant` on CUDA);
+//! - `kernels.cu`, `route.cu`, `invariant.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
 pub mod gemm;
+pub mod invariant;
 pub mod ops;
 pub mod plan;
 pub mod route;

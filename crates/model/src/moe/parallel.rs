@@ -22,12 +22,18 @@ pub trait ExpertParallel: Send + Sync + std::fmt::Debug {
         -> Result<Tensor>;
 }
 
-/// The experts stage on one device: out_ND = Σ_a weight_a · experts[expert_a](x[token_a]),
-/// through the CUDA grouped-GEMM ops for CUDA tensors (except under the CPU-only invariant
-/// kernels), else the reference stages (`Dispatch`, `Experts::forward`, `combine`).
+/// The experts stage on one device: out_ND = Σ_a weight_a · experts[expert_a](x[token_a]).
+/// CUDA tensors take the grouped-GEMM ops, or under the batch-invariant kernels the device
+/// plan's gather and combine (f32, ascending route order — the combine expert parallelism uses)
+/// around `Experts::forward`'s invariant per-expert products; on the CPU the reference stages
+/// (`Dispatch`, `Experts::forward`, `combine`).
 pub fn local_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
-    if x_ND.device().is_cuda() && experts.kernels() != Kernels::Invariant {
-        return gpu_experts(x_ND, token_A, expert_A, weight_A, experts);
+    if x_ND.device().is_cuda() {
+        return if experts.kernels() == Kernels::Invariant {
+            gpu_invariant_experts(x_ND, token_A, expert_A, weight_A, experts)
+        } else {
+            gpu_experts(x_ND, token_A, expert_A, weight_A, experts)
+        };
     }
     let n = x_ND.dim(0)?;
     let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
@@ -129,6 +135,18 @@ fn gpu_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Te
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_experts(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Experts) -> Result<Tensor> {
+    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_invariant_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
+    let groups = crate::gpu::RowGroups::new(token_A, expert_A, x_ND.dim(0)?, experts.num_experts())?;
+    let y_AD = experts.forward(&groups.gather(x_ND)?, groups.counts())?;
+    Ok(groups.combine(&y_AD, weight_A)?.to_dtype(x_ND.dtype())?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_invariant_experts(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Experts) -> Result<Tensor> {
     Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
 }
 

@@ -147,7 +147,11 @@ impl Attention {
             let visible: Vec<u8> = bias_B1TT.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| u8::from(x == 0.0)).collect();
             let visible = if bias_B1TT.dim(0)? == b { visible } else { visible.repeat(b) };
             let scale = 1.0 / (dh as f32).sqrt();
-            return invariant::attention(q_BHTD, k_BGTD, v_BGTD, std::sync::Arc::new(visible), scale);
+            // the invariant kernel computes in f32 (a bf16 model casts in and out, elementwise)
+            let dtype = q_BHTD.dtype();
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let out = invariant::attention(&f(q_BHTD)?, &f(k_BGTD)?, &f(v_BGTD)?, std::sync::Arc::new(visible), scale)?;
+            return out.to_dtype(dtype);
         }
         let r = h / g;
         // Grouped-query attention without copying K/V: the R query heads of a group are stacked

@@ -1,4 +1,5 @@
-//! Batch-invariant CPU kernels (f32): every output element is computed by the same sequence of
+//! Batch-invariant kernels (CPU: f32; CUDA: `crate::gpu::invariant`, the matmul in f32 or bf16
+//! with f32 accumulation): every output element is computed by the same sequence of
 //! floating-point operations whatever the number of rows in the batch, the row's position in it,
 //! or how many masked keys surround it. This is what makes an engine's decode step (one row)
 //! reproduce the trainer's packed forward (many rows) bit for bit; candle's gemm does not (a
@@ -12,7 +13,9 @@
 //!   zeros, so a decode step over a KV cache and a full causal forward agree exactly.
 //!
 //! Both carry gradients: their backward uses ordinary candle ops (exactness is needed of the
-//! forward only).
+//! forward only). The CUDA kernels keep the same contract with their own fixed order (one fmaf
+//! chain per dot product), so a GPU run is invariant within itself; CPU and GPU results differ by
+//! rounding.
 
 use std::sync::Arc;
 
@@ -71,6 +74,17 @@ impl CustomOp2 for MatmulNt {
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::invariant::matmul_nt(s1, l1, s2, l2)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -154,6 +168,19 @@ impl CustomOp3 for Attention {
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, tq, dh))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::invariant::attention(s1, l1, s2, l2, s3, l3, &self.visible, self.scale)
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

@@ -1,0 +1,295 @@
+//! The batch-invariant kernels on CUDA (`crates/model/src/gpu/invariant.cu`): a row's result is
+//! bit for bit the same alone or among many rows, so the engine's decode on the GPU gives the
+//! trainer's log-probabilities exactly.
+//!
+//! - the matmul (f32, bf16) and the attention kernel: a row alone equals the same row in larger
+//!   launches, masked keys equal absent keys, and both stay within rounding of the CPU kernels;
+//! - whole models on the GPU (the embedded default and the wide one, hidden 1024): a sequence
+//!   alone, packed with others and in a padded batch gives the same logits and routes; decoding
+//!   through the KV cache equals the full forward;
+//! - the engine against the trainer's re-score (`lockstep_engine::consistency::rescore`): max
+//!   |Δ logprob| 0 and every route equal, in f32 and bf16, for token and expert choice;
+//! - the invariant forward's gradients agree with candle's kernels' to rounding.
+//!
+//! (In the cli crate so that it builds with the binary's exact features: no second CUDA kernel
+//! build.) Needs the `cuda` feature and a GPU: built by `scripts/cuda/build.sh`, run on the GPU
+//! machine by `scripts/cuda/gpu_check.sh`. Without the feature this file compiles to nothing.
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use lockstep_engine::consistency::rescore;
+use lockstep_engine::{Engine, Request, SamplingParams};
+use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
+use lockstep_model::nn::invariant;
+use lockstep_model::{Batch, Kernels, KvCache, ModelConfig, MoeCausalLm, RoutingPlan};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device (this test runs on the GPU machine)")
+}
+
+fn randn(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / s.max(1e-30)
+}
+
+#[test]
+fn matmul_rows_are_batch_invariant() {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        for &(n, k) in &[(96usize, 64usize), (512, 1024), (8, 777), (151_936 / 64, 128)] {
+            let w = randn(&[n, k], 1, &dev).to_dtype(dtype).unwrap();
+            let x = randn(&[1000, k], 2, &dev).to_dtype(dtype).unwrap();
+            let all = invariant::matmul_nt(&x, &w).unwrap();
+            for &m in &[1usize, 3, 64, 65, 129] {
+                let part = invariant::matmul_nt(&x.narrow(0, 1000 - m, m).unwrap(), &w).unwrap();
+                assert_eq!(bits(&part), bits(&all.narrow(0, 1000 - m, m).unwrap()), "{dtype:?} n {n} k {k}: last {m} rows");
+            }
+            // within rounding of the CPU kernel (f32 inputs there)
+            if dtype == DType::F32 {
+                let cpu = invariant::matmul_nt(&x.to_device(&Device::Cpu).unwrap(), &w.to_device(&Device::Cpu).unwrap()).unwrap();
+                let r = max_rel(&all, &cpu);
+                assert!(r < 1e-5, "f32 n {n} k {k}: GPU vs CPU {r:e}");
+            } else {
+                let exact = x.to_dtype(DType::F32).unwrap().matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+                let r = max_rel(&all, &exact);
+                assert!(r < 1e-2, "bf16 n {n} k {k}: vs f32 product {r:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_rows_are_batch_invariant() {
+    let dev = gpu();
+    let (b, h, g, dh, t) = (2usize, 8usize, 4usize, 128usize, 300usize);
+    let q = randn(&[b, h, t, dh], 3, &dev);
+    let k = randn(&[b, g, t, dh], 4, &dev);
+    let v = randn(&[b, g, t, dh], 5, &dev);
+    // causal mask over the whole row
+    let causal: Vec<u8> = (0..b).flat_map(|_| (0..t).flat_map(move |i| (0..t).map(move |j| u8::from(j <= i)))).collect();
+    let scale = 1.0 / (dh as f32).sqrt();
+    let full = invariant::attention(&q, &k, &v, Arc::new(causal.clone()), scale).unwrap();
+    // query i alone over the first i + 1 keys (a decode step over the cache)
+    for &i in &[0usize, 1, 63, 64, 200, t - 1] {
+        let qi = q.narrow(2, i, 1).unwrap();
+        let (ki, vi) = (k.narrow(2, 0, i + 1).unwrap(), v.narrow(2, 0, i + 1).unwrap());
+        let one = invariant::attention(&qi, &ki, &vi, Arc::new(vec![1u8; b * (i + 1)]), scale).unwrap();
+        assert_eq!(bits(&one), bits(&full.narrow(2, i, 1).unwrap()), "query {i}");
+    }
+    let cpu = invariant::attention(
+        &q.to_device(&Device::Cpu).unwrap(),
+        &k.to_device(&Device::Cpu).unwrap(),
+        &v.to_device(&Device::Cpu).unwrap(),
+        Arc::new(causal),
+        scale,
+    )
+    .unwrap();
+    let r = max_rel(&full, &cpu);
+    assert!(r < 1e-5, "attention GPU vs CPU {r:e}");
+}
+
+fn seqs(n: usize, vocab: u32) -> Vec<Vec<u32>> {
+    (0..n).map(|s| (0..(5 + (s * 7) % 23)).map(|i| ((i * 31 + s * 17 + 3) as u32) % vocab).collect()).collect()
+}
+
+fn wide_config() -> ModelConfig {
+    ModelConfig::from_json_str(
+        r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
+        "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true}"#,
+        "wide",
+    )
+    .unwrap()
+}
+
+fn models(dtype: DType) -> Vec<(&'static str, MoeCausalLm)> {
+    let dev = gpu();
+    let mut d = MoeCausalLm::embedded_default(0, dtype, &dev).unwrap();
+    d.set_kernels(Kernels::Invariant);
+    let mut w = MoeCausalLm::random(&wide_config(), 1, dtype, &dev).unwrap();
+    w.set_kernels(Kernels::Invariant);
+    vec![("default", d), ("wide", w)]
+}
+
+/// alone == packed with the others == padded batch, logits and layer routes
+fn assert_batch_invariant(name: &str, model: &MoeCausalLm, n: usize) {
+    let dev = model.device().clone();
+    let s = seqs(n, model.cfg.vocab_size as u32);
+    let tokens: Vec<u32> = s.concat();
+    let mut cu = vec![0usize];
+    for x in &s {
+        cu.push(cu.last().unwrap() + x.len());
+    }
+    let packed = model.forward(&Batch::packed(&tokens, None, &cu, &dev).unwrap(), &RoutingPlan::record()).unwrap();
+    let padded_batch = Batch::from_sequences(&s, 0, &dev).unwrap();
+    let padded = model.forward(&padded_batch, &RoutingPlan::record()).unwrap();
+    let k = model.cfg.moe.router.top_k;
+    for (i, x) in s.iter().enumerate() {
+        let alone = model.forward(&Batch::from_sequences(&[x.clone()], 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
+        let a = bits(&alone.logits.i(0).unwrap());
+        assert_eq!(a, bits(&packed.logits.i((0, cu[i]..cu[i + 1])).unwrap()), "{name} sequence {i}: alone vs packed");
+        assert_eq!(a, bits(&padded.logits.i((i, 0..x.len())).unwrap()), "{name} sequence {i}: alone vs padded");
+        for (l, r) in &alone.routes {
+            let ids: Vec<u32> = r.expert_A.to_vec1().unwrap();
+            let p: Vec<u32> = packed.routes[l].expert_A.to_vec1().unwrap();
+            assert_eq!(ids, p[cu[i] * k..cu[i + 1] * k].to_vec(), "{name} sequence {i} layer {l}: routes");
+            assert_eq!(bits(&r.prob_A), bits(&packed.routes[l].prob_A.narrow(0, cu[i] * k, x.len() * k).unwrap()));
+        }
+    }
+}
+
+#[test]
+fn models_are_batch_invariant_on_the_gpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, m) in models(dtype) {
+            assert_batch_invariant(&format!("{name} {dtype:?}"), &m, 12);
+        }
+    }
+}
+
+/// Prefill prompts, then decode a token per sequence per step through the KV cache: every
+/// token's logits equal the full forward's bit for bit.
+#[test]
+fn kv_cached_decoding_equals_full_forward_on_the_gpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, model) in models(dtype) {
+            let dev = model.device().clone();
+            let s = seqs(4, model.cfg.vocab_size as u32);
+            let prompt = [3usize, 1, 6, 2];
+            let mut caches: Vec<KvCache> = vec![KvCache::default(); s.len()];
+            let mut done = prompt.to_vec();
+            let mut got: Vec<Vec<Vec<u32>>> = vec![Vec::new(); s.len()];
+            let mut first = true;
+            loop {
+                let active: Vec<usize> = (0..s.len()).filter(|&i| first || done[i] < s[i].len()).collect();
+                if active.is_empty() {
+                    break;
+                }
+                let (mut toks, mut pos, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
+                for &i in &active {
+                    let (from, to) = if first { (0, prompt[i]) } else { (done[i], done[i] + 1) };
+                    toks.extend_from_slice(&s[i][from..to]);
+                    pos.extend((from..to).map(|p| p as u32));
+                    cu.push(cu.last().unwrap() + to - from);
+                    if !first {
+                        done[i] += 1;
+                    }
+                }
+                let step = Batch::packed(&toks, Some(&pos), &cu, &dev).unwrap();
+                let mut refs: Vec<&mut KvCache> =
+                    caches.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).map(|(_, c)| c).collect();
+                let out = model.forward_cached(&step, &mut refs, &RoutingPlan::record()).unwrap();
+                for (a, &i) in active.iter().enumerate() {
+                    for slot in cu[a]..cu[a + 1] {
+                        got[i].push(bits(&out.logits.i((0, slot)).unwrap()));
+                    }
+                }
+                first = false;
+            }
+            for (i, x) in s.iter().enumerate() {
+                let full = model.forward(&Batch::from_sequences(&[x.clone()], 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
+                for (p, g) in got[i].iter().enumerate() {
+                    assert_eq!(g, &bits(&full.logits.i((0, p)).unwrap()), "{name} {dtype:?} sequence {i} position {p}");
+                }
+            }
+        }
+    }
+}
+
+fn requests(n: usize, vocab: u32) -> Vec<Request> {
+    (0..n)
+        .map(|i| Request {
+            prompt: (0..(1 + (i * 7) % 29)).map(|j| ((i * 37 + j * 11 + 1) as u32) % vocab).collect(),
+            params: SamplingParams { seed: i as u64, max_tokens: 8, ..SamplingParams::default() },
+        })
+        .collect()
+}
+
+/// The headline on the GPU: the engine's log-probabilities and routes equal the trainer's
+/// re-score of the same completions bit for bit (candle's cuBLAS kernels do not; printed beside).
+#[test]
+fn engine_equals_trainer_on_the_gpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, base) in models(dtype) {
+            for routing in ["token", "expert"] {
+                let mut m = base.clone();
+                if routing == "expert" {
+                    let ec = RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: Pool::parse("block:1").unwrap() };
+                    m.set_routing(ec, AttentionMode::Causal, true).unwrap();
+                }
+                let reqs = requests(16, m.cfg.vocab_size as u32);
+                let done = Engine::new(m.clone()).generate(reqs.clone()).unwrap();
+                let r = rescore(&m, &done).unwrap();
+                let mut std_m = m.clone();
+                std_m.set_kernels(Kernels::Autograd);
+                let s = rescore(&std_m, &Engine::new(std_m.clone()).generate(reqs).unwrap()).unwrap();
+                println!(
+                    "{name} {dtype:?} {routing} choice: invariant max |Δ logprob| {:.3e}, routes {:.2}%; standard kernels {:.3e}, routes {:.2}%",
+                    r.max_abs_logprob_diff,
+                    100.0 * r.route_agreement,
+                    s.max_abs_logprob_diff,
+                    100.0 * s.route_agreement
+                );
+                assert!(r.completion_tokens > 0);
+                assert_eq!(r.max_abs_logprob_diff, 0.0, "{name} {dtype:?} {routing}: engine vs trainer log-probs");
+                assert_eq!(r.route_agreement, 1.0, "{name} {dtype:?} {routing}: routes");
+                assert_eq!(r.prob_rows_differing, 0, "{name} {dtype:?} {routing}: router probabilities");
+            }
+        }
+    }
+}
+
+/// The invariant forward carries the same gradients as candle's kernels, to rounding.
+#[test]
+fn invariant_gradients_match_standard_kernels() {
+    let dev = gpu();
+    let mut m = MoeCausalLm::embedded_default(3, DType::F32, &dev).unwrap();
+    // every parameter a variable, so that backward reaches it
+    m.map_params(|_, t| Ok(candle_core::Var::from_tensor(t)?.as_tensor().clone())).unwrap();
+    let s = seqs(6, m.cfg.vocab_size as u32);
+    let batch = Batch::from_sequences(&s, 0, &dev).unwrap();
+    let grads = |m: &MoeCausalLm| {
+        let out = m.forward(&batch, &RoutingPlan::record()).unwrap();
+        let loss = out.logits.sqr().unwrap().mean_all().unwrap();
+        let g = loss.backward().unwrap();
+        m.named_params().unwrap().into_iter().map(|(n, p)| (n, g.get(&p).cloned())).collect::<Vec<_>>()
+    };
+    m.set_kernels(Kernels::Autograd);
+    let a = grads(&m);
+    m.set_kernels(Kernels::Invariant);
+    let b = grads(&m);
+    let mut worst = (0f32, String::new());
+    for ((n, ga), (_, gb)) in a.iter().zip(&b) {
+        match (ga, gb) {
+            (Some(ga), Some(gb)) => {
+                let r = max_rel(gb, ga);
+                if r > worst.0 {
+                    worst = (r, n.clone());
+                }
+            }
+            (None, None) => {}
+            _ => panic!("{n}: a gradient on one side only"),
+        }
+    }
+    println!("invariant vs standard gradients: worst {:.3e} ({})", worst.0, worst.1);
+    assert!(worst.0 < 1e-4, "worst gradient {} {:e}", worst.1, worst.0);
+}

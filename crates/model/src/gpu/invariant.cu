@@ -1,0 +1,149 @@
+// Batch-invariant kernels on CUDA (the GPU side of crates/model/src/nn/invariant.rs).
+//
+// Every output element is computed by one fixed sequence of floating-point operations that
+// depends only on its own row's data and the problem's inner sizes (K, Dh, the visible keys),
+// never on how many rows the launch holds, where the row sits in it, or which block computes it.
+// So a decode step over a KV cache (one row) reproduces the trainer's packed forward (many rows)
+// bit for bit. cuBLAS does not: it picks its tiling and split-K by M.
+//
+// - inv_matmul_nt_{f32,bf16}: y[m, n] = sum_k x[m, k] * w[n, k], one f32 accumulator, k
+//   ascending, fmaf. Tiles only decide which thread does the work, never the order.
+// - inv_attention_f32: per query row, the visible keys in ascending order: s_j = dot(q, k_j) *
+//   scale (Dh ascending, fmaf), softmax with max subtraction and a sequential sum, then
+//   out[d] = sum_j p_j v_j[d] sequentially. Masked keys are skipped, not added as zeros.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define TM 64
+#define TN 64
+#define TK 16
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// 256 threads (16 x 16), each computing a 4 x 4 block of a 64 x 64 output tile.
+template <typename T>
+__device__ void matmul_nt(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                          uint32_t M, uint32_t N, uint32_t K) {
+    __shared__ float xs[TK][TM + 1];
+    __shared__ float ws[TK][TN + 1];
+    const uint32_t tx = threadIdx.x % 16, ty = threadIdx.x / 16, tid = threadIdx.x;
+    const size_t m0 = (size_t)blockIdx.y * TM, n0 = (size_t)blockIdx.x * TN;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    for (uint32_t k0 = 0; k0 < K; k0 += TK) {
+        for (uint32_t e = tid; e < TM * TK; e += 256) {
+            const uint32_t r = e / TK, c = e % TK;
+            const size_t m = m0 + r, n = n0 + r, k = k0 + c;
+            xs[c][r] = (m < M && k < K) ? to_f32(x[m * K + k]) : 0.0f;
+            ws[c][r] = (n < N && k < K) ? to_f32(w[n * K + k]) : 0.0f;
+        }
+        __syncthreads();
+        const uint32_t kmax = min((uint32_t)TK, K - k0);
+        for (uint32_t kk = 0; kk < kmax; kk++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = xs[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) b[j] = ws[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const size_t m = m0 + ty + 16 * i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const size_t n = n0 + tx + 16 * j;
+            if (n < N) store(&y[m * N + n], acc[i][j]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) inv_matmul_nt_f32(const float* x, const float* w, float* y,
+                                                                    uint32_t M, uint32_t N, uint32_t K) {
+    matmul_nt<float>(x, w, y, M, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256) inv_matmul_nt_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                                                     __nv_bfloat16* y, uint32_t M, uint32_t N, uint32_t K) {
+    matmul_nt<__nv_bfloat16>(x, w, y, M, N, K);
+}
+
+// One block per query row (b, h, i); dynamic shared memory: Tk scores + 32 floats of scratch.
+// q [B, H, Tq, Dh], k, v [B, G, Tk, Dh], visible [B, Tq, Tk] (1 = visible), out [B, H, Tq, Dh].
+extern "C" __global__ void inv_attention_f32(const float* __restrict__ q, const float* __restrict__ k,
+                                             const float* __restrict__ v, const uint8_t* __restrict__ visible,
+                                             float* __restrict__ out, uint32_t H, uint32_t G, uint32_t Tq,
+                                             uint32_t Tk, uint32_t Dh, float scale) {
+    extern __shared__ float sh[];
+    float* s = sh;          // [Tk]
+    float* red = sh + Tk;   // [32]
+    const size_t row = blockIdx.x;
+    const uint32_t i = row % Tq;
+    const uint32_t h = (row / Tq) % H;
+    const size_t b = row / ((size_t)Tq * H);
+    const uint32_t g = h / (H / G);
+    const float* qv = q + row * Dh;
+    const float* kb = k + (b * G + g) * (size_t)Tk * Dh;
+    const float* vb = v + (b * G + g) * (size_t)Tk * Dh;
+    const uint8_t* mask = visible + (b * Tq + i) * (size_t)Tk;
+    float* o = out + row * Dh;
+
+    // 1. scores of the visible keys, and the largest
+    float mx = -INFINITY;
+    for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x) {
+        if (mask[j]) {
+            const float* kj = kb + (size_t)j * Dh;
+            float acc = 0.0f;
+            for (uint32_t d = 0; d < Dh; d++) acc = fmaf(qv[d], kj[d], acc);
+            s[j] = acc * scale;
+            mx = fmaxf(mx, s[j]);
+        }
+    }
+    // max is exact in any order
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = -INFINITY;
+        for (uint32_t w = 0; w < blockDim.x / 32; w++) m = fmaxf(m, red[w]);
+        red[0] = m;
+    }
+    __syncthreads();
+    mx = red[0];
+    if (mx == -INFINITY) {  // no visible key: zeros, as on the CPU
+        for (uint32_t d = threadIdx.x; d < Dh; d += blockDim.x) o[d] = 0.0f;
+        return;
+    }
+    // 2. exponentials, then their sum in ascending key order (one thread)
+    for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x)
+        if (mask[j]) s[j] = expf(s[j] - mx);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float z = 0.0f;
+        for (uint32_t j = 0; j < Tk; j++)
+            if (mask[j]) z += s[j];
+        red[1] = z;
+    }
+    __syncthreads();
+    const float z = red[1];
+    // 3. out[d] = sum_j (e_j / z) v_j[d], keys ascending
+    for (uint32_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float acc = 0.0f;
+        for (uint32_t j = 0; j < Tk; j++)
+            if (mask[j]) acc = fmaf(s[j] / z, vb[(size_t)j * Dh + d], acc);
+        o[d] = acc;
+    }
+}
