@@ -69,8 +69,7 @@ done
 cp /tmp/lockstep-train-1gpu/metrics.jsonl "$OUT/train-1gpu.jsonl" 2>/dev/null
 # 2 thread ranks sharing GPU 0 (experts sharded, the collectives through host memory)
 run "train 2 thread ranks on cuda:0" 400 "$BIN" train --device cuda --ranks 2 "${TRAIN[@]}" --out /tmp/lockstep-train-threads2
-# report only: thread ranks sharing one GPU measured run-to-run differences (README "Several ranks")
-run "train 2 thread ranks vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py --report-only /tmp/lockstep-train-1gpu/metrics.jsonl /tmp/lockstep-train-threads2/metrics.jsonl
+run "train 2 thread ranks vs 1 GPU" 60 python3 scripts/cuda/compare_runs.py /tmp/lockstep-train-1gpu/metrics.jsonl /tmp/lockstep-train-threads2/metrics.jsonl
 # candle's kernels (model.kernels = "standard", cuBLAS): W > 1 reported, not compared (compare_runs.py says why)
 "$BIN" train --print-config | sed 's/^kernels = "invariant"/kernels = "standard"/' > /tmp/standard.toml
 run "train 1 GPU, standard kernels" 400 "$BIN" train --device cuda --config /tmp/standard.toml "${TRAIN[@]}" --out /tmp/lockstep-train-std-1gpu

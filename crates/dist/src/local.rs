@@ -1,5 +1,6 @@
 //! A process group of threads in one process: the same collectives as NCCL, through shared
-//! memory. Used by the CPU tests (2 ranks == 1 rank) and CPU runs (`lockstep train --ranks N`).
+//! memory. Used by the CPU tests (2 ranks == 1 rank), CPU runs (`lockstep train --ranks N`) and
+//! thread ranks sharing one GPU (tests; the GPU runs proper are `lockstep launch` over NCCL).
 //! A rank that fails aborts the group ([`LocalComm::abort`], done by [`run_ranks`]): the
 //! others' collectives then return an error naming it instead of waiting for ever.
 
@@ -126,8 +127,17 @@ impl LocalComm {
     }
 
     /// Post one tensor per destination, wait for everyone, take the ones addressed here.
+    ///
+    /// On CUDA every thread enqueues on its own stream (candle uses the per-thread default
+    /// stream), so a tensor posted by one rank may still be in the making on that rank's stream:
+    /// the poster synchronizes its stream before posting, and the taker copies what it took on
+    /// its own stream and synchronizes before the closing barrier, after which the poster may
+    /// free its memory.
     fn exchange(&self, out: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let w = self.shared.world;
+        if let Some(t) = out.first().filter(|t| !t.device().is_cpu()) {
+            t.device().synchronize()?;
+        }
         {
             let mut slots = Self::lock(&self.shared.tensors)?;
             for (to, t) in out.into_iter().enumerate() {
@@ -138,6 +148,18 @@ impl LocalComm {
         let got = {
             let mut slots = Self::lock(&self.shared.tensors)?;
             (0..w).map(|from| slots[from * w + self.rank].take()).collect::<Option<Vec<_>>>()
+        };
+        let got = match got {
+            Some(got) if got.first().is_some_and(|t| !t.device().is_cpu()) => {
+                let own = got.iter().map(|t| t.copy()).collect::<Result<Vec<_>>>();
+                let synced = got[0].device().synchronize();
+                drop(got);
+                // the closing barrier comes first even on an error, so no rank is left waiting
+                self.shared.barrier.wait(self.shared.world)?;
+                synced?;
+                return own;
+            }
+            got => got,
         };
         self.shared.barrier.wait(self.shared.world)?;
         got.ok_or_else(|| candle_core::Error::Msg("local collective: a rank posted nothing".into()))

@@ -327,8 +327,16 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.custom_modules.write().unwrap();
-        let cuda_module = self.context.load_module(ptx.into()).w()?;
-        ms.insert(module_name.to_string(), cuda_module.clone());
+        // lockstep patch: another thread may have loaded it since the read lock was dropped;
+        // loading again would replace (and unload) the module its kernels were launched from
+        let cuda_module = match ms.get(module_name) {
+            Some(m) => m.clone(),
+            None => {
+                let m = self.context.load_module(ptx.into()).w()?;
+                ms.insert(module_name.to_string(), m.clone());
+                m
+            }
+        };
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
             func,
@@ -347,8 +355,15 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
-        ms.mdls[mdl.index()] = Some(cuda_module.clone());
+        // lockstep patch: load once even when threads race here (see get_or_load_custom_func)
+        let cuda_module = match ms.mdls[mdl.index()].as_ref() {
+            Some(m) => m.clone(),
+            None => {
+                let m = self.context.load_module(mdl.ptx().into()).w()?;
+                ms.mdls[mdl.index()] = Some(m.clone());
+                m
+            }
+        };
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
             func,
