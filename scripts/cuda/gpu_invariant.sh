@@ -9,7 +9,8 @@
 #   2. `lockstep consistency --device cuda`: generate, re-score the trainer's way, max |Δ logprob|
 #      with the invariant kernels beside candle's (cuBLAS), f32 and bf16, the default and the wide
 #      model, token and expert choice;
-#   3. `lockstep train --device cuda` with model.kernels = invariant and = standard: wall time
+#   3. `lockstep bench-invariant`: the kernels' time against candle's (cuBLAS);
+#   4. `lockstep train --device cuda` with model.kernels = invariant and = standard: wall time
 #      and the train-inference mismatch (metrics.jsonl: train_infer_logprob_diff_max and
 #      train_infer_kl, the first update of each step, before it); --full: the whole default run,
 #      else 5 RL steps after 10 warm-up steps.
@@ -52,6 +53,9 @@ for dtype in f32 bf16; do
     done
   done
 done
+
+run "bench-invariant" 300 "$BIN" bench-invariant --json "$OUT/bench-invariant.json"
+grep -E "^(matmul|attention|wide)" "$OUT/last.out" | sed "s/^/     /" >> "$SUMMARY"
 
 TRAIN=(--quiet --steps 5 --warmup-steps 10)
 [[ "${1:-}" == "--full" ]] && TRAIN=(--quiet)

@@ -1,6 +1,7 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
 mod bench_ep_cmd;
+mod bench_invariant_cmd;
 mod bench_moe_cmd;
 mod consistency_cmd;
 mod demo_cmd;
@@ -37,6 +38,8 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Time one MoE expert layer forward + backward on the GPU (grouped GEMM CUDA ops).
     BenchMoe(bench_moe_cmd::BenchMoeArgs),
+    /// Time the batch-invariant CUDA kernels against candle's (cuBLAS): matmul, attention, a forward.
+    BenchInvariant(bench_invariant_cmd::BenchInvariantArgs),
     /// One process per GPU in an NCCL process group: `launch --gpus N -- train` (or dist-check, bench-ep).
     Launch(launch_cmd::LaunchArgs),
     /// Expert + data parallelism over W ranks equal one rank (thread ranks, or under `launch`).
@@ -65,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consistency(_) => Some("consistency"),
         Command::Serve(_) => Some("serve"),
         Command::BenchMoe(_) => Some("bench-moe"),
+        Command::BenchInvariant(_) => Some("bench-invariant"),
     };
     if let Some(name) = single_rank {
         launch_cmd::refuse_under_launch(name)?;
@@ -77,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consistency(args) => consistency_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
         Command::BenchMoe(args) => bench_moe_cmd::run(args),
+        Command::BenchInvariant(args) => bench_invariant_cmd::run(args),
         Command::Launch(args) => launch_cmd::run(args),
         Command::DistCheck(args) => dist_check_cmd::run(args),
         Command::BenchEp(args) => bench_ep_cmd::run(args),

@@ -6,13 +6,16 @@
 // So a decode step over a KV cache (one row) reproduces the trainer's packed forward (many rows)
 // bit for bit. cuBLAS does not: it picks its tiling and split-K by M.
 //
-// - inv_matmul_nt_{f32,bf16}: y[m, n] = sum_k x[m, k] * w[n, k], one f32 accumulator, k
-//   ascending, fmaf. Tiles only decide which thread does the work, never the order.
+// - inv_matmul_nt_f32: y[m, n] = sum_k x[m, k] * w[n, k], one f32 accumulator, k ascending,
+//   fmaf. Tiles only decide which thread does the work, never the order.
+// - inv_matmul_nt_bf16: the same product on tensor cores (mma over 16-wide K chunks, ascending,
+//   f32 accumulation).
 // - inv_attention_f32: per query row, the visible keys in ascending order: s_j = dot(q, k_j) *
 //   scale (Dh ascending, fmaf), softmax with max subtraction and a sequential sum, then
 //   out[d] = sum_j p_j v_j[d] sequentially. Masked keys are skipped, not added as zeros.
 
 #include <cuda_bf16.h>
+#include <mma.h>
 #include <stdint.h>
 
 #define TM 64
@@ -76,9 +79,76 @@ extern "C" __global__ void __launch_bounds__(256) inv_matmul_nt_f32(const float*
     matmul_nt<float>(x, w, y, M, N, K);
 }
 
-extern "C" __global__ void __launch_bounds__(256) inv_matmul_nt_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                                                     __nv_bfloat16* y, uint32_t M, uint32_t N, uint32_t K) {
-    matmul_nt<__nv_bfloat16>(x, w, y, M, N, K);
+// bf16 on tensor cores (WMMA 16x16x16, f32 accumulators): every output element is the same
+// sequence of mma steps over K in ascending 16-wide chunks, whatever tile or fragment position it
+// falls in (an mma computes each element from its own row and column only). 128 threads, a 64 x 64
+// output tile, 4 warps of 32 x 32, K staged 32 at a time.
+#define WBM 64
+#define WBN 64
+#define WBK 32
+#define WPAD 8
+extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16(const __nv_bfloat16* __restrict__ x,
+                                                                     const __nv_bfloat16* __restrict__ w,
+                                                                     __nv_bfloat16* __restrict__ y, uint32_t M,
+                                                                     uint32_t N, uint32_t K) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 As[WBM][WBK + WPAD];
+    __shared__ __align__(32) __nv_bfloat16 Bs[WBN][WBK + WPAD];
+    __shared__ __align__(32) float Cs[WBM][WBN + 4];
+    const uint32_t tid = threadIdx.x, warp = tid / 32;
+    const size_t m0 = (size_t)blockIdx.y * WBM, n0 = (size_t)blockIdx.x * WBN;
+    const uint32_t wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    const bool vec = (K % 8 == 0) && ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.0f);
+    const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+    for (uint32_t k0 = 0; k0 < K; k0 += WBK) {
+        // stage A (x rows) and B (w rows): 64 rows x 32 k each, 8 elements per step
+        for (uint32_t v = tid; v < WBM * WBK / 8; v += 128) {
+            const uint32_t r = v / (WBK / 8), c8 = (v % (WBK / 8)) * 8;
+            const size_t k = k0 + c8;
+            const size_t m = m0 + r, n = n0 + r;
+            if (vec && m < M && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&As[r][c8]) = *reinterpret_cast<const uint4*>(&x[m * K + k]);
+            } else {
+                for (int e = 0; e < 8; e++) As[r][c8 + e] = (m < M && k + e < K) ? x[m * K + k + e] : zero;
+            }
+            if (vec && n < N && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&Bs[r][c8]) = *reinterpret_cast<const uint4*>(&w[n * K + k]);
+            } else {
+                for (int e = 0; e < 8; e++) Bs[r][c8 + e] = (n < N && k + e < K) ? w[n * K + k + e] : zero;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (uint32_t kk = 0; kk < WBK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], WBK + WPAD);
+#pragma unroll
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], WBK + WPAD);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], c[i][j], WBN + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (uint32_t e = tid; e < WBM * WBN; e += 128) {
+        const uint32_t r = e / WBN, cc = e % WBN;
+        const size_t m = m0 + r, n = n0 + cc;
+        if (m < M && n < N) y[m * N + n] = __float2bfloat16(Cs[r][cc]);
+    }
 }
 
 // One block per query row (b, h, i); dynamic shared memory: Tk scores + 32 floats of scratch.

@@ -2,7 +2,8 @@
 //! `crate::nn::invariant`'s ops: every output element computed by one fixed order of
 //! floating-point operations, whatever the rows around it (see the .cu file).
 //!
-//! - `matmul_nt`: x [M, K] · wᵀ (w [N, K]) → [M, N], f32 or bf16 (f32 accumulation);
+//! - `matmul_nt`: x [M, K] · wᵀ (w [N, K]) → [M, N], f32 (FMA) or bf16 (tensor cores; f32
+//!   accumulation);
 //! - `attention`: q [B, H, Tq, Dh], k, v [B, G, Tk, Dh] (f32), visible [B, Tq, Tk] → [B, H, Tq, Dh].
 
 use candle_core::backend::BackendStorage;
@@ -32,12 +33,14 @@ fn u32_dim(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("invariant kernel: {what} = {n} exceeds u32")))
 }
 
+/// `threads`: 256 for the f32 FMA kernel, 128 for the bf16 tensor-core kernel (64 x 64 tiles both).
 fn launch_matmul<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     w: &CudaView<T>,
     (m, n, k): (usize, usize, usize),
     name: &str,
+    threads: u32,
 ) -> Result<CudaSlice<T>> {
     let mut y = unsafe { dev.alloc::<T>((m * n).max(1))? };
     if m * n == 0 {
@@ -51,7 +54,7 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     let f = func(dev, name)?;
     let mut b = f.builder();
     b.arg(x).arg(w).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(64) as u32, gy as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(64) as u32, gy as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     unsafe { b.launch(cfg) }.w()?;
     Ok(y)
 }
@@ -69,11 +72,11 @@ pub fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout) -
     let dev = sx.device().clone();
     let out = match sx.dtype() {
         DType::F32 => {
-            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "x")?, &contiguous(sw, lw, "w")?, (m, n, k), "inv_matmul_nt_f32")?;
+            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "x")?, &contiguous(sw, lw, "w")?, (m, n, k), "inv_matmul_nt_f32", 256)?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         DType::BF16 => {
-            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "x")?, &contiguous(sw, lw, "w")?, (m, n, k), "inv_matmul_nt_bf16")?;
+            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "x")?, &contiguous(sw, lw, "w")?, (m, n, k), "inv_matmul_nt_bf16", 128)?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         other => candle_core::bail!("invariant matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),

@@ -1,0 +1,137 @@
+//! `lockstep bench-invariant`: what the batch-invariant CUDA kernels cost against candle's
+//! (cuBLAS) at decode and training sizes, timed with CUDA events (median of `--iters` after
+//! `--warmup`):
+//! - the matmul x [M, K] · wᵀ (w [N, K]) in f32 and bf16 at M = 1, 64, 4096;
+//! - causal attention (H 16 over 4 KV heads, Dh 128) at T = 512, 2048, 4096 (f32);
+//! - the forward of the wide model (hidden 1024, 2 MoE layers) on 16 × 256 packed tokens.
+
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct BenchInvariantArgs {
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Write the records as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_: BenchInvariantArgs) -> anyhow::Result<()> {
+    anyhow::bail!("bench-invariant times the CUDA kernels: build with `--features cuda` (scripts/cuda/build.sh)")
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: BenchInvariantArgs) -> anyhow::Result<()> {
+    imp::run(args)
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::sync::Arc;
+
+    use anyhow::{bail, Context};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::{DType, Device, Tensor, D};
+    use lockstep_model::nn::invariant;
+    use lockstep_model::{Batch, Kernels, ModelConfig, MoeCausalLm, RoutingPlan};
+    use serde_json::json;
+
+    use super::BenchInvariantArgs;
+
+    fn time<F: FnMut() -> anyhow::Result<()>>(dev: &Device, warmup: usize, iters: usize, mut f: F) -> anyhow::Result<f64> {
+        let Device::Cuda(cd) = dev else { bail!("not a CUDA device") };
+        let stream = cd.cuda_stream();
+        for _ in 0..warmup {
+            f()?;
+        }
+        stream.synchronize()?;
+        let mut ms = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            f()?;
+            let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            e1.synchronize()?;
+            ms.push(e0.elapsed_ms(&e1)? as f64);
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        Ok(ms[ms.len() / 2])
+    }
+
+    const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
+      "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
+      "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
+      "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true}"#;
+
+    pub fn run(args: BenchInvariantArgs) -> anyhow::Result<()> {
+        let dev = crate::device::parse(&args.device)?;
+        if !dev.is_cuda() {
+            bail!("--device {}: bench-invariant needs a CUDA device", args.device);
+        }
+        let (wu, it) = (args.warmup, args.iters);
+        let mut records = Vec::new();
+        println!("{:<34} {:>12} {:>12} {:>8}", "case", "invariant", "candle", "ratio");
+        let mut line = |case: String, inv: f64, std: f64, flops: f64, records: &mut Vec<serde_json::Value>| {
+            let tf = |ms: f64| if flops > 0.0 { format!(" ({:.1} TFLOP/s)", flops / ms / 1e9) } else { String::new() };
+            println!("{case:<34} {inv:>9.3} ms {std:>9.3} ms {:>7.2}x   invariant{} candle{}", inv / std, tf(inv), tf(std));
+            records.push(json!({"case": case, "invariant_ms": inv, "candle_ms": std, "flops": flops}));
+        };
+
+        // matmul
+        for dtype in [DType::F32, DType::BF16] {
+            for &(m, n, k) in &[(1usize, 2048usize, 2048usize), (64, 2048, 2048), (4096, 2048, 2048), (4096, 1536, 1024)] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
+                let inv = time(&dev, wu, it, || Ok(drop(invariant::matmul_nt(&x, &w)?)))?;
+                let wt = w.t()?;
+                let std = time(&dev, wu, it, || Ok(drop(x.matmul(&wt)?)))?;
+                line(format!("matmul {dtype:?} M{m} N{n} K{k}"), inv, std, 2.0 * (m * n * k) as f64, &mut records);
+            }
+        }
+
+        // causal attention, f32
+        let (h, g, dh) = (16usize, 4usize, 128usize);
+        for &t in &[512usize, 2048, 4096] {
+            let q = Tensor::randn(0f32, 1.0, (1, h, t, dh), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (1, g, t, dh), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (1, g, t, dh), &dev)?;
+            let vis: Arc<Vec<u8>> = Arc::new((0..t).flat_map(|i| (0..t).map(move |j| u8::from(j <= i))).collect());
+            let scale = 1.0 / (dh as f32).sqrt();
+            let inv = time(&dev, wu, it, || Ok(drop(invariant::attention(&q, &k, &v, vis.clone(), scale)?)))?;
+            // candle: the grouped heads stacked along queries, one matmul each side, softmax
+            let bias_v: Vec<f32> = vis.iter().map(|&m| if m == 1 { 0.0 } else { f32::NEG_INFINITY }).collect();
+            let bias = Tensor::from_vec(bias_v, (1, 1, 1, t, t), &dev)?;
+            let r = h / g;
+            let std = time(&dev, wu, it, || {
+                let q4 = q.reshape((1, g, r * t, dh))?;
+                let s = (q4.matmul(&k.t()?.contiguous()?)? * scale as f64)?.reshape((1, g, r, t, t))?.broadcast_add(&bias)?;
+                let p = candle_nn::ops::softmax(&s, D::Minus1)?.reshape((1, g, r * t, t))?;
+                Ok(drop(p.matmul(&v)?))
+            })?;
+            line(format!("attention f32 T{t} H{h} G{g} Dh{dh}"), inv, std, 4.0 * (h * t * t * dh) as f64 / 2.0, &mut records);
+        }
+
+        // a whole forward: the wide model on 16 × 256 packed tokens
+        for dtype in [DType::F32, DType::BF16] {
+            let cfg = ModelConfig::from_json_str(WIDE, "<wide>")?;
+            let mut m = MoeCausalLm::random(&cfg, 0, dtype, &dev)?;
+            let tokens: Vec<u32> = (0..16 * 256).map(|i| (i * 37 % 512) as u32).collect();
+            let cu: Vec<usize> = (0..=16).map(|s| s * 256).collect();
+            let batch = Batch::packed(&tokens, None, &cu, &dev)?;
+            m.set_kernels(Kernels::Invariant);
+            let inv = time(&dev, wu, it, || Ok(drop(m.forward(&batch, &RoutingPlan::record())?)))?;
+            m.set_kernels(Kernels::Autograd);
+            let std = time(&dev, wu, it, || Ok(drop(m.forward(&batch, &RoutingPlan::record())?)))?;
+            line(format!("wide model forward {dtype:?} 16x256"), inv, std, 0.0, &mut records);
+        }
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&records)?).with_context(|| format!("--json {}", p.display()))?;
+        }
+        Ok(())
+    }
+}
