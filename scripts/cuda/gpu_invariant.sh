@@ -9,8 +9,10 @@
 #   2. `lockstep consistency --device cuda`: generate, re-score the trainer's way, max |Δ logprob|
 #      with the invariant kernels beside candle's (cuBLAS), f32 and bf16, the default and the wide
 #      model, token and expert choice;
-#   3. `lockstep bench-invariant`: the kernels' time against candle's (cuBLAS);
-#   4. `lockstep train --device cuda` with model.kernels = invariant and = standard: wall time
+#   3. `lockstep serve --device cuda`: a request alone equals it among concurrent others
+#      (scripts/cuda/serve_check.py: token ids, log-probabilities, routes);
+#   4. `lockstep bench-invariant`: the kernels' time against candle's (cuBLAS);
+#   5. `lockstep train --device cuda` with model.kernels = invariant and = standard: wall time
 #      and the train-inference mismatch (metrics.jsonl: train_infer_logprob_diff_max and
 #      train_infer_kl, the first update of each step, before it); --full: the whole default run,
 #      else 5 RL steps after 10 warm-up steps.
@@ -53,6 +55,13 @@ for dtype in f32 bf16; do
     done
   done
 done
+
+# the server on the GPU: a request alone equals the same request among concurrent others
+"$BIN" serve --device cuda --port 8765 > "$OUT/serve.out" 2>&1 &
+SPID=$!
+run "serve --device cuda: alone vs batched" 120 python3 scripts/cuda/serve_check.py http://127.0.0.1:8765
+grep -E "alone" "$OUT/last.out" | sed "s/^/     /" >> "$SUMMARY"
+kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null
 
 run "bench-invariant" 300 "$BIN" bench-invariant --json "$OUT/bench-invariant.json"
 grep -E "^(matmul|attention|wide)" "$OUT/last.out" | sed "s/^/     /" >> "$SUMMARY"

@@ -25,6 +25,9 @@ pub struct ServeArgs {
     /// Do not record routes (responses then carry none).
     #[arg(long)]
     no_capture: bool,
+    /// cpu, cuda or cuda:N (CUDA needs the `cuda` build: scripts/cuda/build.sh).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -34,6 +37,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_running: args.max_running,
         capture_routes: !args.no_capture,
+        device: crate::device::parse(&args.device)?,
     };
     let addr = format!("{}:{}", args.host, args.port);
     lockstep_server::serve_blocking(&cfg, &addr).with_context(|| format!("serving {}", cfg.model))

@@ -44,18 +44,21 @@ pub struct ServerConfig {
     pub max_running: usize,
     /// record routes (off: no routes in responses, a little faster)
     pub capture_routes: bool,
+    /// where the model runs (CPU, or a CUDA device with the `cuda` build); the batch-invariant
+    /// kernels either way
+    pub device: candle_core::Device,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { model: "default".into(), served_model_name: None, seed: 0, max_running: 64, capture_routes: true }
+        Self { model: "default".into(), served_model_name: None, seed: 0, max_running: 64, capture_routes: true, device: candle_core::Device::Cpu }
     }
 }
 
 /// The router and the engine thread behind it (the thread ends once the router is dropped
 /// and the requests in flight are done).
 pub fn app(cfg: &ServerConfig) -> Result<axum::Router> {
-    let (model, tok) = state::load_model(&cfg.model, cfg.seed)?;
+    let (model, tok) = state::load_model(&cfg.model, cfg.seed, &cfg.device)?;
     let info = ModelInfo::of(cfg.served_model_name.clone().unwrap_or_else(|| cfg.model.clone()), &model.cfg);
     let mut engine = Engine::new(model);
     engine.max_running = cfg.max_running.max(1);
@@ -63,7 +66,7 @@ pub fn app(cfg: &ServerConfig) -> Result<axum::Router> {
     let tok = Arc::new(tok);
     let metrics = Arc::new(metrics::Metrics::default());
     let (sched, _join) = scheduler::Scheduler::start(engine, tok.clone(), metrics.clone());
-    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics })))
+    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone() })))
 }
 
 /// A server running on a tokio task (tests, benchmarks): its address and a way to stop it.

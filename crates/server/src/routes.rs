@@ -76,7 +76,8 @@ async fn load_weights(State(st): St, body: Bytes) -> Response {
         if !path.is_dir() {
             return Err(ApiError::invalid("path", format!("{}: not a checkpoint directory", req.path)));
         }
-        let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path))
+        let dev = st.device.clone();
+        let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path, &dev))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::invalid("path", e.to_string()))?;

@@ -59,29 +59,37 @@ pub struct AppState {
     pub tok: Arc<Tokenizer>,
     pub info: ModelInfo,
     pub metrics: Arc<Metrics>,
+    /// where the served model lives (new weights are loaded there)
+    pub device: Device,
 }
 
 /// `default` (the embedded default, weights from `seed`, byte-level tokenizer) or a checkpoint
-/// directory (its tokenizer files beside the weights); batch-invariant kernels.
-pub fn load_model(spec: &str, seed: u64) -> Result<(MoeCausalLm, Tokenizer)> {
+/// directory (its tokenizer files beside the weights); batch-invariant kernels, on `dev`.
+pub fn load_model(spec: &str, seed: u64, dev: &Device) -> Result<(MoeCausalLm, Tokenizer)> {
     if spec == "default" {
-        let mut m = MoeCausalLm::embedded_default(seed, DType::F32, &Device::Cpu)?;
-        m.set_kernels(Kernels::Invariant);
-        return Ok((m, Tokenizer::bytes()));
+        let m = MoeCausalLm::embedded_default(seed, DType::F32, dev)?;
+        return Ok((ready(m, dev)?, Tokenizer::bytes()));
     }
     let dir = Path::new(spec);
     if !dir.is_dir() {
         return Err(ServerError::Config(format!("--model {spec}: not a directory (a checkpoint directory or `default`)")));
     }
-    let m = load_weights(dir)?;
+    let m = load_weights(dir, dev)?;
     let tok = Tokenizer::from_dir(dir, m.cfg.vocab_size)?;
     Ok((m, tok))
 }
 
-/// A checkpoint's weights with the batch-invariant kernels.
-pub fn load_weights(dir: &Path) -> Result<MoeCausalLm> {
-    let mut m = MoeCausalLm::load(dir, DType::F32, &Device::Cpu)?;
+/// A checkpoint's weights with the batch-invariant kernels, on `dev`.
+pub fn load_weights(dir: &Path, dev: &Device) -> Result<MoeCausalLm> {
+    let m = MoeCausalLm::load(dir, DType::F32, dev)?;
+    ready(m, dev)
+}
+
+/// The batch-invariant kernels; on CUDA the loading thread's stream drained, since the engine
+/// thread works on its own (candle enqueues on each thread's default stream).
+fn ready(mut m: MoeCausalLm, dev: &Device) -> Result<MoeCausalLm> {
     m.set_kernels(Kernels::Invariant);
+    dev.synchronize().map_err(|e| ServerError::Config(format!("device {:?}: {e}", dev.location())))?;
     Ok(m)
 }
 
