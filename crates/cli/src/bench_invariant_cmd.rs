@@ -1,7 +1,7 @@
 //! `lockstep bench-invariant`: what the batch-invariant CUDA kernels cost against candle's
 //! (cuBLAS) at decode and training sizes, timed with CUDA events (median of `--iters` after
 //! `--warmup`):
-//! - the matmul x [M, K] · wᵀ (w [N, K]) in f32 and bf16 at M = 1, 64, 4096;
+//! - the matmul x [M, K] · wᵀ (w [N, K]) in f32 and bf16 at M = 1, 64, 256, 4096;
 //! - causal attention (H 16 over 4 KV heads, Dh 128) at T = 512, 2048, 4096 (f32);
 //! - the forward of the wide model (hidden 1024, 2 MoE layers) on 16 × 256 packed tokens.
 
@@ -84,7 +84,7 @@ mod imp {
 
         // matmul
         for dtype in [DType::F32, DType::BF16] {
-            for &(m, n, k) in &[(1usize, 2048usize, 2048usize), (64, 2048, 2048), (4096, 2048, 2048), (4096, 1536, 1024)] {
+            for &(m, n, k) in &[(1usize, 2048usize, 2048usize), (64, 2048, 2048), (256, 2048, 2048), (4096, 2048, 2048), (4096, 1536, 1024)] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
                 let inv = time(&dev, wu, it, || Ok(drop(invariant::matmul_nt(&x, &w)?)))?;

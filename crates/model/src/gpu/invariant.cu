@@ -6,13 +6,14 @@
 // So a decode step over a KV cache (one row) reproduces the trainer's packed forward (many rows)
 // bit for bit. cuBLAS does not: it picks its tiling and split-K by M.
 //
-// - inv_matmul_nt_f32: y[m, n] = sum_k x[m, k] * w[n, k], one f32 accumulator, k ascending,
-//   fmaf. Tiles only decide which thread does the work, never the order.
-// - inv_matmul_nt_bf16: the same product on tensor cores (mma over 16-wide K chunks, ascending,
-//   f32 accumulation).
-// - inv_attention_f32: per query row, the visible keys in ascending order: s_j = dot(q, k_j) *
-//   scale (Dh ascending, fmaf), softmax with max subtraction and a sequential sum, then
-//   out[d] = sum_j p_j v_j[d] sequentially. Masked keys are skipped, not added as zeros.
+// - inv_matmul_nt_f32(_skinny): y[m, n] = sum_k x[m, k] * w[n, k], one f32 accumulator, k
+//   ascending, fmaf. Tiles only decide which thread does the work, never the order; the
+//   skinny variant (few rows, more blocks) computes each element identically.
+// - inv_matmul_nt_bf16(_skinny): the same product on tensor cores (mma over 16-wide K chunks,
+//   ascending, f32 accumulation); the skinny variant is one warp per 16 x 16 tile.
+// - inv_attention_f32: per query row, over the visible keys: s_j = dot(q, k_j) * scale (one
+//   warp's fixed-order dot), softmax with max subtraction and a sequential sum, then
+//   out[d] = sum_j p_j v_j[d] in ascending key order. Masked keys are skipped, not added as zeros.
 
 #include <cuda_bf16.h>
 #include <mma.h>
@@ -77,6 +78,41 @@ __device__ void matmul_nt(const T* __restrict__ x, const T* __restrict__ w, T* _
 extern "C" __global__ void __launch_bounds__(256) inv_matmul_nt_f32(const float* x, const float* w, float* y,
                                                                     uint32_t M, uint32_t N, uint32_t K) {
     matmul_nt<float>(x, w, y, M, N, K);
+}
+
+// Few rows (decode steps): 128 threads, an 8 x 16 output tile, one output per thread, K staged
+// 32 at a time. The same fmaf chain over ascending k as inv_matmul_nt_f32, so a row's result
+// does not depend on which of the two kernels the launch picks.
+#define SM_ROWS 8
+#define SN_COLS 16
+#define SK_STEP 32
+extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_f32_skinny(const float* __restrict__ x,
+                                                                           const float* __restrict__ w,
+                                                                           float* __restrict__ y, uint32_t M,
+                                                                           uint32_t N, uint32_t K) {
+    __shared__ float xs[SM_ROWS][SK_STEP + 1];
+    __shared__ float ws[SN_COLS][SK_STEP + 1];
+    const uint32_t tid = threadIdx.x, r = tid / SN_COLS, c = tid % SN_COLS;
+    const size_t m0 = (size_t)blockIdx.y * SM_ROWS, n0 = (size_t)blockIdx.x * SN_COLS;
+    float acc = 0.0f;
+    for (uint32_t k0 = 0; k0 < K; k0 += SK_STEP) {
+        for (uint32_t e = tid; e < SM_ROWS * SK_STEP; e += 128) {
+            const uint32_t rr = e / SK_STEP, cc = e % SK_STEP;
+            const size_t m = m0 + rr, k = k0 + cc;
+            xs[rr][cc] = (m < M && k < K) ? x[m * K + k] : 0.0f;
+        }
+        for (uint32_t e = tid; e < SN_COLS * SK_STEP; e += 128) {
+            const uint32_t rr = e / SK_STEP, cc = e % SK_STEP;
+            const size_t n = n0 + rr, k = k0 + cc;
+            ws[rr][cc] = (n < N && k < K) ? w[n * K + k] : 0.0f;
+        }
+        __syncthreads();
+        const uint32_t kmax = min((uint32_t)SK_STEP, K - k0);
+        for (uint32_t kk = 0; kk < kmax; kk++) acc = fmaf(xs[r][kk], ws[c][kk], acc);
+        __syncthreads();
+    }
+    const size_t m = m0 + r, n = n0 + c;
+    if (m < M && n < N) y[m * N + n] = acc;
 }
 
 // bf16 on tensor cores (WMMA 16x16x16, f32 accumulators): every output element is the same
@@ -151,8 +187,63 @@ extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16(const __nv_
     }
 }
 
+// Few rows, bf16: one warp per 16 x 16 output tile, the same mma sequence per element as
+// inv_matmul_nt_bf16 (16-wide K chunks, ascending), so either kernel gives a row the same bits.
+extern "C" __global__ void __launch_bounds__(32) inv_matmul_nt_bf16_skinny(const __nv_bfloat16* __restrict__ x,
+                                                                           const __nv_bfloat16* __restrict__ w,
+                                                                           __nv_bfloat16* __restrict__ y, uint32_t M,
+                                                                           uint32_t N, uint32_t K) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 As[16][WBK + WPAD];
+    __shared__ __align__(32) __nv_bfloat16 Bs[16][WBK + WPAD];
+    __shared__ __align__(32) float Cs[16][16 + 4];
+    const uint32_t lane = threadIdx.x;
+    const size_t m0 = (size_t)blockIdx.y * 16, n0 = (size_t)blockIdx.x * 16;
+    const bool vec = (K % 8 == 0) && ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
+    const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    for (uint32_t k0 = 0; k0 < K; k0 += WBK) {
+        for (uint32_t v = lane; v < 16 * WBK / 8; v += 32) {
+            const uint32_t r = v / (WBK / 8), c8 = (v % (WBK / 8)) * 8;
+            const size_t k = k0 + c8, m = m0 + r, n = n0 + r;
+            if (vec && m < M && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&As[r][c8]) = *reinterpret_cast<const uint4*>(&x[m * K + k]);
+            } else {
+                for (int e = 0; e < 8; e++) As[r][c8 + e] = (m < M && k + e < K) ? x[m * K + k + e] : zero;
+            }
+            if (vec && n < N && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&Bs[r][c8]) = *reinterpret_cast<const uint4*>(&w[n * K + k]);
+            } else {
+                for (int e = 0; e < 8; e++) Bs[r][c8 + e] = (n < N && k + e < K) ? w[n * K + k + e] : zero;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (uint32_t kk = 0; kk < WBK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+            wmma::load_matrix_sync(a, &As[0][kk], WBK + WPAD);
+            wmma::load_matrix_sync(b, &Bs[0][kk], WBK + WPAD);
+            wmma::mma_sync(c, a, b, c);
+        }
+        __syncwarp();
+    }
+    wmma::store_matrix_sync(&Cs[0][0], c, 16 + 4, wmma::mem_row_major);
+    __syncwarp();
+    for (uint32_t e = lane; e < 256; e += 32) {
+        const uint32_t r = e / 16, cc = e % 16;
+        const size_t m = m0 + r, n = n0 + cc;
+        if (m < M && n < N) y[m * N + n] = __float2bfloat16(Cs[r][cc]);
+    }
+}
+
 // One block per query row (b, h, i); dynamic shared memory: Tk scores + 32 floats of scratch.
 // q [B, H, Tq, Dh], k, v [B, G, Tk, Dh], visible [B, Tq, Tk] (1 = visible), out [B, H, Tq, Dh].
+// A score is one warp's: lane l sums d = l, l + 32, ... (fmaf, ascending), a fixed xor butterfly
+// adds the lanes, lane 0's total is the score. Then the max (exact in any order), the
+// exponentials, their sum in ascending key order (one thread), p_j = e_j / z, and per d the
+// sum of p_j v_j[d] in ascending key order.
 extern "C" __global__ void inv_attention_f32(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const uint8_t* __restrict__ visible,
                                              float* __restrict__ out, uint32_t H, uint32_t G, uint32_t Tq,
@@ -170,25 +261,27 @@ extern "C" __global__ void inv_attention_f32(const float* __restrict__ q, const 
     const float* vb = v + (b * G + g) * (size_t)Tk * Dh;
     const uint8_t* mask = visible + (b * Tq + i) * (size_t)Tk;
     float* o = out + row * Dh;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
 
-    // 1. scores of the visible keys, and the largest
+    // 1. scores of the visible keys (a warp per key), and the largest
     float mx = -INFINITY;
-    for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x) {
-        if (mask[j]) {
-            const float* kj = kb + (size_t)j * Dh;
-            float acc = 0.0f;
-            for (uint32_t d = 0; d < Dh; d++) acc = fmaf(qv[d], kj[d], acc);
-            s[j] = acc * scale;
-            mx = fmaxf(mx, s[j]);
-        }
+    for (uint32_t j = warp; j < Tk; j += nwarps) {
+        if (!mask[j]) continue;  // the same j across the warp
+        const float* kj = kb + (size_t)j * Dh;
+        float acc = 0.0f;
+        for (uint32_t d = lane; d < Dh; d += 32) acc = fmaf(qv[d], kj[d], acc);
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        const float sj = __shfl_sync(0xffffffffu, acc, 0) * scale;
+        if (lane == 0) s[j] = sj;
+        mx = fmaxf(mx, sj);
     }
     // max is exact in any order
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
+    if (lane == 0) red[warp] = mx;
     __syncthreads();
     if (threadIdx.x == 0) {
         float m = -INFINITY;
-        for (uint32_t w = 0; w < blockDim.x / 32; w++) m = fmaxf(m, red[w]);
+        for (uint32_t w = 0; w < nwarps; w++) m = fmaxf(m, red[w]);
         red[0] = m;
     }
     __syncthreads();
@@ -197,7 +290,7 @@ extern "C" __global__ void inv_attention_f32(const float* __restrict__ q, const 
         for (uint32_t d = threadIdx.x; d < Dh; d += blockDim.x) o[d] = 0.0f;
         return;
     }
-    // 2. exponentials, then their sum in ascending key order (one thread)
+    // 2. exponentials, then their sum in ascending key order (one thread), then p_j = e_j / z
     for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x)
         if (mask[j]) s[j] = expf(s[j] - mx);
     __syncthreads();
@@ -209,11 +302,14 @@ extern "C" __global__ void inv_attention_f32(const float* __restrict__ q, const 
     }
     __syncthreads();
     const float z = red[1];
-    // 3. out[d] = sum_j (e_j / z) v_j[d], keys ascending
+    for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x)
+        if (mask[j]) s[j] = s[j] / z;
+    __syncthreads();
+    // 3. out[d] = sum_j p_j v_j[d], keys ascending
     for (uint32_t d = threadIdx.x; d < Dh; d += blockDim.x) {
         float acc = 0.0f;
         for (uint32_t j = 0; j < Tk; j++)
-            if (mask[j]) acc = fmaf(s[j] / z, vb[(size_t)j * Dh + d], acc);
+            if (mask[j]) acc = fmaf(s[j], vb[(size_t)j * Dh + d], acc);
         o[d] = acc;
     }
 }

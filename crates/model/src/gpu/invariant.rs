@@ -33,7 +33,11 @@ fn u32_dim(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("invariant kernel: {what} = {n} exceeds u32")))
 }
 
-/// `threads`: 256 for the f32 FMA kernel, 128 for the bf16 tensor-core kernel (64 x 64 tiles both).
+/// The big-tile kernel (64 x 64 outputs a block: `threads` 256 for the f32 FMA kernel, 128 for
+/// the bf16 tensor-core one) unless it would fill fewer than two waves of an H100/H200's 132 SMs
+/// (decode-size M; f32 also M ≤ 64), then `{name}_skinny` (f32: 8 x 16 a block of 128 threads; bf16: 16 x 16 a
+/// warp). Both give every element the same operations in the same order (the .cu file), so the
+/// choice, which depends on M, never changes a row's bits.
 fn launch_matmul<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &CudaView<T>,
@@ -47,14 +51,22 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
         return Ok(y);
     }
     let (m32, n32, k32) = (u32_dim(m, "M")?, u32_dim(n, "N")?, u32_dim(k, "K")?);
-    let gy = m.div_ceil(64);
+    let bf16 = threads == 128;
+    // measured on the H100 (bench-invariant): the f32 skinny kernel wins up to M 64 only
+    let skinny = m.div_ceil(64) * n.div_ceil(64) < 2 * 132 && (bf16 || m <= 64);
+    let (kernel, (tm, tn), block) = if skinny {
+        (format!("{name}_skinny"), if bf16 { (16, 16) } else { (8, 16) }, if bf16 { 32 } else { 128 })
+    } else {
+        (name.to_string(), (64, 64), threads)
+    };
+    let gy = m.div_ceil(tm);
     if gy > 65535 {
-        candle_core::bail!("invariant matmul: {m} rows exceed one launch (at most {} rows)", 65535 * 64);
+        candle_core::bail!("invariant matmul: {m} rows exceed one launch (at most {} rows)", 65535 * tm);
     }
-    let f = func(dev, name)?;
+    let f = func(dev, &kernel)?;
     let mut b = f.builder();
     b.arg(x).arg(w).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(64) as u32, gy as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(tn) as u32, gy as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
     unsafe { b.launch(cfg) }.w()?;
     Ok(y)
 }
