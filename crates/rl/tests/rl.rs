@@ -57,6 +57,7 @@ fn config_errors_name_the_key() {
     assert!(bad("digits = 1|digits = 9").contains("task.digits"));
     assert!(bad("every = 5|every = 0").contains("eval.every"));
     assert!(bad("is_correction = \"none\"|is_correction = \"maybe\"").contains("loss.is_correction"));
+    assert!(bad("kernels = \"invariant\"|kernels = \"fast\"").contains("model.kernels"));
     let e = bad("steps = 100|steps = -3");
     assert!(e.contains("`steps`"), "{e}");
     // the printed config parses back to the same config
@@ -94,6 +95,9 @@ fn short_run_end_to_end_and_resume_matches() {
     let rl: Vec<_> = straight.records.iter().filter(|r| r.phase == "rl").collect();
     assert_eq!(rl.len(), 4);
     assert!(rl.iter().all(|r| r.layers.len() == 3 && r.completion_tokens > 0));
+    // exactly on-policy: every step's first update sees the engine's log-probabilities
+    assert!(rl.iter().all(|r| r.train_infer_logprob_diff_max == 0.0 && r.train_infer_kl == 0.0), "{rl:?}");
+    assert!(rl.iter().any(|r| r.kl > 0.0), "the later, off-policy updates do move");
     assert!(rl[1].eval_accuracy.is_some());
     assert!(dir.path().join("a/report.html").exists());
     assert!(dir.path().join("a/checkpoints/step-2/model.safetensors").exists());

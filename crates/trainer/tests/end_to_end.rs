@@ -48,6 +48,7 @@ fn engine_rollouts_train_on_policy_bit_for_bit() {
         let m = t.step(&tbs).unwrap();
         assert_eq!(m.kl, 0.0, "{ratio:?}: on-policy means ρ = 1 exactly");
         assert_eq!(m.extreme_fraction, 0.0);
+        assert_eq!(m.max_abs_logprob_diff, 0.0, "{ratio:?}: the trainer reproduces the engine's log-probabilities");
         assert_eq!(m.tokens, 12.0 * 6.0);
         assert!(m.layers.values().all(|l| l.route_agreement == 1.0), "{:?}", m.layers);
         if matches!(ratio, RatioMode::Joint(_)) {

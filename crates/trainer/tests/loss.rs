@@ -56,6 +56,7 @@ fn ppo_token_mode() {
     close(m.clip_fraction, 2.0 / 3.0);
     close(m.kl, 0.17933449001058013);
     close(m.extreme_fraction, 1.0 / 3.0); // slot 1: 1/ρ = e > 2
+    close(m.max_abs_logprob_diff, 1.0); // slot 1: −2 vs −1 (the masked slot 2 does not count)
     assert_eq!(m.tokens, 3.0);
 }
 
