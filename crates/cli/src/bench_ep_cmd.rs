@@ -60,7 +60,6 @@ mod imp {
     use std::sync::Arc;
 
     use anyhow::{bail, Context};
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::{DType, Device, Tensor, Var};
     use candle_nn::VarBuilder;
     use lockstep_dist::nccl::NcclComm;
@@ -107,19 +106,15 @@ mod imp {
     impl Timer<'_> {
         /// Median ms of `f` on this rank, every iteration behind a barrier.
         fn time<F: FnMut() -> anyhow::Result<()>>(&self, mut f: F) -> anyhow::Result<f64> {
-            let Device::Cuda(cd) = self.dev else { bail!("not a CUDA device") };
-            let stream = cd.cuda_stream();
+            let stream = crate::gpu_timer::stream(self.dev)?;
             let one = Tensor::ones(1, DType::F32, self.dev)?;
             let mut ms = Vec::with_capacity(self.iters);
             for i in 0..self.warmup + self.iters {
                 self.comm.all_reduce_sum(&one)?;
                 stream.synchronize()?;
-                let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                f()?;
-                let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-                e1.synchronize()?;
+                let t = crate::gpu_timer::event_ms(&stream, &mut f)?;
                 if i >= self.warmup {
-                    ms.push(e0.elapsed_ms(&e1)? as f64);
+                    ms.push(t);
                 }
             }
             ms.sort_by(|a, b| a.total_cmp(b));

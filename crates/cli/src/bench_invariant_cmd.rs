@@ -36,7 +36,6 @@ mod imp {
     use std::sync::Arc;
 
     use anyhow::{bail, Context};
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::{DType, Device, Tensor, D};
     use lockstep_model::nn::invariant;
     use lockstep_model::{Batch, Kernels, ModelConfig, MoeCausalLm, RoutingPlan};
@@ -44,29 +43,9 @@ mod imp {
 
     use super::BenchInvariantArgs;
 
-    fn time<F: FnMut() -> anyhow::Result<()>>(dev: &Device, warmup: usize, iters: usize, mut f: F) -> anyhow::Result<f64> {
-        let Device::Cuda(cd) = dev else { bail!("not a CUDA device") };
-        let stream = cd.cuda_stream();
-        for _ in 0..warmup {
-            f()?;
-        }
-        stream.synchronize()?;
-        let mut ms = Vec::with_capacity(iters);
-        for _ in 0..iters.max(1) {
-            let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            f()?;
-            let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            e1.synchronize()?;
-            ms.push(e0.elapsed_ms(&e1)? as f64);
-        }
-        ms.sort_by(|a, b| a.total_cmp(b));
-        Ok(ms[ms.len() / 2])
+    fn time<F: FnMut() -> anyhow::Result<()>>(dev: &Device, warmup: usize, iters: usize, f: F) -> anyhow::Result<f64> {
+        Ok(crate::gpu_timer::median_min_ms(dev, warmup, iters, f)?.0)
     }
-
-    const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
-      "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
-      "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
-      "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true}"#;
 
     pub fn run(args: BenchInvariantArgs) -> anyhow::Result<()> {
         let dev = crate::device::parse(&args.device)?;
@@ -76,7 +55,7 @@ mod imp {
         let (wu, it) = (args.warmup, args.iters);
         let mut records = Vec::new();
         println!("{:<34} {:>12} {:>12} {:>8}", "case", "invariant", "candle", "ratio");
-        let mut line = |case: String, inv: f64, std: f64, flops: f64, records: &mut Vec<serde_json::Value>| {
+        let line = |case: String, inv: f64, std: f64, flops: f64, records: &mut Vec<serde_json::Value>| {
             let tf = |ms: f64| if flops > 0.0 { format!(" ({:.1} TFLOP/s)", flops / ms / 1e9) } else { String::new() };
             println!("{case:<34} {inv:>9.3} ms {std:>9.3} ms {:>7.2}x   invariant{} candle{}", inv / std, tf(inv), tf(std));
             records.push(json!({"case": case, "invariant_ms": inv, "candle_ms": std, "flops": flops}));
@@ -118,7 +97,7 @@ mod imp {
 
         // a whole forward: the wide model on 16 × 256 packed tokens
         for dtype in [DType::F32, DType::BF16] {
-            let cfg = ModelConfig::from_json_str(WIDE, "<wide>")?;
+            let cfg = ModelConfig::from_json_str(crate::consistency_cmd::WIDE, "<wide>")?;
             let mut m = MoeCausalLm::random(&cfg, 0, dtype, &dev)?;
             let tokens: Vec<u32> = (0..16 * 256).map(|i| (i * 37 % 512) as u32).collect();
             let cu: Vec<usize> = (0..=16).map(|s| s * 256).collect();

@@ -52,13 +52,13 @@ pub fn run(args: BenchMoeArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 mod imp {
     use anyhow::{bail, Context};
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::{DType, Device, Tensor, Var};
     use lockstep_model::gpu::{experts_forward, GemmImpl};
     use lockstep_model::moe::{combine, dispatch::Dispatch, experts::Experts};
     use serde_json::json;
 
     use super::BenchMoeArgs;
+    use crate::gpu_timer::median_min_ms as time;
 
     #[derive(Clone, Copy)]
     struct Shape {
@@ -172,25 +172,6 @@ mod imp {
         let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         Ok(if scale > 0.0 { diff / scale } else { diff })
-    }
-
-    fn time<F: FnMut() -> anyhow::Result<()>>(dev: &Device, warmup: usize, iters: usize, mut f: F) -> anyhow::Result<(f64, f64)> {
-        let Device::Cuda(cd) = dev else { bail!("not a CUDA device") };
-        let stream = cd.cuda_stream();
-        for _ in 0..warmup {
-            f()?;
-        }
-        stream.synchronize()?;
-        let mut ms = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            f()?;
-            let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            e1.synchronize()?;
-            ms.push(e0.elapsed_ms(&e1)? as f64);
-        }
-        ms.sort_by(|a, b| a.total_cmp(b));
-        Ok((ms[ms.len() / 2], ms[0]))
     }
 
     pub fn run(args: BenchMoeArgs) -> anyhow::Result<()> {

@@ -45,7 +45,8 @@ pub struct ConsistencyArgs {
     dtype: String,
 }
 
-const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
+/// The wide random model (hidden 1024, expert width 768, 2 MoE layers); also `bench-invariant`'s.
+pub(crate) const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
   "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
   "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
   "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true}"#;

@@ -7,6 +7,8 @@ mod consistency_cmd;
 mod demo_cmd;
 mod dist_check_cmd;
 mod device;
+#[cfg(feature = "cuda")]
+mod gpu_timer;
 mod launch_cmd;
 mod serve_cmd;
 mod trace_cmd;

@@ -12,58 +12,51 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::bf16;
 
-use super::Kernel;
-
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/invariant_kernels.ptx"));
-const MODULE: &str = "lockstep_invariant";
-
-fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
-    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
-    Ok(Kernel { f, stream: dev.cuda_stream() })
-}
-
-fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((o1, o2)) => Ok(s.as_cuda_slice::<T>()?.slice(o1..o2)),
-        None => candle_core::bail!("invariant kernel: {what} must be contiguous"),
-    }
-}
+use super::invariant_func as func;
+use super::ops::contiguous;
 
 fn u32_dim(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("invariant kernel: {what} = {n} exceeds u32")))
 }
 
-/// The big-tile kernel (64 x 64 outputs a block: `threads` 256 for the f32 FMA kernel, 128 for
-/// the bf16 tensor-core one) unless it would fill fewer than two waves of an H100/H200's 132 SMs
-/// (decode-size M; f32 also M ≤ 64), then `{name}_skinny` (f32: 8 x 16 a block of 128 threads; bf16: 16 x 16 a
-/// warp). Both give every element the same operations in the same order (the .cu file), so the
-/// choice, which depends on M, never changes a row's bits.
+/// The matmul kernels of one dtype: the big-tile one (64 x 64 outputs a block) and the skinny
+/// one for decode-size M. Both give every element the same operations in the same order (the .cu
+/// file), so the choice, which depends on M, never changes a row's bits.
+struct MatmulKernels {
+    /// (name, threads) of the 64 x 64 kernel
+    big: (&'static str, u32),
+    /// (name, threads, rows, cols of its tile)
+    skinny: (&'static str, u32, usize, usize),
+    /// the largest M the skinny kernel is used for (measured on the H100 by bench-invariant)
+    skinny_max_m: usize,
+}
+
+const F32_KERNELS: MatmulKernels =
+    MatmulKernels { big: ("inv_matmul_nt_f32", 256), skinny: ("inv_matmul_nt_f32_skinny", 128, 8, 16), skinny_max_m: 64 };
+const BF16_KERNELS: MatmulKernels =
+    MatmulKernels { big: ("inv_matmul_nt_bf16", 128), skinny: ("inv_matmul_nt_bf16_skinny", 32, 16, 16), skinny_max_m: usize::MAX };
+
+/// The skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs
+/// (and M is within the kernel family's `skinny_max_m`), else the big one.
 fn launch_matmul<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     w: &CudaView<T>,
     (m, n, k): (usize, usize, usize),
-    name: &str,
-    threads: u32,
+    kernels: &MatmulKernels,
 ) -> Result<CudaSlice<T>> {
     let mut y = unsafe { dev.alloc::<T>((m * n).max(1))? };
     if m * n == 0 {
         return Ok(y);
     }
     let (m32, n32, k32) = (u32_dim(m, "M")?, u32_dim(n, "N")?, u32_dim(k, "K")?);
-    let bf16 = threads == 128;
-    // measured on the H100 (bench-invariant): the f32 skinny kernel wins up to M 64 only
-    let skinny = m.div_ceil(64) * n.div_ceil(64) < 2 * 132 && (bf16 || m <= 64);
-    let (kernel, (tm, tn), block) = if skinny {
-        (format!("{name}_skinny"), if bf16 { (16, 16) } else { (8, 16) }, if bf16 { 32 } else { 128 })
-    } else {
-        (name.to_string(), (64, 64), threads)
-    };
+    let skinny = m.div_ceil(64) * n.div_ceil(64) < 2 * 132 && m <= kernels.skinny_max_m;
+    let (name, block, tm, tn) = if skinny { kernels.skinny } else { (kernels.big.0, kernels.big.1, 64, 64) };
     let gy = m.div_ceil(tm);
     if gy > 65535 {
         candle_core::bail!("invariant matmul: {m} rows exceed one launch (at most {} rows)", 65535 * tm);
     }
-    let f = func(dev, &kernel)?;
+    let f = func(dev, name)?;
     let mut b = f.builder();
     b.arg(x).arg(w).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(tn) as u32, gy as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
@@ -84,11 +77,11 @@ pub fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout) -
     let dev = sx.device().clone();
     let out = match sx.dtype() {
         DType::F32 => {
-            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "x")?, &contiguous(sw, lw, "w")?, (m, n, k), "inv_matmul_nt_f32", 256)?;
+            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &F32_KERNELS)?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         DType::BF16 => {
-            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "x")?, &contiguous(sw, lw, "w")?, (m, n, k), "inv_matmul_nt_bf16", 128)?;
+            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &BF16_KERNELS)?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         other => candle_core::bail!("invariant matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
@@ -121,7 +114,7 @@ pub fn attention(
         candle_core::bail!("invariant attention: {tk} keys exceed one block's shared memory (at most {})", 48 * 256 - 32);
     }
     let dev = sq.device().clone();
-    let (q, k, v) = (contiguous::<f32>(sq, lq, "q")?, contiguous::<f32>(sk, lk, "k")?, contiguous::<f32>(sv, lv, "v")?);
+    let (q, k, v) = (contiguous::<f32>(sq, lq, "invariant attention q")?, contiguous::<f32>(sk, lk, "invariant attention k")?, contiguous::<f32>(sv, lv, "invariant attention v")?);
     let rows = b * h * tq;
     let mut out = unsafe { dev.alloc::<f32>((rows * dh).max(1))? };
     if rows > 0 && dh > 0 {

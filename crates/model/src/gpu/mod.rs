@@ -28,6 +28,8 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_kernels.ptx"));
 const MODULE: &str = "lockstep_moe";
 const ROUTE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/route_kernels.ptx"));
 const ROUTE_MODULE: &str = "lockstep_route";
+const INVARIANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/invariant_kernels.ptx"));
+const INVARIANT_MODULE: &str = "lockstep_invariant";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -50,6 +52,12 @@ pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `route.cu`.
 pub(crate) fn route_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, ROUTE_MODULE, ROUTE_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `invariant.cu`.
+pub(crate) fn invariant_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, INVARIANT_MODULE, INVARIANT_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 

@@ -34,7 +34,7 @@ fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name}: CUDA only (the CPU path is crates/model/src/moe)")
 }
 
-fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+pub(super) fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((o1, o2)) => Ok(s.as_cuda_slice::<T>()?.slice(o1..o2)),
         None => candle_core::bail!("{what}: input must be contiguous"),
