@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use candle_core::{DType, IndexOp, D};
 use lockstep_model::config::{Pool, RoutingStrategy};
 use lockstep_model::moe::router::expert_choice::capacity;
+use lockstep_model::logprobs::at_temperature;
 use lockstep_model::{Batch, KvCache, LayerRoute, MoeCausalLm, RoutingPlan};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -42,7 +43,8 @@ pub struct Completion {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub tokens: Vec<u32>,
-    /// log π(token) of each completion token under the model (temperature 1)
+    /// log π_T(token) of each completion token: log-softmax(logits / T) at the request's
+    /// temperature T (T = 1 for greedy requests), before top-k / top-p filtering
     pub logprobs: Vec<f32>,
     /// keyed by decoder layer; rows = prompt + completion tokens
     pub routes: BTreeMap<usize, LayerRoutes>,
@@ -314,7 +316,6 @@ impl Engine {
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
         let plan = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
         let out = self.model.forward_cached(&step, &mut caches, &plan)?;
-        let logsm = candle_nn::ops::log_softmax(&out.logits.to_dtype(DType::F32)?, D::Minus1)?;
         let k = route_width(&self.model);
         let step_routes: Vec<(usize, Vec<u32>, Vec<f32>)> = out
             .routes
@@ -335,8 +336,10 @@ impl Engine {
             if s.finished.is_some() {
                 continue; // that was the flush of the last token's route
             }
-            let row: Vec<f32> = out.logits.i((0, b - 1))?.to_vec1()?;
-            let lp: Vec<f32> = logsm.i((0, b - 1))?.to_vec1()?;
+            let logits_row = out.logits.i((0, b - 1))?;
+            let row: Vec<f32> = logits_row.to_dtype(DType::F32)?.to_vec1()?;
+            // the distribution sampled from (at T; greedy records T = 1), as the trainer scores it
+            let lp: Vec<f32> = candle_nn::ops::log_softmax(&at_temperature(&logits_row, s.params.temperature as f64)?, D::Minus1)?.to_vec1()?;
             let tok = sample(&row, &s.params, &mut s.rng);
             s.tokens.push(tok);
             s.logprobs.push(lp[tok as usize]);

@@ -1,8 +1,9 @@
 //! Sampling from one row of logits: greedy (temperature 0) or temperature, then top-k, then
 //! top-p (nucleus) filtering, drawn with the request's own seeded RNG (ChaCha8), so a request's
 //! tokens do not depend on what else is in the batch. Log-probabilities reported with a sampled
-//! token are those of the model's own distribution (temperature 1, unfiltered): the policy the
-//! trainer scores.
+//! token are those of the distribution at the request's temperature, log-softmax(logits / T)
+//! (T = 1 for greedy requests), before top-k / top-p filtering: the policy the trainer scores
+//! (`lockstep_model::logprobs::at_temperature`, the same division on both sides).
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -18,7 +19,7 @@ pub struct SamplingParams {
     pub seed: u64,
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
-    /// report the `logprobs` most likely tokens (and their log-probabilities, temperature 1)
+    /// report the `logprobs` most likely tokens (and their log-probabilities at the temperature)
     /// at every sampled position (0 = none)
     pub logprobs: usize,
 }

@@ -2,10 +2,25 @@
 //! `logp[n] = log_softmax(logits[n − 1])[token[n]]` for every slot n whose previous slot is in
 //! the same sequence; `valid[n]` is false for the first token of each sequence and for padding.
 //! (The same alignment as inference logprobs: the logprob of the token *at* n.)
+//!
+//! Temperature: the engine samples from softmax(logits / T) and records log-softmax(logits / T);
+//! the trainer scores the same way. [`at_temperature`] is the one place both sides divide, so
+//! equal logits give equal bits at any T.
 
 use candle_core::{DType, Tensor, D};
 use crate::batch::Batch;
 use crate::error::Result;
+
+/// `logits / T` in f32 (T = 1: the logits in f32 unchanged). The distribution the engine
+/// samples from and both sides score (T > 0; greedy decoding records T = 1).
+pub fn at_temperature(logits: &Tensor, temperature: f64) -> Result<Tensor> {
+    let l = logits.to_dtype(DType::F32)?;
+    if temperature == 1.0 || temperature <= 0.0 {
+        Ok(l)
+    } else {
+        Ok((l / temperature)?)
+    }
+}
 
 /// [B, T] log-probabilities (0 where invalid) and the per-slot validity.
 pub fn token_logprobs(logits_BTV: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {

@@ -36,6 +36,12 @@ temperature = 1.0
 # lockstep servers to roll out on (e.g. ["http://127.0.0.1:8000"]); empty: the in-process engine.
 # Weights are synced after every update through POST /v1/load_weights (same filesystem).
 servers = []
+# none: the engine runs the trainer's weights and kernels (bitwise lockstep); bf16 / standard:
+# roll out with bf16 weights or candle's kernels while the trainer stays f32 / invariant —
+# the train–inference mismatch routing replay is for (what --compare-replay's arms use)
+mismatch = "none"
+# drop groups whose rewards are all equal (no GRPO signal) from the updates
+filter_zero_variance = false
 
 [trainer]
 lr = 5e-4
@@ -45,20 +51,31 @@ warmup_steps = 0
 # updates per rollout batch: the 2nd and later are off-policy (where replay matters)
 mini_steps = 2
 token_budget = 1024
+# passes over the same rollout batch (each pass: `mini_steps` updates)
+epochs = 1
 
 [replay]
 enabled = true
 
 [loss]
-objective = "ppo"      # ppo | policy_gradient
+objective = "ppo"      # ppo | gspo (sequence-level ratio) | policy_gradient
 clip_low = 0.2
 clip_high = 0.28
+# what PPO is centred on: infer (the engine's log-probs) | recompute (decoupled PPO: the
+# trainer scores the rollouts before the first update; is_correction weighs π_old / π_infer)
+pi_old = "infer"
 is_correction = "none" # none | tis | mis
 tis_cap = 2.0
 mis_low = 0.5
 mis_high = 2.0
-ratio = "token"        # token | joint_sum | joint_mean
+# token | joint_sum | joint_mean (token × Plackett–Luce route probability; needs replay and a
+# softmax router) | router_shift (RSPO weight on the token ratio)
+ratio = "token"
+router_shift_floor = 0.1
 extreme_tau = 2.0
+kl_coef = 0.0          # KL penalty to the reference (the model after the warm-up)
+kl_estimator = "k3"    # k1 | k3
+entropy_coef = 0.0     # entropy bonus
 
 [eval]
 every = 5
@@ -123,6 +140,19 @@ pub struct RolloutSection {
     pub temperature: f32,
     #[serde(default)]
     pub servers: Vec<String>,
+    /// "none" (default) | "bf16" | "standard"
+    #[serde(default = "default_none")]
+    pub mismatch: String,
+    #[serde(default)]
+    pub filter_zero_variance: bool,
+}
+
+fn default_none() -> String {
+    "none".to_string()
+}
+
+fn default_one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +164,9 @@ pub struct TrainerSection {
     pub warmup_steps: u64,
     pub mini_steps: usize,
     pub token_budget: usize,
+    /// passes over the rollout batch (default 1)
+    #[serde(default = "default_one")]
+    pub epochs: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,12 +181,39 @@ pub struct LossSection {
     pub objective: String,
     pub clip_low: f64,
     pub clip_high: f64,
+    /// "infer" (default) | "recompute"
+    #[serde(default = "default_infer")]
+    pub pi_old: String,
     pub is_correction: String,
     pub tis_cap: f64,
     pub mis_low: f64,
     pub mis_high: f64,
     pub ratio: String,
+    /// γ's floor for ratio = "router_shift" (default 0.1)
+    #[serde(default = "default_shift_floor")]
+    pub router_shift_floor: f64,
     pub extreme_tau: f64,
+    /// default 0 (no penalty)
+    #[serde(default)]
+    pub kl_coef: f64,
+    /// "k1" | "k3" (default)
+    #[serde(default = "default_k3")]
+    pub kl_estimator: String,
+    /// default 0 (no bonus)
+    #[serde(default)]
+    pub entropy_coef: f64,
+}
+
+fn default_infer() -> String {
+    "infer".to_string()
+}
+
+fn default_shift_floor() -> f64 {
+    0.1
+}
+
+fn default_k3() -> String {
+    "k3".to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,14 +331,41 @@ impl RunConfig {
         if !(self.trainer.max_grad_norm > 0.0) {
             return Err(bad("trainer.max_grad_norm", "must be > 0"));
         }
-        if !["ppo", "policy_gradient"].contains(&self.loss.objective.as_str()) {
-            return Err(bad("loss.objective", format!("`{}`: expected ppo or policy_gradient", self.loss.objective)));
+        if !["ppo", "gspo", "policy_gradient"].contains(&self.loss.objective.as_str()) {
+            return Err(bad("loss.objective", format!("`{}`: expected ppo, gspo or policy_gradient", self.loss.objective)));
+        }
+        if !["infer", "recompute"].contains(&self.loss.pi_old.as_str()) {
+            return Err(bad("loss.pi_old", format!("`{}`: expected infer or recompute", self.loss.pi_old)));
+        }
+        if !["none", "bf16", "standard"].contains(&self.rollout.mismatch.as_str()) {
+            return Err(bad("rollout.mismatch", format!("`{}`: expected none, bf16 or standard", self.rollout.mismatch)));
+        }
+        if self.rollout.mismatch != "none" && !self.rollout.servers.is_empty() {
+            return Err(bad("rollout.mismatch", "applies to the in-process engine; leave rollout.servers empty"));
+        }
+        if self.trainer.epochs == 0 {
+            return Err(bad("trainer.epochs", "must be > 0"));
+        }
+        if !["k1", "k3"].contains(&self.loss.kl_estimator.as_str()) {
+            return Err(bad("loss.kl_estimator", format!("`{}`: expected k1 or k3", self.loss.kl_estimator)));
+        }
+        if !(self.loss.kl_coef >= 0.0 && self.loss.kl_coef.is_finite()) {
+            return Err(bad("loss.kl_coef", "must be a finite number >= 0"));
+        }
+        if !self.loss.entropy_coef.is_finite() {
+            return Err(bad("loss.entropy_coef", "must be finite"));
+        }
+        if !(self.loss.router_shift_floor >= 0.0 && self.loss.router_shift_floor <= 1.0) {
+            return Err(bad("loss.router_shift_floor", "must be in [0, 1]"));
         }
         if !["none", "tis", "mis"].contains(&self.loss.is_correction.as_str()) {
             return Err(bad("loss.is_correction", format!("`{}`: expected none, tis or mis", self.loss.is_correction)));
         }
-        if !["token", "joint_sum", "joint_mean"].contains(&self.loss.ratio.as_str()) {
-            return Err(bad("loss.ratio", format!("`{}`: expected token, joint_sum or joint_mean", self.loss.ratio)));
+        if !["token", "joint_sum", "joint_mean", "router_shift"].contains(&self.loss.ratio.as_str()) {
+            return Err(bad("loss.ratio", format!("`{}`: expected token, joint_sum, joint_mean or router_shift", self.loss.ratio)));
+        }
+        if self.loss.ratio.starts_with("joint") && !self.replay.enabled {
+            return Err(bad("loss.ratio", format!("`{}` with replay.enabled = false compares different events (the trainer's own experts vs the inference experts): enable replay or use ratio = token / router_shift", self.loss.ratio)));
         }
         if !(self.loss.clip_low > 0.0 && self.loss.clip_low < 1.0) {
             return Err(bad("loss.clip_low", "must be in (0, 1)"));
@@ -324,10 +411,11 @@ impl RunConfig {
     }
 
     pub fn loss_config(&self) -> lockstep_trainer::loss::LossConfig {
-        use lockstep_trainer::loss::{ExpertAggregation, IsCorrection, LossConfig, Objective, RatioMode};
+        use lockstep_trainer::loss::{ExpertAggregation, IsCorrection, KlEstimator, LossConfig, Objective, PiOld, RatioMode};
         LossConfig {
             objective: match self.loss.objective.as_str() {
                 "policy_gradient" => Objective::PolicyGradient,
+                "gspo" => Objective::Gspo { clip_low: self.loss.clip_low, clip_high: self.loss.clip_high },
                 _ => Objective::Ppo { clip_low: self.loss.clip_low, clip_high: self.loss.clip_high },
             },
             is_correction: match self.loss.is_correction.as_str() {
@@ -338,9 +426,14 @@ impl RunConfig {
             ratio: match self.loss.ratio.as_str() {
                 "joint_sum" => RatioMode::Joint(ExpertAggregation::Sum),
                 "joint_mean" => RatioMode::Joint(ExpertAggregation::Mean),
+                "router_shift" => RatioMode::RouterShift { floor: self.loss.router_shift_floor },
                 _ => RatioMode::Token,
             },
+            pi_old: if self.loss.pi_old == "recompute" { PiOld::Recompute } else { PiOld::Infer },
             extreme_tau: self.loss.extreme_tau,
+            kl_coef: self.loss.kl_coef,
+            kl_estimator: if self.loss.kl_estimator == "k1" { KlEstimator::K1 } else { KlEstimator::K3 },
+            entropy_coef: self.loss.entropy_coef,
         }
     }
 }

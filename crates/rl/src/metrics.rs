@@ -41,6 +41,29 @@ pub struct StepRecord {
     /// update: 0 with the batch-invariant kernels)
     #[serde(default)]
     pub train_infer_logprob_diff_max: f64,
+    /// F(τ) of π_θ / π_infer on the first mini-step, before any update
+    #[serde(default)]
+    pub train_infer_extreme_fraction: f64,
+    /// decoupled PPO (`loss.pi_old = "recompute"`): π_old (the trainer's score before the
+    /// update) vs π_infer — k3 KL, F(τ), max |Δ logprob| (0 when π_old = π_infer)
+    #[serde(default)]
+    pub old_infer_kl: f64,
+    #[serde(default)]
+    pub old_infer_extreme_fraction: f64,
+    #[serde(default)]
+    pub old_infer_logprob_diff_max: f64,
+    /// mean KL penalty term to the reference (0 without one)
+    #[serde(default)]
+    pub ref_kl: f64,
+    /// mean router-shift weight γ (1 unless ratio = router_shift; 0 in old records)
+    #[serde(default)]
+    pub shift_weight: f64,
+    /// groups dropped for zero reward variance (`rollout.filter_zero_variance`)
+    #[serde(default)]
+    pub filtered_groups: usize,
+    /// updates applied this step (mini_steps × epochs, fewer when groups were filtered)
+    #[serde(default)]
+    pub updates: usize,
     pub extreme_fraction: f64,
     pub clip_fraction: f64,
     pub grad_norm: f64,

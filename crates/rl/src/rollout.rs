@@ -37,6 +37,13 @@ pub fn grpo_advantages(rewards: &[f32]) -> Vec<f32> {
     rewards.iter().map(|&r| ((r as f64 - mean) / (std + 1e-6)) as f32).collect()
 }
 
+/// Whether a group carries a GRPO signal: its rewards are not all equal (else every advantage
+/// is 0 and the group only dilutes the token mean).
+pub fn has_signal(group: &[Sample]) -> bool {
+    let a: Vec<f32> = group.iter().filter_map(|s| s.advantages.first().copied()).collect();
+    a.iter().any(|&x| x != 0.0)
+}
+
 /// Where rollouts come from: the in-process engine (on one rank, or on every rank of a
 /// parallel run, stepping together) or lockstep servers by URL.
 pub enum Rollouter {

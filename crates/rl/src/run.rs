@@ -130,6 +130,12 @@ struct RunState {
     warmup_step: Option<u64>,
 }
 
+/// The frozen reference of the KL penalty: the model after the warm-up, kept under
+/// `<out>/reference` so that a resumed run penalises against the same weights.
+fn reference_dir(out: &Path) -> PathBuf {
+    out.join("reference")
+}
+
 /// Trainer checkpoint + run_state.json (every rank calls it; rank 0 writes).
 fn save_checkpoint(trainer: &Trainer, dir: &Path, st: &RunState) -> Result<()> {
     trainer.save(dir)?;
@@ -153,6 +159,7 @@ fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
             ..AdamWConfig::default()
         },
         replay,
+        temperature: cfg.rollout.temperature as f64,
     }
 }
 
@@ -167,9 +174,11 @@ fn base_model(cfg: &RunConfig, dev: &Device) -> Result<MoeCausalLm> {
 
 fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
     TrainerConfig {
-        loss: cfg.loss_config(),
+        // the warm-up is supervised: the RL loss (and its replay requirements) does not apply
+        loss: lockstep_trainer::loss::LossConfig::default(),
         optimizer: AdamWConfig { lr: cfg.warmup.lr, max_grad_norm: Some(1.0), ..AdamWConfig::default() },
         replay: false,
+        temperature: 1.0,
     }
 }
 
@@ -202,13 +211,7 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
         let micro = if n == 0 {
             Vec::new() // fewer instances than ranks: this rank runs an empty round
         } else {
-            vec![TrainBatch {
-                batch: Batch::packed(&toks, None, &cu, &dev)?,
-                logp_infer: vec![0.0; n],
-                advantages: vec![0.0; n],
-                loss_mask: mask,
-                routes: Default::default(),
-            }]
+            vec![TrainBatch::new(Batch::packed(&toks, None, &cu, &dev)?, vec![0.0; n], vec![0.0; n], mask, Default::default())?]
         };
         let loss = t.sft_step(&micro)?;
         bar.set_message(format!("warm-up {}/{} loss {loss:.3}", s + 1, cfg.warmup.steps));
@@ -224,7 +227,15 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
 /// storage), or the configured servers after loading the current weights.
 fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Result<Rollouter> {
     if cfg.rollout.servers.is_empty() {
-        let mut e = Engine::new(trainer.inference_model()?);
+        let mut model = trainer.inference_model()?;
+        match cfg.rollout.mismatch.as_str() {
+            // the engine's weights rounded to bf16 (kept in the model's dtype: the CPU kernels are f32)
+            "bf16" => model.map_params(|_, t| Ok(t.to_dtype(DType::BF16)?.to_dtype(t.dtype())?))?,
+            // candle's fused inference kernels (cuBLAS on a GPU) against the trainer's invariant ones
+            "standard" => model.set_kernels(Kernels::Inference),
+            _ => {}
+        }
+        let mut e = Engine::new(model);
         e.policy_version = version;
         return Ok(Rollouter::Local(Box::new(e), trainer.parallel.clone()));
     }
@@ -233,6 +244,14 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
     trainer.model.save(&dir)?;
     remote.load_weights(&dir, version)?;
     Ok(Rollouter::Remote(remote))
+}
+
+/// Sum of a value over the run's ranks (the value itself on one rank): a collective.
+fn global_sum(p: &Parallel, x: f64) -> Result<f64> {
+    match p {
+        None => Ok(x),
+        Some(dp) => Ok(lockstep_trainer::parallel::sum_over_ranks(dp.as_ref(), &[x])?[0]),
+    }
 }
 
 /// Run the whole job (`replay` overrides `[replay] enabled`), writing under `out`.
@@ -282,7 +301,11 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
     };
     let (mut trainer, start, warmup_eval) = match (&opts.resume, state) {
         (Some(dir), Some(st)) if st.warmup_step.is_none() => {
-            let t = opts.resume_trainer(dir, trainer_config(cfg, replay), kernels_for(cfg))?;
+            let mut t = opts.resume_trainer(dir, trainer_config(cfg, replay), kernels_for(cfg))?;
+            if cfg.loss.kl_coef > 0.0 {
+                let rd = reference_dir(out);
+                t.set_reference_model(MoeCausalLm::load(&rd, DType::F32, &dev)?)?;
+            }
             // keep the metrics of the steps before the checkpoint
             if writes && metrics_path.exists() {
                 let kept: Vec<StepRecord> = metrics::read(&metrics_path)?.into_iter().filter(|r| r.phase == "warmup" || r.step <= st.rl_step).collect();
@@ -309,7 +332,11 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 bar.abandon();
                 return Err(RlError::Interrupted { after: format!("warm-up step {done}/{}", cfg.warmup.steps), checkpoint: dir });
             }
-            let t = reconfigure(warm, trainer_config(cfg, replay))?;
+            let mut t = reconfigure(warm, trainer_config(cfg, replay))?;
+            if cfg.loss.kl_coef > 0.0 {
+                t.set_reference()?;
+                t.save(&reference_dir(out))?;
+            }
             let acc = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), max_answer)?;
             record(StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() }, &mut records)?;
             if opts.stopped()? && cfg.steps > 0 {
@@ -333,40 +360,72 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(step));
         let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step, num_experts, fingerprint)?;
 
+        // zero-variance groups (all rewards equal: no GRPO signal) are dropped when asked
+        let keep: Vec<bool> = ro.groups.iter().map(|g| !cfg.rollout.filter_zero_variance || rollout::has_signal(g)).collect();
+        let filtered = global_sum(&opts.parallel, keep.iter().filter(|&&k| !k).count() as f64)?;
         // mini-steps: whole groups per update (the global groups c·per .. (c+1)·per, this
         // rank's of them); the later ones are off-policy
         let per = cfg.rollout.prompts_per_step.div_ceil(cfg.trainer.mini_steps);
-        let mut rec = StepRecord { phase: "rl".into(), step, replay, reward_mean: ro.reward_mean, completion_tokens: ro.completion_tokens, ..StepRecord::default() };
-        let mut layer_sums: std::collections::BTreeMap<usize, (LayerRecord, f64)> = Default::default();
-        let mut updates = 0.0;
+        let mut minis: Vec<Vec<TrainBatch>> = Vec::new();
         for c in 0..cfg.rollout.prompts_per_step.div_ceil(per) {
-            let samples: Vec<_> = ro.groups.iter().zip(&ro.index).filter(|(_, &i)| i / per == c).flat_map(|(g, _)| g.iter().cloned()).collect();
+            let samples: Vec<_> = ro.groups.iter().zip(&ro.index).zip(&keep).filter(|((_, &i), &k)| k && i / per == c).flat_map(|((g, _), _)| g.iter().cloned()).collect();
             let mbs = if samples.is_empty() { Vec::new() } else { pack(&samples, &PackConfig { token_budget: cfg.trainer.token_budget, pad_to_multiple: 1, pad_token: 0 })? };
             let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &dev)).collect::<std::result::Result<_, _>>()?;
-            let m = trainer.step(&tbs)?;
-            if c == 0 {
-                rec.train_infer_kl = m.kl;
-                rec.train_infer_logprob_diff_max = m.max_abs_logprob_diff;
+            minis.push(tbs);
+        }
+        let mut rec = StepRecord { phase: "rl".into(), step, replay, reward_mean: ro.reward_mean, completion_tokens: ro.completion_tokens, filtered_groups: filtered as usize, ..StepRecord::default() };
+        // decoupled PPO: π_old is the trainer's score of the whole rollout batch before any update
+        if cfg.loss.pi_old == "recompute" {
+            let (mut kl, mut ext, mut tok) = (0.0, 0.0, 0.0);
+            for tbs in &mut minis {
+                let sm = trainer.score(tbs)?;
+                kl += sm.kl * sm.tokens;
+                ext += sm.extreme_fraction * sm.tokens;
+                tok += sm.tokens;
+                rec.old_infer_logprob_diff_max = rec.old_infer_logprob_diff_max.max(sm.max_abs_logprob_diff);
             }
-            updates += 1.0;
-            rec.loss += m.loss;
-            rec.kl += m.kl;
-            rec.kl_max = rec.kl_max.max(m.kl);
-            rec.extreme_fraction += m.extreme_fraction;
-            rec.clip_fraction += m.clip_fraction;
-            rec.grad_norm += m.grad_norm;
-            rec.entropy += m.entropy;
-            rec.fallback_tokens += m.fallback_tokens;
-            for (l, x) in m.layers {
-                let e = layer_sums.entry(l).or_default();
-                e.0.confidence += x.confidence;
-                e.0.max_vio += x.max_vio;
-                e.0.max_vio_rank_max += x.max_vio_rank_max;
-                e.0.route_agreement += x.route_agreement;
-                e.1 += 1.0;
+            if tok > 0.0 {
+                (rec.old_infer_kl, rec.old_infer_extreme_fraction) = (kl / tok, ext / tok);
             }
         }
-        for v in [&mut rec.loss, &mut rec.kl, &mut rec.extreme_fraction, &mut rec.clip_fraction, &mut rec.grad_norm, &mut rec.entropy] {
+        let mut layer_sums: std::collections::BTreeMap<usize, (LayerRecord, f64)> = Default::default();
+        let mut updates = 0f64;
+        for _epoch in 0..cfg.trainer.epochs {
+            for tbs in &minis {
+                let local: f64 = tbs.iter().map(TrainBatch::loss_tokens).sum();
+                if global_sum(&opts.parallel, local)? == 0.0 {
+                    continue; // every group of this update was filtered
+                }
+                let m = trainer.step(tbs)?;
+                if updates == 0.0 {
+                    rec.train_infer_kl = m.infer_kl;
+                    rec.train_infer_extreme_fraction = m.infer_extreme_fraction;
+                    rec.train_infer_logprob_diff_max = m.max_abs_logprob_diff;
+                }
+                updates += 1.0;
+                rec.loss += m.loss;
+                rec.kl += m.kl;
+                rec.kl_max = rec.kl_max.max(m.kl);
+                rec.extreme_fraction += m.extreme_fraction;
+                rec.clip_fraction += m.clip_fraction;
+                rec.grad_norm += m.grad_norm;
+                rec.entropy += m.entropy;
+                rec.ref_kl += m.ref_kl;
+                rec.shift_weight += m.shift_weight;
+                rec.fallback_tokens += m.fallback_tokens;
+                for (l, x) in m.layers {
+                    let e = layer_sums.entry(l).or_default();
+                    e.0.confidence += x.confidence;
+                    e.0.max_vio += x.max_vio;
+                    e.0.max_vio_rank_max += x.max_vio_rank_max;
+                    e.0.route_agreement += x.route_agreement;
+                    e.1 += 1.0;
+                }
+            }
+        }
+        rec.updates = updates as usize;
+        let updates = updates.max(1.0);
+        for v in [&mut rec.loss, &mut rec.kl, &mut rec.extreme_fraction, &mut rec.clip_fraction, &mut rec.grad_norm, &mut rec.entropy, &mut rec.ref_kl, &mut rec.shift_weight] {
             *v /= updates;
         }
         rec.layers = layer_sums

@@ -26,6 +26,7 @@ fn main() {
         loss_mask: valid.iter().map(|&v| f32::from(u8::from(v))).collect(),
         routes: replay_from_recording(&rec.routes).unwrap(),
         batch,
+        old: None,
     };
     println!("embedded default, one micro-batch of {seqs} x {len} packed tokens, CPU f32");
     for (name, replay, ratio) in [
@@ -33,7 +34,7 @@ fn main() {
         ("replay, token ratio", true, RatioMode::Token),
         ("replay, joint ratio", true, RatioMode::Joint(ExpertAggregation::Sum)),
     ] {
-        let cfg = TrainerConfig { loss: LossConfig { ratio, ..LossConfig::default() }, optimizer: AdamWConfig::default(), replay };
+        let cfg = TrainerConfig { loss: LossConfig { ratio, ..LossConfig::default() }, optimizer: AdamWConfig::default(), replay, temperature: 1.0 };
         let mut t = Trainer::new(model.clone(), cfg).unwrap();
         t.step(std::slice::from_ref(&mb)).unwrap();
         let mut times: Vec<f64> = (0..5)

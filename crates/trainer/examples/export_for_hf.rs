@@ -27,11 +27,12 @@ fn train_batch(model: &MoeCausalLm) -> TrainBatch {
         loss_mask: valid.iter().map(|&x| f32::from(u8::from(x))).collect(),
         routes: replay_from_recording(&rec.routes).unwrap(),
         batch,
+        old: None,
     }
 }
 
 fn export(name: &str, model: MoeCausalLm, out: &Path) {
-    let cfg = TrainerConfig { loss: LossConfig::default(), optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay: true };
+    let cfg = TrainerConfig { loss: LossConfig::default(), optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay: true, temperature: 1.0 };
     let mb = train_batch(&model);
     let mut t = Trainer::new(model, cfg).unwrap();
     for _ in 0..3 {

@@ -5,6 +5,7 @@
 //! Legend: B rows, T slots per row, N = B·T, V vocab.
 #![allow(non_snake_case)]
 
+pub mod batch;
 pub mod checkpoint;
 pub mod error;
 pub mod grads;
@@ -13,6 +14,8 @@ pub use lockstep_model::logprobs;
 pub mod loss;
 pub mod optim;
 pub mod parallel;
+pub mod route_terms;
+pub mod step_inputs;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -1,40 +1,26 @@
 //! One optimizer step over packed micro-batches: forward with replayed routes (or free routing),
-//! token log-probabilities, the RL loss, backward, gradient accumulation, AdamW — and the step's
-//! metrics, routing health per MoE layer included.
+//! token log-probabilities at the sampling temperature, the RL loss, backward, gradient
+//! accumulation, AdamW — and the step's metrics, routing health per MoE layer included.
+//! [`Trainer::score`] computes π_old for decoupled PPO; [`Trainer::set_reference`] freezes a
+//! reference model for the KL penalty.
 //!
 //! Legend: N token slots of a micro-batch, K experts per token.
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var, D};
-use lockstep_model::metrics::{layer_health, route_agreement};
-use lockstep_model::{Batch, LayerRoute, MoeCausalLm, Replay, ReplayWeights, RouteMode, RoutingPlan, ROUTE_FREE};
+use lockstep_model::logprobs::at_temperature;
+use lockstep_model::metrics::layer_health;
+use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
+pub use crate::batch::{replay_from_recording, LayerReplay, OldPolicy, TrainBatch};
 use crate::error::{Result, TrainError};
 use crate::logprobs::token_logprobs;
-use crate::loss::{rl_loss, LossConfig, LossInputs, RatioMode};
+use crate::loss::{rl_loss, LossConfig, LossInputs, Objective, PiOld, RatioMode};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
 use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
-
-/// Inference-time route of one MoE layer for every slot of a micro-batch.
-#[derive(Debug, Clone)]
-pub struct LayerReplay {
-    /// [N·K] expert ids; a row of `ROUTE_FREE` routes freely (padding, missing rows)
-    pub ids: Vec<u32>,
-    /// [N·K] inference router probabilities of those experts, when the engine sent them
-    pub probs: Option<Vec<f32>>,
-}
-
-/// One packed micro-batch with everything the loss needs, per slot (token-aligned).
-#[derive(Debug, Clone)]
-pub struct TrainBatch {
-    pub batch: Batch,
-    pub logp_infer: Vec<f32>,
-    pub advantages: Vec<f32>,
-    pub loss_mask: Vec<f32>,
-    /// keyed by decoder layer index; empty when the samples came without routes
-    pub routes: BTreeMap<usize, LayerReplay>,
-}
+use crate::route_terms::shift_to_slots;
+use crate::step_inputs::{agreement, check_joint, plan, route_inputs, route_probs_at};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainerConfig {
@@ -42,6 +28,15 @@ pub struct TrainerConfig {
     pub optimizer: AdamWConfig,
     /// Force the inference routes (R3); off = the trainer routes freely.
     pub replay: bool,
+    /// The sampling temperature T of the rollouts: log-probabilities (and entropy) are of
+    /// softmax(logits / T), as the engine recorded them.
+    pub temperature: f64,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self { loss: LossConfig::default(), optimizer: AdamWConfig::default(), replay: true, temperature: 1.0 }
+    }
 }
 
 /// Routing health of one MoE layer over a step (all its micro-batches, on every rank).
@@ -54,7 +49,8 @@ pub struct LayerStepMetrics {
     pub max_vio: f64,
     /// the largest max_vio of one rank's own load (equal to `max_vio` on one rank)
     pub max_vio_rank_max: f64,
-    /// share of real (token, layer) routes that free routing would have chosen identically
+    /// share of real (token, layer) routes where the trainer's free selection (from its live
+    /// router scores) equals the inference route, as sets of experts
     pub route_agreement: f64,
 }
 
@@ -73,7 +69,26 @@ pub struct StepMetrics {
     pub tokens: f64,
     pub fallback_tokens: f64,
     pub mis_dropped: f64,
+    /// k3 KL and F(τ) of π_θ vs π_infer, token level
+    pub infer_kl: f64,
+    pub infer_extreme_fraction: f64,
+    /// KL penalty term to the reference (mean k_n), 0 without one
+    pub ref_kl: f64,
+    /// mean router-shift weight γ (1 unless ratio = router_shift)
+    pub shift_weight: f64,
     pub layers: BTreeMap<usize, LayerStepMetrics>,
+}
+
+/// What [`Trainer::score`] measured: π_old (the trainer before the update) against π_infer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreMetrics {
+    pub tokens: f64,
+    /// k3 estimate of KL(π_infer ‖ π_old) over the completion tokens
+    pub kl: f64,
+    /// F(τ) of π_old / π_infer
+    pub extreme_fraction: f64,
+    /// max |log π_old − log π_infer|
+    pub max_abs_logprob_diff: f64,
 }
 
 pub struct Trainer {
@@ -83,6 +98,8 @@ pub struct Trainer {
     pub cfg: TrainerConfig,
     /// The ranks this trainer is spread over (`None`: one rank holds everything).
     pub parallel: Parallel,
+    /// Frozen reference policy of the KL penalty (`set_reference`).
+    reference: Option<MoeCausalLm>,
 }
 
 /// Per MoE layer over a step: token-weighted sums of confidence and agreement, tokens, load.
@@ -90,6 +107,8 @@ pub struct Trainer {
 struct LayerAcc {
     confidence: f64,
     agreement: f64,
+    /// routes compared for agreement
+    compared: f64,
     tokens: f64,
     load: Vec<f64>,
     /// max_vio of this rank's load, the maximum over the ranks after the reduction
@@ -113,7 +132,40 @@ impl Trainer {
             params.push((name.to_string(), v.clone()));
             Ok(v.as_tensor().clone())
         })?;
-        Ok(Self { model, params, optimizer: AdamW::new(cfg.optimizer)?, cfg, parallel: None })
+        if matches!(cfg.loss.ratio, RatioMode::Joint(_)) {
+            if !cfg.replay {
+                return Err(TrainError::input("loss.ratio", "a joint ratio with replay off compares different events (the trainer's own experts vs the inference experts): set replay.enabled = true"));
+            }
+            check_joint(&model)?;
+        }
+        if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
+            return Err(TrainError::input("temperature", format!("{}: must be > 0", cfg.temperature)));
+        }
+        Ok(Self { model, params, optimizer: AdamW::new(cfg.optimizer)?, cfg, parallel: None, reference: None })
+    }
+
+    /// Freeze a copy of the current weights as the reference policy π_ref of the KL penalty
+    /// (`loss.kl_coef`); on ranks, each rank keeps its own shard.
+    pub fn set_reference(&mut self) -> Result<()> {
+        let mut r = self.model.clone();
+        r.map_params(|_, t| Ok(t.detach().copy()?))?;
+        self.reference = Some(r);
+        Ok(())
+    }
+
+    /// Use `model` (a whole model, e.g. loaded from the run's `reference/` checkpoint) as the
+    /// frozen reference; over ranks it is sharded as the trainer's own model.
+    pub fn set_reference_model(&mut self, mut model: MoeCausalLm) -> Result<()> {
+        if let Some(dp) = &self.parallel {
+            dp.shard_model(&mut model)?;
+        }
+        model.set_kernels(self.model.kernels());
+        self.reference = Some(model);
+        Ok(())
+    }
+
+    pub fn has_reference(&self) -> bool {
+        self.reference.is_some()
     }
 
     /// Take a whole model (the same on every rank), keep this rank's experts and train over the
@@ -145,6 +197,7 @@ impl Trainer {
             advantages: vec![0.0; 2],
             loss_mask: vec![0.0; 2],
             routes: BTreeMap::new(),
+            old: None,
         })
     }
 
@@ -160,73 +213,58 @@ impl Trainer {
         }
     }
 
-    fn plan(&self, tb: &TrainBatch) -> Result<RoutingPlan> {
-        if !self.cfg.replay || tb.routes.is_empty() {
-            return Ok(RoutingPlan::record());
-        }
-        let n = tb.batch.num_slots();
-        let k = self.model.cfg.moe.router.top_k;
-        let mut plan = RoutingPlan::record();
-        for (&l, r) in &tb.routes {
-            if r.ids.len() != n * k {
-                return Err(TrainError::input(&format!("routes[{l}].ids"), format!("{} ids for {n} slots x top-{k}", r.ids.len())));
-            }
-            let ids = Tensor::from_vec(r.ids.clone(), (n, k), self.model.device())?;
-            plan = plan.with_layer(l, RouteMode::Replay(Replay::top_k(ids, ReplayWeights::Recompute)));
-        }
-        Ok(plan)
+    /// [B, T] → per-slot log-probabilities at the rollout temperature, and validity.
+    fn logprobs(&self, logits: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {
+        let (lp, valid) = token_logprobs(&at_temperature(logits, self.cfg.temperature)?, batch)?;
+        Ok((lp.flatten_all()?, valid))
+    }
+
+    /// Per-slot entropy of π_θ at the rollout temperature (of the distribution that predicted
+    /// slot n, at position n − 1), with gradient when `grad`.
+    fn entropy(&self, logits: &Tensor, valid: &[bool], grad: bool) -> Result<Tensor> {
+        let l = at_temperature(logits, self.cfg.temperature)?;
+        let l = if grad { l } else { l.detach() };
+        let logsm = candle_nn::ops::log_softmax(&l, D::Minus1)?;
+        let h_pos = (logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?.flatten_all()?;
+        shift_to_slots(&h_pos, valid)
     }
 
     /// Forward + loss + backward of one micro-batch; gradients go into `acc`.
     fn micro_step(&self, tb: &TrainBatch, denominator: f64, acc: &mut GradAccumulator, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, LayerAcc>) -> Result<()> {
+        tb.check()?;
         let dev = self.model.device().clone();
-        let n = tb.batch.num_slots();
-        for (name, v) in [("logp_infer", &tb.logp_infer), ("advantages", &tb.advantages), ("loss_mask", &tb.loss_mask)] {
-            if v.len() != n {
-                return Err(TrainError::input(name, format!("{} values for {n} slots", v.len())));
-            }
-        }
-        let out = self.model.forward(&tb.batch, &self.plan(tb)?)?;
-        let (logp_BT, valid) = token_logprobs(&out.logits, &tb.batch)?;
+        let loss_cfg = &self.cfg.loss;
+        let out = self.model.forward(&tb.batch, &plan(&self.model, tb, self.cfg.replay)?)?;
+        let (logp, valid) = self.logprobs(&out.logits, &tb.batch)?;
         let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
-        let k = self.model.cfg.moe.router.top_k;
-        let (mut router_train, mut router_infer) = (Vec::new(), Vec::new());
-        let mut available = vec![1f32; n];
-        if matches!(self.cfg.loss.ratio, RatioMode::Joint(_)) {
-            if tb.routes.is_empty() {
-                available.iter_mut().for_each(|a| *a = 0.0);
-            }
-            for (l, r) in &tb.routes {
-                let route = &out.routes[l];
-                router_train.push(route.probs_NK()?.log()?.sum(1)?);
-                let mut inf = vec![0f32; n];
-                match &r.probs {
-                    Some(p) if p.len() == n * k => {
-                        for s in 0..n {
-                            // free rows, and rows whose probabilities were not sent (0), fall back
-                            if r.ids[s * k] == ROUTE_FREE || p[s * k..(s + 1) * k].iter().any(|&x| x <= 0.0) {
-                                available[s] = 0.0;
-                            } else {
-                                inf[s] = p[s * k..(s + 1) * k].iter().map(|x| x.ln()).sum();
-                            }
-                        }
-                    }
-                    Some(p) => return Err(TrainError::input(&format!("routes[{l}].probs"), format!("{} values for {n} slots x top-{k}", p.len()))),
-                    None => available.iter_mut().for_each(|a| *a = 0.0),
-                }
-                router_infer.push(vec_tensor(&inf, &dev)?);
-            }
-        }
-        let inputs = LossInputs {
-            logp_train: logp_BT.flatten_all()?,
-            logp_infer: vec_tensor(&tb.logp_infer, &dev)?,
-            advantages: vec_tensor(&tb.advantages, &dev)?,
-            mask: vec_tensor(&mask, &dev)?,
-            router_logp_train: router_train,
-            router_logp_infer: router_infer,
-            joint_available: Some(vec_tensor(&available, &dev)?),
+        let route = route_inputs(&self.model, tb, &out.routes, loss_cfg.ratio, loss_cfg.pi_old)?;
+        let logp_old = match (loss_cfg.pi_old, &tb.old) {
+            (PiOld::Infer, _) => None,
+            (PiOld::Recompute, Some(o)) => Some(vec_tensor(&o.logp, &dev)?),
+            (PiOld::Recompute, None) => return Err(TrainError::input("old", "pi_old = recompute: score the batch first (Trainer::score)")),
         };
-        let (loss, lm) = rl_loss(&self.cfg.loss, &inputs, denominator)?;
+        let logp_ref = match &self.reference {
+            Some(r) if loss_cfg.kl_coef != 0.0 => {
+                let o = r.forward(&tb.batch, &plan(r, tb, self.cfg.replay)?)?;
+                Some(self.logprobs(&o.logits, &tb.batch)?.0.detach())
+            }
+            _ => None,
+        };
+        let entropy = self.entropy(&out.logits, &valid, loss_cfg.entropy_coef != 0.0)?;
+        let mut inputs = LossInputs::new(logp, vec_tensor(&tb.logp_infer, &dev)?, vec_tensor(&tb.advantages, &dev)?, vec_tensor(&mask, &dev)?);
+        inputs.logp_old = logp_old;
+        inputs.route_logp_train = route.route_logp_train;
+        inputs.route_logp_old = route.route_logp_old;
+        inputs.joint_available = route.joint_available.map(|a| vec_tensor(&a, &dev)).transpose()?;
+        inputs.shift_weight = route.shift_weight.map(|g| vec_tensor(&g, &dev)).transpose()?;
+        inputs.logp_ref = logp_ref;
+        if loss_cfg.entropy_coef != 0.0 {
+            inputs.entropy = Some(entropy.clone());
+        }
+        if matches!(loss_cfg.objective, Objective::Gspo { .. }) {
+            inputs.sequence = Some(sample_ids(&tb.batch));
+        }
+        let (loss, lm) = rl_loss(loss_cfg, &inputs, denominator)?;
         acc.add(&self.params, &loss.backward()?)?;
 
         // metrics (weighted by tokens, divided at the end)
@@ -236,29 +274,25 @@ impl Trainer {
         m.max_abs_logprob_diff = m.max_abs_logprob_diff.max(lm.max_abs_logprob_diff);
         m.extreme_fraction += lm.extreme_fraction * t;
         m.clip_fraction += lm.clip_fraction * t;
+        m.infer_kl += lm.infer_kl * t;
+        m.infer_extreme_fraction += lm.infer_extreme_fraction * t;
+        m.ref_kl += lm.ref_kl * t;
+        m.shift_weight += lm.shift_weight * t;
         m.tokens += t;
         m.fallback_tokens += lm.fallback_tokens;
         m.mis_dropped += lm.mis_dropped;
-        let logits = out.logits.detach();
-        let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let ent_BT = (logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?;
-        // entropy of the distribution that predicted slot s sits at s − 1
-        let ent: Vec<f32> = ent_BT.flatten_all()?.to_vec1()?;
-        let (_, tt) = tb.batch.dims();
-        for s in 0..n {
-            if mask[s] > 0.0 && s % tt > 0 {
-                m.entropy += ent[s - 1] as f64;
-            }
-        }
+        let ent: Vec<f32> = entropy.detach().to_vec1()?;
+        m.entropy += ent.iter().zip(&mask).map(|(&h, &w)| (h * w) as f64).sum::<f64>();
         let real = tb.batch.real_mask();
         let score = self.model.cfg.moe.router.score_function;
-        for (&l, route) in &out.routes {
-            let h = layer_health(route, &real, score)?;
-            let agree = self.free_agreement(l, route, &real)?;
+        for (&l, r) in &out.routes {
+            let h = layer_health(r, &real, score)?;
+            let (same, compared) = agreement(&self.model, l, r, tb)?;
             let e = layer_acc.entry(l).or_default();
             let w = h.tokens as f64;
             e.confidence += h.confidence * w;
-            e.agreement += agree * w;
+            e.agreement += same;
+            e.compared += compared;
             e.tokens += w;
             e.load.resize(h.load.len(), 0.0);
             for (a, &x) in e.load.iter_mut().zip(&h.load) {
@@ -268,22 +302,55 @@ impl Trainer {
         Ok(())
     }
 
-    /// Share of routes free routing would have kept, given the live router scores.
-    fn free_agreement(&self, layer: usize, route: &LayerRoute, real: &[bool]) -> Result<f64> {
-        let block = self.model.moe_block(layer).expect("recorded layers are MoE layers");
-        let ids = block.router.free_top_k(&route.scores_NE)?;
-        let free = LayerRoute {
-            top_k: route.top_k,
-            expert_A: ids.flatten_all()?,
-            ..route.clone()
-        };
-        Ok(route_agreement(route, &free, real)?)
+    /// π_old for decoupled PPO (`loss.pi_old = "recompute"`): score every micro-batch of the
+    /// rollout batch with the current weights before any update — no gradient, the inference
+    /// routes replayed (when replay is on) — and keep the token log-probabilities and the router
+    /// probabilities at the replayed experts in `TrainBatch::old`. Over ranks, every rank runs
+    /// the same number of forwards (empty rounds pad), as in [`Trainer::step`].
+    pub fn score(&self, micro: &mut [TrainBatch]) -> Result<ScoreMetrics> {
+        let local: f64 = micro.iter().map(TrainBatch::loss_tokens).sum();
+        let (_, rounds) = self.rounds(local, micro.len())?;
+        let empty = if rounds > micro.len() { Some(self.empty_batch()?) } else { None };
+        let tau = self.cfg.loss.extreme_tau;
+        let (mut tokens, mut k3, mut extreme, mut max_diff) = (0f64, 0f64, 0f64, 0f64);
+        for i in 0..rounds {
+            let Some(tb) = micro.get_mut(i) else {
+                let tb = empty.as_ref().ok_or_else(|| TrainError::input("<ranks>", "no batch for an empty round"))?;
+                self.model.forward(&tb.batch, &RoutingPlan::compute())?;
+                continue;
+            };
+            tb.check()?;
+            let out = self.model.forward(&tb.batch, &plan(&self.model, tb, self.cfg.replay)?)?;
+            let (logp, valid) = self.logprobs(&out.logits.detach(), &tb.batch)?;
+            let logp: Vec<f32> = logp.to_vec1()?;
+            for (n, ((&lo, &li), (&m, &v))) in logp.iter().zip(&tb.logp_infer).zip(tb.loss_mask.iter().zip(&valid)).enumerate() {
+                if m > 0.0 && v {
+                    let d = (lo - li) as f64;
+                    let r = d.exp();
+                    tokens += 1.0;
+                    k3 += r - 1.0 - d;
+                    extreme += f64::from(u8::from(r.max(1.0 / r) > tau));
+                    max_diff = max_diff.max(d.abs());
+                }
+                let _ = n;
+            }
+            let route_probs = route_probs_at(&self.model, tb, &out.routes)?;
+            tb.old = Some(OldPolicy { logp, route_probs });
+        }
+        let mut v = [tokens, k3, extreme];
+        if let Some(dp) = &self.parallel {
+            let s = sum_over_ranks(dp.as_ref(), &v)?;
+            v = [s[0], s[1], s[2]];
+            max_diff = dp.all_gather_host(&[max_diff])?.iter().map(|r| r[0]).fold(max_diff, f64::max);
+        }
+        let per = |x: f64| if v[0] > 0.0 { x / v[0] } else { 0.0 };
+        Ok(ScoreMetrics { tokens: v[0], kl: per(v[1]), extreme_fraction: per(v[2]), max_abs_logprob_diff: max_diff })
     }
 
     /// One optimizer step over the micro-batches of a step (this rank's share of the global
     /// batch when the trainer is parallel).
     pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
-        let (denominator, rounds) = self.rounds(loss_tokens(micro), micro.len())?;
+        let (denominator, rounds) = self.rounds(micro.iter().map(TrainBatch::loss_tokens).sum(), micro.len())?;
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no completion tokens in the step"));
         }
@@ -306,6 +373,10 @@ impl Trainer {
         m.extreme_fraction = per(m.extreme_fraction);
         m.clip_fraction = per(m.clip_fraction);
         m.entropy = per(m.entropy);
+        m.infer_kl = per(m.infer_kl);
+        m.infer_extreme_fraction = per(m.infer_extreme_fraction);
+        m.ref_kl = per(m.ref_kl);
+        m.shift_weight = if m.tokens > 0.0 { m.shift_weight / m.tokens } else { 1.0 };
         m.grad_norm = stats.grad_norm;
         m.lr = stats.lr;
         m.step = self.optimizer.step;
@@ -315,7 +386,7 @@ impl Trainer {
                 let d = if a.tokens > 0.0 { a.tokens } else { 1.0 };
                 let max_vio = load_max_vio(&a.load);
                 let rank_max = if self.parallel.is_some() { a.rank_max_vio } else { max_vio };
-                (l, LayerStepMetrics { confidence: a.confidence / d, max_vio, max_vio_rank_max: rank_max, route_agreement: a.agreement / d })
+                (l, LayerStepMetrics { confidence: a.confidence / d, max_vio, max_vio_rank_max: rank_max, route_agreement: if a.compared > 0.0 { a.agreement / a.compared } else { 0.0 } })
             })
             .collect();
         Ok(m)
@@ -325,13 +396,27 @@ impl Trainer {
     fn reduce_metrics(&self, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, LayerAcc>) -> Result<()> {
         let Some(dp) = &self.parallel else { return Ok(()) };
         let e = self.model.cfg.moe.router.num_experts;
-        let mut v = vec![m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped];
+        let mut v = vec![
+            m.loss,
+            m.kl,
+            m.extreme_fraction,
+            m.clip_fraction,
+            m.entropy,
+            m.tokens,
+            m.fallback_tokens,
+            m.mis_dropped,
+            m.infer_kl,
+            m.infer_extreme_fraction,
+            m.ref_kl,
+            m.shift_weight,
+        ];
+        const SCALARS: usize = 12;
         // every rank lists the same layers (a rank may have seen none of them)
         let layers = self.model.cfg.moe_layers.clone();
         for l in &layers {
             let a = layer_acc.entry(*l).or_default();
             a.load.resize(e, 0.0);
-            v.extend([a.confidence, a.agreement, a.tokens]);
+            v.extend([a.confidence, a.agreement, a.compared, a.tokens]);
             v.extend(&a.load);
         }
         // one exchange: the sums, then each layer's max_vio of this rank's load (maximised)
@@ -351,66 +436,16 @@ impl Trainer {
         }
         [m.loss, m.kl, m.extreme_fraction, m.clip_fraction, m.entropy, m.tokens, m.fallback_tokens, m.mis_dropped] =
             [sum[0], sum[1], sum[2], sum[3], sum[4], sum[5], sum[6], sum[7]];
-        let mut at = 8;
-        for l in &layers {
-            let a = layer_acc.get_mut(l).expect("inserted above");
-            (a.confidence, a.agreement, a.tokens) = (sum[at], sum[at + 1], sum[at + 2]);
-            a.load = sum[at + 3..at + 3 + e].to_vec();
-            at += 3 + e;
-        }
-        for (l, m) in layers.iter().zip(rank_max) {
-            layer_acc.get_mut(l).expect("inserted above").rank_max_vio = m;
+        [m.infer_kl, m.infer_extreme_fraction, m.ref_kl, m.shift_weight] = [sum[8], sum[9], sum[10], sum[11]];
+        let mut at = SCALARS;
+        for (l, max) in layers.iter().zip(rank_max) {
+            let Some(a) = layer_acc.get_mut(l) else { continue };
+            (a.confidence, a.agreement, a.compared, a.tokens) = (sum[at], sum[at + 1], sum[at + 2], sum[at + 3]);
+            a.load = sum[at + 4..at + 4 + e].to_vec();
+            a.rank_max_vio = max;
+            at += 4 + e;
         }
         Ok(())
-    }
-}
-
-/// Loss tokens of a step: masked slots that have a prediction (not a sequence's first token).
-fn loss_tokens(micro: &[TrainBatch]) -> f64 {
-    micro
-        .iter()
-        .map(|tb| {
-            let valid = token_valid(&tb.batch);
-            tb.loss_mask.iter().zip(&valid).filter(|(&m, &v)| m > 0.0 && v).count() as f64
-        })
-        .sum()
-}
-
-fn token_valid(batch: &Batch) -> Vec<bool> {
-    let seg = batch.segments();
-    let (b, t) = batch.dims();
-    (0..b * t).map(|s| s % t > 0 && seg[s] != 0 && seg[s] == seg[s - 1]).collect()
-}
-
-impl TrainBatch {
-    /// From a micro-batch of the route-transport packer: `[token][layer][k]` rows become per
-    /// layer `[N·K]` rows; free rows (padding, missing, samples without routes) stay
-    /// `ROUTE_FREE` and route freely.
-    pub fn from_micro_batch(mb: &lockstep_trace::pack::MicroBatch, device: &candle_core::Device) -> Result<Self> {
-        let n = mb.len();
-        let cu: Vec<usize> = mb.cu_seqlens.iter().map(|&c| c as usize).collect();
-        let batch = Batch::packed(&mb.tokens, Some(&mb.position_ids), &cu, device)?;
-        let (nl, k) = (mb.layers.len(), mb.top_k);
-        let mut routes = BTreeMap::new();
-        for (li, &layer) in mb.layers.iter().enumerate() {
-            let mut ids = Vec::with_capacity(n * k);
-            let mut probs = mb.route_probs.as_ref().map(|_| Vec::with_capacity(n * k));
-            for t in 0..n {
-                let a = (t * nl + li) * k;
-                ids.extend_from_slice(&mb.route_ids[a..a + k]);
-                if let (Some(p), Some(src)) = (probs.as_mut(), mb.route_probs.as_ref()) {
-                    p.extend_from_slice(&src[a..a + k]);
-                }
-            }
-            routes.insert(layer as usize, LayerReplay { ids, probs });
-        }
-        Ok(TrainBatch {
-            batch,
-            logp_infer: mb.logprobs.clone(),
-            advantages: mb.advantages.clone(),
-            loss_mask: mb.loss_mask.iter().map(|&m| f32::from(u8::from(m))).collect(),
-            routes,
-        })
     }
 }
 
@@ -418,7 +453,7 @@ impl Trainer {
     /// One supervised step (warm-up): loss = −Σ mask · log π(y) / Σ mask over the
     /// micro-batches (cross-entropy on the masked tokens), free routing, AdamW. Returns the loss.
     pub fn sft_step(&mut self, micro: &[TrainBatch]) -> Result<f64> {
-        let (denominator, rounds) = self.rounds(loss_tokens(micro), micro.len())?;
+        let (denominator, rounds) = self.rounds(micro.iter().map(TrainBatch::loss_tokens).sum(), micro.len())?;
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no supervised tokens in the step"));
         }
@@ -451,14 +486,8 @@ impl Trainer {
     }
 }
 
-/// Routes of a recording as inference-time routes (what an engine would send): ids and probs.
-pub fn replay_from_recording(rec: &lockstep_model::Recording) -> Result<BTreeMap<usize, LayerReplay>> {
-    rec.iter()
-        .map(|(&l, r)| {
-            let ids: Vec<u32> = r.expert_A.to_vec1()?;
-            let probs: Vec<f32> = r.prob_A.to_dtype(DType::F32)?.to_vec1()?;
-            Ok((l, LayerReplay { ids, probs: Some(probs) }))
-        })
-        .collect()
+/// The sample of every slot (its packed row and segment), for sequence-level objectives.
+fn sample_ids(batch: &Batch) -> Vec<u32> {
+    let (_, t) = batch.dims();
+    batch.segments().iter().enumerate().map(|(n, &seg)| ((n / t) as u32) << 16 | seg).collect()
 }
-

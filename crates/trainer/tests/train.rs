@@ -32,6 +32,7 @@ fn micro_batch(model: &MoeCausalLm, with_routes: bool) -> TrainBatch {
         advantages: adv,
         loss_mask: mask,
         routes: if with_routes { replay_from_recording(&rec.routes).unwrap() } else { Default::default() },
+        old: None,
     }
 }
 
@@ -40,6 +41,7 @@ fn cfg(replay: bool, ratio: RatioMode) -> TrainerConfig {
         loss: LossConfig { ratio, ..LossConfig::default() },
         optimizer: AdamWConfig { lr: 3e-3, warmup_steps: 2, schedule: Schedule::Cosine { total_steps: 20, min_lr_ratio: 0.1 }, weight_decay: 0.01, ..AdamWConfig::default() },
         replay,
+        temperature: 1.0,
     }
 }
 
@@ -107,7 +109,7 @@ fn replay_off_and_missing_routes_fall_back() {
     let with = micro_batch(&model, true);
     let without = micro_batch(&model, false);
     let mut t = Trainer::new(model.clone(), cfg(false, RatioMode::Token)).unwrap();
-    let m = t.step(&[with.clone()]).unwrap();
+    let m = t.step(std::slice::from_ref(&with)).unwrap();
     assert_eq!(m.fallback_tokens, 0.0);
     let mut j = Trainer::new(model, cfg(true, RatioMode::Joint(ExpertAggregation::Mean))).unwrap();
     let m = j.step(&[with, without]).unwrap();

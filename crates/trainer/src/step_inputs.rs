@@ -1,0 +1,223 @@
+//! From one micro-batch's forward to the loss inputs: the routing plan that replays the
+//! inference routes, the route terms per slot (Plackett–Luce log-probabilities, router-shift
+//! weights; aligned by [`crate::route_terms`]), and route agreement.
+//!
+//! Legend: N token slots, W experts per route row, E experts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::{Device, Tensor};
+use lockstep_model::config::{RoutingStrategy, ScoreFunction};
+use lockstep_model::moe::router::expert_choice::{capacity, pools};
+use lockstep_model::moe::router::select::ExpertChoice;
+use lockstep_model::{Batch, LayerRoute, MoeCausalLm, Replay, ReplayWeights, RouteMode, RoutingPlan};
+
+use crate::batch::{LayerReplay, TrainBatch};
+use crate::error::{Result, TrainError};
+use crate::loss::{RatioMode, PiOld};
+use crate::route_terms::{accumulate_shift, gather_ids, plackett_luce, plackett_luce_NW, scores_at, shift_host, shift_to_slots, shift_weights};
+
+/// The forward's routing plan: record freely, or (replay on and routes present) force every
+/// layer's inference route — top-k rows for token choice, (token, expert) assignments for
+/// expert choice — with live weights (the router gets gradients).
+pub fn plan(model: &MoeCausalLm, tb: &TrainBatch, replay: bool) -> Result<RoutingPlan> {
+    if !replay || tb.routes.is_empty() {
+        return Ok(RoutingPlan::record());
+    }
+    let n = tb.batch.num_slots();
+    let router = &model.cfg.moe.router;
+    let mut plan = RoutingPlan::record();
+    for (&l, r) in &tb.routes {
+        if r.rows() != n {
+            return Err(TrainError::input(&format!("routes[{l}].ids"), format!("{} rows for {n} slots", r.rows())));
+        }
+        let forced = match router.strategy {
+            RoutingStrategy::TokenChoice => {
+                if r.width() != router.top_k {
+                    return Err(TrainError::input(&format!("routes[{l}].ids"), format!("rows of {} experts for a top-{} router", r.width(), router.top_k)));
+                }
+                Replay::top_k(Tensor::from_vec(r.ids().to_vec(), (n, r.width()), model.device())?, ReplayWeights::Recompute)
+            }
+            RoutingStrategy::ExpertChoice { .. } => assignments(r, model.device())?,
+        };
+        plan = plan.with_layer(l, RouteMode::Replay(forced));
+    }
+    Ok(plan)
+}
+
+/// Expert-choice replay from token-major rows: the (token, expert) pairs of every real row,
+/// ordered by expert then token (the order the expert-choice router emits).
+fn assignments(r: &LayerReplay, dev: &Device) -> Result<Replay> {
+    let mut pairs: Vec<(u32, u32)> = Vec::new();
+    for n in 0..r.rows() {
+        if !r.is_free(n) {
+            pairs.extend(r.row(n).iter().map(|&e| (e, n as u32)));
+        }
+    }
+    pairs.sort_unstable();
+    let (expert_A, token_A): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
+    let a = token_A.len();
+    Ok(Replay {
+        route: lockstep_model::routing::ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, dev)?, expert_A: Tensor::from_vec(expert_A, a, dev)? },
+        weights: ReplayWeights::Recompute,
+    })
+}
+
+/// Route inputs of the loss for one micro-batch (all per slot, aligned).
+#[derive(Debug, Default)]
+pub struct RouteInputs {
+    pub route_logp_train: Vec<Tensor>,
+    pub route_logp_old: Vec<Tensor>,
+    pub joint_available: Option<Vec<f32>>,
+    pub shift_weight: Option<Vec<f32>>,
+}
+
+/// The old policy's router probabilities at the replayed experts of layer `l`: π_infer's (sent
+/// with the routes) or π_old's (recomputed by [`crate::trainer::Trainer::score`]).
+fn old_probs<'a>(tb: &'a TrainBatch, l: usize, r: &'a LayerReplay, pi_old: PiOld) -> Result<Option<&'a [f32]>> {
+    match pi_old {
+        PiOld::Infer => Ok(r.probs()),
+        PiOld::Recompute => {
+            let old = tb.old.as_ref().ok_or_else(|| TrainError::input("old", "pi_old = recompute: score the batch first (Trainer::score)"))?;
+            Ok(old.route_probs.get(&l).map(Vec::as_slice))
+        }
+    }
+}
+
+/// The route terms the ratio mode needs, from the forward's routes.
+pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usize, LayerRoute>, ratio: RatioMode, pi_old: PiOld) -> Result<RouteInputs> {
+    let n = tb.batch.num_slots();
+    let valid = tb.valid();
+    let dev = model.device();
+    let mut out = RouteInputs::default();
+    match ratio {
+        RatioMode::Token => {}
+        RatioMode::Joint(_) => {
+            let mut avail = vec![f32::from(u8::from(!tb.routes.is_empty())); n];
+            for (&l, r) in &tb.routes {
+                let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
+                let (ids, real) = gather_ids(r, dev)?;
+                let p_train = scores_at(&live.scores_NE, &ids)?;
+                out.route_logp_train.push(shift_to_slots(&plackett_luce_NW(&p_train)?, &valid)?);
+                let mut pos = vec![0f32; n];
+                let mut ok = vec![false; n];
+                if let Some(p) = old_probs(tb, l, r, pi_old)? {
+                    for q in 0..n {
+                        let row = &p[q * r.width()..(q + 1) * r.width()];
+                        // free rows, and rows whose probabilities were not sent (0), fall back
+                        if real[q] && row.iter().all(|&x| x > 0.0) {
+                            pos[q] = plackett_luce(row);
+                            ok[q] = true;
+                        }
+                    }
+                }
+                out.route_logp_old.push(Tensor::from_vec(shift_host(&pos, &valid, 0.0), n, dev)?);
+                for (a, o) in avail.iter_mut().zip(shift_host(&ok, &valid, false)) {
+                    if !o {
+                        *a = 0.0;
+                    }
+                }
+            }
+            out.joint_available = Some(avail);
+        }
+        RatioMode::RouterShift { floor } => {
+            let (mut sum, mut count) = (vec![0f64; n], vec![0f64; n]);
+            for (&l, r) in &tb.routes {
+                let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
+                let Some(g_old) = old_probs(tb, l, r, pi_old)? else { continue };
+                let (ids, real) = gather_ids(r, dev)?;
+                let g_theta: Vec<f32> = scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?;
+                accumulate_shift(&g_theta, g_old, r.width(), &real, &mut sum, &mut count);
+            }
+            out.shift_weight = Some(shift_host(&shift_weights(&sum, &count, floor), &valid, 1.0));
+        }
+    }
+    Ok(out)
+}
+
+/// The router probabilities of π_θ at each layer's replayed experts, per position ([N·W], host):
+/// what [`crate::trainer::Trainer::score`] keeps as π_old's.
+pub fn route_probs_at(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usize, LayerRoute>) -> Result<BTreeMap<usize, Vec<f32>>> {
+    let mut m = BTreeMap::new();
+    for (&l, r) in &tb.routes {
+        let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
+        let (ids, _) = gather_ids(r, model.device())?;
+        m.insert(l, scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?);
+    }
+    Ok(m)
+}
+
+/// The experts each real token slot would get under free routing from the live scores, as
+/// sets: top-k for token choice; for expert choice, the experts whose top-C of the token's pool
+/// took it.
+fn free_sets(model: &MoeCausalLm, layer: usize, route: &LayerRoute, batch: &Batch) -> Result<Vec<BTreeSet<u32>>> {
+    let block = model.moe_block(layer).ok_or_else(|| TrainError::input(&format!("routes[{layer}]"), "not an MoE layer of the model"))?;
+    let n = route.num_tokens;
+    let mut sets = vec![BTreeSet::new(); n];
+    match block.router.config().strategy {
+        RoutingStrategy::TokenChoice => {
+            let ids: Vec<u32> = block.router.free_top_k(&route.scores_NE.detach())?.flatten_all()?.to_vec1()?;
+            let k = ids.len() / n.max(1);
+            for (q, row) in ids.chunks(k.max(1)).enumerate() {
+                sets[q].extend(row.iter().copied());
+            }
+        }
+        RoutingStrategy::ExpertChoice { capacity_factor, pool } => {
+            let scores = route.scores_NE.detach();
+            let choice = match &block.router.expert_bias {
+                Some(b) => scores.broadcast_add(&b.to_dtype(candle_core::DType::F32)?.unsqueeze(0)?)?,
+                None => scores,
+            };
+            let e = choice.dims2()?.1;
+            let pools = pools(batch, pool);
+            let caps = pools.iter().map(|p| capacity(capacity_factor, p.len(), e)).collect();
+            let pairs: Vec<u32> = ExpertChoice { pools, caps }.apply(&choice)?.flatten_all()?.to_vec1()?;
+            let a = pairs.len() / 2;
+            for (&t, &x) in pairs[..a].iter().zip(&pairs[a..]) {
+                sets[t as usize].insert(x);
+            }
+        }
+    }
+    Ok(sets)
+}
+
+/// Route agreement of one layer: the share of real token slots whose free selection (from the
+/// trainer's live scores) equals, as a set, the inference route (the replayed rows; without
+/// inference routes, the route the forward applied). Returns (agreeing, compared).
+pub fn agreement(model: &MoeCausalLm, layer: usize, route: &LayerRoute, tb: &TrainBatch) -> Result<(f64, f64)> {
+    let real = tb.batch.real_mask();
+    let free = free_sets(model, layer, route, &tb.batch)?;
+    let inference: Vec<Option<BTreeSet<u32>>> = match tb.routes.get(&layer) {
+        Some(r) => (0..r.rows()).map(|q| (!r.is_free(q)).then(|| r.row(q).iter().copied().collect())).collect(),
+        None => {
+            let mut sets = vec![BTreeSet::new(); route.num_tokens];
+            let (tok, exp) = route.pairs()?;
+            for (&t, &x) in tok.iter().zip(&exp) {
+                sets[t as usize].insert(x);
+            }
+            sets.into_iter().map(Some).collect()
+        }
+    };
+    let (mut same, mut total) = (0.0, 0.0);
+    for q in 0..route.num_tokens {
+        if let (true, Some(inf)) = (real[q], &inference[q]) {
+            total += 1.0;
+            if *inf == free[q] {
+                same += 1.0;
+            }
+        }
+    }
+    Ok((same, total))
+}
+
+/// The joint ratio needs a per-token route probability: a softmax token-choice router.
+pub fn check_joint(model: &MoeCausalLm) -> Result<()> {
+    let r = &model.cfg.moe.router;
+    if r.score_function != ScoreFunction::Softmax {
+        return Err(TrainError::input("loss.ratio", "joint ratios need softmax router probabilities (Plackett–Luce); this router scores with a sigmoid: use ratio = token or router_shift"));
+    }
+    if r.strategy != RoutingStrategy::TokenChoice {
+        return Err(TrainError::input("loss.ratio", "joint ratios need token-choice routes (experts that a token drew); expert choice has none: use ratio = token or router_shift"));
+    }
+    Ok(())
+}
