@@ -123,6 +123,11 @@ impl MoeCausalLm {
         self.dtype
     }
 
+    /// The kernels the model runs (see [`MoeCausalLm::set_kernels`]).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
     /// Switch every layer between gradient-carrying ops and candle's fused inference ops.
     pub fn set_kernels(&mut self, k: Kernels) {
         for layer in &mut self.layers {
