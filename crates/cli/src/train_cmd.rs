@@ -69,7 +69,7 @@ fn interrupted(after: &str, checkpoint: &Path, run_dir: &Path, compare: bool, ra
         shell_word(checkpoint)
     );
     if compare {
-        eprintln!("(that resumes this one run of --compare-replay; the comparison report needs both runs)");
+        eprintln!("(that resumes this one arm of --compare-replay; the comparison report needs all three)");
     }
     std::process::exit(INTERRUPTED);
 }
@@ -90,7 +90,8 @@ pub struct TrainArgs {
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
-    /// Run the same seed with replay off and on, and plot both in one report.
+    /// Run one seed three ways — lockstep; mismatched rollouts (`rollout.mismatch`, default
+    /// bf16) with replay off; the same with replay on — into one report and table.
     #[arg(long)]
     compare_replay: bool,
     /// Continue from a checkpoint directory (`<out>/checkpoints/step-N`).
@@ -187,16 +188,15 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
         None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(&args.device)?), ..base.clone() }, Ranks::One)?,
     };
     if args.compare_replay {
-        let (off, on) = (&runs[0], &runs[1]);
-        lockstep_rl::report::write(
-            &out.join("report.html"),
-            &[("replay off".into(), off.records.clone()), ("replay on".into(), on.records.clone())],
-            "lockstep train: replay off vs on",
-        )?;
-        for (name, s) in [("replay off", off), ("replay on", on)] {
+        let arms: Vec<(String, Vec<lockstep_rl::metrics::StepRecord>)> = ARMS.iter().zip(&runs).map(|(a, r)| (a.label(&mismatch_of(&cfg)), r.records.clone())).collect();
+        lockstep_rl::report::write(&out.join("report.html"), &arms, "lockstep train --compare-replay: lockstep vs mismatched rollouts without / with replay")?;
+        let table = lockstep_rl::report::compare_table(&arms);
+        std::fs::write(out.join("compare.md"), &table).with_context(|| format!("writing {}", out.join("compare.md").display()))?;
+        print!("{table}");
+        for ((name, _), s) in arms.iter().zip(&runs) {
             print_summary(name, s);
         }
-        println!("report: {}", out.join("report.html").display());
+        println!("report: {}\ntable: {}", out.join("report.html").display(), out.join("compare.md").display());
     } else {
         print_summary(if cfg.replay.enabled { "replay on" } else { "replay off" }, &runs[0]);
         println!("metrics: {}\nreport: {}", out.join("metrics.jsonl").display(), out.join("report.html").display());
@@ -214,18 +214,65 @@ fn is_abort(e: &anyhow::Error) -> bool {
     format!("{e:#}").contains("local collective: rank")
 }
 
-/// This rank's run(s): one, or replay off then on for `--compare-replay`. A run that the stop
-/// flag ended says how to resume it (rank 0) and exits 130.
+/// The arms of `--compare-replay`, one seed: (a) lockstep (the engine runs the trainer's weights
+/// and kernels; replay on), (b) mismatched rollouts (`rollout.mismatch`, bf16 unless the config
+/// names another) with replay off, (c) the same mismatch with replay on.
+#[derive(Clone, Copy)]
+struct Arm {
+    dir: &'static str,
+    mismatch: bool,
+    replay: bool,
+}
+
+const ARMS: [Arm; 3] = [
+    Arm { dir: "lockstep", mismatch: false, replay: true },
+    Arm { dir: "mismatch_replay_off", mismatch: true, replay: false },
+    Arm { dir: "mismatch_replay_on", mismatch: true, replay: true },
+];
+
+impl Arm {
+    fn label(&self, mismatch: &str) -> String {
+        match (self.mismatch, self.replay) {
+            (false, _) => "lockstep (replay on)".to_string(),
+            (true, false) => format!("{mismatch} rollouts, replay off"),
+            (true, true) => format!("{mismatch} rollouts, replay on"),
+        }
+    }
+}
+
+/// The mismatch the comparison's arms (b) and (c) use.
+fn mismatch_of(cfg: &RunConfig) -> String {
+    if cfg.rollout.mismatch == "none" {
+        "bf16".to_string()
+    } else {
+        cfg.rollout.mismatch.clone()
+    }
+}
+
+/// This rank's run(s): one, or the three arms of `--compare-replay`. A run that the stop flag
+/// ended says how to resume it (rank 0) and exits 130.
 fn rank_runs(cfg: &RunConfig, out: &Path, args: &TrainArgs, opts: RunOptions, ranks: Ranks) -> anyhow::Result<Vec<RunSummary>> {
     let rank0 = opts.parallel.as_ref().is_none_or(|p| p.rank() == 0);
-    let go = |dir: &Path, replay: bool| match run(cfg, dir, replay, &opts) {
+    let go = |cfg: &RunConfig, dir: &Path, replay: bool| match run(cfg, dir, replay, &opts) {
         Err(RlError::Interrupted { after, checkpoint }) if rank0 => interrupted(&after, &checkpoint, dir, args.compare_replay, ranks),
         r => r,
     };
     if args.compare_replay {
-        Ok(vec![go(&out.join("replay_off"), false)?, go(&out.join("replay_on"), true)?])
+        if cfg.loss.ratio.starts_with("joint") {
+            bail!("--compare-replay runs an arm with replay off, which loss.ratio = `{}` cannot take (it needs replay): compare with ratio = token or router_shift", cfg.loss.ratio);
+        }
+        if !cfg.rollout.servers.is_empty() {
+            bail!("--compare-replay makes its own mismatched rollouts in process; leave rollout.servers empty");
+        }
+        let mut runs = Vec::new();
+        for arm in ARMS {
+            let mut c = cfg.clone();
+            c.rollout.mismatch = if arm.mismatch { mismatch_of(cfg) } else { "none".into() };
+            runs.push(go(&c, &out.join(arm.dir), arm.replay)?);
+        }
+        Ok(runs)
     } else {
-        Ok(vec![go(out, cfg.replay.enabled)?])
+        Ok(vec![go(cfg, out, cfg.replay.enabled)?])
     }
 }
 

@@ -2,7 +2,7 @@
 //! (the collectives of `local_group`, the experts stage through the grouped-GEMM ops and the
 //! all-to-all op's CUDA path) equal one rank on the whole batch: logits, routes, gradients,
 //! bitwise replay, reduced routing health. Same harness as the CPU test
-//! (`crates/dist/tests/common/mod.rs`); 4 thread ranks, and bf16, too. And the experts stage on received
+//! (`crates/distributed/tests/common/mod.rs`); 4 thread ranks, and bf16, too. And the experts stage on received
 //! rows (`gpu::experts_rows`, rows grouped by source then expert) equals the single-device
 //! experts stage on the same rows bitwise, for every GEMM implementation.
 //!
@@ -10,7 +10,7 @@
 //! `scripts/cuda/gpu_check.sh`. Without the feature this file compiles to nothing.
 #![cfg(feature = "cuda")]
 
-#[path = "../../dist/tests/common/mod.rs"]
+#[path = "../../distributed/tests/common/mod.rs"]
 mod common;
 
 fn gpu() -> candle_core::Device {

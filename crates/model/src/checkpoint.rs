@@ -1,15 +1,23 @@
 //! Hugging Face checkpoints: a directory with `config.json` and `model.safetensors` or a sharded
 //! `model.safetensors.index.json`; f32 / bf16 / f16 weights, converted to the requested dtype.
 //! Also the list of tensors a config implies (names as on the hub, one tensor per expert).
+//!
+//! Names: the model asks for Qwen-style names (`self_attn.q_proj`, `embed_tokens`, ...), the
+//! names of Qwen2/3-MoE and GLM-4.5 checkpoints. LLaDA2-MoE checkpoints use their own
+//! ([`llada2_source`]); `load` maps them (splitting the fused QKV) and `save` writes them.
+//!
+//! Legend: L decoder layer, D hidden, H query heads, G kv heads, Dh head dim.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::model::MoeCausalLm;
 
@@ -81,17 +89,183 @@ pub(crate) fn tensor_error(dir: &Path, e: candle_core::Error) -> ModelError {
 }
 
 impl MoeCausalLm {
-    /// Load `config.json` + safetensors from a checkpoint directory.
+    /// Load `config.json` + safetensors from a checkpoint directory. An LLaDA2-MoE config whose
+    /// weights hold `model.word_embeddings.weight` is read under LLaDA2's names
+    /// ([`llada2_source`]); otherwise under the Qwen-style names.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
         let st = open_weights(&files)?;
-        let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+        let backend: Box<dyn SimpleBackend> = if cfg.architecture == Architecture::Llada2Moe && st.get(LLADA2_EMBED).is_ok() {
+            Box::new(Llada2Names { inner: Box::new(st), cfg: cfg.clone() })
+        } else {
+            Box::new(st)
+        };
+        let vb = VarBuilder::from_backend(backend, dtype, device.clone());
         MoeCausalLm::new(&cfg, vb).map_err(|e| tensor_error(dir, e))
     }
 }
 
-/// Every tensor a config implies, with its shape, under hub names (one tensor per expert).
+/// LLaDA2's name of the token embeddings; its presence marks an LLaDA2-named checkpoint.
+pub const LLADA2_EMBED: &str = "model.word_embeddings.weight";
+
+/// Where a tensor the model asks for (Qwen-style name) lies in an LLaDA2-MoE checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Llada2Source {
+    /// The same tensor under this name (often the same name).
+    Renamed(String),
+    /// Rows `rows` of the fused `attention.query_key_value.{weight,bias}` (`total` rows =
+    /// (H + 2G)·Dh); `part` 0, 1, 2 = q, k, v.
+    Qkv { fused: String, part: usize, rows: Range<usize>, total: usize },
+}
+
+/// LLaDA2-MoE's tensor names: the state-dict names of `LLaDA2MoeModelLM` in
+/// `modeling_llada2_moe.py`, the `trust_remote_code` modeling file that
+/// `inclusionAI/LLaDA2.0-mini-preview` ships beside its 7-shard `model.safetensors.index.json`
+/// (hub commit d61c06e, "First model version"); `save_pretrained` writes exactly these names into
+/// the weight_map. (The index file itself was not reachable from here; the modeling file was.)
+/// Read from the copy in GitHub yks23/Information-Gain-Sampler,
+/// `dllm/dllm/pipelines/llada2/models/modeling_llada2_moe.py` (commit f1cb636), classes
+/// `LLaDA2MoeModel` (`word_embeddings`, `layers`, `norm`), `LLaDA2MoeDecoderLayer` (`attention`,
+/// `mlp`, `input_layernorm`, `post_attention_layernorm`), `LLaDA2MoeAttention`
+/// (`query_key_value` with bias iff `use_qkv_bias`, `query_layernorm` / `key_layernorm` iff
+/// `use_qk_norm`, `dense` with bias iff `use_bias`), `LLaDA2MoeSparseMoeBlock` (`gate`,
+/// `experts.{e}`, `shared_experts`), `LLaDA2MoeGate` (`weight`, buffer `expert_bias`),
+/// `LLaDA2MoeMLP` (`gate_proj`, `up_proj`, `down_proj`):
+///
+/// | asked for (Qwen-style)                               | LLaDA2 checkpoint                                       |
+/// |------------------------------------------------------|---------------------------------------------------------|
+/// | `model.embed_tokens.weight`                          | `model.word_embeddings.weight`                          |
+/// | `model.layers.L.self_attn.{q,k,v}_proj.{weight,bias}`| rows of `model.layers.L.attention.query_key_value.{weight,bias}` |
+/// | `model.layers.L.self_attn.o_proj.{weight,bias}`      | `model.layers.L.attention.dense.{weight,bias}`          |
+/// | `model.layers.L.self_attn.{q,k}_norm.weight`         | `model.layers.L.attention.{query,key}_layernorm.weight` |
+/// | `model.layers.L.mlp.gate.e_score_correction_bias`    | `model.layers.L.mlp.gate.expert_bias`                   |
+/// | anything else (norms, `mlp.gate.weight`, `mlp.experts.E.*`, `mlp.shared_experts.*`, dense `mlp.*`, `model.norm`, `lm_head`) | the same name |
+///
+/// The fused QKV is `qkv.view(.., H + 2G, Dh).split([H, G, G])`: rows [0, H·Dh) are q,
+/// [H·Dh, (H + G)·Dh) k, the rest v (the bias alike).
+pub fn llada2_source(cfg: &ModelConfig, name: &str) -> Llada2Source {
+    if name == "model.embed_tokens.weight" {
+        return Llada2Source::Renamed(LLADA2_EMBED.to_string());
+    }
+    let Some((layer, tail)) = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) else {
+        return Llada2Source::Renamed(name.to_string());
+    };
+    let p = format!("model.layers.{layer}");
+    let a = &cfg.attention;
+    let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+    let qkv = |part: usize, suffix: &str| {
+        let rows = match part {
+            0 => 0..q,
+            1 => q..q + kv,
+            _ => q + kv..q + 2 * kv,
+        };
+        Llada2Source::Qkv { fused: format!("{p}.attention.query_key_value.{suffix}"), part, rows, total: q + 2 * kv }
+    };
+    match tail {
+        "self_attn.q_proj.weight" => qkv(0, "weight"),
+        "self_attn.k_proj.weight" => qkv(1, "weight"),
+        "self_attn.v_proj.weight" => qkv(2, "weight"),
+        "self_attn.q_proj.bias" => qkv(0, "bias"),
+        "self_attn.k_proj.bias" => qkv(1, "bias"),
+        "self_attn.v_proj.bias" => qkv(2, "bias"),
+        "self_attn.o_proj.weight" => Llada2Source::Renamed(format!("{p}.attention.dense.weight")),
+        "self_attn.o_proj.bias" => Llada2Source::Renamed(format!("{p}.attention.dense.bias")),
+        "self_attn.q_norm.weight" => Llada2Source::Renamed(format!("{p}.attention.query_layernorm.weight")),
+        "self_attn.k_norm.weight" => Llada2Source::Renamed(format!("{p}.attention.key_layernorm.weight")),
+        "mlp.gate.e_score_correction_bias" => Llada2Source::Renamed(format!("{p}.mlp.gate.expert_bias")),
+        _ => Llada2Source::Renamed(name.to_string()),
+    }
+}
+
+/// Serves the Qwen-style names the model asks for from an LLaDA2-named checkpoint
+/// ([`llada2_source`]), slicing q / k / v out of the fused QKV. Errors name the checkpoint's
+/// tensor (and, for the fused QKV, the full shape the config implies).
+struct Llada2Names {
+    inner: Box<dyn SimpleBackend>,
+    cfg: ModelConfig,
+}
+
+impl Llada2Names {
+    /// `name`'s tensor; the fused QKV is checked against `want` (the part's shape) first.
+    fn fetch(&self, name: &str, want: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match llada2_source(&self.cfg, name) {
+            Llada2Source::Renamed(src) => self.inner.get_unchecked(&src, dtype, dev),
+            Llada2Source::Qkv { fused, rows, total, .. } => {
+                let t = self.inner.get_unchecked(&fused, dtype, dev)?;
+                let mut full = want.map(|s| s.dims().to_vec()).unwrap_or_else(|| t.dims().to_vec());
+                if let Some(d0) = full.first_mut() {
+                    *d0 = total;
+                }
+                if t.dims() != full.as_slice() {
+                    return Err(candle_core::Error::UnexpectedShape {
+                        msg: format!("shape mismatch for {fused}"),
+                        expected: Shape::from(full),
+                        got: t.shape().clone(),
+                    });
+                }
+                t.narrow(0, rows.start, rows.len())?.contiguous()
+            }
+        }
+    }
+}
+
+impl SimpleBackend for Llada2Names {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.fetch(name, Some(&s), dtype, dev)?;
+        if t.shape() != &s {
+            let src = match llada2_source(&self.cfg, name) {
+                Llada2Source::Renamed(n) | Llada2Source::Qkv { fused: n, .. } => n,
+            };
+            return Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {src}"), expected: s, got: t.shape().clone() });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match llada2_source(&self.cfg, name) {
+            Llada2Source::Renamed(n) | Llada2Source::Qkv { fused: n, .. } => self.inner.contains_tensor(&n),
+        }
+    }
+}
+
+/// Qwen-style named tensors → LLaDA2's names ([`llada2_source`]), q / k / v of each layer fused
+/// into `attention.query_key_value` (rows q, k, v).
+pub fn to_llada2_names(cfg: &ModelConfig, tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut parts: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    for (name, t) in tensors {
+        match llada2_source(cfg, &name) {
+            Llada2Source::Renamed(n) => out.push((n, t)),
+            Llada2Source::Qkv { fused, part, rows, .. } => {
+                if t.dim(0)? != rows.len() {
+                    return Err(ModelError::Tensor {
+                        dir: PathBuf::from("<in-memory model>"),
+                        tensor: name,
+                        msg: format!("{} rows, the config implies {}", t.dim(0)?, rows.len()),
+                    });
+                }
+                let slot = parts.entry(fused.clone()).or_default();
+                slot[part] = Some(t);
+                if let [Some(q), Some(k), Some(v)] = slot {
+                    out.push((fused.clone(), Tensor::cat(&[&*q, &*k, &*v], 0)?));
+                    parts.remove(&fused);
+                }
+            }
+        }
+    }
+    if let Some(fused) = parts.keys().next() {
+        return Err(ModelError::Tensor { dir: PathBuf::from("<in-memory model>"), tensor: fused.clone(), msg: "q, k and v are not all present".into() });
+    }
+    Ok(out)
+}
+
+/// Every tensor a config implies, with its shape, under the Qwen-style hub names the model asks
+/// for (one tensor per expert; LLaDA2's own names: [`llada2_source`]).
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.hidden_size;
     let a = &cfg.attention;
@@ -149,7 +323,9 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 impl MoeCausalLm {
     /// Every tensor under its checkpoint (hub) name: experts split back into one tensor per
-    /// expert, expert biases included — the layout `load` reads and transformers loads.
+    /// expert, expert biases included — the layout `load` reads and transformers loads. An
+    /// LLaDA2-MoE model uses LLaDA2's names ([`to_llada2_names`]: fused QKV, `attention.dense`,
+    /// `word_embeddings`, `gate.expert_bias`), as its `modeling_llada2_moe.py` expects.
     pub fn hub_tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
         let mut out = Vec::new();
         for (name, t) in self.named_params()? {
@@ -173,6 +349,9 @@ impl MoeCausalLm {
             if let Some(b) = &self.moe_block(l).and_then(|b| b.router.expert_bias.clone()) {
                 out.push((format!("model.layers.{l}.mlp.gate.e_score_correction_bias"), b.clone()));
             }
+        }
+        if self.cfg.architecture == Architecture::Llada2Moe {
+            return to_llada2_names(&self.cfg, out);
         }
         Ok(out)
     }

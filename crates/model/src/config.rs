@@ -19,8 +19,10 @@ pub enum Architecture {
     /// Sigmoid scores + selection-only expert bias, group-limited top-k, routed scaling, shared
     /// experts, `first_k_dense_replace` dense layers, QK-norm, partial rotary (DeepSeek-V3 family).
     Glm4Moe,
-    /// An LLaDA2-MoE-style configuration (`configuration_llada2_moe.py` fields) built on the same
-    /// router code; weights use lockstep's (Qwen-style) tensor names — random init only.
+    /// LLaDA2-MoE (`configuration_llada2_moe.py` fields: `use_qkv_bias`, `use_bias`,
+    /// `use_qk_norm`, `score_function`, `n_group`, ...) on the same router code. Checkpoints load
+    /// under the hub's tensor names (fused `attention.query_key_value`, `attention.dense`,
+    /// `mlp.gate.expert_bias`, `word_embeddings`: see `checkpoint`) or lockstep's Qwen-style names.
     Llada2Moe,
 }
 
@@ -62,9 +64,10 @@ pub struct AttentionConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Bias on q/k/v projections (Qwen2-MoE; `attention_bias` in Qwen3-MoE).
+    /// Bias on q/k/v projections (Qwen2-MoE; `attention_bias` in Qwen3-MoE / GLM-4.5;
+    /// `use_qkv_bias` in LLaDA2).
     pub qkv_bias: bool,
-    /// Bias on the output projection (`attention_bias` in Qwen3-MoE only).
+    /// Bias on the output projection (`attention_bias` in Qwen3-MoE; `use_bias` in LLaDA2).
     pub o_bias: bool,
     /// Per-head RMSNorm on queries and keys before RoPE (Qwen3).
     pub qk_norm: bool,
@@ -297,6 +300,8 @@ struct HfConfig {
     n_group: Option<usize>,
     topk_group: Option<usize>,
     // LLaDA2-MoE
+    use_qkv_bias: Option<bool>,
+    use_bias: Option<bool>,
     num_shared_experts: Option<usize>,
     score_function: Option<String>,
     moe_router_enable_expert_bias: Option<bool>,
@@ -464,8 +469,10 @@ impl ModelConfig {
                 };
                 router.expert_bias = hf.moe_router_enable_expert_bias.unwrap_or(true);
                 router.norm_topk_prob = hf.norm_topk_prob.unwrap_or(true);
-                let b = hf.attention_bias.unwrap_or(false);
-                (b, b, hf.use_qk_norm.unwrap_or(true), num_shared(hf.num_shared_experts, "num_shared_experts")?)
+                // `query_key_value` has a bias iff `use_qkv_bias`, `dense` iff `use_bias`; the
+                // defaults are `LLaDA2MoeConfig`'s (False, True); hub config.json files write both.
+                let (qkv, o) = (hf.use_qkv_bias.unwrap_or(false), hf.use_bias.unwrap_or(true));
+                (qkv, o, hf.use_qk_norm.unwrap_or(true), num_shared(hf.num_shared_experts, "num_shared_experts")?)
             }
         };
         router.n_group = hf.n_group.unwrap_or(1);

@@ -199,7 +199,7 @@ impl RoutingPlan {
         }
         // routes on the GPU are checked there, all layers with one copy back; a faulty layer is
         // then re-checked on the host for the message
-        for layer in faulty_on_device(&on_device, cfg, num_slots)? {
+        if let Some(&layer) = faulty_on_device(&on_device, cfg, num_slots)?.first() {
             let (_, r) = on_device.iter().find(|(l, _)| *l == layer).expect("checked layer");
             validate_ids(r, cfg, num_slots, layer)?;
             return Err(ModelError::routing(layer, "the forced route failed the device checks"));

@@ -29,7 +29,7 @@ fn assert_batch_invariant(model: &MoeCausalLm, n: usize) {
     let padded = model.forward(&padded_batch, &RoutingPlan::record()).unwrap();
     let t = padded_batch.dims().1;
     for (i, x) in s.iter().enumerate() {
-        let alone = model.forward(&Batch::from_sequences(&[x.clone()], 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
+        let alone = model.forward(&Batch::from_sequences(std::slice::from_ref(x), 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
         let a = bits(&alone.logits.i(0).unwrap());
         assert_eq!(a, bits(&packed.logits.i((0, cu[i]..cu[i + 1])).unwrap()), "sequence {i}: alone vs packed");
         assert_eq!(a, bits(&padded.logits.i((i, 0..x.len())).unwrap()), "sequence {i}: alone vs padded");
@@ -128,7 +128,7 @@ fn assert_cached_equals_full(model: &MoeCausalLm) {
         first = false;
     }
     for (i, x) in s.iter().enumerate() {
-        let full = model.forward(&Batch::from_sequences(&[x.clone()], 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
+        let full = model.forward(&Batch::from_sequences(std::slice::from_ref(x), 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
         for (p, g) in got[i].iter().enumerate() {
             assert_eq!(g, &bits(&full.logits.i((0, p)).unwrap()), "sequence {i} position {p}");
         }

@@ -205,11 +205,12 @@ fn group_limited_selection_equals_brute_force_with_ties() {
     rc.n_group = 4;
     rc.topk_group = 2;
     for trial in 0..500 {
-        // few distinct values → many ties; some negative (the masked-to-0 rule matters)
+        // few distinct values → many ties; some negative (experts of dropped groups are masked to
+        // −∞, so a negative score in a kept group still beats them)
         let v: Vec<f32> = (0..16).map(|_| rng.random_range(-2i32..6) as f32 * 0.25).collect();
         let group_scores: Vec<f32> = v.chunks(4).map(|g| brute_best(g, 2).iter().map(|&i| g[i]).sum()).collect();
         let groups = brute_best(&group_scores, 2);
-        let masked: Vec<f32> = v.iter().enumerate().map(|(i, &s)| if groups.contains(&(i / 4)) { s } else { 0.0 }).collect();
+        let masked: Vec<f32> = v.iter().enumerate().map(|(i, &s)| if groups.contains(&(i / 4)) { s } else { f32::NEG_INFINITY }).collect();
         let want = brute_best(&masked, 4);
         let mut got = select_row(&v, &rc);
         got.sort_unstable();

@@ -285,6 +285,8 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("a RunConfig serialises")
     }
 
+    // `!(x > 0.0)` on purpose: NaN fails every check
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.model.kernels.as_str(), "invariant" | "standard") {
             return Err(bad("model.kernels", format!("`{}`: expected invariant or standard", self.model.kernels)));

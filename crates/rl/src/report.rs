@@ -105,16 +105,46 @@ pub fn write(path: &Path, runs: &[(String, Vec<StepRecord>)], title: &str) -> Re
     for svg in [
         scalar("reward (mean)", &|r| Some(r.reward_mean)),
         scalar("eval accuracy (greedy, held out)", &|r| r.eval_accuracy),
+        scalar("train–inference KL (first update, π_θ vs π_infer)", &|r| Some(r.train_infer_kl)),
+        scalar("train–inference F(τ) (first update)", &|r| Some(r.train_infer_extreme_fraction)),
         scalar("KL estimate mean(ρ−1−log ρ)", &|r| Some(r.kl)),
         scalar("KL of the most off-policy mini-step", &|r| Some(r.kl_max)),
         scalar("extreme-token fraction F(τ)", &|r| Some(r.extreme_fraction)),
         scalar("clip fraction", &|r| Some(r.clip_fraction)),
         per_layer("routing confidence", &|l| l.confidence),
         per_layer("max_vio", &|l| l.max_vio),
-        per_layer("route agreement (free vs used)", &|l| l.route_agreement),
+        per_layer("route agreement (trainer's free routes vs inference routes)", &|l| l.route_agreement),
     ] {
         let _ = write!(html, "<div style=\"margin:6px\">{svg}</div>");
     }
     html.push_str("</div></body></html>");
     std::fs::write(path, html).map_err(|e| RlError::io(path, e))
+}
+
+/// A markdown table of runs side by side: means over the RL steps of the train–inference KL and
+/// F(τ) (first update of each step), the update KL, route agreement (mean over layers), and
+/// the reward of the first / last 5 steps and the final eval accuracy.
+pub fn compare_table(runs: &[(String, Vec<StepRecord>)]) -> String {
+    let mut t = String::from("| run | train–inference KL | train–inference F(τ) | max \\|Δ logprob\\| | update KL | route agreement | reward first 5 → last 5 | eval final |\n|---|---|---|---|---|---|---|---|\n");
+    for (label, recs) in runs {
+        let rl: Vec<&StepRecord> = recs.iter().filter(|r| r.phase == "rl").collect();
+        let n = rl.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&StepRecord) -> f64| rl.iter().map(|r| f(r)).sum::<f64>() / n;
+        let agree = mean(&|r| if r.layers.is_empty() { 0.0 } else { r.layers.values().map(|l| l.route_agreement).sum::<f64>() / r.layers.len() as f64 });
+        let max_diff = rl.iter().map(|r| r.train_infer_logprob_diff_max).fold(0.0, f64::max);
+        let k = rl.len().clamp(1, 5) as f64;
+        let head = rl.iter().take(5).map(|r| r.reward_mean).sum::<f64>() / k;
+        let tail = rl.iter().rev().take(5).map(|r| r.reward_mean).sum::<f64>() / k;
+        let eval = rl.iter().rev().find_map(|r| r.eval_accuracy).unwrap_or(0.0);
+        let _ = writeln!(
+            t,
+            "| {label} | {} | {} | {} | {} | {:.4} | {head:.3} → {tail:.3} | {eval:.3} |",
+            fmt(mean(&|r| r.train_infer_kl)),
+            fmt(mean(&|r| r.train_infer_extreme_fraction)),
+            fmt(max_diff),
+            fmt(mean(&|r| r.kl)),
+            agree
+        );
+    }
+    t
 }

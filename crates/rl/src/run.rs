@@ -230,7 +230,7 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
         let mut model = trainer.inference_model()?;
         match cfg.rollout.mismatch.as_str() {
             // the engine's weights rounded to bf16 (kept in the model's dtype: the CPU kernels are f32)
-            "bf16" => model.map_params(|_, t| Ok(t.to_dtype(DType::BF16)?.to_dtype(t.dtype())?))?,
+            "bf16" => model.map_params(|_, t| t.to_dtype(DType::BF16)?.to_dtype(t.dtype()))?,
             // candle's fused inference kernels (cuBLAS on a GPU) against the trainer's invariant ones
             "standard" => model.set_kernels(Kernels::Inference),
             _ => {}

@@ -111,7 +111,7 @@ pub fn accumulate_shift(g_theta: &[f32], g_old: &[f32], width: usize, real: &[bo
             continue;
         }
         let (a, b) = (&g_theta[n * width..(n + 1) * width], &g_old[n * width..(n + 1) * width]);
-        if a.iter().chain(b).any(|&x| !(x > 0.0)) {
+        if a.iter().chain(b).any(|&x| x.is_nan() || x <= 0.0) {
             continue;
         }
         for (&x, &y) in a.iter().zip(b) {

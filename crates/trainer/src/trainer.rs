@@ -148,7 +148,7 @@ impl Trainer {
     /// (`loss.kl_coef`); on ranks, each rank keeps its own shard.
     pub fn set_reference(&mut self) -> Result<()> {
         let mut r = self.model.clone();
-        r.map_params(|_, t| Ok(t.detach().copy()?))?;
+        r.map_params(|_, t| t.detach().copy())?;
         self.reference = Some(r);
         Ok(())
     }

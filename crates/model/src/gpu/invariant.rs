@@ -45,6 +45,9 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     (m, n, k): (usize, usize, usize),
     kernels: &MatmulKernels,
 ) -> Result<CudaSlice<T>> {
+    // SAFETY: uninitialised, but the launch below writes every y[m, n]: its grid has a block per
+    // tm x tn output tile of the chosen kernel, ceil(N / tn) x ceil(M / tm) of them, and every
+    // kernel stores each in-range element of its tile; m · n = 0 returns a never-read buffer.
     let mut y = unsafe { dev.alloc::<T>((m * n).max(1))? };
     if m * n == 0 {
         return Ok(y);
@@ -60,6 +63,13 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     let mut b = f.builder();
     b.arg(x).arg(w).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(tn) as u32, gy as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the arguments are those of `inv_matmul_nt_*(x, w, y, M, N, K)` (invariant.cu) in
+    // order, `T` the kernel's element type (`matmul_nt` picks the kernels by dtype and checks x
+    // and w share it). x is the contiguous [M, K] and w the [N, K] input (K checked equal), y
+    // holds M · N, and the kernels bound-check m < M, n < N, k < K on every load and store (the
+    // 16-byte loads also check K % 8 and the pointers' alignment). `block` and (tm, tn) are the
+    // thread count (its `__launch_bounds__`) and output tile each kernel is written for, and gy
+    // is within the grid's 65535 limit (checked above).
     unsafe { b.launch(cfg) }.w()?;
     Ok(y)
 }
@@ -116,6 +126,8 @@ pub fn attention(
     let dev = sq.device().clone();
     let (q, k, v) = (contiguous::<f32>(sq, lq, "invariant attention q")?, contiguous::<f32>(sk, lk, "invariant attention k")?, contiguous::<f32>(sv, lv, "invariant attention v")?);
     let rows = b * h * tq;
+    // SAFETY: uninitialised, but the launch writes out[row, 0..Dh] for each of the B · H · Tq
+    // rows (one block each; zeros when no key is visible); rows · Dh = 0: never read.
     let mut out = unsafe { dev.alloc::<f32>((rows * dh).max(1))? };
     if rows > 0 && dh > 0 {
         let vis = dev.clone_htod(visible)?;
@@ -124,6 +136,13 @@ pub fn attention(
         let mut bld = f.builder();
         bld.arg(&q).arg(&k).arg(&v).arg(&vis).arg(&mut out).arg(&h32).arg(&g32).arg(&tq32).arg(&tk32).arg(&dh32).arg(&scale);
         let cfg = LaunchConfig { grid_dim: (u32_dim(rows, "rows")?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: ((tk + 32) * 4) as u32 };
+        // SAFETY: the arguments are those of `inv_attention_f32(q, k, v, visible, out, H, G, Tq,
+        // Tk, Dh, scale)` in order. q is [B, H, Tq, Dh], k and v [B, G, Tk, Dh] (contiguous f32,
+        // dims checked above with G > 0 and H % G = 0, so the kernel's g = h / (H / G) < G),
+        // visible holds B · Tq · Tk bytes (checked) and out B · H · Tq · Dh. One block per row,
+        // as the kernel derives (b, h, i) from blockIdx.x; the dynamic shared memory is its Tk
+        // scores + 32 floats of scratch (within 48 KiB, checked), and 128 threads are 4 warps,
+        // within that 32-entry scratch.
         unsafe { bld.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b, h, tq, dh))))

@@ -75,6 +75,10 @@ pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
     let mut threshold: u64 = u64::MAX;
+    // SAFETY: the device's context is bound to this thread (above) and `cu_device()` is its
+    // device, so the pool is that device's default memory pool, live as long as the context;
+    // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD takes a pointer to a cuuint64_t, and `threshold` is a
+    // u64 that outlives the call.
     unsafe {
         let pool = result::device::get_mem_pool(ctx.cu_device()).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
         result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _)

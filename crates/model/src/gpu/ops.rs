@@ -81,6 +81,10 @@ fn permute<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     suf: &str,
 ) -> Result<CudaSlice<T>> {
     let rows = p.layout.rows;
+    // SAFETY: `alloc` leaves memory uninitialised; it is only taken in the compact layout, where
+    // `pos_A` maps the A assignments one to one onto the R = A rows (a stable counting sort by
+    // expert, or `Plan::sorted_rows`' expert-major order), so the launch below writes every row
+    // before anything reads it (A = 0: R = 0, and the 1-element buffer is never read).
     let mut xp = if p.layout.padded.is_some() { p.dev.alloc_zeros::<T>((rows * d).max(1))? } else { unsafe { p.dev.alloc::<T>((rows * d).max(1))? } };
     if p.num_assignments > 0 {
         let f = func(&p.dev, &format!("moe_permute_{suf}"))?;
@@ -88,6 +92,12 @@ fn permute<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         let mut b = f.builder();
         b.arg(x).arg(&p.token_A).arg(&p.pos_A).arg(&a32).arg(&d32).arg(&mut xp);
         let cfg = LaunchConfig { grid_dim: (blocks(p.num_assignments, 1 << 16), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are those of `moe_permute_{f32,bf16}(x, token_A, pos_A, A, D, xp)`
+        // (kernels.cu) in order, `T` the kernel's element type. Every access is in bounds: x is
+        // the contiguous [N, D] input (the ops check N = num_tokens and D before calling),
+        // `Plan::build` rejected token ids >= N, pos_A[a] < R (its expert's first row + its rank
+        // among the expert's rows), and xp holds R · D. The kernel strides over the grid and the
+        // block, so any grid / block size is valid; it checks alignment before its 16-byte copies.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(xp)
@@ -101,6 +111,9 @@ fn gather_sum<T: CudaDType + DeviceRepr>(
     suf: &str,
 ) -> Result<CudaSlice<T>> {
     let n = p.num_tokens;
+    // SAFETY: uninitialised, but the launch below writes out[n, d] for every token n < N and
+    // d < D (a grid-strided block per token, a block-strided thread per column); N = 0 returns
+    // the 1-element buffer of a zero-size tensor, never read.
     let mut out = unsafe { p.dev.alloc::<T>((n * d).max(1))? };
     if n == 0 {
         return Ok(out);
@@ -116,6 +129,11 @@ fn gather_sum<T: CudaDType + DeviceRepr>(
     };
     b.arg(&p.toff).arg(&p.list).arg(&p.pos_A).arg(&n32).arg(&d32).arg(&mut out);
     let cfg = LaunchConfig { grid_dim: (blocks(n, 1 << 16), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the arguments are those of `moe_gather_sum_{f32,bf16}(y, w_A, toff, list, pos_A, N,
+    // D, out)` in order; `null` (a 0u64, pointer-sized) is the null w_A the kernel tests for. y
+    // holds R · D (`Combine`, `GatherBwd`, `Unpermute` check R = layout.rows; `Stage::Dx` passes
+    // the [R, D] product), w the A f32 weights (`Combine` checks), toff N + 1 and list A entries;
+    // list holds assignments < A, pos_A[a] < R, and out holds N · D.
     unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
@@ -127,12 +145,19 @@ fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
 
 /// silu(gate) · up of gu [R, 2F] → [R, F].
 fn swiglu<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
+    // SAFETY: uninitialised, but the launch writes every out[r, j]: `rows_cfg` gives
+    // ceil(F / 512) blocks of 256 threads, two columns a thread, over the F columns, and a
+    // grid-strided y over the R rows; when R · F = 0 the buffer is never read.
     let mut out = unsafe { dev.alloc::<T>((r * f).max(1))? };
     if r * f > 0 {
         let func = func(dev, &format!("moe_swiglu_{suf}"))?;
         let (r32, f32_) = (r as u32, f as u32);
         let mut b = func.builder();
         b.arg(gu).arg(&r32).arg(&f32_).arg(&mut out);
+        // SAFETY: the arguments are those of `moe_swiglu_{f32,bf16}(gu, R, F, out)` in order. gu is
+        // the fresh [R, 2F] gate_up product (`gemm` Nt with ndim = 2F, offset 0) and out holds
+        // R · F: the kernel reads gu[r, f] and gu[r, F + f], writes out[r, f], for r < R, f < F.
+        // Its paired (8 / 4-byte) accesses run only for even F, which keeps them aligned.
         unsafe { b.launch(rows_cfg(r, f)) }.w()?;
     }
     Ok(out)
@@ -140,12 +165,18 @@ fn swiglu<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, r: usiz
 
 /// (gu [R, 2F], da [R, F]) → dgu [R, 2F].
 fn swiglu_bwd<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, da: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
+    // SAFETY: uninitialised, but the launch writes both halves, dgu[r, j] and dgu[r, F + j], of
+    // every row r < R and column j < F (same grid as `swiglu`); R · F = 0: never read.
     let mut out = unsafe { dev.alloc::<T>((r * 2 * f).max(1))? };
     if r * f > 0 {
         let func = func(dev, &format!("moe_swiglu_bwd_{suf}"))?;
         let (r32, f32_) = (r as u32, f as u32);
         let mut b = func.builder();
         b.arg(gu).arg(da).arg(&r32).arg(&f32_).arg(&mut out);
+        // SAFETY: the arguments are those of `moe_swiglu_bwd_{f32,bf16}(gu, da, R, F, dgu)` in order.
+        // gu is the forward's saved [R, 2F] activation, da the fresh [R, F] product (`gemm` Nn
+        // with kdim = F) and out holds R · 2F, as the kernel indexes them; paired accesses only
+        // for even F, as in `swiglu`.
         unsafe { b.launch(rows_cfg(r, f)) }.w()?;
     }
     Ok(out)
@@ -169,12 +200,22 @@ fn gemm<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         Product::Tn => e * ndim * kdim,
     };
     // Tn skips experts without rows: their gradient must read zero
+    // SAFETY: uninitialised only for Nt and Nn, whose GEMMs (beta = 0: C is written, not read)
+    // cover every row: in the compact layout each expert's rows offsets[e]..offsets[e] + counts[e]
+    // (together all R), in the padded layout all E · padded rows (one strided-batched call).
     let mut out = if product == Product::Tn { p.dev.alloc_zeros::<T>(n_out.max(1))? } else { unsafe { p.dev.alloc::<T>(n_out.max(1))? } };
     let stream = p.dev.cuda_stream();
     {
         let (lp, _g1) = lhs.device_ptr(&stream);
         let (rp, _g2) = rhs.device_ptr(&stream);
         let (op, _g3) = out.device_ptr_mut(&stream);
+        // SAFETY: `run`'s contract: lp, rp, op are device addresses on `p.dev`'s stream (which the
+        // cuBLAS handle uses), their buffers borrowed and their guards held across the call, and
+        // of the sizes the product reads and writes: out holds n_out as sized above; lhs is
+        // [R, kdim] (Nt) or [R, ndim] (Nn, Tn), rhs the [E, ndim, kdim] weight (Nt, Nn) or the
+        // [R, kdim] activations (Tn). `ExpertMlp::cuda_fwd` checks the forward's dims; the
+        // backward stages (`MlpBwd`, private, built only by `ExpertMlp::bwd`) get the gradient of
+        // y [R, D], the forward's weights and saved activations, and dgu [R, 2F] from `Stage::Dgu`.
         unsafe { gemm::run(&p.dev, p.imp, &p.layout, product, dtype, kdim, ndim, lp, rp, op)? };
     }
     Ok(out)
@@ -418,20 +459,35 @@ impl CustomOp2 for CombineBwd {
             if self.want_dw {
                 // (dout, y) → dw
                 let y = contiguous::<T>(s2, l2, self.name())?;
+                // SAFETY: uninitialised, but the launch writes dw[a] for every a < A (thread 0 of
+                // the block that takes assignment a); A = 0: never read.
                 let mut dw = unsafe { p.dev.alloc::<f32>(a.max(1))? };
                 if a > 0 {
                     let mut b = f.builder();
                     b.arg(&dout).arg(&y).arg(&null).arg(&p.token_A).arg(&p.pos_A).arg(&a32).arg(&d32).arg(&null).arg(&mut dw);
+                    // SAFETY: the arguments are those of `moe_combine_bwd_{f32,bf16}(dout, y, w_A,
+                    // token_A, pos_A, A, D, dy, dw_A)` in order, w_A and dy null (0u64), so only
+                    // the dw branch runs and w_A is never read. dout is [N, D] (N checked above),
+                    // token_A[a] < N, pos_A[a] < R, dw holds A. y must be [R, D]: it is not
+                    // re-checked here; `Combine::bwd`, which builds this op, passes Combine's own
+                    // input, checked in `Combine::cuda_fwd`. 256 threads is a power of two <= 1024,
+                    // as the kernel's 1024-float reduction needs.
                     unsafe { b.launch(cfg) }.w()?;
                 }
                 Ok((CudaStorage::wrap_cuda_slice(dw, p.dev.clone()), Shape::from(a)))
             } else {
                 // (dout, w) → dy; rows no assignment owns (padding) stay zero
                 let w = contiguous::<f32>(s2, l2, self.name())?;
+                // SAFETY: uninitialised only in the compact layout, where pos_A maps the A
+                // assignments one to one onto the R = A rows, so the launch writes every row.
                 let mut dy = if p.layout.padded.is_some() { p.dev.alloc_zeros::<T>((rows * d).max(1))? } else { unsafe { p.dev.alloc::<T>((rows * d).max(1))? } };
                 if a > 0 {
                     let mut b = f.builder();
                     b.arg(&dout).arg(&null).arg(&w).arg(&p.token_A).arg(&p.pos_A).arg(&a32).arg(&d32).arg(&mut dy).arg(&null);
+                    // SAFETY: the same kernel with y and dw_A null, so only the dy branch runs and
+                    // y is never read: it reads dout [N, D] at token_A[a] < N and w_A[a] (f32, the
+                    // dtype checked by `contiguous`; A entries, Combine's input checked in
+                    // `Combine::cuda_fwd`, not re-checked here) and writes dy [R, D] at pos_A[a] < R.
                     unsafe { b.launch(cfg) }.w()?;
                 }
                 Ok((CudaStorage::wrap_cuda_slice(dy, p.dev.clone()), Shape::from((rows, d))))

@@ -87,6 +87,8 @@ fn u32_slice(t: &Tensor, dev: &CudaDevice) -> Result<CudaSlice<u32>> {
     let Storage::Cuda(cs) = &*st else { candle_core::bail!("moe plan: route tensors must live on the CUDA device") };
     let n = l.shape().elem_count();
     let src = cs.as_cuda_slice::<u32>()?.slice(l.start_offset()..l.start_offset() + n);
+    // SAFETY: uninitialised, but `memcpy_dtod` fills all n entries; n = 0 leaves one entry that
+    // nothing reads (every kernel over the assignments is skipped when A = 0).
     let mut dst = unsafe { dev.alloc::<u32>(n.max(1))? };
     if n > 0 {
         dev.memcpy_dtod(&src, &mut dst)?;
@@ -125,6 +127,10 @@ impl Plan {
             let mut bins = hist.slice_mut(lo..hi);
             let mut b = f.builder();
             b.arg(keys).arg(&a32).arg(&mut bins).arg(&nk);
+            // SAFETY: the arguments are those of `moe_histogram(key_A, A, counts, num_keys)`
+            // (kernels.cu) in order: keys holds A ids, bins is the num_keys + 1 bins lo..hi of
+            // `hist`, and the kernel sends every id >= num_keys to the last bin, so its atomic
+            // adds stay within the slice. Grid-strided: any grid size is valid.
             unsafe { b.launch(grid(a, 256)) }.w()?;
         }
         let host = dev.clone_dtoh(&hist)?;
@@ -140,16 +146,26 @@ impl Plan {
         let offsets = dev.clone_htod(&offsets)?;
 
         // stable rank of every assignment within its expert
+        // SAFETY: uninitialised, but `moe_positions` writes pos_A[a] for every a: it runs one block
+        // per expert over all A assignments, and every expert id is < E (the histogram check above
+        // bailed otherwise); A = 0: never read.
         let mut pos = unsafe { dev.alloc::<u32>(a.max(1))? };
         if a > 0 {
             let f = func(&dev, "moe_positions")?;
             let mut b = f.builder();
             b.arg(&expert).arg(&a32).arg(&offsets).arg(&mut pos);
             let cfg = LaunchConfig { grid_dim: (e32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments are those of `moe_positions(expert_A, A, row_offset, pos_A)` in
+            // order: expert holds A ids < E, offsets E row offsets (one per block; E >= 1 here:
+            // with E = 0 every one of the A > 0 ids would have failed the check), pos A entries. 1024 threads are the 32 warps of the
+            // kernel's `warp_tot[32]`. The rows written, offsets[e] + rank < offsets[e] + counts[e],
+            // stay below R.
             unsafe { b.launch(cfg) }.w()?;
         }
 
         // token CSR (checked: a token id >= N lands in the overflow bin)
+        // SAFETY: uninitialised, but `moe_exclusive_scan` writes out[0] and out[i + 1] for every
+        // i < N: all N + 1 entries.
         let mut toff = unsafe { dev.alloc::<u32>(num_tokens + 1)? };
         {
             let f = func(&dev, "moe_exclusive_scan")?;
@@ -157,18 +173,31 @@ impl Plan {
             let mut b = f.builder();
             b.arg(&tcount).arg(&n32).arg(&mut toff);
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments are those of `moe_exclusive_scan(in, n, out)` in order: tcount
+            // is the N token bins of `hist`, toff holds N + 1. One block of 1024 threads, the size
+            // of the kernel's `part[1024]` (it splits any n into 1024 chunks).
             unsafe { b.launch(cfg) }.w()?;
         }
+        // SAFETY: uninitialised, but `moe_token_fill` writes every entry: all token ids are < N
+        // (checked above), so the token counts sum to A and each assignment takes its own slot
+        // toff[n] + (its place among token n's) in 0..A; A = 0: never read.
         let mut list = unsafe { dev.alloc::<u32>(a.max(1))? };
         if a > 0 {
             let mut cursor = dev.alloc_zeros::<u32>(num_tokens.max(1))?;
             let f = func(&dev, "moe_token_fill")?;
             let mut b = f.builder();
             b.arg(&token).arg(&a32).arg(&toff).arg(&mut cursor).arg(&mut list);
+            // SAFETY: the arguments are those of `moe_token_fill(token_A, A, toff, cursor, list)` in
+            // order: token ids are < N (checked above), cursor holds N zeroed counters, and since
+            // exactly counts[n] assignments name token n, toff[n] + slot < toff[n + 1] <= A = the
+            // length of list.
             unsafe { b.launch(grid(a, 256)) }.w()?;
             let f = func(&dev, "moe_token_sort")?;
             let mut b = f.builder();
             b.arg(&toff).arg(&n32).arg(&mut list);
+            // SAFETY: the arguments are those of `moe_token_sort(toff, N, list)` in order: toff
+            // holds N + 1 offsets, and every token's range toff[n]..toff[n + 1] lies within list's
+            // A entries (the scan of counts summing to A). Grid-strided over N.
             unsafe { b.launch(grid(num_tokens, 256)) }.w()?;
         }
         Ok(Self { dev, imp, layout, num_tokens, num_assignments: a, token_A: token, pos_A: pos, toff, list, identity: false })

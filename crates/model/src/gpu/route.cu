@@ -31,7 +31,9 @@ __device__ __forceinline__ u64 warp_max(u64 v) {
 
 // One warp per token: ids_NK[n] = the K best of choice_NE[n] (biased scores), in selection order.
 // With G > 1: keep the KG groups with the best group score (sum of the group's two best
-// values: 0 + best + second, as the host sums), set every other expert's value to 0, then pick.
+// values: 0 + best + second, as the host sums), set every other expert's value to -inf (not 0:
+// a 0 outranks every kept expert whose biased score is negative), then pick. pack(-inf, e) is
+// still > 0, the "nothing yet" key, so the pick loop needs no change.
 // Dynamic shared memory: (blockDim / 32) * (E + 2 G) words. Needs E <= 1024 (checked by the host).
 extern "C" __global__ void route_topk(const float* __restrict__ choice_NE, u32 N, u32 E, u32 G, u32 KG, u32 K,
                                       u32* __restrict__ ids_NK) {
@@ -68,7 +70,7 @@ extern "C" __global__ void route_topk(const float* __restrict__ choice_NE, u32 N
             __syncwarp();
         }
         for (u32 e = lane; e < E; e += 32)
-            if (!gkeep[e / per]) row[e] = 0.0f;
+            if (!gkeep[e / per]) row[e] = __uint_as_float(0xff800000u);  // -inf
         __syncwarp();
     }
     u32 taken = 0;  // bit j: expert lane + 32 j already selected

@@ -31,6 +31,8 @@ pub fn top_k(s: &CudaStorage, l: &Layout, groups: usize, topk_group: usize, k: u
     }
     let dev = s.device().clone();
     let choice = f32_rows(s, l, "route top-k")?;
+    // SAFETY: uninitialised, but the launch writes ids[n, k] for every n < N and k < K (lane 0
+    // of token n's warp, ceil(N / 4) blocks of 4 warps); N · K = 0: never read.
     let mut ids = unsafe { dev.alloc::<u32>((n * k).max(1))? };
     if n > 0 && k > 0 {
         let warps = 4u32;
@@ -43,6 +45,13 @@ pub fn top_k(s: &CudaStorage, l: &Layout, groups: usize, topk_group: usize, k: u
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: warps * 4 * (e32 + 2 * g32),
         };
+        // SAFETY: the arguments are those of `route_topk(choice_NE, N, E, G, KG, K, ids_NK)`
+        // (route.cu) in order. choice is the contiguous [N, E] f32 input (`f32_rows` checks dtype
+        // and layout), ids holds N · K. The checks above keep the kernel in bounds: E <= 1024, so
+        // its `taken` mask (32 bits of 32 experts a lane) covers every expert; E % G = 0 (whole
+        // groups) and KG <= G (each group round finds a group not yet kept); K <= E. The dynamic
+        // shared memory is the kernel's (E + 2G) words per warp, for the 4 warps of the block
+        // (at most 48 KiB, as G <= E <= 1024).
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(ids, dev), Shape::from((n, k))))
@@ -72,6 +81,12 @@ pub fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[us
             acc += c;
         }
     }
+    // SAFETY: uninitialised; the kernel writes ranks 0..caps[p] of every (pool p, expert e) pair
+    // into out_off[e · P + p].., so every entry of both rows, provided each pool has at least
+    // caps[p] distinct slots (ranks are distinct: no two packed keys tie). That, and slots < N
+    // (the rows of choice), caps.len() = pools.len(), are the caller's: `moe::router::
+    // expert_choice` builds the pools from the batch's slots and caps = min(P, ...). They are
+    // not re-checked here. A = 0: never read.
     let mut out = unsafe { dev.alloc::<u32>((2 * a).max(1))? };
     if a > 0 {
         let pool_off = dev.clone_htod(&pool_off)?;
@@ -85,6 +100,12 @@ pub fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[us
         let (e32, np32) = (e as u32, np as u32);
         b.arg(&choice).arg(&e32).arg(&pool_off).arg(&slots).arg(&caps_d).arg(&out_off).arg(&np32).arg(&mut tok).arg(&mut exp);
         let cfg = LaunchConfig { grid_dim: (np32, e32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are those of `route_expert_choice(choice_NE, E, pool_off, slots,
+        // cap_P, out_off, P, token_A, expert_A)` in order. pool_off has P + 1 offsets into slots,
+        // caps_d and out_off P and E · P entries (with caps.len() = P, see the allocation);
+        // out_off[e · P + p] + caps[p] <= (e + 1) · Σ caps <= A, so the writes stay in tok and exp
+        // (A entries each); reads of choice_NE[slot · E + e] need every slot < N (see above).
+        // 256 threads match the kernel's 256-entry shared tile; A > 0 means P, E >= 1.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, a))))
@@ -132,6 +153,10 @@ pub fn check_forced(dev: &CudaDevice, routes: &[Forced<'_>], num_tokens: usize, 
                 let mut bl = f.builder();
                 let (nn, kk) = (n as u32, k as u32);
                 bl.arg(&view).arg(&nn).arg(&kk).arg(&e32).arg(&mut out);
+                // SAFETY: the arguments are those of `route_check_topk(ids_NK, N, K, E, bad)` in
+                // order: view is the contiguous [N, K] u32 ids (`slice_u32` checks dtype and
+                // layout), out this route's 3 counters. The kernel reads rows n < N only, grid-
+                // strided, and ids >= E are only counted, never used as indices.
                 unsafe { bl.launch(grid(n)) }.w()?;
             }
             Forced::Pairs(tok, exp) => {
@@ -151,6 +176,11 @@ pub fn check_forced(dev: &CudaDevice, routes: &[Forced<'_>], num_tokens: usize, 
                 let mut bl = f.builder();
                 let a32 = a_len as u32;
                 bl.arg(&tv).arg(&ev).arg(&a32).arg(&n32).arg(&e32).arg(&mut seen).arg(&mut out);
+                // SAFETY: the arguments are those of `route_check_pairs(token_A, expert_A, A, N, E,
+                // seen, bad)` in order: tv and ev are contiguous u32 of A entries each (equal
+                // lengths checked above), `seen` a zeroed bitmap of ceil(N · E / 32) words, whose
+                // bit t · E + x the kernel sets only after checking t < N and x < E; out is this
+                // route's 3 counters.
                 unsafe { bl.launch(grid(a_len)) }.w()?;
             }
         }

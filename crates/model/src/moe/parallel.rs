@@ -165,7 +165,7 @@ mod tests {
         let gu = Tensor::randn(0f32, 0.3, (e, 2 * f, d), &dev).unwrap();
         let dn = Tensor::randn(0f32, 0.3, (e, d, f), &dev).unwrap();
         let counts_SE: Vec<usize> = (0..sources * e).map(|i| (i * 5 + 1) % 4).collect();
-        let expert: Vec<u32> = counts_SE.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat((i % e) as u32).take(c)).collect();
+        let expert: Vec<u32> = counts_SE.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n((i % e) as u32, c)).collect();
         let r = expert.len();
         let x = Tensor::randn(0f32, 1.0, (r, d), &dev).unwrap();
         let token = Tensor::arange(0u32, r as u32, &dev).unwrap();

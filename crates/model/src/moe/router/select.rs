@@ -21,7 +21,8 @@ pub fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
 
 /// Group-limited top-k over one token's biased scores (see `token_choice`): the `topk_group`
 /// best groups (group score = sum of the group's two best values) are kept, every other
-/// expert's value becomes 0, then the top K are taken.
+/// expert's value becomes −∞ (so no expert of a dropped group can be picked, whatever the sign
+/// of the biased scores), then the top K are taken.
 pub fn select_row(choice: &[f32], n_group: usize, topk_group: usize, top_k: usize) -> Vec<usize> {
     if n_group <= 1 {
         return top_indices(choice, top_k);
@@ -32,8 +33,11 @@ pub fn select_row(choice: &[f32], n_group: usize, topk_group: usize, top_k: usiz
         .map(|g| top_indices(g, 2.min(per)).iter().map(|&i| g[i]).sum())
         .collect();
     let keep = top_indices(&group_scores, topk_group);
-    let masked: Vec<f32> =
-        choice.iter().enumerate().map(|(i, &s)| if keep.contains(&(i / per)) { s } else { 0.0 }).collect();
+    let masked: Vec<f32> = choice
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| if keep.contains(&(i / per)) { s } else { f32::NEG_INFINITY })
+        .collect();
     top_indices(&masked, top_k)
 }
 

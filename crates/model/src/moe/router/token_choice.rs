@@ -2,9 +2,13 @@
 //!
 //! Selection uses the scores plus the expert bias (if any). With `n_group > 1` a token first
 //! keeps its `topk_group` best groups (group score = sum of the group's two best biased scores),
-//! the other experts' biased scores become 0 (transformers' `masked_fill(~mask, 0.0)`), then the
-//! top K are taken. Ties go to the lower group / expert index. Ids come out in descending biased
-//! score (the selection order).
+//! the other experts' biased scores become −∞, then the top K are taken. Ties go to the lower
+//! group / expert index. Ids come out in descending biased score (the selection order).
+//! −∞, not 0: LLaDA2's `LLaDA2MoeGate.group_limited_topk` (`modeling_llada2_moe.py`) and
+//! DeepSeek-V3's reference `Gate` mask with `float("-inf")`; transformers' DeepSeek-V3 / GLM-4.5
+//! routers write `masked_fill(~mask, 0.0)`, which lets an expert of a dropped group win whenever
+//! the kept experts' biased scores are negative. Config validation guarantees the kept groups
+//! hold at least K experts, so no −∞ entry is ever selected.
 //!
 //! Weights: w = s_sel (unbiased scores at the ids); iff `norm_topk_prob`: softmax routers
 //! w / Σw, sigmoid routers w / (Σw + 1e-20); then × `routed_scaling_factor`.

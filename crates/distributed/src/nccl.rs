@@ -41,12 +41,18 @@ fn nccl_err(what: &str, e: result::NcclError) -> candle_core::Error {
 
 struct RawComm(sys::ncclComm_t);
 
-// The communicator is used under `NcclComm::lock` only (one NCCL call sequence at a time).
+// SAFETY: `ncclComm_t` is a raw pointer to NCCL's communicator, which is not tied to the thread
+// that created it: NCCL may be called on it from any thread as long as no two calls on it run at
+// once. A RawComm lives only inside `NcclComm::comm`'s Mutex and is used under `NcclComm::lock`
+// (one NCCL call sequence at a time), so moving it to another thread is sound; `Sync` comes
+// from the Mutex, not from RawComm.
 unsafe impl Send for RawComm {}
 
 impl Drop for RawComm {
     fn drop(&mut self) {
         // abort, not destroy: destroy waits for peers, which may already have gone away
+        // SAFETY: self.0 is the communicator a successful ncclCommInitRank returned (the only way
+        // a RawComm is built), aborted exactly once, here, and never used after.
         unsafe {
             let _ = result::comm_abort(self.0);
         }
@@ -86,8 +92,14 @@ impl NcclComm {
         stream.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
         let id = sys::ncclUniqueId { internal: env.nccl_id.map(|b| b as ::core::ffi::c_char) };
         let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm.as_mut_ptr()` points to writable space for one ncclComm_t, which NCCL fills
+        // on success; the unique id is passed by value; rank < world_size (RankEnv::from_env
+        // checks it, and NCCL rejects a bad rank with an error). The device's CUDA context is
+        // bound to this thread (above), the device NCCL attaches the communicator to.
         unsafe { result::comm_init_rank(comm.as_mut_ptr(), env.world_size as i32, id, env.rank as i32) }
             .map_err(|e| nccl_err(&format!("ncclCommInitRank (rank {} of {})", env.rank, env.world_size), e))?;
+        // SAFETY: reached only when ncclCommInitRank returned success (the `?` above), which
+        // wrote the communicator into `comm`.
         let comm = unsafe { comm.assume_init() };
         Ok(NcclComm { comm: Mutex::new(RawComm(comm)), rank: env.rank, world: env.world_size, device: cuda.clone(), stream })
     }
@@ -149,6 +161,12 @@ impl NcclComm {
                 break;
             }
             if send_bytes[peer] > 0 {
+                // SAFETY: sp + so[peer] .. + send_bytes[peer] lies in the send buffer: the offsets
+                // are the prefix sums of send_bytes, whose total the callers check against it
+                // (`all_to_all_bytes`: at most its bytes; `exchange_storage`: exactly its rows).
+                // The buffer is borrowed by the caller for the whole call and cudarc frees device
+                // memory in stream order (cuMemFreeAsync on its stream, or after a sync), so it
+                // outlives the send enqueued on the same stream. The communicator is held locked.
                 status = unsafe {
                     result::send((sp + so[peer] as u64) as *const _, send_bytes[peer], sys::ncclDataType_t::ncclUint8, peer as i32, comm.0, self.cu_stream())
                 }
@@ -156,6 +174,11 @@ impl NcclComm {
                 .map_err(|e| nccl_err("ncclSend", e));
             }
             if status.is_ok() && recv_bytes[peer] > 0 {
+                // SAFETY: as for the send: rp + ro[peer] .. + recv_bytes[peer] lies in the receive
+                // buffer (prefix sums of recv_bytes, total checked by the callers), which outlives
+                // the receive enqueued on its stream. The peer must send exactly recv_bytes[peer]:
+                // the callers take recv counts from `exchange_counts`, i.e. the peers' own send
+                // counts.
                 status = unsafe {
                     result::recv((rp + ro[peer] as u64) as *mut _, recv_bytes[peer], sys::ncclDataType_t::ncclUint8, peer as i32, comm.0, self.cu_stream())
                 }
@@ -174,6 +197,13 @@ impl NcclComm {
         let out = Tensor::zeros(n * self.world, send.dtype(), send.device())?;
         let bytes = n * send.dtype().size_in_bytes();
         let comm = self.lock()?;
+        // SAFETY: send is contiguous with `bytes` bytes from its first element (addr), out is a
+        // fresh contiguous tensor of world · bytes bytes of the same dtype, both on this rank's
+        // device (addr checks) and alive across the call; the enqueued gather runs on the stream
+        // their frees are ordered on. Every rank must pass the same element count, as NCCL
+        // requires: all_gather_host sends one length, then values padded to the longest;
+        // exchange_counts the E per-expert counts (ep.rs: W blocks of L local experts), E being
+        // the same model on every rank.
         unsafe {
             result::all_gather(self.addr(&send)? as *const _, self.addr(&out)? as *mut _, bytes, sys::ncclDataType_t::ncclUint8, comm.0, self.cu_stream())
         }
@@ -201,6 +231,10 @@ impl NcclComm {
         let s = &self.stream;
         macro_rules! go {
             ($x:expr, $T:ty) => {{
+                // SAFETY: uninitialised, but the grouped receive below fills all n_out elements
+                // (recv_rows · row · elt bytes, back to back) before the storage is handed out;
+                // on an NCCL error `?` returns first and `out` is dropped unread. n_out = 0: the
+                // 1-element buffer of a zero-row tensor, never read.
                 let out = unsafe { self.device.alloc::<$T>(n_out.max(1))? };
                 let sp = $x.device_ptr(s).0 + (start * elt) as u64;
                 let rp = out.device_ptr(s).0;
@@ -286,6 +320,10 @@ impl Collective for NcclComm {
         let src = t.detach().contiguous()?;
         let out = Tensor::zeros(src.shape(), src.dtype(), src.device())?;
         let comm = self.lock()?;
+        // SAFETY: src and out are contiguous tensors of the same shape and dtype (nccl_dtype maps
+        // it to NCCL's), elem_count elements each from their first element, on this rank's device
+        // (addr checks) and alive across the call; the reduction runs on the stream their frees
+        // are ordered on. Each rank reduces its same-shaped tensor (the Collective contract).
         unsafe {
             result::all_reduce(
                 self.addr(&src)? as *const _,

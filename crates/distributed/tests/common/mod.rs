@@ -1,5 +1,5 @@
 //! Runs `lockstep_dist::check` over W thread ranks (`local_group`) and asserts every rank
-//! passes. Shared by the CPU test (`crates/dist/tests/ep_equals_single.rs`) and the GPU test
+//! passes. Shared by the CPU test (`crates/distributed/tests/ep_equals_single.rs`) and the GPU test
 //! (`crates/cli/tests/gpu_ep.rs`).
 #![allow(dead_code)]
 
