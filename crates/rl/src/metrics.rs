@@ -16,7 +16,13 @@ pub struct LayerRecord {
     /// the largest of the ranks' own max_vio (= max_vio on one rank)
     #[serde(default)]
     pub max_vio_rank_max: f64,
+    /// share of (token, layer) routes where the trainer's free selection equals the inference
+    /// route (as sets)
     pub route_agreement: f64,
+    /// max_vio as prime-rl logs it (every slot, padding included, the top-k busiest experts
+    /// cut: `lockstep_model::metrics::max_vio_prime_rl`), beside ours for dashboards
+    #[serde(default)]
+    pub max_vio_prime_rl: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

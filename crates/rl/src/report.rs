@@ -113,6 +113,7 @@ pub fn write(path: &Path, runs: &[(String, Vec<StepRecord>)], title: &str) -> Re
         scalar("clip fraction", &|r| Some(r.clip_fraction)),
         per_layer("routing confidence", &|l| l.confidence),
         per_layer("max_vio", &|l| l.max_vio),
+        per_layer("max_vio as prime-rl logs it", &|l| l.max_vio_prime_rl),
         per_layer("route agreement (trainer's free routes vs inference routes)", &|l| l.route_agreement),
     ] {
         let _ = write!(html, "<div style=\"margin:6px\">{svg}</div>");

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var, D};
 use lockstep_model::logprobs::at_temperature;
-use lockstep_model::metrics::layer_health;
+use lockstep_model::metrics::{layer_health, max_vio_prime_rl, slot_load};
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
 pub use crate::batch::{replay_from_recording, LayerReplay, OldPolicy, TrainBatch};
@@ -52,6 +52,10 @@ pub struct LayerStepMetrics {
     /// share of real (token, layer) routes where the trainer's free selection (from its live
     /// router scores) equals the inference route, as sets of experts
     pub route_agreement: f64,
+    /// max_vio as prime-rl logs it (`lockstep_model::metrics::max_vio_prime_rl`: every slot of
+    /// a micro-batch, padding included, the top-k busiest experts cut), the mean over the step's
+    /// micro-batches (and ranks) where it is defined; 0 where it never is
+    pub max_vio_prime_rl: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -113,6 +117,9 @@ struct LayerAcc {
     load: Vec<f64>,
     /// max_vio of this rank's load, the maximum over the ranks after the reduction
     rank_max_vio: f64,
+    /// Σ and count of prime-rl's max_vio over micro-batches where it is defined
+    prime_sum: f64,
+    prime_count: f64,
 }
 
 fn load_max_vio(load: &[f64]) -> f64 {
@@ -288,7 +295,12 @@ impl Trainer {
         for (&l, r) in &out.routes {
             let h = layer_health(r, &real, score)?;
             let (same, compared) = agreement(&self.model, l, r, tb)?;
+            let prime = max_vio_prime_rl(&slot_load(r)?, self.model.cfg.moe.router.top_k);
             let e = layer_acc.entry(l).or_default();
+            if prime.is_finite() {
+                e.prime_sum += prime;
+                e.prime_count += 1.0;
+            }
             let w = h.tokens as f64;
             e.confidence += h.confidence * w;
             e.agreement += same;
@@ -386,7 +398,16 @@ impl Trainer {
                 let d = if a.tokens > 0.0 { a.tokens } else { 1.0 };
                 let max_vio = load_max_vio(&a.load);
                 let rank_max = if self.parallel.is_some() { a.rank_max_vio } else { max_vio };
-                (l, LayerStepMetrics { confidence: a.confidence / d, max_vio, max_vio_rank_max: rank_max, route_agreement: if a.compared > 0.0 { a.agreement / a.compared } else { 0.0 } })
+                (
+                    l,
+                    LayerStepMetrics {
+                        confidence: a.confidence / d,
+                        max_vio,
+                        max_vio_rank_max: rank_max,
+                        route_agreement: if a.compared > 0.0 { a.agreement / a.compared } else { 0.0 },
+                        max_vio_prime_rl: if a.prime_count > 0.0 { a.prime_sum / a.prime_count } else { 0.0 },
+                    },
+                )
             })
             .collect();
         Ok(m)
@@ -416,7 +437,7 @@ impl Trainer {
         for l in &layers {
             let a = layer_acc.entry(*l).or_default();
             a.load.resize(e, 0.0);
-            v.extend([a.confidence, a.agreement, a.compared, a.tokens]);
+            v.extend([a.confidence, a.agreement, a.compared, a.tokens, a.prime_sum, a.prime_count]);
             v.extend(&a.load);
         }
         // one exchange: the sums, then each layer's max_vio of this rank's load (maximised)
@@ -440,10 +461,10 @@ impl Trainer {
         let mut at = SCALARS;
         for (l, max) in layers.iter().zip(rank_max) {
             let Some(a) = layer_acc.get_mut(l) else { continue };
-            (a.confidence, a.agreement, a.compared, a.tokens) = (sum[at], sum[at + 1], sum[at + 2], sum[at + 3]);
-            a.load = sum[at + 4..at + 4 + e].to_vec();
+            (a.confidence, a.agreement, a.compared, a.tokens, a.prime_sum, a.prime_count) = (sum[at], sum[at + 1], sum[at + 2], sum[at + 3], sum[at + 4], sum[at + 5]);
+            a.load = sum[at + 6..at + 6 + e].to_vec();
             a.rank_max_vio = max;
-            at += 4 + e;
+            at += 6 + e;
         }
         Ok(())
     }
