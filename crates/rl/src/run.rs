@@ -419,6 +419,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                     e.0.max_vio += x.max_vio;
                     e.0.max_vio_rank_max += x.max_vio_rank_max;
                     e.0.route_agreement += x.route_agreement;
+                    e.0.max_vio_prime_rl += x.max_vio_prime_rl;
                     e.1 += 1.0;
                 }
             }
@@ -431,7 +432,13 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         rec.layers = layer_sums
             .into_iter()
             .map(|(l, (s, n))| {
-                let r = LayerRecord { confidence: s.confidence / n, max_vio: s.max_vio / n, max_vio_rank_max: s.max_vio_rank_max / n, route_agreement: s.route_agreement / n };
+                let r = LayerRecord {
+                    confidence: s.confidence / n,
+                    max_vio: s.max_vio / n,
+                    max_vio_rank_max: s.max_vio_rank_max / n,
+                    route_agreement: s.route_agreement / n,
+                    max_vio_prime_rl: s.max_vio_prime_rl / n,
+                };
                 (l, r)
             })
             .collect();
