@@ -148,3 +148,53 @@ fn filtering_and_mismatched_rollouts() {
         }
     }
 }
+
+/// `train` on checkpoints that route differently: an expert-choice model (`block:1`: every
+/// expert takes every token, route rows of E experts) and a LLaDA2-style one (sigmoid router,
+/// expert bias, group-limited top-k, shared expert, a dense first layer) — with replay, exactly
+/// on policy at every step's first update.
+#[test]
+fn train_on_expert_choice_and_llada2_style_checkpoints() {
+    use candle_core::{DType, Device};
+    use lockstep_model::config::{Pool, RoutingStrategy};
+    use lockstep_model::{ModelConfig, MoeCausalLm};
+    let dir = tempfile::tempdir().unwrap();
+    let ec = dir.path().join("expert-choice");
+    MoeCausalLm::embedded_default(3, DType::F32, &Device::Cpu).unwrap().save(&ec).unwrap();
+    // expert choice is a config.json setting (`routing_strategy`, README "Architectures and routers")
+    let cj = ec.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cj).unwrap()).unwrap();
+    v["routing_strategy"] = "expert_choice".into();
+    v["capacity_factor"] = 1.0.into();
+    v["expert_choice_pool"] = "block:1".into();
+    std::fs::write(&cj, v.to_string()).unwrap();
+    let ll = dir.path().join("llada2");
+    let json = r#"{"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "vocab_size": 256,
+  "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16, "num_hidden_layers": 3,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-6,
+  "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "num_experts": 16, "num_experts_per_tok": 4,
+  "score_function": "sigmoid", "moe_router_enable_expert_bias": true, "n_group": 4, "topk_group": 2,
+  "routed_scaling_factor": 2.5, "num_shared_experts": 1, "first_k_dense_replace": 1,
+  "norm_topk_prob": true, "use_qk_norm": true, "use_qkv_bias": true, "tie_word_embeddings": false,
+  "attention_mode": "causal"}"#;
+    // (LLaDA2 itself is a diffusion LM, bidirectional by default; token-by-token rollouts need
+    // causal attention, which the engine checks)
+    let cfg = ModelConfig::from_json_str(json, "llada2 test config").unwrap();
+    MoeCausalLm::random(&cfg, 5, DType::F32, &Device::Cpu).unwrap().save(&ll).unwrap();
+    for (ckpt, ratio) in [(&ec, "token"), (&ec, "router_shift"), (&ll, "token"), (&ll, "router_shift")] {
+        let reloaded = MoeCausalLm::load(ckpt, DType::F32, &Device::Cpu).unwrap();
+        if ckpt == &ec {
+            assert_eq!(reloaded.cfg.moe.router.strategy, RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: Pool::Block(1) });
+        }
+        let out = dir.path().join(format!("run-{}-{ratio}", ckpt.file_name().unwrap().to_string_lossy()));
+        let mut c = short(&out, 2);
+        c.warmup.steps = 2;
+        c.model.checkpoint = Some(ckpt.display().to_string());
+        c.loss.ratio = ratio.into();
+        let s = run(&c, &out, true, &RunOptions::default()).unwrap();
+        for r in s.records.iter().filter(|r| r.phase == "rl") {
+            assert_eq!((r.train_infer_logprob_diff_max, r.train_infer_kl), (0.0, 0.0), "{}: {ratio}", ckpt.display());
+            assert!(!r.layers.is_empty() && r.layers.values().all(|l| l.route_agreement > 0.0), "{:?}", r.layers);
+        }
+    }
+}
