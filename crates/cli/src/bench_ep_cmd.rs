@@ -64,23 +64,12 @@ mod imp {
     use candle_nn::VarBuilder;
     use lockstep_dist::nccl::NcclComm;
     use lockstep_dist::{Collective, ExpertParallelism};
+    use lockstep_model::init::Preset;
     use lockstep_model::moe::MoeBlock;
     use lockstep_model::{Batch, ModelConfig, RouteMode};
     use serde_json::json;
 
     use super::BenchEpArgs;
-
-    fn config(a: &BenchEpArgs) -> anyhow::Result<ModelConfig> {
-        let json = json!({
-            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 256,
-            "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden, "moe_intermediate_size": a.ffn,
-            "num_hidden_layers": 1, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
-            "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-            "num_experts": a.experts, "num_experts_per_tok": a.top_k, "norm_topk_prob": true,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": false, "torch_dtype": "bfloat16"
-        });
-        Ok(ModelConfig::from_json_str(&json.to_string(), "<bench-ep>")?)
-    }
 
     /// The MoE block of layer 0 with random weights (the same on every rank: seeded curand).
     fn block(cfg: &ModelConfig, dtype: DType, dev: &Device) -> anyhow::Result<MoeBlock> {
@@ -143,18 +132,14 @@ mod imp {
     pub fn run(args: BenchEpArgs) -> anyhow::Result<()> {
         let env = lockstep_dist::launch_env::RankEnv::from_env()?
             .context("bench-ep runs under `lockstep launch --gpus W -- bench-ep` (W = 1 is allowed)")?;
-        let dtype = match args.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f32" => DType::F32,
-            other => bail!("--dtype {other}: expected bf16 or f32"),
-        };
+        let dtype = crate::args::dtype(&args.dtype)?;
         if args.iters == 0 {
             bail!("--iters: at least 1");
         }
         let (comm, dev) = NcclComm::init(&env).context("joining the NCCL process group")?;
         let comm = Arc::new(comm);
         let (w, rank) = (env.world_size, env.rank);
-        let cfg = config(&args)?;
+        let cfg = Preset::MoeLayer { hidden: args.hidden, ffn: args.ffn, experts: args.experts, top_k: args.top_k }.config()?;
         if args.experts % w != 0 {
             bail!("--experts {}: not divisible by the {w} ranks", args.experts);
         }

@@ -37,8 +37,9 @@ mod imp {
 
     use anyhow::{bail, Context};
     use candle_core::{DType, Device, Tensor, D};
+    use lockstep_model::init::Preset;
     use lockstep_model::nn::invariant;
-    use lockstep_model::{Batch, Kernels, ModelConfig, MoeCausalLm, RoutingPlan};
+    use lockstep_model::{Batch, Kernels, MoeCausalLm, RoutingPlan};
     use serde_json::json;
 
     use super::BenchInvariantArgs;
@@ -97,7 +98,7 @@ mod imp {
 
         // a whole forward: the wide model on 16 × 256 packed tokens
         for dtype in [DType::F32, DType::BF16] {
-            let cfg = ModelConfig::from_json_str(crate::consistency_cmd::WIDE, "<wide>")?;
+            let cfg = Preset::Wide.config()?;
             let mut m = MoeCausalLm::random(&cfg, 0, dtype, &dev)?;
             let tokens: Vec<u32> = (0..16 * 256).map(|i| (i * 37 % 512) as u32).collect();
             let cu: Vec<usize> = (0..=16).map(|s| s * 256).collect();

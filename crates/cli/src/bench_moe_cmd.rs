@@ -52,67 +52,13 @@ pub fn run(args: BenchMoeArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 mod imp {
     use anyhow::{bail, Context};
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::{DType, Tensor};
     use lockstep_model::gpu::{experts_forward, GemmImpl};
-    use lockstep_model::moe::{combine, dispatch::Dispatch, experts::Experts};
+    use lockstep_model::moe::synthetic::{LayerShape as Shape, SyntheticLayer as Layer};
     use serde_json::json;
 
     use super::BenchMoeArgs;
     use crate::gpu_timer::median_min_ms as time;
-
-    #[derive(Clone, Copy)]
-    struct Shape {
-        name: &'static str,
-        t: usize,
-        h: usize,
-        f: usize,
-        e: usize,
-        k: usize,
-    }
-
-    fn shape(name: &str) -> anyhow::Result<Shape> {
-        Ok(match name {
-            "a" => Shape { name: "a", t: 4096, h: 1024, f: 768, e: 64, k: 8 },
-            "b" => Shape { name: "b", t: 8192, h: 2048, f: 768, e: 128, k: 8 },
-            "small" => Shape { name: "small", t: 256, h: 64, f: 32, e: 8, k: 2 },
-            other => bail!("--shapes: unknown shape {other:?} (a, b, small)"),
-        })
-    }
-
-    /// Weights, inputs and a softmax top-k routing (computed once, not timed).
-    struct Layer {
-        x: Var,
-        gate_up: Var,
-        down: Var,
-        w_A: Var,
-        token_A: Tensor,
-        expert_A: Tensor,
-        g: Tensor,
-    }
-
-    fn layer(s: Shape, t: usize, dtype: DType, dev: &Device) -> anyhow::Result<Layer> {
-        let x = Tensor::randn(0f32, 1f32, (t, s.h), dev)?;
-        let router = (Tensor::randn(0f32, 1f32, (s.e, s.h), dev)? * (1.0 / (s.h as f64).sqrt()))?;
-        let logits = x.matmul(&router.t()?)?;
-        let m = logits.max_keepdim(1)?;
-        let p = logits.broadcast_sub(&m)?.exp()?;
-        let p = p.broadcast_div(&p.sum_keepdim(1)?)?;
-        let ids = p.arg_sort_last_dim(false)?.narrow(1, 0, s.k)?.contiguous()?;
-        let w = p.gather(&ids, 1)?;
-        let w = w.broadcast_div(&w.sum_keepdim(1)?)?;
-        let tok: Vec<u32> = (0..(t * s.k) as u32).map(|a| a / s.k as u32).collect();
-        let token_A = Tensor::from_vec(tok, t * s.k, dev)?;
-        let std = 0.02;
-        Ok(Layer {
-            x: Var::from_tensor(&x.to_dtype(dtype)?)?,
-            gate_up: Var::from_tensor(&(Tensor::randn(0f32, 1f32, (s.e, 2 * s.f, s.h), dev)? * std)?.to_dtype(dtype)?)?,
-            down: Var::from_tensor(&(Tensor::randn(0f32, 1f32, (s.e, s.h, s.f), dev)? * std)?.to_dtype(dtype)?)?,
-            w_A: Var::from_tensor(&w.flatten_all()?)?,
-            token_A,
-            expert_A: ids.flatten_all()?,
-            g: Tensor::randn(0f32, 1f32, (t, s.h), dev)?.to_dtype(dtype)?,
-        })
-    }
 
     /// forward (+ backward): output and, with backward, [dx, dgate_up, ddown, dw].
     fn step(l: &Layer, imp: GemmImpl, backward: bool) -> anyhow::Result<(Tensor, Vec<Tensor>)> {
@@ -121,51 +67,11 @@ mod imp {
             return Ok((out, vec![]));
         }
         // out.backward(g), like PyTorch's y.backward(g): no loss reduction in the timed region
-        let root = out.apply_op1(Seed(l.g.clone()))?;
-        let grads = root.backward()?;
-        let get = |v: &Var, what: &str| grads.get(v.as_tensor()).cloned().with_context(|| format!("no gradient for {what}"));
-        let gs = vec![get(&l.x, "x")?, get(&l.gate_up, "gate_up")?, get(&l.down, "down")?, get(&l.w_A, "w")?];
+        let gs = l.grads(&out)?;
         Ok((out, gs))
     }
 
-    /// Identity whose backward hands `g` to its input: `root.backward()` then gives out the
-    /// gradient g (candle seeds a non-scalar root with ones).
-    struct Seed(Tensor);
-
-    impl candle_core::CustomOp1 for Seed {
-        fn name(&self) -> &'static str {
-            "bench-seed"
-        }
-        fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            use candle_core::backend::BackendStorage;
-            Ok((s.try_clone(l)?, l.shape().clone()))
-        }
-        fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            use candle_core::backend::BackendStorage;
-            Ok((s.try_clone(l)?, l.shape().clone()))
-        }
-        fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
-            Ok(Some(self.0.clone()))
-        }
-    }
-
-    /// The CPU-path stages (`moe::dispatch` / `moe::experts` / `moe::combine`, candle
-    /// autograd) in f32 on the same device: the reference the CUDA ops are checked against.
-    fn reference(l: &Layer) -> anyhow::Result<(Tensor, Vec<Tensor>)> {
-        let f32v = |v: &Var| -> anyhow::Result<Var> { Ok(Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)?) };
-        let (x, gu, dn, w) = (f32v(&l.x)?, f32v(&l.gate_up)?, f32v(&l.down)?, f32v(&l.w_A)?);
-        let experts = Experts::from_stacked(gu.as_tensor().clone(), dn.as_tensor().clone())?;
-        let tok: Vec<u32> = l.token_A.to_vec1()?;
-        let exp: Vec<u32> = l.expert_A.to_vec1()?;
-        let dispatch = Dispatch::from_pairs(&tok, &exp, w.as_tensor(), experts.num_experts(), x.device())?;
-        let y_AD = experts.forward(&dispatch.gather(x.as_tensor())?, &dispatch.counts)?;
-        let out = combine::combine(&y_AD, &dispatch, x.dim(0)?)?;
-        let loss = out.mul(&l.g.to_dtype(DType::F32)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        let get = |v: &Var| grads.get(v.as_tensor()).cloned().context("reference gradient missing");
-        Ok((out, vec![get(&x)?, get(&gu)?, get(&dn)?, get(&w)?]))
-    }
-
+    /// max|a − b| / max|b| on the device, in f32.
     fn max_rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
         let a = a.to_dtype(DType::F32)?;
         let b = b.to_dtype(DType::F32)?;
@@ -180,20 +86,19 @@ mod imp {
             bail!("--device {}: bench-moe needs a CUDA device", args.device);
         }
         dev.set_seed(42)?;
-        let dtype = match args.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f32" => DType::F32,
-            other => bail!("--dtype {other}: expected bf16 or f32"),
-        };
+        let dtype = crate::args::dtype(&args.dtype)?;
         let impls: Vec<(String, GemmImpl)> =
             args.impls.iter().map(|s| Ok((s.clone(), s.parse::<GemmImpl>().map_err(anyhow::Error::msg)?))).collect::<anyhow::Result<_>>()?;
-        let shapes: Vec<Shape> = args.shapes.iter().map(|s| shape(s)).collect::<anyhow::Result<_>>()?;
+        let shapes: Vec<Shape> =
+            args.shapes.iter().map(|s| s.parse::<Shape>().map_err(|e| anyhow::anyhow!("--shapes {e}"))).collect::<anyhow::Result<_>>()?;
         let mut records = Vec::new();
         println!("lockstep bench-moe on {}: {dtype:?}, median of {} after {} warm-up; TFLOP/s = 18·T·K·H·F / time", args.device, args.iters, args.warmup);
         for s in &shapes {
-            let l = layer(*s, s.t, dtype, &dev)?;
+            // weights, inputs and a softmax top-k routing (computed once, not timed)
+            let l = Layer::new(*s, s.t, dtype, &dev)?;
             if args.check {
-                let (ro, rg) = reference(&l)?;
+                // the CPU-path stages (`moe::reference_experts`) in f32 on the same device
+                let (ro, rg) = l.reference()?;
                 for (name, imp) in &impls {
                     let (o, g) = step(&l, *imp, true)?;
                     let errs: Vec<f32> = std::iter::once(max_rel(&o, &ro)).chain(g.iter().zip(&rg).map(|(a, b)| max_rel(a, b))).collect::<anyhow::Result<_>>()?;
@@ -213,7 +118,7 @@ mod imp {
                 records.push(json!({"kind": "fwd_bwd", "shape": s.name, "T": s.t, "impl": name, "dtype": args.dtype, "ms_median": med, "ms_min": min, "tflops": tf}));
             }
             for &t in args.decode.iter().filter(|&&t| t > 0) {
-                let ld = layer(*s, t, dtype, &dev)?;
+                let ld = Layer::new(*s, t, dtype, &dev)?;
                 let flops = 6.0 * (t * s.k * s.h * s.f) as f64;
                 for (name, imp) in &impls {
                     let (med, min) = time(&dev, args.warmup, args.iters, || step(&ld, *imp, false).map(|_| ()))?;

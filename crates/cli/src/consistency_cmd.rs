@@ -7,11 +7,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::DType;
 use lockstep_engine::consistency::rescore;
 use lockstep_engine::{Engine, Request, SamplingParams};
-use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
-use lockstep_model::{Kernels, ModelConfig, MoeCausalLm};
+use lockstep_model::config::AttentionMode;
+use lockstep_model::init::Preset;
+use lockstep_model::{Kernels, MoeCausalLm};
 
 #[derive(clap::Args)]
 pub struct ConsistencyArgs {
@@ -45,38 +45,18 @@ pub struct ConsistencyArgs {
     dtype: String,
 }
 
-/// The wide random model (hidden 1024, expert width 768, 2 MoE layers); also `bench-invariant`'s.
-pub(crate) const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
-  "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
-  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
-  "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true}"#;
-
 pub fn run(args: ConsistencyArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.max_tokens == 0 {
         bail!("--batch and --max-tokens must be > 0");
     }
     let dev = crate::device::parse(&args.device)?;
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => bail!("--dtype {other}: expected f32 or bf16"),
+    let dtype = crate::args::dtype(&args.dtype)?;
+    let mut base = match &args.model {
+        Some(dir) => MoeCausalLm::load(dir, dtype, &dev).with_context(|| format!("loading {}", dir.display()))?,
+        None => args.width.parse::<Preset>().map_err(|e| anyhow::anyhow!("--width {e}"))?.model(args.seed, dtype, &dev)?,
     };
-    let base = match (&args.model, args.width.as_str()) {
-        (Some(dir), _) => MoeCausalLm::load(dir, dtype, &dev).with_context(|| format!("loading {}", dir.display()))?,
-        (None, "default") => MoeCausalLm::embedded_default(args.seed, dtype, &dev)?,
-        (None, "wide") => MoeCausalLm::random(&ModelConfig::from_json_str(WIDE, "<wide>")?, args.seed, dtype, &dev)?,
-        (None, other) => bail!("--width {other}: expected default or wide"),
-    };
-    let mut base = base;
     if let Some(routing) = &args.routing {
-        let strategy = match routing.as_str() {
-            "token-choice" => RoutingStrategy::TokenChoice,
-            "expert-choice" => RoutingStrategy::ExpertChoice {
-                capacity_factor: args.capacity_factor,
-                pool: Pool::parse(&args.pool).map_err(|m| anyhow::anyhow!("--pool {m}"))?,
-            },
-            other => bail!("--routing {other}: expected token-choice or expert-choice"),
-        };
+        let strategy = crate::args::routing(routing, args.capacity_factor, &args.pool)?;
         // causal attention; a wide pool is let through here so the engine says why it cannot
         // generate it
         base.set_routing(strategy, AttentionMode::Causal, true).context("--routing / --pool / --capacity-factor")?;

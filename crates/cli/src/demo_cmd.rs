@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::DType;
 use lockstep_model::metrics::{layer_health, route_agreement};
 use lockstep_model::parity::max_abs_diff;
-use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
+use lockstep_model::config::AttentionMode;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 use rand::{Rng, SeedableRng};
 
@@ -58,9 +58,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(dir) => MoeCausalLm::load(dir, DType::F32, &dev).with_context(|| format!("loading {}", dir.display()))?,
         None => MoeCausalLm::embedded_default(args.seed, DType::F32, &dev)?,
     };
-    let (mut model, strategy) = (model, strategy(&args)?);
+    let (mut model, strategy) = (model, crate::args::routing(&args.routing, args.capacity_factor, &args.pool)?);
     let attention = match &args.attention {
-        Some(a) => AttentionMode::parse(a).map_err(|m| anyhow::anyhow!("--attention {m}"))?,
+        Some(a) => a.parse::<AttentionMode>().map_err(|e| anyhow::anyhow!("--attention {e}"))?,
         None => model.cfg.attention.mode,
     };
     model.set_routing(strategy, attention, args.allow_causal_pool).context("--routing / --pool / --attention")?;
@@ -105,8 +105,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
-    let given = model.forward(&batch, &RoutingPlan::replay(&rec.routes, false))?;
-    let recompute = model.forward(&batch, &RoutingPlan::replay(&rec.routes, true))?;
+    let given = model.forward(&batch, &RoutingPlan::replay(&rec.routes, false)?)?;
+    let recompute = model.forward(&batch, &RoutingPlan::replay(&rec.routes, true)?)?;
     let d_given = max_abs_diff(&rec.logits, &given.logits)?;
     let d_recompute = max_abs_diff(&rec.logits, &recompute.logits)?;
     println!("\nrecord → replay (given weights):     max |Δ logits| = {d_given:e}");
@@ -119,7 +119,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     engine.set_routing(strategy, attention, args.allow_causal_pool)?;
     let engine_rec = engine.forward(&batch, &RoutingPlan::record())?;
-    let pinned = model.forward(&batch, &RoutingPlan::replay(&engine_rec.routes, true))?;
+    let pinned = model.forward(&batch, &RoutingPlan::replay(&engine_rec.routes, true)?)?;
     println!("\nroutes recorded by a bf16 engine, seen by the f32 trainer:");
     for (l, engine_route) in &engine_rec.routes {
         let a_free = route_agreement(&rec.routes[l], engine_route, &real)?;
@@ -131,15 +131,4 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("\nreplay reproduced the recording exactly.");
     Ok(())
-}
-
-fn strategy(args: &DemoArgs) -> anyhow::Result<RoutingStrategy> {
-    match args.routing.as_str() {
-        "token-choice" => Ok(RoutingStrategy::TokenChoice),
-        "expert-choice" => Ok(RoutingStrategy::ExpertChoice {
-            capacity_factor: args.capacity_factor,
-            pool: Pool::parse(&args.pool).map_err(|m| anyhow::anyhow!("--pool {m}"))?,
-        }),
-        other => bail!("--routing {other}: expected token-choice or expert-choice"),
-    }
 }

@@ -1,5 +1,6 @@
 //! `lockstep`: the command-line edge of the workspace (anyhow errors live here only).
 
+mod args;
 mod bench_ep_cmd;
 mod bench_invariant_cmd;
 mod bench_moe_cmd;

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::DType;
 use lockstep_model::parity::{run_reference_with, Tolerance};
 use lockstep_model::MoeCausalLm;
 
@@ -40,11 +39,7 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => bail!("--dtype {other}: expected f32 or bf16"),
-    };
+    let dtype = crate::args::dtype(&args.dtype)?;
     if !(0.0..=1.0).contains(&args.min_route_agreement) {
         bail!("--min-route-agreement {}: expected a fraction in 0..=1", args.min_route_agreement);
     }

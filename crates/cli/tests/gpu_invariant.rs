@@ -235,7 +235,7 @@ fn engine_equals_trainer_on_the_gpu() {
             for routing in ["token", "expert"] {
                 let mut m = base.clone();
                 if routing == "expert" {
-                    let ec = RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: Pool::parse("block:1").unwrap() };
+                    let ec = RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: "block:1".parse::<Pool>().unwrap() };
                     m.set_routing(ec, AttentionMode::Causal, true).unwrap();
                 }
                 let reqs = requests(16, m.cfg.vocab_size as u32);

@@ -102,7 +102,7 @@ fn model_routes_on_gpu_equal_cpu_and_replay_is_bitwise() {
             assert!(same * 1000 >= 999 * want.len(), "layer {l}: {same}/{} ids agree (sigmoid {sigmoid})", want.len());
         }
         for recompute in [true, false] {
-            let rep = gpu_m.forward(&b, &RoutingPlan::replay(&rec.routes, recompute)).unwrap();
+            let rep = gpu_m.forward(&b, &RoutingPlan::replay(&rec.routes, recompute).unwrap()).unwrap();
             let d = lockstep_model::parity::max_abs_diff(&rep.logits, &rec.logits).unwrap();
             assert_eq!(d, 0.0, "record → replay on the GPU (sigmoid {sigmoid}, recompute {recompute})");
         }

@@ -131,7 +131,7 @@ fn run_rank_routed(case: &CheckCase, mut m: MoeCausalLm, comm: Option<Arc<dyn Co
     let loss = (out.logits.to_dtype(DType::F32)? * r)?.sum_all()?;
     let grads = loss.backward()?;
     // replay before the update changes the weights
-    let replay = m.forward(&batch, &RoutingPlan::replay(&out.routes, true))?;
+    let replay = m.forward(&batch, &RoutingPlan::replay(&out.routes, true)?)?;
     let replay_diff = lockstep_model::parity::max_abs_diff(&replay.logits, &out.logits)?;
     // one AdamW step, clipping active (the norm must then be the global one on every rank)
     let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, max_grad_norm: Some(1e-3), ..AdamWConfig::default() }).map_err(train_err)?;
@@ -334,7 +334,7 @@ pub fn check_rank(case: &CheckCase, comm: Arc<dyn Collective>, dev: &Device) -> 
         let f32_case = CheckCase { dtype: DType::F32, ..case.clone() };
         let mut m = f32_case.model(dev)?;
         m.map_params(|_, p| p.to_dtype(case.dtype)?.to_dtype(DType::F32))?;
-        Some(run_rank_routed(&f32_case, m, None, &rows, 0, &RoutingPlan::replay(&single.recording, true))?)
+        Some(run_rank_routed(&f32_case, m, None, &rows, 0, &RoutingPlan::replay(&single.recording, true)?)?)
     };
     compare(case, &single, &run, reference.as_ref(), comm.as_ref())
 }

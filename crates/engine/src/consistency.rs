@@ -5,7 +5,7 @@
 use lockstep_model::logprobs::token_logprobs;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
-use crate::engine::{route_width, token_rows, Completion};
+use crate::engine::{route_width, token_major_rows, Completion};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,16 +36,10 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
     let logp: Vec<f32> = logp.flatten_all()?.to_vec1()?;
     let (mut max_d, mut kl, mut n) = (0f64, 0f64, 0usize);
     let (mut rows, mut same_rows, mut prob_diff) = (0usize, 0usize, 0usize);
-    // the trainer's routes as token-major rows of k experts
+    // the trainer's routes in the route trace's layout, as the engine sends them
     let k = route_width(model);
-    let trainer_rows: Vec<(usize, Vec<u32>, Vec<f32>)> = out
-        .routes
-        .iter()
-        .map(|(&l, r)| {
-            let (ids, probs) = token_rows(r, k)?;
-            Ok((l, ids, probs))
-        })
-        .collect::<Result<_>>()?;
+    let (layers, ids, probs) = token_major_rows(&out.routes, k)?;
+    let row = layers.len() * k;
     for (i, c) in completions.iter().enumerate() {
         let start = cu[i];
         for (j, &lp_engine) in c.logprobs.iter().enumerate() {
@@ -56,18 +50,16 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
             n += 1;
         }
         let len = c.prompt.len() + c.tokens.len();
-        for (l, ids, probs) in &trainer_rows {
-            let Some(e) = c.routes.get(l) else {
-                rows += len;
-                continue;
-            };
+        for (li, &l) in layers.iter().enumerate() {
+            // the engine's trace, the same layer (by decoder index)
+            let eng = c.routes.as_ref().and_then(|r| r.layers().iter().position(|&x| x == l).map(|j| (r, j)));
             for t in 0..len {
-                let (a, b) = ((start + t) * k, (start + t + 1) * k);
                 rows += 1;
-                let eng_ids = e.ids.get(t * k..(t + 1) * k);
-                same_rows += usize::from(eng_ids == Some(&ids[a..b]));
-                let eng_p = e.probs.get(t * k..(t + 1) * k).map(|p| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-                let tr_p: Vec<u32> = probs[a..b].iter().map(|x| x.to_bits()).collect();
+                let Some((r, j)) = eng else { continue };
+                let a = (start + t) * row + li * k;
+                same_rows += usize::from(r.row_u32(t, j).as_deref() == Some(&ids[a..a + k]));
+                let eng_p = r.row_probs(t, j).map(|p| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                let tr_p: Vec<u32> = probs[a..a + k].iter().map(|x| x.to_bits()).collect();
                 prob_diff += usize::from(eng_p.as_ref() != Some(&tr_p));
             }
         }

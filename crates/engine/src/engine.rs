@@ -10,6 +10,7 @@ use lockstep_model::config::{Pool, RoutingStrategy};
 use lockstep_model::moe::router::expert_choice::capacity;
 use lockstep_model::logprobs::at_temperature;
 use lockstep_model::{Batch, KvCache, LayerRoute, MoeCausalLm, RoutingPlan};
+use lockstep_trace::{fingerprint_of, ProbDtype, Probs, RouteTrace, TraceMeta};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -30,14 +31,6 @@ pub enum FinishReason {
     Stop,
 }
 
-/// Routes of one MoE layer for every token of a sequence (prompt + completion): row n holds
-/// the K experts of token n in selection order and their router probabilities.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LayerRoutes {
-    pub ids: Vec<u32>,
-    pub probs: Vec<f32>,
-}
-
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub id: u64,
@@ -46,9 +39,10 @@ pub struct Completion {
     /// log π_T(token) of each completion token: log-softmax(logits / T) at the request's
     /// temperature T (T = 1 for greedy requests), before top-k / top-p filtering
     pub logprobs: Vec<f32>,
-    /// keyed by decoder layer; rows = prompt + completion tokens
-    pub routes: BTreeMap<usize, LayerRoutes>,
-    pub top_k: usize,
+    /// every MoE layer's route of every token (prompt + completion, no missing row), router
+    /// probabilities in f32, stamped with the policy version and the config fingerprint; `None`
+    /// when route capture is off
+    pub routes: Option<RouteTrace>,
     /// per completion token, the `params.logprobs` most likely (token, log π) — empty when
     /// `params.logprobs` is 0
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
@@ -67,7 +61,10 @@ struct Seq {
     params: SamplingParams,
     logprobs: Vec<f32>,
     top_logprobs: Vec<Vec<(u32, f32)>>,
-    routes: BTreeMap<usize, LayerRoutes>,
+    /// route rows of every token fed so far, `[token][layer][w]` (see [`token_major_rows`])
+    route_layers: Vec<u32>,
+    route_ids: Vec<u32>,
+    route_probs: Vec<f32>,
     finished: Option<FinishReason>,
 }
 
@@ -93,6 +90,8 @@ pub struct Engine {
     pub policy_version: u64,
     capture: bool,
     sampled: Vec<Sampled>,
+    /// of the model config, stamped into every route trace
+    fingerprint: u64,
 }
 
 /// Experts per token in a generated sequence's routes: top-k for token choice; for expert choice
@@ -133,56 +132,40 @@ impl Completion {
         s.extend_from_slice(&self.tokens);
         s
     }
+}
 
-    /// The routes as a lockstep route trace (`[token][layer][k]`, router probabilities in f32,
-    /// ordered rows, no missing row), stamped with the policy version and a config fingerprint.
-    pub fn route_trace(&self, num_experts: usize, fingerprint: u64) -> lockstep_trace::Result<lockstep_trace::RouteTrace> {
-        self.route_trace_from(num_experts, fingerprint, 0, true)
+impl Seq {
+    /// The sequence's routes as a route trace (`[token][layer][w]`, no missing row).
+    fn route_trace(&self, width: usize, num_experts: usize, fingerprint: u64, policy_version: u64) -> Result<RouteTrace> {
+        let n = self.tokens.len();
+        let meta = TraceMeta { num_experts: num_experts as u32, top_k: width as u32, prompt_len: self.prompt_len as u32, fingerprint, policy_version, ordered: true };
+        let probs = Some(Probs::from_f32(ProbDtype::F32, &self.route_probs));
+        RouteTrace::from_u32(meta, self.route_layers.clone(), n, &self.route_ids, vec![false; n], probs)
+            .map_err(|e| EngineError::Request { id: self.id, field: "routes".into(), msg: e.to_string() })
     }
+}
 
-    /// Like [`Completion::route_trace`] with only the rows of tokens `start..` (a multi-turn
-    /// client already holds the routes of the prefix): the trace's tokens are the sequence's
-    /// tokens from `start` on and its `prompt_len` is the prompt's part of them. Router
-    /// probabilities only `with_probs`.
-    pub fn route_trace_from(
-        &self,
-        num_experts: usize,
-        fingerprint: u64,
-        start: usize,
-        with_probs: bool,
-    ) -> lockstep_trace::Result<lockstep_trace::RouteTrace> {
-        let total = self.prompt.len() + self.tokens.len();
-        let start = start.min(total);
-        let n = total - start;
-        let k = self.top_k;
-        let layers: Vec<u32> = self.routes.keys().map(|&l| l as u32).collect();
-        let mut ids = Vec::with_capacity(n * layers.len() * k);
-        let mut probs = Vec::with_capacity(if with_probs { ids.capacity() } else { 0 });
-        for t in start..total {
-            for r in self.routes.values() {
-                ids.extend_from_slice(&r.ids[t * k..(t + 1) * k]);
-                if with_probs {
-                    probs.extend_from_slice(&r.probs[t * k..(t + 1) * k]);
-                }
-            }
+/// The routes of a forward as token-major rows — the route trace's layout: (MoE layers,
+/// `[slot][layer][width]` ids, the router probabilities aligned with them).
+pub fn token_major_rows(routes: &BTreeMap<usize, LayerRoute>, width: usize) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>)> {
+    let per_layer: Vec<(Vec<u32>, Vec<f32>)> = routes.values().map(|r| token_rows(r, width)).collect::<Result<_>>()?;
+    let n = routes.values().next().map_or(0, |r| r.num_tokens);
+    let (mut ids, mut probs) = (Vec::with_capacity(n * per_layer.len() * width), Vec::with_capacity(n * per_layer.len() * width));
+    for t in 0..n {
+        for (i, p) in &per_layer {
+            ids.extend_from_slice(&i[t * width..(t + 1) * width]);
+            probs.extend_from_slice(&p[t * width..(t + 1) * width]);
         }
-        let meta = lockstep_trace::TraceMeta {
-            num_experts: num_experts as u32,
-            top_k: k as u32,
-            prompt_len: self.prompt.len().saturating_sub(start) as u32,
-            fingerprint,
-            policy_version: self.policy_version,
-            ordered: true,
-        };
-        let probs = with_probs.then(|| lockstep_trace::Probs::from_f32(lockstep_trace::ProbDtype::F32, &probs));
-        lockstep_trace::RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], probs)
     }
+    Ok((routes.keys().map(|&l| l as u32).collect(), ids, probs))
 }
 
 impl Engine {
     /// An engine over `model` (use `Kernels::Invariant` for lockstep with the trainer).
     pub fn new(model: MoeCausalLm) -> Self {
+        let fingerprint = fingerprint_of(model.cfg.to_json_string().as_bytes());
         Self {
+            fingerprint,
             model,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -253,6 +236,7 @@ impl Engine {
         if !self.running.is_empty() || !self.waiting.is_empty() {
             return Err(EngineError::Request { id: 0, field: "weights".into(), msg: "requests are in flight; drain first".into() });
         }
+        self.fingerprint = fingerprint_of(model.cfg.to_json_string().as_bytes());
         self.model = model;
         self.policy_version = version;
         Ok(())
@@ -284,7 +268,9 @@ impl Engine {
             params: req.params,
             logprobs: Vec::new(),
             top_logprobs: Vec::new(),
-            routes: BTreeMap::new(),
+            route_layers: Vec::new(),
+            route_ids: Vec::new(),
+            route_probs: Vec::new(),
             finished: None,
         });
         Ok(id)
@@ -317,20 +303,14 @@ impl Engine {
         let plan = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
         let out = self.model.forward_cached(&step, &mut caches, &plan)?;
         let k = route_width(&self.model);
-        let step_routes: Vec<(usize, Vec<u32>, Vec<f32>)> = out
-            .routes
-            .iter()
-            .map(|(&l, r)| {
-                let (ids, probs) = token_rows(r, k)?;
-                Ok((l, ids, probs))
-            })
-            .collect::<Result<_>>()?;
+        let (layers, ids, probs) = token_major_rows(&out.routes, k)?;
+        let row = layers.len() * k;
         for (i, s) in self.running.iter_mut().enumerate() {
             let (a, b) = (cu[i], cu[i + 1]);
-            for (l, ids, probs) in &step_routes {
-                let r = s.routes.entry(*l).or_default();
-                r.ids.extend_from_slice(&ids[a * k..b * k]);
-                r.probs.extend_from_slice(&probs[a * k..b * k]);
+            if !layers.is_empty() {
+                s.route_layers.clone_from(&layers);
+                s.route_ids.extend_from_slice(&ids[a * row..b * row]);
+                s.route_probs.extend_from_slice(&probs[a * row..b * row]);
             }
             s.fed = s.tokens.len();
             if s.finished.is_some() {
@@ -359,19 +339,22 @@ impl Engine {
         }
         let mut done = Vec::new();
         let mut keep = Vec::new();
-        for s in self.running.drain(..) {
+        let num_experts = self.model.cfg.moe.router.num_experts;
+        for s in std::mem::take(&mut self.running) {
             match s.finished {
-                Some(finish) if s.fed == s.tokens.len() => done.push(Completion {
-                    id: s.id,
-                    prompt: s.tokens[..s.prompt_len].to_vec(),
-                    tokens: s.tokens[s.prompt_len..].to_vec(),
-                    logprobs: s.logprobs,
-                    routes: s.routes,
-                    top_k: k,
-                    top_logprobs: s.top_logprobs,
-                    finish,
-                    policy_version: self.policy_version,
-                }),
+                Some(finish) if s.fed == s.tokens.len() => {
+                    let routes = if self.capture { Some(s.route_trace(k, num_experts, self.fingerprint, self.policy_version)?) } else { None };
+                    done.push(Completion {
+                        id: s.id,
+                        prompt: s.tokens[..s.prompt_len].to_vec(),
+                        tokens: s.tokens[s.prompt_len..].to_vec(),
+                        logprobs: s.logprobs,
+                        routes,
+                        top_logprobs: s.top_logprobs,
+                        finish,
+                        policy_version: self.policy_version,
+                    })
+                }
                 _ => keep.push(s),
             }
         }

@@ -9,6 +9,6 @@ pub mod engine;
 pub mod error;
 pub mod sampling;
 
-pub use engine::{Completion, Engine, FinishReason, LayerRoutes, Request, Sampled};
+pub use engine::{Completion, Engine, FinishReason, Request, Sampled};
 pub use error::{EngineError, Result};
 pub use sampling::SamplingParams;

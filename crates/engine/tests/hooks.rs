@@ -63,9 +63,9 @@ fn stop_and_abort_between_steps() {
     assert_eq!(done[0].id, a);
     assert_eq!(done[0].tokens.len(), 2);
     assert_eq!(done[0].finish, FinishReason::Stop);
-    for r in done[0].routes.values() {
-        assert_eq!(r.ids.len(), (5 + 2) * done[0].top_k, "the stopped sequence's last row is there");
-    }
+    let r = done[0].routes.as_ref().unwrap();
+    assert_eq!(r.num_tokens(), 5 + 2, "the stopped sequence's last row is there");
+    assert_eq!(r.num_missing(), 0);
 }
 
 #[test]
@@ -79,16 +79,18 @@ fn capture_off_same_tokens_no_routes() {
     for (a, b) in on.iter().zip(&off) {
         assert_eq!(a.tokens, b.tokens);
         assert_eq!(a.logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-        assert!(b.routes.is_empty());
-        assert!(!a.routes.is_empty());
+        assert!(b.routes.is_none());
+        assert!(a.routes.as_ref().is_some_and(|r| r.num_layers() > 0));
     }
 }
 
 #[test]
 fn route_trace_from_a_prefix() {
     let c = Engine::new(model()).generate(vec![req(3, 4, 0)]).unwrap().remove(0);
-    let full = c.route_trace(8, 9).unwrap();
-    let tail = c.route_trace_from(8, 9, 3, false).unwrap();
+    let full = c.routes.clone().unwrap();
+    assert_eq!(full.meta().prompt_len, 5);
+    assert!(full.probs().is_some());
+    let tail = full.tail(3).unwrap().without_probs();
     assert_eq!(full.num_tokens(), 9);
     assert_eq!(tail.num_tokens(), 6);
     assert_eq!(tail.meta().prompt_len, 2);
@@ -98,5 +100,10 @@ fn route_trace_from_a_prefix() {
             assert_eq!(tail.row(t, l), full.row(t + 3, l));
         }
     }
-    assert_eq!(c.route_trace_from(8, 9, 100, true).unwrap().num_tokens(), 0);
+    assert_eq!(full.tail(100).unwrap().num_tokens(), 0);
+    // the tail keeps the probabilities when asked to
+    let tp = full.tail(3).unwrap();
+    for t in 0..6 {
+        assert_eq!(tp.row_probs(t, 0), full.row_probs(t + 3, 0));
+    }
 }

@@ -36,8 +36,8 @@ fn main() {
         let plans = [
             ("compute", RoutingPlan::compute()),
             ("record", RoutingPlan::record()),
-            ("replay (recompute weights)", RoutingPlan::replay(&rec.routes, true)),
-            ("replay (given weights)", RoutingPlan::replay(&rec.routes, false)),
+            ("replay (recompute weights)", RoutingPlan::replay(&rec.routes, true).unwrap()),
+            ("replay (given weights)", RoutingPlan::replay(&rec.routes, false).unwrap()),
         ];
         for (name, plan) in plans {
             let s = median_secs(|| {

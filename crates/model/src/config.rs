@@ -4,10 +4,12 @@
 //! Both spellings seen in the wild are accepted: hub checkpoints write `num_experts` and
 //! `rope_theta`; transformers 5 writes `num_local_experts` and `rope_parameters.rope_theta`.
 
+use std::str::FromStr;
+
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{ModelError, Result};
+use crate::error::{ModelError, ParseError, Result};
 
 /// Architectures this crate implements (the `architectures[0]` entry of `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,18 +91,24 @@ pub enum AttentionMode {
     Block(usize),
 }
 
-impl AttentionMode {
-    /// `causal`, `bidirectional` or `block:N`.
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+/// `causal`, `bidirectional` or `block:N` (N > 0).
+impl FromStr for AttentionMode {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         match s {
             "causal" => Ok(AttentionMode::Causal),
             "bidirectional" => Ok(AttentionMode::Bidirectional),
-            _ => match s.strip_prefix("block:").map(str::parse::<usize>) {
-                Some(Ok(n)) if n > 0 => Ok(AttentionMode::Block(n)),
-                _ => Err(format!("`{s}`: expected causal, bidirectional or block:N (N > 0)")),
+            _ => match block_size(s) {
+                Some(n) => Ok(AttentionMode::Block(n)),
+                None => Err(ParseError::new(s, "causal, bidirectional or block:N (N > 0)")),
             },
         }
     }
+}
+
+/// N of `block:N`, N > 0.
+fn block_size(s: &str) -> Option<usize> {
+    s.strip_prefix("block:").and_then(|n| n.parse::<usize>().ok()).filter(|&n| n > 0)
 }
 
 /// How router logits become scores.
@@ -123,15 +131,16 @@ pub enum Pool {
     Batch,
 }
 
-impl Pool {
-    /// `block:N`, `sequence` or `batch`.
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+/// `block:N` (N > 0), `sequence` or `batch`.
+impl FromStr for Pool {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         match s {
             "sequence" => Ok(Pool::Sequence),
             "batch" => Ok(Pool::Batch),
-            _ => match s.strip_prefix("block:").map(str::parse::<usize>) {
-                Some(Ok(n)) if n > 0 => Ok(Pool::Block(n)),
-                _ => Err(format!("`{s}`: expected block:N (N > 0), sequence or batch")),
+            _ => match block_size(s) {
+                Some(n) => Ok(Pool::Block(n)),
+                None => Err(ParseError::new(s, "block:N (N > 0), sequence or batch")),
             },
         }
     }
@@ -144,6 +153,19 @@ pub enum RoutingStrategy {
     /// Each expert takes its top-C tokens of each pool, C = ceil(capacity_factor · pool / E)
     /// (at most the pool).
     ExpertChoice { capacity_factor: f64, pool: Pool },
+}
+
+/// `token-choice`, or `expert-choice` with `config.json`'s defaults (capacity factor 1, pool
+/// `sequence`; set others in the variant's fields).
+impl FromStr for RoutingStrategy {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        match s {
+            "token-choice" => Ok(RoutingStrategy::TokenChoice),
+            "expert-choice" => Ok(RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: Pool::Sequence }),
+            other => Err(ParseError::new(other, "token-choice or expert-choice")),
+        }
+    }
 }
 
 /// Router of an MoE block.
@@ -418,7 +440,7 @@ impl ModelConfig {
         let attention_mode = match hf.attention_mode.as_deref() {
             None if architecture == Architecture::Llada2Moe => AttentionMode::Bidirectional,
             None => AttentionMode::Causal,
-            Some(m) => AttentionMode::parse(m).map_err(|msg| ModelError::config(file, "attention_mode", msg))?,
+            Some(m) => m.parse::<AttentionMode>().map_err(|e| ModelError::config(file, "attention_mode", e.to_string()))?,
         };
         let partial = hf
             .partial_rotary_factor
@@ -484,7 +506,7 @@ impl ModelConfig {
                 capacity_factor: hf.capacity_factor.unwrap_or(1.0),
                 pool: match &hf.expert_choice_pool {
                     None => Pool::Sequence,
-                    Some(p) => Pool::parse(p).map_err(|m| ModelError::config(file, "expert_choice_pool", m))?,
+                    Some(p) => p.parse::<Pool>().map_err(|e| ModelError::config(file, "expert_choice_pool", e.to_string()))?,
                 },
             },
             Some(other) => {

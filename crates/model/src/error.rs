@@ -25,11 +25,37 @@ pub enum ModelError {
     #[error("batch: {field}: {msg}")]
     Batch { field: String, msg: String },
 
+    /// A decoder layer asked for a part it does not have (the MoE block of a dense layer, a
+    /// layer past the last).
+    #[error("layer {layer}: {msg}")]
+    Layer { layer: usize, msg: String },
+
+    /// A device that could not be opened or set up.
+    #[error("{device}: {msg}")]
+    Device { device: crate::device::DeviceSpec, msg: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A value (of a command-line flag, a config field) that is none of the accepted spellings;
+/// the message lists them. Callers prefix the flag or field: `--pool `x`: expected ...`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}`: expected {expected}")]
+pub struct ParseError {
+    /// what was given
+    pub value: String,
+    /// the accepted values, in words
+    pub expected: &'static str,
+}
+
+impl ParseError {
+    pub fn new(value: &str, expected: &'static str) -> Self {
+        Self { value: value.to_string(), expected }
+    }
+}
 
 impl ModelError {
     pub fn config(file: &str, field: &str, msg: impl Into<String>) -> Self {

@@ -1,9 +1,12 @@
 //! The embedded default model: a built-in tiny Qwen3-MoE config with seeded random weights, so
-//! every command runs with no checkpoint on disk. Weights are drawn from a seeded ChaCha8 RNG on
+//! every command runs with no checkpoint on disk; and the other named configs ([`Preset`]): the
+//! wide model of the consistency and invariant-kernel benchmarks, one MoE layer of a given
+//! shape (expert-parallel benchmarks). Weights are drawn from a seeded ChaCha8 RNG on
 //! the host (the same numbers on every machine and device): normal(0, 0.08) for matrices (enough
 //! scale that routing is not degenerate), uniform(0.8, 1.2) for norm weights, zero biases.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -13,7 +16,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::checkpoint::tensor_specs;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ParseError, Result};
 use crate::model::MoeCausalLm;
 
 /// `config.json` of the embedded default: 4 layers, layer 2 dense (a gap between MoE layers),
@@ -47,6 +50,64 @@ pub fn default_config() -> ModelConfig {
     ModelConfig::from_json_str(DEFAULT_CONFIG_JSON, "<embedded default>").expect("the embedded default config is valid")
 }
 
+/// `config.json` of the wide preset: hidden 1024, expert width 768, 2 MoE layers of 8 experts,
+/// top-2 (sizes where kernel costs show).
+pub const WIDE_CONFIG_JSON: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
+  "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
+  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
+  "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true}"#;
+
+/// Named model configs, for random-weight models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// The embedded default ([`DEFAULT_CONFIG_JSON`]).
+    Default,
+    /// The wide model ([`WIDE_CONFIG_JSON`]).
+    Wide,
+    /// One Qwen3-MoE decoder layer with this MoE block (vocabulary 256, attention 16 heads of 128
+    /// over 4 KV heads, dense width 4 · hidden; bf16 in `torch_dtype`): Qwen3-30B-A3B's MoE layer
+    /// is hidden 2048, ffn 768, 128 experts, top-8.
+    MoeLayer { hidden: usize, ffn: usize, experts: usize, top_k: usize },
+}
+
+/// `default` or `wide` (a [`Preset::MoeLayer`] needs its shape).
+impl FromStr for Preset {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        match s {
+            "default" => Ok(Preset::Default),
+            "wide" => Ok(Preset::Wide),
+            other => Err(ParseError::new(other, "default or wide")),
+        }
+    }
+}
+
+impl Preset {
+    /// The preset's config (a `MoeLayer` shape is validated like any `config.json`).
+    pub fn config(&self) -> Result<ModelConfig> {
+        match *self {
+            Preset::Default => Ok(default_config()),
+            Preset::Wide => ModelConfig::from_json_str(WIDE_CONFIG_JSON, "<wide>"),
+            Preset::MoeLayer { hidden, ffn, experts, top_k } => {
+                let json = serde_json::json!({
+                    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 256,
+                    "hidden_size": hidden, "intermediate_size": 4 * hidden, "moe_intermediate_size": ffn,
+                    "num_hidden_layers": 1, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+                    "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                    "num_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": true,
+                    "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": false, "torch_dtype": "bfloat16"
+                });
+                ModelConfig::from_json_str(&json.to_string(), "<moe-layer preset>")
+            }
+        }
+    }
+
+    /// A model of the preset's config with seeded random weights ([`MoeCausalLm::random`]).
+    pub fn model(&self, seed: u64, dtype: DType, device: &Device) -> Result<MoeCausalLm> {
+        MoeCausalLm::random(&self.config()?, seed, dtype, device)
+    }
+}
+
 /// Seeded random weights for any config, under hub tensor names.
 pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -76,8 +137,8 @@ impl MoeCausalLm {
         Ok(MoeCausalLm::new(cfg, vb)?)
     }
 
-    /// The embedded default model (seed 0 unless told otherwise).
+    /// The embedded default model (seed 0 unless told otherwise): [`Preset::Default`].
     pub fn embedded_default(seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        Self::random(&default_config(), seed, dtype, device)
+        Preset::Default.model(seed, dtype, device)
     }
 }

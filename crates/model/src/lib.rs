@@ -8,13 +8,15 @@
 //! F expert intermediate · A (token, expert) assignments.
 //!
 //! Layout: `config` (HF config.json) · `checkpoint` (safetensors loading) · `init` (embedded
-//! default) · `batch` (padded / packed input) · `nn` (norm, rope, attention, mlp) ·
+//! default and the other presets) · `device` (device and dtype by name) · `batch` (padded /
+//! packed input) · `nn` (norm, rope, attention, mlp) ·
 //! `moe` (route → dispatch → experts → combine) · `routing` (compute / record / replay plan) ·
 //! `model` (the causal LM) · `metrics` (routing health).
 
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
@@ -31,7 +33,8 @@ pub mod routing;
 
 pub use batch::Batch;
 pub use config::ModelConfig;
-pub use error::{ModelError, Result};
+pub use device::{parse_dtype, DeviceSpec};
+pub use error::{ModelError, ParseError, Result};
 pub use kv_cache::KvCache;
 pub use model::{ForwardOutput, MoeCausalLm};
 pub use nn::Kernels;

@@ -155,7 +155,7 @@ impl MoeCausalLm {
         cfg.validate(allow_causal_pool)?;
         self.cfg = cfg;
         for l in self.cfg.moe_layers.clone() {
-            self.moe_block_mut(l).expect("MoE layer").router.set_strategy(strategy);
+            self.moe_block_checked_mut(l)?.router.set_strategy(strategy);
         }
         Ok(())
     }
@@ -173,6 +173,21 @@ impl MoeCausalLm {
         match &mut self.layers.get_mut(layer)?.mlp {
             Mlp::Moe(b) => Some(b),
             Mlp::Dense(_) => None,
+        }
+    }
+
+    /// The MoE block of decoder layer `layer`; a dense layer or one past the last is an error
+    /// naming the layer.
+    pub fn moe_block_checked(&self, layer: usize) -> Result<&MoeBlock> {
+        self.moe_block(layer).ok_or_else(|| not_moe(layer, self.layers.len(), &self.cfg.moe_layers))
+    }
+
+    /// The MoE block of decoder layer `layer` (mutable); errors as [`Self::moe_block_checked`].
+    pub fn moe_block_checked_mut(&mut self, layer: usize) -> Result<&mut MoeBlock> {
+        let (num_layers, moe_layers) = (self.layers.len(), &self.cfg.moe_layers);
+        match self.layers.get_mut(layer).map(|l| &mut l.mlp) {
+            Some(Mlp::Moe(b)) => Ok(b),
+            _ => Err(not_moe(layer, num_layers, moe_layers)),
         }
     }
 
@@ -207,4 +222,14 @@ impl MoeCausalLm {
             None => x_BTD.broadcast_matmul(&self.embed_tokens.embeddings().t()?),
         }
     }
+}
+
+/// The error for a layer without an MoE block.
+fn not_moe(layer: usize, num_layers: usize, moe_layers: &[usize]) -> ModelError {
+    let msg = if layer >= num_layers {
+        format!("not an MoE layer: the model has {num_layers} layers")
+    } else {
+        format!("not an MoE layer: layer {layer} is dense; MoE layers are {moe_layers:?}")
+    };
+    ModelError::Layer { layer, msg }
 }

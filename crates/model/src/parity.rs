@@ -245,7 +245,7 @@ pub fn run_reference_with(model: &MoeCausalLm, reference: &Path, tol: Tolerance)
     let mut perturbed = model.clone();
     for (li, &layer) in moe_layers.iter().enumerate() {
         let w = r.get(&format!("perturbed.layer{li}.router_weight"))?.to_dtype(model.dtype())?.to_device(dev)?;
-        let block = perturbed.moe_block_mut(layer).expect("moe_layers lists MoE layers");
+        let block = perturbed.moe_block_checked_mut(layer)?;
         if w.dims() != block.router.gate.weight().dims() {
             return Err(ModelError::batch(
                 &format!("perturbed.layer{li}.router_weight"),

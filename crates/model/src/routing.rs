@@ -54,21 +54,34 @@ impl Replay {
         Self { route: ForcedRoute::TopK(ids_NK), weights }
     }
 
-    /// Replay what a recorded layer did.
-    pub fn of(route: &LayerRoute, recompute_weights: bool) -> Self {
+    /// Replay what a recorded layer did. A route whose assignments do not fit it (a top-k
+    /// route without N · K experts, weights that are not one per assignment) is an error.
+    pub fn of(route: &LayerRoute, recompute_weights: bool) -> Result<Self> {
+        let a = route.expert_A.elem_count();
+        let bad = |msg: String| Err(ModelError::batch("route", msg));
+        if let Some(k) = route.top_k {
+            if a != route.num_tokens * k {
+                return bad(format!("a top-k route of {} tokens x {k} experts holds {a} experts", route.num_tokens));
+            }
+        } else if route.token_A.elem_count() != a {
+            return bad(format!("{} tokens but {a} experts in the assignments", route.token_A.elem_count()));
+        }
+        if !recompute_weights && route.weight_A.elem_count() != a {
+            return bad(format!("{} weights for {a} assignments", route.weight_A.elem_count()));
+        }
         let forced = match route.top_k {
-            Some(k) => ForcedRoute::TopK(route.expert_A.reshape((route.num_tokens, k)).expect("top-k record is N*K")),
+            Some(k) => ForcedRoute::TopK(route.expert_A.reshape((route.num_tokens, k))?),
             None => ForcedRoute::Assignments { token_A: route.token_A.clone(), expert_A: route.expert_A.clone() },
         };
         let weights = if recompute_weights {
             ReplayWeights::Recompute
         } else {
             match route.top_k {
-                Some(k) => ReplayWeights::Given(route.weight_A.reshape((route.num_tokens, k)).expect("top-k record is N*K")),
+                Some(k) => ReplayWeights::Given(route.weight_A.reshape((route.num_tokens, k))?),
                 None => ReplayWeights::Given(route.weight_A.clone()),
             }
         };
-        Self { route: forced, weights }
+        Ok(Self { route: forced, weights })
     }
 }
 
@@ -153,10 +166,64 @@ impl RoutingPlan {
         Self { record_by_default: true, layers: BTreeMap::new() }
     }
 
-    /// Replay every layer of a recording.
-    pub fn replay(recording: &Recording, recompute_weights: bool) -> Self {
-        let layers = recording.iter().map(|(&l, r)| (l, RouteMode::Replay(Replay::of(r, recompute_weights)))).collect();
-        Self { record_by_default: false, layers }
+    /// Replay every layer of a recording ([`Replay::of`]; errors name the layer).
+    pub fn replay(recording: &Recording, recompute_weights: bool) -> Result<Self> {
+        let layers = recording
+            .iter()
+            .map(|(&l, r)| {
+                let replay = Replay::of(r, recompute_weights).map_err(|e| match e {
+                    ModelError::Batch { msg, .. } => ModelError::routing(l, format!("recorded route: {msg}")),
+                    other => other,
+                })?;
+                Ok((l, RouteMode::Replay(replay)))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { record_by_default: false, layers })
+    }
+
+    /// Record every MoE layer and replay the given route rows — the route trace's layout:
+    /// `ids` is `[token][layer][width]` u32 over the batch's N slots for the decoder layers
+    /// `layers`, a row of all [`ROUTE_FREE`] routing freely. Token choice (`strategy` of `cfg`)
+    /// takes rows of `top_k` ids in selection order; expert choice takes each real row's experts
+    /// as (token, expert) assignments, ordered by expert then token as the expert-choice router
+    /// emits them. Weights are recomputed from the live scores (the router gets gradients).
+    pub fn replay_rows(cfg: &ModelConfig, layers: &[usize], ids: &[u32], width: usize, device: &candle_core::Device) -> Result<Self> {
+        let nl = layers.len();
+        if width == 0 || nl == 0 || ids.len() % (nl * width) != 0 {
+            return Err(ModelError::batch("routes", format!("{} ids do not form [token][{nl} layers][{width}] rows", ids.len())));
+        }
+        let n = ids.len() / (nl * width);
+        let mut plan = Self::record();
+        for (li, &layer) in layers.iter().enumerate() {
+            let row = |t: usize| &ids[(t * nl + li) * width..(t * nl + li + 1) * width];
+            let replay = match cfg.moe.router.strategy {
+                crate::config::RoutingStrategy::TokenChoice => {
+                    if width != cfg.moe.router.top_k {
+                        return Err(ModelError::routing(layer, format!("route rows of {width} experts for a top-{} router", cfg.moe.router.top_k)));
+                    }
+                    let ids_NK: Vec<u32> = (0..n).flat_map(|t| row(t).iter().copied()).collect();
+                    Replay::top_k(Tensor::from_vec(ids_NK, (n, width), device)?, ReplayWeights::Recompute)
+                }
+                crate::config::RoutingStrategy::ExpertChoice { .. } => {
+                    let mut pairs: Vec<(u32, u32)> = Vec::new();
+                    for t in 0..n {
+                        let r = row(t);
+                        if r[0] != ROUTE_FREE {
+                            pairs.extend(r.iter().map(|&e| (e, t as u32)));
+                        }
+                    }
+                    pairs.sort_unstable();
+                    let (expert_A, token_A): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
+                    let a = token_A.len();
+                    Replay {
+                        route: ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, device)?, expert_A: Tensor::from_vec(expert_A, a, device)? },
+                        weights: ReplayWeights::Recompute,
+                    }
+                }
+            };
+            plan = plan.with_layer(layer, RouteMode::Replay(replay));
+        }
+        Ok(plan)
     }
 
     /// Set one layer's mode (decoder layer index).

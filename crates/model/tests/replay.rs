@@ -26,7 +26,7 @@ fn round_trip(model: &MoeCausalLm) {
     let rec = model.forward(&b, &RoutingPlan::record()).unwrap();
     assert_eq!(rec.routes.keys().copied().collect::<Vec<_>>(), model.cfg.moe_layers, "one record per MoE layer, dense layers absent");
     for recompute in [true, false] {
-        let rep = model.forward(&b, &RoutingPlan::replay(&rec.routes, recompute)).unwrap();
+        let rep = model.forward(&b, &RoutingPlan::replay(&rec.routes, recompute).unwrap()).unwrap();
         assert_bitwise(&rec.logits, &rep.logits);
         for (l, r) in &rep.routes {
             assert_bitwise(&r.weights_NK().unwrap(), &rec.routes[l].weights_NK().unwrap());
@@ -110,7 +110,7 @@ fn replay_recompute_carries_router_gradient_given_does_not() {
     let b = batch(256);
     let rec = model.forward(&b, &RoutingPlan::record()).unwrap();
     let grad_norm = |recompute: bool| {
-        let out = model.forward(&b, &RoutingPlan::replay(&rec.routes, recompute)).unwrap();
+        let out = model.forward(&b, &RoutingPlan::replay(&rec.routes, recompute).unwrap()).unwrap();
         let loss = out.logits.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         grads.get(var.as_tensor()).map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).unwrap_or(0.0)

@@ -169,7 +169,7 @@ fn expert_choice_record_replay_bitwise() {
     let (batch, _) = inputs(32);
     let rec = model.forward(&batch, &RoutingPlan::record()).unwrap();
     for recompute in [true, false] {
-        let rep = model.forward(&batch, &RoutingPlan::replay(&rec.routes, recompute)).unwrap();
+        let rep = model.forward(&batch, &RoutingPlan::replay(&rec.routes, recompute).unwrap()).unwrap();
         let a: Vec<f32> = rec.logits.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = rep.logits.flatten_all().unwrap().to_vec1().unwrap();
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
@@ -306,6 +306,6 @@ fn llada2_style_model_builds_runs_and_attends_bidirectionally() {
     let rb = model.forward(&b, &RoutingPlan::compute()).unwrap();
     let first = |t: &Tensor| t.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_ne!(first(&ra.logits), first(&rb.logits), "position 0 must see the last token");
-    let rep = model.forward(&a, &RoutingPlan::replay(&ra.routes, true)).unwrap();
+    let rep = model.forward(&a, &RoutingPlan::replay(&ra.routes, true).unwrap()).unwrap();
     assert_eq!(ra.logits.to_vec3::<f32>().unwrap(), rep.logits.to_vec3::<f32>().unwrap());
 }

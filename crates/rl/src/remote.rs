@@ -3,12 +3,11 @@
 //! base64 `.lstrace`), and weight sync through `/v1/load_weights`. Requests go to the servers
 //! round-robin, several in flight per server so each server batches them.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
-use lockstep_engine::{Completion, FinishReason, LayerRoutes, Request};
+use lockstep_engine::{Completion, FinishReason, Request};
 use serde_json::{json, Value};
 
 use crate::error::{Result, RlError};
@@ -140,14 +139,14 @@ impl RemoteEngine {
         if trace.num_tokens() != n {
             return Err(err(&url, format!("routes hold {} rows for {n} tokens", trace.num_tokens())));
         }
-        let k = trace.top_k().ok_or_else(|| err(&url, "variable-count routes"))?;
-        let mut routes: BTreeMap<usize, LayerRoutes> = BTreeMap::new();
-        for (li, &layer) in trace.layers().iter().enumerate() {
-            let r = routes.entry(layer as usize).or_default();
-            for t in 0..n {
-                r.ids.extend(trace.row_u32(t, li).ok_or_else(|| err(&url, format!("routes: token {t} missing")))?);
-                r.probs.extend(trace.row_probs(t, li).ok_or_else(|| err(&url, "routes without router probabilities"))?);
-            }
+        if trace.top_k().is_none() {
+            return Err(err(&url, "variable-count routes"));
+        }
+        if let Some(t) = (0..n).find(|&t| trace.is_missing(t)) {
+            return Err(err(&url, format!("routes: token {t} missing")));
+        }
+        if trace.probs().is_none() {
+            return Err(err(&url, "routes without router probabilities"));
         }
         let finish = match choice.get("finish_reason").and_then(Value::as_str) {
             Some("stop") => FinishReason::Stop,
@@ -158,8 +157,7 @@ impl RemoteEngine {
             prompt,
             tokens,
             logprobs,
-            routes,
-            top_k: k,
+            routes: Some(trace),
             top_logprobs: Vec::new(),
             finish,
             policy_version: choice.get("policy_version").and_then(Value::as_u64).unwrap_or(0),

@@ -86,8 +86,6 @@ pub fn collect(
     cfg: &RunConfig,
     rng: &mut ChaCha8Rng,
     seed_base: u64,
-    num_experts: usize,
-    fingerprint: u64,
 ) -> Result<Rollouts> {
     let g = cfg.rollout.group_size;
     let dp = engine.parallel();
@@ -130,7 +128,8 @@ pub fn collect(
                 loss_mask: (0..tokens.len()).map(|i| i >= p).collect(),
                 advantages: vec![a; tokens.len()],
                 logprobs,
-                routes: Some(c.route_trace(num_experts, fingerprint)?),
+                // the engine's route trace, as it sent it (stamped with its policy version)
+                routes: c.routes.clone(),
                 tokens,
             });
         }

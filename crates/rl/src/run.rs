@@ -7,10 +7,12 @@
 //!
 //! Over ranks ([`RunOptions::parallel`]: `lockstep train --ranks N` with thread ranks, or one
 //! process per GPU under `lockstep launch`), every rank holds the replicated weights and its
-//! shard of the experts; rollouts, the warm-up batch and every update are split over the ranks
-//! by whole groups (group g on rank g mod N, the updates taking the same groups as one rank
-//! would), the gradients of the replicated weights are summed and the metrics reduced, so the
-//! run is the single-rank run up to floating-point summation order. Rank 0 writes the metrics,
+//! shard of the experts; rollouts and every update are split over the ranks by whole groups
+//! (group g on rank g mod N, the updates taking the same groups as one rank would), the
+//! gradients of the replicated weights are summed and the metrics reduced, so the RL steps are
+//! the single-rank steps up to floating-point summation order; the warm-up batch (one
+//! micro-batch) is trained whole by rank 0, so the warm-up is the single-rank one bit for bit
+//! (the doc of `warmup` says why it is not split). Rank 0 writes the metrics,
 //! report and checkpoints; a checkpoint is an ordinary one (the experts gathered), which any
 //! number of ranks can resume.
 
@@ -185,21 +187,27 @@ fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
 /// Supervised warm-up: cross-entropy on the answers of training instances, from warm-up step
 /// `from` (0, or where an interrupted warm-up stopped). Returns the trainer and, when the stop
 /// flag ended it before its last step, the number of warm-up steps done. Over ranks, every
-/// rank draws the same instances and trains on those i ≡ rank (mod ranks).
+/// rank draws the same instances and rank 0 trains on the step's one micro-batch whole (the
+/// others run an empty round, their experts serving its tokens): one rank packs the warm-up
+/// batch into one micro-batch, and splitting that over the ranks changes the f32 summation of
+/// its gradients, which the default warm-up (60 AdamW steps at lr 3e-3 from a fresh init)
+/// grows to 1e-3 (replicated) and 4e-3 (experts) in the weights — as splitting it into two
+/// micro-batches on one rank does — enough to part the runs at RL step 1. Whole, the warm-up
+/// on N ranks is the single-rank warm-up bit for bit (`crates/rl/tests/ranks.rs`).
 fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions) -> Result<(Trainer, Option<u64>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
     // skip the instances of the steps already done
     for _ in 0..from * cfg.warmup.batch as u64 {
         env.sample(&mut rng);
     }
-    let (rank, world) = t.parallel.as_ref().map(|d| (d.rank(), d.world_size())).unwrap_or((0, 1));
+    let rank = t.parallel.as_ref().map_or(0, |d| d.rank());
     let dev = opts.device();
     for s in from..cfg.warmup.steps {
         let (mut toks, mut mask, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
-        for i in 0..cfg.warmup.batch {
+        for _ in 0..cfg.warmup.batch {
             let task = env.sample(&mut rng);
-            if i % world != rank {
-                continue;
+            if rank != 0 {
+                continue; // every rank draws the instances (the same RNG stream); rank 0 trains them
             }
             mask.extend(std::iter::repeat_n(0.0, task.prompt.len()));
             mask.extend(std::iter::repeat_n(1.0, task.answer.len()));
@@ -209,7 +217,7 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
         }
         let n = toks.len();
         let micro = if n == 0 {
-            Vec::new() // fewer instances than ranks: this rank runs an empty round
+            Vec::new() // not rank 0: this rank runs an empty round
         } else {
             vec![TrainBatch::new(Batch::packed(&toks, None, &cu, &dev)?, vec![0.0; n], vec![0.0; n], mask, Default::default())?]
         };
@@ -348,8 +356,6 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             (t, 1, acc)
         }
     };
-    let num_experts = trainer.model.cfg.moe.router.num_experts;
-    let fingerprint = lockstep_trace::fingerprint_of(trainer.model.cfg.to_json_string().as_bytes());
     bar.set_position(start - 1);
 
     for step in start..=cfg.steps {
@@ -358,7 +364,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         // checkpoint of the current weights
         let mut engine = rollouter(cfg, &trainer, out, step)?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(step));
-        let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step, num_experts, fingerprint)?;
+        let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step)?;
 
         // zero-variance groups (all rewards equal: no GRPO signal) are dropped when asked
         let keep: Vec<bool> = ro.groups.iter().map(|g| !cfg.rollout.filter_zero_variance || rollout::has_signal(g)).collect();

@@ -1,6 +1,7 @@
 //! The RL loop over thread ranks (expert parallelism + data parallelism, `lockstep_dist`):
-//! two ranks run the single-rank run (same rollouts, same routes, losses and gradient norms
-//! up to summation order); a two-rank checkpoint is an ordinary checkpoint — the two-rank run
+//! two ranks run the single-rank run (the warm-up bit for bit; then the same rollouts, same
+//! routes, losses and gradient norms up to summation order), also at the default config's
+//! batch shape and warm-up; a two-rank checkpoint is an ordinary checkpoint — the two-rank run
 //! resumes from it bit for bit, and one rank resumes from it too.
 
 use std::path::Path;
@@ -72,6 +73,61 @@ fn two_ranks_run_the_single_rank_run() {
     let lines = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines, 4);
     assert!(b.join("report.html").exists() && b.join("checkpoints/step-2/model.safetensors").exists());
+}
+
+/// The default config (its whole warm-up: 60 steps of 32 instances at lr 3e-3; its batch
+/// shape: 16 prompts × 8 samples, 2 mini-steps, token budget 1024) for 3 RL steps.
+fn default_shape(out: &Path) -> RunConfig {
+    let mut c = RunConfig::default_config();
+    c.steps = 3;
+    c.eval.every = 3;
+    c.output.dir = out.display().to_string();
+    c.output.checkpoint_every = 0;
+    c
+}
+
+#[test]
+fn two_ranks_run_the_default_config_as_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = RunConfig::default_config();
+    assert_eq!((d.warmup.steps, d.warmup.batch, d.rollout.prompts_per_step, d.rollout.group_size, d.trainer.mini_steps, d.trainer.token_budget), (60, 32, 16, 8, 2, 1024));
+
+    // the warm-up: the same weights bit for bit (a frozen KL reference is the model after the
+    // warm-up, saved with the experts gathered). Split over the ranks, its gradients summed
+    // in another order, it had parted by ~4e-3 after 60 steps — as one rank does when it
+    // splits the batch into two micro-batches — and RL step 1 sampled other completions.
+    let warm = |world: usize, sub: &str| {
+        let out = dir.path().join(sub);
+        let mut c = default_shape(&out);
+        (c.steps, c.loss.kl_coef) = (0, 1e-9);
+        if world == 1 {
+            run(&c, &out, true, &RunOptions::default()).unwrap();
+        } else {
+            run_on(world, &c, &out, None);
+        }
+        std::fs::read(out.join("reference/model.safetensors")).unwrap()
+    };
+    assert!(warm(1, "warm-one") == warm(2, "warm-two"), "the 2-rank warm-up parted from the single-rank one");
+
+    // the RL steps: the same completions; losses and norms up to the summation of the ranks'
+    // gradients
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    let one = run(&default_shape(&a), &a, true, &RunOptions::default()).unwrap();
+    let two = run_on(2, &default_shape(&b), &b, None);
+    assert_eq!(one.warmup_eval, two.warmup_eval);
+    let (r1, r2) = (rl(&one), rl(&two));
+    assert_eq!((r1.len(), r2.len()), (3, 3));
+    for (x, y) in r1.iter().zip(&r2) {
+        assert_eq!((x.step, x.reward_mean, x.completion_tokens, x.eval_accuracy, x.updates), (y.step, y.reward_mean, y.completion_tokens, y.eval_accuracy, y.updates));
+        assert_eq!(x.updates, 2, "step {}: one update per mini-step", x.step);
+        for (v, w, what) in [(x.loss, y.loss, "loss"), (x.kl, y.kl, "kl"), (x.grad_norm, y.grad_norm, "grad_norm"), (x.entropy, y.entropy, "entropy"), (x.clip_fraction, y.clip_fraction, "clip_fraction")] {
+            close(v, w, &format!("step {} {what}", x.step));
+        }
+        for (l, p) in &x.layers {
+            assert_eq!((p.max_vio, p.route_agreement), (y.layers[l].max_vio, y.layers[l].route_agreement), "step {} layer {l}", x.step);
+        }
+    }
+    assert!(r1[2].eval_accuracy.is_some());
 }
 
 #[test]

@@ -280,30 +280,22 @@ pub fn route_fields(state: &AppState, plan: &Plan, c: &Completion) -> Result<Rou
         policy_version: c.policy_version,
         ..RouteFields::default()
     };
-    if c.routes.is_empty() {
+    let Some(full) = &c.routes else {
         return Ok(f); // capture off
-    }
-    let trace = c
-        .route_trace_from(state.info.num_experts, state.info.fingerprint, plan.routes_start, plan.router_probs)
-        .map_err(|e| ApiError::internal(format!("route trace: {e}")))?;
-    let bytes = lockstep_trace::encode_file(&[trace]);
+    };
+    let trace = full.tail(plan.routes_start).map_err(|e| ApiError::internal(format!("route trace: {e}")))?;
+    let trace = if plan.router_probs { trace } else { trace.without_probs() };
+    let bytes = lockstep_trace::encode_file(std::slice::from_ref(&trace));
     state.metrics.capture_bytes.fetch_add(bytes.len() as u64, Relaxed);
     f.routes = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
     if plan.routed_experts {
-        let (k, total) = (c.top_k, c.prompt.len() + c.tokens.len());
-        f.routed_experts = Some(
-            (plan.routes_start..total)
-                .map(|t| c.routes.values().map(|r| r.ids[t * k..(t + 1) * k].to_vec()).collect())
-                .collect(),
-        );
+        // the wire form vLLM-style clients read: [tokens][moe_layers][k] from the same trace
+        let (n, nl) = (trace.num_tokens(), trace.num_layers());
+        f.routed_experts = Some((0..n).map(|t| (0..nl).map(|l| trace.row_u32(t, l).unwrap_or_default()).collect()).collect());
         if plan.router_probs {
-            f.router_probs = Some(
-                (plan.routes_start..total)
-                    .map(|t| c.routes.values().map(|r| r.probs[t * k..(t + 1) * k].to_vec()).collect())
-                    .collect(),
-            );
+            f.router_probs = Some((0..n).map(|t| (0..nl).map(|l| trace.row_probs(t, l).unwrap_or_default()).collect()).collect());
         }
-        f.moe_layers = Some(c.routes.keys().copied().collect());
+        f.moe_layers = Some(trace.layers().iter().map(|&l| l as usize).collect());
     }
     Ok(f)
 }

@@ -1,19 +1,26 @@
 //! Packing samples into token-budget micro-batches (first-fit-decreasing), route rows aligned
 //! to their tokens, and unpacking back.
 //!
-//! **Route-free convention.** In a [`MicroBatch`], a row routes freely (the replay path
-//! computes the router's own top-k) when `route_free[t]` is true; every id of such a row is
-//! [`ROUTE_FREE`] (`u32::MAX`) and its probabilities are 0. Rows are free for padding tokens,
+//! **One route type.** A [`MicroBatch`]'s routes are a [`RouteTrace`] over its token slots
+//! (padding included), the samples' rows back to back: the same type and `[token][layer][k]`
+//! layout the samples carry, so the trainer replays it as is
+//! (`lockstep_model::RoutingPlan::replay_rows`).
+//!
+//! **Route-free convention.** A slot routes freely (the replay path computes the router's own
+//! choice) when its row is *missing* in the batch trace ([`RouteTrace::is_missing`]; as u32 ids
+//! its row reads [`ROUTE_FREE`] and its probabilities 0). Rows are free for padding tokens,
 //! for tokens a foreign engine did not provide a route for (missing rows), and for samples
 //! without routes (listed by [`MicroBatch::samples_without_routes`]: the trainer falls back to
 //! token-only importance sampling for them).
 //!
-//! The packer handles fixed top-k traces only: a sample with variable-count (expert-choice)
-//! rows is rejected with an error naming it. All routed samples must share MoE layers and k.
+//! The packer handles fixed-width rows (top-k, or every expert for expert choice over one-token
+//! pools): a sample with variable-count rows is rejected with an error naming it. All routed
+//! samples must share MoE layers, width and expert count.
 
 use crate::error::{Result, TraceError};
 use crate::probs::{ProbDtype, Probs};
 use crate::trace::{RouteTrace, TraceMeta};
+#[cfg(doc)]
 use crate::ROUTE_FREE;
 
 /// One training sample (a prompt + completion sequence).
@@ -73,15 +80,9 @@ pub struct MicroBatch {
     pub loss_mask: Vec<bool>,
     pub advantages: Vec<f32>,
     pub logprobs: Vec<f32>,
-    /// Decoder-layer ids of the MoE layers of `route_ids` (empty when no sample has routes).
-    pub layers: Vec<u32>,
-    pub top_k: usize,
-    /// `[token][layer][k]` expert ids; free rows all [`ROUTE_FREE`].
-    pub route_ids: Vec<u32>,
-    /// Probabilities aligned with `route_ids` when any sample has them (0 where unknown).
-    pub route_probs: Option<Vec<f32>>,
-    /// Per token: route freely (padding, missing row, or sample without routes).
-    pub route_free: Vec<bool>,
+    /// Routes of every slot (`[token][layer][k]`, probabilities in f32 when any sample has
+    /// them); `None` when no sample has routes. Missing rows route freely.
+    pub routes: Option<RouteTrace>,
     /// Padding tokens at the end.
     pub num_padding: usize,
 }
@@ -93,10 +94,13 @@ impl MicroBatch {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
-    /// Ids of `(token, layer_index)`.
-    pub fn route_row(&self, token: usize, layer: usize) -> &[u32] {
-        let i = (token * self.layers.len() + layer) * self.top_k;
-        &self.route_ids[i..i + self.top_k]
+    /// Ids of `(token, layer_index)`; `None` for a free row (or no routes).
+    pub fn route_row(&self, token: usize, layer: usize) -> Option<Vec<u32>> {
+        self.routes.as_ref()?.row_u32(token, layer)
+    }
+    /// Whether slot `token` routes freely.
+    pub fn is_free(&self, token: usize) -> bool {
+        self.routes.as_ref().is_none_or(|r| r.is_missing(token))
     }
     /// Samples in this batch that came without routes.
     pub fn samples_without_routes(&self) -> Vec<usize> {
@@ -104,11 +108,14 @@ impl MicroBatch {
     }
     /// Number of route-free rows that belong to real tokens (missing rows + unrouted samples).
     pub fn free_token_rows(&self) -> usize {
-        self.route_free.iter().take(self.len() - self.num_padding).filter(|&&f| f).count()
+        (0..self.len() - self.num_padding).filter(|&t| self.is_free(t)).count()
     }
 }
 
-fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<(Vec<u32>, usize)>) -> Result<()> {
+/// The route shape every routed sample of a pack shares: layers, width, experts.
+type Shape = (Vec<u32>, usize, u32);
+
+fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<Shape>) -> Result<()> {
     let n = s.tokens.len();
     for (name, len) in
         [("loss_mask", s.loss_mask.len()), ("advantages", s.advantages.len()), ("logprobs", s.logprobs.len())]
@@ -137,13 +144,14 @@ fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<(Vec<
                 format!("[{n} tokens]"),
             ));
         }
+        let e = r.meta().num_experts;
         match shape {
-            None => *shape = Some((r.layers().to_vec(), k)),
-            Some((l, kk)) if l.as_slice() == r.layers() && *kk == k => {}
-            Some((l, kk)) => {
+            None => *shape = Some((r.layers().to_vec(), k, e)),
+            Some((l, kk, ee)) if l.as_slice() == r.layers() && *kk == k && *ee == e => {}
+            Some((l, kk, ee)) => {
                 return Err(TraceError::invalid(
                     format!("sample[{i}].routes"),
-                    format!("layers {:?} / top_k {k} differ from other samples ({l:?} / {kk})", r.layers()),
+                    format!("layers {:?} / top_k {k} / {e} experts differ from other samples ({l:?} / {kk} / {ee})", r.layers()),
                 ))
             }
         }
@@ -166,7 +174,6 @@ pub fn pack(samples: &[Sample], cfg: &PackConfig) -> Result<Vec<MicroBatch>> {
     for (i, s) in samples.iter().enumerate() {
         check_sample(i, s, cfg, &mut shape)?;
     }
-    let (layers, k) = shape.unwrap_or((Vec::new(), 0));
     let with_probs = samples.iter().any(|s| s.routes.as_ref().is_some_and(|r| r.probs().is_some()));
 
     let mut order: Vec<usize> = (0..samples.len()).collect();
@@ -182,26 +189,17 @@ pub fn pack(samples: &[Sample], cfg: &PackConfig) -> Result<Vec<MicroBatch>> {
             None => bins.push((n, vec![i])),
         }
     }
-    Ok(bins
-        .into_iter()
+    bins.into_iter()
         .map(|(used, mut members)| {
             members.sort_unstable();
-            build_batch(samples, &members, used, cfg, &layers, k, with_probs)
+            build_batch(samples, &members, used, cfg, shape.as_ref(), with_probs)
         })
-        .collect())
+        .collect()
 }
 
-fn build_batch(
-    samples: &[Sample],
-    members: &[usize],
-    used: usize,
-    cfg: &PackConfig,
-    layers: &[u32],
-    k: usize,
-    with_probs: bool,
-) -> MicroBatch {
+fn build_batch(samples: &[Sample], members: &[usize], used: usize, cfg: &PackConfig, shape: Option<&Shape>, with_probs: bool) -> Result<MicroBatch> {
     let total = used.div_ceil(cfg.pad_to_multiple) * cfg.pad_to_multiple;
-    let row = layers.len() * k;
+    let row = shape.map_or(0, |(l, k, _)| l.len() * k);
     let mut b = MicroBatch {
         tokens: Vec::with_capacity(total),
         position_ids: Vec::with_capacity(total),
@@ -210,12 +208,20 @@ fn build_batch(
         loss_mask: Vec::with_capacity(total),
         advantages: Vec::with_capacity(total),
         logprobs: Vec::with_capacity(total),
-        layers: layers.to_vec(),
-        top_k: k,
-        route_ids: Vec::with_capacity(total * row),
-        route_probs: with_probs.then(|| Vec::with_capacity(total * row)),
-        route_free: Vec::with_capacity(total),
+        routes: None,
         num_padding: total - used,
+    };
+    // the batch trace's rows: ids (MISSING where free), missing flags, probabilities in f32
+    let mut ids: Vec<u16> = Vec::with_capacity(total * row);
+    let mut missing: Vec<bool> = Vec::with_capacity(total);
+    let mut probs: Option<Vec<f32>> = with_probs.then(|| Vec::with_capacity(total * row));
+    let mut meta: Option<TraceMeta> = None;
+    let push_free = |ids: &mut Vec<u16>, missing: &mut Vec<bool>, probs: &mut Option<Vec<f32>>, n: usize| {
+        missing.extend(std::iter::repeat_n(true, n));
+        ids.extend(std::iter::repeat_n(crate::MISSING_ID, n * row));
+        if let Some(p) = probs {
+            p.extend(std::iter::repeat_n(0.0, n * row));
+        }
     };
     for &i in members {
         let s = &samples[i];
@@ -227,24 +233,17 @@ fn build_batch(
         b.logprobs.extend_from_slice(&s.logprobs);
         match &s.routes {
             Some(r) => {
-                for t in 0..r.num_tokens() {
-                    let free = r.is_missing(t);
-                    b.route_free.push(free);
-                    let span = t * row..(t + 1) * row;
-                    if free {
-                        b.route_ids.extend(std::iter::repeat_n(ROUTE_FREE, row));
-                    } else {
-                        b.route_ids.extend(r.ids()[span.clone()].iter().map(|&x| x as u32));
-                    }
-                    if let Some(p) = &mut b.route_probs {
-                        match r.probs() {
-                            Some(rp) if !free => p.extend(span.map(|j| rp.get_f32(j))),
-                            _ => p.extend(std::iter::repeat_n(0.0, row)),
-                        }
+                meta.get_or_insert_with(|| r.meta().clone());
+                missing.extend_from_slice(r.missing());
+                ids.extend_from_slice(r.ids());
+                if let Some(p) = &mut probs {
+                    match r.probs() {
+                        Some(rp) => p.extend((0..rp.len()).map(|j| rp.get_f32(j))),
+                        None => p.extend(std::iter::repeat_n(0.0, r.ids().len())),
                     }
                 }
             }
-            None => push_free(&mut b, s.tokens.len(), row),
+            None => push_free(&mut ids, &mut missing, &mut probs, s.tokens.len()),
         }
         b.cu_seqlens.push(b.tokens.len() as u32);
         b.sequences.push(SeqInfo {
@@ -260,23 +259,21 @@ fn build_batch(
     b.loss_mask.extend(std::iter::repeat_n(false, pad));
     b.advantages.extend(std::iter::repeat_n(0.0, pad));
     b.logprobs.extend(std::iter::repeat_n(0.0, pad));
-    push_free(&mut b, pad, row);
-    b
-}
-
-fn push_free(b: &mut MicroBatch, n: usize, row: usize) {
-    b.route_free.extend(std::iter::repeat_n(true, n));
-    b.route_ids.extend(std::iter::repeat_n(ROUTE_FREE, n * row));
-    if let Some(p) = &mut b.route_probs {
-        p.extend(std::iter::repeat_n(0.0, n * row));
+    push_free(&mut ids, &mut missing, &mut probs, pad);
+    if let Some((layers, k, e)) = shape {
+        // the batch is no sequence: no prompt; the first routed sample's stamp (each
+        // sequence keeps its own in `sequences`); ordered as the samples' rows are
+        let meta = TraceMeta { prompt_len: 0, num_experts: *e, top_k: *k as u32, ordered: true, ..meta.unwrap_or_else(|| TraceMeta::top_k(*e, *k as u32)) };
+        let probs = probs.map(|p| Probs::from_f32(ProbDtype::F32, &p));
+        b.routes = Some(RouteTrace::new(meta, layers.clone(), total, ids, missing, probs)?);
     }
+    Ok(b)
 }
 
 /// Inverse of [`pack`]: the samples, in their original order.
 pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
     let mut out: Vec<Option<Sample>> = Vec::new();
     for (bi, b) in batches.iter().enumerate() {
-        let row = b.layers.len() * b.top_k;
         let n = b.tokens.len();
         for (name, len) in [
             ("position_ids", b.position_ids.len()),
@@ -288,40 +285,33 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
                 return Err(TraceError::shape(format!("batch[{bi}].{name}"), vec![len], format!("[{n} tokens]")));
             }
         }
-        if b.route_probs.as_ref().is_some_and(|p| p.len() != n * row) {
-            let len = b.route_probs.as_ref().map_or(0, |p| p.len());
-            return Err(TraceError::shape(format!("batch[{bi}].route_probs"), vec![len], format!("[{n} x {row}]")));
-        }
-        if b.route_ids.len() != n * row || b.route_free.len() != n {
-            return Err(TraceError::shape(
-                format!("batch[{bi}].route_ids"),
-                vec![b.route_ids.len()],
-                format!("[{n} x {row}]"),
-            ));
+        if let Some(r) = &b.routes {
+            if r.num_tokens() != n {
+                return Err(TraceError::shape(format!("batch[{bi}].routes"), vec![r.num_tokens()], format!("[{n} tokens]")));
+            }
         }
         for (si, s) in b.sequences.iter().enumerate() {
             let r = s.start..s.start.saturating_add(s.len);
             if r.end > n || s.start.checked_add(s.len).is_none() {
                 return Err(TraceError::invalid(format!("batch[{bi}].sequences[{si}]"), "extends past the batch"));
             }
-            let routes = match &s.routes {
-                None => None,
-                Some(sr) => {
-                    let missing: Vec<bool> = b.route_free[r.clone()].to_vec();
-                    let ids = &b.route_ids[r.start * row..r.end * row];
-                    let probs = match (sr.prob_dtype, &b.route_probs) {
-                        (Some(dt), Some(p)) => Some(Probs::from_f32(dt, &p[r.start * row..r.end * row])),
+            let routes = match (&s.routes, &b.routes) {
+                (None, _) => None,
+                (Some(_), None) => return Err(TraceError::invalid(format!("batch[{bi}].routes"), "missing but a sequence has routes")),
+                (Some(sr), Some(br)) => {
+                    let named = |e: TraceError| TraceError::invalid(format!("batch[{bi}].sequences[{si}].routes"), e.to_string());
+                    let seq = br.tail(r.start).map_err(named)?;
+                    let row = br.layers().len() * br.top_k().unwrap_or(0);
+                    let ids = seq.ids()[..s.len * row].to_vec();
+                    let missing = seq.missing()[..s.len].to_vec();
+                    let probs = match (sr.prob_dtype, seq.probs()) {
+                        (Some(dt), Some(p)) => Some(Probs::from_f32(dt, &(0..s.len * row).map(|j| p.get_f32(j)).collect::<Vec<_>>())),
                         (Some(_), None) => {
-                            return Err(TraceError::invalid(
-                                format!("batch[{bi}].route_probs"),
-                                "missing but a sequence has probabilities",
-                            ))
+                            return Err(TraceError::invalid(format!("batch[{bi}].routes.probs"), "missing but a sequence has probabilities"))
                         }
                         _ => None,
                     };
-                    Some(RouteTrace::from_u32(sr.meta.clone(), b.layers.clone(), s.len, ids, missing, probs).map_err(
-                        |e| TraceError::invalid(format!("batch[{bi}].sequences[{si}].routes"), e.to_string()),
-                    )?)
+                    Some(RouteTrace::new(sr.meta.clone(), br.layers().to_vec(), s.len, ids, missing, probs).map_err(named)?)
                 }
             };
             let sample = Sample {

@@ -387,6 +387,70 @@ impl RouteTrace {
         Ok(())
     }
 
+    /// The routes of tokens `start..` (a multi-turn client already holds the prefix's): the
+    /// trace's tokens from `start` on, its `prompt_len` the prompt's part of them.
+    pub fn tail(&self, start: usize) -> Result<RouteTrace> {
+        let start = start.min(self.num_tokens);
+        let nl = self.layers.len();
+        let a = self.row_range(start, 0).start;
+        let ids = self.ids[a..].to_vec();
+        let probs = self.probs.as_ref().map(|p| {
+            let mut out = Probs::zeros(p.dtype(), p.len() - a);
+            for i in a..p.len() {
+                out.set_raw_from(i - a, p, i);
+            }
+            out
+        });
+        let meta = TraceMeta { prompt_len: self.meta.prompt_len.saturating_sub(start as u32), ..self.meta.clone() };
+        let n = self.num_tokens - start;
+        let missing = self.missing[start..].to_vec();
+        match &self.offsets {
+            None => RouteTrace::new(meta, self.layers.clone(), n, ids, missing, probs),
+            Some(_) => {
+                let counts: Vec<u32> = (start * nl..self.num_tokens * nl).map(|r| self.row_range(r / nl, r % nl).len() as u32).collect();
+                RouteTrace::new_variable(meta, self.layers.clone(), n, &counts, ids, missing, probs)
+            }
+        }
+    }
+
+    /// The same routes without router probabilities.
+    pub fn without_probs(mut self) -> RouteTrace {
+        self.probs = None;
+        self
+    }
+
+    /// The same routes stamped with another policy version (what a server's weights are).
+    pub fn with_policy_version(mut self, version: u64) -> RouteTrace {
+        self.meta.policy_version = version;
+        self
+    }
+
+    /// One layer's rows as `[token][k]` u32 ids, missing tokens' rows [`crate::ROUTE_FREE`]
+    /// (fixed top-k traces; `None` for variable rows).
+    pub fn layer_ids_u32(&self, layer: usize) -> Option<Vec<u32>> {
+        let k = self.top_k()?;
+        let mut out = Vec::with_capacity(self.num_tokens * k);
+        for t in 0..self.num_tokens {
+            match self.row(t, layer) {
+                Some(r) => out.extend(r.iter().map(|&x| x as u32)),
+                None => out.extend(std::iter::repeat_n(crate::ROUTE_FREE, k)),
+            }
+        }
+        Some(out)
+    }
+
+    /// One layer's router probabilities as `[token][k]` f32 (0 on missing tokens); `None`
+    /// without probabilities or for variable rows.
+    pub fn layer_probs_f32(&self, layer: usize) -> Option<Vec<f32>> {
+        let p = self.probs.as_ref()?;
+        let k = self.top_k()?;
+        let mut out = Vec::with_capacity(self.num_tokens * k);
+        for t in 0..self.num_tokens {
+            out.extend(self.row_range(t, layer).map(|i| if self.missing[t] { 0.0 } else { p.get_f32(i) }));
+        }
+        Some(out)
+    }
+
     /// Bitwise equality (probabilities compared by bits, so NaN-safe).
     pub fn bits_eq(&self, other: &RouteTrace) -> bool {
         self.meta == other.meta

@@ -72,16 +72,19 @@ proptest! {
         let mut seen = vec![0usize; samples.len()];
         for b in &batches {
             let n = b.len();
-            let row = b.layers.len() * b.top_k;
             prop_assert!(n <= cfg.token_budget);
             prop_assert_eq!(n % pad, 0);
-            for v in [b.position_ids.len(), b.loss_mask.len(), b.advantages.len(), b.logprobs.len(), b.route_free.len()] {
+            for v in [b.position_ids.len(), b.loss_mask.len(), b.advantages.len(), b.logprobs.len()] {
                 prop_assert_eq!(v, n);
             }
             prop_assert_eq!(b.cu_seqlens.len(), b.sequences.len() + 1);
             prop_assert_eq!(*b.cu_seqlens.last().unwrap() as usize + b.num_padding, n);
-            if samples.iter().any(|s| s.routes.is_some()) {
-                prop_assert_eq!(b.route_ids.len(), n * row);
+            // the batch's routes: one trace over every slot, iff some sample has routes
+            prop_assert_eq!(b.routes.is_some(), samples.iter().any(|s| s.routes.is_some()));
+            if let Some(r) = &b.routes {
+                prop_assert_eq!(r.num_tokens(), n);
+                prop_assert_eq!(r.layers(), &LAYERS[..]);
+                prop_assert_eq!(r.top_k(), Some(K));
             }
             for (si, s) in b.sequences.iter().enumerate() {
                 seen[s.sample] += 1;
@@ -96,24 +99,31 @@ proptest! {
                     // every route row stays with its token
                     match &src.routes {
                         Some(r) if !r.is_missing(t) => {
-                            prop_assert!(!b.route_free[p]);
+                            prop_assert!(!b.is_free(p));
+                            let br = b.routes.as_ref().unwrap();
                             for l in 0..LAYERS.len() {
-                                prop_assert_eq!(b.route_row(p, l).to_vec(), r.row_u32(t, l).unwrap());
-                                if let (Some(bp), Some(rp)) = (&b.route_probs, r.row_probs(t, l)) {
-                                    prop_assert_eq!(bp[(p * LAYERS.len() + l) * K..(p * LAYERS.len() + l + 1) * K].to_vec(), rp);
+                                prop_assert_eq!(b.route_row(p, l).unwrap(), r.row_u32(t, l).unwrap());
+                                if let Some(rp) = r.row_probs(t, l) {
+                                    prop_assert_eq!(br.row_probs(p, l).unwrap(), rp);
                                 }
+                                let ids = br.layer_ids_u32(l).unwrap();
+                                prop_assert_eq!(ids[p * K..(p + 1) * K].to_vec(), r.row_u32(t, l).unwrap());
                             }
                         }
                         _ => {
-                            prop_assert!(b.route_free[p]);
-                            prop_assert!(b.route_ids[p * row..(p + 1) * row].iter().all(|&x| x == ROUTE_FREE));
+                            prop_assert!(b.is_free(p));
+                            if let Some(br) = &b.routes {
+                                for l in 0..LAYERS.len() {
+                                    prop_assert!(br.layer_ids_u32(l).unwrap()[p * K..(p + 1) * K].iter().all(|&x| x == ROUTE_FREE));
+                                }
+                            }
                         }
                     }
                 }
             }
             // padding: free rows, no loss, outside every sequence
             for p in n - b.num_padding..n {
-                prop_assert!(b.route_free[p] && !b.loss_mask[p] && b.tokens[p] == 7 && b.position_ids[p] == 0);
+                prop_assert!(b.is_free(p) && !b.loss_mask[p] && b.tokens[p] == 7 && b.position_ids[p] == 0);
             }
             let unrouted = b.samples_without_routes();
             prop_assert!(unrouted.iter().all(|&i| samples[i].routes.is_none()));
@@ -138,7 +148,7 @@ fn first_fit_decreasing_fills_bins() {
     assert_eq!(b.len(), 2);
     assert_eq!(b.iter().map(|x| x.len()).collect::<Vec<_>>(), vec![11, 11]);
     assert_eq!(b[0].samples_without_routes(), vec![0, 1]);
-    assert!(b[0].layers.is_empty() && b[0].route_ids.is_empty());
+    assert!(b[0].routes.is_none());
 }
 
 #[test]

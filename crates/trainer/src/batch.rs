@@ -14,38 +14,20 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device};
 use lockstep_model::{Batch, Recording, ROUTE_FREE};
+use lockstep_trace::{Probs, ProbDtype, RouteTrace, TraceMeta};
 
 use crate::error::{Result, TrainError};
 
-/// Inference-time route of one MoE layer for every slot of a micro-batch: `width` experts per
-/// slot (a row of all [`ROUTE_FREE`] routes freely: padding, rows an engine did not send).
+/// One MoE layer's route rows of a micro-batch, taken out of its [`RouteTrace`] for the loss's
+/// per-layer terms: `[N·W]` ids (free rows [`ROUTE_FREE`]) and the inference probabilities.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LayerReplay {
+pub struct LayerRows {
     ids: Vec<u32>,
     probs: Option<Vec<f32>>,
     width: usize,
 }
 
-impl LayerReplay {
-    /// `ids` [N·W]; `probs` [N·W] the router probabilities of those experts at inference
-    /// (0 where unknown), when the engine sent them.
-    pub fn new(ids: Vec<u32>, probs: Option<Vec<f32>>, width: usize) -> Result<Self> {
-        if width == 0 || ids.len() % width != 0 {
-            return Err(TrainError::input("routes.ids", format!("{} ids do not form rows of {width}", ids.len())));
-        }
-        if let Some(p) = &probs {
-            if p.len() != ids.len() {
-                return Err(TrainError::input("routes.probs", format!("{} values for {} ids", p.len(), ids.len())));
-            }
-        }
-        for (n, row) in ids.chunks(width).enumerate() {
-            let free = row.iter().filter(|&&i| i == ROUTE_FREE).count();
-            if free != 0 && free != width {
-                return Err(TrainError::input("routes.ids", format!("row {n} mixes ROUTE_FREE with expert ids")));
-            }
-        }
-        Ok(Self { ids, probs, width })
-    }
+impl LayerRows {
     pub fn ids(&self) -> &[u32] {
         &self.ids
     }
@@ -56,7 +38,7 @@ impl LayerReplay {
         self.width
     }
     pub fn rows(&self) -> usize {
-        self.ids.len() / self.width
+        self.ids.len() / self.width.max(1)
     }
     /// Row `n`'s ids (W of them).
     pub fn row(&self, n: usize) -> &[u32] {
@@ -83,8 +65,9 @@ pub struct TrainBatch {
     pub logp_infer: Vec<f32>,
     pub advantages: Vec<f32>,
     pub loss_mask: Vec<f32>,
-    /// keyed by decoder layer index; empty when the samples came without routes
-    pub routes: BTreeMap<usize, LayerReplay>,
+    /// the inference routes of every slot (`[slot][layer][w]`, free rows missing); `None` when
+    /// the samples came without routes
+    pub routes: Option<RouteTrace>,
     /// π_old, set by [`crate::trainer::Trainer::score`]
     pub old: Option<OldPolicy>,
 }
@@ -92,7 +75,7 @@ pub struct TrainBatch {
 impl TrainBatch {
     /// A micro-batch; every per-slot vector must have one value per slot of `batch` and every
     /// route one row per slot.
-    pub fn new(batch: Batch, logp_infer: Vec<f32>, advantages: Vec<f32>, loss_mask: Vec<f32>, routes: BTreeMap<usize, LayerReplay>) -> Result<Self> {
+    pub fn new(batch: Batch, logp_infer: Vec<f32>, advantages: Vec<f32>, loss_mask: Vec<f32>, routes: Option<RouteTrace>) -> Result<Self> {
         let tb = Self { batch, logp_infer, advantages, loss_mask, routes, old: None };
         tb.check()?;
         Ok(tb)
@@ -106,9 +89,12 @@ impl TrainBatch {
                 return Err(TrainError::input(name, format!("{} values for {n} slots", v.len())));
             }
         }
-        for (l, r) in &self.routes {
-            if r.rows() != n {
-                return Err(TrainError::input(&format!("routes[{l}].ids"), format!("{} rows of {} for {n} slots", r.rows(), r.width())));
+        if let Some(r) = &self.routes {
+            if r.num_tokens() != n {
+                return Err(TrainError::input("routes", format!("{} route rows for {n} slots", r.num_tokens())));
+            }
+            if r.top_k().is_none() {
+                return Err(TrainError::input("routes", "variable-width route rows: the trainer replays fixed-width rows (top-k, or every expert for block:1 expert choice)"));
             }
         }
         if let Some(o) = &self.old {
@@ -119,28 +105,30 @@ impl TrainBatch {
         Ok(())
     }
 
-    /// From a micro-batch of the route-transport packer: `[token][layer][w]` rows become per
-    /// layer `[N·W]` rows; free rows (padding, missing, samples without routes) stay
-    /// `ROUTE_FREE` and route freely.
+    /// From a micro-batch of the route-transport packer: its route trace is passed on as is.
     pub fn from_micro_batch(mb: &lockstep_trace::pack::MicroBatch, device: &Device) -> Result<Self> {
-        let n = mb.len();
         let cu: Vec<usize> = mb.cu_seqlens.iter().map(|&c| c as usize).collect();
         let batch = Batch::packed(&mb.tokens, Some(&mb.position_ids), &cu, device)?;
-        let (nl, w) = (mb.layers.len(), mb.top_k);
-        let mut routes = BTreeMap::new();
-        for (li, &layer) in mb.layers.iter().enumerate() {
-            let mut ids = Vec::with_capacity(n * w);
-            let mut probs = mb.route_probs.as_ref().map(|_| Vec::with_capacity(n * w));
-            for t in 0..n {
-                let a = (t * nl + li) * w;
-                ids.extend_from_slice(&mb.route_ids[a..a + w]);
-                if let (Some(p), Some(src)) = (probs.as_mut(), mb.route_probs.as_ref()) {
-                    p.extend_from_slice(&src[a..a + w]);
-                }
-            }
-            routes.insert(layer as usize, LayerReplay::new(ids, probs, w)?);
-        }
-        Self::new(batch, mb.logprobs.clone(), mb.advantages.clone(), mb.loss_mask.iter().map(|&m| f32::from(u8::from(m))).collect(), routes)
+        Self::new(batch, mb.logprobs.clone(), mb.advantages.clone(), mb.loss_mask.iter().map(|&m| f32::from(u8::from(m))).collect(), mb.routes.clone())
+    }
+
+    /// The decoder layers of the routes, in trace order.
+    pub fn route_layers(&self) -> Vec<usize> {
+        self.routes.as_ref().map(|r| r.layers().iter().map(|&l| l as usize).collect()).unwrap_or_default()
+    }
+
+    /// Each MoE layer's rows, keyed by decoder layer (empty without routes).
+    pub fn layer_rows(&self) -> Result<BTreeMap<usize, LayerRows>> {
+        let Some(r) = &self.routes else { return Ok(BTreeMap::new()) };
+        let width = r.top_k().ok_or_else(|| TrainError::input("routes", "variable-width route rows"))?;
+        Ok(r.layers()
+            .iter()
+            .enumerate()
+            .map(|(li, &l)| {
+                let ids = r.layer_ids_u32(li).unwrap_or_default();
+                (l as usize, LayerRows { ids, probs: r.layer_probs_f32(li), width })
+            })
+            .collect())
     }
 
     /// Per slot: whether the slot has a prediction (its previous slot is in the same sequence).
@@ -161,31 +149,52 @@ pub(crate) fn token_valid(batch: &Batch) -> Vec<bool> {
     (0..b * t).map(|s| s % t > 0 && seg[s] != 0 && seg[s] == seg[s - 1]).collect()
 }
 
-/// Routes of a recording as inference-time routes (what an engine would send): ids and probs,
-/// token-major rows (expert choice: every token's experts in expert order; every token must
-/// have the same number).
-pub fn replay_from_recording(rec: &Recording) -> Result<BTreeMap<usize, LayerReplay>> {
-    rec.iter()
-        .map(|(&l, r)| {
-            let ids: Vec<u32> = r.expert_A.to_vec1()?;
-            let probs: Vec<f32> = r.prob_A.to_dtype(DType::F32)?.to_vec1()?;
-            if let Some(k) = r.top_k {
-                return Ok((l, LayerReplay::new(ids, Some(probs), k)?));
+/// The routes of a recording as an engine would send them: a route trace over the batch's
+/// slots (token-major rows of ids and router probabilities; expert choice: each token's experts
+/// in expert order, every token the same number).
+pub fn replay_from_recording(rec: &Recording) -> Result<Option<RouteTrace>> {
+    let Some(first) = rec.values().next() else { return Ok(None) };
+    let n = first.num_tokens;
+    let e = first.scores_NE.dims2()?.1;
+    let mut per_layer: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+    let mut width = None;
+    for (&l, r) in rec {
+        let ids: Vec<u32> = r.expert_A.to_vec1()?;
+        let probs: Vec<f32> = r.prob_A.to_dtype(DType::F32)?.to_vec1()?;
+        let (ids, probs, w) = match r.top_k {
+            Some(k) => (ids, probs, k),
+            None => {
+                let tok: Vec<u32> = r.token_A.to_vec1()?;
+                let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
+                for ((&t, &x), &p) in tok.iter().zip(&ids).zip(&probs) {
+                    rows[t as usize].push((x, p));
+                }
+                let w = rows.iter().map(Vec::len).max().unwrap_or(0);
+                if let Some((q, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != w) {
+                    return Err(TrainError::input(&format!("routes[{l}]"), format!("token slot {q} has {} experts, others {w}", row.len())));
+                }
+                rows.iter_mut().for_each(|row| row.sort_by_key(|&(x, _)| x));
+                let (i, p): (Vec<u32>, Vec<f32>) = rows.into_iter().flatten().unzip();
+                (i, p, w)
             }
-            let tok: Vec<u32> = r.token_A.to_vec1()?;
-            let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); r.num_tokens];
-            for ((&t, &e), &p) in tok.iter().zip(&ids).zip(&probs) {
-                rows[t as usize].push((e, p));
-            }
-            let w = rows.iter().map(Vec::len).max().unwrap_or(0);
-            if let Some((n, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != w) {
-                return Err(TrainError::input(&format!("routes[{l}]"), format!("token slot {n} has {} experts, others {w}", row.len())));
-            }
-            for row in &mut rows {
-                row.sort_by_key(|&(e, _)| e);
-            }
-            let (ids, probs): (Vec<u32>, Vec<f32>) = rows.into_iter().flatten().unzip();
-            Ok((l, LayerReplay::new(ids, Some(probs), w.max(1))?))
-        })
-        .collect()
+        };
+        if *width.get_or_insert(w) != w {
+            return Err(TrainError::input(&format!("routes[{l}]"), "layers with different route widths"));
+        }
+        per_layer.push((ids, probs));
+    }
+    let w = width.unwrap_or(1);
+    let (mut ids, mut probs) = (Vec::with_capacity(n * rec.len() * w), Vec::with_capacity(n * rec.len() * w));
+    for t in 0..n {
+        for (li, lp) in per_layer.iter().enumerate() {
+            let _ = li;
+            ids.extend_from_slice(&lp.0[t * w..(t + 1) * w]);
+            probs.extend_from_slice(&lp.1[t * w..(t + 1) * w]);
+        }
+    }
+    let layers = rec.keys().map(|&l| l as u32).collect();
+    let meta = TraceMeta::top_k(e as u32, w as u32);
+    let trace = RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], Some(Probs::from_f32(ProbDtype::F32, &probs)))
+        .map_err(|e| TrainError::input("routes", e.to_string()))?;
+    Ok(Some(trace))
 }

@@ -39,7 +39,7 @@
 use candle_core::{DType, Tensor};
 use lockstep_model::ROUTE_FREE;
 
-use crate::batch::LayerReplay;
+use crate::batch::LayerRows;
 use crate::error::Result;
 
 /// Smallest remaining mass 1 − Σ_{j<i} p(e_j) of the Plackett–Luce denominator (f32 rounding
@@ -91,7 +91,7 @@ pub fn plackett_luce_NW(p_NW: &Tensor) -> Result<Tensor> {
 
 /// Ids of a route with free rows pointed at expert 0 (for a gather), and per position whether
 /// the row is a real route: ([N, W] u32, [N]).
-pub fn gather_ids(r: &LayerReplay, device: &candle_core::Device) -> Result<(Tensor, Vec<bool>)> {
+pub fn gather_ids(r: &LayerRows, device: &candle_core::Device) -> Result<(Tensor, Vec<bool>)> {
     let ids: Vec<u32> = r.ids().iter().map(|&i| if i == ROUTE_FREE { 0 } else { i }).collect();
     let real = (0..r.rows()).map(|n| !r.is_free(n)).collect();
     Ok((Tensor::from_vec(ids, (r.rows(), r.width()), device)?, real))

@@ -6,61 +6,26 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use lockstep_model::config::{RoutingStrategy, ScoreFunction};
 use lockstep_model::moe::router::expert_choice::{capacity, pools};
 use lockstep_model::moe::router::select::ExpertChoice;
-use lockstep_model::{Batch, LayerRoute, MoeCausalLm, Replay, ReplayWeights, RouteMode, RoutingPlan};
+use lockstep_model::{Batch, LayerRoute, MoeCausalLm, RoutingPlan};
 
-use crate::batch::{LayerReplay, TrainBatch};
+use crate::batch::{LayerRows, TrainBatch};
 use crate::error::{Result, TrainError};
 use crate::loss::{RatioMode, PiOld};
 use crate::route_terms::{accumulate_shift, gather_ids, plackett_luce, plackett_luce_NW, scores_at, shift_host, shift_to_slots, shift_weights};
 
-/// The forward's routing plan: record freely, or (replay on and routes present) force every
-/// layer's inference route — top-k rows for token choice, (token, expert) assignments for
-/// expert choice — with live weights (the router gets gradients).
+/// The forward's routing plan: record freely, or (replay on and routes present) force the
+/// inference route rows as they come, in the route trace's layout
+/// ([`RoutingPlan::replay_rows`]: top-k rows for token choice, (token, expert) assignments for
+/// expert choice), with live weights (the router gets gradients).
 pub fn plan(model: &MoeCausalLm, tb: &TrainBatch, replay: bool) -> Result<RoutingPlan> {
-    if !replay || tb.routes.is_empty() {
-        return Ok(RoutingPlan::record());
-    }
-    let n = tb.batch.num_slots();
-    let router = &model.cfg.moe.router;
-    let mut plan = RoutingPlan::record();
-    for (&l, r) in &tb.routes {
-        if r.rows() != n {
-            return Err(TrainError::input(&format!("routes[{l}].ids"), format!("{} rows for {n} slots", r.rows())));
-        }
-        let forced = match router.strategy {
-            RoutingStrategy::TokenChoice => {
-                if r.width() != router.top_k {
-                    return Err(TrainError::input(&format!("routes[{l}].ids"), format!("rows of {} experts for a top-{} router", r.width(), router.top_k)));
-                }
-                Replay::top_k(Tensor::from_vec(r.ids().to_vec(), (n, r.width()), model.device())?, ReplayWeights::Recompute)
-            }
-            RoutingStrategy::ExpertChoice { .. } => assignments(r, model.device())?,
-        };
-        plan = plan.with_layer(l, RouteMode::Replay(forced));
-    }
-    Ok(plan)
-}
-
-/// Expert-choice replay from token-major rows: the (token, expert) pairs of every real row,
-/// ordered by expert then token (the order the expert-choice router emits).
-fn assignments(r: &LayerReplay, dev: &Device) -> Result<Replay> {
-    let mut pairs: Vec<(u32, u32)> = Vec::new();
-    for n in 0..r.rows() {
-        if !r.is_free(n) {
-            pairs.extend(r.row(n).iter().map(|&e| (e, n as u32)));
-        }
-    }
-    pairs.sort_unstable();
-    let (expert_A, token_A): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
-    let a = token_A.len();
-    Ok(Replay {
-        route: lockstep_model::routing::ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, dev)?, expert_A: Tensor::from_vec(expert_A, a, dev)? },
-        weights: ReplayWeights::Recompute,
-    })
+    let Some(r) = tb.routes.as_ref().filter(|_| replay) else { return Ok(RoutingPlan::record()) };
+    let ids = r.ids_u32().ok_or_else(|| TrainError::input("routes", "variable-width route rows"))?;
+    let width = r.top_k().unwrap_or(0);
+    Ok(RoutingPlan::replay_rows(&model.cfg, &tb.route_layers(), &ids, width, model.device())?)
 }
 
 /// Route inputs of the loss for one micro-batch (all per slot, aligned).
@@ -74,7 +39,7 @@ pub struct RouteInputs {
 
 /// The old policy's router probabilities at the replayed experts of layer `l`: π_infer's (sent
 /// with the routes) or π_old's (recomputed by [`crate::trainer::Trainer::score`]).
-fn old_probs<'a>(tb: &'a TrainBatch, l: usize, r: &'a LayerReplay, pi_old: PiOld) -> Result<Option<&'a [f32]>> {
+fn old_probs<'a>(tb: &'a TrainBatch, l: usize, r: &'a LayerRows, pi_old: PiOld) -> Result<Option<&'a [f32]>> {
     match pi_old {
         PiOld::Infer => Ok(r.probs()),
         PiOld::Recompute => {
@@ -90,11 +55,12 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
     let valid = tb.valid();
     let dev = model.device();
     let mut out = RouteInputs::default();
+    let rows = tb.layer_rows()?;
     match ratio {
         RatioMode::Token => {}
         RatioMode::Joint(_) => {
-            let mut avail = vec![f32::from(u8::from(!tb.routes.is_empty())); n];
-            for (&l, r) in &tb.routes {
+            let mut avail = vec![f32::from(u8::from(!rows.is_empty())); n];
+            for (&l, r) in &rows {
                 let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
                 let (ids, real) = gather_ids(r, dev)?;
                 let p_train = scores_at(&live.scores_NE, &ids)?;
@@ -122,7 +88,7 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
         }
         RatioMode::RouterShift { floor } => {
             let (mut sum, mut count) = (vec![0f64; n], vec![0f64; n]);
-            for (&l, r) in &tb.routes {
+            for (&l, r) in &rows {
                 let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
                 let Some(g_old) = old_probs(tb, l, r, pi_old)? else { continue };
                 let (ids, real) = gather_ids(r, dev)?;
@@ -139,7 +105,7 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
 /// what [`crate::trainer::Trainer::score`] keeps as π_old's.
 pub fn route_probs_at(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usize, LayerRoute>) -> Result<BTreeMap<usize, Vec<f32>>> {
     let mut m = BTreeMap::new();
-    for (&l, r) in &tb.routes {
+    for (&l, r) in &tb.layer_rows()? {
         let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
         let (ids, _) = gather_ids(r, model.device())?;
         m.insert(l, scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?);
@@ -187,7 +153,8 @@ fn free_sets(model: &MoeCausalLm, layer: usize, route: &LayerRoute, batch: &Batc
 pub fn agreement(model: &MoeCausalLm, layer: usize, route: &LayerRoute, tb: &TrainBatch) -> Result<(f64, f64)> {
     let real = tb.batch.real_mask();
     let free = free_sets(model, layer, route, &tb.batch)?;
-    let inference: Vec<Option<BTreeSet<u32>>> = match tb.routes.get(&layer) {
+    let rows = tb.layer_rows()?;
+    let inference: Vec<Option<BTreeSet<u32>>> = match rows.get(&layer) {
         Some(r) => (0..r.rows()).map(|q| (!r.is_free(q)).then(|| r.row(q).iter().copied().collect())).collect(),
         None => {
             let mut sets = vec![BTreeSet::new(); route.num_tokens];

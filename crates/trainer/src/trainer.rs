@@ -13,7 +13,7 @@ use lockstep_model::logprobs::at_temperature;
 use lockstep_model::metrics::{layer_health, max_vio_prime_rl, slot_load};
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
-pub use crate::batch::{replay_from_recording, LayerReplay, OldPolicy, TrainBatch};
+pub use crate::batch::{replay_from_recording, LayerRows, OldPolicy, TrainBatch};
 use crate::error::{Result, TrainError};
 use crate::logprobs::token_logprobs;
 use crate::loss::{rl_loss, LossConfig, LossInputs, Objective, PiOld, RatioMode};
@@ -203,7 +203,7 @@ impl Trainer {
             logp_infer: vec![0.0; 2],
             advantages: vec![0.0; 2],
             loss_mask: vec![0.0; 2],
-            routes: BTreeMap::new(),
+            routes: None,
             old: None,
         })
     }

@@ -34,7 +34,7 @@ fn engine_rollouts_train_on_policy_bit_for_bit() {
                 advantages: vec![if i % 2 == 0 { 1.0 } else { -1.0 }; tokens.len()],
                 logprobs,
                 // every third sample without routes: token-only fallback
-                routes: if i % 3 == 2 { None } else { Some(c.route_trace(model.cfg.moe.router.num_experts, 7).unwrap()) },
+                routes: if i % 3 == 2 { None } else { c.routes.clone() },
                 tokens,
             }
         })

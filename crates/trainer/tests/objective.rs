@@ -5,9 +5,9 @@
 use candle_core::{DType, Device};
 use lockstep_engine::{Engine, Request, SamplingParams};
 use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
-use lockstep_model::{Kernels, MoeCausalLm, ROUTE_FREE};
+use lockstep_model::{Kernels, MoeCausalLm};
 use lockstep_trace::pack::{pack, PackConfig, Sample};
-use lockstep_trainer::batch::LayerReplay;
+use lockstep_trace::{ProbDtype, Probs, RouteTrace};
 use lockstep_trainer::loss::{ExpertAggregation, IsCorrection, LossConfig, PiOld, RatioMode};
 use lockstep_trainer::optim::AdamWConfig;
 use lockstep_trainer::step_inputs::route_inputs;
@@ -40,7 +40,7 @@ fn rollouts(model: &MoeCausalLm, temperature: f32, n: usize) -> Vec<TrainBatch> 
                 loss_mask: (0..tokens.len()).map(|t| t >= p).collect(),
                 advantages: vec![if i % 2 == 0 { 1.0 } else { -1.0 }; tokens.len()],
                 logprobs,
-                routes: Some(c.route_trace(model.cfg.moe.router.num_experts, 7).unwrap()),
+                routes: c.routes.clone(),
                 tokens,
             }
         })
@@ -51,6 +51,11 @@ fn rollouts(model: &MoeCausalLm, temperature: f32, n: usize) -> Vec<TrainBatch> 
 
 fn cfg(loss: LossConfig, replay: bool, temperature: f64) -> TrainerConfig {
     TrainerConfig { loss, optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay, temperature }
+}
+
+/// The same trace with other ids / probabilities.
+fn rebuild(t: &RouteTrace, ids: Vec<u16>, probs: Vec<f32>) -> RouteTrace {
+    RouteTrace::new(t.meta().clone(), t.layers().to_vec(), t.num_tokens(), ids, t.missing().to_vec(), Some(Probs::from_f32(ProbDtype::F32, &probs))).unwrap()
 }
 
 /// Per-slot Plackett–Luce log-probabilities of the old routes (every layer) for `tb`.
@@ -71,23 +76,26 @@ fn perturbing_a_route_row_changes_exactly_the_token_it_predicted() {
     let base = old_route_terms(&m, tb);
     let valid = tb.valid();
     let n = tb.batch.num_slots();
-    let layers: Vec<usize> = tb.routes.keys().copied().collect();
+    let trace = tb.routes.clone().unwrap();
+    let nl = trace.num_layers();
     let mut checked = 0;
-    for (li, &l) in layers.iter().enumerate() {
+    for li in 0..nl {
         for p in 0..n {
-            let r = &tb.routes[&l];
-            if r.is_free(p) {
+            if trace.is_missing(p) {
                 continue;
             }
-            let mut probs = r.probs().unwrap().to_vec();
-            probs[p * r.width()..(p + 1) * r.width()].iter_mut().for_each(|x| *x *= (-1f32).exp());
+            let probs = trace.probs().unwrap();
+            let mut v: Vec<f32> = (0..probs.len()).map(|i| probs.get_f32(i)).collect();
+            for i in trace.row_range(p, li) {
+                v[i] *= (-1f32).exp();
+            }
             let mut t2 = tb.clone();
-            t2.routes.insert(l, LayerReplay::new(r.ids().to_vec(), Some(probs), r.width()).unwrap());
+            t2.routes = Some(rebuild(&trace, trace.ids().to_vec(), v));
             let got = old_route_terms(&m, &t2);
             for (lj, (a, b)) in base.iter().zip(&got).enumerate() {
                 for s in 0..n {
                     let should_change = lj == li && s == p + 1 && valid[s];
-                    assert_eq!(a[s] != b[s], should_change, "layer {l}, row {p}: slot {s} (layer index {lj})");
+                    assert_eq!(a[s] != b[s], should_change, "layer index {li}, row {p}: slot {s} (layer index {lj})");
                 }
             }
             checked += 1;
@@ -216,14 +224,20 @@ fn route_agreement_compares_free_routing_with_the_inference_routes() {
         assert!(s.layers.values().all(|l| l.route_agreement == 1.0), "replay {replay}: {:?}", s.layers);
     }
     // inference routes that differ (every real row of the first MoE layer rotated by one expert)
-    let e = m.cfg.moe.router.num_experts as u32;
-    let l0 = *tbs[0].routes.keys().next().unwrap();
+    let e = m.cfg.moe.router.num_experts as u16;
+    let l0 = tbs[0].route_layers()[0];
     for tb in &mut tbs {
-        let r = &tb.routes[&l0];
-        let ids: Vec<u32> = r.ids().iter().map(|&i| if i == ROUTE_FREE { i } else { (i + 1) % e }).collect();
-        let rows_ok = (0..r.rows()).all(|q| r.is_free(q) || { let row = &ids[q * r.width()..(q + 1) * r.width()]; row.iter().enumerate().all(|(a, x)| !row[..a].contains(x)) });
-        assert!(rows_ok);
-        tb.routes.insert(l0, LayerReplay::new(ids, r.probs().map(<[f32]>::to_vec), r.width()).unwrap());
+        let r = tb.routes.clone().unwrap();
+        let mut ids = r.ids().to_vec();
+        for t in 0..r.num_tokens() {
+            if !r.is_missing(t) {
+                for i in r.row_range(t, 0) {
+                    ids[i] = (ids[i] + 1) % e;
+                }
+            }
+        }
+        let p = r.probs().unwrap();
+        tb.routes = Some(rebuild(&r, ids, (0..p.len()).map(|i| p.get_f32(i)).collect()));
     }
     for replay in [true, false] {
         let s = Trainer::new(m.clone(), cfg(LossConfig::default(), replay, 1.0)).unwrap().step(&tbs).unwrap();
@@ -236,7 +250,7 @@ fn expert_choice_routes_replay_through_the_trainer() {
     let mut m = model();
     m.set_routing(RoutingStrategy::ExpertChoice { capacity_factor: 1.0, pool: Pool::Block(1) }, AttentionMode::Causal, false).unwrap();
     let tbs = rollouts(&m, 1.0, 6);
-    let w = tbs[0].routes.values().next().unwrap().width();
+    let w = tbs[0].routes.as_ref().unwrap().top_k().unwrap();
     assert_eq!(w, m.cfg.moe.router.num_experts, "block:1 expert choice: every expert takes every token");
     let mut tr = Trainer::new(m.clone(), cfg(LossConfig::default(), true, 1.0)).unwrap();
     let s = tr.step(&tbs).unwrap();

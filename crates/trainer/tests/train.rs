@@ -31,7 +31,7 @@ fn micro_batch(model: &MoeCausalLm, with_routes: bool) -> TrainBatch {
         logp_infer: logp.flatten_all().unwrap().to_vec1().unwrap(),
         advantages: adv,
         loss_mask: mask,
-        routes: if with_routes { replay_from_recording(&rec.routes).unwrap() } else { Default::default() },
+        routes: if with_routes { replay_from_recording(&rec.routes).unwrap() } else { None },
         old: None,
     }
 }

@@ -23,7 +23,7 @@ use super::plan::RowLayout;
 use super::GemmImpl;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Product {
+pub(crate) enum Product {
     Nt,
     Nn,
     Tn,
@@ -88,7 +88,7 @@ fn check(status: sys::cublasStatus_t, what: &str) -> Result<()> {
 /// # Safety
 /// The pointers must be valid device allocations of the right sizes on `dev`'s stream.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn run(
+pub(crate) unsafe fn run(
     dev: &CudaDevice,
     imp: GemmImpl,
     layout: &RowLayout,

@@ -75,7 +75,7 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
 }
 
 /// x [M, K] · wᵀ (w [N, K]) → [M, N] in x's dtype (f32 or bf16; accumulation in f32).
-pub fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout) -> Result<(CudaStorage, Shape)> {
     let (m, k) = lx.shape().dims2()?;
     let (n, k2) = lw.shape().dims2()?;
     if k != k2 {
@@ -101,7 +101,7 @@ pub fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout) -
 
 /// Softmax attention with a visibility mask, batch-invariant (f32).
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub(crate) fn attention(
     sq: &CudaStorage,
     lq: &Layout,
     sk: &CudaStorage,

@@ -12,11 +12,11 @@
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
-pub mod gemm;
-pub mod invariant;
-pub mod ops;
-pub mod plan;
-pub mod route;
+pub(crate) mod gemm;
+pub(crate) mod invariant;
+pub(crate) mod ops;
+pub(crate) mod plan;
+pub(crate) mod route;
 
 use std::sync::Arc;
 

@@ -243,13 +243,13 @@ struct Saved {
 }
 
 /// (x_ND, gate_up [E, 2F, D], down [E, D, F]) → y_RD, every row one assignment's expert output.
-pub struct ExpertMlp {
-    pub plan: Arc<Plan>,
+pub(crate) struct ExpertMlp {
+    pub(crate) plan: Arc<Plan>,
     saved: Mutex<Option<Arc<Saved>>>,
 }
 
 impl ExpertMlp {
-    pub fn new(plan: Arc<Plan>) -> Self {
+    pub(crate) fn new(plan: Arc<Plan>) -> Self {
         Self { plan, saved: Mutex::new(None) }
     }
 }
@@ -398,7 +398,7 @@ impl CustomOp2 for MlpBwd {
 // ---------------------------------------------------------------------------------------------
 
 /// (y_RD, w_A f32) → out_ND = Σ_a w_a · y[pos(a)].
-pub struct Combine(pub Arc<Plan>);
+pub(crate) struct Combine(pub(crate) Arc<Plan>);
 
 impl CustomOp2 for Combine {
     fn name(&self) -> &'static str {
@@ -430,9 +430,9 @@ impl CustomOp2 for Combine {
 }
 
 /// Combine backward: (dout_ND, w_A) → dy_RD, or (dout_ND, y_RD) → dw_A (f32).
-pub struct CombineBwd {
-    pub plan: Arc<Plan>,
-    pub want_dw: bool,
+pub(crate) struct CombineBwd {
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) want_dw: bool,
 }
 
 impl CustomOp2 for CombineBwd {
@@ -502,7 +502,7 @@ impl CustomOp2 for CombineBwd {
 /// permute on its own, for expert parallelism: the plan's groups are then the experts of every
 /// rank).
 /// Backward: dx[n] = Σ over token n's assignments (ascending) of dxp[pos[a]].
-pub struct Gather(pub Arc<Plan>);
+pub(crate) struct Gather(pub(crate) Arc<Plan>);
 
 impl CustomOp1 for Gather {
     fn name(&self) -> &'static str {
@@ -530,7 +530,7 @@ impl CustomOp1 for Gather {
 }
 
 /// dxp_RD → dx_ND (the sum of `Gather`'s backward).
-pub struct GatherBwd(pub Arc<Plan>);
+pub(crate) struct GatherBwd(pub(crate) Arc<Plan>);
 
 impl CustomOp1 for GatherBwd {
     fn name(&self) -> &'static str {
@@ -557,7 +557,7 @@ impl CustomOp1 for GatherBwd {
 /// y_RD in the plan's row layout → y_AD, every assignment's row (`out[a] = y[pos[a]]`): the
 /// inverse of the dispatch permute for plans whose tokens are the assignments
 /// (`Plan::sorted_rows`). Backward: the permute (padding rows zero).
-pub struct Unpermute(pub Arc<Plan>);
+pub(crate) struct Unpermute(pub(crate) Arc<Plan>);
 
 impl CustomOp1 for Unpermute {
     fn name(&self) -> &'static str {

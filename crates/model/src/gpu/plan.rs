@@ -16,15 +16,15 @@ use super::{func, GemmImpl};
 
 /// Row layout of the expert-sorted buffer.
 #[derive(Debug, Clone)]
-pub struct RowLayout {
+pub(crate) struct RowLayout {
     /// rows (assignments) of each expert
-    pub counts: Vec<usize>,
+    pub(crate) counts: Vec<usize>,
     /// first row of each expert
-    pub offsets: Vec<usize>,
+    pub(crate) offsets: Vec<usize>,
     /// total rows R
-    pub rows: usize,
+    pub(crate) rows: usize,
     /// padded layout: every expert owns `padded` rows (offsets e · padded), the unused ones zero
-    pub padded: Option<usize>,
+    pub(crate) padded: Option<usize>,
 }
 
 impl RowLayout {
@@ -61,23 +61,23 @@ impl RowLayout {
 
 /// Everything the dispatch / combine kernels and the grouped GEMMs need for one layer.
 #[derive(Debug)]
-pub struct Plan {
-    pub dev: CudaDevice,
-    pub imp: GemmImpl,
-    pub layout: RowLayout,
-    pub num_tokens: usize,
-    pub num_assignments: usize,
+pub(crate) struct Plan {
+    pub(crate) dev: CudaDevice,
+    pub(crate) imp: GemmImpl,
+    pub(crate) layout: RowLayout,
+    pub(crate) num_tokens: usize,
+    pub(crate) num_assignments: usize,
     /// [A] token of each assignment
-    pub token_A: CudaSlice<u32>,
+    pub(crate) token_A: CudaSlice<u32>,
     /// [A] row of each assignment in the expert-sorted buffer
-    pub pos_A: CudaSlice<u32>,
+    pub(crate) pos_A: CudaSlice<u32>,
     /// [N + 1] token CSR offsets into `list`
-    pub toff: CudaSlice<u32>,
+    pub(crate) toff: CudaSlice<u32>,
     /// [A] assignments grouped by token, ascending within a token
-    pub list: CudaSlice<u32>,
+    pub(crate) list: CudaSlice<u32>,
     /// every assignment is its own token and already sits at its row (`pos_A[a] = a`, compact
     /// layout): the dispatch permute and the per-token sums are copies, so the ops skip them
-    pub identity: bool,
+    pub(crate) identity: bool,
 }
 
 /// An owned copy of a u32 tensor's data on `dev` (contiguous).
@@ -103,7 +103,7 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
 
 impl Plan {
     /// Plan a layer from its assignments (`token_A`, `expert_A`, [A] u32 on the device).
-    pub fn build(token_A: &Tensor, expert_A: &Tensor, num_tokens: usize, num_experts: usize, imp: GemmImpl) -> Result<Self> {
+    pub(crate) fn build(token_A: &Tensor, expert_A: &Tensor, num_tokens: usize, num_experts: usize, imp: GemmImpl) -> Result<Self> {
         let dev = match token_A.device() {
             candle_core::Device::Cuda(d) => d.clone(),
             _ => candle_core::bail!("moe plan: not a CUDA tensor"),
@@ -209,7 +209,7 @@ impl Plan {
     /// grouped by expert, sources in order within an expert (a stable sort of the rows by
     /// expert). Built on the host from the counts (no copy back); when that order is the
     /// arrival order and the layout is compact, the plan is the identity.
-    pub fn sorted_rows(dev: &CudaDevice, counts_SE: &[usize], num_experts: usize, imp: GemmImpl) -> Result<Self> {
+    pub(crate) fn sorted_rows(dev: &CudaDevice, counts_SE: &[usize], num_experts: usize, imp: GemmImpl) -> Result<Self> {
         if num_experts == 0 || counts_SE.len() % num_experts != 0 {
             candle_core::bail!("moe plan: {} row counts are not whole sources of {num_experts} experts", counts_SE.len());
         }

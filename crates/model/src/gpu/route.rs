@@ -24,7 +24,7 @@ fn f32_rows<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<candle_cor
 }
 
 /// ids_NK (u32) = the K best of each row of choice_NE; group-limited when `groups > 1`.
-pub fn top_k(s: &CudaStorage, l: &Layout, groups: usize, topk_group: usize, k: usize) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn top_k(s: &CudaStorage, l: &Layout, groups: usize, topk_group: usize, k: usize) -> Result<(CudaStorage, Shape)> {
     let (n, e) = l.shape().dims2()?;
     if e > 1024 || k > e || groups == 0 || e % groups != 0 || topk_group > groups {
         candle_core::bail!("route top-k: {e} experts, {groups} groups, top-{topk_group} groups, top-{k}: unsupported (E <= 1024)");
@@ -59,7 +59,7 @@ pub fn top_k(s: &CudaStorage, l: &Layout, groups: usize, topk_group: usize, k: u
 
 /// Expert choice over `pools` (token slots, ascending) with capacities `caps`: [2, A] u32,
 /// row 0 the token slots, row 1 the experts, ordered by expert, pool, then preference.
-pub fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[usize]) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[usize]) -> Result<(CudaStorage, Shape)> {
     let (_, e) = l.shape().dims2()?;
     let dev = s.device().clone();
     let choice = f32_rows(s, l, "expert choice")?;
@@ -112,7 +112,7 @@ pub fn expert_choice(s: &CudaStorage, l: &Layout, pools: &[Vec<u32>], caps: &[us
 }
 
 /// A forced route to check on the device.
-pub enum Forced<'a> {
+pub(crate) enum Forced<'a> {
     /// [N, K] u32 ids (ROUTE_FREE rows allowed)
     TopK(&'a Tensor),
     /// [A] token slots and [A] experts
@@ -132,7 +132,7 @@ fn slice_u32<'a>(t: &'a Tensor, what: &str) -> Result<(impl std::ops::Deref<Targ
 /// counts (top-k: rows mixing ROUTE_FREE and ids, rows with an id >= E, rows naming an expert
 /// twice; pairs: tokens >= N, experts >= E, pairs given twice). All tensors on `dev`,
 /// contiguous u32.
-pub fn check_forced(dev: &CudaDevice, routes: &[Forced<'_>], num_tokens: usize, num_experts: usize) -> Result<Vec<[u32; 3]>> {
+pub(crate) fn check_forced(dev: &CudaDevice, routes: &[Forced<'_>], num_tokens: usize, num_experts: usize) -> Result<Vec<[u32; 3]>> {
     if routes.is_empty() {
         return Ok(Vec::new());
     }

@@ -7,6 +7,7 @@ pub mod dispatch;
 pub mod experts;
 pub mod parallel;
 pub mod router;
+pub mod synthetic;
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -18,6 +19,7 @@ use crate::nn::linear::{linear_no_bias, Linear};
 use crate::nn::mlp::SwiGlu;
 use crate::nn::Kernels;
 use crate::routing::{LayerRoute, RouteMode};
+use dispatch::Dispatch;
 use experts::Experts;
 use parallel::ExpertParallel;
 use router::Router;
@@ -84,4 +86,20 @@ impl MoeBlock {
         }
         Ok((out_ND, route))
     }
+}
+
+/// The experts stage as the reference stages on any device: dispatch (`Dispatch`: assignments
+/// grouped by expert, one host copy of the route) → `Experts::forward` → `combine`, with candle
+/// autograd. out_ND = Σ_a weight_a · experts[expert_a](x[token_a]); the CPU path of
+/// [`parallel::local_experts`], and what the CUDA ops are checked against.
+pub fn reference_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
+    let n = x_ND.dim(0)?;
+    let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
+    // dispatch
+    let dispatch = Dispatch::from_pairs(&tok, &exp, weight_A, experts.num_experts(), x_ND.device())?;
+    let x_AD = dispatch.gather(x_ND)?;
+    // experts
+    let y_AD = experts.forward(&x_AD, &dispatch.counts)?;
+    // combine
+    Ok(combine::combine(&y_AD, &dispatch, n)?)
 }

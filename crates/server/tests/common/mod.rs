@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use base64::Engine as _;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use lockstep_engine::{Completion, FinishReason, LayerRoutes};
+use lockstep_engine::{Completion, FinishReason};
 use lockstep_trace::{Reader, RouteTrace};
 use serde_json::Value;
 
@@ -80,25 +80,16 @@ pub fn completion(choice: &Value, logprobs: &[f32]) -> Completion {
     let prompt = ids(&choice["prompt_token_ids"]);
     let tokens = ids(&choice["token_ids"]);
     assert_eq!(t.num_tokens(), prompt.len() + tokens.len());
-    let mut routes = std::collections::BTreeMap::new();
-    for (li, &l) in t.layers().iter().enumerate() {
-        let mut r = LayerRoutes::default();
-        for tok in 0..t.num_tokens() {
-            r.ids.extend(t.row_u32(tok, li).unwrap());
-            r.probs.extend(t.row_probs(tok, li).unwrap());
-        }
-        routes.insert(l as usize, r);
-    }
+    let policy_version = t.meta().policy_version;
     Completion {
         id: 0,
         prompt,
         tokens,
         logprobs: logprobs.to_vec(),
-        routes,
-        top_k: t.top_k().unwrap(),
+        routes: Some(t),
         top_logprobs: Vec::new(),
         finish: if choice["finish_reason"] == "stop" { FinishReason::Stop } else { FinishReason::Length },
-        policy_version: t.meta().policy_version,
+        policy_version,
     }
 }
 

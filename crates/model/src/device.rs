@@ -1,0 +1,70 @@
+//! Where and in what a model runs, from their names: [`DeviceSpec`] (`cpu`, `cuda`, `cuda:N`)
+//! and [`parse_dtype`] (`f32`, `bf16`), as the command line and configs spell them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::error::{ModelError, ParseError, Result};
+
+/// A device by name: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// the GPU of this ordinal
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = ParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
+        let bad = || ParseError::new(s, "cpu, cuda or cuda:N (N a GPU ordinal)");
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device. A CUDA device keeps freed memory in its memory pool
+    /// (`gpu::keep_freed_memory`); without the `cuda` feature it cannot be opened.
+    pub fn open(self) -> Result<Device> {
+        let fail = |msg: String| ModelError::Device { device: self, msg };
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(ordinal) => {
+                let dev = Device::new_cuda(ordinal)
+                    .map_err(|e| fail(format!("CUDA unavailable (this binary needs the `cuda` feature and a GPU): {e}")))?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(d) = &dev {
+                    crate::gpu::keep_freed_memory(d).map_err(|e| fail(format!("setting up the memory pool: {e}")))?;
+                }
+                Ok(dev)
+            }
+        }
+    }
+}
+
+/// The dtypes a model's weights and compute run in: `f32` or `bf16`.
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, ParseError> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(ParseError::new(other, "f32 or bf16")),
+    }
+}
