@@ -5,7 +5,7 @@
 use lockstep_model::logprobs::token_logprobs;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
-use crate::engine::{route_width, token_major_rows, Completion};
+use crate::engine::{forward_trace, route_width, Completion};
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -38,8 +38,7 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
     let (mut rows, mut same_rows, mut prob_diff) = (0usize, 0usize, 0usize);
     // the trainer's routes in the route trace's layout, as the engine sends them
     let k = route_width(model);
-    let (layers, ids, probs) = token_major_rows(&out.routes, k)?;
-    let row = layers.len() * k;
+    let trainer = forward_trace(&out.routes, k, model.cfg.moe.router.num_experts)?;
     for (i, c) in completions.iter().enumerate() {
         let start = cu[i];
         for (j, &lp_engine) in c.logprobs.iter().enumerate() {
@@ -50,17 +49,16 @@ pub fn rescore(model: &MoeCausalLm, completions: &[Completion]) -> Result<Consis
             n += 1;
         }
         let len = c.prompt.len() + c.tokens.len();
-        for (li, &l) in layers.iter().enumerate() {
+        let Some(tr) = &trainer else { continue };
+        for (li, &l) in tr.layers().iter().enumerate() {
             // the engine's trace, the same layer (by decoder index)
             let eng = c.routes.as_ref().and_then(|r| r.layers().iter().position(|&x| x == l).map(|j| (r, j)));
             for t in 0..len {
                 rows += 1;
                 let Some((r, j)) = eng else { continue };
-                let a = (start + t) * row + li * k;
-                same_rows += usize::from(r.row_u32(t, j).as_deref() == Some(&ids[a..a + k]));
-                let eng_p = r.row_probs(t, j).map(|p| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-                let tr_p: Vec<u32> = probs[a..a + k].iter().map(|x| x.to_bits()).collect();
-                prob_diff += usize::from(eng_p.as_ref() != Some(&tr_p));
+                same_rows += usize::from(r.row(t, j) == tr.row(start + t, li));
+                let bits = |p: Option<Vec<f32>>| p.map(|p| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                prob_diff += usize::from(bits(r.row_probs(t, j)) != bits(tr.row_probs(start + t, li)));
             }
         }
     }

@@ -61,7 +61,8 @@ struct Seq {
     params: SamplingParams,
     logprobs: Vec<f32>,
     top_logprobs: Vec<Vec<(u32, f32)>>,
-    /// route rows of every token fed so far, `[token][layer][w]` (see [`token_major_rows`])
+    /// route rows of every token fed so far, `[token][layer][w]`, cut from each step's
+    /// [`forward_trace`]
     route_layers: Vec<u32>,
     route_ids: Vec<u32>,
     route_probs: Vec<f32>,
@@ -145,11 +146,12 @@ impl Seq {
     }
 }
 
-/// The routes of a forward as token-major rows — the route trace's layout: (MoE layers,
-/// `[slot][layer][width]` ids, the router probabilities aligned with them).
-pub fn token_major_rows(routes: &BTreeMap<usize, LayerRoute>, width: usize) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>)> {
+/// The routes of a forward as a route trace over its slots (`[slot][layer][width]`, router
+/// probabilities in f32, no missing row): what the engine cuts every sequence's rows from and
+/// what [`crate::consistency`] compares; `None` when nothing was recorded.
+pub fn forward_trace(routes: &BTreeMap<usize, LayerRoute>, width: usize, num_experts: usize) -> Result<Option<RouteTrace>> {
+    let Some(n) = routes.values().next().map(|r| r.num_tokens) else { return Ok(None) };
     let per_layer: Vec<(Vec<u32>, Vec<f32>)> = routes.values().map(|r| token_rows(r, width)).collect::<Result<_>>()?;
-    let n = routes.values().next().map_or(0, |r| r.num_tokens);
     let (mut ids, mut probs) = (Vec::with_capacity(n * per_layer.len() * width), Vec::with_capacity(n * per_layer.len() * width));
     for t in 0..n {
         for (i, p) in &per_layer {
@@ -157,7 +159,11 @@ pub fn token_major_rows(routes: &BTreeMap<usize, LayerRoute>, width: usize) -> R
             probs.extend_from_slice(&p[t * width..(t + 1) * width]);
         }
     }
-    Ok((routes.keys().map(|&l| l as u32).collect(), ids, probs))
+    let meta = TraceMeta::top_k(num_experts as u32, width as u32);
+    let layers = routes.keys().map(|&l| l as u32).collect();
+    let trace = RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], Some(Probs::from_f32(ProbDtype::F32, &probs)))
+        .map_err(|e| EngineError::Request { id: 0, field: "routes".into(), msg: e.to_string() })?;
+    Ok(Some(trace))
 }
 
 impl Engine {
@@ -303,14 +309,16 @@ impl Engine {
         let plan = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
         let out = self.model.forward_cached(&step, &mut caches, &plan)?;
         let k = route_width(&self.model);
-        let (layers, ids, probs) = token_major_rows(&out.routes, k)?;
-        let row = layers.len() * k;
+        let step_routes = forward_trace(&out.routes, k, self.model.cfg.moe.router.num_experts)?;
         for (i, s) in self.running.iter_mut().enumerate() {
             let (a, b) = (cu[i], cu[i + 1]);
-            if !layers.is_empty() {
-                s.route_layers.clone_from(&layers);
-                s.route_ids.extend_from_slice(&ids[a * row..b * row]);
-                s.route_probs.extend_from_slice(&probs[a * row..b * row]);
+            if let Some(r) = &step_routes {
+                // this sequence's slots a..b of the step, appended to its rows
+                let row = r.num_layers() * k;
+                let p = r.probs().ok_or_else(|| EngineError::Request { id: s.id, field: "routes".into(), msg: "recorded without probabilities".into() })?;
+                s.route_layers = r.layers().to_vec();
+                s.route_ids.extend(r.ids()[a * row..b * row].iter().map(|&x| u32::from(x)));
+                s.route_probs.extend((a * row..b * row).map(|j| p.get_f32(j)));
             }
             s.fed = s.tokens.len();
             if s.finished.is_some() {

@@ -7,47 +7,18 @@
 //! indexed by the position that *ran* them (row n = the experts of token n as input). The loss
 //! pairs the token at n with the route row of n − 1 ([`crate::route_terms`]).
 //!
+//! The routes are the one route type after the model, a [`RouteTrace`] over the batch's slots.
+//!
 //! Legend: N token slots, W experts per route row (top-k for token choice, every expert for
 //! expert choice over one-token pools).
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device};
-use lockstep_model::{Batch, Recording, ROUTE_FREE};
+use lockstep_model::{Batch, Recording};
 use lockstep_trace::{Probs, ProbDtype, RouteTrace, TraceMeta};
 
 use crate::error::{Result, TrainError};
-
-/// One MoE layer's route rows of a micro-batch, taken out of its [`RouteTrace`] for the loss's
-/// per-layer terms: `[N·W]` ids (free rows [`ROUTE_FREE`]) and the inference probabilities.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerRows {
-    ids: Vec<u32>,
-    probs: Option<Vec<f32>>,
-    width: usize,
-}
-
-impl LayerRows {
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
-    pub fn probs(&self) -> Option<&[f32]> {
-        self.probs.as_deref()
-    }
-    pub fn width(&self) -> usize {
-        self.width
-    }
-    pub fn rows(&self) -> usize {
-        self.ids.len() / self.width.max(1)
-    }
-    /// Row `n`'s ids (W of them).
-    pub fn row(&self, n: usize) -> &[u32] {
-        &self.ids[n * self.width..(n + 1) * self.width]
-    }
-    pub fn is_free(&self, n: usize) -> bool {
-        self.ids[n * self.width] == ROUTE_FREE
-    }
-}
 
 /// The old policy π_old of a micro-batch, as the trainer scored it before the first update
 /// (`loss.pi_old = "recompute"`): token log-probabilities per slot and, per MoE layer, the
@@ -115,20 +86,6 @@ impl TrainBatch {
     /// The decoder layers of the routes, in trace order.
     pub fn route_layers(&self) -> Vec<usize> {
         self.routes.as_ref().map(|r| r.layers().iter().map(|&l| l as usize).collect()).unwrap_or_default()
-    }
-
-    /// Each MoE layer's rows, keyed by decoder layer (empty without routes).
-    pub fn layer_rows(&self) -> Result<BTreeMap<usize, LayerRows>> {
-        let Some(r) = &self.routes else { return Ok(BTreeMap::new()) };
-        let width = r.top_k().ok_or_else(|| TrainError::input("routes", "variable-width route rows"))?;
-        Ok(r.layers()
-            .iter()
-            .enumerate()
-            .map(|(li, &l)| {
-                let ids = r.layer_ids_u32(li).unwrap_or_default();
-                (l as usize, LayerRows { ids, probs: r.layer_probs_f32(li), width })
-            })
-            .collect())
     }
 
     /// Per slot: whether the slot has a prediction (its previous slot is in the same sequence).

@@ -80,7 +80,7 @@ impl Trainer {
     pub fn whole_model(&self, dp: &dyn DataParallel) -> Result<MoeCausalLm> {
         let mut whole = self.model.clone();
         for layer in whole.cfg.moe_layers.clone() {
-            let block = whole.moe_block_mut(layer).expect("moe_layers lists MoE layers");
+            let block = whole.moe_block_checked_mut(layer)?;
             let kernels = block.experts.kernels();
             let gate_up = dp.gather_rows(&block.experts.gate_up_proj.detach())?;
             let down = dp.gather_rows(&block.experts.down_proj.detach())?;

@@ -39,7 +39,7 @@
 use candle_core::{DType, Tensor};
 use lockstep_model::ROUTE_FREE;
 
-use crate::batch::LayerRows;
+use lockstep_trace::RouteTrace;
 use crate::error::Result;
 
 /// Smallest remaining mass 1 − Σ_{j<i} p(e_j) of the Plackett–Luce denominator (f32 rounding
@@ -89,12 +89,13 @@ pub fn plackett_luce_NW(p_NW: &Tensor) -> Result<Tensor> {
     Ok(total)
 }
 
-/// Ids of a route with free rows pointed at expert 0 (for a gather), and per position whether
-/// the row is a real route: ([N, W] u32, [N]).
-pub fn gather_ids(r: &LayerRows, device: &candle_core::Device) -> Result<(Tensor, Vec<bool>)> {
-    let ids: Vec<u32> = r.ids().iter().map(|&i| if i == ROUTE_FREE { 0 } else { i }).collect();
-    let real = (0..r.rows()).map(|n| !r.is_free(n)).collect();
-    Ok((Tensor::from_vec(ids, (r.rows(), r.width()), device)?, real))
+/// One layer's ids of a route trace (layer index `li`) with free rows pointed at expert 0 (for
+/// a gather), and per position whether the row is a real route: ([N, W] u32, [N]).
+pub fn gather_ids(r: &RouteTrace, li: usize, device: &candle_core::Device) -> Result<(Tensor, Vec<bool>)> {
+    let w = r.top_k().ok_or_else(|| crate::error::TrainError::input("routes", "variable-width route rows"))?;
+    let ids: Vec<u32> = r.layer_ids_u32(li).unwrap_or_default().iter().map(|&i| if i == ROUTE_FREE { 0 } else { i }).collect();
+    let real = (0..r.num_tokens()).map(|n| !r.is_missing(n)).collect();
+    Ok((Tensor::from_vec(ids, (r.num_tokens(), w), device)?, real))
 }
 
 /// The router's scores [N, E] at a route's experts: [N, W] (gradient flows into the scores).

@@ -12,7 +12,8 @@ use lockstep_model::moe::router::expert_choice::{capacity, pools};
 use lockstep_model::moe::router::select::ExpertChoice;
 use lockstep_model::{Batch, LayerRoute, MoeCausalLm, RoutingPlan};
 
-use crate::batch::{LayerRows, TrainBatch};
+use crate::batch::TrainBatch;
+use lockstep_trace::RouteTrace;
 use crate::error::{Result, TrainError};
 use crate::loss::{RatioMode, PiOld};
 use crate::route_terms::{accumulate_shift, gather_ids, plackett_luce, plackett_luce_NW, scores_at, shift_host, shift_to_slots, shift_weights};
@@ -39,13 +40,21 @@ pub struct RouteInputs {
 
 /// The old policy's router probabilities at the replayed experts of layer `l`: π_infer's (sent
 /// with the routes) or π_old's (recomputed by [`crate::trainer::Trainer::score`]).
-fn old_probs<'a>(tb: &'a TrainBatch, l: usize, r: &'a LayerRows, pi_old: PiOld) -> Result<Option<&'a [f32]>> {
+fn old_probs(tb: &TrainBatch, l: usize, r: &RouteTrace, li: usize, pi_old: PiOld) -> Result<Option<Vec<f32>>> {
     match pi_old {
-        PiOld::Infer => Ok(r.probs()),
+        PiOld::Infer => Ok(r.layer_probs_f32(li)),
         PiOld::Recompute => {
             let old = tb.old.as_ref().ok_or_else(|| TrainError::input("old", "pi_old = recompute: score the batch first (Trainer::score)"))?;
-            Ok(old.route_probs.get(&l).map(Vec::as_slice))
+            Ok(old.route_probs.get(&l).cloned())
         }
+    }
+}
+
+/// The inference route's layers: (layer index in the trace, decoder layer), with the trace.
+fn layers_of(tb: &TrainBatch) -> Vec<(usize, usize, &RouteTrace)> {
+    match &tb.routes {
+        Some(r) => r.layers().iter().enumerate().map(|(li, &l)| (li, l as usize, r)).collect(),
+        None => Vec::new(),
     }
 }
 
@@ -55,21 +64,22 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
     let valid = tb.valid();
     let dev = model.device();
     let mut out = RouteInputs::default();
-    let rows = tb.layer_rows()?;
+    let layers = layers_of(tb);
     match ratio {
         RatioMode::Token => {}
         RatioMode::Joint(_) => {
-            let mut avail = vec![f32::from(u8::from(!rows.is_empty())); n];
-            for (&l, r) in &rows {
+            let mut avail = vec![f32::from(u8::from(!layers.is_empty())); n];
+            for &(li, l, r) in &layers {
                 let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
-                let (ids, real) = gather_ids(r, dev)?;
+                let (ids, real) = gather_ids(r, li, dev)?;
+                let w = r.top_k().unwrap_or(0);
                 let p_train = scores_at(&live.scores_NE, &ids)?;
                 out.route_logp_train.push(shift_to_slots(&plackett_luce_NW(&p_train)?, &valid)?);
                 let mut pos = vec![0f32; n];
                 let mut ok = vec![false; n];
-                if let Some(p) = old_probs(tb, l, r, pi_old)? {
+                if let Some(p) = old_probs(tb, l, r, li, pi_old)? {
                     for q in 0..n {
-                        let row = &p[q * r.width()..(q + 1) * r.width()];
+                        let row = &p[q * w..(q + 1) * w];
                         // free rows, and rows whose probabilities were not sent (0), fall back
                         if real[q] && row.iter().all(|&x| x > 0.0) {
                             pos[q] = plackett_luce(row);
@@ -88,12 +98,12 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
         }
         RatioMode::RouterShift { floor } => {
             let (mut sum, mut count) = (vec![0f64; n], vec![0f64; n]);
-            for (&l, r) in &rows {
+            for &(li, l, r) in &layers {
                 let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
-                let Some(g_old) = old_probs(tb, l, r, pi_old)? else { continue };
-                let (ids, real) = gather_ids(r, dev)?;
+                let Some(g_old) = old_probs(tb, l, r, li, pi_old)? else { continue };
+                let (ids, real) = gather_ids(r, li, dev)?;
                 let g_theta: Vec<f32> = scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?;
-                accumulate_shift(&g_theta, g_old, r.width(), &real, &mut sum, &mut count);
+                accumulate_shift(&g_theta, &g_old, r.top_k().unwrap_or(0), &real, &mut sum, &mut count);
             }
             out.shift_weight = Some(shift_host(&shift_weights(&sum, &count, floor), &valid, 1.0));
         }
@@ -105,9 +115,9 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
 /// what [`crate::trainer::Trainer::score`] keeps as π_old's.
 pub fn route_probs_at(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usize, LayerRoute>) -> Result<BTreeMap<usize, Vec<f32>>> {
     let mut m = BTreeMap::new();
-    for (&l, r) in &tb.layer_rows()? {
+    for (li, l, r) in layers_of(tb) {
         let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
-        let (ids, _) = gather_ids(r, model.device())?;
+        let (ids, _) = gather_ids(r, li, model.device())?;
         m.insert(l, scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?);
     }
     Ok(m)
@@ -153,9 +163,8 @@ fn free_sets(model: &MoeCausalLm, layer: usize, route: &LayerRoute, batch: &Batc
 pub fn agreement(model: &MoeCausalLm, layer: usize, route: &LayerRoute, tb: &TrainBatch) -> Result<(f64, f64)> {
     let real = tb.batch.real_mask();
     let free = free_sets(model, layer, route, &tb.batch)?;
-    let rows = tb.layer_rows()?;
-    let inference: Vec<Option<BTreeSet<u32>>> = match rows.get(&layer) {
-        Some(r) => (0..r.rows()).map(|q| (!r.is_free(q)).then(|| r.row(q).iter().copied().collect())).collect(),
+    let inference: Vec<Option<BTreeSet<u32>>> = match layers_of(tb).into_iter().find(|&(_, l, _)| l == layer) {
+        Some((li, _, r)) => (0..r.num_tokens()).map(|q| r.row(q, li).map(|row| row.iter().map(|&x| u32::from(x)).collect())).collect(),
         None => {
             let mut sets = vec![BTreeSet::new(); route.num_tokens];
             let (tok, exp) = route.pairs()?;

@@ -13,7 +13,7 @@ use lockstep_model::logprobs::at_temperature;
 use lockstep_model::metrics::{layer_health, max_vio_prime_rl, slot_load};
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
-pub use crate::batch::{replay_from_recording, LayerRows, OldPolicy, TrainBatch};
+pub use crate::batch::{replay_from_recording, OldPolicy, TrainBatch};
 use crate::error::{Result, TrainError};
 use crate::logprobs::token_logprobs;
 use crate::loss::{rl_loss, LossConfig, LossInputs, Objective, PiOld, RatioMode};
