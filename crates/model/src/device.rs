@@ -44,7 +44,7 @@ impl DeviceSpec {
     /// Open the device. A CUDA device keeps freed memory in its memory pool
     /// (`gpu::keep_freed_memory`); without the `cuda` feature it cannot be opened.
     pub fn open(self) -> Result<Device> {
-        let fail = |msg: String| ModelError::Device { device: self, msg };
+        let fail = |msg: String| ModelError::Device { device: self.to_string(), msg };
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(ordinal) => {

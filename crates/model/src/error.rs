@@ -32,7 +32,7 @@ pub enum ModelError {
 
     /// A device that could not be opened or set up.
     #[error("{device}: {msg}")]
-    Device { device: crate::device::DeviceSpec, msg: String },
+    Device { device: String, msg: String },
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

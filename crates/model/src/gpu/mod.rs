@@ -116,9 +116,11 @@ impl std::str::FromStr for GemmImpl {
 }
 
 impl GemmImpl {
-    /// `LOCKSTEP_MOE_GEMM` (auto | grouped | padded | loop), else `Auto`.
+    /// `LOCKSTEP_MOE_GEMM` (auto | grouped | padded | loop), else `Auto`: read once per process
+    /// (the experts backend is chosen when a model is built or its kernels set, never per call).
     pub fn from_env() -> Self {
-        std::env::var("LOCKSTEP_MOE_GEMM").ok().and_then(|s| s.parse().ok()).unwrap_or_default()
+        static CHOSEN: std::sync::OnceLock<GemmImpl> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| std::env::var("LOCKSTEP_MOE_GEMM").ok().and_then(|s| s.parse().ok()).unwrap_or_default())
     }
 }
 

@@ -46,13 +46,8 @@ impl RowLayout {
                 Self { rows: padded * counts.len(), counts, offsets, padded: Some(padded) }
             }
             GemmImpl::Grouped | GemmImpl::Loop | GemmImpl::Auto => {
-                let mut offsets = Vec::with_capacity(counts.len());
-                let mut acc = 0;
-                for &c in &counts {
-                    offsets.push(acc);
-                    acc += c;
-                }
-                Self { rows: acc, counts, offsets, padded: None }
+                let offsets = crate::moe::dispatch::starts(&counts);
+                Self { rows: counts.iter().sum(), counts, offsets, padded: None }
             }
         };
         (layout, imp)
@@ -213,10 +208,10 @@ impl Plan {
         if num_experts == 0 || counts_SE.len() % num_experts != 0 {
             candle_core::bail!("moe plan: {} row counts are not whole sources of {num_experts} experts", counts_SE.len());
         }
-        let counts = crate::moe::parallel::expert_counts(counts_SE, num_experts);
+        let counts = crate::moe::dispatch::expert_counts(counts_SE, num_experts);
         let r: usize = counts.iter().sum();
         let (layout, imp) = RowLayout::new(counts, imp);
-        let pos = crate::moe::parallel::expert_major_rows(counts_SE, &layout.offsets);
+        let pos = crate::moe::dispatch::expert_major_rows(counts_SE, &layout.offsets);
         let identity = layout.padded.is_none() && pos.iter().enumerate().all(|(a, &p)| p as usize == a);
         let arange: Vec<u32> = (0..=r as u32).collect();
         let upload = |v: &[u32]| -> Result<CudaSlice<u32>> {

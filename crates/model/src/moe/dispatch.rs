@@ -1,23 +1,90 @@
-//! Dispatch stage: turn a routing decision into flat assignments grouped by expert.
+//! Dispatch stage: turn a routing decision into flat assignments grouped by expert — and, as a
+//! leaf module (it imports nothing of the crate), all the host index arithmetic of dispatch
+//! that the CPU path, the GPU plan (`gpu::plan`) and expert parallelism (`lockstep-dist`)
+//! share: expert histograms, exclusive prefix sums, the stable counting sort by expert, and the
+//! ordering rule of rows received from several sources.
 //!
 //! An assignment is (token, expert, weight). Token-choice gives N·K of them (K per token);
 //! expert-choice gives a variable number per token. Assignments are ordered by expert, then by
 //! token, so each expert sees one contiguous slice and the combine stage adds each token's
 //! contributions in ascending expert order (the order transformers' expert loop uses).
 //!
-//! Legend: N tokens, E experts, A assignments.
+//! Legend: N tokens, E experts, A assignments, S sources.
 
 use candle_core::{Device, Result, Tensor};
 
+/// Exclusive prefix sum: `starts[i] = Σ_{j < i} counts[j]` (expert e's first row when the rows
+/// are grouped by expert with `counts[e]` each).
+pub fn starts(counts: &[usize]) -> Vec<usize> {
+    let mut acc = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let s = acc;
+            acc += c;
+            s
+        })
+        .collect()
+}
 
-/// Flat assignments sorted by expert.
+/// Assignments per expert: [E].
+pub fn histogram(expert_A: &[u32], num_experts: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; num_experts];
+    for &e in expert_A {
+        counts[e as usize] += 1;
+    }
+    counts
+}
+
+/// The stable counting sort of assignments by expert: `(order, counts)` with `order[r]` the
+/// assignment placed at row r (ties keep the decision's order) and `counts[e]` the rows of
+/// expert e.
+pub fn sort_by_expert(expert_A: &[u32], num_experts: usize) -> (Vec<u32>, Vec<usize>) {
+    let counts = histogram(expert_A, num_experts);
+    let mut next = starts(&counts);
+    let mut order = vec![0u32; expert_A.len()];
+    for (a, &e) in expert_A.iter().enumerate() {
+        order[next[e as usize]] = a as u32;
+        next[e as usize] += 1;
+    }
+    (order, counts)
+}
+
+/// Rows of each expert over all sources (`counts_SE[s · E + e]` → [E]).
+pub fn expert_counts(counts_SE: &[usize], num_experts: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; num_experts];
+    for (i, &c) in counts_SE.iter().enumerate() {
+        counts[i % num_experts] += c;
+    }
+    counts
+}
+
+/// The one ordering rule of received rows: rows that arrive grouped by source, each source's
+/// rows grouped by expert, regrouped expert-major with the sources in order within an expert.
+/// Returns, per arriving row, its row there: `first_E[e]` (expert e's first row) + the rows of
+/// e from earlier sources + its index within its block. Shared by the CPU path and the CUDA
+/// plan (`gpu::plan::Plan::sorted_rows`, whose padded layout gives other `first_E`).
+pub fn expert_major_rows(counts_SE: &[usize], first_E: &[usize]) -> Vec<u32> {
+    let mut next = first_E.to_vec();
+    let mut pos = Vec::with_capacity(counts_SE.iter().sum());
+    for block in counts_SE.chunks(first_E.len().max(1)) {
+        for (slot, &c) in next.iter_mut().zip(block) {
+            pos.extend((*slot..*slot + c).map(|p| p as u32));
+            *slot += c;
+        }
+    }
+    pos
+}
+
+/// The dispatch plan on the host: flat assignments sorted by expert. (Its device form is
+/// `gpu::plan::Plan`, built by the same rules on the GPU.)
 #[derive(Debug, Clone)]
 pub struct Dispatch {
     /// [A] u32 token row of each assignment
     pub token_A: Tensor,
     /// [A] weight of each assignment (gradient flows to the router through it)
     pub weight_A: Tensor,
-    /// assignments per expert; expert e owns rows offsets[e]..offsets[e] + counts[e]
+    /// assignments per expert; expert e owns rows starts[e]..starts[e] + counts[e]
     pub counts: Vec<usize>,
 }
 
@@ -25,27 +92,8 @@ impl Dispatch {
     /// Group a layer's assignments, given as host (token, expert) pairs and their weights
     /// `weight_A` (same order), by expert (stable: ties keep the decision's order).
     pub fn from_pairs(tokens: &[u32], experts: &[u32], weight_A: &Tensor, num_experts: usize, device: &Device) -> Result<Self> {
-        let mut counts = vec![0usize; num_experts];
-        for &e in experts {
-            counts[e as usize] += 1;
-        }
-        let mut next: Vec<usize> = counts
-            .iter()
-            .scan(0usize, |acc, &c| {
-                let start = *acc;
-                *acc += c;
-                Some(start)
-            })
-            .collect();
-        // stable counting sort of the assignments by expert
-        let mut order = vec![0u32; experts.len()];
-        let mut token = vec![0u32; experts.len()];
-        for (a, &e) in experts.iter().enumerate() {
-            let dst = next[e as usize];
-            next[e as usize] += 1;
-            order[dst] = a as u32;
-            token[dst] = tokens[a];
-        }
+        let (order, counts) = sort_by_expert(experts, num_experts);
+        let token: Vec<u32> = order.iter().map(|&a| tokens[a as usize]).collect();
         let n = order.len();
         let order_A = Tensor::from_vec(order, n, device)?;
         let weight_A = weight_A.index_select(&order_A, 0)?;
@@ -56,5 +104,22 @@ impl Dispatch {
     /// Token rows of x in assignment order: [A, D].
     pub fn gather(&self, x_ND: &Tensor) -> Result<Tensor> {
         x_ND.index_select(&self.token_A, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_arithmetic_by_hand() {
+        assert_eq!(starts(&[2, 0, 3, 1]), vec![0, 2, 2, 5]);
+        assert_eq!(histogram(&[2, 0, 2, 1, 2], 4), vec![1, 1, 3, 0]);
+        // stable: expert 2's assignments 0, 2, 4 keep their order
+        assert_eq!(sort_by_expert(&[2, 0, 2, 1, 2], 4), (vec![1, 3, 0, 2, 4], vec![1, 1, 3, 0]));
+        // two sources of 2 experts: source 0 sends (1 of e0, 2 of e1), source 1 (2 of e0, 0 of e1)
+        let counts_SE = [1, 2, 2, 0];
+        assert_eq!(expert_counts(&counts_SE, 2), vec![3, 2]);
+        assert_eq!(expert_major_rows(&counts_SE, &starts(&[3, 2])), vec![0, 3, 4, 1, 2]);
     }
 }

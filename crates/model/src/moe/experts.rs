@@ -12,6 +12,35 @@ use candle_nn::VarBuilder;
 use crate::nn::invariant::matmul_nt;
 use crate::nn::Kernels;
 
+/// How the experts stage runs (`moe::parallel::local_experts`), chosen once — from the weights'
+/// device and the kernels, when the experts are built and when their kernels are set — never
+/// per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertsBackend {
+    /// The reference stages on the host: dispatch (`moe::dispatch`) → per-expert products
+    /// (candle's or the batch-invariant CPU kernels) → combine.
+    Reference,
+    /// CUDA: the device dispatch plan and per-expert cuBLAS GEMMs as custom ops
+    /// (`gpu::experts_forward`), issued as the chosen [`crate::gpu::GemmImpl`].
+    #[cfg(feature = "cuda")]
+    Grouped(crate::gpu::GemmImpl),
+    /// CUDA with the batch-invariant kernels: the device plan's gather and f32 combine around
+    /// the invariant per-expert products.
+    #[cfg(feature = "cuda")]
+    DeviceInvariant,
+}
+
+impl ExpertsBackend {
+    fn choose(device: &candle_core::Device, kernels: Kernels) -> Self {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            return if kernels == Kernels::Invariant { Self::DeviceInvariant } else { Self::Grouped(crate::gpu::GemmImpl::from_env()) };
+        }
+        let _ = (device, kernels);
+        Self::Reference
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Experts {
     /// [E, 2F, D]
@@ -20,6 +49,7 @@ pub struct Experts {
     pub down_proj: Tensor,
     intermediate: usize,
     kernels: Kernels,
+    backend: ExpertsBackend,
 }
 
 impl Experts {
@@ -38,6 +68,7 @@ impl Experts {
             down_proj: Tensor::stack(&down, 0)?,
             intermediate,
             kernels: Kernels::Autograd,
+            backend: ExpertsBackend::choose(vb.device(), Kernels::Autograd),
         })
     }
 
@@ -47,11 +78,20 @@ impl Experts {
         if down_proj.dims3()? != (e, d, f2 / 2) || f2 % 2 != 0 {
             candle_core::bail!("experts: gate_up_proj {:?} and down_proj {:?} do not fit", gate_up_proj.dims(), down_proj.dims());
         }
-        Ok(Self { gate_up_proj, down_proj, intermediate: f2 / 2, kernels: Kernels::Autograd })
+        let backend = ExpertsBackend::choose(gate_up_proj.device(), Kernels::Autograd);
+        Ok(Self { gate_up_proj, down_proj, intermediate: f2 / 2, kernels: Kernels::Autograd, backend })
     }
 
+    /// The kernels of the per-expert products; re-chooses the backend.
     pub fn set_kernels(&mut self, k: Kernels) {
         self.kernels = k;
+        self.backend = ExpertsBackend::choose(self.gate_up_proj.device(), k);
+    }
+
+    /// The backend the experts stage runs on (the weights keep their device when mapped, so it
+    /// stays valid).
+    pub fn backend(&self) -> ExpertsBackend {
+        self.backend
     }
 
     pub fn kernels(&self) -> Kernels {

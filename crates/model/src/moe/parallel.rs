@@ -8,11 +8,10 @@
 
 use candle_core::Tensor;
 
-use super::combine;
-use super::dispatch::Dispatch;
-use super::experts::Experts;
+pub use super::dispatch::{expert_counts, expert_major_rows};
+use super::dispatch::starts;
+use super::experts::{Experts, ExpertsBackend};
 use crate::error::Result;
-use crate::nn::Kernels;
 
 /// A replacement for the local experts stage of every MoE layer.
 pub trait ExpertParallel: Send + Sync + std::fmt::Debug {
@@ -22,28 +21,26 @@ pub trait ExpertParallel: Send + Sync + std::fmt::Debug {
         -> Result<Tensor>;
 }
 
-/// The experts stage on one device: out_ND = Σ_a weight_a · experts[expert_a](x[token_a]).
-/// CUDA tensors take the grouped-GEMM ops, or under the batch-invariant kernels the device
-/// plan's gather and combine (f32, ascending route order — the combine expert parallelism uses)
-/// around `Experts::forward`'s invariant per-expert products; on the CPU the reference stages
-/// (`Dispatch`, `Experts::forward`, `combine`).
+/// The experts stage on one device: out_ND = Σ_a weight_a · experts[expert_a](x[token_a]), on
+/// the experts' backend (chosen when they were built or their kernels set): the reference
+/// stages on the host (`super::reference_experts`: dispatch, `Experts::forward`, combine); on
+/// CUDA the grouped-GEMM ops, or under the batch-invariant kernels the device plan's gather and
+/// combine (f32, ascending route order — the combine expert parallelism uses) around
+/// `Experts::forward`'s invariant per-expert products.
 pub fn local_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
-    if x_ND.device().is_cuda() {
-        return if experts.kernels() == Kernels::Invariant {
-            gpu_invariant_experts(x_ND, token_A, expert_A, weight_A, experts)
-        } else {
-            gpu_experts(x_ND, token_A, expert_A, weight_A, experts)
-        };
+    match experts.backend() {
+        ExpertsBackend::Reference => super::reference_experts(x_ND, token_A, expert_A, weight_A, experts),
+        #[cfg(feature = "cuda")]
+        ExpertsBackend::Grouped(imp) => {
+            Ok(crate::gpu::experts_forward(x_ND, token_A, expert_A, weight_A, &experts.gate_up_proj, &experts.down_proj, imp)?)
+        }
+        #[cfg(feature = "cuda")]
+        ExpertsBackend::DeviceInvariant => {
+            let groups = crate::gpu::RowGroups::new(token_A, expert_A, x_ND.dim(0)?, experts.num_experts())?;
+            let y_AD = experts.forward(&groups.gather(x_ND)?, groups.counts())?;
+            Ok(groups.combine(&y_AD, weight_A)?.to_dtype(x_ND.dtype())?)
+        }
     }
-    let n = x_ND.dim(0)?;
-    let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
-    // dispatch
-    let dispatch = Dispatch::from_pairs(&tok, &exp, weight_A, experts.num_experts(), x_ND.device())?;
-    let x_AD = dispatch.gather(x_ND)?;
-    // experts
-    let y_AD = experts.forward(&x_AD, &dispatch.counts)?;
-    // combine
-    Ok(combine::combine(&y_AD, &dispatch, n)?)
 }
 
 /// The experts stage on rows that arrive grouped by source, each source's rows grouped by
@@ -59,18 +56,13 @@ pub fn local_experts_rows(x_RD: &Tensor, counts_SE: &[usize], experts: &Experts)
             x_RD.dim(0)?
         ))));
     }
-    if x_RD.device().is_cuda() && experts.kernels() != Kernels::Invariant {
-        return gpu_experts_rows(x_RD, counts_SE, experts);
+    #[cfg(feature = "cuda")]
+    if let ExpertsBackend::Grouped(imp) = experts.backend() {
+        return Ok(crate::gpu::experts_rows(x_RD, counts_SE, &experts.gate_up_proj, &experts.down_proj, imp)?);
     }
     let counts = expert_counts(counts_SE, e);
-    let mut first = Vec::with_capacity(e);
-    let mut acc = 0;
-    for &c in &counts {
-        first.push(acc);
-        acc += c;
-    }
     // pos[a]: the expert-major row of arriving row a
-    let pos = expert_major_rows(counts_SE, &first);
+    let pos = expert_major_rows(counts_SE, &starts(&counts));
     if pos.iter().enumerate().all(|(a, &p)| p as usize == a) {
         return Ok(experts.forward(x_RD, &counts)?);
     }
@@ -84,75 +76,10 @@ pub fn local_experts_rows(x_RD: &Tensor, counts_SE: &[usize], experts: &Experts)
     Ok(y_sorted.index_select(&Tensor::from_vec(pos, n, dev)?, 0)?)
 }
 
-/// Rows of each expert over all sources (`counts_SE[s · E + e]` → [E]).
-pub fn expert_counts(counts_SE: &[usize], num_experts: usize) -> Vec<usize> {
-    let mut counts = vec![0usize; num_experts];
-    for (i, &c) in counts_SE.iter().enumerate() {
-        counts[i % num_experts] += c;
-    }
-    counts
-}
-
-/// The one ordering rule of received rows: rows that arrive grouped by source, each source's
-/// rows grouped by expert, regrouped expert-major with the sources in order within an expert.
-/// Returns, per arriving row, its row there: `first_E[e]` (expert e's first row) + the rows of
-/// e from earlier sources + its index within its block. Shared by the CPU path and the CUDA
-/// plan (`gpu::plan::Plan::sorted_rows`, whose padded layout gives other `first_E`).
-pub fn expert_major_rows(counts_SE: &[usize], first_E: &[usize]) -> Vec<u32> {
-    let mut next = first_E.to_vec();
-    let mut pos = Vec::with_capacity(counts_SE.iter().sum());
-    for block in counts_SE.chunks(first_E.len().max(1)) {
-        for (slot, &c) in next.iter_mut().zip(block) {
-            pos.extend((*slot..*slot + c).map(|p| p as u32));
-            *slot += c;
-        }
-    }
-    pos
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_experts_rows(x_RD: &Tensor, counts_SE: &[usize], experts: &Experts) -> Result<Tensor> {
-    Ok(crate::gpu::experts_rows(x_RD, counts_SE, &experts.gate_up_proj, &experts.down_proj, crate::gpu::GemmImpl::from_env())?)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_experts_rows(_: &Tensor, _: &[usize], _: &Experts) -> Result<Tensor> {
-    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
-    Ok(crate::gpu::experts_forward(
-        x_ND,
-        token_A,
-        expert_A,
-        weight_A,
-        &experts.gate_up_proj,
-        &experts.down_proj,
-        crate::gpu::GemmImpl::from_env(),
-    )?)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_experts(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Experts) -> Result<Tensor> {
-    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_invariant_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
-    let groups = crate::gpu::RowGroups::new(token_A, expert_A, x_ND.dim(0)?, experts.num_experts())?;
-    let y_AD = experts.forward(&groups.gather(x_ND)?, groups.counts())?;
-    Ok(groups.combine(&y_AD, weight_A)?.to_dtype(x_ND.dtype())?)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_invariant_experts(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Experts) -> Result<Tensor> {
-    Err(crate::error::ModelError::Candle(candle_core::Error::Msg("the CUDA MoE path needs the `cuda` feature".into())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::Kernels;
     use candle_core::{DType, Device};
 
     /// Rows from three sources, each grouped by expert, equal the same rows as single-device
