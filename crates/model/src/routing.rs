@@ -226,6 +226,33 @@ impl RoutingPlan {
         Ok(plan)
     }
 
+    /// Record every MoE layer and replay, for each of `layers`, its (token, expert) pairs —
+    /// variable-width route rows (expert choice over wide pools: a token may have 0, 1 or many
+    /// experts). Expert-choice routers only (token choice takes [`RoutingPlan::replay_rows`]);
+    /// the pairs are put in the order the router emits them (by expert, then token); weights are
+    /// recomputed from the live scores.
+    pub fn replay_pairs(cfg: &ModelConfig, layers: &[usize], pairs: &[Vec<(u32, u32)>], device: &candle_core::Device) -> Result<Self> {
+        if layers.len() != pairs.len() {
+            return Err(ModelError::batch("routes", format!("{} layers but pairs for {}", layers.len(), pairs.len())));
+        }
+        let mut plan = Self::record();
+        for (&layer, p) in layers.iter().zip(pairs) {
+            if cfg.moe.router.strategy == crate::config::RoutingStrategy::TokenChoice {
+                return Err(ModelError::routing(layer, "variable-width route rows on a token-choice router (top-k rows have k experts each)"));
+            }
+            let mut by_expert: Vec<(u32, u32)> = p.iter().map(|&(t, e)| (e, t)).collect();
+            by_expert.sort_unstable();
+            let (expert_A, token_A): (Vec<u32>, Vec<u32>) = by_expert.into_iter().unzip();
+            let a = token_A.len();
+            let replay = Replay {
+                route: ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, device)?, expert_A: Tensor::from_vec(expert_A, a, device)? },
+                weights: ReplayWeights::Recompute,
+            };
+            plan = plan.with_layer(layer, RouteMode::Replay(replay));
+        }
+        Ok(plan)
+    }
+
     /// Set one layer's mode (decoder layer index).
     pub fn with_layer(mut self, layer: usize, mode: RouteMode) -> Self {
         self.layers.insert(layer, mode);

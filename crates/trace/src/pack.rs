@@ -13,9 +13,10 @@
 //! without routes (listed by [`MicroBatch::samples_without_routes`]: the trainer falls back to
 //! token-only importance sampling for them).
 //!
-//! The packer handles fixed-width rows (top-k, or every expert for expert choice over one-token
-//! pools): a sample with variable-count rows is rejected with an error naming it. All routed
-//! samples must share MoE layers, width and expert count.
+//! Rows may be fixed-width (top-k, or every expert for expert choice over one-token pools) or
+//! variable-count (expert choice over wider pools, where a token gets 0, 1 or many experts): the
+//! batch trace is fixed-width when every routed sample is, with one width, else variable (a
+//! free row then holds no ids). All routed samples must share MoE layers and expert count.
 
 use crate::error::{Result, TraceError};
 use crate::probs::{ProbDtype, Probs};
@@ -112,8 +113,8 @@ impl MicroBatch {
     }
 }
 
-/// The route shape every routed sample of a pack shares: layers, width, experts.
-type Shape = (Vec<u32>, usize, u32);
+/// The route shape of a pack: layers, width (`None`: variable rows), experts.
+type Shape = (Vec<u32>, Option<usize>, u32);
 
 fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<Shape>) -> Result<()> {
     let n = s.tokens.len();
@@ -131,12 +132,6 @@ fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<Shape
         ));
     }
     if let Some(r) = &s.routes {
-        let k = r.top_k().ok_or_else(|| {
-            TraceError::invalid(
-                format!("sample[{i}].routes"),
-                "variable-count (expert-choice) rows are not supported by the packer",
-            )
-        })?;
         if r.num_tokens() != n {
             return Err(TraceError::shape(
                 format!("sample[{i}].routes"),
@@ -144,14 +139,18 @@ fn check_sample(i: usize, s: &Sample, cfg: &PackConfig, shape: &mut Option<Shape
                 format!("[{n} tokens]"),
             ));
         }
-        let e = r.meta().num_experts;
+        let (k, e) = (r.top_k(), r.meta().num_experts);
         match shape {
             None => *shape = Some((r.layers().to_vec(), k, e)),
-            Some((l, kk, ee)) if l.as_slice() == r.layers() && *kk == k && *ee == e => {}
-            Some((l, kk, ee)) => {
+            Some((l, kk, ee)) if l.as_slice() == r.layers() && *ee == e => {
+                if *kk != k {
+                    *kk = None; // widths differ: variable rows
+                }
+            }
+            Some((l, _, ee)) => {
                 return Err(TraceError::invalid(
                     format!("sample[{i}].routes"),
-                    format!("layers {:?} / top_k {k} / {e} experts differ from other samples ({l:?} / {kk} / {ee})", r.layers()),
+                    format!("layers {:?} / {e} experts differ from other samples ({l:?} / {ee})", r.layers()),
                 ))
             }
         }
@@ -199,7 +198,9 @@ pub fn pack(samples: &[Sample], cfg: &PackConfig) -> Result<Vec<MicroBatch>> {
 
 fn build_batch(samples: &[Sample], members: &[usize], used: usize, cfg: &PackConfig, shape: Option<&Shape>, with_probs: bool) -> Result<MicroBatch> {
     let total = used.div_ceil(cfg.pad_to_multiple) * cfg.pad_to_multiple;
-    let row = shape.map_or(0, |(l, k, _)| l.len() * k);
+    let nl = shape.map_or(0, |(l, _, _)| l.len());
+    // fixed: every row `k` ids (free rows MISSING_ID); variable: per-row counts (free rows 0)
+    let fixed = shape.and_then(|(_, k, _)| *k);
     let mut b = MicroBatch {
         tokens: Vec::with_capacity(total),
         position_ids: Vec::with_capacity(total),
@@ -211,16 +212,19 @@ fn build_batch(samples: &[Sample], members: &[usize], used: usize, cfg: &PackCon
         routes: None,
         num_padding: total - used,
     };
-    // the batch trace's rows: ids (MISSING where free), missing flags, probabilities in f32
-    let mut ids: Vec<u16> = Vec::with_capacity(total * row);
+    // the batch trace's rows: ids, per-row counts, missing flags, probabilities in f32
+    let mut ids: Vec<u16> = Vec::new();
+    let mut counts: Vec<u32> = Vec::new();
     let mut missing: Vec<bool> = Vec::with_capacity(total);
-    let mut probs: Option<Vec<f32>> = with_probs.then(|| Vec::with_capacity(total * row));
+    let mut probs: Option<Vec<f32>> = with_probs.then(Vec::new);
     let mut meta: Option<TraceMeta> = None;
-    let push_free = |ids: &mut Vec<u16>, missing: &mut Vec<bool>, probs: &mut Option<Vec<f32>>, n: usize| {
+    let push_free = |ids: &mut Vec<u16>, counts: &mut Vec<u32>, missing: &mut Vec<bool>, probs: &mut Option<Vec<f32>>, n: usize| {
         missing.extend(std::iter::repeat_n(true, n));
-        ids.extend(std::iter::repeat_n(crate::MISSING_ID, n * row));
+        let w = fixed.unwrap_or(0);
+        counts.extend(std::iter::repeat_n(w as u32, n * nl));
+        ids.extend(std::iter::repeat_n(crate::MISSING_ID, n * nl * w));
         if let Some(p) = probs {
-            p.extend(std::iter::repeat_n(0.0, n * row));
+            p.extend(std::iter::repeat_n(0.0, n * nl * w));
         }
     };
     for &i in members {
@@ -234,16 +238,26 @@ fn build_batch(samples: &[Sample], members: &[usize], used: usize, cfg: &PackCon
         match &s.routes {
             Some(r) => {
                 meta.get_or_insert_with(|| r.meta().clone());
-                missing.extend_from_slice(r.missing());
-                ids.extend_from_slice(r.ids());
-                if let Some(p) = &mut probs {
-                    match r.probs() {
-                        Some(rp) => p.extend((0..rp.len()).map(|j| rp.get_f32(j))),
-                        None => p.extend(std::iter::repeat_n(0.0, r.ids().len())),
+                for t in 0..r.num_tokens() {
+                    if r.is_missing(t) {
+                        push_free(&mut ids, &mut counts, &mut missing, &mut probs, 1);
+                        continue;
+                    }
+                    missing.push(false);
+                    for l in 0..nl {
+                        let span = r.row_range(t, l);
+                        counts.push(span.len() as u32);
+                        ids.extend_from_slice(&r.ids()[span.clone()]);
+                        if let Some(p) = &mut probs {
+                            match r.probs() {
+                                Some(rp) => p.extend(span.map(|j| rp.get_f32(j))),
+                                None => p.extend(std::iter::repeat_n(0.0, span.len())),
+                            }
+                        }
                     }
                 }
             }
-            None => push_free(&mut ids, &mut missing, &mut probs, s.tokens.len()),
+            None => push_free(&mut ids, &mut counts, &mut missing, &mut probs, s.tokens.len()),
         }
         b.cu_seqlens.push(b.tokens.len() as u32);
         b.sequences.push(SeqInfo {
@@ -259,13 +273,17 @@ fn build_batch(samples: &[Sample], members: &[usize], used: usize, cfg: &PackCon
     b.loss_mask.extend(std::iter::repeat_n(false, pad));
     b.advantages.extend(std::iter::repeat_n(0.0, pad));
     b.logprobs.extend(std::iter::repeat_n(0.0, pad));
-    push_free(&mut ids, &mut missing, &mut probs, pad);
+    push_free(&mut ids, &mut counts, &mut missing, &mut probs, pad);
     if let Some((layers, k, e)) = shape {
         // the batch is no sequence: no prompt; the first routed sample's stamp (each
         // sequence keeps its own in `sequences`); ordered as the samples' rows are
-        let meta = TraceMeta { prompt_len: 0, num_experts: *e, top_k: *k as u32, ordered: true, ..meta.unwrap_or_else(|| TraceMeta::top_k(*e, *k as u32)) };
+        let w = k.unwrap_or(0) as u32;
+        let meta = TraceMeta { prompt_len: 0, num_experts: *e, top_k: w, ordered: true, ..meta.unwrap_or_else(|| TraceMeta::top_k(*e, w)) };
         let probs = probs.map(|p| Probs::from_f32(ProbDtype::F32, &p));
-        b.routes = Some(RouteTrace::new(meta, layers.clone(), total, ids, missing, probs)?);
+        b.routes = Some(match k {
+            Some(_) => RouteTrace::new(meta, layers.clone(), total, ids, missing, probs)?,
+            None => RouteTrace::new_variable(meta, layers.clone(), total, &counts, ids, missing, probs)?,
+        });
     }
     Ok(b)
 }
@@ -300,18 +318,37 @@ pub fn unpack(batches: &[MicroBatch]) -> Result<Vec<Sample>> {
                 (Some(_), None) => return Err(TraceError::invalid(format!("batch[{bi}].routes"), "missing but a sequence has routes")),
                 (Some(sr), Some(br)) => {
                     let named = |e: TraceError| TraceError::invalid(format!("batch[{bi}].sequences[{si}].routes"), e.to_string());
-                    let seq = br.tail(r.start).map_err(named)?;
-                    let row = br.layers().len() * br.top_k().unwrap_or(0);
-                    let ids = seq.ids()[..s.len * row].to_vec();
-                    let missing = seq.missing()[..s.len].to_vec();
-                    let probs = match (sr.prob_dtype, seq.probs()) {
-                        (Some(dt), Some(p)) => Some(Probs::from_f32(dt, &(0..s.len * row).map(|j| p.get_f32(j)).collect::<Vec<_>>())),
-                        (Some(_), None) => {
-                            return Err(TraceError::invalid(format!("batch[{bi}].routes.probs"), "missing but a sequence has probabilities"))
+                    if sr.prob_dtype.is_some() && br.probs().is_none() {
+                        return Err(TraceError::invalid(format!("batch[{bi}].routes.probs"), "missing but a sequence has probabilities"));
+                    }
+                    // the sequence's rows, back in its own form (fixed: k ids a row, MISSING_ID in
+                    // missing rows; variable: the row's ids, none in missing rows)
+                    let (nl, k) = (br.layers().len(), sr.meta.top_k as usize);
+                    let (mut ids, mut counts, mut p) = (Vec::new(), Vec::new(), Vec::new());
+                    let missing = br.missing()[r.clone()].to_vec();
+                    for t in r.clone() {
+                        for l in 0..nl {
+                            if br.is_missing(t) {
+                                counts.push(k as u32);
+                                ids.extend(std::iter::repeat_n(crate::MISSING_ID, k));
+                                p.extend(std::iter::repeat_n(0.0, k));
+                                continue;
+                            }
+                            let span = br.row_range(t, l);
+                            counts.push(span.len() as u32);
+                            ids.extend_from_slice(&br.ids()[span.clone()]);
+                            if let Some(bp) = br.probs() {
+                                p.extend(span.map(|j| bp.get_f32(j)));
+                            }
                         }
-                        _ => None,
+                    }
+                    let probs = sr.prob_dtype.map(|dt| Probs::from_f32(dt, &p));
+                    let trace = if k > 0 {
+                        RouteTrace::new(sr.meta.clone(), br.layers().to_vec(), s.len, ids, missing, probs)
+                    } else {
+                        RouteTrace::new_variable(sr.meta.clone(), br.layers().to_vec(), s.len, &counts, ids, missing, probs)
                     };
-                    Some(RouteTrace::new(sr.meta.clone(), br.layers().to_vec(), s.len, ids, missing, probs).map_err(named)?)
+                    Some(trace.map_err(named)?)
                 }
             };
             let sample = Sample {

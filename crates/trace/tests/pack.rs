@@ -171,10 +171,11 @@ fn packer_errors_name_the_sample() {
         routes: None,
     };
     assert_eq!(pack(&[s.clone(), long], &cfg).err().unwrap().field(), "sample[1].tokens");
-    // variable-count rows are rejected by the packer
-    let var = common::make_variable(3, 2, 8, 1, &[]);
-    let sv = Sample { routes: Some(var), ..s.clone() };
-    assert_eq!(pack(&[sv], &cfg).err().unwrap().field(), "sample[0].routes");
+    // routes over other MoE layers than another sample's
+    let a = common::make_variable(3, 2, 8, 1, &[]);
+    let b = common::make_variable(3, 3, 8, 2, &[]);
+    let (sa, sb) = (Sample { routes: Some(a), ..s.clone() }, Sample { routes: Some(b), ..s.clone() });
+    assert_eq!(pack(&[sa, sb], &cfg).err().unwrap().field(), "sample[1].routes");
     // routes with another token count
     let t = common::make(&common::Spec { tokens: 4, ..Default::default() });
     let st = Sample { routes: Some(t), ..s.clone() };
@@ -183,4 +184,57 @@ fn packer_errors_name_the_sample() {
         pack(&[], &PackConfig { token_budget: 8, pad_to_multiple: 3, pad_token: 0 }).err().unwrap().field(),
         "pad_to_multiple"
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Variable-count rows (expert choice over wide pools) pack beside fixed ones: the batch
+    /// trace is then variable, every row stays with its token (free rows hold no ids), and
+    /// unpacking gives every sample back in its own form.
+    #[test]
+    fn variable_rows_pack_with_fixed_ones(seeds in proptest::collection::vec((1usize..10, any::<u64>(), proptest::bool::ANY, proptest::bool::ANY), 1..8)) {
+        let samples: Vec<Sample> = seeds
+            .iter()
+            .map(|&(n, seed, variable, routed)| {
+                let routes = routed.then(|| {
+                    let missing: Vec<usize> = (0..n).filter(|t| (seed >> t) & 3 == 0).collect();
+                    if variable {
+                        common::make_variable(n, 2, 8, seed, &missing)
+                    } else {
+                        let mut rng = common::Rng(seed | 1);
+                        let ids = common::random_ids(&mut rng, n * 2, 2, 8);
+                        let meta = TraceMeta { num_experts: 8, top_k: 2, prompt_len: 0, fingerprint: 1, policy_version: 2, ordered: true };
+                        RouteTrace::new(meta, vec![0, 1], n, ids, (0..n).map(|t| missing.contains(&t)).collect(), None).unwrap()
+                    }
+                });
+                Sample { tokens: vec![5; n], loss_mask: vec![true; n], advantages: vec![0.5; n], logprobs: vec![-1.0; n], routes }
+            })
+            .collect();
+        let batches = pack(&samples, &PackConfig { token_budget: 16, pad_to_multiple: 4, pad_token: 0 }).unwrap();
+        let any_variable = samples.iter().any(|s| s.routes.as_ref().is_some_and(|r| r.is_variable()));
+        for b in &batches {
+            if let Some(r) = &b.routes {
+                prop_assert_eq!(r.is_variable(), any_variable);
+                for s in &b.sequences {
+                    for t in 0..s.len {
+                        let src = samples[s.sample].routes.as_ref();
+                        for l in 0..2 {
+                            let want = src.and_then(|x| x.row_u32(t, l));
+                            prop_assert_eq!(b.route_row(s.start + t, l), want);
+                        }
+                    }
+                }
+            }
+        }
+        let back = unpack(&batches).unwrap();
+        for (a, b) in samples.iter().zip(&back) {
+            prop_assert_eq!(a.tokens.clone(), b.tokens.clone());
+            match (&a.routes, &b.routes) {
+                (Some(x), Some(y)) => prop_assert!(x.bits_eq(y)),
+                (None, None) => {}
+                _ => prop_assert!(false, "routes lost or invented"),
+            }
+        }
+    }
 }

@@ -22,7 +22,8 @@ use crate::error::{Result, TrainError};
 
 /// The old policy π_old of a micro-batch, as the trainer scored it before the first update
 /// (`loss.pi_old = "recompute"`): token log-probabilities per slot and, per MoE layer, the
-/// router probabilities at the replayed experts per position ([N·W], aligned with the routes).
+/// router probabilities at the replayed experts (every real row's experts, token by token, as
+/// `route_terms::RowIndex` lists them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OldPolicy {
     pub logp: Vec<f32>,
@@ -64,9 +65,6 @@ impl TrainBatch {
             if r.num_tokens() != n {
                 return Err(TrainError::input("routes", format!("{} route rows for {n} slots", r.num_tokens())));
             }
-            if r.top_k().is_none() {
-                return Err(TrainError::input("routes", "variable-width route rows: the trainer replays fixed-width rows (top-k, or every expert for block:1 expert choice)"));
-            }
         }
         if let Some(o) = &self.old {
             if o.logp.len() != n {
@@ -107,51 +105,55 @@ pub(crate) fn token_valid(batch: &Batch) -> Vec<bool> {
 }
 
 /// The routes of a recording as an engine would send them: a route trace over the batch's
-/// slots (token-major rows of ids and router probabilities; expert choice: each token's experts
-/// in expert order, every token the same number).
+/// slots (token-major rows of ids and router probabilities). Token choice: top-k rows in
+/// selection order. Expert choice: each token's experts in expert order — fixed-width when
+/// every token has the same number (one-token pools), else variable rows.
 pub fn replay_from_recording(rec: &Recording) -> Result<Option<RouteTrace>> {
     let Some(first) = rec.values().next() else { return Ok(None) };
     let n = first.num_tokens;
     let e = first.scores_NE.dims2()?.1;
-    let mut per_layer: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
-    let mut width = None;
-    for (&l, r) in rec {
+    // per layer, per token: (expert, prob) in row order
+    let mut rows_LN: Vec<Vec<Vec<(u32, f32)>>> = Vec::new();
+    for r in rec.values() {
         let ids: Vec<u32> = r.expert_A.to_vec1()?;
         let probs: Vec<f32> = r.prob_A.to_dtype(DType::F32)?.to_vec1()?;
-        let (ids, probs, w) = match r.top_k {
-            Some(k) => (ids, probs, k),
+        let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
+        match r.top_k {
+            Some(k) => {
+                for (a, (&x, &p)) in ids.iter().zip(&probs).enumerate() {
+                    rows[a / k.max(1)].push((x, p));
+                }
+            }
             None => {
                 let tok: Vec<u32> = r.token_A.to_vec1()?;
-                let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
                 for ((&t, &x), &p) in tok.iter().zip(&ids).zip(&probs) {
                     rows[t as usize].push((x, p));
                 }
-                let w = rows.iter().map(Vec::len).max().unwrap_or(0);
-                if let Some((q, row)) = rows.iter().enumerate().find(|(_, row)| row.len() != w) {
-                    return Err(TrainError::input(&format!("routes[{l}]"), format!("token slot {q} has {} experts, others {w}", row.len())));
-                }
                 rows.iter_mut().for_each(|row| row.sort_by_key(|&(x, _)| x));
-                let (i, p): (Vec<u32>, Vec<f32>) = rows.into_iter().flatten().unzip();
-                (i, p, w)
             }
-        };
-        if *width.get_or_insert(w) != w {
-            return Err(TrainError::input(&format!("routes[{l}]"), "layers with different route widths"));
         }
-        per_layer.push((ids, probs));
+        rows_LN.push(rows);
     }
-    let w = width.unwrap_or(1);
-    let (mut ids, mut probs) = (Vec::with_capacity(n * rec.len() * w), Vec::with_capacity(n * rec.len() * w));
+    let w = rows_LN[0][..].first().map_or(0, Vec::len);
+    let fixed = rows_LN.iter().all(|rows| rows.iter().all(|row| row.len() == w)) && w > 0;
+    let (mut ids, mut probs, mut counts) = (Vec::new(), Vec::new(), Vec::new());
     for t in 0..n {
-        for (li, lp) in per_layer.iter().enumerate() {
-            let _ = li;
-            ids.extend_from_slice(&lp.0[t * w..(t + 1) * w]);
-            probs.extend_from_slice(&lp.1[t * w..(t + 1) * w]);
+        for rows in &rows_LN {
+            counts.push(rows[t].len() as u32);
+            for &(x, p) in &rows[t] {
+                ids.push(x);
+                probs.push(p);
+            }
         }
     }
-    let layers = rec.keys().map(|&l| l as u32).collect();
-    let meta = TraceMeta::top_k(e as u32, w as u32);
-    let trace = RouteTrace::from_u32(meta, layers, n, &ids, vec![false; n], Some(Probs::from_f32(ProbDtype::F32, &probs)))
-        .map_err(|e| TrainError::input("routes", e.to_string()))?;
+    let layers: Vec<u32> = rec.keys().map(|&l| l as u32).collect();
+    let probs = Some(Probs::from_f32(ProbDtype::F32, &probs));
+    let named = |e: lockstep_trace::TraceError| TrainError::input("routes", e.to_string());
+    let trace = if fixed {
+        RouteTrace::from_u32(TraceMeta::top_k(e as u32, w as u32), layers, n, &ids, vec![false; n], probs).map_err(named)?
+    } else {
+        let ids16: Vec<u16> = ids.iter().map(|&x| x as u16).collect();
+        RouteTrace::new_variable(TraceMeta::top_k(e as u32, 0), layers, n, &counts, ids16, vec![false; n], probs).map_err(named)?
+    };
     Ok(Some(trace))
 }

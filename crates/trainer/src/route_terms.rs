@@ -103,15 +103,54 @@ pub fn scores_at(scores_NE: &Tensor, ids_NW: &Tensor) -> Result<Tensor> {
     Ok(scores_NE.to_dtype(DType::F32)?.contiguous()?.gather(&ids_NW.contiguous()?, 1)?)
 }
 
+/// Where a route's experts sit in the router scores, for rows of any width (fixed top-k or
+/// variable expert-choice rows): for every real row, in trace order, the flat index
+/// `n · E + e` of each of its experts into `scores_NE`, with per-position row offsets (N + 1).
+#[derive(Debug, Clone)]
+pub struct RowIndex {
+    pub flat: Vec<u32>,
+    pub offsets: Vec<usize>,
+    pub real: Vec<bool>,
+}
+
+impl RowIndex {
+    /// Layer index `li` of `r`, for a router of `num_experts` experts.
+    pub fn of(r: &RouteTrace, li: usize, num_experts: usize) -> Self {
+        let n = r.num_tokens();
+        let (mut flat, mut offsets, mut real) = (Vec::new(), Vec::with_capacity(n + 1), Vec::with_capacity(n));
+        offsets.push(0);
+        for t in 0..n {
+            let row = r.row(t, li);
+            real.push(row.is_some());
+            flat.extend(row.unwrap_or(&[]).iter().map(|&e| (t * num_experts) as u32 + u32::from(e)));
+            offsets.push(flat.len());
+        }
+        Self { flat, offsets, real }
+    }
+
+    /// The recorded probabilities of those experts, in the same order (`None` without them).
+    pub fn recorded(r: &RouteTrace, li: usize) -> Option<Vec<f32>> {
+        r.probs()?;
+        Some((0..r.num_tokens()).flat_map(|t| r.row_probs(t, li).unwrap_or_default()).collect())
+    }
+
+    /// `scores_NE` at the route's experts: [A] (gradient flows into the scores).
+    pub fn scores(&self, scores_NE: &Tensor) -> Result<Tensor> {
+        let idx = Tensor::from_vec(self.flat.clone(), self.flat.len(), scores_NE.device())?;
+        Ok(scores_NE.to_dtype(DType::F32)?.flatten_all()?.index_select(&idx, 0)?)
+    }
+}
+
 /// Per position, the router-shift sum Σ_e |log g_θ(e) − log g_old(e)| and the number of terms,
-/// accumulated over layers into `sum` / `count` (rows where either side is missing or ≤ 0 are
-/// left out).
-pub fn accumulate_shift(g_theta: &[f32], g_old: &[f32], width: usize, real: &[bool], sum: &mut [f64], count: &mut [f64]) {
-    for (n, &r) in real.iter().enumerate() {
-        if !r {
+/// accumulated over layers into `sum` / `count`; `g_theta` and `g_old` are aligned with `ix`
+/// (rows where either side is missing or ≤ 0 are left out).
+pub fn accumulate_shift(g_theta: &[f32], g_old: &[f32], ix: &RowIndex, sum: &mut [f64], count: &mut [f64]) {
+    for (n, &r) in ix.real.iter().enumerate() {
+        let span = ix.offsets[n]..ix.offsets[n + 1];
+        if !r || span.is_empty() || span.end > g_old.len() {
             continue;
         }
-        let (a, b) = (&g_theta[n * width..(n + 1) * width], &g_old[n * width..(n + 1) * width]);
+        let (a, b) = (&g_theta[span.clone()], &g_old[span]);
         if a.iter().chain(b).any(|&x| x.is_nan() || x <= 0.0) {
             continue;
         }
@@ -166,7 +205,8 @@ mod tests {
     fn router_shift_weight_by_hand() {
         let (mut s, mut c) = (vec![0.0; 2], vec![0.0; 2]);
         // position 0: |ln .5 − ln .25| = ln 2 and |ln .2 − ln .2| = 0 → mean ln 2 / 2
-        accumulate_shift(&[0.5, 0.2, 0.1, 0.1], &[0.25, 0.2, 0.1, 0.1], 2, &[true, false], &mut s, &mut c);
+        let ix = RowIndex { flat: vec![0, 1], offsets: vec![0, 2, 2], real: vec![true, false] };
+        accumulate_shift(&[0.5, 0.2], &[0.25, 0.2], &ix, &mut s, &mut c);
         let g = shift_weights(&s, &c, 0.1);
         assert!((g[0] as f64 - (-(2f64.ln()) / 2.0).exp()).abs() < 1e-6);
         assert_eq!(g[1], 1.0);

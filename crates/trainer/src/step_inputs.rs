@@ -16,7 +16,7 @@ use crate::batch::TrainBatch;
 use lockstep_trace::RouteTrace;
 use crate::error::{Result, TrainError};
 use crate::loss::{RatioMode, PiOld};
-use crate::route_terms::{accumulate_shift, gather_ids, plackett_luce, plackett_luce_NW, scores_at, shift_host, shift_to_slots, shift_weights};
+use crate::route_terms::{accumulate_shift, gather_ids, plackett_luce, plackett_luce_NW, scores_at, shift_host, shift_to_slots, shift_weights, RowIndex};
 
 /// The forward's routing plan: record freely, or (replay on and routes present) force the
 /// inference route rows as they come, in the route trace's layout
@@ -24,9 +24,16 @@ use crate::route_terms::{accumulate_shift, gather_ids, plackett_luce, plackett_l
 /// expert choice), with live weights (the router gets gradients).
 pub fn plan(model: &MoeCausalLm, tb: &TrainBatch, replay: bool) -> Result<RoutingPlan> {
     let Some(r) = tb.routes.as_ref().filter(|_| replay) else { return Ok(RoutingPlan::record()) };
-    let ids = r.ids_u32().ok_or_else(|| TrainError::input("routes", "variable-width route rows"))?;
-    let width = r.top_k().unwrap_or(0);
-    Ok(RoutingPlan::replay_rows(&model.cfg, &tb.route_layers(), &ids, width, model.device())?)
+    match (r.ids_u32(), r.top_k()) {
+        (Some(ids), Some(width)) => Ok(RoutingPlan::replay_rows(&model.cfg, &tb.route_layers(), &ids, width, model.device())?),
+        // variable rows (expert choice over wide pools): each layer's (token, expert) pairs
+        _ => {
+            let pairs: Vec<Vec<(u32, u32)>> = (0..r.num_layers())
+                .map(|li| (0..r.num_tokens()).flat_map(|t| r.row(t, li).unwrap_or(&[]).iter().map(move |&e| (t as u32, u32::from(e)))).collect())
+                .collect();
+            Ok(RoutingPlan::replay_pairs(&model.cfg, &tb.route_layers(), &pairs, model.device())?)
+        }
+    }
 }
 
 /// Route inputs of the loss for one micro-batch (all per slot, aligned).
@@ -40,9 +47,10 @@ pub struct RouteInputs {
 
 /// The old policy's router probabilities at the replayed experts of layer `l`: π_infer's (sent
 /// with the routes) or π_old's (recomputed by [`crate::trainer::Trainer::score`]).
+/// In [`RowIndex`] order: the real rows' experts, token by token.
 fn old_probs(tb: &TrainBatch, l: usize, r: &RouteTrace, li: usize, pi_old: PiOld) -> Result<Option<Vec<f32>>> {
     match pi_old {
-        PiOld::Infer => Ok(r.layer_probs_f32(li)),
+        PiOld::Infer => Ok(RowIndex::recorded(r, li)),
         PiOld::Recompute => {
             let old = tb.old.as_ref().ok_or_else(|| TrainError::input("old", "pi_old = recompute: score the batch first (Trainer::score)"))?;
             Ok(old.route_probs.get(&l).cloned())
@@ -78,8 +86,12 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
                 let mut pos = vec![0f32; n];
                 let mut ok = vec![false; n];
                 if let Some(p) = old_probs(tb, l, r, li, pi_old)? {
+                    let ix = RowIndex::of(r, li, model.cfg.moe.router.num_experts);
                     for q in 0..n {
-                        let row = &p[q * w..(q + 1) * w];
+                        let row = &p[ix.offsets[q]..ix.offsets[q + 1]];
+                        if row.len() != w {
+                            continue;
+                        }
                         // free rows, and rows whose probabilities were not sent (0), fall back
                         if real[q] && row.iter().all(|&x| x > 0.0) {
                             pos[q] = plackett_luce(row);
@@ -101,9 +113,9 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
             for &(li, l, r) in &layers {
                 let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
                 let Some(g_old) = old_probs(tb, l, r, li, pi_old)? else { continue };
-                let (ids, real) = gather_ids(r, li, dev)?;
-                let g_theta: Vec<f32> = scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?;
-                accumulate_shift(&g_theta, &g_old, r.top_k().unwrap_or(0), &real, &mut sum, &mut count);
+                let ix = RowIndex::of(r, li, model.cfg.moe.router.num_experts);
+                let g_theta: Vec<f32> = ix.scores(&live.scores_NE.detach())?.to_vec1()?;
+                accumulate_shift(&g_theta, &g_old, &ix, &mut sum, &mut count);
             }
             out.shift_weight = Some(shift_host(&shift_weights(&sum, &count, floor), &valid, 1.0));
         }
@@ -111,14 +123,14 @@ pub fn route_inputs(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usiz
     Ok(out)
 }
 
-/// The router probabilities of π_θ at each layer's replayed experts, per position ([N·W], host):
+/// The router probabilities of π_θ at each layer's replayed experts ([`RowIndex`] order, host):
 /// what [`crate::trainer::Trainer::score`] keeps as π_old's.
 pub fn route_probs_at(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<usize, LayerRoute>) -> Result<BTreeMap<usize, Vec<f32>>> {
     let mut m = BTreeMap::new();
     for (li, l, r) in layers_of(tb) {
         let live = routes.get(&l).ok_or_else(|| TrainError::input(&format!("routes[{l}]"), "not an MoE layer of the model"))?;
-        let (ids, _) = gather_ids(r, li, model.device())?;
-        m.insert(l, scores_at(&live.scores_NE.detach(), &ids)?.flatten_all()?.to_vec1()?);
+        let ix = RowIndex::of(r, li, model.cfg.moe.router.num_experts);
+        m.insert(l, ix.scores(&live.scores_NE.detach())?.to_vec1()?);
     }
     Ok(m)
 }

@@ -264,3 +264,42 @@ fn expert_choice_routes_replay_through_the_trainer() {
     let err = Trainer::new(m, cfg(joint, true, 1.0)).err().unwrap().to_string();
     assert!(err.contains("expert choice"), "{err}");
 }
+
+/// Variable-width route rows (expert choice over whole sequences, bidirectional: a token gets
+/// 0, 1 or many experts) go from a recording through packing into the trainer's replay, which
+/// reproduces the recorded forward exactly.
+#[test]
+fn variable_width_expert_choice_rows_replay_exactly() {
+    use lockstep_model::{Batch, RoutingPlan};
+    let mut m = model();
+    m.set_routing(RoutingStrategy::ExpertChoice { capacity_factor: 1.5, pool: Pool::Sequence }, AttentionMode::Bidirectional, false).unwrap();
+    let seqs: Vec<Vec<u32>> = vec![(0..11).map(|i| (i * 7 + 3) % 256).collect(), (0..6).map(|i| (i * 13 + 1) % 256).collect()];
+    let samples: Vec<Sample> = seqs
+        .iter()
+        .map(|s| {
+            let b = Batch::packed(s, None, &[0, s.len()], &Device::Cpu).unwrap();
+            let rec = m.forward(&b, &RoutingPlan::record()).unwrap();
+            let (lp, _) = lockstep_model::logprobs::token_logprobs(&rec.logits, &b).unwrap();
+            Sample {
+                tokens: s.clone(),
+                loss_mask: (0..s.len()).map(|t| t >= 2).collect(),
+                advantages: vec![1.0; s.len()],
+                logprobs: lp.flatten_all().unwrap().to_vec1().unwrap(),
+                routes: lockstep_trainer::trainer::replay_from_recording(&rec.routes).unwrap(),
+            }
+        })
+        .collect();
+    assert!(samples.iter().all(|s| s.routes.as_ref().unwrap().is_variable()), "pools of a whole sequence give variable rows");
+    let mbs = pack(&samples, &PackConfig { token_budget: 32, pad_to_multiple: 4, pad_token: 0 }).unwrap();
+    assert_eq!(mbs.len(), 1);
+    let tb = TrainBatch::from_micro_batch(&mbs[0], &Device::Cpu).unwrap();
+    for ratio in [RatioMode::Token, RatioMode::RouterShift { floor: 0.1 }] {
+        let s = Trainer::new(m.clone(), cfg(LossConfig { ratio, ..LossConfig::default() }, true, 1.0)).unwrap().step(std::slice::from_ref(&tb)).unwrap();
+        assert_eq!(s.max_abs_logprob_diff, 0.0, "{ratio:?}: the replayed variable rows reproduce each sequence's forward");
+        assert_eq!(s.kl, 0.0);
+        assert!(s.layers.values().all(|l| l.route_agreement == 1.0), "{:?}", s.layers);
+        if let RatioMode::RouterShift { .. } = ratio {
+            assert_eq!(s.shift_weight, 1.0);
+        }
+    }
+}
