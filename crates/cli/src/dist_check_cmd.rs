@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Args;
 use lockstep_dist::check::{check_rank, CheckCase, RankReport};
 use lockstep_dist::Collective;
@@ -55,10 +55,10 @@ pub fn run(args: DistCheckArgs) -> anyhow::Result<()> {
     let mut failed = 0;
     match lockstep_dist::launch_env::RankEnv::from_env()? {
         Some(env) => {
-            let comm = crate::launch_cmd::join_group(&env)?;
+            let (comm, dev) = lockstep_dist::ranks::join_launched(&env).context("joining the NCCL process group")?;
             for (name, case) in &cases {
-                let rep = check_rank(case, comm.0.clone(), &comm.1).with_context(|| format!("{name} choice"))?;
-                failed += report(name, &rep, dtype, comm.0.as_ref())?;
+                let rep = check_rank(case, comm.clone(), &dev).with_context(|| format!("{name} choice"))?;
+                failed += report(name, &rep, dtype, comm.as_ref())?;
             }
         }
         None => {
@@ -67,7 +67,7 @@ pub fn run(args: DistCheckArgs) -> anyhow::Result<()> {
                 bail!("--ranks: at least 1");
             }
             for (name, case) in &cases {
-                let reps = threads(case, args.ranks, &dev).with_context(|| format!("{name} choice"))?;
+                let reps = lockstep_dist::run_threads(args.ranks, |c| check_rank(case, Arc::new(c), &dev)).with_context(|| format!("{name} choice"))?;
                 for rep in &reps {
                     let f = rep.failures(dtype);
                     println!("{name} choice {} {}", rep.summary(), if f.is_empty() { "ok".into() } else { format!("FAILED: {}", f.join("; ")) });
@@ -96,14 +96,4 @@ fn report(name: &str, rep: &RankReport, dtype: DType, comm: &dyn Collective) -> 
         }
     }
     Ok(usize::from(!f.is_empty()))
-}
-
-fn threads(case: &CheckCase, world: usize, dev: &Device) -> anyhow::Result<Vec<RankReport>> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = lockstep_dist::local_group(world)
-            .into_iter()
-            .map(|c| s.spawn(move || check_rank(case, Arc::new(c), dev)))
-            .collect();
-        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank thread panicked"))?.map_err(Into::into)).collect()
-    })
 }

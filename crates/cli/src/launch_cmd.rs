@@ -160,15 +160,3 @@ pub fn refuse_under_launch(command: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// This process's rank of the NCCL process group `launch` started, and its GPU.
-#[cfg(feature = "nccl")]
-pub fn join_group(env: &lockstep_dist::launch_env::RankEnv) -> anyhow::Result<(std::sync::Arc<dyn lockstep_dist::Collective>, candle_core::Device)> {
-    let (comm, dev) = lockstep_dist::nccl::NcclComm::init(env).context("joining the NCCL process group")?;
-    Ok((std::sync::Arc::new(comm), dev))
-}
-
-#[cfg(not(feature = "nccl"))]
-pub fn join_group(_: &lockstep_dist::launch_env::RankEnv) -> anyhow::Result<(std::sync::Arc<dyn lockstep_dist::Collective>, candle_core::Device)> {
-    bail!("started by `lockstep launch`, but this binary was built without NCCL (`--features cuda,nccl`)")
-}

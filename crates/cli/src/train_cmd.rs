@@ -157,7 +157,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
             if args.ranks != 1 {
                 bail!("--ranks {}: under `lockstep launch` the ranks are the launched processes", args.ranks);
             }
-            let (comm, dev) = crate::launch_cmd::join_group(&env)?;
+            let (comm, dev) = lockstep_dist::ranks::join_launched(&env).context("joining the NCCL process group")?;
             let ranks = Ranks::Launched(env.world_size);
             let r = rank_runs(&cfg, &out, &args, RunOptions { device: Some(dev), parallel: group(comm), ..base.clone() }, ranks);
             if env.rank != 0 {
@@ -174,16 +174,11 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
         None if args.ranks > 1 => {
             let dev = crate::device::parse(&args.device)?;
             let (cfg, out, args, base) = (&cfg, &out, &args, &base);
-            let mut results = lockstep_dist::run_ranks(args.ranks, move |c| {
-                let comm: Arc<dyn Collective> = Arc::new(c);
-                rank_runs(cfg, out, args, RunOptions { device: Some(dev.clone()), parallel: group(comm), ..base.clone() }, Ranks::Threads(args.ranks))
-            });
-            // rank 0's result, unless another rank failed first (its error names the cause)
-            let first_err = results.iter().position(|r| matches!(r, Ok(Err(e)) if !is_abort(e)));
-            match results.swap_remove(first_err.unwrap_or(0)) {
-                Ok(r) => r?,
-                Err(_) => bail!("a rank thread panicked"),
-            }
+            // rank 0's runs, or the error of the rank that failed first
+            lockstep_dist::run_threads(args.ranks, move |c| {
+                rank_runs(cfg, out, args, RunOptions { device: Some(dev.clone()), parallel: group(Arc::new(c)), ..base.clone() }, Ranks::Threads(args.ranks))
+            })?
+            .swap_remove(0)
         }
         None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(&args.device)?), ..base.clone() }, Ranks::One)?,
     };
@@ -207,11 +202,6 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
 
 fn group(comm: Arc<dyn Collective>) -> Parallel {
     Some(Arc::new(lockstep_dist::RankGroup::new(comm)))
-}
-
-/// A rank's error caused by another rank's failure (the thread group was aborted).
-fn is_abort(e: &anyhow::Error) -> bool {
-    format!("{e:#}").contains("local collective: rank")
 }
 
 /// The arms of `--compare-replay`, one seed: (a) lockstep (the engine runs the trainer's weights

@@ -26,11 +26,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
 use lockstep_model::metrics::{layer_health, LayerHealth};
+use lockstep_collective::Collective;
 use lockstep_model::{Batch, MoeCausalLm, Recording, Result, RoutingPlan};
-
-use crate::collective::Collective;
-use crate::dp::{is_expert_param, shard_experts, train_err};
 use lockstep_trainer::optim::{AdamW, AdamWConfig, GradAccumulator};
+
+use crate::dp::{is_expert_param, shard_experts, train_err};
 
 #[derive(Debug, Clone)]
 pub struct CheckCase {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use lockstep_collective::{Collective, Result as CollectiveResult};
 use lockstep_model::moe::experts::Experts;
 use lockstep_model::moe::parallel::ExpertParallel;
 use lockstep_model::moe::MoeBlock;
@@ -18,7 +19,6 @@ use lockstep_trainer::optim::{grad_sq_sum, AdamW, GradAccumulator, StepStats};
 use lockstep_trainer::parallel::DataParallel;
 use lockstep_trainer::Result as TrainResult;
 
-use crate::collective::Collective;
 use crate::ep::ExpertParallelism;
 
 /// Keep this rank's experts of every MoE layer (rank r: experts r·L .. (r+1)·L, L = E / world)
@@ -107,8 +107,8 @@ pub(crate) fn train_err(e: lockstep_trainer::TrainError) -> ModelError {
 }
 
 /// A trainer's view of the ranks ([`lockstep_trainer::parallel::DataParallel`]) over a
-/// collective: experts sharded by [`shard_experts`], replicated gradients summed by
-/// [`all_reduce_grads`]'s rule, the gradient norm by [`global_grad_norm`]'s.
+/// collective: its collectives are `comm`'s, experts sharded by [`shard_experts`], replicated
+/// gradients summed by [`all_reduce_grads`]'s rule, the gradient norm by [`global_grad_norm`]'s.
 #[derive(Debug, Clone)]
 pub struct RankGroup {
     pub comm: Arc<dyn Collective>,
@@ -120,31 +120,43 @@ impl RankGroup {
     }
 }
 
-impl DataParallel for RankGroup {
+impl Collective for RankGroup {
     fn rank(&self) -> usize {
         self.comm.rank()
     }
     fn world_size(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_gather_host(&self, values: &[f64]) -> TrainResult<Vec<Vec<f64>>> {
-        Ok(self.comm.all_gather_host(values)?)
+    fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CollectiveResult<Tensor> {
+        self.comm.all_to_all_rows(send, send_rows, recv_rows)
     }
+    fn exchange_counts(&self, counts: &[usize]) -> CollectiveResult<Vec<usize>> {
+        self.comm.exchange_counts(counts)
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> CollectiveResult<Tensor> {
+        self.comm.all_reduce_sum(t)
+    }
+    fn all_gather_host(&self, values: &[f64]) -> CollectiveResult<Vec<Vec<f64>>> {
+        self.comm.all_gather_host(values)
+    }
+    fn all_gather_rows(&self, t: &Tensor) -> CollectiveResult<Tensor> {
+        self.comm.all_gather_rows(t)
+    }
+    fn exchanges_cuda_storage(&self) -> bool {
+        self.comm.exchanges_cuda_storage()
+    }
+    fn all_to_all_cuda(&self, send: &candle_core::CudaStorage, layout: &candle_core::Layout, send_rows: &[usize], recv_rows: &[usize])
+        -> CollectiveResult<candle_core::CudaStorage> {
+        self.comm.all_to_all_cuda(send, layout, send_rows, recv_rows)
+    }
+}
+
+impl DataParallel for RankGroup {
     fn shard_model(&self, model: &mut MoeCausalLm) -> TrainResult<()> {
         Ok(shard_experts(model, self.comm.clone())?)
     }
     fn is_sharded(&self, name: &str) -> bool {
         is_expert_param(name)
-    }
-    fn local_rows(&self, whole: &Tensor) -> TrainResult<Tensor> {
-        let (w, r, n) = (self.comm.world_size(), self.comm.rank(), whole.dim(0)?);
-        if n % w != 0 {
-            return Err(ModelError::config("<ranks>", "world_size", format!("{w} ranks do not divide {n} rows")).into());
-        }
-        Ok(whole.narrow(0, r * n / w, n / w)?.contiguous()?)
-    }
-    fn gather_rows(&self, shard: &Tensor) -> TrainResult<Tensor> {
-        Ok(self.comm.all_gather_rows(shard)?)
     }
     fn reduce_grads(&self, params: &[(String, Var)], grads: &mut GradAccumulator) -> TrainResult<f64> {
         all_reduce_grads(self.comm.as_ref(), params, grads)?;

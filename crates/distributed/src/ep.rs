@@ -28,9 +28,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result as CResult, Shape, Storage, Tensor};
 use lockstep_model::moe::experts::Experts;
 use lockstep_model::moe::parallel::{local_experts_rows, ExpertParallel};
+use lockstep_collective::{Collective, Result as CollectiveResult};
 use lockstep_model::{ModelError, Result};
-
-use crate::collective::Collective;
 
 /// The experts stage of every MoE layer across the ranks of `comm`.
 #[derive(Debug, Clone)]
@@ -98,19 +97,11 @@ impl ExpertParallelism {
     fn host_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
         let e = self.num_experts;
         let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
-        let mut counts = vec![0usize; e];
-        for &x in &exp {
-            match counts.get_mut(x as usize) {
-                Some(c) => *c += 1,
-                None => return Err(err(layer, format!("expert id {x} >= num_experts {e}"))),
-            }
+        if let Some(&x) = exp.iter().find(|&&x| x as usize >= e) {
+            return Err(err(layer, format!("expert id {x} >= num_experts {e}")));
         }
-        let mut next = crate::collective::offsets(&counts);
-        let mut perm = vec![0u32; exp.len()];
-        for (i, &x) in exp.iter().enumerate() {
-            perm[next[x as usize]] = i as u32;
-            next[x as usize] += 1;
-        }
+        // the same stable counting sort as the single-device dispatch
+        let (perm, counts) = lockstep_model::moe::dispatch::sort_by_expert(&exp, e);
         let (a, dev) = (exp.len(), x_ND.device());
         let tok_A = Tensor::from_vec(perm.iter().map(|&i| tok[i as usize]).collect::<Vec<_>>(), a, dev)?;
         let perm_A = Tensor::from_vec(perm, a, dev)?;
@@ -186,18 +177,15 @@ struct AllToAll {
 }
 
 impl AllToAll {
-    fn new(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CResult<Self> {
-        #[cfg(feature = "cuda")]
+    fn new(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CollectiveResult<Self> {
         let direct = x.device().is_cuda() && comm.exchanges_cuda_storage();
-        #[cfg(not(feature = "cuda"))]
-        let direct = false;
         let result = if direct { None } else { Some(comm.all_to_all_rows(x, send_rows, recv_rows)?.contiguous()?) };
         Ok(AllToAll { comm: comm.clone(), send_rows: send_rows.to_vec(), recv_rows: recv_rows.to_vec(), result })
     }
 
-    fn apply(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CResult<Tensor> {
+    fn apply(comm: &Arc<dyn Collective>, x: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CollectiveResult<Tensor> {
         let op = Self::new(comm, x, send_rows, recv_rows)?;
-        x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
+        Ok(x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))?)
     }
 
     /// The precomputed result's storage (contiguous, from offset 0).
@@ -240,5 +228,49 @@ impl CustomOp1 for AllToAll {
         let g = grad_res.contiguous()?;
         let op = AllToAll::new(&self.comm, &g, &self.recv_rows, &self.send_rows)?;
         Ok(Some(g.apply_op1_no_bwd(&op)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use lockstep_collective::CollectiveError;
+
+    use crate::ranks::run_ranks;
+
+    /// A rank that fails leaves the others' EP collectives with the typed abort naming it: in
+    /// the forward's dispatch (as `ModelError::Collective`), and inside candle's backward (the
+    /// all-to-all op's reverse exchange, as a candle error that carries it).
+    #[test]
+    fn an_abort_stays_typed_in_the_forward_and_the_backward() {
+        let dev = Device::Cpu;
+        let all = run_ranks(2, |c| -> std::result::Result<ModelError, String> {
+            if c.rank() == 1 {
+                return Err("rank 1 fails first".into());
+            }
+            let ep = ExpertParallelism { comm: Arc::new(c), num_experts: 4 };
+            let x = Tensor::ones((2, 3), DType::F32, &dev).map_err(|e| e.to_string())?;
+            let token_A = Tensor::new(&[0u32, 1], &dev).map_err(|e| e.to_string())?;
+            let expert_A = Tensor::new(&[0u32, 3], &dev).map_err(|e| e.to_string())?;
+            ep.dispatch(0, &x, &token_A, &expert_A).map(|_| unreachable!("rank 1 took no part")).or_else(Ok)
+        });
+        let e = all.into_iter().next().unwrap().unwrap().unwrap();
+        assert!(matches!(&e, ModelError::Collective(CollectiveError::Aborted { rank: 1, cause }) if cause == "rank 1 fails first"), "{e:?}");
+
+        let all = run_ranks(2, |c| -> std::result::Result<candle_core::Error, String> {
+            let rank = c.rank();
+            let comm: Arc<dyn Collective> = Arc::new(c);
+            let x = Var::ones((2, 3), DType::F32, &dev).map_err(|e| e.to_string())?;
+            let y = AllToAll::apply(&comm, x.as_tensor(), &[1, 1], &[1, 1]).map_err(|e| e.to_string())?;
+            if rank == 1 {
+                return Err("rank 1 fails before its backward".into());
+            }
+            let loss = y.sum_all().map_err(|e| e.to_string())?;
+            loss.backward().map(|_| unreachable!("rank 1 took no part")).or_else(Ok)
+        });
+        let e = all.into_iter().next().unwrap().unwrap().unwrap();
+        let found = CollectiveError::in_candle(&e);
+        assert!(matches!(found, Some(CollectiveError::Aborted { rank: 1, cause }) if cause == "rank 1 fails before its backward"), "{e:?}");
     }
 }

@@ -5,10 +5,9 @@
 //! would report for the whole batch), and `max_vio_rank_max` is the largest per-rank value
 //! (the worst imbalance any one rank saw).
 
+use lockstep_collective::{Collective, CollectiveError};
 use lockstep_model::metrics::{max_vio, LayerHealth};
 use lockstep_model::Result;
-
-use crate::collective::Collective;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GlobalHealth {
@@ -26,7 +25,7 @@ pub fn reduce_health(comm: &dyn Collective, local: &LayerHealth) -> Result<Globa
     let mut rank_max = 0f64;
     for r in &all {
         if r.len() != v.len() {
-            return Err(candle_core::Error::Msg(format!("reduce_health: a rank sent {} values, {} expected", r.len(), v.len())).into());
+            return Err(CollectiveError::Mismatch(format!("reduce_health: a rank sent {} values, {} expected", r.len(), v.len())).into());
         }
         for (i, x) in r[..4].iter().enumerate() {
             sum[i] += x;

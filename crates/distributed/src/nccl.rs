@@ -20,8 +20,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use cudarc::driver::{CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
+use lockstep_collective::{offsets, Collective, CollectiveError, Result as CollectiveResult};
 
-use crate::collective::{offsets, Collective};
 use crate::launch_env::{RankEnv, NCCL_ID_BYTES};
 
 /// A fresh NCCL unique id (made once, by the launcher, and handed to every rank).
@@ -301,13 +301,13 @@ impl Collective for NcclComm {
     fn world_size(&self) -> usize {
         self.world
     }
-    fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> Result<Tensor> {
-        send.detach().contiguous()?.apply_op1_no_bwd(&Exchange { comm: self, send_rows, recv_rows })
+    fn all_to_all_rows(&self, send: &Tensor, send_rows: &[usize], recv_rows: &[usize]) -> CollectiveResult<Tensor> {
+        Ok(send.detach().contiguous()?.apply_op1_no_bwd(&Exchange { comm: self, send_rows, recv_rows })?)
     }
-    fn exchange_counts(&self, counts: &[usize]) -> Result<Vec<usize>> {
+    fn exchange_counts(&self, counts: &[usize]) -> CollectiveResult<Vec<usize>> {
         let w = self.world;
         if counts.is_empty() || counts.len() % w != 0 {
-            bail!("exchange_counts: {} counts are not {w} equal blocks (one per rank)", counts.len());
+            return Err(CollectiveError::Mismatch(format!("exchange_counts: {} counts are not {w} equal blocks (one per rank)", counts.len())));
         }
         let b = counts.len() / w;
         let c: Vec<i64> = counts.iter().map(|&c| c as i64).collect();
@@ -316,7 +316,7 @@ impl Collective for NcclComm {
         // all[(from · W + to) · B ..][..B]: the block `from` sends to `to`
         Ok((0..w).flat_map(|from| &all[(from * w + self.rank) * b..(from * w + self.rank + 1) * b]).map(|&c| c as usize).collect())
     }
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+    fn all_reduce_sum(&self, t: &Tensor) -> CollectiveResult<Tensor> {
         let src = t.detach().contiguous()?;
         let out = Tensor::zeros(src.shape(), src.dtype(), src.device())?;
         let comm = self.lock()?;
@@ -342,10 +342,10 @@ impl Collective for NcclComm {
         true
     }
     fn all_to_all_cuda(&self, send: &candle_core::CudaStorage, layout: &candle_core::Layout, send_rows: &[usize], recv_rows: &[usize])
-        -> Result<candle_core::CudaStorage> {
-        self.exchange_storage(send, layout, send_rows, recv_rows)
+        -> CollectiveResult<candle_core::CudaStorage> {
+        Ok(self.exchange_storage(send, layout, send_rows, recv_rows)?)
     }
-    fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+    fn all_gather_host(&self, values: &[f64]) -> CollectiveResult<Vec<Vec<f64>>> {
         let dev = Device::Cuda(self.device.clone());
         // lengths first (ranks may send different numbers of values), then the padded values
         let lens = self.all_gather_bytes(&Tensor::new(&[values.len() as i64], &dev)?)?.to_vec1::<i64>()?;

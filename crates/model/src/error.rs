@@ -36,6 +36,11 @@ pub enum ModelError {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A collective of the ranks failed (expert parallelism), or stopped because another rank
+    /// failed (`CollectiveError::Aborted`).
+    #[error(transparent)]
+    Collective(#[from] lockstep_collective::CollectiveError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

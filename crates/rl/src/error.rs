@@ -20,6 +20,10 @@ pub enum RlError {
     Trace(#[from] lockstep_trace::TraceError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective of the ranks failed, or stopped because another rank failed
+    /// (`CollectiveError::Aborted`).
+    #[error(transparent)]
+    Collective(#[from] lockstep_collective::CollectiveError),
 }
 
 pub type Result<T> = std::result::Result<T, RlError>;

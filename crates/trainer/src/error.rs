@@ -6,6 +6,10 @@ pub enum TrainError {
     Model(#[from] lockstep_model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective of the ranks failed, or stopped because another rank failed
+    /// (`CollectiveError::Aborted`).
+    #[error(transparent)]
+    Collective(#[from] lockstep_collective::CollectiveError),
     /// A reference / checkpoint file problem.
     #[error("{file}: {what}: {msg}")]
     File { file: String, what: String, msg: String },

@@ -1,6 +1,8 @@
 //! A trainer spread over ranks: expert parallelism for the MoE experts, data parallelism for
-//! the rest. The trainer only needs what this trait offers; `lockstep_dist::dp::RankGroup`
-//! implements it over a collective (NCCL across GPUs, or threads in one process).
+//! the rest. [`DataParallel`] extends the one multi-rank trait, `lockstep_collective::Collective`
+//! (rank, world size, host all-gather, ...), with what the trainer asks of the ranks beyond it:
+//! shard the model's experts, reduce the gradients. `lockstep_dist::dp::RankGroup` implements it
+//! over any collective (NCCL across GPUs, or threads in one process).
 //!
 //! What a parallel step does (every rank calls it with its share of the global batch):
 //! - the loss normaliser (completion tokens) is summed over the ranks, so the ranks' losses
@@ -18,43 +20,35 @@
 use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
-use lockstep_model::MoeCausalLm;
+pub use lockstep_collective::{sum_over_ranks, Collective, CollectiveError};
+use lockstep_model::{ModelError, MoeCausalLm};
 
 use crate::error::Result;
 use crate::optim::GradAccumulator;
 
-pub trait DataParallel: Send + Sync + std::fmt::Debug {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
-    /// Every rank's `values`, in rank order (all ranks pass the same length).
-    fn all_gather_host(&self, values: &[f64]) -> Result<Vec<Vec<f64>>>;
+/// The ranks as the trainer sees them: a [`Collective`] that also shards a model and reduces
+/// its gradients.
+pub trait DataParallel: Collective {
     /// Keep this rank's experts of every MoE layer of a whole model (every rank loaded the
     /// same) and route their tokens over the ranks.
     fn shard_model(&self, model: &mut MoeCausalLm) -> Result<()>;
     /// Whether a parameter is an expert shard (rows of the whole tensor) rather than replicated.
     fn is_sharded(&self, name: &str) -> bool;
     /// This rank's rows of a whole sharded tensor (dim 0 split in equal parts, rank order).
-    fn local_rows(&self, whole: &Tensor) -> Result<Tensor>;
+    fn local_rows(&self, whole: &Tensor) -> Result<Tensor> {
+        let (w, r, n) = (self.world_size(), self.rank(), whole.dim(0)?);
+        if n % w != 0 {
+            return Err(ModelError::config("<ranks>", "world_size", format!("{w} ranks do not divide {n} rows")).into());
+        }
+        Ok(whole.narrow(0, r * n / w, n / w)?.contiguous()?)
+    }
     /// The whole tensor from every rank's shard (dim 0, rank order). A collective.
-    fn gather_rows(&self, shard: &Tensor) -> Result<Tensor>;
+    fn gather_rows(&self, shard: &Tensor) -> Result<Tensor> {
+        Ok(self.all_gather_rows(shard)?)
+    }
     /// Sum the replicated parameters' gradients over the ranks (in place; a parameter without
     /// a gradient here counts as zeros) and return the global gradient norm. A collective.
     fn reduce_grads(&self, params: &[(String, Var)], grads: &mut GradAccumulator) -> Result<f64>;
-}
-
-/// Element-wise sums of every rank's values.
-pub fn sum_over_ranks(dp: &dyn DataParallel, values: &[f64]) -> Result<Vec<f64>> {
-    let all = dp.all_gather_host(values)?;
-    let mut sum = vec![0f64; values.len()];
-    for r in &all {
-        if r.len() != values.len() {
-            return Err(crate::TrainError::input("<ranks>", format!("a rank sent {} values, {} expected", r.len(), values.len())));
-        }
-        for (s, x) in sum.iter_mut().zip(r) {
-            *s += x;
-        }
-    }
-    Ok(sum)
 }
 
 pub type Parallel = Option<Arc<dyn DataParallel>>;

@@ -60,20 +60,17 @@ impl Collective for Sabotage {
     fn world_size(&self) -> usize {
         self.0.world_size()
     }
-    fn all_to_all_rows(&self, s: &candle_core::Tensor, a: &[usize], b: &[usize]) -> candle_core::Result<candle_core::Tensor> {
+    fn all_to_all_rows(&self, s: &candle_core::Tensor, a: &[usize], b: &[usize]) -> lockstep_dist::collective::Result<candle_core::Tensor> {
         self.0.all_to_all_rows(s, a, b)
     }
-    fn exchange_counts(&self, c: &[usize]) -> candle_core::Result<Vec<usize>> {
+    fn exchange_counts(&self, c: &[usize]) -> lockstep_dist::collective::Result<Vec<usize>> {
         self.0.exchange_counts(c)
     }
-    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        if self.1 {
-            self.0.all_reduce_sum(t)? * 2.0
-        } else {
-            self.0.all_reduce_sum(t)? + 1e-3
-        }
+    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> lockstep_dist::collective::Result<candle_core::Tensor> {
+        let sum = self.0.all_reduce_sum(t)?;
+        Ok(if self.1 { (sum * 2.0)? } else { (sum + 1e-3)? })
     }
-    fn all_gather_host(&self, v: &[f64]) -> candle_core::Result<Vec<Vec<f64>>> {
+    fn all_gather_host(&self, v: &[f64]) -> lockstep_dist::collective::Result<Vec<Vec<f64>>> {
         self.0.all_gather_host(v)
     }
 }

@@ -1,5 +1,5 @@
 //! Dispatch stage: turn a routing decision into flat assignments grouped by expert — and, as a
-//! leaf module (it imports nothing of the crate), all the host index arithmetic of dispatch
+//! leaf module (it imports nothing of this crate), all the host index arithmetic of dispatch
 //! that the CPU path, the GPU plan (`gpu::plan`) and expert parallelism (`lockstep-dist`)
 //! share: expert histograms, exclusive prefix sums, the stable counting sort by expert, and the
 //! ordering rule of rows received from several sources.
@@ -14,17 +14,10 @@
 use candle_core::{Device, Result, Tensor};
 
 /// Exclusive prefix sum: `starts[i] = Σ_{j < i} counts[j]` (expert e's first row when the rows
-/// are grouped by expert with `counts[e]` each).
+/// are grouped by expert with `counts[e]` each) — the one prefix sum of the house, shared with
+/// the collectives' block offsets.
 pub fn starts(counts: &[usize]) -> Vec<usize> {
-    let mut acc = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let s = acc;
-            acc += c;
-            s
-        })
-        .collect()
+    lockstep_collective::offsets(counts)
 }
 
 /// Assignments per expert: [E].

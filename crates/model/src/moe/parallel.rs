@@ -1,7 +1,10 @@
 //! The seam for expert parallelism. Model code stays single-device: a `MoeBlock` runs its
 //! experts stage (dispatch → experts → combine) locally unless an [`ExpertParallel`] is
 //! attached, which then moves tokens to the ranks owning their experts, runs the rank's local
-//! experts through [`local_experts`], and brings the results back (`lockstep-dist`).
+//! experts through [`local_experts_rows`], and brings the results back. It is the model's stage
+//! interface, not a collective: `lockstep_dist::ep::ExpertParallelism` implements it over the
+//! one multi-rank trait, `lockstep_collective::Collective`, whose errors reach the model as
+//! `ModelError::Collective`.
 //!
 //! Legend: N tokens, D hidden, A assignments, R rows received (expert parallelism), S sources,
 //! E experts.
