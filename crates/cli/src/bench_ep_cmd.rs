@@ -174,9 +174,9 @@ mod imp {
         // 1. dispatch / combine beside plain NCCL
         let x = &xs[rank];
         let (_, route) = sharded.forward(x, &RouteMode::Record, 0, &batch_rank)?;
-        let d = ep.dispatch(0, x, &route.token_A, &route.expert_A)?;
+        let d = ep.dispatch(0, x, &route.token_A, &route.expert_A, sharded.experts.backend())?;
         let y_RD = ep.experts(&d, &sharded.experts)?;
-        let t_dispatch = timer.time(|| ep.dispatch(0, x, &route.token_A, &route.expert_A).map(|_| ()).map_err(Into::into))?;
+        let t_dispatch = timer.time(|| ep.dispatch(0, x, &route.token_A, &route.expert_A, sharded.experts.backend()).map(|_| ()).map_err(Into::into))?;
         let t_combine = timer.time(|| ep.combine(&d, &y_RD, &route.weight_A).map(|_| ()).map_err(Into::into))?;
         let row = h * elt;
         let sent: usize = d.send_rows.iter().sum::<usize>() * row;

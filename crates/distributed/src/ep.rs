@@ -26,7 +26,8 @@ use std::sync::Arc;
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result as CResult, Shape, Storage, Tensor};
-use lockstep_model::moe::experts::Experts;
+use lockstep_model::moe::experts::{Experts, ExpertsBackend};
+use lockstep_model::moe::plan::DispatchPlan;
 use lockstep_model::moe::parallel::{local_experts_rows, ExpertParallel};
 use lockstep_collective::{Collective, Result as CollectiveResult};
 use lockstep_model::{ModelError, Result};
@@ -60,19 +61,9 @@ pub struct Dispatched {
     pub recv_counts: Vec<usize>,
     pub send_rows: Vec<usize>,
     pub recv_rows: Vec<usize>,
-    home: Home,
-    n: usize,
-    d: usize,
-}
-
-/// How the sent assignments map back to the route's order.
-#[derive(Debug, Clone)]
-enum Home {
-    /// CPU: `perm_A[i]` = the route's assignment sent i-th, `tok_A` its token
-    Host { perm_A: Tensor, tok_A: Tensor },
-    /// CUDA: the expert-grouped rows of the device plan (gather / f32 combine in route order)
-    #[cfg(feature = "cuda")]
-    Device(lockstep_model::gpu::RowGroups),
+    /// the model's dispatch plan of the sent assignments (grouped by expert, hence by owner):
+    /// its combine brings the results home in the route's order
+    plan: DispatchPlan,
 }
 
 fn block_sums(counts: &[usize], block: usize) -> Vec<usize> {
@@ -81,44 +72,18 @@ fn block_sums(counts: &[usize], block: usize) -> Vec<usize> {
 
 impl ExpertParallelism {
     /// dispatch: group the assignments by expert (stable) — hence by owner rank, each owner's
-    /// block by its local expert —, exchange the rows per expert, then the rows.
-    pub fn dispatch(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<Dispatched> {
-        let (n, d) = x_ND.dims2()?;
+    /// block by its local expert — in the form of `backend` (the local experts' backend: the
+    /// host plan or the device plan), exchange the rows per expert, then the rows.
+    pub fn dispatch(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, backend: ExpertsBackend) -> Result<Dispatched> {
         let l = self.experts_per_rank();
-        let (x_AD, home, counts_E) = if x_ND.device().is_cuda() { self.device_home(layer, x_ND, token_A, expert_A)? } else { self.host_home(layer, x_ND, token_A, expert_A)? };
+        let plan = DispatchPlan::build(token_A, expert_A, x_ND.dim(0)?, self.num_experts, backend).map_err(|e| err(layer, e.to_string()))?;
+        let counts_E = plan.counts().to_vec();
+        let x_AD = plan.gather(x_ND)?;
         let send_rows = block_sums(&counts_E, l);
         let recv_counts = self.comm.exchange_counts(&counts_E)?;
         let recv_rows = block_sums(&recv_counts, l);
         let x_RD = AllToAll::apply(&self.comm, &x_AD, &send_rows, &recv_rows)?;
-        Ok(Dispatched { x_RD, recv_counts, send_rows, recv_rows, home, n, d })
-    }
-
-    /// The host plan: a stable counting sort of the assignments by expert.
-    fn host_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
-        let e = self.num_experts;
-        let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
-        if let Some(&x) = exp.iter().find(|&&x| x as usize >= e) {
-            return Err(err(layer, format!("expert id {x} >= num_experts {e}")));
-        }
-        // the same stable counting sort as the single-device dispatch
-        let (perm, counts) = lockstep_model::moe::dispatch::sort_by_expert(&exp, e);
-        let (a, dev) = (exp.len(), x_ND.device());
-        let tok_A = Tensor::from_vec(perm.iter().map(|&i| tok[i as usize]).collect::<Vec<_>>(), a, dev)?;
-        let perm_A = Tensor::from_vec(perm, a, dev)?;
-        Ok((x_ND.index_select(&tok_A, 0)?, Home::Host { perm_A, tok_A }, counts))
-    }
-
-    /// The device plan groups the rows by expert on the GPU; only the expert counts come back.
-    #[cfg(feature = "cuda")]
-    fn device_home(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
-        let groups = lockstep_model::gpu::RowGroups::new(token_A, expert_A, x_ND.dim(0)?, self.num_experts).map_err(|e| err(layer, e.to_string()))?;
-        let counts = groups.counts().to_vec();
-        Ok((groups.gather(x_ND)?, Home::Device(groups), counts))
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn device_home(&self, layer: usize, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Home, Vec<usize>)> {
-        Err(err(layer, "CUDA tensors need the `cuda` feature".into()))
+        Ok(Dispatched { x_RD, recv_counts, send_rows, recv_rows, plan })
     }
 
     /// experts: every received row through this rank's experts, weight 1 (the weights are
@@ -136,16 +101,9 @@ impl ExpertParallelism {
     /// combine: the results back to their tokens' ranks, weighted, summed per token (on the
     /// GPU in ascending route order and f32, like the single-device combine).
     pub fn combine(&self, dispatched: &Dispatched, y_RD: &Tensor, weight_A: &Tensor) -> Result<Tensor> {
-        let Dispatched { send_rows, recv_rows, home, n, d, .. } = dispatched;
+        let Dispatched { send_rows, recv_rows, plan, .. } = dispatched;
         let y_AD = AllToAll::apply(&self.comm, y_RD, recv_rows, send_rows)?;
-        match home {
-            Home::Host { perm_A, tok_A } => {
-                let w_A1 = weight_A.index_select(perm_A, 0)?.to_dtype(y_AD.dtype())?.unsqueeze(1)?;
-                Ok(Tensor::zeros((*n, *d), y_AD.dtype(), y_AD.device())?.index_add(tok_A, &y_AD.broadcast_mul(&w_A1)?, 0)?)
-            }
-            #[cfg(feature = "cuda")]
-            Home::Device(groups) => Ok(groups.combine(&y_AD, weight_A)?),
-        }
+        Ok(plan.combine(&y_AD, weight_A)?)
     }
 }
 
@@ -157,7 +115,7 @@ impl ExpertParallel for ExpertParallelism {
         if local.num_experts() != l {
             return Err(err(layer, format!("this rank holds {} experts, expected {l} ({} over {w} ranks)", local.num_experts(), self.num_experts)));
         }
-        let dispatched = self.dispatch(layer, x_ND, token_A, expert_A)?;
+        let dispatched = self.dispatch(layer, x_ND, token_A, expert_A, local.backend())?;
         let y_RD = self.experts(&dispatched, local)?;
         self.combine(&dispatched, &y_RD, weight_A)
     }
@@ -253,7 +211,7 @@ mod tests {
             let x = Tensor::ones((2, 3), DType::F32, &dev).map_err(|e| e.to_string())?;
             let token_A = Tensor::new(&[0u32, 1], &dev).map_err(|e| e.to_string())?;
             let expert_A = Tensor::new(&[0u32, 3], &dev).map_err(|e| e.to_string())?;
-            ep.dispatch(0, &x, &token_A, &expert_A).map(|_| unreachable!("rank 1 took no part")).or_else(Ok)
+            ep.dispatch(0, &x, &token_A, &expert_A, ExpertsBackend::Reference).map(|_| unreachable!("rank 1 took no part")).or_else(Ok)
         });
         let e = all.into_iter().next().unwrap().unwrap().unwrap();
         assert!(matches!(&e, ModelError::Collective(CollectiveError::Aborted { rank: 1, cause }) if cause == "rank 1 fails first"), "{e:?}");

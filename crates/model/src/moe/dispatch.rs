@@ -1,8 +1,7 @@
-//! Dispatch stage: turn a routing decision into flat assignments grouped by expert — and, as a
-//! leaf module (it imports nothing of this crate), all the host index arithmetic of dispatch
-//! that the CPU path, the GPU plan (`gpu::plan`) and expert parallelism (`lockstep-dist`)
-//! share: expert histograms, exclusive prefix sums, the stable counting sort by expert, and the
-//! ordering rule of rows received from several sources.
+//! The host index arithmetic of dispatch, as a leaf module (it imports nothing of this crate):
+//! expert histograms, exclusive prefix sums, the stable counting sort by expert, and the
+//! ordering rule of rows received from several sources — shared by the dispatch plan's host
+//! form (`moe::plan`), the GPU plan (`gpu::plan`) and expert parallelism (`lockstep-dist`).
 //!
 //! An assignment is (token, expert, weight). Token-choice gives N·K of them (K per token);
 //! expert-choice gives a variable number per token. Assignments are ordered by expert, then by
@@ -10,8 +9,6 @@
 //! contributions in ascending expert order (the order transformers' expert loop uses).
 //!
 //! Legend: N tokens, E experts, A assignments, S sources.
-
-use candle_core::{Device, Result, Tensor};
 
 /// Exclusive prefix sum: `starts[i] = Σ_{j < i} counts[j]` (expert e's first row when the rows
 /// are grouped by expert with `counts[e]` each) — the one prefix sum of the house, shared with
@@ -67,37 +64,6 @@ pub fn expert_major_rows(counts_SE: &[usize], first_E: &[usize]) -> Vec<u32> {
         }
     }
     pos
-}
-
-/// The dispatch plan on the host: flat assignments sorted by expert. (Its device form is
-/// `gpu::plan::Plan`, built by the same rules on the GPU.)
-#[derive(Debug, Clone)]
-pub struct Dispatch {
-    /// [A] u32 token row of each assignment
-    pub token_A: Tensor,
-    /// [A] weight of each assignment (gradient flows to the router through it)
-    pub weight_A: Tensor,
-    /// assignments per expert; expert e owns rows starts[e]..starts[e] + counts[e]
-    pub counts: Vec<usize>,
-}
-
-impl Dispatch {
-    /// Group a layer's assignments, given as host (token, expert) pairs and their weights
-    /// `weight_A` (same order), by expert (stable: ties keep the decision's order).
-    pub fn from_pairs(tokens: &[u32], experts: &[u32], weight_A: &Tensor, num_experts: usize, device: &Device) -> Result<Self> {
-        let (order, counts) = sort_by_expert(experts, num_experts);
-        let token: Vec<u32> = order.iter().map(|&a| tokens[a as usize]).collect();
-        let n = order.len();
-        let order_A = Tensor::from_vec(order, n, device)?;
-        let weight_A = weight_A.index_select(&order_A, 0)?;
-        let token_A = Tensor::from_vec(token, n, device)?;
-        Ok(Self { token_A, weight_A, counts })
-    }
-
-    /// Token rows of x in assignment order: [A, D].
-    pub fn gather(&self, x_ND: &Tensor) -> Result<Tensor> {
-        x_ND.index_select(&self.token_A, 0)
-    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 //!
 //! Legend: N tokens, D hidden, E experts, K experts per token, A assignments.
 
-pub mod combine;
 pub mod dispatch;
 pub mod experts;
 pub mod parallel;
+pub mod plan;
 pub mod router;
 pub mod synthetic;
 
@@ -19,7 +19,6 @@ use crate::nn::linear::{linear_no_bias, Linear};
 use crate::nn::mlp::SwiGlu;
 use crate::nn::Kernels;
 use crate::routing::{LayerRoute, RouteMode};
-use dispatch::Dispatch;
 use experts::Experts;
 use parallel::ExpertParallel;
 use router::Router;
@@ -88,18 +87,17 @@ impl MoeBlock {
     }
 }
 
-/// The experts stage as the reference stages on any device: dispatch (`Dispatch`: assignments
-/// grouped by expert, one host copy of the route) → `Experts::forward` → `combine`, with candle
-/// autograd. out_ND = Σ_a weight_a · experts[expert_a](x[token_a]); the CPU path of
-/// [`parallel::local_experts`], and what the CUDA ops are checked against.
+/// The experts stage as the reference stages on any device: dispatch (the host form of
+/// [`plan::DispatchPlan`]: assignments grouped by expert, one host copy of the route) →
+/// `Experts::forward` → combine, with candle autograd. out_ND = Σ_a weight_a ·
+/// experts[expert_a](x[token_a]); the host backend of [`parallel::local_experts`], and what the
+/// CUDA ops are checked against.
 pub fn reference_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_A: &Tensor, experts: &Experts) -> Result<Tensor> {
-    let n = x_ND.dim(0)?;
-    let (tok, exp): (Vec<u32>, Vec<u32>) = (token_A.to_vec1()?, expert_A.to_vec1()?);
     // dispatch
-    let dispatch = Dispatch::from_pairs(&tok, &exp, weight_A, experts.num_experts(), x_ND.device())?;
-    let x_AD = dispatch.gather(x_ND)?;
+    let plan = plan::DispatchPlan::build(token_A, expert_A, x_ND.dim(0)?, experts.num_experts(), experts::ExpertsBackend::Reference)?;
+    let x_AD = plan.gather(x_ND)?;
     // experts
-    let y_AD = experts.forward(&x_AD, &dispatch.counts)?;
+    let y_AD = experts.forward(&x_AD, plan.counts())?;
     // combine
-    Ok(combine::combine(&y_AD, &dispatch, n)?)
+    Ok(plan.combine(&y_AD, weight_A)?)
 }
