@@ -31,7 +31,7 @@ pub fn shard_experts(model: &mut MoeCausalLm, comm: Arc<dyn Collective>) -> Resu
     }
     let ep: Arc<dyn ExpertParallel> = Arc::new(ExpertParallelism { comm, num_experts: e });
     for layer in model.cfg.moe_layers.clone() {
-        let block = model.moe_block_mut(layer).expect("moe_layers lists MoE layers");
+        let block = model.moe_block_checked_mut(layer)?;
         shard_block(block, ep.clone(), r, w).map_err(|m| ModelError::config("<ranks>", "experts", format!("layer {layer}: {m}")))?;
     }
     Ok(())
