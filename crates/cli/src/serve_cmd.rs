@@ -28,6 +28,42 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N (CUDA needs the `cuda` build: scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// API key required as `Authorization: Bearer <key>` on every endpoint but `GET /health`
+    /// (default: $LOCKSTEP_API_KEY; none: no key needed). Prefer the variable: flags show in `ps`.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Admin key required as `Authorization: Bearer <key>` on `POST /v1/load_weights`
+    /// (default: $LOCKSTEP_ADMIN_KEY; none: load_weights is disabled).
+    #[arg(long)]
+    admin_key: Option<String>,
+    /// Without an admin key, serve load_weights anyway (to holders of the API key, or to
+    /// anyone without one): the behaviour before keys existed.
+    #[arg(long)]
+    allow_unauthenticated_load_weights: bool,
+    /// Further names accepted in the `Host` / `Origin` headers, comma-separated, or `*` for any
+    /// (localhost, 127.0.0.1, ::1 and the bound address always are).
+    #[arg(long, value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// load_weights reads checkpoint directories only under this directory (default: the
+    /// current directory).
+    #[arg(long)]
+    weights_root: Option<std::path::PathBuf>,
+    /// Accept a load_weights at the current policy version (a reload without a bump, as the
+    /// RL loop's remote client sends today); lower versions are refused either way.
+    #[arg(long)]
+    allow_same_version: bool,
+}
+
+/// `flag`, else the environment variable `var` (unset: none).
+fn flag_or_env(flag: Option<String>, var: &str) -> anyhow::Result<Option<String>> {
+    match flag {
+        Some(v) => Ok(Some(v)),
+        None => match std::env::var(var) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("${var} is not valid UTF-8"),
+        },
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -38,6 +74,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_running: args.max_running,
         capture_routes: !args.no_capture,
         device: crate::device::parse(&args.device)?,
+        security: lockstep_server::Security {
+            api_key: flag_or_env(args.api_key, "LOCKSTEP_API_KEY")?,
+            admin_key: flag_or_env(args.admin_key, "LOCKSTEP_ADMIN_KEY")?,
+            allow_unauthenticated_load_weights: args.allow_unauthenticated_load_weights,
+            allowed_hosts: args.allowed_hosts,
+            weights_root: Some(args.weights_root.unwrap_or_else(|| ".".into())),
+            allow_same_version: args.allow_same_version,
+        },
     };
     let addr = format!("{}:{}", args.host, args.port);
     lockstep_server::serve_blocking(&cfg, &addr).with_context(|| format!("serving {}", cfg.model))

@@ -53,6 +53,10 @@ mini_steps = 2
 token_budget = 1024
 # passes over the same rollout batch (each pass: `mini_steps` updates)
 epochs = 1
+# an update whose loss or gradient norm is NaN / inf is skipped (weights and AdamW state kept,
+# counted as `skipped_nonfinite` in metrics.jsonl); this many skipped in a row stop the run,
+# its last good checkpoint intact (optional, default 3, >= 1)
+max_nonfinite_steps = 3
 
 [replay]
 enabled = true
@@ -167,6 +171,13 @@ pub struct TrainerSection {
     /// passes over the rollout batch (default 1)
     #[serde(default = "default_one")]
     pub epochs: usize,
+    /// consecutive updates skipped for a non-finite loss or gradient that stop the run (default 3)
+    #[serde(default = "default_max_nonfinite")]
+    pub max_nonfinite_steps: u64,
+}
+
+fn default_max_nonfinite() -> u64 {
+    3
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,6 +355,9 @@ impl RunConfig {
         }
         if self.rollout.mismatch != "none" && !self.rollout.servers.is_empty() {
             return Err(bad("rollout.mismatch", "applies to the in-process engine; leave rollout.servers empty"));
+        }
+        if !(1..=1_000_000).contains(&self.trainer.max_nonfinite_steps) {
+            return Err(bad("trainer.max_nonfinite_steps", "must be in 1..=1000000"));
         }
         if self.trainer.epochs == 0 {
             return Err(bad("trainer.epochs", "must be > 0"));

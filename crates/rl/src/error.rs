@@ -10,6 +10,15 @@ pub enum RlError {
     /// (with its run_state.json); `RunOptions::resume` with it continues bit for bit.
     #[error("interrupted after {after}; checkpoint: {}", checkpoint.display())]
     Interrupted { after: String, checkpoint: std::path::PathBuf },
+    /// `count` updates in a row had a non-finite loss or gradient norm and were skipped (the
+    /// weights and optimizer state are those before them); the run stopped. The checkpoint
+    /// named (if any) was written before the skipped updates and is intact: resume from it
+    /// (with a lower `trainer.lr`, say).
+    #[error("stopped after {count} consecutive updates with a non-finite loss or gradient norm (the last at {at}; trainer.max_nonfinite_steps = {count}); {}", match checkpoint {
+        Some(c) => format!("the last good checkpoint {} is intact: resume from it", c.display()),
+        None => "no checkpoint of this run was written before them".to_string(),
+    })]
+    NonFinite { count: u64, at: String, checkpoint: Option<std::path::PathBuf> },
     #[error(transparent)]
     Model(#[from] lockstep_model::ModelError),
     #[error(transparent)]

@@ -67,9 +67,15 @@ pub struct StepRecord {
     /// groups dropped for zero reward variance (`rollout.filter_zero_variance`)
     #[serde(default)]
     pub filtered_groups: usize,
-    /// updates applied this step (mini_steps × epochs, fewer when groups were filtered)
+    /// updates applied this step (mini_steps × epochs, fewer when groups were filtered or
+    /// updates skipped)
     #[serde(default)]
     pub updates: usize,
+    /// updates skipped this step because the loss or the gradient norm was not finite (the
+    /// weights and optimizer state kept; their metrics are left out of the step's means). In
+    /// the warm-up record: the warm-up steps skipped
+    #[serde(default)]
+    pub skipped_nonfinite: usize,
     pub extreme_fraction: f64,
     pub clip_fraction: f64,
     pub grad_norm: f64,
@@ -80,17 +86,47 @@ pub struct StepRecord {
     pub layers: BTreeMap<usize, LayerRecord>,
 }
 
-pub fn append(path: &Path, rec: &StepRecord) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| RlError::io(path, e))?;
-    let line = serde_json::to_string(rec).map_err(|e| RlError::io(path, e))?;
-    writeln!(f, "{line}").map_err(|e| RlError::io(path, e))
+/// The dotted name of the first `null` in a serialised record: serde_json writes NaN / ±inf
+/// as `null`, and a record has no other (an absent `eval_accuracy` is left out).
+fn first_null(v: &serde_json::Value, at: &str) -> Option<String> {
+    let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    match v {
+        serde_json::Value::Null => Some(if at.is_empty() { "<record>".into() } else { at.to_string() }),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, x)| first_null(x, &join(k))),
+        serde_json::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| first_null(x, &join(&i.to_string()))),
+        _ => None,
+    }
 }
 
+/// Append one record as a JSON line. A non-finite number (which JSON cannot hold) is refused
+/// with an error naming its field, before anything is written.
+pub fn append(path: &Path, rec: &StepRecord) -> Result<()> {
+    let value = serde_json::to_value(rec).map_err(|e| RlError::io(path, e))?;
+    if let Some(field) = first_null(&value, "") {
+        return Err(RlError::io(path, format!("{} step {}: metric `{field}` is not finite (NaN or inf); not written", rec.phase, rec.step)));
+    }
+    let mut line = serde_json::to_string(rec).map_err(|e| RlError::io(path, e))?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| RlError::io(path, e))?;
+    // one write: a kill leaves at most a torn last line, which `read` drops
+    f.write_all(line.as_bytes()).map_err(|e| RlError::io(path, e))
+}
+
+/// Read every record. A torn last line (partial JSON, as a kill in the middle of `append`
+/// leaves: no final newline, or the JSON ends early) is dropped with a warning on stderr; any
+/// other bad line is an error naming it.
 pub fn read(path: &Path) -> Result<Vec<StepRecord>> {
     let text = std::fs::read_to_string(path).map_err(|e| RlError::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| RlError::io(path, format!("line {}: {e}", i + 1))))
-        .collect()
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (k, &(i, l)) in lines.iter().enumerate() {
+        match serde_json::from_str(l) {
+            Ok(r) => out.push(r),
+            Err(e) if k + 1 == lines.len() && (e.is_eof() || !text.ends_with('\n')) => {
+                eprintln!("warning: {}: line {}: dropped a torn last line ({e})", path.display(), i + 1);
+            }
+            Err(e) => return Err(RlError::io(path, format!("line {}: {e}", i + 1))),
+        }
+    }
+    Ok(out)
 }

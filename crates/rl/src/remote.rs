@@ -22,6 +22,14 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct RemoteEngine {
     pub urls: Vec<String>,
     agent: ureq::Agent,
+    /// `LOCKSTEP_API_KEY` / `LOCKSTEP_ADMIN_KEY`, read once: the Bearer tokens a secured
+    /// `lockstep serve` asks for (completions / load_weights)
+    api_key: Option<String>,
+    admin_key: Option<String>,
+}
+
+fn env_key(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|k| !k.is_empty())
 }
 
 fn err(url: &str, msg: impl ToString) -> RlError {
@@ -37,7 +45,12 @@ impl RemoteEngine {
     /// slow).
     pub fn with_timeouts(urls: Vec<String>, connect: Duration, request: Duration) -> Self {
         let agent = ureq::AgentBuilder::new().timeout_connect(connect).timeout(request).build();
-        Self { urls: urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect(), agent }
+        Self {
+            urls: urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+            agent,
+            api_key: env_key("LOCKSTEP_API_KEY"),
+            admin_key: env_key("LOCKSTEP_ADMIN_KEY"),
+        }
     }
 
     /// `GET /health` on every server: each must answer a lockstep server's `{"status": "ok"}`.
@@ -64,23 +77,26 @@ impl RemoteEngine {
     }
 
     /// Ask every server to load a checkpoint directory (drains, swaps, bumps the version).
-    pub fn load_weights(&self, dir: &Path, version: u64) -> Result<()> {
+    pub fn load_weights(&self, dir: &Path) -> Result<u64> {
         let path = std::fs::canonicalize(dir).map_err(|e| RlError::io(dir, e))?;
+        let mut version = None;
         for u in &self.urls {
             let url = format!("{u}/v1/load_weights");
-            let text = self
-                .agent
-                .post(&url)
-                .send_json(json!({"path": path.display().to_string(), "version": version}))
+            let mut req = self.agent.post(&url);
+            if let Some(k) = &self.admin_key {
+                req = req.set("Authorization", &format!("Bearer {k}"));
+            }
+            // no version: the server stamps current + 1 (strictly increasing) and says which
+            let text = req
+                .send_json(json!({"path": path.display().to_string()}))
                 .map_err(|e| err(&url, describe(e)))?
                 .into_string()
                 .map_err(|e| err(&url, format!("reading the answer: {e}")))?;
             let v: Value = serde_json::from_str(&text).map_err(|e| err(&url, format!("the answer is not JSON ({e}): {}", snippet(&text))))?;
-            if v.get("policy_version").and_then(Value::as_u64) != Some(version) {
-                return Err(err(&url, format!("policy_version: expected {version}, got {}", snippet(&text))));
-            }
+            let got = v.get("policy_version").and_then(Value::as_u64).ok_or_else(|| err(&url, format!("policy_version missing: {}", snippet(&text))))?;
+            version.get_or_insert(got);
         }
-        Ok(())
+        Ok(version.unwrap_or(0))
     }
 
     /// Generate every request; completions in request order.
@@ -119,7 +135,11 @@ impl RemoteEngine {
             "logprobs": 0,
             "return_router_probs": true,
         });
-        let text = self.agent.post(&url).send_json(body).map_err(|e| err(&url, describe(e)))?.into_string().map_err(|e| err(&url, format!("reading the answer: {e}")))?;
+        let mut req = self.agent.post(&url);
+        if let Some(k) = &self.api_key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        let text = req.send_json(body).map_err(|e| err(&url, describe(e)))?.into_string().map_err(|e| err(&url, format!("reading the answer: {e}")))?;
         let resp: Value = serde_json::from_str(&text).map_err(|e| err(&url, format!("the answer is not JSON ({e}): {}", snippet(&text))))?;
         let choice = resp.pointer("/choices/0").ok_or_else(|| err(&url, "response without choices[0]"))?;
         let ids = |key: &str| -> Result<Vec<u32>> {

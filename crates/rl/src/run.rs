@@ -15,6 +15,12 @@
 //! (the doc of `warmup` says why it is not split). Rank 0 writes the metrics,
 //! report and checkpoints; a checkpoint is an ordinary one (the experts gathered), which any
 //! number of ranks can resume.
+//!
+//! Guards: an update (RL or warm-up) whose loss or gradient norm is not finite is skipped by the
+//! trainer and counted (`skipped_nonfinite` in the step record); `trainer.max_nonfinite_steps`
+//! in a row stop the run with [`RlError::NonFinite`], naming the last checkpoint written before
+//! them (none is written while updates are being skipped). A checkpoint directory, its
+//! run_state.json included, appears atomically; run_state.json is range-checked on resume.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,15 +144,62 @@ fn reference_dir(out: &Path) -> PathBuf {
     out.join("reference")
 }
 
-/// Trainer checkpoint + run_state.json (every rank calls it; rank 0 writes).
+/// Trainer checkpoint + run_state.json, written as one atomic directory (every rank calls it;
+/// rank 0 writes): run_state.json goes into the temporary directory with the weights and
+/// optimizer state before the rename, so a checkpoint directory always has it.
 fn save_checkpoint(trainer: &Trainer, dir: &Path, st: &RunState) -> Result<()> {
-    trainer.save(dir)?;
-    if trainer.parallel.as_ref().is_some_and(|dp| dp.rank() != 0) {
-        return Ok(());
-    }
     let text = serde_json::to_string(st).map_err(|e| RlError::io(dir, e))?;
-    let path = dir.join("run_state.json");
-    std::fs::write(&path, text).map_err(|e| RlError::io(&path, e))
+    trainer.save_with(dir, &[("run_state.json", text.into_bytes())])?;
+    Ok(())
+}
+
+/// Read `<dir>/run_state.json` and check it against the config: `rl_step <= steps`,
+/// `warmup_step < warmup.steps` (errors name the field and the file).
+fn read_run_state(dir: &Path, cfg: &RunConfig) -> Result<RunState> {
+    let st_path = dir.join("run_state.json");
+    let text = std::fs::read_to_string(&st_path).map_err(|e| RlError::io(&st_path, e))?;
+    let st = serde_json::from_str::<RunState>(&text).map_err(|e| RlError::io(&st_path, e))?;
+    if st.rl_step > cfg.steps {
+        return Err(RlError::io(&st_path, format!("`rl_step` = {}: beyond the config's steps = {}", st.rl_step, cfg.steps)));
+    }
+    if let Some(w) = st.warmup_step {
+        if w >= cfg.warmup.steps {
+            return Err(RlError::io(&st_path, format!("`warmup_step` = {w}: must be < the config's warmup.steps = {}", cfg.warmup.steps)));
+        }
+        if st.rl_step != 0 {
+            return Err(RlError::io(&st_path, format!("`rl_step` = {}: a warm-up checkpoint (`warmup_step` set) has rl_step 0", st.rl_step)));
+        }
+        if w.checked_mul(cfg.warmup.batch as u64).is_none() {
+            return Err(RlError::io(&st_path, format!("`warmup_step` = {w}: times warmup.batch overflows")));
+        }
+    }
+    if !st.warmup_eval.is_finite() {
+        return Err(RlError::io(&st_path, "`warmup_eval`: not a finite number"));
+    }
+    Ok(st)
+}
+
+/// Consecutive updates skipped for a non-finite loss or gradient, and the last checkpoint
+/// written before them (or resumed from).
+struct NonFiniteGuard {
+    max: u64,
+    consecutive: u64,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl NonFiniteGuard {
+    /// Count one update; `Err(NonFinite)` once `max` in a row were skipped.
+    fn update(&mut self, skipped: bool, at: impl FnOnce() -> String) -> Result<()> {
+        if !skipped {
+            self.consecutive = 0;
+            return Ok(());
+        }
+        self.consecutive += 1;
+        if self.consecutive >= self.max {
+            return Err(RlError::NonFinite { count: self.consecutive, at: at(), checkpoint: self.last_checkpoint.clone() });
+        }
+        Ok(())
+    }
 }
 
 fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
@@ -194,10 +247,13 @@ fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
 /// grows to 1e-3 (replicated) and 4e-3 (experts) in the weights — as splitting it into two
 /// micro-batches on one rank does — enough to part the runs at RL step 1. Whole, the warm-up
 /// on N ranks is the single-rank warm-up bit for bit (`crates/rl/tests/ranks.rs`).
-fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions) -> Result<(Trainer, Option<u64>)> {
+/// Updates skipped for a non-finite loss or gradient count in `guard` (`max_nonfinite_steps`
+/// in a row stop the warm-up with [`RlError::NonFinite`]); the third value is how many were.
+fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions, guard: &mut NonFiniteGuard) -> Result<(Trainer, Option<u64>, usize)> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
     // skip the instances of the steps already done
-    for _ in 0..from * cfg.warmup.batch as u64 {
+    let mut skipped = 0usize;
+    for _ in 0..from.saturating_mul(cfg.warmup.batch as u64) {
         env.sample(&mut rng);
     }
     let rank = t.parallel.as_ref().map_or(0, |d| d.rank());
@@ -221,14 +277,16 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
         } else {
             vec![TrainBatch::new(Batch::packed(&toks, None, &cu, &dev)?, vec![0.0; n], vec![0.0; n], mask, Default::default())?]
         };
-        let loss = t.sft_step(&micro)?;
-        bar.set_message(format!("warm-up {}/{} loss {loss:.3}", s + 1, cfg.warmup.steps));
+        let sm = t.sft_step_checked(&micro)?;
+        skipped += usize::from(sm.skipped_nonfinite);
+        guard.update(sm.skipped_nonfinite, || format!("warm-up step {}/{}", s + 1, cfg.warmup.steps))?;
+        bar.set_message(format!("warm-up {}/{} loss {:.3}{}", s + 1, cfg.warmup.steps, sm.loss, if sm.skipped_nonfinite { " (skipped: non-finite)" } else { "" }));
         bar.tick();
         if opts.stopped()? && s + 1 < cfg.warmup.steps {
-            return Ok((t, Some(s + 1)));
+            return Ok((t, Some(s + 1), skipped));
         }
     }
-    Ok((t, None))
+    Ok((t, None, skipped))
 }
 
 /// The rollout engine for policy version `version`: in process (sharing the trainer's weight
@@ -250,7 +308,8 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
     let remote = crate::remote::RemoteEngine::new(cfg.rollout.servers.clone());
     let dir = out.join("weights-sync");
     trainer.model.save(&dir)?;
-    remote.load_weights(&dir, version)?;
+    // the server stamps its own strictly increasing version (`version` is the local engine's)
+    remote.load_weights(&dir)?;
     Ok(Rollouter::Remote(remote))
 }
 
@@ -300,13 +359,10 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
 
     // --- model and trainer: fresh (warm-up first) or resumed
     let state = match &opts.resume {
-        Some(dir) => {
-            let st_path = dir.join("run_state.json");
-            let text = std::fs::read_to_string(&st_path).map_err(|e| RlError::io(&st_path, e))?;
-            Some(serde_json::from_str::<RunState>(&text).map_err(|e| RlError::io(&st_path, e))?)
-        }
+        Some(dir) => Some(read_run_state(dir, cfg)?),
         None => None,
     };
+    let mut guard = NonFiniteGuard { max: cfg.trainer.max_nonfinite_steps, consecutive: 0, last_checkpoint: opts.resume.clone() };
     let (mut trainer, start, warmup_eval) = match (&opts.resume, state) {
         (Some(dir), Some(st)) if st.warmup_step.is_none() => {
             let mut t = opts.resume_trainer(dir, trainer_config(cfg, replay), kernels_for(cfg))?;
@@ -322,7 +378,9 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                     record(r, &mut records)?;
                 }
             }
-            (t, st.rl_step + 1, st.warmup_eval)
+            // rl_step <= steps (read_run_state); the add is checked all the same
+            let start = st.rl_step.checked_add(1).ok_or_else(|| RlError::io(&dir.join("run_state.json"), "`rl_step`: out of range"))?;
+            (t, start, st.warmup_eval)
         }
         (resume, st) => {
             // from scratch, or from a checkpoint taken during the warm-up
@@ -333,7 +391,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 (Some(dir), Some(done)) => (opts.resume_trainer(dir, warmup_config(cfg), kernels_for(cfg))?, done),
                 _ => (opts.trainer(base_model(cfg, &dev)?, warmup_config(cfg))?, 0),
             };
-            let (warm, stopped) = warmup(t, from, env.as_ref(), cfg, &bar, opts)?;
+            let (warm, stopped, warm_skipped) = warmup(t, from, env.as_ref(), cfg, &bar, opts, &mut guard)?;
             if let Some(done) = stopped {
                 let dir = out.join("checkpoints").join(format!("warmup-{done}"));
                 save_checkpoint(&warm, &dir, &RunState { rl_step: 0, warmup_eval: 0.0, warmup_step: Some(done) })?;
@@ -346,10 +404,11 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 t.save(&reference_dir(out))?;
             }
             let acc = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), max_answer)?;
-            record(StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), ..StepRecord::default() }, &mut records)?;
+            record(StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), skipped_nonfinite: warm_skipped, ..StepRecord::default() }, &mut records)?;
             if opts.stopped()? && cfg.steps > 0 {
                 let dir = out.join("checkpoints").join("step-0");
                 save_checkpoint(&t, &dir, &RunState { rl_step: 0, warmup_eval: acc, warmup_step: None })?;
+                guard.last_checkpoint = Some(dir.clone());
                 bar.abandon();
                 return Err(RlError::Interrupted { after: "the warm-up".into(), checkpoint: dir });
             }
@@ -396,13 +455,24 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         }
         let mut layer_sums: std::collections::BTreeMap<usize, (LayerRecord, f64)> = Default::default();
         let mut updates = 0f64;
-        for _epoch in 0..cfg.trainer.epochs {
+        let mut stopped_nonfinite = None;
+        'updates: for _epoch in 0..cfg.trainer.epochs {
             for tbs in &minis {
                 let local: f64 = tbs.iter().map(TrainBatch::loss_tokens).sum();
                 if global_sum(&opts.parallel, local)? == 0.0 {
                     continue; // every group of this update was filtered
                 }
                 let m = trainer.step(tbs)?;
+                // the same decision on every rank (the trainer checks the global loss and norm)
+                if let Err(e) = guard.update(m.skipped_nonfinite, || format!("RL step {step}/{}", cfg.steps)) {
+                    rec.skipped_nonfinite += 1;
+                    stopped_nonfinite = Some(e);
+                    break 'updates;
+                }
+                if m.skipped_nonfinite {
+                    rec.skipped_nonfinite += 1;
+                    continue; // nothing was applied; its metrics stay out of the means
+                }
                 if updates == 0.0 {
                     rec.train_infer_kl = m.infer_kl;
                     rec.train_infer_extreme_fraction = m.infer_extreme_fraction;
@@ -448,6 +518,13 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 (l, r)
             })
             .collect();
+        if let Some(e) = stopped_nonfinite {
+            // the record of the step that stopped (its skipped updates counted), then the error
+            rec.seconds = t0.elapsed().as_secs_f64();
+            record(rec, &mut records)?;
+            bar.abandon();
+            return Err(e);
+        }
         if step % cfg.eval.every == 0 || step == cfg.steps {
             rec.eval_accuracy = Some(rollout::evaluate(&mut rollouter(cfg, &trainer, out, step)?, env.as_ref(), max_answer)?);
         }
@@ -458,9 +535,16 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         bar.set_message(format!("reward {msg_reward:.3} kl {msg_kl:.2e} conf {conf:.3}{}", msg_eval.map(|a| format!(" eval {a:.3}")).unwrap_or_default()));
         bar.inc(1);
         let stop = opts.stopped()? && step < cfg.steps;
-        if stop || (cfg.output.checkpoint_every > 0 && (step % cfg.output.checkpoint_every == 0 || step == cfg.steps)) {
+        let periodic = cfg.output.checkpoint_every > 0 && (step % cfg.output.checkpoint_every == 0 || step == cfg.steps);
+        if periodic && !stop && guard.consecutive > 0 {
+            // the last update was skipped (non-finite): keep the last good checkpoint the newest
+            if writes {
+                eprintln!("warning: step {step}: no checkpoint while updates are skipped for non-finite values ({} in a row)", guard.consecutive);
+            }
+        } else if stop || periodic {
             let dir = out.join("checkpoints").join(format!("step-{step}"));
             save_checkpoint(&trainer, &dir, &RunState { rl_step: step, warmup_eval, warmup_step: None })?;
+            guard.last_checkpoint = Some(dir.clone());
             if stop {
                 bar.abandon();
                 if writes {

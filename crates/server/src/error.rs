@@ -29,7 +29,8 @@ pub type Result<T> = std::result::Result<T, ServerError>;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`
+    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`,
+    /// `authentication_error`, `permission_error`
     pub kind: &'static str,
     /// the request field at fault
     pub param: Option<String>,
@@ -85,6 +86,31 @@ impl ApiError {
         Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: None }
     }
 
+    /// 401: no API key, or the wrong one (the key itself is never echoed).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::UNAUTHORIZED, message: message.into(), kind: "authentication_error", param: None, code: Some("invalid_api_key") }
+    }
+
+    /// 403: the request is understood but not allowed here.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::FORBIDDEN, message: message.into(), kind: "permission_error", param: None, code: Some(code) }
+    }
+
+    /// 421: the `Host` header names no address this server answers for (DNS rebinding).
+    pub fn misdirected(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::MISDIRECTED_REQUEST, message: message.into(), kind: "invalid_request_error", param: None, code: Some("host_not_allowed") }
+    }
+
+    /// 415: the body is not `application/json`.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::UNSUPPORTED_MEDIA_TYPE, message: message.into(), kind: "invalid_request_error", param: None, code: Some("unsupported_media_type") }
+    }
+
+    /// 409 naming `param`: e.g. a policy version that does not increase.
+    pub fn conflict(param: &str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::CONFLICT, code: Some("conflict"), ..Self::invalid(param, message) }
+    }
+
     /// The JSON body (also sent as an SSE event when a stream fails midway).
     pub fn body(&self) -> serde_json::Value {
         serde_json::to_value(Body {
@@ -104,7 +130,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 

@@ -7,7 +7,10 @@
 //!   lists, `return_router_probs` the router probabilities.
 //! * `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
 //! * `POST /v1/load_weights {"path", "version"}` — waits for the running requests, swaps the
-//!   weights, bumps the policy version stamped into routes.
+//!   weights, bumps the policy version stamped into routes (strictly increasing).
+//!
+//! Access ([`security`]): an API key on everything but `/health`, an admin key for
+//! `load_weights`, `Host` / `Origin` checks, weights only from under a root.
 //!
 //! One OS thread owns the engine ([`scheduler`]) and steps it continuously; requests join the
 //! batch between steps. The model runs the batch-invariant kernels, so what the server returns
@@ -19,6 +22,7 @@ pub mod generate;
 pub mod metrics;
 pub mod routes;
 pub mod scheduler;
+pub mod security;
 pub mod state;
 pub mod text;
 pub mod tokenizer;
@@ -29,6 +33,7 @@ use std::sync::Arc;
 use lockstep_engine::Engine;
 
 pub use error::{ApiError, Result, ServerError};
+pub use security::Security;
 pub use state::{AppState, ModelInfo};
 
 /// How to serve.
@@ -47,17 +52,26 @@ pub struct ServerConfig {
     /// where the model runs (CPU, or a CUDA device with the `cuda` build); the batch-invariant
     /// kernels either way
     pub device: candle_core::Device,
+    /// keys, allowed hosts, the weights root ([`Security::default`] is [`Security::open`];
+    /// `lockstep serve` starts from [`Security::strict`])
+    pub security: Security,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { model: "default".into(), served_model_name: None, seed: 0, max_running: 64, capture_routes: true, device: candle_core::Device::Cpu }
+        Self { model: "default".into(), served_model_name: None, seed: 0, max_running: 64, capture_routes: true, device: candle_core::Device::Cpu, security: Security::default() }
     }
 }
 
 /// The router and the engine thread behind it (the thread ends once the router is dropped
-/// and the requests in flight are done).
+/// and the requests in flight are done). `Host` is checked against localhost only: [`start`]
+/// and [`serve`] add the bound address.
 pub fn app(cfg: &ServerConfig) -> Result<axum::Router> {
+    app_at(cfg, None, None)
+}
+
+fn app_at(cfg: &ServerConfig, bound: Option<SocketAddr>, host: Option<&str>) -> Result<axum::Router> {
+    let guard = Arc::new(security::Guard::new(cfg.security.clone(), bound, host)?);
     let (model, tok) = state::load_model(&cfg.model, cfg.seed, &cfg.device)?;
     let info = ModelInfo::of(cfg.served_model_name.clone().unwrap_or_else(|| cfg.model.clone()), &model.cfg);
     let mut engine = Engine::new(model);
@@ -66,7 +80,24 @@ pub fn app(cfg: &ServerConfig) -> Result<axum::Router> {
     let tok = Arc::new(tok);
     let metrics = Arc::new(metrics::Metrics::default());
     let (sched, _join) = scheduler::Scheduler::start(engine, tok.clone(), metrics.clone());
-    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone() })))
+    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone(), guard: guard.clone() }), guard))
+}
+
+/// The host part of `host:port` (`[::1]:80` → `::1`).
+fn host_of(addr: &str) -> &str {
+    let h = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    h.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Bind, then build the router knowing the bound address (the `Host` check); warn loudly
+/// about an exposed server.
+async fn bound(cfg: &ServerConfig, addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr, axum::Router)> {
+    cfg.security.validate()?;
+    let listener = bind(addr).await?;
+    let local = listener.local_addr().map_err(|e| ServerError::Io { what: "local address".into(), source: e })?;
+    let router = app_at(cfg, Some(local), Some(host_of(addr)))?;
+    security::warn_exposure(&cfg.security, &local);
+    Ok((listener, local, router))
 }
 
 /// A server running on a tokio task (tests, benchmarks): its address and a way to stop it.
@@ -92,9 +123,7 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
 
 /// Start serving on `addr` (e.g. `127.0.0.1:0`) in the background.
 pub async fn start(cfg: &ServerConfig, addr: &str) -> Result<RunningServer> {
-    let router = app(cfg)?;
-    let listener = bind(addr).await?;
-    let addr = listener.local_addr().map_err(|e| ServerError::Io { what: "local address".into(), source: e })?;
+    let (listener, addr, router) = bound(cfg, addr).await?;
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, router)
@@ -108,12 +137,9 @@ pub async fn start(cfg: &ServerConfig, addr: &str) -> Result<RunningServer> {
 
 /// Serve on `addr` until Ctrl-C.
 pub async fn serve(cfg: &ServerConfig, addr: &str) -> Result<()> {
-    let router = app(cfg)?;
-    let listener = bind(addr).await?;
-    if let Ok(a) = listener.local_addr() {
-        tracing::info!("serving {} on http://{a}", cfg.model);
-        eprintln!("lockstep serve: {} on http://{a}", cfg.served_model_name.as_deref().unwrap_or(&cfg.model));
-    }
+    let (listener, a, router) = bound(cfg, addr).await?;
+    tracing::info!("serving {} on http://{a}", cfg.model);
+    eprintln!("lockstep serve: {} on http://{a}", cfg.served_model_name.as_deref().unwrap_or(&cfg.model));
     axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -30,7 +30,8 @@ use crate::text::StreamText;
 
 type St = State<Arc<AppState>>;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The routes behind the [`crate::security::guard`] middleware (`Host` / `Origin`, keys).
+pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -40,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/load_weights", post(load_weights))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(guard, crate::security::guard))
         .with_state(state)
 }
 
@@ -69,22 +71,23 @@ async fn models(State(st): St) -> Json<serde_json::Value> {
     }]}))
 }
 
-async fn load_weights(State(st): St, body: Bytes) -> Response {
+async fn load_weights(State(st): St, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let r: Result<_, ApiError> = async {
+        crate::security::require_json(&headers)?;
         let req: LoadWeightsRequest = api::parse_json(&body)?;
-        let path = std::path::PathBuf::from(&req.path);
-        if !path.is_dir() {
-            return Err(ApiError::invalid("path", format!("{}: not a checkpoint directory", req.path)));
-        }
+        // a cheap early refusal; the engine thread checks again when it swaps
+        let current = st.metrics.policy_version.load(Relaxed);
+        crate::scheduler::next_version(current, req.version, st.guard.security.allow_same_version)?;
+        let path = st.guard.checkpoint_dir(&req.path)?;
         let dev = st.device.clone();
         let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path, &dev))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::invalid("path", e.to_string()))?;
+            .map_err(|e| ApiError::invalid("path", st.guard.redact(&e.to_string())))?;
         if !same_shape(&st.info.cfg, &model.cfg) {
             return Err(ApiError::invalid("path", "config.json differs from the served model's (architecture or shapes)"));
         }
-        let v = st.sched.load_weights(model, req.version).await?;
+        let v = st.sched.load_weights(model, req.version, st.guard.security.allow_same_version).await?;
         Ok(Json(json!({"status": "ok", "policy_version": v, "path": req.path})))
     }
     .await;

@@ -43,7 +43,7 @@ pub type Events = tmpsc::UnboundedReceiver<Event>;
 
 enum Command {
     Submit(Vec<(Job, tmpsc::UnboundedSender<Event>)>),
-    Load { model: Box<MoeCausalLm>, version: Option<u64>, reply: oneshot::Sender<Result<u64, ApiError>> },
+    Load { model: Box<MoeCausalLm>, version: Option<u64>, allow_same: bool, reply: oneshot::Sender<Result<u64, ApiError>> },
 }
 
 /// A handle on the engine thread (cheap to clone); the thread ends when every handle is gone
@@ -53,7 +53,7 @@ pub struct Scheduler {
     tx: Sender<Command>,
 }
 
-type PendingLoad = (Box<MoeCausalLm>, Option<u64>, oneshot::Sender<Result<u64, ApiError>>);
+type PendingLoad = (Box<MoeCausalLm>, Option<u64>, bool, oneshot::Sender<Result<u64, ApiError>>);
 
 struct Active {
     events: tmpsc::UnboundedSender<Event>,
@@ -70,6 +70,16 @@ struct Loop {
     active: HashMap<u64, Active>,
     held: Vec<(Job, tmpsc::UnboundedSender<Event>)>,
     loads: Vec<PendingLoad>,
+}
+
+/// The policy version a load moves to: `requested` if above `current` (or equal to it, with
+/// `allow_same`), `current + 1` when none is requested; never wrapping. Else 409.
+pub fn next_version(current: u64, requested: Option<u64>, allow_same: bool) -> Result<u64, ApiError> {
+    match requested {
+        None => current.checked_add(1).ok_or_else(|| ApiError::conflict("version", format!("the policy version is {current}, the largest there is: it cannot increase"))),
+        Some(v) if v > current || (allow_same && v == current) => Ok(v),
+        Some(v) => Err(ApiError::conflict("version", format!("{v} does not increase the current policy version {current}"))),
+    }
 }
 
 impl Scheduler {
@@ -98,9 +108,10 @@ impl Scheduler {
     }
 
     /// Swap weights once the running requests are done; the new policy version.
-    pub async fn load_weights(&self, model: MoeCausalLm, version: Option<u64>) -> Result<u64, ApiError> {
+    /// `version`: above the current one (or equal, with `allow_same`); `None`: current + 1.
+    pub async fn load_weights(&self, model: MoeCausalLm, version: Option<u64>, allow_same: bool) -> Result<u64, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Load { model: Box::new(model), version, reply }).map_err(|_| ApiError::unavailable("the engine has stopped"))?;
+        self.tx.send(Command::Load { model: Box::new(model), version, allow_same, reply }).map_err(|_| ApiError::unavailable("the engine has stopped"))?;
         rx.await.map_err(|_| ApiError::unavailable("the engine has stopped"))?
     }
 }
@@ -141,7 +152,7 @@ impl Loop {
                     self.admit(job, tx);
                 }
             }
-            Command::Load { model, version, reply } => self.loads.push((model, version, reply)),
+            Command::Load { model, version, allow_same, reply } => self.loads.push((model, version, allow_same, reply)),
         }
     }
 
@@ -159,10 +170,10 @@ impl Loop {
     }
 
     fn swap(&mut self) {
-        for (model, version, reply) in std::mem::take(&mut self.loads) {
-            let v = version.unwrap_or(self.engine.policy_version + 1);
-            let r = self.engine.load_weights(*model, v).map(|()| v).map_err(|e| ApiError::from_engine(&e));
-            if r.is_ok() {
+        for (model, version, allow_same, reply) in std::mem::take(&mut self.loads) {
+            let r = next_version(self.engine.policy_version, version, allow_same)
+                .and_then(|v| self.engine.load_weights(*model, v).map(|()| v).map_err(|e| ApiError::from_engine(&e)));
+            if let Ok(v) = r {
                 self.metrics.policy_version.store(v, Relaxed);
                 self.metrics.weight_loads.fetch_add(1, Relaxed);
                 tracing::info!("weights loaded, policy version {v}");

@@ -61,6 +61,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// where the served model lives (new weights are loaded there)
     pub device: Device,
+    /// keys, hosts, the weights root
+    pub guard: Arc<crate::security::Guard>,
 }
 
 /// `default` (the embedded default, weights from `seed`, byte-level tokenizer) or a checkpoint

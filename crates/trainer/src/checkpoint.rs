@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lockstep_model::checkpoint::write_dir_atomically;
 use lockstep_model::moe::experts::Experts;
 use lockstep_model::MoeCausalLm;
 use serde::{Deserialize, Serialize};
@@ -29,12 +28,101 @@ fn file_err(path: &Path, what: &str, msg: impl ToString) -> TrainError {
     TrainError::File { file: path.display().to_string(), what: what.into(), msg: msg.to_string() }
 }
 
+/// The temporary and the displaced-old siblings of checkpoint `dir` (`.<name>.tmp-<pid>`,
+/// `.<name>.old-<pid>`).
+fn sibling_names(dir: &Path) -> (std::path::PathBuf, String) {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "checkpoint".into());
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    (parent, name)
+}
+
+fn fsync_path(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// Remove what an earlier, killed save of `dir` left: `.<name>.tmp-*` (never complete until
+/// renamed) and `.<name>.old-*`. An `.old-*` is the previous checkpoint, displaced just before
+/// the new one was renamed in: when `dir` itself is missing (killed between the two renames),
+/// it is moved back instead of removed, so the last complete checkpoint survives.
+pub fn clean_stale_siblings(dir: &Path) -> Result<()> {
+    let (parent, name) = sibling_names(dir);
+    let Ok(entries) = std::fs::read_dir(&parent) else { return Ok(()) };
+    let (tmp_prefix, old_prefix) = (format!(".{name}.tmp-"), format!(".{name}.old-"));
+    let mut olds = Vec::new();
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with(&tmp_prefix) {
+            std::fs::remove_dir_all(e.path()).map_err(|err| file_err(&e.path(), "remove stale temporary checkpoint", err))?;
+        } else if n.starts_with(&old_prefix) {
+            olds.push(e.path());
+        }
+    }
+    for old in olds {
+        if !dir.exists() {
+            std::fs::rename(&old, dir).map_err(|err| file_err(&old, "restore the displaced checkpoint", err))?;
+            eprintln!("warning: {}: restored from {} (a save was interrupted between its renames)", dir.display(), old.display());
+        } else {
+            std::fs::remove_dir_all(&old).map_err(|err| file_err(&old, "remove stale old checkpoint", err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write checkpoint `dir` atomically: stale siblings of an interrupted save are cleaned
+/// ([`clean_stale_siblings`]), `fill` writes every file into a fresh temporary sibling, each
+/// file and the temporary directory are fsynced, the old `dir` (if any) is moved aside, the
+/// temporary directory renamed into place, the parent fsynced, and the old one removed. A kill
+/// at any point leaves the old or the new checkpoint complete (or, between the two renames, the
+/// old one aside, which the next save or [`clean_stale_siblings`] moves back).
+pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
+    write_checkpoint_dir_inner(dir, fill, |_| Ok(()))
+}
+
+/// [`write_checkpoint_dir`] with a hook called after the temporary directory is complete and
+/// fsynced, before any rename (fault injection in tests: an error there leaves `dir` as it was).
+#[doc(hidden)]
+pub fn write_checkpoint_dir_inner(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>, before_rename: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
+    let io = |what: &'static str| move |e: std::io::Error| file_err(dir, what, e);
+    let (parent, name) = sibling_names(dir);
+    std::fs::create_dir_all(&parent).map_err(io("create parent"))?;
+    clean_stale_siblings(dir)?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(io("create temporary directory"))?;
+    fill(&tmp).map_err(io("write"))?;
+    for e in std::fs::read_dir(&tmp).map_err(io("list temporary directory"))? {
+        let e = e.map_err(io("list temporary directory"))?;
+        if e.file_type().map_err(io("fsync"))?.is_file() {
+            fsync_path(&e.path()).map_err(io("fsync"))?;
+        }
+    }
+    fsync_path(&tmp).map_err(io("fsync"))?;
+    before_rename(&tmp).map_err(io("before rename"))?;
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(io("move the old checkpoint aside"))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io("rename into place"))?;
+    fsync_path(&parent).map_err(io("fsync parent"))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
 impl Trainer {
     /// Save model + optimizer state into `dir` (replaced atomically). A parallel trainer
     /// gathers its expert shards and their optimizer moments onto rank 0, which writes an
     /// ordinary checkpoint; every rank must call it (the gathers are collectives), and only
     /// rank 0 touches `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with(dir, &[])
+    }
+
+    /// [`Trainer::save`] with `extra` files (name, contents; e.g. the RL loop's
+    /// `run_state.json`) written into the same temporary directory before the rename, so the
+    /// checkpoint appears with all of them or not at all (see [`write_checkpoint_dir`]).
+    pub fn save_with(&self, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+        if let Some((name, _)) = extra.iter().find(|(n, _)| n.is_empty() || n.contains(['/', '\\']) || *n == "." || *n == "..") {
+            return Err(file_err(dir, &format!("extra file `{name}`"), "a plain file name expected"));
+        }
         let (model, m, v) = match &self.parallel {
             None => (None, self.optimizer.m.clone(), self.optimizer.v.clone()),
             Some(dp) => {
@@ -68,12 +156,15 @@ impl Trainer {
         }
         let state = serde_json::to_string_pretty(&TrainerState { step: self.optimizer.step, optimizer: self.optimizer.cfg })
             .map_err(|e| file_err(dir, "trainer_state.json", e))?;
-        write_dir_atomically(dir, |tmp| {
+        write_checkpoint_dir(dir, |tmp| {
             files.write(tmp)?;
             candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors")).map_err(std::io::Error::other)?;
-            std::fs::write(tmp.join("trainer_state.json"), state)
-        })?;
-        Ok(())
+            std::fs::write(tmp.join("trainer_state.json"), state)?;
+            for (name, bytes) in extra {
+                std::fs::write(tmp.join(name), bytes)?;
+            }
+            Ok(())
+        })
     }
 
     /// The model with every MoE layer's experts gathered from the ranks (a collective).

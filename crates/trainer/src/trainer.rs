@@ -81,6 +81,30 @@ pub struct StepMetrics {
     /// mean router-shift weight γ (1 unless ratio = router_shift)
     pub shift_weight: f64,
     pub layers: BTreeMap<usize, LayerStepMetrics>,
+    /// The loss or the global gradient norm was not finite (the same on every rank): the update
+    /// was skipped (weights, AdamW moments and step counter untouched) and the non-finite
+    /// metrics of the step are written as 0.
+    pub skipped_nonfinite: bool,
+}
+
+/// What [`Trainer::sft_step_checked`] measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SftMetrics {
+    /// the supervised loss (over ranks: the sum of the ranks' shares); 0 when skipped and not finite
+    pub loss: f64,
+    /// global gradient norm before clipping; 0 when skipped and not finite
+    pub grad_norm: f64,
+    /// the loss or the gradient norm was not finite: the update was skipped
+    pub skipped_nonfinite: bool,
+}
+
+/// `x`, or 0 when it is NaN / ±inf (metrics of a skipped step).
+fn finite_or_zero(x: f64) -> f64 {
+    if x.is_finite() {
+        x
+    } else {
+        0.0
+    }
 }
 
 /// What [`Trainer::score`] measured: π_old (the trainer before the update) against π_infer.
@@ -208,16 +232,24 @@ impl Trainer {
         })
     }
 
-    /// Clip and update: against the local gradient norm, or (over ranks) after the replicated
-    /// gradients are summed, against the global norm.
-    fn apply(&mut self, acc: &mut GradAccumulator) -> Result<StepStats> {
+    /// The global gradient norm: the local one, or (over ranks) after the replicated gradients
+    /// are summed (a collective; every rank gets the same norm).
+    fn grad_norm(&self, acc: &mut GradAccumulator) -> Result<f64> {
         match &self.parallel {
-            None => self.optimizer.apply(&self.params, acc),
-            Some(dp) => {
-                let norm = dp.reduce_grads(&self.params, acc)?;
-                self.optimizer.apply_with_grad_norm(&self.params, acc, norm)
-            }
+            None => Ok(crate::optim::grad_sq_sum(self.params.iter().map(|(n, _)| n.as_str()), acc)?.sqrt()),
+            Some(dp) => dp.reduce_grads(&self.params, acc),
         }
+    }
+
+    /// Clip against the global norm and update, unless the (global) loss or the norm is not
+    /// finite: then nothing changes (weights, moments, step counter) and `None` is returned.
+    /// Both values are the same on every rank, so every rank decides alike.
+    fn apply_if_finite(&mut self, acc: &mut GradAccumulator, global_loss: f64) -> Result<(f64, Option<StepStats>)> {
+        let norm = self.grad_norm(acc)?;
+        if !(global_loss.is_finite() && norm.is_finite()) {
+            return Ok((norm, None));
+        }
+        Ok((norm, Some(self.optimizer.apply_with_grad_norm(&self.params, acc, norm)?)))
     }
 
     /// [B, T] → per-slot log-probabilities at the rollout temperature, and validity.
@@ -360,7 +392,10 @@ impl Trainer {
     }
 
     /// One optimizer step over the micro-batches of a step (this rank's share of the global
-    /// batch when the trainer is parallel).
+    /// batch when the trainer is parallel). When the step's loss or global gradient norm is not
+    /// finite (NaN / inf; decided from the reduced values, so alike on every rank) the update
+    /// is skipped: weights, AdamW moments and step counter stay as they were, and the returned
+    /// metrics have `skipped_nonfinite` set and every non-finite value written as 0.
     pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
         let (denominator, rounds) = self.rounds(micro.iter().map(TrainBatch::loss_tokens).sum(), micro.len())?;
         if denominator == 0.0 {
@@ -378,8 +413,16 @@ impl Trainer {
                 (None, None) => unreachable!("an empty batch pads the missing rounds"),
             }
         }
-        let stats = self.apply(&mut acc)?;
+        // the metrics first: over ranks, m.loss becomes the global loss the check needs
         self.reduce_metrics(&mut m, &mut layer_acc)?;
+        let (norm, stats) = self.apply_if_finite(&mut acc, m.loss)?;
+        let stats = match stats {
+            Some(s) => s,
+            None => {
+                m.skipped_nonfinite = true;
+                StepStats { grad_norm: norm, lr: self.optimizer.cfg.lr_at(self.optimizer.step + 1) }
+            }
+        };
         let per = |x: f64| if m.tokens > 0.0 { x / m.tokens } else { 0.0 };
         m.kl = per(m.kl);
         m.extreme_fraction = per(m.extreme_fraction);
@@ -410,6 +453,9 @@ impl Trainer {
                 )
             })
             .collect();
+        if m.skipped_nonfinite {
+            m.sanitize();
+        }
         Ok(m)
     }
 
@@ -472,8 +518,15 @@ impl Trainer {
 
 impl Trainer {
     /// One supervised step (warm-up): loss = −Σ mask · log π(y) / Σ mask over the
-    /// micro-batches (cross-entropy on the masked tokens), free routing, AdamW. Returns the loss.
+    /// micro-batches (cross-entropy on the masked tokens), free routing, AdamW. Returns the loss
+    /// (see [`Trainer::sft_step_checked`]: a non-finite loss or gradient skips the update).
     pub fn sft_step(&mut self, micro: &[TrainBatch]) -> Result<f64> {
+        Ok(self.sft_step_checked(micro)?.loss)
+    }
+
+    /// [`Trainer::sft_step`] with its gradient norm and whether the update was skipped because
+    /// the loss or the gradient norm was not finite (decided alike on every rank).
+    pub fn sft_step_checked(&mut self, micro: &[TrainBatch]) -> Result<SftMetrics> {
         let (denominator, rounds) = self.rounds(micro.iter().map(TrainBatch::loss_tokens).sum(), micro.len())?;
         if denominator == 0.0 {
             return Err(TrainError::input("loss_mask", "no supervised tokens in the step"));
@@ -491,11 +544,14 @@ impl Trainer {
             total += loss.to_scalar::<f32>()? as f64;
             acc.add(&self.params, &loss.backward()?)?;
         }
-        self.apply(&mut acc)?;
-        match &self.parallel {
-            Some(dp) => Ok(sum_over_ranks(dp.as_ref(), &[total])?[0]),
-            None => Ok(total),
-        }
+        let total = match &self.parallel {
+            Some(dp) => sum_over_ranks(dp.as_ref(), &[total])?[0],
+            None => total,
+        };
+        let (norm, stats) = self.apply_if_finite(&mut acc, total)?;
+        let skipped = stats.is_none();
+        let (loss, grad_norm) = if skipped { (finite_or_zero(total), finite_or_zero(norm)) } else { (total, norm) };
+        Ok(SftMetrics { loss, grad_norm, skipped_nonfinite: skipped })
     }
 
     /// A copy of the model for inference: same weights (shared storage, so it follows later
@@ -504,6 +560,36 @@ impl Trainer {
         let mut m = self.model.clone();
         m.map_params(|_, t| Ok(t.detach()))?;
         Ok(m)
+    }
+}
+
+impl StepMetrics {
+    /// Every non-finite value → 0 (a skipped step's metrics: JSON has no NaN).
+    fn sanitize(&mut self) {
+        for x in [
+            &mut self.loss,
+            &mut self.entropy,
+            &mut self.kl,
+            &mut self.max_abs_logprob_diff,
+            &mut self.extreme_fraction,
+            &mut self.clip_fraction,
+            &mut self.grad_norm,
+            &mut self.lr,
+            &mut self.tokens,
+            &mut self.fallback_tokens,
+            &mut self.mis_dropped,
+            &mut self.infer_kl,
+            &mut self.infer_extreme_fraction,
+            &mut self.ref_kl,
+            &mut self.shift_weight,
+        ] {
+            *x = finite_or_zero(*x);
+        }
+        for l in self.layers.values_mut() {
+            for x in [&mut l.confidence, &mut l.max_vio, &mut l.max_vio_rank_max, &mut l.route_agreement, &mut l.max_vio_prime_rl] {
+                *x = finite_or_zero(*x);
+            }
+        }
     }
 }
 
