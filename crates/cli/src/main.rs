@@ -62,6 +62,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Commands that print a report and exit behave like Unix filters on a closed pipe
+/// (`lockstep trace inspect FILE | head -1`): the default SIGPIPE action ends the process
+/// quietly, where Rust's ignored SIGPIPE made `println!` panic with "Broken pipe". Not for
+/// `serve`, `train` or `launch`, whose sockets and children must see EPIPE as an error.
+fn quiet_on_closed_pipe() {
+    // SAFETY: `signal` installs the default disposition for SIGPIPE (no handler code of ours
+    // runs in signal context); called once at start-up, before any thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let single_rank = match &cli.command {
         Command::Launch(_) | Command::DistCheck(_) | Command::BenchEp(_) | Command::Train(_) => None,
@@ -75,6 +87,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if let Some(name) = single_rank {
         launch_cmd::refuse_under_launch(name)?;
+    }
+    if matches!(cli.command, Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_)) {
+        quiet_on_closed_pipe();
     }
     match cli.command {
         Command::Train(args) => train_cmd::run_cmd(args),
