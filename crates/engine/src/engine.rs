@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use candle_core::{DType, IndexOp, D};
+use candle_core::{DType, Tensor, D};
 use lockstep_model::config::{Pool, RoutingStrategy};
 use lockstep_model::moe::router::expert_choice::capacity;
 use lockstep_model::logprobs::at_temperature;
@@ -286,6 +286,31 @@ impl Engine {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// The logits and log-probabilities of each running sequence's last position (where it
+    /// samples), one row each: log-softmax(logits / T) at the sequence's temperature (greedy:
+    /// T = 1), as the trainer scores it — one batched op per distinct temperature of the step,
+    /// over only the sampled rows.
+    fn sampled_rows(&self, logits_BTV: &Tensor, cu: &[usize]) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let r = self.running.len();
+        let rows: Vec<u32> = (0..r).map(|i| cu[i + 1] as u32 - 1).collect();
+        let dev = logits_BTV.device();
+        let logits_RV = logits_BTV.squeeze(0)?.index_select(&Tensor::from_vec(rows, r, dev)?, 0)?;
+        let logits: Vec<Vec<f32>> = logits_RV.to_dtype(DType::F32)?.to_vec2()?;
+        let mut logprobs = vec![Vec::new(); r];
+        let mut temps: Vec<f32> = self.running.iter().map(|s| s.params.temperature).collect();
+        temps.sort_by(f32::total_cmp);
+        temps.dedup();
+        for t in temps {
+            let members: Vec<u32> = (0..r as u32).filter(|&i| self.running[i as usize].params.temperature == t).collect();
+            let picked = logits_RV.index_select(&Tensor::from_vec(members.clone(), members.len(), dev)?, 0)?;
+            let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&at_temperature(&picked, t as f64)?, D::Minus1)?.to_vec2()?;
+            for (i, row) in members.into_iter().zip(lp) {
+                logprobs[i as usize] = row;
+            }
+        }
+        Ok((logits, logprobs))
+    }
+
     /// One batched forward; returns the requests that completed.
     pub fn step(&mut self) -> Result<Vec<Completion>> {
         self.sampled.clear();
@@ -310,6 +335,7 @@ impl Engine {
         let out = self.model.forward_cached(&step, &mut caches, &plan)?;
         let k = route_width(&self.model);
         let step_routes = forward_trace(&out.routes, k, self.model.cfg.moe.router.num_experts)?;
+        let (logits_RV, logprobs_RV) = self.sampled_rows(&out.logits, &cu)?;
         for (i, s) in self.running.iter_mut().enumerate() {
             let (a, b) = (cu[i], cu[i + 1]);
             if let Some(r) = &step_routes {
@@ -324,14 +350,11 @@ impl Engine {
             if s.finished.is_some() {
                 continue; // that was the flush of the last token's route
             }
-            let logits_row = out.logits.i((0, b - 1))?;
-            let row: Vec<f32> = logits_row.to_dtype(DType::F32)?.to_vec1()?;
-            // the distribution sampled from (at T; greedy records T = 1), as the trainer scores it
-            let lp: Vec<f32> = candle_nn::ops::log_softmax(&at_temperature(&logits_row, s.params.temperature as f64)?, D::Minus1)?.to_vec1()?;
-            let tok = sample(&row, &s.params, &mut s.rng);
+            let (row, lp) = (&logits_RV[i], &logprobs_RV[i]);
+            let tok = sample(row, &s.params, &mut s.rng);
             s.tokens.push(tok);
             s.logprobs.push(lp[tok as usize]);
-            let top = top_n(&lp, s.params.logprobs);
+            let top = top_n(lp, s.params.logprobs);
             if s.params.logprobs > 0 {
                 s.top_logprobs.push(top.clone());
             }

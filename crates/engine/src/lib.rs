@@ -1,3 +1,4 @@
+#![allow(non_snake_case)] // shape-suffixed names (logits_RV: R running sequences, V vocab)
 //! lockstep-engine: generation with continuous batching over per-sequence KV caches. Every
 //! token's route (expert ids and their router probabilities, every MoE layer, prompt and
 //! completion, no missing last row) comes back with the sampled tokens and their

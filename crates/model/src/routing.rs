@@ -205,20 +205,8 @@ impl RoutingPlan {
                     Replay::top_k(Tensor::from_vec(ids_NK, (n, width), device)?, ReplayWeights::Recompute)
                 }
                 crate::config::RoutingStrategy::ExpertChoice { .. } => {
-                    let mut pairs: Vec<(u32, u32)> = Vec::new();
-                    for t in 0..n {
-                        let r = row(t);
-                        if r[0] != ROUTE_FREE {
-                            pairs.extend(r.iter().map(|&e| (e, t as u32)));
-                        }
-                    }
-                    pairs.sort_unstable();
-                    let (expert_A, token_A): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
-                    let a = token_A.len();
-                    Replay {
-                        route: ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, device)?, expert_A: Tensor::from_vec(expert_A, a, device)? },
-                        weights: ReplayWeights::Recompute,
-                    }
+                    let pairs: Vec<(u32, u32)> = (0..n).filter(|&t| row(t)[0] != ROUTE_FREE).flat_map(|t| row(t).iter().map(move |&e| (t as u32, e))).collect();
+                    assignments_replay(&pairs, device)?
                 }
             };
             plan = plan.with_layer(layer, RouteMode::Replay(replay));
@@ -240,15 +228,7 @@ impl RoutingPlan {
             if cfg.moe.router.strategy == crate::config::RoutingStrategy::TokenChoice {
                 return Err(ModelError::routing(layer, "variable-width route rows on a token-choice router (top-k rows have k experts each)"));
             }
-            let mut by_expert: Vec<(u32, u32)> = p.iter().map(|&(t, e)| (e, t)).collect();
-            by_expert.sort_unstable();
-            let (expert_A, token_A): (Vec<u32>, Vec<u32>) = by_expert.into_iter().unzip();
-            let a = token_A.len();
-            let replay = Replay {
-                route: ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, device)?, expert_A: Tensor::from_vec(expert_A, a, device)? },
-                weights: ReplayWeights::Recompute,
-            };
-            plan = plan.with_layer(layer, RouteMode::Replay(replay));
+            plan = plan.with_layer(layer, RouteMode::Replay(assignments_replay(p, device)?));
         }
         Ok(plan)
     }
@@ -300,6 +280,19 @@ impl RoutingPlan {
         }
         Ok(())
     }
+}
+
+/// A live-weight replay of (token, expert) pairs, put in the order the expert-choice router
+/// emits its assignments (by expert, then token).
+fn assignments_replay(pairs: &[(u32, u32)], device: &candle_core::Device) -> Result<Replay> {
+    let mut by_expert: Vec<(u32, u32)> = pairs.iter().map(|&(t, e)| (e, t)).collect();
+    by_expert.sort_unstable();
+    let (expert_A, token_A): (Vec<u32>, Vec<u32>) = by_expert.into_iter().unzip();
+    let a = token_A.len();
+    Ok(Replay {
+        route: ForcedRoute::Assignments { token_A: Tensor::from_vec(token_A, a, device)?, expert_A: Tensor::from_vec(expert_A, a, device)? },
+        weights: ReplayWeights::Recompute,
+    })
 }
 
 fn forced_on_cuda(r: &Replay) -> bool {

@@ -8,8 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::Tensor;
 use lockstep_model::config::{RoutingStrategy, ScoreFunction};
-use lockstep_model::moe::router::expert_choice::{capacity, pools};
-use lockstep_model::moe::router::select::ExpertChoice;
 use lockstep_model::{Batch, LayerRoute, MoeCausalLm, RoutingPlan};
 
 use crate::batch::TrainBatch;
@@ -135,36 +133,13 @@ pub fn route_probs_at(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<us
     Ok(m)
 }
 
-/// The experts each real token slot would get under free routing from the live scores, as
-/// sets: top-k for token choice; for expert choice, the experts whose top-C of the token's pool
-/// took it.
+/// The experts each token slot would get under free routing from the live scores, as sets
+/// (the router's own free choice, token or expert choice).
 fn free_sets(model: &MoeCausalLm, layer: usize, route: &LayerRoute, batch: &Batch) -> Result<Vec<BTreeSet<u32>>> {
-    let block = model.moe_block(layer).ok_or_else(|| TrainError::input(&format!("routes[{layer}]"), "not an MoE layer of the model"))?;
-    let n = route.num_tokens;
-    let mut sets = vec![BTreeSet::new(); n];
-    match block.router.config().strategy {
-        RoutingStrategy::TokenChoice => {
-            let ids: Vec<u32> = block.router.free_top_k(&route.scores_NE.detach())?.flatten_all()?.to_vec1()?;
-            let k = ids.len() / n.max(1);
-            for (q, row) in ids.chunks(k.max(1)).enumerate() {
-                sets[q].extend(row.iter().copied());
-            }
-        }
-        RoutingStrategy::ExpertChoice { capacity_factor, pool } => {
-            let scores = route.scores_NE.detach();
-            let choice = match &block.router.expert_bias {
-                Some(b) => scores.broadcast_add(&b.to_dtype(candle_core::DType::F32)?.unsqueeze(0)?)?,
-                None => scores,
-            };
-            let e = choice.dims2()?.1;
-            let pools = pools(batch, pool);
-            let caps = pools.iter().map(|p| capacity(capacity_factor, p.len(), e)).collect();
-            let pairs: Vec<u32> = ExpertChoice { pools, caps }.apply(&choice)?.flatten_all()?.to_vec1()?;
-            let a = pairs.len() / 2;
-            for (&t, &x) in pairs[..a].iter().zip(&pairs[a..]) {
-                sets[t as usize].insert(x);
-            }
-        }
+    let block = model.moe_block_checked(layer)?;
+    let mut sets = vec![BTreeSet::new(); route.num_tokens];
+    for (t, e) in block.router.free_pairs(&route.scores_NE.detach(), batch)? {
+        sets[t as usize].insert(e);
     }
     Ok(sets)
 }

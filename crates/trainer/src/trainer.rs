@@ -367,7 +367,7 @@ impl Trainer {
             let out = self.model.forward(&tb.batch, &plan(&self.model, tb, self.cfg.replay)?)?;
             let (logp, valid) = self.logprobs(&out.logits.detach(), &tb.batch)?;
             let logp: Vec<f32> = logp.to_vec1()?;
-            for (n, ((&lo, &li), (&m, &v))) in logp.iter().zip(&tb.logp_infer).zip(tb.loss_mask.iter().zip(&valid)).enumerate() {
+            for ((&lo, &li), (&m, &v)) in logp.iter().zip(&tb.logp_infer).zip(tb.loss_mask.iter().zip(&valid)) {
                 if m > 0.0 && v {
                     let d = (lo - li) as f64;
                     let r = d.exp();
@@ -376,7 +376,6 @@ impl Trainer {
                     extreme += f64::from(u8::from(r.max(1.0 / r) > tau));
                     max_diff = max_diff.max(d.abs());
                 }
-                let _ = n;
             }
             let route_probs = route_probs_at(&self.model, tb, &out.routes)?;
             tb.old = Some(OldPolicy { logp, route_probs });

@@ -74,6 +74,28 @@ impl Router {
         token_choice::select(self, scores_NE)
     }
 
+    /// The experts every token slot of `batch` would get under free routing from `scores_NE`,
+    /// whichever the strategy (token choice: its top-k; expert choice: the experts whose top-C
+    /// of the token's pool took it), as host (token, expert) pairs.
+    pub fn free_pairs(&self, scores_NE: &Tensor, batch: &Batch) -> Result<Vec<(u32, u32)>> {
+        match self.cfg.strategy {
+            RoutingStrategy::TokenChoice => {
+                let ids: Vec<u32> = self.free_top_k(scores_NE)?.flatten_all()?.to_vec1()?;
+                let k = self.cfg.top_k.max(1);
+                Ok(ids.iter().enumerate().map(|(a, &e)| ((a / k) as u32, e)).collect())
+            }
+            RoutingStrategy::ExpertChoice { capacity_factor, pool } => {
+                let choice = self.selection_scores(scores_NE)?;
+                let e = choice.dims2()?.1;
+                let pools = expert_choice::pools(batch, pool);
+                let caps = pools.iter().map(|p| expert_choice::capacity(capacity_factor, p.len(), e)).collect();
+                let pairs: Vec<u32> = select::ExpertChoice { pools, caps }.apply(&choice)?.flatten_all()?.to_vec1()?;
+                let a = pairs.len() / 2;
+                Ok(pairs[..a].iter().copied().zip(pairs[a..].iter().copied()).collect())
+            }
+        }
+    }
+
     /// The scores selection ranks: `scores_NE` plus the expert bias, if any (the bias only
     /// steers selection; weights use the unbiased scores).
     fn selection_scores(&self, scores_NE: &Tensor) -> CResult<Tensor> {
