@@ -146,6 +146,9 @@ impl Seq {
     }
 }
 
+/// One host row per running sequence.
+type HostRows = Vec<Vec<f32>>;
+
 /// The routes of a forward as a route trace over its slots (`[slot][layer][width]`, router
 /// probabilities in f32, no missing row): what the engine cuts every sequence's rows from and
 /// what [`crate::consistency`] compares; `None` when nothing was recorded.
@@ -290,7 +293,7 @@ impl Engine {
     /// samples), one row each: log-softmax(logits / T) at the sequence's temperature (greedy:
     /// T = 1), as the trainer scores it — one batched op per distinct temperature of the step,
     /// over only the sampled rows.
-    fn sampled_rows(&self, logits_BTV: &Tensor, cu: &[usize]) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    fn sampled_rows(&self, logits_BTV: &Tensor, cu: &[usize]) -> Result<(HostRows, HostRows)> {
         let r = self.running.len();
         let rows: Vec<u32> = (0..r).map(|i| cu[i + 1] as u32 - 1).collect();
         let dev = logits_BTV.device();
