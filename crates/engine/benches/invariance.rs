@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use lockstep_model::{Batch, KvCache, Kernels, ModelConfig, MoeCausalLm, RoutingPlan};
+use lockstep_model::{Batch, Kernels, KvPool, ModelConfig, MoeCausalLm, PagedSeq, RoutingPlan};
 
 const WIDE: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 1024,
   "intermediate_size": 2048, "moe_intermediate_size": 768, "num_hidden_layers": 2,
@@ -69,16 +69,16 @@ fn bench(name: &str, make: &dyn Fn() -> MoeCausalLm, (warm, runs): (usize, usize
             let t_fwd = time_secs(warm, runs, || {
                 model.forward(&prefill, &plan).unwrap();
             });
-            // caches holding the prompts; each timed step continues a (shallow) copy of them
-            let mut caches = vec![KvCache::default(); b];
-            {
-                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-                model.forward_cached(&prefill, &mut refs, &plan).unwrap();
-            }
+            // a pool holding the prompts (block size 16); each timed step writes the next token
+            // into the same slots again
+            let bs = 16;
+            let per = (len + 1).div_ceil(bs);
+            let mut pool = KvPool::new(&model, b * per, bs).unwrap();
+            let tables: Vec<Vec<u32>> = (0..b).map(|r| ((r * per) as u32..((r + 1) * per) as u32).collect()).collect();
+            let seqs = |cached: usize| -> Vec<PagedSeq> { tables.iter().map(|t| PagedSeq { blocks: t, cached }).collect() };
+            model.forward_paged(&prefill, &seqs(0), &mut pool, &plan).unwrap();
             let t_dec = time_secs(warm, runs, || {
-                let mut c = caches.clone();
-                let mut refs: Vec<&mut KvCache> = c.iter_mut().collect();
-                model.forward_cached(&step, &mut refs, &plan).unwrap();
+                model.forward_paged(&step, &seqs(len), &mut pool, &plan).unwrap();
             });
             println!(
                 "{:<10} {b:>5} {:>14.0} {:>20} {:>14.0} {:>20}",

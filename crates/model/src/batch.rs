@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::AttentionMode;
 use crate::nn::attention::AttentionLayout;
+use crate::nn::varlen::KeyLayout;
 use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone)]
@@ -170,6 +171,52 @@ impl Batch {
             return Ok(AttentionLayout::Dense(runs.remove(0).2));
         }
         Ok(AttentionLayout::Runs(runs))
+    }
+
+    /// Which keys each slot sees, as the batch-invariant attention takes it
+    /// ([`crate::nn::varlen::KeyLayout`] over the batch's own B·T slots, block size 1): a slot
+    /// sees a prefix of its sequence's slots (those of its row and segment, in slot order) —
+    /// by mode up to itself (causal), all of them (bidirectional), or those in its block or an
+    /// earlier one (block); a padding slot sees only itself. The same visibility as
+    /// [`Batch::attention_bias`].
+    pub(crate) fn key_layout(&self, mode: AttentionMode) -> Result<KeyLayout> {
+        let (b, t) = (self.b, self.t);
+        let n = b * t;
+        let (mut table, mut q_start, mut q_keys) = (Vec::with_capacity(n), vec![0u32; n], vec![0u32; n]);
+        for r in 0..b {
+            let seg = &self.segments[r * t..(r + 1) * t];
+            let pos = &self.positions[r * t..(r + 1) * t];
+            let mut lists: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
+            for (i, &s) in seg.iter().enumerate() {
+                if s == 0 {
+                    q_start[r * t + i] = table.len() as u32;
+                    q_keys[r * t + i] = 1;
+                    table.push((r * t + i) as u32);
+                } else {
+                    lists.entry(s).or_default().push(i);
+                }
+            }
+            for slots in lists.values() {
+                let at = table.len() as u32;
+                table.extend(slots.iter().map(|&i| (r * t + i) as u32));
+                for (k, &i) in slots.iter().enumerate() {
+                    let keys = match mode {
+                        AttentionMode::Causal => k + 1,
+                        AttentionMode::Bidirectional => slots.len(),
+                        AttentionMode::Block(bl) => {
+                            let keys = slots.iter().take_while(|&&j| pos[j] as usize / bl <= pos[i] as usize / bl).count();
+                            if slots[keys..].iter().any(|&j| pos[j] as usize / bl <= pos[i] as usize / bl) {
+                                return Err(ModelError::batch("position_ids", format!("row {r}: block attention needs positions that do not go back within a sequence")));
+                            }
+                            keys
+                        }
+                    };
+                    q_start[r * t + i] = at;
+                    q_keys[r * t + i] = keys as u32;
+                }
+            }
+        }
+        Ok(KeyLayout::new(table, q_start, q_keys, 1, n)?)
     }
 
     /// [B, 1, T, T] additive attention bias: 0 where a query may attend a key, -inf elsewhere.

@@ -68,3 +68,19 @@ pub fn parse_dtype(s: &str) -> std::result::Result<DType, ParseError> {
         other => Err(ParseError::new(other, "f32 or bf16")),
     }
 }
+
+/// (free, total) bytes of a GPU's memory now; `None` for the CPU.
+pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::result;
+            let ctx = d.cuda_stream().context().clone();
+            let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| ModelError::Device { device: "cuda".into(), msg: format!("memory info: {e}") };
+            ctx.bind_to_thread().map_err(err)?;
+            let (free, total) = result::mem_get_info().map_err(err)?;
+            Ok(Some((free, total)))
+        }
+        _ => Ok(None),
+    }
+}

@@ -1,32 +1,166 @@
-//! Incremental decoding: a KV cache per sequence and a forward over one packed row of *new*
-//! tokens (prompt chunks and/or one decode token per sequence) that attends to each sequence's
-//! cache. With `Kernels::Invariant` its logits and routes equal, bit for bit, those of a full
-//! forward over the whole sequences (the trainer's view): the engine's lockstep property.
+//! The paged KV cache: per layer one preallocated key pool and one value pool of `num_blocks`
+//! fixed-size blocks of `block_size` token rows ([num_blocks · block_size, G, Dh]), and a
+//! forward over one packed row of *new* tokens (prompt chunks and / or one decode token per
+//! sequence) whose sequences each bring a block table. The new tokens' keys and values are
+//! written into their slots, then every new token attends to its sequence's keys through the
+//! table — one attention launch per layer for the whole step, batch-invariant: its logits and
+//! routes equal, bit for bit, those of a full forward over the whole sequences (the trainer's
+//! view under `Kernels::Invariant`), whatever the batch and wherever the blocks lie.
+//!
+//! Which blocks a sequence owns, sharing and freeing are the engine's (`lockstep_engine`'s
+//! block manager); this module only checks that a step's tables cover its tokens and that no
+//! two new tokens write one slot.
+//!
+//! Legend: T new tokens, G kv heads, Dh head dim, R = num_blocks · block_size pool rows.
 
-use candle_core::{DType, Module};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Module, Tensor};
 
 use crate::batch::Batch;
-use crate::config::{AttentionMode, Pool, RoutingStrategy};
+use crate::config::{AttentionMode, ModelConfig, Pool, RoutingStrategy};
 use crate::error::{ModelError, Result};
 use crate::model::{ForwardOutput, MoeCausalLm};
-use crate::nn::attention::LayerKv;
+use crate::nn::varlen::KeyLayout;
 use crate::routing::{Recording, RoutingPlan};
 
-/// The cached keys / values of one sequence, every layer.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    len: usize,
+/// Every layer's key and value pools.
+#[derive(Debug, Clone)]
+pub struct KvPool {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    block_size: usize,
+    num_blocks: usize,
+    dtype: DType,
 }
 
-impl KvCache {
-    /// Tokens already in the cache (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
+/// One sequence of a paged step: its block table (pool block ids in order, covering its cached
+/// tokens and the step's new ones) and how many of its tokens the pool already holds.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedSeq<'a> {
+    pub blocks: &'a [u32],
+    pub cached: usize,
+}
+
+impl KvPool {
+    /// Bytes one block takes over all layers (keys and values).
+    pub fn bytes_per_block(cfg: &ModelConfig, dtype: DType, block_size: usize) -> usize {
+        2 * cfg.num_layers * block_size * cfg.attention.num_kv_heads * cfg.attention.head_dim * dtype.size_in_bytes()
     }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+
+    /// Zeroed pools for `model` (its dtype and device).
+    pub fn new(model: &MoeCausalLm, num_blocks: usize, block_size: usize) -> Result<Self> {
+        Self::with(&model.cfg, num_blocks, block_size, model.dtype(), model.device())
     }
+
+    pub fn with(cfg: &ModelConfig, num_blocks: usize, block_size: usize, dtype: DType, device: &Device) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(ModelError::batch("kv_pool", format!("{num_blocks} blocks of {block_size} tokens: both must be >= 1")));
+        }
+        let rows = num_blocks.checked_mul(block_size).filter(|&r| r <= u32::MAX as usize).ok_or_else(|| {
+            ModelError::batch("kv_pool", format!("{num_blocks} blocks of {block_size} tokens exceed 2^32 rows"))
+        })?;
+        let shape = (rows, cfg.attention.num_kv_heads, cfg.attention.head_dim);
+        let pools = |_| Tensor::zeros(shape, dtype, device);
+        Ok(Self {
+            k: (0..cfg.num_layers).map(pools).collect::<candle_core::Result<_>>()?,
+            v: (0..cfg.num_layers).map(pools).collect::<candle_core::Result<_>>()?,
+            block_size,
+            num_blocks,
+            dtype,
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Copy `n` tokens' keys and values from block `src` to block `dst`, every layer (a
+    /// shared partial block made private before a sequence writes into it).
+    pub fn copy_block(&mut self, src: u32, dst: u32, n: usize) -> Result<()> {
+        let bs = self.block_size;
+        let check = |b: u32| if (b as usize) < self.num_blocks { Ok(()) } else { Err(ModelError::batch("blocks", format!("block {b} outside a pool of {}", self.num_blocks))) };
+        check(src)?;
+        check(dst)?;
+        if n > bs {
+            return Err(ModelError::batch("blocks", format!("{n} rows of a {bs}-token block")));
+        }
+        if n == 0 || src == dst {
+            return Ok(());
+        }
+        let dev = self.k[0].device().clone();
+        let slots = Tensor::from_vec((0..n).map(|i| (dst as usize * bs + i) as u32).collect::<Vec<_>>(), n, &dev)?;
+        for p in self.k.iter().chain(&self.v) {
+            let rows = p.narrow(0, src as usize * bs, n)?.contiguous()?;
+            write_rows(p, &rows, &slots)?;
+        }
+        Ok(())
+    }
+}
+
+/// pool[slots[t]] = rows[t]: the in-place write of new key / value rows into a pool.
+struct KvWrite;
+
+impl InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "kv-write"
+    }
+
+    fn cpu_fwd(&self, pool: &mut CpuStorage, lp: &Layout, src: &CpuStorage, ls: &Layout, slots: &CpuStorage, lsl: &Layout) -> candle_core::Result<()> {
+        let width: usize = lp.dims()[1..].iter().product();
+        let (Some((p0, _)), Some((s0, s1)), Some((i0, i1))) = (lp.contiguous_offsets(), ls.contiguous_offsets(), lsl.contiguous_offsets()) else {
+            candle_core::bail!("kv write: pool, rows and slots must be contiguous");
+        };
+        let CpuStorage::U32(slots) = slots else { candle_core::bail!("kv write: slots must be u32") };
+        let slots = &slots[i0..i1];
+        macro_rules! copy {
+            ($p:expr, $s:expr) => {{
+                let src = &$s[s0..s1];
+                for (t, &slot) in slots.iter().enumerate() {
+                    let at = p0 + slot as usize * width;
+                    $p[at..at + width].copy_from_slice(&src[t * width..(t + 1) * width]);
+                }
+            }};
+        }
+        match (pool, src) {
+            (CpuStorage::F32(p), CpuStorage::F32(s)) => copy!(p, s),
+            (CpuStorage::BF16(p), CpuStorage::BF16(s)) => copy!(p, s),
+            (CpuStorage::F16(p), CpuStorage::F16(s)) => copy!(p, s),
+            _ => candle_core::bail!("kv write: pool and rows must share a dtype (f32, bf16, f16)"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        lp: &Layout,
+        src: &candle_core::CudaStorage,
+        ls: &Layout,
+        slots: &candle_core::CudaStorage,
+        lsl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::gpu::paged::kv_write(pool, lp, src, ls, slots, lsl)
+    }
+}
+
+/// Write `rows` [T, ..] into `pool` [R, ..] at `slots` [T] (u32, each < R — the caller's
+/// checked slots).
+pub(crate) fn write_rows(pool: &Tensor, rows: &Tensor, slots: &Tensor) -> candle_core::Result<()> {
+    if rows.dims()[1..] != pool.dims()[1..] || rows.dim(0)? != slots.dim(0)? || rows.dtype() != pool.dtype() {
+        candle_core::bail!("kv write: rows {:?} {:?} into a pool {:?} {:?} at {} slots", rows.dims(), rows.dtype(), pool.dims(), pool.dtype(), slots.dim(0)?);
+    }
+    pool.inplace_op3(&rows.contiguous()?, slots, &KvWrite)
 }
 
 impl MoeCausalLm {
@@ -51,60 +185,84 @@ impl MoeCausalLm {
         }
     }
 
-    /// Forward new tokens: `step` is a packed row whose i-th sequence continues `caches[i]`
-    /// (positions must continue the cache: `caches[i].len()..`). Models that pass
-    /// [`MoeCausalLm::check_incremental`] only.
-    pub fn forward_cached(&self, step: &Batch, caches: &mut [&mut KvCache], plan: &RoutingPlan) -> Result<ForwardOutput> {
+    /// Forward new tokens over the paged cache: `step` is a packed row whose i-th sequence
+    /// continues `seqs[i]` (positions `seqs[i].cached..`, its table covering them). Models that
+    /// pass [`MoeCausalLm::check_incremental`] only; the pool must be this model's shape. The
+    /// logits are those of each sequence's last new token only, [1, S, V] (where it samples);
+    /// the routes cover every new token.
+    pub fn forward_paged(&self, step: &Batch, seqs: &[PagedSeq], pool: &mut KvPool, plan: &RoutingPlan) -> Result<ForwardOutput> {
         self.check_incremental()?;
         let (b, t) = step.dims();
         if b != 1 {
             return Err(ModelError::batch("step", "one packed row of new tokens expected"));
         }
-        // runs of consecutive slots of one sequence
-        let seg = step.segments();
-        let mut runs = Vec::new();
-        let mut s = 0;
-        while s < t {
-            let mut e = s + 1;
-            while e < t && seg[e] == seg[s] {
-                e += 1;
-            }
-            if seg[s] == 0 {
-                return Err(ModelError::batch("step", "padding slots are not allowed in an incremental step"));
-            }
-            runs.push((s, e - s));
-            s = e;
+        if pool.k.len() != self.cfg.num_layers || pool.dtype != self.dtype() || pool.k[0].dims()[1..] != [self.cfg.attention.num_kv_heads, self.cfg.attention.head_dim] {
+            return Err(ModelError::batch("kv_pool", format!("a pool of {} layers {:?} {:?} does not fit the model", pool.k.len(), pool.k[0].dims(), pool.dtype)));
         }
-        if runs.len() != caches.len() {
-            return Err(ModelError::batch("caches", format!("{} caches for {} sequences in the step", caches.len(), runs.len())));
+        let runs = runs_of(step)?;
+        if runs.len() != seqs.len() {
+            return Err(ModelError::batch("seqs", format!("{} block tables for {} sequences in the step", seqs.len(), runs.len())));
         }
-        for (i, (&(start, len), c)) in runs.iter().zip(caches.iter()).enumerate() {
-            let want: Vec<u32> = (c.len as u32..(c.len + len) as u32).collect();
+        let bs = pool.block_size;
+        let (mut table, mut slots, mut q_start, mut q_keys) = (Vec::new(), Vec::with_capacity(t), Vec::with_capacity(t), Vec::with_capacity(t));
+        for (i, (&(start, len), s)) in runs.iter().zip(seqs).enumerate() {
+            let want: Vec<u32> = (s.cached as u32..(s.cached + len) as u32).collect();
             if step.positions()[start..start + len] != want[..] {
-                return Err(ModelError::batch("position_ids", format!("sequence {i}: positions must continue its cache at {}", c.len)));
+                return Err(ModelError::batch("position_ids", format!("sequence {i}: positions must continue its cache at {}", s.cached)));
+            }
+            if s.blocks.len() * bs < s.cached + len {
+                return Err(ModelError::batch("blocks", format!("sequence {i}: {} blocks of {bs} hold fewer than its {} tokens", s.blocks.len(), s.cached + len)));
+            }
+            let at = table.len() as u32;
+            table.extend_from_slice(s.blocks);
+            for p in s.cached..s.cached + len {
+                slots.push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+                q_start.push(at);
+                q_keys.push(p as u32 + 1);
             }
         }
+        let mut seen = HashSet::with_capacity(slots.len());
+        if let Some(&dup) = slots.iter().find(|&&s| !seen.insert(s)) {
+            return Err(ModelError::batch("blocks", format!("two new tokens of the step write pool row {dup}")));
+        }
+        // KeyLayout::new checks every block against the pool
+        let layout = Arc::new(KeyLayout::new(table, q_start, q_keys, bs, pool.num_blocks * bs)?);
         plan.validate(&self.cfg, t)?;
-        for c in caches.iter_mut() {
-            if c.layers.is_empty() {
-                c.layers = vec![LayerKv::default(); self.cfg.num_layers];
-            }
-        }
+        let slots_T = Tensor::from_vec(slots, t, self.device())?;
         let rope = self.rope.tables(step.positions(), 1, t, self.dtype())?;
         let mut x_BTD = self.embed_tokens.forward(&step.input_ids_BT)?;
         let mut routes = Recording::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut kv: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            let h = layer.self_attn.forward_cached(&layer.input_layernorm.forward(&x_BTD)?, &rope, &runs, &mut kv)?;
-            let h_BTD = (x_BTD + h)?;
+            let a = layer.self_attn.forward_paged(&layer.input_layernorm.forward(&x_BTD)?, &rope, &pool.k[l], &pool.v[l], &slots_T, &layout)?;
+            let h_BTD = (x_BTD + a)?;
             let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
             let out_BTD = layer.mlp_forward(&y_BTD, plan, l, step, &mut routes)?;
             x_BTD = (h_BTD + out_BTD)?;
         }
-        for (c, &(_, len)) in caches.iter_mut().zip(&runs) {
-            c.len += len;
-        }
-        let logits = self.lm_head_forward(&self.norm.forward(&x_BTD)?)?;
+        // the LM head only where the sequences sample: each one's last new token
+        let last: Vec<u32> = runs.iter().map(|&(s, l)| (s + l - 1) as u32).collect();
+        let last = Tensor::from_vec(last, runs.len(), self.device())?;
+        let x_BSD = x_BTD.index_select(&last, 1)?;
+        let logits = self.lm_head_forward(&self.norm.forward(&x_BSD)?)?;
         Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, routes })
     }
+}
+
+/// The runs (start, len) of consecutive slots of one sequence in a packed step; padding refused.
+fn runs_of(step: &Batch) -> Result<Vec<(usize, usize)>> {
+    let seg = step.segments();
+    let mut runs = Vec::new();
+    let mut s = 0;
+    while s < seg.len() {
+        let mut e = s + 1;
+        while e < seg.len() && seg[e] == seg[s] {
+            e += 1;
+        }
+        if seg[s] == 0 {
+            return Err(ModelError::batch("step", "padding slots are not allowed in an incremental step"));
+        }
+        runs.push((s, e - s));
+        s = e;
+    }
+    Ok(runs)
 }

@@ -33,9 +33,9 @@ pub mod routing;
 
 pub use batch::Batch;
 pub use config::ModelConfig;
-pub use device::{parse_dtype, DeviceSpec};
+pub use device::{memory_info, parse_dtype, DeviceSpec};
 pub use error::{ModelError, ParseError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvPool, PagedSeq};
 pub use model::{ForwardOutput, MoeCausalLm};
 pub use nn::Kernels;
 pub use routing::{LayerRoute, Recording, Replay, ReplayWeights, RouteMode, RoutingPlan, ROUTE_FREE};

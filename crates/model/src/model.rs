@@ -11,7 +11,7 @@ use crate::batch::Batch;
 use crate::config::{AttentionMode, ModelConfig, RoutingStrategy};
 use crate::error::{ModelError, Result};
 use crate::moe::MoeBlock;
-use crate::nn::attention::Attention;
+use crate::nn::attention::{Attention, AttentionLayout};
 use crate::nn::linear::{linear_no_bias, Linear};
 use crate::nn::mlp::SwiGlu;
 use crate::nn::norm::RmsNorm;
@@ -199,7 +199,10 @@ impl MoeCausalLm {
         if let Some(&bad) = ids.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::batch("input_ids", format!("token id {bad} >= vocab_size {}", self.cfg.vocab_size)));
         }
-        let layout = batch.attention_layout(self.cfg.attention.mode, &self.device)?;
+        let layout = match self.kernels {
+            Kernels::Invariant => AttentionLayout::Keys(std::sync::Arc::new(batch.key_layout(self.cfg.attention.mode)?)),
+            _ => batch.attention_layout(self.cfg.attention.mode, &self.device)?,
+        };
         let rope = self.rope.tables(batch.positions(), b, t, self.dtype)?;
         let mut x_BTD = self.embed_tokens.forward(ids)?;
         let mut routes = Recording::new();

@@ -85,17 +85,23 @@ fn invariant_kernels_match_transformers() {
     }
 }
 
-/// Prefill a prompt, then decode one token at a time through the KV cache, several sequences
-/// per step: every new token's logits and routes equal the full forward's bit for bit.
+/// Prefill a prompt, then decode one token at a time through the paged KV cache, several
+/// sequences per step, their blocks scattered over the pool in no order (block size 3, tables
+/// interleaved and reversed): every new token's logits and routes equal the full forward's bit
+/// for bit.
 fn assert_cached_equals_full(model: &MoeCausalLm) {
-    use lockstep_model::KvCache;
+    use lockstep_model::{KvPool, PagedSeq};
     let dev = Device::Cpu;
     let s = seqs(4, model.cfg.vocab_size as u32);
     let prompt = [3usize, 1, 6, 2];
-    let mut caches: Vec<KvCache> = vec![KvCache::default(); s.len()];
+    let bs = 3;
+    let per_seq = s.iter().map(|x| x.len().div_ceil(bs)).max().unwrap();
+    let mut pool = KvPool::new(model, per_seq * s.len(), bs).unwrap();
+    // sequence i owns blocks i, i + S, i + 2S, ... in reverse order
+    let tables: Vec<Vec<u32>> = (0..s.len()).map(|i| (0..per_seq).rev().map(|b| (b * s.len() + i) as u32).collect()).collect();
     // step 0: all prompts; then one token per sequence per step while any is left
-    let mut done = prompt.to_vec();
-    let mut got: Vec<Vec<Vec<u32>>> = vec![Vec::new(); s.len()]; // per seq: logits bits per token
+    let mut done = vec![0usize; s.len()];
+    let mut got: Vec<Vec<(usize, Vec<u32>)>> = vec![Vec::new(); s.len()]; // per seq: (position, logits bits)
     let mut got_routes: Vec<Vec<u32>> = vec![Vec::new(); s.len()]; // layer-0 ids per token
     let mut first = true;
     loop {
@@ -103,25 +109,23 @@ fn assert_cached_equals_full(model: &MoeCausalLm) {
         if active.is_empty() {
             break;
         }
-        let (mut toks, mut pos, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
+        let (mut toks, mut pos, mut cu, mut seqs_) = (Vec::new(), Vec::new(), vec![0usize], Vec::new());
         for &i in &active {
             let (from, to) = if first { (0, prompt[i]) } else { (done[i], done[i] + 1) };
             toks.extend_from_slice(&s[i][from..to]);
             pos.extend((from..to).map(|p| p as u32));
             cu.push(cu.last().unwrap() + to - from);
-            if !first {
-                done[i] += 1;
-            }
+            seqs_.push(PagedSeq { blocks: &tables[i], cached: from });
+            done[i] = to;
         }
         let step = Batch::packed(&toks, Some(&pos), &cu, &dev).unwrap();
-        let mut refs: Vec<&mut KvCache> = caches.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).map(|(_, c)| c).collect();
-        let out = model.forward_cached(&step, &mut refs, &RoutingPlan::record()).unwrap();
+        let out = model.forward_paged(&step, &seqs_, &mut pool, &RoutingPlan::record()).unwrap();
         let k = model.cfg.moe.router.top_k;
         let l0 = model.cfg.moe_layers[0];
         let ids: Vec<u32> = out.routes[&l0].expert_A.to_vec1().unwrap();
         for (a, &i) in active.iter().enumerate() {
+            got[i].push((done[i] - 1, bits(&out.logits.i((0, a)).unwrap())));
             for slot in cu[a]..cu[a + 1] {
-                got[i].push(bits(&out.logits.i((0, slot)).unwrap()));
                 got_routes[i].extend_from_slice(&ids[slot * k..(slot + 1) * k]);
             }
         }
@@ -129,8 +133,9 @@ fn assert_cached_equals_full(model: &MoeCausalLm) {
     }
     for (i, x) in s.iter().enumerate() {
         let full = model.forward(&Batch::from_sequences(std::slice::from_ref(x), 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
-        for (p, g) in got[i].iter().enumerate() {
-            assert_eq!(g, &bits(&full.logits.i((0, p)).unwrap()), "sequence {i} position {p}");
+        assert_eq!(got[i].len(), x.len() - prompt[i] + 1);
+        for (p, g) in &got[i] {
+            assert_eq!(g, &bits(&full.logits.i((0, *p)).unwrap()), "sequence {i} position {p}");
         }
         let ids: Vec<u32> = full.routes[&model.cfg.moe_layers[0]].expert_A.to_vec1().unwrap();
         assert_eq!(got_routes[i], ids, "sequence {i}: routes");

@@ -11,9 +11,7 @@
 //   skinny variant (few rows, more blocks) computes each element identically.
 // - inv_matmul_nt_bf16(_skinny): the same product on tensor cores (mma over 16-wide K chunks,
 //   ascending, f32 accumulation); the skinny variant is one warp per 16 x 16 tile.
-// - inv_attention_f32: per query row, over the visible keys: s_j = dot(q, k_j) * scale (one
-//   warp's fixed-order dot), softmax with max subtraction and a sequential sum, then
-//   out[d] = sum_j p_j v_j[d] in ascending key order. Masked keys are skipped, not added as zeros.
+// (The attention is paged.cu's variable-length kernel.)
 
 #include <cuda_bf16.h>
 #include <mma.h>
@@ -235,81 +233,5 @@ extern "C" __global__ void __launch_bounds__(32) inv_matmul_nt_bf16_skinny(const
         const uint32_t r = e / 16, cc = e % 16;
         const size_t m = m0 + r, n = n0 + cc;
         if (m < M && n < N) y[m * N + n] = __float2bfloat16(Cs[r][cc]);
-    }
-}
-
-// One block per query row (b, h, i); dynamic shared memory: Tk scores + 32 floats of scratch.
-// q [B, H, Tq, Dh], k, v [B, G, Tk, Dh], visible [B, Tq, Tk] (1 = visible), out [B, H, Tq, Dh].
-// A score is one warp's: lane l sums d = l, l + 32, ... (fmaf, ascending), a fixed xor butterfly
-// adds the lanes, lane 0's total is the score. Then the max (exact in any order), the
-// exponentials, their sum in ascending key order (one thread), p_j = e_j / z, and per d the
-// sum of p_j v_j[d] in ascending key order.
-extern "C" __global__ void inv_attention_f32(const float* __restrict__ q, const float* __restrict__ k,
-                                             const float* __restrict__ v, const uint8_t* __restrict__ visible,
-                                             float* __restrict__ out, uint32_t H, uint32_t G, uint32_t Tq,
-                                             uint32_t Tk, uint32_t Dh, float scale) {
-    extern __shared__ float sh[];
-    float* s = sh;          // [Tk]
-    float* red = sh + Tk;   // [32]
-    const size_t row = blockIdx.x;
-    const uint32_t i = row % Tq;
-    const uint32_t h = (row / Tq) % H;
-    const size_t b = row / ((size_t)Tq * H);
-    const uint32_t g = h / (H / G);
-    const float* qv = q + row * Dh;
-    const float* kb = k + (b * G + g) * (size_t)Tk * Dh;
-    const float* vb = v + (b * G + g) * (size_t)Tk * Dh;
-    const uint8_t* mask = visible + (b * Tq + i) * (size_t)Tk;
-    float* o = out + row * Dh;
-    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-
-    // 1. scores of the visible keys (a warp per key), and the largest
-    float mx = -INFINITY;
-    for (uint32_t j = warp; j < Tk; j += nwarps) {
-        if (!mask[j]) continue;  // the same j across the warp
-        const float* kj = kb + (size_t)j * Dh;
-        float acc = 0.0f;
-        for (uint32_t d = lane; d < Dh; d += 32) acc = fmaf(qv[d], kj[d], acc);
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        const float sj = __shfl_sync(0xffffffffu, acc, 0) * scale;
-        if (lane == 0) s[j] = sj;
-        mx = fmaxf(mx, sj);
-    }
-    // max is exact in any order
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    if (lane == 0) red[warp] = mx;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float m = -INFINITY;
-        for (uint32_t w = 0; w < nwarps; w++) m = fmaxf(m, red[w]);
-        red[0] = m;
-    }
-    __syncthreads();
-    mx = red[0];
-    if (mx == -INFINITY) {  // no visible key: zeros, as on the CPU
-        for (uint32_t d = threadIdx.x; d < Dh; d += blockDim.x) o[d] = 0.0f;
-        return;
-    }
-    // 2. exponentials, then their sum in ascending key order (one thread), then p_j = e_j / z
-    for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x)
-        if (mask[j]) s[j] = expf(s[j] - mx);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float z = 0.0f;
-        for (uint32_t j = 0; j < Tk; j++)
-            if (mask[j]) z += s[j];
-        red[1] = z;
-    }
-    __syncthreads();
-    const float z = red[1];
-    for (uint32_t j = threadIdx.x; j < Tk; j += blockDim.x)
-        if (mask[j]) s[j] = s[j] / z;
-    __syncthreads();
-    // 3. out[d] = sum_j p_j v_j[d], keys ascending
-    for (uint32_t d = threadIdx.x; d < Dh; d += blockDim.x) {
-        float acc = 0.0f;
-        for (uint32_t j = 0; j < Tk; j++)
-            if (mask[j]) acc = fmaf(s[j], vb[(size_t)j * Dh + d], acc);
-        o[d] = acc;
     }
 }

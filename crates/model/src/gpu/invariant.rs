@@ -3,8 +3,7 @@
 //! floating-point operations, whatever the rows around it (see the .cu file).
 //!
 //! - `matmul_nt`: x [M, K] · wᵀ (w [N, K]) → [M, N], f32 (FMA) or bf16 (tensor cores; f32
-//!   accumulation);
-//! - `attention`: q [B, H, Tq, Dh], k, v [B, G, Tk, Dh] (f32), visible [B, Tq, Tk] → [B, H, Tq, Dh].
+//!   accumulation). The attention is `paged.rs`'s.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -97,53 +96,4 @@ pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &La
         other => candle_core::bail!("invariant matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
     };
     Ok((out, Shape::from((m, n))))
-}
-
-/// Softmax attention with a visibility mask, batch-invariant (f32).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention(
-    sq: &CudaStorage,
-    lq: &Layout,
-    sk: &CudaStorage,
-    lk: &Layout,
-    sv: &CudaStorage,
-    lv: &Layout,
-    visible: &[u8],
-    scale: f32,
-) -> Result<(CudaStorage, Shape)> {
-    let (b, h, tq, dh) = lq.shape().dims4()?;
-    let (b2, g, tk, dh2) = lk.shape().dims4()?;
-    if lv.shape().dims() != lk.shape().dims() || b2 != b || dh2 != dh || g == 0 || h % g != 0 {
-        candle_core::bail!("invariant attention: q {:?}, k {:?}, v {:?} do not fit", lq.dims(), lk.dims(), lv.dims());
-    }
-    if visible.len() != b * tq * tk {
-        candle_core::bail!("invariant attention: mask of {} entries for [{b}, {tq}, {tk}]", visible.len());
-    }
-    // scores of one row live in shared memory (48 KiB without opting in)
-    if (tk + 32) * 4 > 48 * 1024 {
-        candle_core::bail!("invariant attention: {tk} keys exceed one block's shared memory (at most {})", 48 * 256 - 32);
-    }
-    let dev = sq.device().clone();
-    let (q, k, v) = (contiguous::<f32>(sq, lq, "invariant attention q")?, contiguous::<f32>(sk, lk, "invariant attention k")?, contiguous::<f32>(sv, lv, "invariant attention v")?);
-    let rows = b * h * tq;
-    // SAFETY: uninitialised, but the launch writes out[row, 0..Dh] for each of the B · H · Tq
-    // rows (one block each; zeros when no key is visible); rows · Dh = 0: never read.
-    let mut out = unsafe { dev.alloc::<f32>((rows * dh).max(1))? };
-    if rows > 0 && dh > 0 {
-        let vis = dev.clone_htod(visible)?;
-        let f = func(&dev, "inv_attention_f32")?;
-        let (h32, g32, tq32, tk32, dh32) = (u32_dim(h, "H")?, u32_dim(g, "G")?, u32_dim(tq, "Tq")?, u32_dim(tk, "Tk")?, u32_dim(dh, "Dh")?);
-        let mut bld = f.builder();
-        bld.arg(&q).arg(&k).arg(&v).arg(&vis).arg(&mut out).arg(&h32).arg(&g32).arg(&tq32).arg(&tk32).arg(&dh32).arg(&scale);
-        let cfg = LaunchConfig { grid_dim: (u32_dim(rows, "rows")?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: ((tk + 32) * 4) as u32 };
-        // SAFETY: the arguments are those of `inv_attention_f32(q, k, v, visible, out, H, G, Tq,
-        // Tk, Dh, scale)` in order. q is [B, H, Tq, Dh], k and v [B, G, Tk, Dh] (contiguous f32,
-        // dims checked above with G > 0 and H % G = 0, so the kernel's g = h / (H / G) < G),
-        // visible holds B · Tq · Tk bytes (checked) and out B · H · Tq · Dh. One block per row,
-        // as the kernel derives (b, h, i) from blockIdx.x; the dynamic shared memory is its Tk
-        // scores + 32 floats of scratch (within 48 KiB, checked), and 128 threads are 4 warps,
-        // within that 32-entry scratch.
-        unsafe { bld.launch(cfg) }.w()?;
-    }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b, h, tq, dh))))
 }

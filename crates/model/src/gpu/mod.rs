@@ -8,13 +8,15 @@
 //! - `ops`: the custom ops with their backward;
 //! - `route`: token-choice top-k, expert-choice selection and replay checks on the device;
 //! - `invariant`: the batch-invariant matmul and attention (`crate::nn::invariant` on CUDA);
-//! - `kernels.cu`, `route.cu`, `invariant.cu`: the kernels (compiled to PTX by build.rs).
+//! - `paged`: the paged KV cache's writes and the variable-length attention (`crate::nn::varlen`);
+//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
 pub(crate) mod gemm;
 pub(crate) mod invariant;
 pub(crate) mod ops;
+pub(crate) mod paged;
 pub(crate) mod plan;
 pub(crate) mod route;
 
@@ -30,6 +32,8 @@ const ROUTE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/route_kernels.pt
 const ROUTE_MODULE: &str = "lockstep_route";
 const INVARIANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/invariant_kernels.ptx"));
 const INVARIANT_MODULE: &str = "lockstep_invariant";
+const PAGED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_kernels.ptx"));
+const PAGED_MODULE: &str = "lockstep_paged";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -58,6 +62,12 @@ pub(crate) fn route_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `invariant.cu`.
 pub(crate) fn invariant_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, INVARIANT_MODULE, INVARIANT_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `paged.cu`.
+pub(crate) fn paged_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, PAGED_MODULE, PAGED_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 

@@ -11,7 +11,9 @@ use super::linear::{linear_b, Linear};
 
 use super::norm::RmsNorm;
 use super::rope::RopeTables;
-use super::{invariant, Kernels};
+use super::varlen::{self, KeyLayout};
+use super::Kernels;
+use std::sync::Arc;
 use crate::config::AttentionConfig;
 
 #[derive(Debug, Clone)]
@@ -84,6 +86,7 @@ impl Attention {
         let (h, dh) = (self.num_heads, self.head_dim);
         let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
         let out_BHTD = match layout {
+            AttentionLayout::Keys(keys) => return self.o_proj.forward(&self.attend_varlen(&q_BHTD, &k_BGTD, &v_BGTD, keys)?),
             AttentionLayout::Dense(bias_B1TT) => self.attend(&q_BHTD, &k_BGTD, &v_BGTD, bias_B1TT)?,
             AttentionLayout::Runs(runs) => {
                 // packed row: each sequence attends only to itself, so compute it alone
@@ -101,35 +104,31 @@ impl Attention {
         self.o_proj.forward(&out_BTD)
     }
 
-    /// Incremental (KV-cached) attention for one packed row of new tokens: run i (start, len)
-    /// holds the next `len` tokens of the sequence whose cache is `kv[i]`; each new token sees
-    /// the cached keys and the new keys up to itself (causal). The caches grow by the new keys.
-    pub fn forward_cached(&self, x_BTD: &Tensor, rope: &RopeTables, runs: &[(usize, usize)], kv: &mut [&mut LayerKv]) -> Result<Tensor> {
+    /// Attention for one packed row of new tokens over the paged KV cache: the new keys and
+    /// values are written into the layer's pools `k_pool`, `v_pool` [R, G, Dh] at `slots` (one
+    /// pool row per new token), then every new token attends to its sequence's keys as
+    /// `layout` says (the batch-invariant attention, whatever the kernels: one launch for all
+    /// sequences).
+    pub fn forward_paged(&self, x_BTD: &Tensor, rope: &RopeTables, k_pool: &Tensor, v_pool: &Tensor, slots: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
-        let (h, dh) = (self.num_heads, self.head_dim);
+        let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
-        let mut outs = Vec::with_capacity(runs.len());
-        for (&(start, len), cache) in runs.iter().zip(kv.iter_mut()) {
-            let k_new = k_BGTD.narrow(2, start, len)?;
-            let v_new = v_BGTD.narrow(2, start, len)?;
-            let (k_all, v_all) = match (&cache.k, &cache.v) {
-                (Some(k), Some(v)) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),
-                _ => (k_new.contiguous()?, v_new.contiguous()?),
-            };
-            let past = k_all.dim(2)? - len;
-            let total = past + len;
-            let mut bias = vec![f32::NEG_INFINITY; len * total];
-            for j in 0..len {
-                bias[j * total..j * total + past + j + 1].iter_mut().for_each(|x| *x = 0.0);
-            }
-            let bias = Tensor::from_vec(bias, (1, 1, len, total), x_BTD.device())?;
-            outs.push(self.attend_rect(&q_BHTD.narrow(2, start, len)?, &k_all, &v_all, &bias)?);
-            cache.k = Some(k_all);
-            cache.v = Some(v_all);
-        }
-        let out_BHTD = Tensor::cat(&outs, 2)?;
-        let out_BTD = out_BHTD.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dh))?;
-        self.o_proj.forward(&out_BTD)
+        let rows = |x: &Tensor, n: usize| -> Result<Tensor> { x.transpose(1, 2)?.contiguous()?.reshape((b * t, n, dh)) };
+        crate::kv_cache::write_rows(k_pool, &rows(&k_BGTD, g)?, slots)?;
+        crate::kv_cache::write_rows(v_pool, &rows(&v_BGTD, g)?, slots)?;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let out_NHD = varlen::attention(&rows(&q_BHTD, h)?, k_pool, v_pool, layout.clone(), scale)?;
+        self.o_proj.forward(&out_NHD.reshape((b, t, h * dh))?)
+    }
+
+    /// The batch-invariant attention over the batch's own slots: q, k, v as rows [B·T, heads,
+    /// Dh], each slot seeing the keys `layout` gives it.
+    fn attend_varlen(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
+        let (b, h, t, dh) = q_BHTD.dims4()?;
+        let g = self.num_kv_heads;
+        let rows = |x: &Tensor, n: usize| -> Result<Tensor> { x.transpose(1, 2)?.contiguous()?.reshape((b * t, n, dh)) };
+        let scale = 1.0 / (dh as f32).sqrt();
+        varlen::attention(&rows(q_BHTD, h)?, &rows(k_BGTD, g)?, &rows(v_BGTD, g)?, layout.clone(), scale)?.reshape((b, t, h * dh))
     }
 
     fn attend(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {
@@ -143,16 +142,6 @@ impl Attention {
         let (b, h, t, dh) = q_BHTD.dims4()?;
         let tk = k_BGTD.dim(2)?;
         let g = self.num_kv_heads;
-        if self.kernels == Kernels::Invariant {
-            let visible: Vec<u8> = bias_B1TT.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| u8::from(x == 0.0)).collect();
-            let visible = if bias_B1TT.dim(0)? == b { visible } else { visible.repeat(b) };
-            let scale = 1.0 / (dh as f32).sqrt();
-            // the invariant kernel computes in f32 (a bf16 model casts in and out, elementwise)
-            let dtype = q_BHTD.dtype();
-            let f = |t: &Tensor| t.to_dtype(DType::F32);
-            let out = invariant::attention(&f(q_BHTD)?, &f(k_BGTD)?, &f(v_BGTD)?, std::sync::Arc::new(visible), scale)?;
-            return out.to_dtype(dtype);
-        }
         let r = h / g;
         // Grouped-query attention without copying K/V: the R query heads of a group are stacked
         // along the query axis, so one batched matmul per group serves them all.
@@ -171,16 +160,12 @@ impl Attention {
     }
 }
 
-/// Cached keys and values of one sequence at one layer: [1, G, L, Dh] each.
-#[derive(Debug, Clone, Default)]
-pub struct LayerKv {
-    pub k: Option<Tensor>,
-    pub v: Option<Tensor>,
-}
-
 /// How a batch's tokens see each other.
 #[derive(Debug, Clone)]
 pub enum AttentionLayout {
+    /// Every slot's visible keys as a key table (the batch-invariant attention,
+    /// `Kernels::Invariant`).
+    Keys(Arc<KeyLayout>),
     /// [B, 1, T, T] additive bias (0 / -inf) over whole rows.
     Dense(Tensor),
     /// One packed row cut into runs (start, len, [1, 1, len, len] bias): a sequence, or a run of

@@ -7,19 +7,15 @@
 //!
 //! - `matmul_nt(x [M, K], w [N, K]) → [M, N]`: y[m, n] = dot(x[m], w[n]) with one fixed
 //!   8-lane accumulation order over K.
-//! - `attention(q [B, H, Tq, Dh], k, v [B, G, Tk, Dh], visible [B, Tq, Tk])`: per query, the
-//!   visible keys in ascending order: s_j = dot(q, k_j)·scale, softmax with max-subtraction and
-//!   a sequential sum, then out = Σ_j p_j v_j sequentially. Masked keys are skipped, not added as
-//!   zeros, so a decode step over a KV cache and a full causal forward agree exactly.
+//! - attention: `crate::nn::varlen` (over key tables: the trainer's packed rows and the engine's
+//!   paged cache alike), with this file's `dot`.
 //!
-//! Both carry gradients: their backward uses ordinary candle ops (exactness is needed of the
+//! It carries gradients: their backward uses ordinary candle ops (exactness is needed of the
 //! forward only). The CUDA kernels keep the same contract with their own fixed order (one fmaf
 //! chain per dot product), so a GPU run is invariant within itself; CPU and GPU results differ by
 //! rounding.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Fixed-order dot product: 8 lane accumulators over full chunks, a fixed reduction tree, then
@@ -101,116 +97,4 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out = dims;
     *out.last_mut().expect("non-empty") = w.dim(0)?;
     y.reshape(out)
-}
-
-struct Attention {
-    /// [B, Tq, Tk] 1 = visible
-    visible: Arc<Vec<u8>>,
-    scale: f32,
-}
-
-impl Attention {
-    fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize, usize, usize)> {
-        let (b, h, tq, dh) = l1.shape().dims4()?;
-        let (_, g, tk, _) = l2.shape().dims4()?;
-        Ok((b, h, tq, dh, g, tk))
-    }
-
-    /// Additive bias [B, 1, Tq, Tk] (0 / -inf) for the backward's recomputation.
-    fn bias(&self, b: usize, tq: usize, tk: usize, dev: &candle_core::Device) -> Result<Tensor> {
-        let v: Vec<f32> = self.visible.iter().map(|&m| if m == 1 { 0.0 } else { f32::NEG_INFINITY }).collect();
-        Tensor::from_vec(v, (b, 1, tq, tk), dev)
-    }
-}
-
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "invariant-attention"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, h, tq, dh, g, tk) = Self::dims(l1, l2)?;
-        if self.visible.len() != b * tq * tk {
-            return Err(Error::Msg("invariant attention: mask shape".into()));
-        }
-        let (q, k, v) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?);
-        let r = h / g;
-        let mut out = vec![0f32; b * h * tq * dh];
-        out.par_chunks_mut(dh).enumerate().for_each(|(row, o)| {
-            let i = row % tq;
-            let hh = (row / tq) % h;
-            let bb = row / (tq * h);
-            let gg = hh / r;
-            let qv = &q[row * dh..(row + 1) * dh];
-            let kbase = (bb * g + gg) * tk * dh;
-            let mask = &self.visible[(bb * tq + i) * tk..(bb * tq + i + 1) * tk];
-            let mut scores: Vec<(usize, f32)> = Vec::new();
-            for (j, &m) in mask.iter().enumerate() {
-                if m == 1 {
-                    scores.push((j, dot(qv, &k[kbase + j * dh..kbase + (j + 1) * dh]) * self.scale));
-                }
-            }
-            if scores.is_empty() {
-                return;
-            }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &(_, s)| a.max(s));
-            let mut z = 0f32;
-            for (_, s) in scores.iter_mut() {
-                *s = (*s - max).exp();
-                z += *s;
-            }
-            for &(j, e) in &scores {
-                let p = e / z;
-                let vj = &v[kbase + j * dh..kbase + (j + 1) * dh];
-                for d in 0..dh {
-                    o[d] += p * vj[d];
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, h, tq, dh))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::invariant::attention(s1, l1, s2, l2, s3, l3, &self.visible, self.scale)
-    }
-
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, tq, dh) = q.dims4()?;
-        let (_, g, tk, _) = k.dims4()?;
-        let r = h / g;
-        let expand = |x: &Tensor| -> Result<Tensor> {
-            x.unsqueeze(2)?.broadcast_as((b, g, r, tk, dh))?.reshape((b, h, tk, dh))
-        };
-        let (ke, ve) = (expand(k)?, expand(v)?);
-        let s = (q.matmul(&ke.t()?)? * self.scale as f64)?.broadcast_add(&self.bias(b, tq, tk, q.device())?)?;
-        let p = candle_nn::ops::softmax(&s, D::Minus1)?;
-        let d_v = p.t()?.matmul(g_o)?; // [B, H, Tk, Dh]
-        let d_p = g_o.matmul(&ve.t()?)?; // [B, H, Tq, Tk]
-        let delta = (g_o * o)?.sum_keepdim(D::Minus1)?;
-        let d_s = (&p * d_p.broadcast_sub(&delta)?)?;
-        let d_q = (d_s.matmul(&ke)? * self.scale as f64)?;
-        let d_k = (d_s.t()?.matmul(q)? * self.scale as f64)?;
-        let fold = |x: Tensor| -> Result<Tensor> { x.reshape((b, g, r, tk, dh))?.sum(2) };
-        Ok((Some(d_q), Some(fold(d_k)?), Some(fold(d_v)?)))
-    }
-}
-
-/// Softmax attention of q [B, H, Tq, Dh] over k, v [B, G, Tk, Dh] where `visible[b][i][j]` says
-/// whether query i sees key j; batch-invariant (module doc).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, visible: Arc<Vec<u8>>, scale: f32) -> Result<Tensor> {
-    for (name, t) in [("q", q), ("k", k), ("v", v)] {
-        if t.dtype() != DType::F32 {
-            return Err(Error::Msg(format!("invariant attention: {name} must be f32")));
-        }
-    }
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { visible, scale })
 }

@@ -10,6 +10,7 @@ pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod varlen;
 
 /// Which kernels a forward uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

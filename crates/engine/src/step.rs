@@ -1,0 +1,348 @@
+//! One engine step over the paged KV cache — the scheduler and the model runner:
+//!
+//! 1. **admit** waiting sequences while there is room (`max_running`, free blocks for the
+//!    prompt): their prompt's full blocks are looked up in the prefix cache first (a hit brings
+//!    the blocks' keys and route rows; the G samples of one prompt wait one step for the first
+//!    sample to fill the blocks they will share);
+//! 2. **schedule** the step's tokens under `max_batched_tokens`: every decoding sequence its one
+//!    token first, then prompt chunks (chunked prefill); each scheduled sequence gets the blocks
+//!    its new tokens need, and when the pool runs out the most recently admitted sequence is
+//!    preempted — its blocks given back, its tokens recomputed later (never an OOM, never a lost
+//!    request);
+//! 3. **run** one packed forward over the block tables (`MoeCausalLm::forward_paged`), register
+//!    the blocks that became full in the prefix cache, cut each sequence's route rows, and
+//!    sample the sequences whose chunk reached their last token.
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Tensor, D};
+use lockstep_model::logprobs::at_temperature;
+use lockstep_model::{Batch, KvPool, PagedSeq, RoutingPlan};
+use rayon::prelude::*;
+
+use crate::blocks::{block_hash, BlockManager, BlockRoutes};
+use crate::engine::{forward_trace, route_width, Completion, Engine, FinishReason, Sampled};
+use crate::error::{EngineError, Result};
+use crate::sampling::{sample, top_n};
+use crate::seq::Seq;
+
+/// One host row per sampling sequence.
+type HostRows = Vec<Vec<f32>>;
+
+impl Engine {
+    /// The pool and its block manager, made on first use (from `self.cache`).
+    pub(crate) fn ensure_pool(&mut self) -> Result<()> {
+        if self.pool.is_none() {
+            self.cache.validate()?;
+            let bs = self.cache.block_size;
+            let n = self.cache.blocks_for(&self.model.cfg, self.model.dtype(), self.model.device(), self.max_running)?;
+            let pool = KvPool::new(&self.model, n, bs)?;
+            self.pool = Some((pool, BlockManager::new(n, bs)));
+        }
+        Ok(())
+    }
+
+    /// Give a sequence's blocks back (finished, aborted or preempted).
+    pub(crate) fn release(&mut self, s: &mut Seq) {
+        if let Some((_, blocks)) = &mut self.pool {
+            for b in s.blocks.drain(..) {
+                blocks.release(b);
+            }
+        }
+        s.hashes.clear();
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.release(&mut s);
+        s.fed = 0;
+        self.preemptions += 1;
+        self.waiting.push_front(s);
+    }
+
+    /// Route row width of one token (all MoE layers).
+    fn row_width(&self) -> usize {
+        self.model.cfg.moe_layers.len() * route_width(&self.model)
+    }
+
+    /// Hashes of the prompt blocks that running sequences will fill (being prefilled): a
+    /// waiting sequence whose next block is one of them waits for it instead of computing it too.
+    fn pending_hashes(&self) -> HashSet<u64> {
+        let Some((_, blocks)) = &self.pool else { return HashSet::new() };
+        let bs = blocks.block_size();
+        let mut out = HashSet::new();
+        for s in self.running.iter().filter(|s| s.fed < s.tokens.len()) {
+            let mut parent = s.hashes.last().copied().unwrap_or(0);
+            for b in s.hashes.len()..s.tokens.len() / bs {
+                parent = block_hash(parent, &s.tokens[b * bs..(b + 1) * bs]);
+                out.insert(parent);
+            }
+        }
+        out
+    }
+
+    /// Waiting → running while there is room (module doc, 1).
+    fn admit(&mut self) -> Result<()> {
+        let pending = if self.cache.prefix_caching { self.pending_hashes() } else { HashSet::new() };
+        let row = self.row_width();
+        while self.running.len() < self.max_running {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            let (_, blocks) = self.pool.as_mut().ok_or_else(|| EngineError::Request { id: s.id, field: "kv_pool".into(), msg: "no pool".into() })?;
+            let bs = blocks.block_size();
+            let mut wait = false;
+            let rows_before = s.route_rows(row);
+            if self.cache.prefix_caching && s.fed == 0 {
+                // full blocks before the last token (its logits are needed: always computed)
+                let mut parent = 0u64;
+                for b in 0..(s.tokens.len() - 1) / bs {
+                    let toks = &s.tokens[b * bs..(b + 1) * bs];
+                    match blocks.lookup(parent, toks) {
+                        Some((blk, routes)) => {
+                            if self.capture && s.route_rows(row) == b * bs {
+                                match routes {
+                                    Some(r) => {
+                                        s.route_ids.extend_from_slice(&r.ids);
+                                        s.route_probs.extend_from_slice(&r.probs);
+                                    }
+                                    None => {
+                                        // cached without routes: compute instead
+                                        blocks.release(blk);
+                                        break;
+                                    }
+                                }
+                            }
+                            parent = block_hash(parent, toks);
+                            s.blocks.push(blk);
+                            s.hashes.push(parent);
+                            s.fed += bs;
+                        }
+                        None => {
+                            wait = pending.contains(&block_hash(parent, toks));
+                            break;
+                        }
+                    }
+                }
+            }
+            let need = s.tokens.len().div_ceil(bs).saturating_sub(s.blocks.len()) + usize::from(s.tokens.len() % bs == 0);
+            if wait || blocks.num_available() < need {
+                for b in s.blocks.drain(..) {
+                    blocks.release(b);
+                }
+                s.hashes.clear();
+                // rows copied from the cache are copied again at the next try
+                s.route_ids.truncate(rows_before * row);
+                s.route_probs.truncate(rows_before * row);
+                s.fed = 0;
+                self.waiting.push_front(s);
+                break;
+            }
+            self.running.push(s);
+        }
+        Ok(())
+    }
+
+    /// The step's (running index, tokens) under the token budget, with blocks allocated
+    /// (module doc, 2).
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let mut budget = self.cache.max_batched_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                let (fed, len, held) = (self.running[i].fed, self.running[i].tokens.len(), self.running[i].blocks.len());
+                let remaining = len - fed;
+                let is_decode = remaining == 1;
+                if is_decode != decode_pass || remaining == 0 || plan.iter().any(|p| p.0 == i) {
+                    i += 1;
+                    continue;
+                }
+                let chunk = remaining.min(budget);
+                if chunk == 0 {
+                    break;
+                }
+                let bs = self.cache.block_size;
+                let need = (fed + chunk).div_ceil(bs).saturating_sub(held);
+                // preempt from the back (the most recent admission) until the blocks fit; a
+                // sequence already scheduled this step is never the victim
+                let mut fits = true;
+                while self.pool.as_ref().map_or(0, |p| p.1.num_available()) < need {
+                    let victim = self.running.len() - 1;
+                    if victim == i || plan.iter().any(|p| p.0 == victim) {
+                        fits = false;
+                        break;
+                    }
+                    self.preempt(victim);
+                }
+                if !fits {
+                    // this one waits (recomputed later); those scheduled keep their blocks
+                    self.preempt(i);
+                    continue;
+                }
+                let (_, blocks) = self.pool.as_mut().expect("pool");
+                let s = &mut self.running[i];
+                for _ in 0..need {
+                    s.blocks.push(blocks.allocate().expect("counted available"));
+                }
+                plan.push((i, chunk));
+                budget -= chunk;
+                i += 1;
+            }
+        }
+        plan.sort_unstable();
+        plan
+    }
+
+    /// The logits and log-probabilities of the sampling sequences' rows of `logits_1SV` (one per
+    /// scheduled sequence): log-softmax(logits / T) at the sequence's temperature (greedy:
+    /// T = 1), as the trainer scores it — one batched op per distinct temperature of the step.
+    fn sampled_rows(&self, logits_1SV: &Tensor, members: &[(usize, usize)]) -> Result<(HostRows, HostRows)> {
+        let r = members.len();
+        let dev = logits_1SV.device();
+        let rows: Vec<u32> = members.iter().map(|m| m.0 as u32).collect();
+        let logits_RV = logits_1SV.squeeze(0)?.index_select(&Tensor::from_vec(rows, r, dev)?, 0)?;
+        let logits: Vec<Vec<f32>> = logits_RV.to_dtype(DType::F32)?.to_vec2()?;
+        let mut logprobs = vec![Vec::new(); r];
+        let temp = |k: usize| self.running[members[k].1].params.temperature;
+        let mut temps: Vec<f32> = (0..r).map(temp).collect();
+        temps.sort_by(f32::total_cmp);
+        temps.dedup();
+        for t in temps {
+            let pick: Vec<u32> = (0..r as u32).filter(|&k| temp(k as usize) == t).collect();
+            let picked = logits_RV.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?;
+            let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&at_temperature(&picked, t as f64)?, D::Minus1)?.to_vec2()?;
+            for (k, row) in pick.into_iter().zip(lp) {
+                logprobs[k as usize] = row;
+            }
+        }
+        Ok((logits, logprobs))
+    }
+
+    /// One batched forward; returns the requests that completed.
+    pub fn step(&mut self) -> Result<Vec<Completion>> {
+        self.sampled.clear();
+        if self.is_idle() {
+            return Ok(Vec::new());
+        }
+        self.ensure_pool()?;
+        self.admit()?;
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut toks, mut pos, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
+        for &(i, chunk) in &plan {
+            let s = &self.running[i];
+            toks.extend_from_slice(&s.tokens[s.fed..s.fed + chunk]);
+            pos.extend((s.fed..s.fed + chunk).map(|p| p as u32));
+            cu.push(toks.len());
+        }
+        let step = Batch::packed(&toks, Some(&pos), &cu, self.model.device())?;
+        let routing = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
+        let out = {
+            let seqs: Vec<PagedSeq> = plan.iter().map(|&(i, _)| PagedSeq { blocks: &self.running[i].blocks, cached: self.running[i].fed }).collect();
+            let (pool, _) = self.pool.as_mut().expect("pool");
+            self.model.forward_paged(&step, &seqs, pool, &routing)?
+        };
+        let k = route_width(&self.model);
+        let num_experts = self.model.cfg.moe.router.num_experts;
+        let step_routes = forward_trace(&out.routes, k, num_experts)?;
+        let row = self.row_width();
+        // route rows, fed counts, full blocks into the prefix cache
+        for (j, &(i, chunk)) in plan.iter().enumerate() {
+            let s = &mut self.running[i];
+            if let Some(r) = &step_routes {
+                let p = r.probs().ok_or_else(|| EngineError::Request { id: s.id, field: "routes".into(), msg: "recorded without probabilities".into() })?;
+                // a recomputation (after preemption) keeps the rows it has
+                let from = s.route_rows(row).max(s.fed).min(s.fed + chunk);
+                let (a, b) = (cu[j] + from - s.fed, cu[j + 1]);
+                s.route_ids.extend(r.ids()[a * row..b * row].iter().map(|&x| u32::from(x)));
+                s.route_probs.extend((a * row..b * row).map(|x| p.get_f32(x)));
+            }
+            s.fed += chunk;
+            if self.cache.prefix_caching {
+                let (_, blocks) = self.pool.as_mut().expect("pool");
+                let bs = blocks.block_size();
+                while (s.hashes.len() + 1) * bs <= s.fed {
+                    let b = s.hashes.len();
+                    let parent = s.hashes.last().copied().unwrap_or(0);
+                    let routes = (self.capture && s.route_rows(row) >= (b + 1) * bs)
+                        .then(|| BlockRoutes { ids: s.route_ids[b * bs * row..(b + 1) * bs * row].to_vec(), probs: s.route_probs[b * bs * row..(b + 1) * bs * row].to_vec() });
+                    let h = blocks.register(s.blocks[b], parent, &s.tokens[b * bs..(b + 1) * bs], routes);
+                    s.hashes.push(h);
+                }
+            }
+        }
+        // sampling: the scheduled sequences whose chunk reached their last token
+        let members: Vec<(usize, usize)> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, &(i, _))| {
+                let s = &self.running[i];
+                s.fed == s.tokens.len() && s.finished.is_none()
+            })
+            .map(|(j, &(i, _))| (j, i))
+            .collect();
+        let (logits_RV, logprobs_RV) = if members.is_empty() { (Vec::new(), Vec::new()) } else { self.sampled_rows(&out.logits, &members)? };
+        let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(members.len());
+        {
+            let want: Vec<usize> = members.iter().map(|m| m.1).collect();
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if let Ok(k) = want.binary_search(&i) {
+                    picked.push((k, s));
+                }
+            }
+        }
+        let toks: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(&logits_RV[*k], &s.params, &mut s.rng))).collect();
+        drop(picked);
+        for (k, tok) in toks {
+            let s = &mut self.running[members[k].1];
+            let lp = &logprobs_RV[k];
+            s.tokens.push(tok);
+            s.logprobs.push(lp[tok as usize]);
+            let top = top_n(lp, s.params.logprobs);
+            if s.params.logprobs > 0 {
+                s.top_logprobs.push(top.clone());
+            }
+            if s.params.stop_token_ids.contains(&tok) {
+                s.finished = Some(FinishReason::Stop);
+            } else if s.tokens.len() - s.prompt_len >= s.params.max_tokens {
+                s.finished = Some(FinishReason::Length);
+            }
+            if s.finished.is_some() && !self.capture {
+                s.fed = s.tokens.len(); // no route row to flush
+            }
+            self.sampled.push(Sampled { id: s.id, token: tok, logprob: lp[tok as usize], top_logprobs: top, finish: s.finished });
+        }
+        self.complete()
+    }
+
+    /// Remove and return the sequences that finished with every route row in.
+    fn complete(&mut self) -> Result<Vec<Completion>> {
+        let k = route_width(&self.model);
+        let num_experts = self.model.cfg.moe.router.num_experts;
+        let layers: Vec<u32> = self.model.cfg.moe_layers.iter().map(|&l| l as u32).collect();
+        let mut done = Vec::new();
+        let mut keep = Vec::new();
+        for mut s in std::mem::take(&mut self.running) {
+            match s.finished {
+                Some(finish) if s.fed == s.tokens.len() => {
+                    self.release(&mut s);
+                    let routes = if self.capture { Some(s.route_trace(layers.clone(), k, num_experts, self.fingerprint, self.policy_version)?) } else { None };
+                    done.push(Completion {
+                        id: s.id,
+                        prompt: s.tokens[..s.prompt_len].to_vec(),
+                        tokens: s.tokens[s.prompt_len..].to_vec(),
+                        logprobs: s.logprobs,
+                        routes,
+                        top_logprobs: s.top_logprobs,
+                        finish,
+                        policy_version: self.policy_version,
+                    })
+                }
+                _ => keep.push(s),
+            }
+        }
+        self.running = keep;
+        Ok(done)
+    }
+}

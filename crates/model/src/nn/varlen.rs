@@ -1,0 +1,249 @@
+//! Variable-length attention over key tables — the one attention of the batch-invariant path,
+//! for the trainer's packed forward and the engine's paged KV cache alike.
+//!
+//! A packed row of N queries; query n sees the first `keys(n)` keys of its own sequence, in
+//! order, wherever they lie: key j of query n is row `table[start(n) + j / bs] · bs + j % bs`
+//! of a key pool [R, G, Dh] (bs = block size). The trainer's packed batch is the pool with
+//! bs = 1 (a table entry per token); the engine's pool holds fixed-size blocks and a block
+//! table per sequence. The arithmetic of a query depends on its sequence's keys alone — never on
+//! the other queries of the launch or where the blocks lie — so a decode step over the paged
+//! cache equals a full forward over the whole sequence bit for bit:
+//!
+//! - CPU (f32 / bf16 in, f32 arithmetic): s_j = dot(q, k_j)·scale (`invariant::dot`), the max,
+//!   e_j = exp(s_j − max) summed in ascending key order, out = Σ_j (e_j / z) v_j in ascending
+//!   key order — the arithmetic the mask-based invariant attention had;
+//! - CUDA (`gpu/paged.cu`): the keys in fixed chunks of 128 from key 0 (a chunk's max, sum and
+//!   weighted values), chunks merged in ascending order (split-KV with a fixed split order), so
+//!   no context length is refused.
+//!
+//! Legend: N queries, H query heads, G kv heads (H % G = 0), Dh head dim, R pool rows.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::invariant::dot;
+
+/// Which keys each query sees (module doc). Built once per forward (a step) and shared by
+/// every layer; the CUDA copy of its tables is made at the first launch and kept.
+#[derive(Debug)]
+pub struct KeyLayout {
+    table: Vec<u32>,
+    q_start: Vec<u32>,
+    q_keys: Vec<u32>,
+    block_size: usize,
+    rows: usize,
+    #[cfg(feature = "cuda")]
+    pub(crate) device: std::sync::OnceLock<crate::gpu::paged::DeviceLayout>,
+}
+
+impl KeyLayout {
+    /// `table`: the sequences' block tables back to back; per query n, `q_start[n]` (where its
+    /// sequence's table starts) and `q_keys[n]` ≥ 1 (how many of its keys it sees); every key
+    /// row must lie in a pool of `rows` rows. Checked: a bad layout is an error, never a read
+    /// out of bounds.
+    pub fn new(table: Vec<u32>, q_start: Vec<u32>, q_keys: Vec<u32>, block_size: usize, rows: usize) -> Result<Self> {
+        if block_size == 0 {
+            return Err(Error::Msg("key layout: block_size must be >= 1".into()));
+        }
+        if q_start.len() != q_keys.len() {
+            return Err(Error::Msg(format!("key layout: {} query starts for {} query key counts", q_start.len(), q_keys.len())));
+        }
+        if rows > u32::MAX as usize || table.len() > u32::MAX as usize {
+            return Err(Error::Msg("key layout: more than 2^32 rows".into()));
+        }
+        for (n, (&s, &k)) in q_start.iter().zip(&q_keys).enumerate() {
+            if k == 0 {
+                return Err(Error::Msg(format!("key layout: query {n} sees no key")));
+            }
+            let blocks = (k as usize).div_ceil(block_size);
+            let Some(entries) = table.get(s as usize..s as usize + blocks) else {
+                return Err(Error::Msg(format!("key layout: query {n} needs table entries {s}..{} of {}", s as usize + blocks, table.len())));
+            };
+            if let Some(&b) = entries.iter().find(|&&b| (b as usize + 1) * block_size > rows) {
+                return Err(Error::Msg(format!("key layout: query {n}: block {b} outside a pool of {rows} rows (block size {block_size})")));
+            }
+        }
+        Ok(Self {
+            table,
+            q_start,
+            q_keys,
+            block_size,
+            rows,
+            #[cfg(feature = "cuda")]
+            device: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// A packed row of sequences as its own pool (bs = 1): `runs` are (start slot, length),
+    /// and the i-th slot of a run sees `visible(i, len)` keys of its run (causal: i + 1).
+    pub fn packed(runs: &[(usize, usize)], visible: impl Fn(usize, usize) -> usize) -> Result<Self> {
+        let total: usize = runs.iter().map(|r| r.1).sum();
+        let (mut table, mut q_start, mut q_keys) = (Vec::with_capacity(total), Vec::with_capacity(total), Vec::with_capacity(total));
+        for &(start, len) in runs {
+            let at = table.len() as u32;
+            table.extend((start..start + len).map(|s| s as u32));
+            for i in 0..len {
+                q_start.push(at);
+                q_keys.push(visible(i, len) as u32);
+            }
+        }
+        let rows = runs.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+        Self::new(table, q_start, q_keys, 1, rows)
+    }
+
+    pub fn num_queries(&self) -> usize {
+        self.q_keys.len()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn tables(&self) -> (&[u32], &[u32], &[u32]) {
+        (&self.table, &self.q_start, &self.q_keys)
+    }
+
+    /// The pool row of key j of query n.
+    #[inline]
+    pub fn key_row(&self, n: usize, j: usize) -> usize {
+        let bs = self.block_size;
+        self.table[self.q_start[n] as usize + j / bs] as usize * bs + j % bs
+    }
+
+    /// Additive bias [1, 1, N, R]: 0 where query n sees pool row r, −inf elsewhere (the
+    /// backward's recomputation; the trainer's pools are its packed rows, R = N).
+    fn bias(&self, dev: &candle_core::Device) -> Result<Tensor> {
+        let (n, r) = (self.num_queries(), self.rows);
+        let mut b = vec![f32::NEG_INFINITY; n * r];
+        for q in 0..n {
+            for j in 0..self.q_keys[q] as usize {
+                b[q * r + self.key_row(q, j)] = 0.0;
+            }
+        }
+        Tensor::from_vec(b, (1, 1, n, r), dev)
+    }
+}
+
+struct Varlen {
+    layout: Arc<KeyLayout>,
+    scale: f32,
+}
+
+fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        return Err(Error::Msg(format!("varlen attention: {what} must be contiguous")));
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        _ => return Err(Error::Msg(format!("varlen attention: {what} must be f32 or bf16"))),
+    })
+}
+
+impl Varlen {
+    /// (N, H, G, Dh) after checking the shapes against each other and the layout.
+    fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (n, h, dh) = lq.shape().dims3()?;
+        let (r, g, dh2) = lk.shape().dims3()?;
+        if lv.shape() != lk.shape() || dh2 != dh || g == 0 || h % g != 0 {
+            return Err(Error::Msg(format!("varlen attention: q {:?}, k {:?}, v {:?} do not fit", lq.dims(), lk.dims(), lv.dims())));
+        }
+        if n != self.layout.num_queries() || r < self.layout.rows {
+            return Err(Error::Msg(format!("varlen attention: {n} queries over {r} rows, the layout has {} over {}", self.layout.num_queries(), self.layout.rows)));
+        }
+        Ok((n, h, g, dh))
+    }
+}
+
+impl CustomOp3 for Varlen {
+    fn name(&self) -> &'static str {
+        "varlen-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, g, dh) = self.dims(l1, l2, l3)?;
+        let (q, k, v) = (as_f32(s1, l1, "q")?, as_f32(s2, l2, "k")?, as_f32(s3, l3, "v")?);
+        let r = h / g;
+        let lay = &self.layout;
+        let mut out = vec![0f32; n * h * dh];
+        out.par_chunks_mut(dh).enumerate().for_each(|(row, o)| {
+            let (qi, hh) = (row / h, row % h);
+            let gg = hh / r;
+            let qv = &q[row * dh..(row + 1) * dh];
+            let keys = lay.q_keys[qi] as usize;
+            let at = |j: usize| (lay.key_row(qi, j) * g + gg) * dh;
+            let mut scores: Vec<f32> = (0..keys).map(|j| dot(qv, &k[at(j)..at(j) + dh]) * self.scale).collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+            let mut z = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                z += *s;
+            }
+            for (j, &e) in scores.iter().enumerate() {
+                let p = e / z;
+                let vj = &v[at(j)..at(j) + dh];
+                for d in 0..dh {
+                    o[d] += p * vj[d];
+                }
+            }
+        });
+        let shape = Shape::from((n, h, dh));
+        Ok(match s1 {
+            CpuStorage::BF16(_) => (CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()), shape),
+            _ => (CpuStorage::F32(out), shape),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, h, g, dh) = self.dims(l1, l2, l3)?;
+        crate::gpu::paged::varlen_attention(s1, l1, s2, l2, s3, l3, &self.layout, (n, h, g, dh), self.scale)
+    }
+
+    /// Ordinary candle ops in f32 over the dense [N, R] visibility (exactness is needed of the
+    /// forward only).
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, h, dh) = q.dims3()?;
+        let (rows, g, _) = k.dims3()?;
+        let r = h / g;
+        let f = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.unsqueeze(0) };
+        // [1, H, N, Dh] and [1, H, R, Dh] (kv heads repeated over their query heads)
+        let (qh, oh, goh) = (f(q)?, f(o)?, f(g_o)?);
+        let expand = |x: &Tensor| -> Result<Tensor> { f(x)?.unsqueeze(2)?.broadcast_as((1, g, r, rows, dh))?.reshape((1, h, rows, dh)) };
+        let (ke, ve) = (expand(k)?, expand(v)?);
+        let s = (qh.matmul(&ke.t()?)? * self.scale as f64)?.broadcast_add(&self.layout.bias(q.device())?)?;
+        let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+        let d_v = p.t()?.matmul(&goh)?; // [1, H, R, Dh]
+        let d_p = goh.matmul(&ve.t()?)?; // [1, H, N, R]
+        let delta = (&goh * &oh)?.sum_keepdim(D::Minus1)?;
+        let d_s = (&p * d_p.broadcast_sub(&delta)?)?;
+        let d_q = (d_s.matmul(&ke)? * self.scale as f64)?;
+        let d_k = (d_s.t()?.matmul(&qh)? * self.scale as f64)?;
+        let back = |x: Tensor, like: &Tensor| -> Result<Tensor> { x.squeeze(0)?.transpose(0, 1)?.contiguous()?.to_dtype(like.dtype()) };
+        let fold = |x: Tensor| -> Result<Tensor> { x.reshape((g, r, rows, dh))?.sum(1)?.unsqueeze(0) };
+        Ok((Some(back(d_q, q)?), Some(back(fold(d_k)?, k)?), Some(back(fold(d_v)?, v)?)))
+    }
+}
+
+/// Attention of q [N, H, Dh] over the key pool k, v [R, G, Dh] under `layout` → [N, H, Dh]
+/// in q's dtype (f32 or bf16; arithmetic in f32), batch-invariant (module doc).
+pub fn attention(q_NHD: &Tensor, k_RGD: &Tensor, v_RGD: &Tensor, layout: Arc<KeyLayout>, scale: f32) -> Result<Tensor> {
+    let dt = q_NHD.dtype();
+    for (name, t) in [("k", k_RGD), ("v", v_RGD)] {
+        if t.dtype() != dt {
+            return Err(Error::Msg(format!("varlen attention: {name} is {:?}, q is {dt:?}", t.dtype())));
+        }
+    }
+    q_NHD.contiguous()?.apply_op3(&k_RGD.contiguous()?, &v_RGD.contiguous()?, Varlen { layout, scale })
+}
