@@ -38,7 +38,7 @@ mod imp {
     use anyhow::{bail, Context};
     use candle_core::{DType, Device, Tensor, D};
     use lockstep_model::init::Preset;
-    use lockstep_model::nn::invariant;
+    use lockstep_model::nn::{invariant, varlen};
     use lockstep_model::{Batch, Kernels, MoeCausalLm, RoutingPlan};
     use serde_json::json;
 
@@ -74,24 +74,25 @@ mod imp {
             }
         }
 
-        // causal attention, f32
+        // causal attention, f32 (the variable-length kernel over one packed sequence)
         let (h, g, dh) = (16usize, 4usize, 128usize);
         for &t in &[512usize, 2048, 4096] {
-            let q = Tensor::randn(0f32, 1.0, (1, h, t, dh), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (1, g, t, dh), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (1, g, t, dh), &dev)?;
-            let vis: Arc<Vec<u8>> = Arc::new((0..t).flat_map(|i| (0..t).map(move |j| u8::from(j <= i))).collect());
+            let q = Tensor::randn(0f32, 1.0, (t, h, dh), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (t, g, dh), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (t, g, dh), &dev)?;
+            let lay = Arc::new(varlen::KeyLayout::packed(&[(0, t)], |i, _| i + 1)?);
             let scale = 1.0 / (dh as f32).sqrt();
-            let inv = time(&dev, wu, it, || Ok(drop(invariant::attention(&q, &k, &v, vis.clone(), scale)?)))?;
+            let inv = time(&dev, wu, it, || Ok(drop(varlen::attention(&q, &k, &v, lay.clone(), scale)?)))?;
             // candle: the grouped heads stacked along queries, one matmul each side, softmax
-            let bias_v: Vec<f32> = vis.iter().map(|&m| if m == 1 { 0.0 } else { f32::NEG_INFINITY }).collect();
+            let bias_v: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
             let bias = Tensor::from_vec(bias_v, (1, 1, 1, t, t), &dev)?;
             let r = h / g;
+            let (qh, kh, vh) = (q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, v.transpose(0, 1)?.contiguous()?.unsqueeze(0)?);
             let std = time(&dev, wu, it, || {
-                let q4 = q.reshape((1, g, r * t, dh))?;
-                let s = (q4.matmul(&k.t()?.contiguous()?)? * scale as f64)?.reshape((1, g, r, t, t))?.broadcast_add(&bias)?;
+                let q4 = qh.reshape((1, g, r * t, dh))?;
+                let s = (q4.matmul(&kh.t()?.contiguous()?)? * scale as f64)?.reshape((1, g, r, t, t))?.broadcast_add(&bias)?;
                 let p = candle_nn::ops::softmax(&s, D::Minus1)?.reshape((1, g, r * t, t))?;
-                Ok(drop(p.matmul(&v)?))
+                Ok(drop(p.matmul(&vh)?))
             })?;
             line(format!("attention f32 T{t} H{h} G{g} Dh{dh}"), inv, std, 4.0 * (h * t * t * dh) as f64 / 2.0, &mut records);
         }

@@ -3,6 +3,7 @@
 mod args;
 mod bench_ep_cmd;
 mod bench_invariant_cmd;
+mod bench_serve_cmd;
 mod bench_moe_cmd;
 mod consistency_cmd;
 mod demo_cmd;
@@ -43,6 +44,8 @@ enum Command {
     BenchMoe(bench_moe_cmd::BenchMoeArgs),
     /// Time the batch-invariant CUDA kernels against candle's (cuBLAS): matmul, attention, a forward.
     BenchInvariant(bench_invariant_cmd::BenchInvariantArgs),
+    /// The rollout engine's serving speed: concurrency sweep, capture on / off, JSON out (`--random config.json`: weights drawn on the device).
+    BenchServe(bench_serve_cmd::BenchServeArgs),
     /// One process per GPU in an NCCL process group: `launch --gpus N -- train` (or dist-check, bench-ep).
     Launch(launch_cmd::LaunchArgs),
     /// Expert + data parallelism over W ranks equal one rank (thread ranks, or under `launch`).
@@ -84,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(_) => Some("serve"),
         Command::BenchMoe(_) => Some("bench-moe"),
         Command::BenchInvariant(_) => Some("bench-invariant"),
+        Command::BenchServe(_) => Some("bench-serve"),
     };
     if let Some(name) = single_rank {
         launch_cmd::refuse_under_launch(name)?;
@@ -100,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve_cmd::run(args),
         Command::BenchMoe(args) => bench_moe_cmd::run(args),
         Command::BenchInvariant(args) => bench_invariant_cmd::run(args),
+        Command::BenchServe(args) => bench_serve_cmd::run(args),
         Command::Launch(args) => launch_cmd::run(args),
         Command::DistCheck(args) => dist_check_cmd::run(args),
         Command::BenchEp(args) => bench_ep_cmd::run(args),

@@ -2,11 +2,12 @@
 //! bit for bit the same alone or among many rows, so the engine's decode on the GPU gives the
 //! trainer's log-probabilities exactly.
 //!
-//! - the matmul (f32, bf16) and the attention kernel: a row alone equals the same row in larger
-//!   launches, masked keys equal absent keys, and both stay within rounding of the CPU kernels;
+//! - the matmul (f32, bf16) and the variable-length attention: a row alone equals the same row
+//!   in larger launches (the attention: a query alone over a paged pool in reverse block order,
+//!   past 12,256 keys, equals it in a packed causal forward), within rounding of the CPU kernels;
 //! - whole models on the GPU (the embedded default and the wide one, hidden 1024): a sequence
 //!   alone, packed with others and in a padded batch gives the same logits and routes; decoding
-//!   through the KV cache equals the full forward;
+//!   through the paged KV cache equals the full forward;
 //! - the engine against the trainer's re-score (`lockstep_engine::consistency::rescore`): max
 //!   |Δ logprob| 0 and every route equal, in f32 and bf16, for token and expert choice;
 //! - the invariant forward's gradients agree with candle's kernels' to rounding.
@@ -23,7 +24,7 @@ use lockstep_engine::consistency::rescore;
 use lockstep_engine::{Engine, Request, SamplingParams};
 use lockstep_model::config::{AttentionMode, Pool, RoutingStrategy};
 use lockstep_model::nn::invariant;
-use lockstep_model::{Batch, Kernels, KvCache, ModelConfig, MoeCausalLm, RoutingPlan};
+use lockstep_model::{Batch, Kernels, ModelConfig, MoeCausalLm, RoutingPlan};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -80,32 +81,47 @@ fn matmul_rows_are_batch_invariant() {
 
 #[test]
 fn attention_rows_are_batch_invariant() {
+    use lockstep_model::nn::varlen::{self, KeyLayout};
     let dev = gpu();
-    let (b, h, g, dh, t) = (2usize, 8usize, 4usize, 128usize, 300usize);
-    let q = randn(&[b, h, t, dh], 3, &dev);
-    let k = randn(&[b, g, t, dh], 4, &dev);
-    let v = randn(&[b, g, t, dh], 5, &dev);
-    // causal mask over the whole row
-    let causal: Vec<u8> = (0..b).flat_map(|_| (0..t).flat_map(move |i| (0..t).map(move |j| u8::from(j <= i)))).collect();
-    let scale = 1.0 / (dh as f32).sqrt();
-    let full = invariant::attention(&q, &k, &v, Arc::new(causal.clone()), scale).unwrap();
-    // query i alone over the first i + 1 keys (a decode step over the cache)
-    for &i in &[0usize, 1, 63, 64, 200, t - 1] {
-        let qi = q.narrow(2, i, 1).unwrap();
-        let (ki, vi) = (k.narrow(2, 0, i + 1).unwrap(), v.narrow(2, 0, i + 1).unwrap());
-        let one = invariant::attention(&qi, &ki, &vi, Arc::new(vec![1u8; b * (i + 1)]), scale).unwrap();
-        assert_eq!(bits(&one), bits(&full.narrow(2, i, 1).unwrap()), "query {i}");
+    // two sequences packed, the second longer than the old kernel's 12,256-key limit
+    let (h, g, dh) = (8usize, 4usize, 128usize);
+    let lens = [300usize, 20_000];
+    let t: usize = lens.iter().sum();
+    for dtype in [DType::F32, DType::BF16] {
+        let q = randn(&[t, h, dh], 3, &dev).to_dtype(dtype).unwrap();
+        let k = randn(&[t, g, dh], 4, &dev).to_dtype(dtype).unwrap();
+        let v = randn(&[t, g, dh], 5, &dev).to_dtype(dtype).unwrap();
+        let scale = 1.0 / (dh as f32).sqrt();
+        let runs = [(0usize, lens[0]), (lens[0], lens[1])];
+        let full = varlen::attention(&q, &k, &v, Arc::new(KeyLayout::packed(&runs, |i, _| i + 1).unwrap()), scale).unwrap();
+        // query i of the second sequence alone over its first i + 1 keys, laid out as a paged
+        // pool: the same keys in blocks of 16 in reverse block order
+        let bs = 16;
+        let nb = lens[1].div_ceil(bs);
+        let (k2, v2) = (k.narrow(0, lens[0], lens[1]).unwrap(), v.narrow(0, lens[0], lens[1]).unwrap());
+        let pad = nb * bs - lens[1];
+        let padded = |x: &Tensor| Tensor::cat(&[x, &Tensor::zeros((pad, g, dh), dtype, &dev).unwrap()], 0).unwrap();
+        // block b of the sequence stored at pool block nb - 1 - b
+        let rev = |x: &Tensor| {
+            let x = padded(x);
+            let blocks: Vec<Tensor> = (0..nb).rev().map(|b| x.narrow(0, b * bs, bs).unwrap()).collect();
+            Tensor::cat(&blocks, 0).unwrap()
+        };
+        let (kp, vp) = (rev(&k2), rev(&v2));
+        let table: Vec<u32> = (0..nb as u32).rev().collect();
+        for &i in &[0usize, 1, 127, 128, 129, 5000, 12_300, lens[1] - 1] {
+            let qi = q.narrow(0, lens[0] + i, 1).unwrap();
+            let lay = Arc::new(KeyLayout::new(table.clone(), vec![0], vec![i as u32 + 1], bs, nb * bs).unwrap());
+            let one = varlen::attention(&qi, &kp, &vp, lay, scale).unwrap();
+            assert_eq!(bits(&one), bits(&full.narrow(0, lens[0] + i, 1).unwrap()), "{dtype:?} query {i}");
+        }
+        if dtype == DType::F32 {
+            let cpu = |x: &Tensor| x.narrow(0, 0, lens[0]).unwrap().to_device(&Device::Cpu).unwrap();
+            let c = varlen::attention(&cpu(&q), &cpu(&k), &cpu(&v), Arc::new(KeyLayout::packed(&runs[..1], |i, _| i + 1).unwrap()), scale).unwrap();
+            let r = max_rel(&full.narrow(0, 0, lens[0]).unwrap(), &c);
+            assert!(r < 1e-5, "attention GPU vs CPU {r:e}");
+        }
     }
-    let cpu = invariant::attention(
-        &q.to_device(&Device::Cpu).unwrap(),
-        &k.to_device(&Device::Cpu).unwrap(),
-        &v.to_device(&Device::Cpu).unwrap(),
-        Arc::new(causal),
-        scale,
-    )
-    .unwrap();
-    let r = max_rel(&full, &cpu);
-    assert!(r < 1e-5, "attention GPU vs CPU {r:e}");
 }
 
 fn seqs(n: usize, vocab: u32) -> Vec<Vec<u32>> {
@@ -172,45 +188,44 @@ fn models_are_batch_invariant_on_the_gpu() {
 /// token's logits equal the full forward's bit for bit.
 #[test]
 fn kv_cached_decoding_equals_full_forward_on_the_gpu() {
+    use lockstep_model::{KvPool, PagedSeq};
     for dtype in [DType::F32, DType::BF16] {
         for (name, model) in models(dtype) {
             let dev = model.device().clone();
             let s = seqs(4, model.cfg.vocab_size as u32);
             let prompt = [3usize, 1, 6, 2];
-            let mut caches: Vec<KvCache> = vec![KvCache::default(); s.len()];
-            let mut done = prompt.to_vec();
-            let mut got: Vec<Vec<Vec<u32>>> = vec![Vec::new(); s.len()];
+            let bs = 4;
+            let per_seq = s.iter().map(|x| x.len().div_ceil(bs)).max().unwrap();
+            let mut pool = KvPool::new(&model, per_seq * s.len(), bs).unwrap();
+            let tables: Vec<Vec<u32>> = (0..s.len()).map(|i| (0..per_seq).rev().map(|b| (b * s.len() + i) as u32).collect()).collect();
+            let mut done = vec![0usize; s.len()];
+            let mut got: Vec<Vec<(usize, Vec<u32>)>> = vec![Vec::new(); s.len()];
             let mut first = true;
             loop {
                 let active: Vec<usize> = (0..s.len()).filter(|&i| first || done[i] < s[i].len()).collect();
                 if active.is_empty() {
                     break;
                 }
-                let (mut toks, mut pos, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
+                let (mut toks, mut pos, mut cu, mut seqs_) = (Vec::new(), Vec::new(), vec![0usize], Vec::new());
                 for &i in &active {
                     let (from, to) = if first { (0, prompt[i]) } else { (done[i], done[i] + 1) };
                     toks.extend_from_slice(&s[i][from..to]);
                     pos.extend((from..to).map(|p| p as u32));
                     cu.push(cu.last().unwrap() + to - from);
-                    if !first {
-                        done[i] += 1;
-                    }
+                    seqs_.push(PagedSeq { blocks: &tables[i], cached: from });
+                    done[i] = to;
                 }
                 let step = Batch::packed(&toks, Some(&pos), &cu, &dev).unwrap();
-                let mut refs: Vec<&mut KvCache> =
-                    caches.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).map(|(_, c)| c).collect();
-                let out = model.forward_cached(&step, &mut refs, &RoutingPlan::record()).unwrap();
+                let out = model.forward_paged(&step, &seqs_, &mut pool, &RoutingPlan::record()).unwrap();
                 for (a, &i) in active.iter().enumerate() {
-                    for slot in cu[a]..cu[a + 1] {
-                        got[i].push(bits(&out.logits.i((0, slot)).unwrap()));
-                    }
+                    got[i].push((done[i] - 1, bits(&out.logits.i((0, a)).unwrap())));
                 }
                 first = false;
             }
             for (i, x) in s.iter().enumerate() {
                 let full = model.forward(&Batch::from_sequences(&[x.clone()], 0, &dev).unwrap(), &RoutingPlan::record()).unwrap();
-                for (p, g) in got[i].iter().enumerate() {
-                    assert_eq!(g, &bits(&full.logits.i((0, p)).unwrap()), "{name} {dtype:?} sequence {i} position {p}");
+                for (p, g) in &got[i] {
+                    assert_eq!(g, &bits(&full.logits.i((0, *p)).unwrap()), "{name} {dtype:?} sequence {i} position {p}");
                 }
             }
         }

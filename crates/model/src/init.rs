@@ -142,3 +142,32 @@ impl MoeCausalLm {
         Preset::Default.model(seed, dtype, device)
     }
 }
+
+impl MoeCausalLm {
+    /// A model for `cfg` with random weights drawn on `device` itself (its own generator seeded
+    /// with `seed`, not the host's): how a benchmark makes a full-size model that does not fit
+    /// the host's memory in f32 or a disk as a checkpoint. Weights ~ N(0, 0.08²), norms
+    /// U(0.8, 1.2), biases 0 — the distributions of [`random_weights`], not its values.
+    /// On the CPU (which candle cannot seed) it is [`MoeCausalLm::random`].
+    pub fn random_on_device(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            return Self::random(cfg, seed, dtype, device);
+        }
+        device.set_seed(seed)?;
+        let mut ws = HashMap::new();
+        for (name, shape) in tensor_specs(cfg) {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::rand(0.8f32, 1.2, shape, device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape, DType::F32, device)?
+            } else if name.ends_with("e_score_correction_bias") {
+                Tensor::rand(-0.1f32, 0.1, shape, device)?
+            } else {
+                Tensor::randn(0f32, 0.08, shape, device)?
+            };
+            ws.insert(name, t.to_dtype(dtype)?);
+        }
+        let vb = VarBuilder::from_tensors(ws, dtype, device);
+        Ok(MoeCausalLm::new(cfg, vb)?)
+    }
+}
