@@ -129,6 +129,7 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
         for &cap in &captures {
             engine.set_capture_routes(cap)?;
             let pre0 = engine.num_preemptions();
+            let times0 = engine.step_times();
             let ids: Vec<u64> = reqs(c, args.output_len, 10_000 * (ci as u64 + 1) + u64::from(cap)).into_iter().map(|r| engine.submit(r)).collect::<Result<_, _>>()?;
             let start = Instant::now();
             let mut first = std::collections::HashMap::new();
@@ -152,6 +153,14 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
             let wall = start.elapsed().as_secs_f64();
             let mut ttft: Vec<f64> = ids.iter().filter_map(|i| first.get(i).copied()).collect();
             let mut tpot: Vec<f64> = ids.iter().filter_map(|i| Some((last.get(i)? - first.get(i)?) / (args.output_len.max(2) - 1) as f64)).collect();
+            let t = engine.step_times();
+            let per_step = |a: f64, b: f64| (a - b) / steps.max(1) as f64 * 1e3;
+            let breakdown = json!({
+                "schedule_ms": per_step(t.schedule_s, times0.schedule_s), "launch_ms": per_step(t.launch_s, times0.launch_s),
+                "device_wait_ms": per_step(t.device_s, times0.device_s), "logits_ms": per_step(t.logits_s, times0.logits_s),
+                "sample_ms": per_step(t.sample_s, times0.sample_s),
+            });
+            eprintln!("  step breakdown (ms per step): {breakdown}");
             let peak_gb = total_mem.map(|t| (t - min_free.min(t)) as f64 / 1e9);
             let rec = json!({
                 "concurrency": c, "capture": cap, "prompt_len": args.prompt_len, "output_len": args.output_len,
@@ -160,7 +169,7 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
                 "ttft_ms_p50": pct(&mut ttft, 0.5) * 1e3, "ttft_ms_p99": pct(&mut ttft, 0.99) * 1e3,
                 "steps": steps, "step_ms_mean": wall / steps.max(1) as f64 * 1e3,
                 "preemptions": engine.num_preemptions() - pre0, "peak_memory_gb": peak_gb,
-                "dtype": args.dtype, "kernels": args.kernels,
+                "dtype": args.dtype, "kernels": args.kernels, "temperature": args.temperature, "step_breakdown": breakdown,
             });
             println!(
                 "{c:>5} {:>7} {:>10.1} {:>10.2} {:>10.2} {:>10.1} {:>10.1} {:>9.2} {:>7} {:>9}",

@@ -10,10 +10,12 @@ use crate::error::{EngineError, Result};
 pub struct CacheConfig {
     /// tokens per block (default 16)
     pub block_size: usize,
-    /// blocks in the pool; `None`: sized from memory (`gpu_memory_fraction` of a GPU's memory,
-    /// less what is in use when the pool is made; on the CPU room for `max_running` sequences
-    /// of 4,096 tokens, at most 512 MiB)
+    /// blocks in the pool; `None`: room for `max_running` sequences of `max_model_len` tokens,
+    /// at most what memory allows (on a GPU `gpu_memory_fraction` of its memory less what is in
+    /// use when the pool is made; on the CPU 512 MiB)
     pub num_blocks: Option<usize>,
+    /// the longest sequence (prompt + completion) the pool is sized for (default 32,768)
+    pub max_model_len: usize,
     /// share of the GPU's total memory the process may fill, weights and activations in use
     /// included (default 0.85)
     pub gpu_memory_fraction: f64,
@@ -27,7 +29,7 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { block_size: 16, num_blocks: None, gpu_memory_fraction: 0.85, max_batched_tokens: 8192, prefix_caching: true }
+        Self { block_size: 16, num_blocks: None, max_model_len: 32_768, gpu_memory_fraction: 0.85, max_batched_tokens: 8192, prefix_caching: true }
     }
 }
 
@@ -43,6 +45,9 @@ impl CacheConfig {
         if !(self.gpu_memory_fraction > 0.0 && self.gpu_memory_fraction <= 1.0) {
             return bad("gpu_memory_fraction", format!("{}: must be in (0, 1]", self.gpu_memory_fraction));
         }
+        if self.max_model_len == 0 {
+            return bad("max_model_len", "must be >= 1".into());
+        }
         if self.max_batched_tokens == 0 {
             return bad("max_batched_tokens", "must be >= 1".into());
         }
@@ -57,9 +62,10 @@ impl CacheConfig {
         let per_block = KvPool::bytes_per_block(cfg, dtype, self.block_size).max(1);
         let budget = match lockstep_model::memory_info(device)? {
             Some((free, total)) => free.saturating_sub(((1.0 - self.gpu_memory_fraction) * total as f64) as usize),
-            None => (max_running.max(1) * 4096 * per_block / self.block_size).min(512 << 20),
+            None => 512 << 20,
         };
-        let n = budget / per_block;
+        let want = max_running.max(1) * self.max_model_len.div_ceil(self.block_size);
+        let n = (budget / per_block).min(want);
         if n == 0 {
             return Err(EngineError::Request {
                 id: 0,

@@ -83,6 +83,26 @@ pub struct Engine {
     pub(crate) pool: Option<(KvPool, BlockManager)>,
     /// sequences preempted (their blocks given back, to be recomputed) since the engine began
     pub(crate) preemptions: u64,
+    /// tokens forwarded since the engine began (prefix-cache hits are not forwarded)
+    pub(crate) forwarded: u64,
+    pub(crate) times: StepTimes,
+}
+
+/// Where the steps' wall time went, summed over steps (host clocks around the step's phases;
+/// the first read of a device result waits for the device, so `device_s` is the forward's
+/// device time not hidden behind the launches).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    /// admission, scheduling, block allocation
+    pub schedule_s: f64,
+    /// enqueueing the forward (host side of every layer)
+    pub launch_s: f64,
+    /// waiting for the forward's results and cutting route rows
+    pub device_s: f64,
+    /// logits rows and log-probabilities to the host
+    pub logits_s: f64,
+    /// sampling on the host
+    pub sample_s: f64,
 }
 
 impl Engine {
@@ -102,6 +122,8 @@ impl Engine {
             cache: CacheConfig::default(),
             pool: None,
             preemptions: 0,
+            forwarded: 0,
+            times: StepTimes::default(),
         }
     }
 
@@ -138,6 +160,16 @@ impl Engine {
     /// Sequences preempted so far (blocks given back when the pool ran out; recomputed later).
     pub fn num_preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// Where the steps' time went so far ([`StepTimes`]).
+    pub fn step_times(&self) -> StepTimes {
+        self.times
+    }
+
+    /// Tokens forwarded so far (a prefix-cache hit's tokens are not).
+    pub fn num_forwarded_tokens(&self) -> u64 {
+        self.forwarded
     }
 
     /// (blocks in the pool, blocks held by sequences, blocks in the prefix cache); zeros before

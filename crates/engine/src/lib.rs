@@ -17,6 +17,6 @@ mod seq;
 mod step;
 
 pub use cache::CacheConfig;
-pub use engine::{Completion, Engine, FinishReason, Request, Sampled};
+pub use engine::{Completion, Engine, FinishReason, Request, Sampled, StepTimes};
 pub use error::{EngineError, Result};
 pub use sampling::SamplingParams;

@@ -6,6 +6,7 @@
 //! (`lockstep_model::logprobs::at_temperature`, the same division on both sides).
 
 use rand::Rng;
+use rayon::slice::ParallelSliceMut;
 use rand_chacha::ChaCha8Rng;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,7 +72,8 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
     let mut cand: Vec<(u32, f64)> =
         logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / p.temperature as f64).exp())).collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // a total order (ties by id), so the unstable parallel sort gives the one sorted order
+    cand.par_sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && p.top_k < cand.len() {
         cand.truncate(p.top_k);
     }

@@ -14,6 +14,7 @@
 //!    sample the sequences whose chunk reached their last token.
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use candle_core::{DType, Tensor, D};
 use lockstep_model::logprobs::at_temperature;
@@ -223,9 +224,12 @@ impl Engine {
         if self.is_idle() {
             return Ok(Vec::new());
         }
+        let t0 = Instant::now();
         self.ensure_pool()?;
         self.admit()?;
         let plan = self.schedule();
+        let ts = Instant::now();
+        self.times.schedule_s += (ts - t0).as_secs_f64();
         if plan.is_empty() {
             return Ok(Vec::new());
         }
@@ -236,6 +240,7 @@ impl Engine {
             pos.extend((s.fed..s.fed + chunk).map(|p| p as u32));
             cu.push(toks.len());
         }
+        self.forwarded += toks.len() as u64;
         let step = Batch::packed(&toks, Some(&pos), &cu, self.model.device())?;
         let routing = if self.capture { RoutingPlan::record() } else { RoutingPlan::compute() };
         let out = {
@@ -243,6 +248,8 @@ impl Engine {
             let (pool, _) = self.pool.as_mut().expect("pool");
             self.model.forward_paged(&step, &seqs, pool, &routing)?
         };
+        let t1 = Instant::now();
+        self.times.launch_s += (t1 - ts).as_secs_f64();
         let k = route_width(&self.model);
         let num_experts = self.model.cfg.moe.router.num_experts;
         let step_routes = forward_trace(&out.routes, k, num_experts)?;
@@ -282,7 +289,11 @@ impl Engine {
             })
             .map(|(j, &(i, _))| (j, i))
             .collect();
+        let t2 = Instant::now();
+        self.times.device_s += (t2 - t1).as_secs_f64();
         let (logits_RV, logprobs_RV) = if members.is_empty() { (Vec::new(), Vec::new()) } else { self.sampled_rows(&out.logits, &members)? };
+        let t3 = Instant::now();
+        self.times.logits_s += (t3 - t2).as_secs_f64();
         let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(members.len());
         {
             let want: Vec<usize> = members.iter().map(|m| m.1).collect();
@@ -313,6 +324,7 @@ impl Engine {
             }
             self.sampled.push(Sampled { id: s.id, token: tok, logprob: lp[tok as usize], top_logprobs: top, finish: s.finished });
         }
+        self.times.sample_s += t3.elapsed().as_secs_f64();
         self.complete()
     }
 
