@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use lockstep_model::config::{Pool, RoutingStrategy};
 use lockstep_model::moe::router::expert_choice::capacity;
 use lockstep_model::{LayerRoute, MoeCausalLm};
@@ -48,7 +48,20 @@ pub fn token_rows(route: &LayerRoute, width: usize) -> Result<(Vec<u32>, Vec<f32
 /// what [`crate::consistency`] compares; `None` when nothing was recorded.
 pub fn forward_trace(routes: &BTreeMap<usize, LayerRoute>, width: usize, num_experts: usize) -> Result<Option<RouteTrace>> {
     let Some(n) = routes.values().next().map(|r| r.num_tokens) else { return Ok(None) };
-    let per_layer: Vec<(Vec<u32>, Vec<f32>)> = routes.values().map(|r| token_rows(r, width)).collect::<Result<_>>()?;
+    let per_layer: Vec<(Vec<u32>, Vec<f32>)> = if routes.values().all(|r| r.top_k.is_some()) {
+        // token choice: every layer's rows already token-major; one copy to the host for all
+        // layers' ids and one for their probabilities (not two per layer)
+        let ids: Vec<Tensor> = routes.values().map(|r| r.expert_A.clone()).collect();
+        let probs: Vec<Tensor> = routes.values().map(|r| r.prob_A.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+        let (ids, probs): (Vec<u32>, Vec<f32>) = (Tensor::cat(&ids, 0)?.to_vec1()?, Tensor::cat(&probs, 0)?.to_vec1()?);
+        let per = n * width;
+        if ids.len() != per * routes.len() || probs.len() != ids.len() {
+            return Err(EngineError::Request { id: 0, field: "routes".into(), msg: format!("{} route entries for {} layers of {n} tokens x {width}", ids.len(), routes.len()) });
+        }
+        (0..routes.len()).map(|l| (ids[l * per..(l + 1) * per].to_vec(), probs[l * per..(l + 1) * per].to_vec())).collect()
+    } else {
+        routes.values().map(|r| token_rows(r, width)).collect::<Result<_>>()?
+    };
     let (mut ids, mut probs) = (Vec::with_capacity(n * per_layer.len() * width), Vec::with_capacity(n * per_layer.len() * width));
     for t in 0..n {
         for (i, p) in &per_layer {

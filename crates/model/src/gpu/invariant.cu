@@ -235,3 +235,96 @@ extern "C" __global__ void __launch_bounds__(32) inv_matmul_nt_bf16_skinny(const
         if (m < M && n < N) y[m * N + n] = __float2bfloat16(Cs[r][cc]);
     }
 }
+
+// Grouped products for the MoE experts: x [A, K] holds each expert's rows back to back
+// (expert e's rows start at row_start[e]), w [E, N, K]; y[a, n] = sum_k x[a, k] w[e(a), n, k].
+// One launch for every expert: blockIdx.y walks a tile table (expert, first row, rows) whose
+// tiles never span two experts. Each element takes exactly the operations of the single-expert
+// kernels above (the skinny variants: the same fixed K order), so a row's bits depend only on
+// its own data and its expert's weights, never on the other experts' rows.
+extern "C" __global__ void __launch_bounds__(32) inv_grouped_nt_bf16(const __nv_bfloat16* __restrict__ x,
+                                                                     const __nv_bfloat16* __restrict__ w,
+                                                                     __nv_bfloat16* __restrict__ y,
+                                                                     const uint32_t* __restrict__ tiles, uint32_t N,
+                                                                     uint32_t K) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 As[16][WBK + WPAD];
+    __shared__ __align__(32) __nv_bfloat16 Bs[16][WBK + WPAD];
+    __shared__ __align__(32) float Cs[16][16 + 4];
+    const uint32_t lane = threadIdx.x;
+    const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    const __nv_bfloat16* we = w + (size_t)e * N * K;
+    const size_t n0 = (size_t)blockIdx.x * 16;
+    const bool vec = (K % 8 == 0) && ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
+    const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    for (uint32_t k0 = 0; k0 < K; k0 += WBK) {
+        for (uint32_t v = lane; v < 16 * WBK / 8; v += 32) {
+            const uint32_t r = v / (WBK / 8), c8 = (v % (WBK / 8)) * 8;
+            const size_t k = k0 + c8, m = (size_t)m0 + r, n = n0 + r;
+            const bool mok = r < rows;
+            if (vec && mok && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&As[r][c8]) = *reinterpret_cast<const uint4*>(&x[m * K + k]);
+            } else {
+                for (int q = 0; q < 8; q++) As[r][c8 + q] = (mok && k + q < K) ? x[m * K + k + q] : zero;
+            }
+            if (vec && n < N && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&Bs[r][c8]) = *reinterpret_cast<const uint4*>(&we[n * K + k]);
+            } else {
+                for (int q = 0; q < 8; q++) Bs[r][c8 + q] = (n < N && k + q < K) ? we[n * K + k + q] : zero;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (uint32_t kk = 0; kk < WBK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+            wmma::load_matrix_sync(a, &As[0][kk], WBK + WPAD);
+            wmma::load_matrix_sync(b, &Bs[0][kk], WBK + WPAD);
+            wmma::mma_sync(c, a, b, c);
+        }
+        __syncwarp();
+    }
+    wmma::store_matrix_sync(&Cs[0][0], c, 16 + 4, wmma::mem_row_major);
+    __syncwarp();
+    for (uint32_t q = lane; q < 256; q += 32) {
+        const uint32_t r = q / 16, cc = q % 16;
+        const size_t n = n0 + cc;
+        if (r < rows && n < N) y[((size_t)m0 + r) * N + n] = __float2bfloat16(Cs[r][cc]);
+    }
+}
+
+// f32: the skinny f32 kernel's tile (8 rows x 16 columns, one output per thread, K staged 32 at a
+// time, one fmaf chain over ascending k), per expert tile.
+extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_f32(const float* __restrict__ x,
+                                                                     const float* __restrict__ w,
+                                                                     float* __restrict__ y,
+                                                                     const uint32_t* __restrict__ tiles, uint32_t N,
+                                                                     uint32_t K) {
+    __shared__ float xs[SM_ROWS][SK_STEP + 1];
+    __shared__ float ws[SN_COLS][SK_STEP + 1];
+    const uint32_t tid = threadIdx.x, r = tid / SN_COLS, c = tid % SN_COLS;
+    const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    const float* we = w + (size_t)e * N * K;
+    const size_t n0 = (size_t)blockIdx.x * SN_COLS;
+    float acc = 0.0f;
+    for (uint32_t k0 = 0; k0 < K; k0 += SK_STEP) {
+        for (uint32_t q = tid; q < SM_ROWS * SK_STEP; q += 128) {
+            const uint32_t rr = q / SK_STEP, cc = q % SK_STEP;
+            const size_t k = k0 + cc;
+            xs[rr][cc] = (rr < rows && k < K) ? x[((size_t)m0 + rr) * K + k] : 0.0f;
+        }
+        for (uint32_t q = tid; q < SN_COLS * SK_STEP; q += 128) {
+            const uint32_t rr = q / SK_STEP, cc = q % SK_STEP;
+            const size_t n = n0 + rr, k = k0 + cc;
+            ws[rr][cc] = (n < N && k < K) ? we[n * K + k] : 0.0f;
+        }
+        __syncthreads();
+        const uint32_t kmax = min((uint32_t)SK_STEP, K - k0);
+        for (uint32_t kk = 0; kk < kmax; kk++) acc = fmaf(xs[r][kk], ws[c][kk], acc);
+        __syncthreads();
+    }
+    const size_t n = n0 + c;
+    if (r < rows && n < N) y[((size_t)m0 + r) * N + n] = acc;
+}

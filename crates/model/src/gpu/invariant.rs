@@ -97,3 +97,67 @@ pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &La
     };
     Ok((out, Shape::from((m, n))))
 }
+
+/// The experts' grouped product: x [A, K] (expert e's `counts[e]` rows back to back) · w[e]ᵀ
+/// (w [E, N, K]) → [A, N], one launch for every expert, each element as the skinny kernels
+/// compute it (invariant.cu).
+pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, counts: &[usize]) -> Result<(CudaStorage, Shape)> {
+    let (a, k) = lx.shape().dims2()?;
+    let (e, n, k2) = lw.shape().dims3()?;
+    if k != k2 || counts.len() != e || counts.iter().sum::<usize>() != a {
+        candle_core::bail!("invariant grouped matmul: x {:?}, w {:?}, counts of {} experts summing to {}", lx.dims(), lw.dims(), counts.len(), counts.iter().sum::<usize>());
+    }
+    if sx.dtype() != sw.dtype() {
+        candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
+    }
+    let dev = sx.device().clone();
+    let (name, threads, tile_rows, tile_cols) = match sx.dtype() {
+        DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize),
+        DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16),
+        other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
+    };
+    let mut tiles: Vec<u32> = Vec::new();
+    let mut start = 0usize;
+    for (ex, &c) in counts.iter().enumerate() {
+        let mut r = 0;
+        while r < c {
+            let rows = tile_rows.min(c - r);
+            tiles.extend([ex as u32, (start + r) as u32, rows as u32]);
+            r += rows;
+        }
+        start += c;
+    }
+    let num_tiles = tiles.len() / 3;
+    if num_tiles > 65535 || a > u32::MAX as usize {
+        candle_core::bail!("invariant grouped matmul: {a} rows exceed one launch ({num_tiles} tiles, at most 65535)");
+    }
+    fn go<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, tiles: &[u32], (a, n, k): (usize, usize, usize), (name, threads, tile_cols): (&str, u32, usize)) -> Result<CudaSlice<T>> {
+        let (x, w) = (contiguous::<T>(sx, lx, "grouped matmul x")?, contiguous::<T>(sw, lw, "grouped matmul w")?);
+        // SAFETY: uninitialised, but the launch writes every y[a, n]: the tile table covers each
+        // expert's rows exactly once (built from the counts, which sum to A) and the grid has a
+        // block per (16-column tile, row tile); A · N = 0 returns a never-read buffer.
+        let mut y = unsafe { dev.alloc::<T>((a * n).max(1))? };
+        if a * n == 0 {
+            return Ok(y);
+        }
+        let t = dev.clone_htod(tiles)?;
+        let f = func(dev, name)?;
+        let (n32, k32) = (u32_dim(n, "N")?, u32_dim(k, "K")?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&mut y).arg(&t).arg(&n32).arg(&k32);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(tile_cols) as u32, (tiles.len() / 3) as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are those of `inv_grouped_nt_*(x, w, y, tiles, N, K)` in order, T
+        // its element type (x and w checked to share it). x is the contiguous [A, K], w the
+        // contiguous [E, N, K] and y holds A · N; every tile's (expert < E, first row, rows <=
+        // the kernel's tile rows) lies inside x's A rows (the table is built from counts summing
+        // to A), and the kernel bound-checks rows, n < N and k < K on every load and store.
+        // `threads` is the kernel's launch bound; gridDim.y <= 65535 (checked).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+    let out = match sx.dtype() {
+        DType::BF16 => CudaStorage::wrap_cuda_slice(go::<bf16>(&dev, sx, lx, sw, lw, &tiles, (a, n, k), (name, threads, tile_cols))?, dev),
+        _ => CudaStorage::wrap_cuda_slice(go::<f32>(&dev, sx, lx, sw, lw, &tiles, (a, n, k), (name, threads, tile_cols))?, dev),
+    };
+    Ok((out, Shape::from((a, n))))
+}

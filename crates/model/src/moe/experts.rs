@@ -113,6 +113,12 @@ impl Experts {
     /// x_AD in assignment order, `counts[e]` rows per expert → y_AD.
     pub fn forward(&self, x_AD: &Tensor, counts: &[usize]) -> Result<Tensor> {
         let f = self.intermediate;
+        if self.kernels == Kernels::Invariant {
+            // every expert in one grouped product each side (one launch on CUDA)
+            let h = crate::nn::invariant::grouped_matmul_nt(x_AD, &self.gate_up_proj, counts)?;
+            let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
+            return crate::nn::invariant::grouped_matmul_nt(&act, &self.down_proj, counts);
+        }
         let mut outs = Vec::new();
         let mut offset = 0;
         for (e, &c) in counts.iter().enumerate() {

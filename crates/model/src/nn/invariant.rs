@@ -98,3 +98,74 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     *out.last_mut().expect("non-empty") = w.dim(0)?;
     y.reshape(out)
 }
+
+/// The experts' grouped product, batch-invariant: x [A, K] holds expert e's `counts[e]` rows
+/// back to back; y[a] = x[a] · w[e(a)]ᵀ (w [E, N, K]) with `dot`'s fixed order on the CPU and
+/// the single-expert kernels' order on CUDA — one op (one launch) for every expert.
+struct GroupedMatmulNt {
+    counts: std::sync::Arc<Vec<usize>>,
+}
+
+impl CustomOp2 for GroupedMatmulNt {
+    fn name(&self) -> &'static str {
+        "invariant-grouped-matmul-nt"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, k) = l1.shape().dims2()?;
+        let (e, n, k2) = l2.shape().dims3()?;
+        if k != k2 || self.counts.len() != e || self.counts.iter().sum::<usize>() != a {
+            return Err(Error::Msg(format!("invariant grouped matmul: x [{a}, {k}], w [{e}, {n}, {k2}], counts {:?}", self.counts)));
+        }
+        let x = f32_slice(s1, l1, "x")?;
+        let w = f32_slice(s2, l2, "w")?;
+        let mut expert_of = Vec::with_capacity(a);
+        for (ex, &c) in self.counts.iter().enumerate() {
+            expert_of.extend(std::iter::repeat_n(ex, c));
+        }
+        let mut out = vec![0f32; a * n];
+        out.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
+            let xr = &x[r * k..(r + 1) * k];
+            let we = &w[expert_of[r] * n * k..(expert_of[r] + 1) * n * k];
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = dot(xr, &we[c * k..(c + 1) * k]);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((a, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::invariant::grouped_nt(s1, l1, s2, l2, &self.counts)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (e, n, k) = w.dims3()?;
+        let (mut dx, mut dw) = (Vec::new(), Vec::with_capacity(e));
+        let mut start = 0;
+        for (ex, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                dw.push(Tensor::zeros((n, k), w.dtype(), w.device())?);
+                continue;
+            }
+            let (xe, ge, we) = (x.narrow(0, start, c)?, g.narrow(0, start, c)?, w.get(ex)?);
+            dx.push(ge.matmul(&we)?);
+            dw.push(ge.t()?.matmul(&xe)?);
+            start += c;
+        }
+        let dx = if dx.is_empty() { x.zeros_like()? } else { Tensor::cat(&dx, 0)? };
+        Ok((Some(dx), Some(Tensor::stack(&dw, 0)?)))
+    }
+}
+
+/// x [A, K] (expert e's `counts[e]` rows back to back) · w[e]ᵀ (w [E, N, K]) → [A, N],
+/// batch-invariant, one op for every expert.
+pub fn grouped_matmul_nt(x: &Tensor, w: &Tensor, counts: &[usize]) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, GroupedMatmulNt { counts: std::sync::Arc::new(counts.to_vec()) })
+}
