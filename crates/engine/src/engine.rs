@@ -99,9 +99,10 @@ pub struct StepTimes {
     pub launch_s: f64,
     /// waiting for the forward's results and cutting route rows
     pub device_s: f64,
-    /// logits rows and log-probabilities to the host
+    /// sampling: device argmax or logits rows to the host and the draws, the log-probabilities
+    /// gathered at the sampled tokens
     pub logits_s: f64,
-    /// sampling on the host
+    /// the sampled tokens' bookkeeping (stop / length checks, streaming records)
     pub sample_s: f64,
 }
 
@@ -200,12 +201,8 @@ impl Engine {
     /// blocks go back to the pool.
     pub fn abort(&mut self, id: u64) -> bool {
         let (w, r) = (self.waiting.len(), self.running.len());
-        let mut gone: Vec<Seq> = Vec::new();
-        for q in [&mut self.waiting] {
-            let (out, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(q).into_iter().partition(|s| s.id == id);
-            *q = keep.into();
-            gone.extend(out);
-        }
+        let (mut gone, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.waiting).into_iter().partition(|s| s.id == id);
+        self.waiting = keep.into();
         let (out, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running).into_iter().partition(|s| s.id == id);
         self.running = keep;
         gone.extend(out);

@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use lockstep_model::logprobs::at_temperature;
 use lockstep_model::{Batch, KvPool, PagedSeq, RoutingPlan};
 use rayon::prelude::*;
@@ -26,9 +26,6 @@ use crate::engine::{forward_trace, route_width, Completion, Engine, FinishReason
 use crate::error::{EngineError, Result};
 use crate::sampling::{sample, top_n};
 use crate::seq::Seq;
-
-/// One host row per sampling sequence.
-type HostRows = Vec<Vec<f32>>;
 
 impl Engine {
     /// The pool and its block manager, made on first use (from `self.cache`).
@@ -84,7 +81,7 @@ impl Engine {
 
     /// Waiting → running while there is room (module doc, 1).
     fn admit(&mut self) -> Result<()> {
-        let pending = if self.cache.prefix_caching { self.pending_hashes() } else { HashSet::new() };
+        let mut pending = if self.cache.prefix_caching { self.pending_hashes() } else { HashSet::new() };
         let row = self.row_width();
         while self.running.len() < self.max_running {
             let Some(mut s) = self.waiting.pop_front() else { break };
@@ -136,6 +133,14 @@ impl Engine {
                 s.fed = 0;
                 self.waiting.push_front(s);
                 break;
+            }
+            if self.cache.prefix_caching {
+                // the blocks it will fill: later admissions of this step wait for them
+                let mut parent = s.hashes.last().copied().unwrap_or(0);
+                for b in s.hashes.len()..s.tokens.len() / bs {
+                    parent = block_hash(parent, &s.tokens[b * bs..(b + 1) * bs]);
+                    pending.insert(parent);
+                }
             }
             self.running.push(s);
         }
@@ -193,29 +198,71 @@ impl Engine {
         plan
     }
 
-    /// The logits and log-probabilities of the sampling sequences' rows of `logits_1SV` (one per
-    /// scheduled sequence): log-softmax(logits / T) at the sequence's temperature (greedy:
-    /// T = 1), as the trainer scores it — one batched op per distinct temperature of the step.
-    fn sampled_rows(&self, logits_1SV: &Tensor, members: &[(usize, usize)]) -> Result<(HostRows, HostRows)> {
+    /// Sample the members (logits row j, running index i) of the step: greedy ones by the
+    /// device's argmax, the others on the host from their logits rows (the only full rows that
+    /// travel), each with its own RNG; then the log-probabilities log-softmax(logits / T) at
+    /// each member's temperature (greedy: T = 1), as the trainer scores them — one batched op
+    /// per distinct temperature on the device — gathered there at the sampled tokens. Only
+    /// members asking for top-n log-probabilities bring their whole row back.
+    /// Returns per member (token, log π(token), top-n).
+    fn sample_members(&mut self, logits_1SV: &Tensor, members: &[(usize, usize)]) -> Result<Vec<(u32, f32, Vec<(u32, f32)>)>> {
         let r = members.len();
-        let dev = logits_1SV.device();
-        let rows: Vec<u32> = members.iter().map(|m| m.0 as u32).collect();
-        let logits_RV = logits_1SV.squeeze(0)?.index_select(&Tensor::from_vec(rows, r, dev)?, 0)?;
-        let logits: Vec<Vec<f32>> = logits_RV.to_dtype(DType::F32)?.to_vec2()?;
-        let mut logprobs = vec![Vec::new(); r];
+        let dev = logits_1SV.device().clone();
+        let idx = |v: Vec<u32>| -> Result<Tensor> { let n = v.len(); Ok(Tensor::from_vec(v, n, &dev)?) };
+        let logits_RV = logits_1SV.squeeze(0)?.index_select(&idx(members.iter().map(|m| m.0 as u32).collect())?, 0)?;
+        let params = |k: usize| &self.running[members[k].1].params;
+        let greedy: Vec<u32> = (0..r as u32).filter(|&k| params(k as usize).temperature == 0.0).collect();
+        let hot: Vec<u32> = (0..r as u32).filter(|&k| params(k as usize).temperature != 0.0).collect();
+        let mut tokens = vec![0u32; r];
+        if !greedy.is_empty() {
+            let am: Vec<u32> = logits_RV.index_select(&idx(greedy.clone())?, 0)?.argmax(D::Minus1)?.to_vec1()?;
+            for (&k, t) in greedy.iter().zip(am) {
+                tokens[k as usize] = t;
+            }
+        }
+        if !hot.is_empty() {
+            let rows: Vec<Vec<f32>> = logits_RV.index_select(&idx(hot.clone())?, 0)?.to_vec2()?;
+            let want: Vec<(usize, usize)> = hot.iter().map(|&k| (members[k as usize].1, k as usize)).collect();
+            let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(want.len());
+            let mut w = want.iter().peekable();
+            for (i, s) in self.running.iter_mut().enumerate() {
+                while let Some(&&(wi, k)) = w.peek() {
+                    if wi < i {
+                        w.next();
+                    } else {
+                        if wi == i {
+                            picked.push((k, s));
+                            w.next();
+                        }
+                        break;
+                    }
+                }
+            }
+            let pos: std::collections::HashMap<usize, usize> = hot.iter().enumerate().map(|(p, &k)| (k as usize, p)).collect();
+            let got: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(&rows[pos[k]], &s.params, &mut s.rng))).collect();
+            for (k, t) in got {
+                tokens[k] = t;
+            }
+        }
+        let mut out: Vec<(u32, f32, Vec<(u32, f32)>)> = tokens.iter().map(|&t| (t, 0.0, Vec::new())).collect();
         let temp = |k: usize| self.running[members[k].1].params.temperature;
         let mut temps: Vec<f32> = (0..r).map(temp).collect();
         temps.sort_by(f32::total_cmp);
         temps.dedup();
         for t in temps {
             let pick: Vec<u32> = (0..r as u32).filter(|&k| temp(k as usize) == t).collect();
-            let picked = logits_RV.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?;
-            let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&at_temperature(&picked, t as f64)?, D::Minus1)?.to_vec2()?;
-            for (k, row) in pick.into_iter().zip(lp) {
-                logprobs[k as usize] = row;
+            let lp = candle_nn::ops::log_softmax(&at_temperature(&logits_RV.index_select(&idx(pick.clone())?, 0)?, t as f64)?, D::Minus1)?;
+            let toks = Tensor::from_vec(pick.iter().map(|&k| tokens[k as usize]).collect::<Vec<u32>>(), (pick.len(), 1), &dev)?;
+            let at: Vec<f32> = lp.gather(&toks, 1)?.squeeze(1)?.to_vec1()?;
+            for (j, &k) in pick.iter().enumerate() {
+                out[k as usize].1 = at[j];
+                let n = self.running[members[k as usize].1].params.logprobs;
+                if n > 0 {
+                    out[k as usize].2 = top_n(&lp.get(j)?.to_vec1::<f32>()?, n);
+                }
             }
         }
-        Ok((logits, logprobs))
+        Ok(out)
     }
 
     /// One batched forward; returns the requests that completed.
@@ -291,26 +338,13 @@ impl Engine {
             .collect();
         let t2 = Instant::now();
         self.times.device_s += (t2 - t1).as_secs_f64();
-        let (logits_RV, logprobs_RV) = if members.is_empty() { (Vec::new(), Vec::new()) } else { self.sampled_rows(&out.logits, &members)? };
+        let sampled = if members.is_empty() { Vec::new() } else { self.sample_members(&out.logits, &members)? };
         let t3 = Instant::now();
         self.times.logits_s += (t3 - t2).as_secs_f64();
-        let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(members.len());
-        {
-            let want: Vec<usize> = members.iter().map(|m| m.1).collect();
-            for (i, s) in self.running.iter_mut().enumerate() {
-                if let Ok(k) = want.binary_search(&i) {
-                    picked.push((k, s));
-                }
-            }
-        }
-        let toks: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(&logits_RV[*k], &s.params, &mut s.rng))).collect();
-        drop(picked);
-        for (k, tok) in toks {
+        for (k, (tok, logprob, top)) in sampled.into_iter().enumerate() {
             let s = &mut self.running[members[k].1];
-            let lp = &logprobs_RV[k];
             s.tokens.push(tok);
-            s.logprobs.push(lp[tok as usize]);
-            let top = top_n(lp, s.params.logprobs);
+            s.logprobs.push(logprob);
             if s.params.logprobs > 0 {
                 s.top_logprobs.push(top.clone());
             }
@@ -322,7 +356,7 @@ impl Engine {
             if s.finished.is_some() && !self.capture {
                 s.fed = s.tokens.len(); // no route row to flush
             }
-            self.sampled.push(Sampled { id: s.id, token: tok, logprob: lp[tok as usize], top_logprobs: top, finish: s.finished });
+            self.sampled.push(Sampled { id: s.id, token: tok, logprob, top_logprobs: top, finish: s.finished });
         }
         self.times.sample_s += t3.elapsed().as_secs_f64();
         self.complete()
