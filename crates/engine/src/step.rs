@@ -221,7 +221,9 @@ impl Engine {
             }
         }
         if !hot.is_empty() {
-            let rows: Vec<Vec<f32>> = logits_RV.index_select(&idx(hot.clone())?, 0)?.to_vec2()?;
+            let v = logits_RV.dim(1)?;
+            let flat = lockstep_model::to_host_f32(&logits_RV.index_select(&idx(hot.clone())?, 0)?)?;
+            let rows: Vec<&[f32]> = flat.chunks(v.max(1)).collect();
             let want: Vec<(usize, usize)> = hot.iter().map(|&k| (members[k as usize].1, k as usize)).collect();
             let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(want.len());
             let mut w = want.iter().peekable();
@@ -239,7 +241,7 @@ impl Engine {
                 }
             }
             let pos: std::collections::HashMap<usize, usize> = hot.iter().enumerate().map(|(p, &k)| (k as usize, p)).collect();
-            let got: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(&rows[pos[k]], &s.params, &mut s.rng))).collect();
+            let got: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(rows[pos[k]], &s.params, &mut s.rng))).collect();
             for (k, t) in got {
                 tokens[k] = t;
             }

@@ -84,3 +84,15 @@ pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
         _ => Ok(None),
     }
 }
+
+/// A tensor's values as f32 on the host. On CUDA the copy goes through a page-locked staging
+/// buffer (one per thread, grown as needed) — several times faster than candle's pageable copy
+/// for big rows such as a decode step's logits.
+pub fn to_host_f32(t: &candle_core::Tensor) -> Result<Vec<f32>> {
+    let t = t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+    match t.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(crate::gpu::to_host_f32(&t)?),
+        _ => Ok(t.to_vec1()?),
+    }
+}

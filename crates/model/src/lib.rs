@@ -33,7 +33,7 @@ pub mod routing;
 
 pub use batch::Batch;
 pub use config::ModelConfig;
-pub use device::{memory_info, parse_dtype, DeviceSpec};
+pub use device::{memory_info, parse_dtype, to_host_f32, DeviceSpec};
 pub use error::{ModelError, ParseError, Result};
 pub use kv_cache::{KvPool, PagedSeq};
 pub use model::{ForwardOutput, MoeCausalLm};

@@ -210,3 +210,34 @@ impl RowGroups {
         y_AD.contiguous()?.apply_op2(&w_A, ops::Combine(self.0.clone()))
     }
 }
+
+thread_local! {
+    /// The page-locked staging buffer of `to_host_f32`, per thread (candle's stream is too).
+    static STAGE: std::cell::RefCell<Option<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<f32>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A contiguous f32 CUDA tensor to the host through the thread's page-locked staging buffer.
+pub(crate) fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*storage else { candle_core::bail!("to_host_f32: not a CUDA tensor") };
+    let Some((o1, o2)) = layout.contiguous_offsets() else { candle_core::bail!("to_host_f32: not contiguous") };
+    let n = o2 - o1;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let view = cs.as_cuda_slice::<f32>()?.slice(o1..o2);
+    let stream = cs.device().cuda_stream();
+    let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| candle_core::Error::Cuda(Box::new(e));
+    STAGE.with(|stage| {
+        let mut stage = stage.borrow_mut();
+        if stage.as_ref().is_none_or(|p| p.len() < n) {
+            // SAFETY: the buffer's contents are unset, but it is only read after the copy below
+            // has filled its first n values (and only those are read). Flags 0: ordinary
+            // page-locked memory (not write-combined, which the host reads slowly).
+            *stage = Some(unsafe { stream.context().alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0) }.map_err(err)?);
+        }
+        let p = stage.as_mut().expect("staging buffer made above");
+        stream.memcpy_dtoh(&view, p).map_err(err)?;
+        Ok(p.as_slice().map_err(err)?[..n].to_vec())
+    })
+}

@@ -36,14 +36,23 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => return Err(Error::Msg(format!("invariant kernel: {what} must be f32"))),
+/// A contiguous f32 or bf16 input as f32 values (bf16 widened exactly).
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        return Err(Error::Msg(format!("invariant kernel: {what} must be contiguous")));
     };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => Err(Error::Msg(format!("invariant kernel: {what} must be contiguous"))),
+    match s {
+        CpuStorage::F32(v) => Ok(std::borrow::Cow::Borrowed(&v[a..b])),
+        CpuStorage::BF16(v) => Ok(std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect())),
+        _ => Err(Error::Msg(format!("invariant kernel: {what} must be f32 or bf16"))),
+    }
+}
+
+/// f32 results in the input's storage type (bf16 rounded to nearest even, as a cast does).
+fn like_input(s: &CpuStorage, out: Vec<f32>) -> CpuStorage {
+    match s {
+        CpuStorage::BF16(_) => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(out),
     }
 }
 
@@ -69,7 +78,7 @@ impl CustomOp2 for MatmulNt {
                 *o = dot(xr, &w[c * k..(c + 1) * k]);
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        Ok((like_input(s1, out), Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -131,7 +140,7 @@ impl CustomOp2 for GroupedMatmulNt {
                 *o = dot(xr, &we[c * k..(c + 1) * k]);
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((a, n))))
+        Ok((like_input(s1, out), Shape::from((a, n))))
     }
 
     #[cfg(feature = "cuda")]
