@@ -226,7 +226,7 @@ pub(crate) fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
         return Ok(Vec::new());
     }
     let view = cs.as_cuda_slice::<f32>()?.slice(o1..o2);
-    let stream = cs.device().cuda_stream();
+    let stream = candle_core::backend::BackendStorage::device(cs).cuda_stream();
     let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| candle_core::Error::Cuda(Box::new(e));
     STAGE.with(|stage| {
         let mut stage = stage.borrow_mut();
