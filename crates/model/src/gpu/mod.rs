@@ -237,7 +237,10 @@ pub(crate) fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
             *stage = Some(unsafe { stream.context().alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0) }.map_err(err)?);
         }
         let p = stage.as_mut().expect("staging buffer made above");
-        stream.memcpy_dtoh(&view, p).map_err(err)?;
-        Ok(p.as_slice().map_err(err)?[..n].to_vec())
+        // exactly n values (a copy sized by the whole buffer would read past the source)
+        let host = &mut p.as_mut_slice().map_err(err)?[..n];
+        stream.memcpy_dtoh(&view, host).map_err(err)?;
+        stream.synchronize().map_err(err)?;
+        Ok(host.to_vec())
     })
 }
