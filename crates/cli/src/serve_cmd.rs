@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N (CUDA needs the `cuda` build: scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Weights and compute dtype: f32 or bf16 (weight reloads load in it too).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// API key required as `Authorization: Bearer <key>` on every endpoint but `GET /health`
     /// (default: $LOCKSTEP_API_KEY; none: no key needed). Prefer the variable: flags show in `ps`.
     #[arg(long)]
@@ -74,6 +77,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_running: args.max_running,
         capture_routes: !args.no_capture,
         device: crate::device::parse(&args.device)?,
+        dtype: crate::args::dtype(&args.dtype)?,
         security: lockstep_server::Security {
             api_key: flag_or_env(args.api_key, "LOCKSTEP_API_KEY")?,
             admin_key: flag_or_env(args.admin_key, "LOCKSTEP_ADMIN_KEY")?,

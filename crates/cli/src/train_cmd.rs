@@ -150,7 +150,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
         bail!("--ranks: at least 1");
     }
     let t0 = std::time::Instant::now();
-    let base = RunOptions { resume: args.resume.clone(), progress: !args.quiet, stop: Some(stop), parallel: None, device: None };
+    let base = RunOptions { resume: args.resume.clone(), progress: !args.quiet, stop: Some(stop), ..RunOptions::default() };
     let launched = lockstep_dist::launch_env::RankEnv::from_env()?;
     let runs = match launched {
         Some(env) => {
@@ -271,7 +271,11 @@ fn print_summary(name: &str, s: &lockstep_rl::RunSummary) {
     let head = rl.iter().take(5).map(|r| r.reward_mean).sum::<f64>() / rl.len().clamp(1, 5) as f64;
     let tail = rl.iter().rev().take(5).map(|r| r.reward_mean).sum::<f64>() / rl.len().clamp(1, 5) as f64;
     println!(
-        "{name}: eval accuracy after warm-up {:.3} → final {:.3}; mean reward first 5 steps {head:.3} → last 5 steps {tail:.3}",
-        s.warmup_eval, s.final_eval
+        "{name}: eval accuracy after warm-up {:.3} → final {:.3}; held-out reward {:.3} → {:.3}; mean reward first 5 steps {head:.3} → last 5 steps {tail:.3}",
+        s.warmup_eval, s.final_eval, s.warmup_eval_reward, s.final_eval_reward
     );
+    if let Some(pass) = rl.iter().rev().find(|r| !r.eval_pass_at.is_empty()).map(|r| &r.eval_pass_at) {
+        let list: Vec<String> = pass.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+        println!("{name}: last eval {}", list.join(", "));
+    }
 }

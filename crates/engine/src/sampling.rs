@@ -114,7 +114,7 @@ fn sort_desc(v: &mut Vec<(u32, f64)>) {
         for c in &src {
             count[((key(c.1) >> shift) & 0xffff) as usize] += 1;
         }
-        if count.iter().any(|&n| n == src.len()) {
+        if count.contains(&src.len()) {
             continue; // every key shares these bits: the pass would not move anything
         }
         let mut at = 0;

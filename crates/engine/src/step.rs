@@ -27,6 +27,9 @@ use crate::error::{EngineError, Result};
 use crate::sampling::{sample, top_n};
 use crate::seq::Seq;
 
+/// One sampled token: (token, log π(token), top-n (token, log π)).
+type Draw = (u32, f32, Vec<(u32, f32)>);
+
 impl Engine {
     /// The pool and its block manager, made on first use (from `self.cache`).
     pub(crate) fn ensure_pool(&mut self) -> Result<()> {
@@ -205,7 +208,7 @@ impl Engine {
     /// per distinct temperature on the device — gathered there at the sampled tokens. Only
     /// members asking for top-n log-probabilities bring their whole row back.
     /// Returns per member (token, log π(token), top-n).
-    fn sample_members(&mut self, logits_1SV: &Tensor, members: &[(usize, usize)]) -> Result<Vec<(u32, f32, Vec<(u32, f32)>)>> {
+    fn sample_members(&mut self, logits_1SV: &Tensor, members: &[(usize, usize)]) -> Result<Vec<Draw>> {
         let r = members.len();
         let dev = logits_1SV.device().clone();
         let idx = |v: Vec<u32>| -> Result<Tensor> { let n = v.len(); Ok(Tensor::from_vec(v, n, &dev)?) };
@@ -246,7 +249,7 @@ impl Engine {
                 tokens[k] = t;
             }
         }
-        let mut out: Vec<(u32, f32, Vec<(u32, f32)>)> = tokens.iter().map(|&t| (t, 0.0, Vec::new())).collect();
+        let mut out: Vec<Draw> = tokens.iter().map(|&t| (t, 0.0, Vec::new())).collect();
         let temp = |k: usize| self.running[members[k].1].params.temperature;
         let mut temps: Vec<f32> = (0..r).map(temp).collect();
         temps.sort_by(f32::total_cmp);

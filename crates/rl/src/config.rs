@@ -1,11 +1,14 @@
-//! One TOML file configures a whole run; sections mirror the modules. Unknown keys and bad
-//! values are refused up front with an error naming the key. `DEFAULT_TOML` is the embedded
+//! One TOML file configures a whole run; sections mirror the modules. Every key is optional
+//! (its default is the value [`DEFAULT_TOML`] spells out; a file naming one key runs the
+//! default with that key changed); unknown keys and bad values are refused up front with an
+//! error naming the key. `DEFAULT_TOML` is the embedded
 //! default (`lockstep train` with no `--config`), and `lockstep train --print-config` prints the
 //! effective configuration.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RlError};
+pub use crate::task_config::{EvalSection, RewardSpec, TaskSection};
 
 pub const DEFAULT_TOML: &str = r#"# lockstep train: the embedded default run
 seed = 0
@@ -20,6 +23,8 @@ seed = 0
 kernels = "invariant"
 
 [task]
+# addition: the built-in `a+b=` task (byte tokenizer, exact match); dataset: prompts and
+# answers from `path` (JSONL or Parquet) through the model's tokenizer — examples/dataset.toml
 kind = "addition"
 digits = 1
 
@@ -83,6 +88,14 @@ entropy_coef = 0.0     # entropy bonus
 
 [eval]
 every = 5
+# pass_k = [1, 4]     # pass@k on the held-out set (k <= rollout.group_size); default none
+# pass_threshold = 0.5  # a completion passes when its reward >= this
+# samples = 8           # sample completions of the last eval in the report
+
+# [[reward]] tables (none: the task's exact match), e.g.
+# [[reward]]
+# kind = "math"       # exact | math | regex | format | length | http (see examples/)
+# weight = 1.0
 
 [output]
 dir = "runs/default"
@@ -90,7 +103,7 @@ checkpoint_every = 20
 "#;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     pub seed: u64,
     pub steps: u64,
@@ -103,10 +116,14 @@ pub struct RunConfig {
     pub loss: LossSection,
     pub eval: EvalSection,
     pub output: OutputSection,
+    /// `[[reward]]` tables: the weighted sum of their rewards scores a completion (none: the
+    /// task's own exact match)
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reward: Vec<RewardSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
@@ -120,15 +137,9 @@ fn default_kernels() -> String {
     "invariant".to_string()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskSection {
-    pub kind: String,
-    pub digits: u32,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct WarmupSection {
     pub steps: u64,
     pub batch: usize,
@@ -136,7 +147,7 @@ pub struct WarmupSection {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RolloutSection {
     pub prompts_per_step: usize,
     pub group_size: usize,
@@ -160,7 +171,7 @@ fn default_one() -> usize {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainerSection {
     pub lr: f64,
     pub weight_decay: f64,
@@ -181,13 +192,13 @@ fn default_max_nonfinite() -> u64 {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReplaySection {
     pub enabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LossSection {
     pub objective: String,
     pub clip_low: f64,
@@ -227,17 +238,88 @@ fn default_k3() -> String {
     "k3".to_string()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalSection {
-    pub every: u64,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: String,
     pub checkpoint_every: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            steps: 100,
+            model: ModelSection::default(),
+            task: TaskSection::default(),
+            warmup: WarmupSection::default(),
+            rollout: RolloutSection::default(),
+            trainer: TrainerSection::default(),
+            replay: ReplaySection::default(),
+            loss: LossSection::default(),
+            eval: EvalSection::default(),
+            output: OutputSection::default(),
+            reward: Vec::new(),
+        }
+    }
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { checkpoint: None, seed: 0, kernels: default_kernels() }
+    }
+}
+
+impl Default for WarmupSection {
+    fn default() -> Self {
+        Self { steps: 60, batch: 32, lr: 3e-3 }
+    }
+}
+
+impl Default for RolloutSection {
+    fn default() -> Self {
+        Self { prompts_per_step: 16, group_size: 8, max_tokens: 4, temperature: 1.0, servers: Vec::new(), mismatch: default_none(), filter_zero_variance: false }
+    }
+}
+
+impl Default for TrainerSection {
+    fn default() -> Self {
+        Self { lr: 5e-4, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, mini_steps: 2, token_budget: 1024, epochs: 1, max_nonfinite_steps: default_max_nonfinite() }
+    }
+}
+
+impl Default for ReplaySection {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self {
+            objective: "ppo".into(),
+            clip_low: 0.2,
+            clip_high: 0.28,
+            pi_old: default_infer(),
+            is_correction: "none".into(),
+            tis_cap: 2.0,
+            mis_low: 0.5,
+            mis_high: 2.0,
+            ratio: "token".into(),
+            router_shift_floor: default_shift_floor(),
+            extreme_tau: 2.0,
+            kl_coef: 0.0,
+            kl_estimator: default_k3(),
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self { dir: "runs/default".into(), checkpoint_every: 20 }
+    }
 }
 
 /// The dotted key a toml error is about: the `[section]` above the error's line plus the key
@@ -273,13 +355,15 @@ fn key_of_error(text: &str, span: Option<std::ops::Range<usize>>, msg: &str) -> 
     }
 }
 
-fn bad(key: &str, msg: impl Into<String>) -> RlError {
+pub(crate) fn bad(key: &str, msg: impl Into<String>) -> RlError {
     RlError::Config { key: key.into(), msg: msg.into() }
 }
 
 impl RunConfig {
+    /// The embedded default: every key at its documented default (what [`DEFAULT_TOML`] spells
+    /// out, `tests/config.rs` checks the two agree).
     pub fn default_config() -> Self {
-        Self::from_toml(DEFAULT_TOML).expect("the embedded default config is valid")
+        Self::default()
     }
 
     /// Parse and validate; errors name the key.
@@ -302,12 +386,12 @@ impl RunConfig {
         if !matches!(self.model.kernels.as_str(), "invariant" | "standard") {
             return Err(bad("model.kernels", format!("`{}`: expected invariant or standard", self.model.kernels)));
         }
-        if self.task.kind != "addition" {
-            return Err(bad("task.kind", format!("`{}`: the built-in task is `addition` (implement Environment for others)", self.task.kind)));
+        self.task.validate()?;
+        crate::task_config::validate_rewards(&self.reward)?;
+        if self.task.kind == "addition" && !self.reward.is_empty() {
+            return Err(bad("reward", "[[reward]] tables score text tasks (task.kind = \"dataset\"); the addition task has its own exact match"));
         }
-        if !(1..=4).contains(&self.task.digits) {
-            return Err(bad("task.digits", "must be 1..=4"));
-        }
+        self.eval.validate(self.rollout.group_size)?;
         if self.warmup.steps > 0 && self.warmup.batch == 0 {
             return Err(bad("warmup.batch", "must be > 0"));
         }
@@ -398,9 +482,6 @@ impl RunConfig {
         if !(self.loss.extreme_tau > 1.0) {
             return Err(bad("loss.extreme_tau", "must be > 1"));
         }
-        if self.eval.every == 0 {
-            return Err(bad("eval.every", "must be > 0"));
-        }
         if self.output.dir.is_empty() {
             return Err(bad("output.dir", "must not be empty"));
         }
@@ -416,6 +497,11 @@ impl RunConfig {
         }
         if !self.rollout.servers.is_empty() {
             return Err(bad("rollout.servers", format!("a run over {ranks} ranks generates on its own ranks; leave servers empty")));
+        }
+        if ranks > 1 {
+            if let Some(i) = self.reward.iter().position(|r| r.kind == "http") {
+                return Err(bad(&format!("reward[{i}].kind"), format!("`http` rewards run on one rank (not over {ranks} ranks) for now")));
+            }
         }
         if self.rollout.prompts_per_step < ranks {
             return Err(bad("rollout.prompts_per_step", format!("{} groups cannot give each of {ranks} ranks a group", self.rollout.prompts_per_step)));

@@ -6,6 +6,14 @@ pub enum RlError {
     Config { key: String, msg: String },
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },
+    /// A bad dataset record: the file, where in it (`line 12`, `row 3`) and the field.
+    #[error("{file}: {at}: {msg}")]
+    Dataset { file: String, at: String, msg: String },
+    /// A reward that stops the run (an `http` reward failing `max_failures` times in a row).
+    #[error("reward {url}: {msg}")]
+    Reward { url: String, msg: String },
+    #[error(transparent)]
+    Text(#[from] lockstep_text::TextError),
     /// The stop flag was set (Ctrl-C): the run stopped after `after` and wrote `checkpoint`
     /// (with its run_state.json); `RunOptions::resume` with it continues bit for bit.
     #[error("interrupted after {after}; checkpoint: {}", checkpoint.display())]

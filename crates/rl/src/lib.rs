@@ -2,13 +2,18 @@
 //! (`lockstep train`).
 
 pub mod config;
+pub mod dataset;
 pub mod env;
 pub mod error;
+pub mod http_reward;
 pub mod metrics;
 pub mod remote;
 pub mod report;
+pub mod reward;
 pub mod rollout;
 pub mod run;
+pub mod task_config;
+pub mod text_env;
 
 pub use config::RunConfig;
 pub use error::{Result, RlError};

@@ -32,8 +32,24 @@ pub struct StepRecord {
     pub step: u64,
     pub replay: bool,
     pub reward_mean: f64,
+    /// share of greedy held-out completions with reward >= `eval.pass_threshold`
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_accuracy: Option<f64>,
+    /// mean reward of the greedy held-out completions
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_reward: Option<f64>,
+    /// `pass@k` on the held-out set (`eval.pass_k`)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub eval_pass_at: BTreeMap<String, f64>,
+    /// mean of each `[[reward]]` table's reward over the step's completions
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reward_parts: BTreeMap<String, f64>,
+    /// mean of each metric the rewards returned (an `http` verifier's; `http_failures`)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reward_metrics: BTreeMap<String, f64>,
+    /// dataset records skipped as invalid (`task.skip_invalid`; the warm-up record)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_records: usize,
     pub loss: f64,
     /// KL estimate mean(ρ − 1 − log ρ), averaged over the step's mini-steps
     pub kl: f64,
@@ -84,6 +100,10 @@ pub struct StepRecord {
     pub completion_tokens: usize,
     pub seconds: f64,
     pub layers: BTreeMap<usize, LayerRecord>,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 /// The dotted name of the first `null` in a serialised record: serde_json writes NaN / ±inf

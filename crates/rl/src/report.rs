@@ -1,12 +1,45 @@
 //! The run report: one self-contained HTML page of SVG line plots (reward, eval accuracy, KL
 //! estimate, extreme-token fraction, routing confidence / max_vio / route agreement per layer),
-//! one or several runs on the same axes (e.g. replay off vs on).
+//! one or several runs on the same axes (e.g. replay off vs on). A metric whose positive values
+//! span two decades or more is drawn on a logarithmic axis. With a [`Header`]: the run's
+//! config, wall time, tokens/s and final metrics above the plots, and a table of the last
+//! eval's sample completions below them.
 
 use std::fmt::Write;
 use std::path::Path;
 
+use crate::config::RunConfig;
 use crate::error::{Result, RlError};
 use crate::metrics::StepRecord;
+use crate::rollout::EvalSample;
+
+/// What the report shows about a single run beyond its plots.
+pub struct Header {
+    pub config_toml: String,
+    pub wall_seconds: f64,
+    pub samples: Vec<EvalSample>,
+}
+
+impl Header {
+    pub fn of(cfg: &RunConfig, wall_seconds: f64, samples: Vec<EvalSample>) -> Self {
+        Self { config_toml: cfg.to_toml(), wall_seconds, samples }
+    }
+}
+
+/// `<`, `>`, `&`, `"` as entities.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Whether points belong on a log axis: all positive (and finite), spanning ≥ 2 decades.
+pub fn wants_log(points: &[f64]) -> bool {
+    let pos: Vec<f64> = points.iter().copied().filter(|v| v.is_finite()).collect();
+    if pos.is_empty() || pos.iter().any(|&v| v <= 0.0) {
+        return false;
+    }
+    let (lo, hi) = pos.iter().fold((f64::MAX, f64::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
+    hi / lo >= 100.0
+}
 
 const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
@@ -19,10 +52,12 @@ struct Series {
 
 fn plot(title: &str, series: &[Series]) -> String {
     let (w, h, ml, mr, mt, mb) = (520.0, 260.0, 50.0, 150.0, 24.0, 30.0);
-    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|s| &s.points).filter(|p| p.1.is_finite()).collect();
+    let log = wants_log(&series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect::<Vec<_>>());
+    let tf = |y: f64| if log { y.log10() } else { y };
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| &s.points).filter(|p| p.1.is_finite()).map(|p| (p.0, tf(p.1))).collect();
     let mut svg = String::new();
     let _ = write!(svg, r#"<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" style="font:11px sans-serif">"#);
-    let _ = write!(svg, r#"<text x="{ml}" y="14" style="font-weight:bold">{title}</text>"#);
+    let _ = write!(svg, r#"<text x="{ml}" y="14" style="font-weight:bold">{title}{}</text>"#, if log { " (log axis)" } else { "" });
     if pts.is_empty() {
         let _ = write!(svg, r#"<text x="{ml}" y="60">no data</text></svg>"#);
         return svg;
@@ -38,11 +73,11 @@ fn plot(title: &str, series: &[Series]) -> String {
     let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
     let _ = write!(svg, r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#ccc"/>"##);
     for (v, y) in [(y0, sy(y0)), (y1, sy(y1)), ((y0 + y1) / 2.0, sy((y0 + y1) / 2.0))] {
-        let _ = write!(svg, r#"<text x="4" y="{:.1}">{}</text>"#, y + 4.0, fmt(v));
+        let _ = write!(svg, r#"<text x="4" y="{:.1}">{}</text>"#, y + 4.0, fmt(if log { 10f64.powf(v) } else { v }));
     }
     let _ = write!(svg, r#"<text x="{ml}" y="{}">step {:.0}</text><text x="{}" y="{}" text-anchor="end">step {:.0}</text>"#, h - 8.0, x0, ml + pw, h - 8.0, x1);
     for (i, s) in series.iter().enumerate() {
-        let path: Vec<String> = s.points.iter().filter(|p| p.1.is_finite()).map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
+        let path: Vec<String> = s.points.iter().filter(|p| p.1.is_finite()).map(|p| format!("{:.1},{:.1}", sx(p.0), sy(tf(p.1)))).collect();
         let dash = if s.dashed { r#" stroke-dasharray="5,3""# } else { "" };
         let _ = write!(svg, r#"<polyline fill="none" stroke="{}" stroke-width="1.5"{dash} points="{}"/>"#, s.color, path.join(" "));
         let ly = mt + 12.0 * i as f64 + 8.0;
@@ -71,6 +106,50 @@ fn fmt(v: f64) -> String {
 
 /// Write `report.html` for runs given as (label, records).
 pub fn write(path: &Path, runs: &[(String, Vec<StepRecord>)], title: &str) -> Result<()> {
+    write_with(path, runs, title, None)
+}
+
+/// The header block: config, wall time, tokens/s, the final metrics of each run.
+fn header_html(h: &Header, runs: &[(String, Vec<StepRecord>)]) -> String {
+    let mut out = String::new();
+    let _ = write!(out, "<h3>Run</h3><p>wall time {:.1} s", h.wall_seconds);
+    for (label, recs) in runs {
+        let rl: Vec<&StepRecord> = recs.iter().filter(|r| r.phase == "rl").collect();
+        let tokens: usize = rl.iter().map(|r| r.completion_tokens).sum();
+        let secs: f64 = rl.iter().map(|r| r.seconds).sum();
+        let _ = write!(out, "; {}: {tokens} completion tokens in {secs:.1} s of RL steps ({:.1} tokens/s)", escape(label), if secs > 0.0 { tokens as f64 / secs } else { 0.0 });
+    }
+    out.push_str("</p><table border=\"1\" cellpadding=\"3\" style=\"border-collapse:collapse\"><tr><th>run</th><th>final metric</th><th>value</th></tr>");
+    for (label, recs) in runs {
+        let Some(last) = recs.iter().rev().find(|r| r.phase == "rl").or(recs.last()) else { continue };
+        let eval = recs.iter().rev().find(|r| r.eval_reward.is_some() || r.eval_accuracy.is_some());
+        let mut rows: Vec<(String, f64)> = vec![("step".into(), last.step as f64), ("reward (mean)".into(), last.reward_mean), ("KL".into(), last.kl), ("extreme-token fraction".into(), last.extreme_fraction)];
+        if let Some(e) = eval {
+            rows.extend(e.eval_reward.map(|v| ("eval reward (held out)".to_string(), v)));
+            rows.extend(e.eval_accuracy.map(|v| ("eval accuracy (held out)".to_string(), v)));
+            rows.extend(e.eval_pass_at.iter().map(|(k, v)| (format!("eval {k}"), *v)));
+        }
+        rows.extend(last.reward_parts.iter().map(|(k, v)| (format!("reward {k}"), *v)));
+        rows.extend(last.reward_metrics.iter().map(|(k, v)| (format!("reward metric {k}"), *v)));
+        for (k, v) in rows {
+            let _ = write!(out, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", escape(label), escape(&k), fmt(v));
+        }
+    }
+    let _ = write!(out, "</table><details><summary>config</summary><pre>{}</pre></details>", escape(&h.config_toml));
+    out
+}
+
+fn samples_html(samples: &[EvalSample]) -> String {
+    let mut out = String::from("<h3>Sample completions (last eval, greedy)</h3><table border=\"1\" cellpadding=\"3\" style=\"border-collapse:collapse;font-family:monospace\"><tr><th>prompt</th><th>completion</th><th>answer</th><th>reward</th></tr>");
+    for s in samples {
+        let _ = write!(out, "<tr><td><pre>{}</pre></td><td><pre>{}</pre></td><td>{}</td><td>{}</td></tr>", escape(&s.prompt), escape(&s.completion), escape(&s.answer), fmt(s.reward));
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// [`write`] with a run's [`Header`] (config, wall time, tokens/s, final metrics, samples).
+pub fn write_with(path: &Path, runs: &[(String, Vec<StepRecord>)], title: &str, header: Option<&Header>) -> Result<()> {
     let scalar = |name: &str, f: &dyn Fn(&StepRecord) -> Option<f64>| -> String {
         let series: Vec<Series> = runs
             .iter()
@@ -101,10 +180,14 @@ pub fn write(path: &Path, runs: &[(String, Vec<StepRecord>)], title: &str) -> Re
     };
     let mut html = String::new();
     let _ = write!(html, "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body style=\"font-family:sans-serif\"><h2>{title}</h2>");
+    if let Some(h) = header {
+        html.push_str(&header_html(h, runs));
+    }
     let _ = write!(html, "<p>x axis: RL step. Runs: {}.</p><div style=\"display:flex;flex-wrap:wrap\">", runs.iter().map(|r| r.0.as_str()).collect::<Vec<_>>().join(", "));
     for svg in [
         scalar("reward (mean)", &|r| Some(r.reward_mean)),
         scalar("eval accuracy (greedy, held out)", &|r| r.eval_accuracy),
+        scalar("eval reward (greedy, held out)", &|r| r.eval_reward),
         scalar("train–inference KL (first update, π_θ vs π_infer)", &|r| Some(r.train_infer_kl)),
         scalar("train–inference F(τ) (first update)", &|r| Some(r.train_infer_extreme_fraction)),
         scalar("KL estimate mean(ρ−1−log ρ)", &|r| Some(r.kl)),
@@ -118,7 +201,16 @@ pub fn write(path: &Path, runs: &[(String, Vec<StepRecord>)], title: &str) -> Re
     ] {
         let _ = write!(html, "<div style=\"margin:6px\">{svg}</div>");
     }
-    html.push_str("</div></body></html>");
+    let pass_keys: std::collections::BTreeSet<&String> = runs.iter().flat_map(|(_, recs)| recs.iter().flat_map(|r| r.eval_pass_at.keys())).collect();
+    for k in pass_keys {
+        let svg = scalar(&format!("eval {k} (held out)"), &|r| r.eval_pass_at.get(k).copied());
+        let _ = write!(html, "<div style=\"margin:6px\">{svg}</div>");
+    }
+    html.push_str("</div>");
+    if let Some(h) = header.filter(|h| !h.samples.is_empty()) {
+        html.push_str(&samples_html(&h.samples));
+    }
+    html.push_str("</body></html>");
     std::fs::write(path, html).map_err(|e| RlError::io(path, e))
 }
 

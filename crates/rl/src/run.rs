@@ -40,10 +40,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::env::{Addition, Environment};
+use crate::env::Environment;
 use crate::error::{Result, RlError};
 use crate::metrics::{self, LayerRecord, StepRecord};
-use crate::rollout::{self, Rollouter};
+use crate::rollout::{self, EvalResult, PromptLog, Rollouter};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -59,6 +59,9 @@ pub struct RunOptions {
     pub parallel: Parallel,
     /// Where the model, trainer and engine run (`None`: the CPU).
     pub device: Option<Device>,
+    /// Every prompt sent to the rollout engine (rollouts and evals), in order (tests check
+    /// the prompts the engine saw).
+    pub prompt_log: Option<PromptLog>,
 }
 
 impl RunOptions {
@@ -125,6 +128,9 @@ pub struct RunSummary {
     pub first_reward: f64,
     pub last_reward: f64,
     pub final_eval: f64,
+    /// mean held-out reward after the warm-up and at the last eval
+    pub warmup_eval_reward: f64,
+    pub final_eval_reward: f64,
     pub records: Vec<StepRecord>,
 }
 
@@ -253,15 +259,16 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
     // skip the instances of the steps already done
     let mut skipped = 0usize;
-    for _ in 0..from.saturating_mul(cfg.warmup.batch as u64) {
-        env.sample(&mut rng);
+    let batch = cfg.warmup.batch as u64;
+    for i in 0..from.saturating_mul(batch) {
+        env.sample(i, &mut rng);
     }
     let rank = t.parallel.as_ref().map_or(0, |d| d.rank());
     let dev = opts.device();
     for s in from..cfg.warmup.steps {
         let (mut toks, mut mask, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
-        for _ in 0..cfg.warmup.batch {
-            let task = env.sample(&mut rng);
+        for j in 0..batch {
+            let task = env.sample(s * batch + j, &mut rng);
             if rank != 0 {
                 continue; // every rank draws the instances (the same RNG stream); rank 0 trains them
             }
@@ -302,6 +309,9 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
             _ => {}
         }
         let mut e = Engine::new(model);
+        // the trainer shares the device: a KV pool for the rollouts' lengths, not the server's
+        // default of 32K tokens per sequence (a longer request is refused by name at submit)
+        e.cache.max_model_len = 4096;
         e.policy_version = version;
         return Ok(Rollouter::Local(Box::new(e), trainer.parallel.clone()));
     }
@@ -337,7 +347,12 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         effective.output.dir = out.display().to_string();
         std::fs::write(&cfg_path, effective.to_toml()).map_err(|e| RlError::io(&cfg_path, e))?;
     }
-    let env: Box<dyn Environment> = Box::new(Addition { digits: cfg.task.digits });
+    let env: Box<dyn Environment> = crate::text_env::build(cfg)?;
+    let skipped_records = env.skipped();
+    // `task.epochs`: the run ends after that many passes over the training records
+    let cfg = &capped(cfg, env.as_ref());
+    let log = opts.prompt_log.as_ref();
+    let run_t0 = Instant::now();
     let metrics_path = out.join("metrics.jsonl");
     // the records of this run (rank 0 also appends them to metrics.jsonl)
     let mut records: Vec<StepRecord> = Vec::new();
@@ -350,7 +365,6 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
     };
     let bar = if opts.progress && writes { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").expect("valid template"));
-    let max_answer = cfg.rollout.max_tokens;
 
     if !cfg.rollout.servers.is_empty() {
         // fail fast (before the warm-up) on a server that is down or is not a lockstep server
@@ -403,8 +417,14 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 t.set_reference()?;
                 t.save(&reference_dir(out))?;
             }
-            let acc = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), max_answer)?;
-            record(StepRecord { phase: "warmup".into(), step: 0, replay, eval_accuracy: Some(acc), skipped_nonfinite: warm_skipped, ..StepRecord::default() }, &mut records)?;
+            let ev = rollout::evaluate(&mut rollouter(cfg, &t, out, 0)?, env.as_ref(), cfg, eval_seed(cfg, 0), log)?;
+            let acc = ev.accuracy;
+            let mut rec = StepRecord { phase: "warmup".into(), step: 0, replay, skipped_nonfinite: warm_skipped, skipped_records, ..StepRecord::default() };
+            eval_into(&mut rec, &ev);
+            if writes {
+                rollout::write_samples(out, &ev)?;
+            }
+            record(rec, &mut records)?;
             if opts.stopped()? && cfg.steps > 0 {
                 let dir = out.join("checkpoints").join("step-0");
                 save_checkpoint(&t, &dir, &RunState { rl_step: 0, warmup_eval: acc, warmup_step: None })?;
@@ -423,7 +443,8 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         // checkpoint of the current weights
         let mut engine = rollouter(cfg, &trainer, out, step)?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(step));
-        let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step)?;
+        let first = (step - 1).saturating_mul(cfg.rollout.prompts_per_step as u64);
+        let ro = rollout::collect(&mut engine, env.as_ref(), cfg, &mut rng, cfg.seed ^ step, first, log)?;
 
         // zero-variance groups (all rewards equal: no GRPO signal) are dropped when asked
         let keep: Vec<bool> = ro.groups.iter().map(|g| !cfg.rollout.filter_zero_variance || rollout::has_signal(g)).collect();
@@ -438,7 +459,17 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &dev)).collect::<std::result::Result<_, _>>()?;
             minis.push(tbs);
         }
-        let mut rec = StepRecord { phase: "rl".into(), step, replay, reward_mean: ro.reward_mean, completion_tokens: ro.completion_tokens, filtered_groups: filtered as usize, ..StepRecord::default() };
+        let mut rec = StepRecord {
+            phase: "rl".into(),
+            step,
+            replay,
+            reward_mean: ro.reward_mean,
+            completion_tokens: ro.completion_tokens,
+            filtered_groups: filtered as usize,
+            reward_parts: ro.reward_parts.clone(),
+            reward_metrics: ro.reward_metrics.clone(),
+            ..StepRecord::default()
+        };
         // decoupled PPO: π_old is the trainer's score of the whole rollout batch before any update
         if cfg.loss.pi_old == "recompute" {
             let (mut kl, mut ext, mut tok) = (0.0, 0.0, 0.0);
@@ -526,7 +557,11 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             return Err(e);
         }
         if step % cfg.eval.every == 0 || step == cfg.steps {
-            rec.eval_accuracy = Some(rollout::evaluate(&mut rollouter(cfg, &trainer, out, step)?, env.as_ref(), max_answer)?);
+            let ev = rollout::evaluate(&mut rollouter(cfg, &trainer, out, step)?, env.as_ref(), cfg, eval_seed(cfg, step), log)?;
+            eval_into(&mut rec, &ev);
+            if writes {
+                rollout::write_samples(out, &ev)?;
+            }
         }
         rec.seconds = t0.elapsed().as_secs_f64();
         let (msg_reward, msg_kl, msg_eval) = (rec.reward_mean, rec.kl, rec.eval_accuracy);
@@ -549,7 +584,8 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 bar.abandon();
                 if writes {
                     let records = metrics::read(&metrics_path)?;
-                    crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train (interrupted)")?;
+                    let header = crate::report::Header::of(cfg, run_t0.elapsed().as_secs_f64(), rollout::read_samples(out));
+                    crate::report::write_with(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train (interrupted)", Some(&header))?;
                 }
                 return Err(RlError::Interrupted { after: format!("step {step}/{}", cfg.steps), checkpoint: dir });
             }
@@ -566,10 +602,34 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         first_reward: rl.first().map(|r| r.reward_mean).unwrap_or(0.0),
         last_reward: rl.last().map(|r| r.reward_mean).unwrap_or(0.0),
         final_eval,
+        warmup_eval_reward: records.iter().find(|r| r.phase == "warmup").and_then(|r| r.eval_reward).unwrap_or(0.0),
+        final_eval_reward: rl.iter().rev().find_map(|r| r.eval_reward).or_else(|| records.iter().find(|r| r.phase == "warmup").and_then(|r| r.eval_reward)).unwrap_or(0.0),
         records: records.clone(),
     };
     if writes {
-        crate::report::write(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train")?;
+        let header = crate::report::Header::of(cfg, run_t0.elapsed().as_secs_f64(), rollout::read_samples(out));
+        crate::report::write_with(&out.join("report.html"), &[(if replay { "replay on" } else { "replay off" }.to_string(), records)], "lockstep train", Some(&header))?;
     }
     Ok(summary)
+}
+
+/// The config with `steps` capped at `task.epochs` passes over the training records.
+fn capped(cfg: &RunConfig, env: &dyn Environment) -> RunConfig {
+    let mut c = cfg.clone();
+    if let (e @ 1.., Some(n)) = (cfg.task.epochs, env.train_size()) {
+        let steps = (e.saturating_mul(n as u64)).div_ceil(cfg.rollout.prompts_per_step as u64);
+        c.steps = c.steps.min(steps.max(1));
+    }
+    c
+}
+
+/// The sampling seed of the eval after RL step `step` (pass@k).
+fn eval_seed(cfg: &RunConfig, step: u64) -> u64 {
+    cfg.seed ^ 0xe7a1_0000 ^ step
+}
+
+fn eval_into(rec: &mut StepRecord, ev: &EvalResult) {
+    rec.eval_accuracy = Some(ev.accuracy);
+    rec.eval_reward = Some(ev.reward);
+    rec.eval_pass_at = ev.pass_at.clone();
 }

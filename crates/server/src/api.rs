@@ -1,8 +1,12 @@
-//! Wire types of the OpenAI-compatible API, with lockstep's extensions: `top_k`,
-//! `stop_token_ids`, `ignore_eos`, `return_routed_experts`, `return_router_probs`,
-//! `routes_prompt_start` in requests; `prompt_token_ids`, `token_ids`, `routes` (a base64
-//! `.lstrace` file), `routes_start`, `policy_version` and, on request, `routed_experts` /
-//! `router_probs` (`[tokens][moe_layers][top_k]`) in every choice.
+//! Wire types of the OpenAI-compatible API as current vLLM speaks it
+//! (`vllm/entrypoints/openai/completion/protocol.py`, `chat_completion/protocol.py`), with
+//! lockstep's extensions: `top_k`, `stop_token_ids`, `ignore_eos`, `return_routed_experts`,
+//! `routed_experts_prompt_start` (vLLM) / `routed_experts_start_len` (SGLang) /
+//! `routes_prompt_start`, `routed_experts_format`, `return_router_probs`,
+//! `return_tokens_as_token_ids` in requests; `prompt_token_ids` (on the completions choice, at
+//! the top of a chat response, as vLLM), `token_ids`, `routed_experts` (vLLM's base64 `.npy`,
+//! or lockstep's nested lists on request), `routes` (a base64 `.lstrace` file), `routes_start`,
+//! `policy_version` in every choice.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -84,8 +88,21 @@ pub struct GenRequest {
     pub top_logprobs: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    /// extension: also return routes as nested lists `[tokens][moe_layers][top_k]`
+    /// `routed_experts` in every choice (default true, as a vLLM server started with
+    /// `--enable-return-routed-experts`; SGLang's request flag)
     pub return_routed_experts: Option<bool>,
+    /// `vllm` (default): base64 `.npy`, `(N - 1 - start, num_hidden_layers, top_k)`, as current
+    /// vLLM; `lockstep`: nested lists of every token from `start`, MoE layers only, with
+    /// `moe_layers` (and `router_probs` with `return_router_probs`)
+    pub routed_experts_format: Option<String>,
+    /// vLLM: route rows from this prompt token on
+    pub routed_experts_prompt_start: Option<usize>,
+    /// SGLang: route rows from this prompt token on
+    pub routed_experts_start_len: Option<usize>,
+    /// vLLM: log-probability tokens as `token_id:{id}`
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM: token ids in the choices (lockstep always returns them)
+    pub return_token_ids: Option<bool>,
     /// extension: router probabilities in the route trace (and as nested lists with
     /// `return_routed_experts`)
     pub return_router_probs: Option<bool>,
@@ -104,6 +121,28 @@ pub struct GenRequest {
     pub frequency_penalty: Option<f64>,
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     pub tools: Option<Vec<Value>>,
+    /// vLLM / OpenAI fields lockstep does not implement: refused (400 naming the field) unless
+    /// absent, null or their no-op value ([`crate::generate::UNSUPPORTED`])
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub logits_processors: Option<Value>,
+    pub prompt_embeds: Option<Value>,
+    pub use_beam_search: Option<Value>,
+    pub min_tokens: Option<Value>,
+    pub repetition_penalty: Option<Value>,
+    pub min_p: Option<Value>,
+    pub bad_words: Option<Value>,
+    pub allowed_token_ids: Option<Value>,
+    pub prompt_logprobs: Option<Value>,
+    pub logprob_token_ids: Option<Value>,
+    pub include_stop_str_in_output: Option<Value>,
+    pub continue_final_message: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub truncate_prompt_tokens: Option<Value>,
 }
 
 /// Parse a JSON body, naming the field at fault (`max_tokens: invalid type: string ...`).
@@ -184,15 +223,18 @@ pub struct ChatLogprobs {
 /// lockstep's per-choice extension fields (on the final chunk when streaming).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RouteFields {
-    pub prompt_token_ids: Vec<u32>,
+    /// on the completions choice (a chat response has it at the top, as vLLM)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
     pub token_ids: Vec<u32>,
     /// base64 of a `.lstrace` file holding this sequence's routes (rows `routes_start..`)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routes: Option<String>,
     pub routes_start: usize,
     pub policy_version: u64,
+    /// vLLM's base64 `.npy` string, or lockstep's nested lists (`routed_experts_format`)
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub routed_experts: Option<Vec<Vec<Vec<u32>>>>,
+    pub routed_experts: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub router_probs: Option<Vec<Vec<Vec<f32>>>>,
     /// decoder-layer index of each column of `routed_experts` / `router_probs`
@@ -255,4 +297,7 @@ pub struct Response<C> {
     pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// chat: the prompt's token ids (vLLM puts them here; on the first chunk of a stream)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }

@@ -1,6 +1,7 @@
 //! From a request body to engine jobs (every check names its field), and from a completion
-//! back to a choice: text under stop strings, log-probabilities, routes (a base64 `.lstrace`
-//! file, and on request vLLM-style nested lists).
+//! back to a choice: text under stop strings, log-probabilities (top-n keyed so distinct
+//! tokens never collapse, `text_offset` in characters), routes (a base64 `.lstrace` file, and
+//! `routed_experts` as current vLLM writes it or in lockstep's nested lists).
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -13,6 +14,9 @@ use crate::scheduler::Job;
 use crate::state::AppState;
 use crate::text::{find_stop, visible};
 use crate::tokenizer::TemplateMessage;
+use lockstep_trace::interop::{vllm, ExportMeta};
+use lockstep_trace::RouteTrace;
+use serde_json::Value;
 
 /// One sampled token: id, log-probability, top-n alternatives.
 pub type TokenRow<'a> = (u32, f32, &'a [(u32, f32)]);
@@ -38,9 +42,86 @@ pub struct Plan {
     pub include_usage: bool,
     /// top-n alternatives per token when log-probabilities are asked for
     pub logprobs: Option<usize>,
-    pub routed_experts: bool,
+    pub routed_experts: RoutedForm,
     pub router_probs: bool,
     pub routes_start: usize,
+    /// log-probability tokens as `token_id:{id}` (vLLM's `return_tokens_as_token_ids`)
+    pub token_id_keys: bool,
+}
+
+/// How `routed_experts` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutedForm {
+    Off,
+    /// current vLLM: base64 `.npy`, rows `[start, N - 1)`, every decoder layer
+    Vllm,
+    /// lockstep: nested lists of every token from `start`, MoE layers (`moe_layers`)
+    Lockstep,
+    /// prime-rl's `{data, shape, start, dtype}` (`src/prime_rl/inference/vllm/routed_experts.py`)
+    PrimeRl,
+}
+
+/// Request fields lockstep refuses unless absent, null or at their no-op value (the value
+/// given here, `None`: any value is refused).
+pub const UNSUPPORTED: &[(&str, Option<&str>)] = &[
+    ("response_format", Some(r#"{"type":"text"}"#)),
+    ("structured_outputs", None),
+    ("guided_json", None),
+    ("guided_regex", None),
+    ("guided_choice", None),
+    ("guided_grammar", None),
+    ("logits_processors", Some("[]")),
+    ("prompt_embeds", None),
+    ("use_beam_search", Some("false")),
+    ("min_tokens", Some("0")),
+    ("repetition_penalty", Some("1.0")),
+    ("min_p", Some("0.0")),
+    ("bad_words", Some("[]")),
+    ("allowed_token_ids", None),
+    ("prompt_logprobs", None),
+    ("logprob_token_ids", None),
+    ("include_stop_str_in_output", Some("false")),
+    ("continue_final_message", Some("false")),
+    ("tool_choice", Some(r#""none""#)),
+    ("truncate_prompt_tokens", None),
+];
+
+fn unsupported_fields(req: &GenRequest) -> Result<(), ApiError> {
+    let vals = [
+        &req.response_format,
+        &req.structured_outputs,
+        &req.guided_json,
+        &req.guided_regex,
+        &req.guided_choice,
+        &req.guided_grammar,
+        &req.logits_processors,
+        &req.prompt_embeds,
+        &req.use_beam_search,
+        &req.min_tokens,
+        &req.repetition_penalty,
+        &req.min_p,
+        &req.bad_words,
+        &req.allowed_token_ids,
+        &req.prompt_logprobs,
+        &req.logprob_token_ids,
+        &req.include_stop_str_in_output,
+        &req.continue_final_message,
+        &req.tool_choice,
+        &req.truncate_prompt_tokens,
+    ];
+    for (&(name, noop), v) in UNSUPPORTED.iter().zip(vals) {
+        let Some(v) = v.as_ref().filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let ok = noop.and_then(|n| serde_json::from_str::<Value>(n).ok()).is_some_and(|n| match (&n, v) {
+            (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+            _ => &n == v,
+        });
+        if !ok {
+            return Err(ApiError::invalid(name, format!("{v} is not supported by lockstep (remove the field)")));
+        }
+    }
+    Ok(())
 }
 
 fn unsupported(param: &str) -> ApiError {
@@ -75,6 +156,28 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools"));
     }
+    unsupported_fields(req)?;
+    let routed_experts = match (req.return_routed_experts, req.routed_experts_format.as_deref()) {
+        (Some(false), _) => RoutedForm::Off,
+        (_, None | Some("vllm")) => RoutedForm::Vllm,
+        (_, Some("lockstep")) => RoutedForm::Lockstep,
+        (_, Some("prime-rl")) => RoutedForm::PrimeRl,
+        (_, Some(other)) => {
+            return Err(ApiError::invalid("routed_experts_format", format!("{other:?}: expected \"vllm\", \"prime-rl\" or \"lockstep\"")))
+        }
+    };
+    let (start_param, start) = match (req.routes_prompt_start, req.routed_experts_prompt_start, req.routed_experts_start_len) {
+        (Some(a), b, c) if b.is_some_and(|b| b != a) || c.is_some_and(|c| c != a) => {
+            return Err(ApiError::invalid("routed_experts_prompt_start", "disagrees with routes_prompt_start / routed_experts_start_len"))
+        }
+        (None, Some(b), Some(c)) if b != c => {
+            return Err(ApiError::invalid("routed_experts_start_len", "disagrees with routed_experts_prompt_start"))
+        }
+        (Some(a), _, _) => ("routes_prompt_start", a),
+        (None, Some(b), _) => ("routed_experts_prompt_start", b),
+        (None, None, Some(c)) => ("routed_experts_start_len", c),
+        (None, None, None) => ("routes_prompt_start", 0),
+    };
     let prompts = match ep {
         Endpoint::Completions => completion_prompts(state, req)?,
         Endpoint::Chat => vec![chat_prompt(state, req)?],
@@ -116,13 +219,12 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
         Endpoint::Completions => req.max_tokens,
         Endpoint::Chat => req.max_completion_tokens.or(req.max_tokens),
     };
-    let start = req.routes_prompt_start.unwrap_or(0);
     let seed = req.seed.unwrap_or_else(rand::random);
     let stream = req.stream.unwrap_or(false);
     let mut jobs = Vec::with_capacity(prompts.len() * n);
     for prompt in prompts {
         if start > prompt.len() {
-            return Err(ApiError::invalid("routes_prompt_start", format!("{start} is beyond the prompt ({} tokens)", prompt.len())));
+            return Err(ApiError::invalid(start_param, format!("{start} is beyond the prompt ({} tokens)", prompt.len())));
         }
         let room = info.context.saturating_sub(prompt.len());
         if room == 0 {
@@ -159,9 +261,10 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
         stream,
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs,
-        routed_experts: req.return_routed_experts.unwrap_or(false),
+        routed_experts,
         router_probs: req.return_router_probs.unwrap_or(false),
         routes_start: start,
+        token_id_keys: req.return_tokens_as_token_ids.unwrap_or(false),
     })
 }
 
@@ -246,7 +349,12 @@ fn chat_prompt(state: &AppState, req: &GenRequest) -> Result<Vec<u32>, ApiError>
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => s.push_str(t),
-                        (kind, _) => return Err(ApiError::invalid("messages", format!("messages[{i}]: content part `{kind}` is not supported (text only)"))),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                "messages",
+                                format!("messages[{i}]: content part `{kind}` is not supported (text only)"),
+                            ))
+                        }
                     }
                 }
                 s
@@ -274,7 +382,7 @@ pub fn final_text(state: &AppState, c: &Completion, stops: &[String]) -> (String
 /// lockstep's fields of a finished choice; counts the trace bytes into the metrics.
 pub fn route_fields(state: &AppState, plan: &Plan, c: &Completion) -> Result<RouteFields, ApiError> {
     let mut f = RouteFields {
-        prompt_token_ids: c.prompt.clone(),
+        prompt_token_ids: Some(c.prompt.clone()),
         token_ids: c.tokens.clone(),
         routes_start: plan.routes_start,
         policy_version: c.policy_version,
@@ -288,35 +396,87 @@ pub fn route_fields(state: &AppState, plan: &Plan, c: &Completion) -> Result<Rou
     let bytes = lockstep_trace::encode_file(std::slice::from_ref(&trace));
     state.metrics.capture_bytes.fetch_add(bytes.len() as u64, Relaxed);
     f.routes = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
-    if plan.routed_experts {
-        // the wire form vLLM-style clients read: [tokens][moe_layers][k] from the same trace
-        let (n, nl) = (trace.num_tokens(), trace.num_layers());
-        f.routed_experts = Some((0..n).map(|t| (0..nl).map(|l| trace.row_u32(t, l).unwrap_or_default()).collect()).collect());
-        if plan.router_probs {
-            f.router_probs = Some((0..n).map(|t| (0..nl).map(|l| trace.row_probs(t, l).unwrap_or_default()).collect()).collect());
+    match plan.routed_experts {
+        RoutedForm::Off => {}
+        RoutedForm::Vllm => f.routed_experts = Some(Value::String(vllm_routed_experts(state, full, plan.routes_start)?)),
+        RoutedForm::PrimeRl => {
+            let t = from_start(full, plan.routes_start)?;
+            let (v, _) = lockstep_trace::interop::prime_rl::to_json(&t, None, &full_layers(state)).map_err(internal)?;
+            f.routed_experts = Some(v);
         }
-        f.moe_layers = Some(trace.layers().iter().map(|&l| l as usize).collect());
+        RoutedForm::Lockstep => {
+            // every token from the start, MoE layers only, from the same trace
+            let (n, nl) = (trace.num_tokens(), trace.num_layers());
+            let rows: Vec<Vec<Vec<u32>>> = (0..n).map(|t| (0..nl).map(|l| trace.row_u32(t, l).unwrap_or_default()).collect()).collect();
+            f.routed_experts = Some(serde_json::json!(rows));
+            if plan.router_probs {
+                f.router_probs = Some((0..n).map(|t| (0..nl).map(|l| trace.row_probs(t, l).unwrap_or_default()).collect()).collect());
+            }
+            f.moe_layers = Some(trace.layers().iter().map(|&l| l as usize).collect());
+        }
     }
     Ok(f)
 }
 
-/// Legacy completions log-probabilities of tokens `(id, logprob, top)`, text offsets from
-/// `offset` on (returns the offset after them).
-pub fn completion_logprobs(state: &AppState, toks: &[TokenRow], mut offset: usize) -> (CompletionLogprobs, usize) {
+/// `routed_experts` as current vLLM writes it: base64 of `np.save` bytes of shape
+/// `(N - 1 - start, num_hidden_layers, top_k)`, dense layers' columns 0, uint8 / uint16 / int32
+/// by the expert count (`vllm/entrypoints/openai/completion/protocol.py`).
+pub fn vllm_routed_experts(state: &AppState, full: &RouteTrace, start: usize) -> Result<String, ApiError> {
+    let (s, _) = vllm::to_b64(&from_start(full, start)?, None, &full_layers(state)).map_err(internal)?;
+    Ok(s)
+}
+
+fn internal(e: lockstep_trace::TraceError) -> ApiError {
+    ApiError::internal(format!("routed_experts: {e}"))
+}
+
+/// The served model's decoder layers (the columns vLLM / SGLang / prime-rl write).
+pub fn full_layers(state: &AppState) -> ExportMeta {
+    ExportMeta { num_hidden_layers: Some(state.info.cfg.num_layers as u32), compact: false }
+}
+
+/// `full` with the tokens before `start` marked missing (rows from `start` on).
+pub fn from_start(full: &RouteTrace, start: usize) -> Result<RouteTrace, ApiError> {
+    let n = full.num_tokens();
+    let missing: Vec<bool> = (0..n).map(|t| t < start || full.is_missing(t)).collect();
+    RouteTrace::new(full.meta().clone(), full.layers().to_vec(), n, full.ids().to_vec(), missing, None).map_err(internal)
+}
+
+/// The key of each top-n alternative: its text, or vLLM's `token_id:{id}` when asked for, or
+/// where an earlier alternative of the same position already decodes to the same text (so
+/// distinct tokens never collapse into one entry).
+fn top_keys(state: &AppState, top: &[(u32, f32)], ids: bool) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    top.iter()
+        .map(|&(t, _)| {
+            let piece = state.tok.token_piece(t).0;
+            if ids || !seen.insert(piece.clone()) {
+                format!("token_id:{t}")
+            } else {
+                piece
+            }
+        })
+        .collect()
+}
+
+/// Legacy completions log-probabilities of tokens `(id, logprob, top)`, text offsets (in
+/// characters, as OpenAI counts them) from `offset` on (returns the offset after them).
+pub fn completion_logprobs(state: &AppState, toks: &[TokenRow], mut offset: usize, ids: bool) -> (CompletionLogprobs, usize) {
     let mut out = CompletionLogprobs::default();
     for &(id, lp, top) in toks {
         let (piece, _) = state.tok.token_piece(id);
         out.text_offset.push(offset);
-        offset += piece.len();
-        out.tokens.push(piece);
+        offset += piece.chars().count();
+        out.tokens.push(if ids { format!("token_id:{id}") } else { piece });
         out.token_logprobs.push(lp);
-        out.top_logprobs.push(top.iter().map(|&(t, l)| (state.tok.token_piece(t).0, serde_json::json!(l))).collect());
+        out.top_logprobs.push(top_keys(state, top, ids).into_iter().zip(top).map(|(k, &(_, l))| (k, serde_json::json!(l))).collect());
     }
     (out, offset)
 }
 
-/// Chat log-probabilities of tokens `(id, logprob, top)`.
-pub fn chat_logprobs(state: &AppState, toks: &[TokenRow]) -> Vec<ChatTokenLogprob> {
+/// Chat log-probabilities of tokens `(id, logprob, top)` (a list: entries never collapse).
+pub fn chat_logprobs(state: &AppState, toks: &[TokenRow], ids: bool) -> Vec<ChatTokenLogprob> {
+    let name = |t: u32, piece: String| if ids { format!("token_id:{t}") } else { piece };
     toks.iter()
         .map(|&(id, lp, top)| {
             let (token, bytes) = state.tok.token_piece(id);
@@ -324,10 +484,10 @@ pub fn chat_logprobs(state: &AppState, toks: &[TokenRow]) -> Vec<ChatTokenLogpro
                 .iter()
                 .map(|&(t, l)| {
                     let (token, bytes) = state.tok.token_piece(t);
-                    TopLogprob { token, logprob: l, bytes }
+                    TopLogprob { token: name(t, token), logprob: l, bytes }
                 })
                 .collect();
-            ChatTokenLogprob { token, logprob: lp, bytes, top_logprobs: top, token_id: id }
+            ChatTokenLogprob { token: name(id, token), logprob: lp, bytes, top_logprobs: top, token_id: id }
         })
         .collect()
 }

@@ -1,10 +1,17 @@
 //! lockstep-server: an OpenAI-compatible HTTP server (axum + tokio) over the lockstep engine.
 //!
 //! * `POST /v1/completions`, `POST /v1/chat/completions` — whole responses or SSE streams
-//!   (`stream: true`); every choice carries its token ids, its routes as a base64 `.lstrace`
-//!   file (rows = prompt + completion tokens, none missing; from `routes_prompt_start` on) and
-//!   the policy version; `return_routed_experts` adds vLLM-style `[tokens][layers][top_k]`
-//!   lists, `return_router_probs` the router probabilities.
+//!   (`stream: true`), a drop-in for current vLLM clients: every choice carries
+//!   `routed_experts` as vLLM writes it (base64 `.npy`, `(N - 1 - start, num_hidden_layers,
+//!   top_k)`; `routed_experts_format: "lockstep"`: nested lists of every token, `"prime-rl"`:
+//!   `{data, shape, start, dtype}`; `return_routed_experts: false`: none), its token ids
+//!   (`prompt_token_ids` where vLLM puts them), lockstep's complete routes as a base64
+//!   `.lstrace` file (`routes`: rows = prompt + completion tokens, none missing, router
+//!   probabilities with `return_router_probs`) and the policy version; rows from
+//!   `routed_experts_prompt_start` / `routed_experts_start_len` / `routes_prompt_start` on.
+//!   Fields lockstep does not implement (`response_format`, ...) are refused, naming them.
+//! * `POST /inference/v1/generate` (vLLM / prime-rl token-in-token-out), `POST /generate`
+//!   (SGLang) — [`native`].
 //! * `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
 //! * `POST /v1/load_weights {"path", "version"}` — waits for the running requests, swaps the
 //!   weights, bumps the policy version stamped into routes (strictly increasing).
@@ -20,6 +27,7 @@ pub mod api;
 pub mod error;
 pub mod generate;
 pub mod metrics;
+pub mod native;
 pub mod routes;
 pub mod scheduler;
 pub mod security;
@@ -52,6 +60,8 @@ pub struct ServerConfig {
     /// where the model runs (CPU, or a CUDA device with the `cuda` build); the batch-invariant
     /// kernels either way
     pub device: candle_core::Device,
+    /// weights and compute dtype (`F32`, the default, or `BF16`); reloads use the same
+    pub dtype: candle_core::DType,
     /// keys, allowed hosts, the weights root ([`Security::default`] is [`Security::open`];
     /// `lockstep serve` starts from [`Security::strict`])
     pub security: Security,
@@ -59,7 +69,16 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { model: "default".into(), served_model_name: None, seed: 0, max_running: 64, capture_routes: true, device: candle_core::Device::Cpu, security: Security::default() }
+        Self {
+            model: "default".into(),
+            served_model_name: None,
+            seed: 0,
+            max_running: 64,
+            capture_routes: true,
+            device: candle_core::Device::Cpu,
+            dtype: candle_core::DType::F32,
+            security: Security::default(),
+        }
     }
 }
 
@@ -72,7 +91,7 @@ pub fn app(cfg: &ServerConfig) -> Result<axum::Router> {
 
 fn app_at(cfg: &ServerConfig, bound: Option<SocketAddr>, host: Option<&str>) -> Result<axum::Router> {
     let guard = Arc::new(security::Guard::new(cfg.security.clone(), bound, host)?);
-    let (model, tok) = state::load_model(&cfg.model, cfg.seed, &cfg.device)?;
+    let (model, tok) = state::load_model(&cfg.model, cfg.seed, cfg.dtype, &cfg.device)?;
     let info = ModelInfo::of(cfg.served_model_name.clone().unwrap_or_else(|| cfg.model.clone()), &model.cfg);
     let mut engine = Engine::new(model);
     engine.max_running = cfg.max_running.max(1);
@@ -80,7 +99,7 @@ fn app_at(cfg: &ServerConfig, bound: Option<SocketAddr>, host: Option<&str>) -> 
     let tok = Arc::new(tok);
     let metrics = Arc::new(metrics::Metrics::default());
     let (sched, _join) = scheduler::Scheduler::start(engine, tok.clone(), metrics.clone());
-    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone(), guard: guard.clone() }), guard))
+    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone(), dtype: cfg.dtype, guard: guard.clone() }), guard))
 }
 
 /// The host part of `host:port` (`[::1]:80` → `::1`).
@@ -150,9 +169,6 @@ pub async fn serve(cfg: &ServerConfig, addr: &str) -> Result<()> {
 
 /// [`serve`] on a tokio runtime of its own (for a synchronous `main`).
 pub fn serve_blocking(cfg: &ServerConfig, addr: &str) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ServerError::Io { what: "starting the tokio runtime".into(), source: e })?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| ServerError::Io { what: "starting the tokio runtime".into(), source: e })?;
     rt.block_on(serve(cfg, addr))
 }

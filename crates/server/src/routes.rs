@@ -1,6 +1,7 @@
 //! HTTP handlers: `/v1/completions` and `/v1/chat/completions` (whole responses or SSE
-//! streams), `/v1/models`, `/v1/load_weights`, `/health`, `/metrics`; anything else is a 404
-//! with an OpenAI-style error body.
+//! streams), the token-in-token-out `/inference/v1/generate` (vLLM / prime-rl) and SGLang's
+//! `/generate` ([`crate::native`]), `/v1/models`, `/v1/load_weights`, `/health`, `/metrics`;
+//! anything else is a 404 with an OpenAI-style error body.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -39,6 +40,8 @@ pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>) -> Route
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/load_weights", post(load_weights))
+        .route("/inference/v1/generate", post(crate::native::tito))
+        .route("/generate", post(crate::native::sglang))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(guard, crate::security::guard))
@@ -79,8 +82,8 @@ async fn load_weights(State(st): St, headers: axum::http::HeaderMap, body: Bytes
         let current = st.metrics.policy_version.load(Relaxed);
         crate::scheduler::next_version(current, req.version, st.guard.security.allow_same_version)?;
         let path = st.guard.checkpoint_dir(&req.path)?;
-        let dev = st.device.clone();
-        let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path, &dev))
+        let (dev, dtype) = (st.device.clone(), st.dtype);
+        let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path, dtype, &dev))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::invalid("path", st.guard.redact(&e.to_string())))?;
@@ -134,6 +137,30 @@ async fn run(st: Arc<AppState>, body: &[u8], ep: Endpoint, t0: Instant) -> Resul
         tokio::spawn(pump(st, plan, ep, rxs, first, tx, t0));
         return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
     }
+    let done = finish(rxs, first).await?;
+    let resp = whole(&st, &plan, ep, &done)?;
+    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+/// Submit a plan's jobs and wait for every completion (a refused job answers with its error).
+pub(crate) async fn complete(st: &AppState, plan: &Plan, t0: Instant) -> Result<Vec<Completion>, ApiError> {
+    let mut rxs = st.sched.submit(plan.jobs.clone())?;
+    let mut first = Vec::with_capacity(rxs.len());
+    for rx in rxs.iter_mut() {
+        match rx.recv().await {
+            Some(Event::Failed(e)) => return Err(e),
+            Some(ev) => first.push(ev),
+            None => return Err(ApiError::unavailable("the engine has stopped")),
+        }
+    }
+    st.metrics.ttft.observe(t0.elapsed().as_secs_f64());
+    let done = finish(rxs, first).await?;
+    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
+    Ok(done)
+}
+
+async fn finish(rxs: Vec<Events>, first: Vec<Event>) -> Result<Vec<Completion>, ApiError> {
     let mut done: Vec<Completion> = Vec::with_capacity(rxs.len());
     for (mut rx, ev) in rxs.into_iter().zip(first) {
         let mut ev = Some(ev);
@@ -152,12 +179,10 @@ async fn run(st: Arc<AppState>, body: &[u8], ep: Endpoint, t0: Instant) -> Resul
             }
         }
     }
-    let resp = whole(&st, &plan, ep, &done)?;
-    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
-    Ok(resp)
+    Ok(done)
 }
 
-fn usage(plan: &Plan, done: &[Completion]) -> Usage {
+pub(crate) fn usage(plan: &Plan, done: &[Completion]) -> Usage {
     let n = plan.n.max(1);
     let prompt_tokens = done.iter().step_by(n).map(|c| c.prompt.len()).sum();
     let completion_tokens = done.iter().map(|c| c.tokens.len()).sum();
@@ -173,25 +198,28 @@ fn whole(st: &AppState, plan: &Plan, ep: Endpoint, done: &[Completion]) -> Resul
             let mut choices = Vec::with_capacity(done.len());
             for (i, c) in done.iter().enumerate() {
                 let (text, reason) = final_text(st, c, &plan.jobs[i].stops);
-                let logprobs = plan.logprobs.map(|_| completion_logprobs(st, &token_rows(c), 0).0);
+                let logprobs = plan.logprobs.map(|_| completion_logprobs(st, &token_rows(c), 0, plan.token_id_keys).0);
                 choices.push(CompletionChoice { index: i, text, logprobs, finish_reason: Some(reason.into()), ext: Some(route_fields(st, plan, c)?) });
             }
-            Json(api::Response { id: new_id("cmpl"), object: "text_completion".into(), created, model, choices, usage }).into_response()
+            Json(api::Response { id: new_id("cmpl"), object: "text_completion".into(), created, model, choices, usage, prompt_token_ids: None }).into_response()
         }
         Endpoint::Chat => {
             let mut choices = Vec::with_capacity(done.len());
             for (i, c) in done.iter().enumerate() {
                 let (text, reason) = final_text(st, c, &plan.jobs[i].stops);
-                let logprobs = plan.logprobs.map(|_| ChatLogprobs { content: chat_logprobs(st, &token_rows(c)) });
+                let logprobs = plan.logprobs.map(|_| ChatLogprobs { content: chat_logprobs(st, &token_rows(c), plan.token_id_keys) });
                 let message = AssistantMessage { role: "assistant".into(), content: text };
-                choices.push(ChatChoice { index: i, message, logprobs, finish_reason: Some(reason.into()), ext: Some(route_fields(st, plan, c)?) });
+                let mut ext = route_fields(st, plan, c)?;
+                ext.prompt_token_ids = None; // at the top of a chat response, as vLLM
+                choices.push(ChatChoice { index: i, message, logprobs, finish_reason: Some(reason.into()), ext: Some(ext) });
             }
-            Json(api::Response { id: new_id("chatcmpl"), object: "chat.completion".into(), created, model, choices, usage }).into_response()
+            let prompt_token_ids = done.first().map(|c| c.prompt.clone());
+            Json(api::Response { id: new_id("chatcmpl"), object: "chat.completion".into(), created, model, choices, usage, prompt_token_ids }).into_response()
         }
     })
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
@@ -204,7 +232,7 @@ struct Head {
 
 impl Head {
     fn chunk<C>(&self, choices: Vec<C>) -> api::Response<C> {
-        api::Response { id: self.id.clone(), object: self.object.into(), created: self.created, model: self.model.clone(), choices, usage: None }
+        api::Response { id: self.id.clone(), object: self.object.into(), created: self.created, model: self.model.clone(), choices, usage: None, prompt_token_ids: None }
     }
 }
 
@@ -230,7 +258,12 @@ async fn pump(st: Arc<AppState>, plan: Plan, ep: Endpoint, rxs: Vec<Events>, fir
     if ep == Endpoint::Chat {
         for i in 0..n {
             let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
-            if !send(&tx, &head.chunk(vec![ChatChunkChoice { index: i, delta, logprobs: None, finish_reason: None, ext: None }])).await {
+            let mut chunk = head.chunk(vec![ChatChunkChoice { index: i, delta, logprobs: None, finish_reason: None, ext: None }]);
+            if i == 0 {
+                chunk.prompt_token_ids = plan.jobs.first().map(|j| j.prompt.clone());
+                // the first chunk, as vLLM
+            }
+            if !send(&tx, &chunk).await {
                 return;
             }
         }
@@ -260,7 +293,12 @@ async fn pump(st: Arc<AppState>, plan: Plan, ep: Endpoint, rxs: Vec<Events>, fir
                 let (_, reason) = final_text(&st, &c, stops);
                 let delta = texts[i].delta(&st.tok.decode(&c.tokens), stops, true);
                 let ext = match route_fields(&st, &plan, &c) {
-                    Ok(f) => f,
+                    Ok(mut f) => {
+                        if ep == Endpoint::Chat {
+                            f.prompt_token_ids = None;
+                        }
+                        f
+                    }
                     Err(e) => {
                         let _ = send(&tx, &e.body()).await;
                         return;
@@ -278,14 +316,17 @@ async fn pump(st: Arc<AppState>, plan: Plan, ep: Endpoint, rxs: Vec<Events>, fir
         let ok = match ep {
             Endpoint::Completions => {
                 let logprobs = row.as_ref().filter(|_| plan.logprobs.is_some()).map(|(t, l, top)| {
-                    let (lp, off) = completion_logprobs(&st, &[(*t, *l, top.as_slice())], offsets[i]);
+                    let (lp, off) = completion_logprobs(&st, &[(*t, *l, top.as_slice())], offsets[i], plan.token_id_keys);
                     offsets[i] = off;
                     lp
                 });
                 send(&tx, &head.chunk(vec![CompletionChoice { index: i, text: delta, logprobs, finish_reason: finish, ext }])).await
             }
             Endpoint::Chat => {
-                let logprobs = row.as_ref().filter(|_| plan.logprobs.is_some()).map(|(t, l, top)| ChatLogprobs { content: chat_logprobs(&st, &[(*t, *l, top.as_slice())]) });
+                let logprobs = row
+                    .as_ref()
+                    .filter(|_| plan.logprobs.is_some())
+                    .map(|(t, l, top)| ChatLogprobs { content: chat_logprobs(&st, &[(*t, *l, top.as_slice())], plan.token_id_keys) });
                 let delta = Delta { role: None, content: (!delta.is_empty()).then_some(delta) };
                 send(&tx, &head.chunk(vec![ChatChunkChoice { index: i, delta, logprobs, finish_reason: finish, ext }])).await
             }

@@ -61,29 +61,32 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// where the served model lives (new weights are loaded there)
     pub device: Device,
+    /// dtype of the served weights (new weights load in it too)
+    pub dtype: DType,
     /// keys, hosts, the weights root
     pub guard: Arc<crate::security::Guard>,
 }
 
 /// `default` (the embedded default, weights from `seed`, byte-level tokenizer) or a checkpoint
-/// directory (its tokenizer files beside the weights); batch-invariant kernels, on `dev`.
-pub fn load_model(spec: &str, seed: u64, dev: &Device) -> Result<(MoeCausalLm, Tokenizer)> {
+/// directory (its tokenizer files beside the weights); batch-invariant kernels, in `dtype`, on
+/// `dev`.
+pub fn load_model(spec: &str, seed: u64, dtype: DType, dev: &Device) -> Result<(MoeCausalLm, Tokenizer)> {
     if spec == "default" {
-        let m = MoeCausalLm::embedded_default(seed, DType::F32, dev)?;
+        let m = MoeCausalLm::embedded_default(seed, dtype, dev)?;
         return Ok((ready(m, dev)?, Tokenizer::bytes()));
     }
     let dir = Path::new(spec);
     if !dir.is_dir() {
         return Err(ServerError::Config(format!("--model {spec}: not a directory (a checkpoint directory or `default`)")));
     }
-    let m = load_weights(dir, dev)?;
+    let m = load_weights(dir, dtype, dev)?;
     let tok = Tokenizer::from_dir(dir, m.cfg.vocab_size)?;
     Ok((m, tok))
 }
 
-/// A checkpoint's weights with the batch-invariant kernels, on `dev`.
-pub fn load_weights(dir: &Path, dev: &Device) -> Result<MoeCausalLm> {
-    let m = MoeCausalLm::load(dir, DType::F32, dev)?;
+/// A checkpoint's weights with the batch-invariant kernels, in `dtype`, on `dev`.
+pub fn load_weights(dir: &Path, dtype: DType, dev: &Device) -> Result<MoeCausalLm> {
+    let m = MoeCausalLm::load(dir, dtype, dev)?;
     ready(m, dev)
 }
 

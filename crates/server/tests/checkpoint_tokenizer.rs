@@ -82,10 +82,18 @@ async fn chat_through_a_checkpoints_tokenizer_and_template() {
     let messages = json!([{"role": "system", "content": "  be brief  "}, {"role": "user", "content": "hello"}]);
     let mut chs = vec![ch];
     for seed in 0..4 {
-        let r = post(addr, "/v1/chat/completions", &json!({"model": "tiny-chatml", "messages": messages, "max_tokens": 12, "seed": seed, "logprobs": true, "return_router_probs": true})).await;
+        let r = post(
+            addr,
+            "/v1/chat/completions",
+            &json!({"model": "tiny-chatml", "messages": messages, "max_tokens": 12, "seed": seed, "logprobs": true, "return_router_probs": true}),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let ch = r.json()["choices"][0].clone();
-        let p = ids(&ch["prompt_token_ids"]);
+        let body = r.json();
+        let ch = body["choices"][0].clone();
+        // chat: prompt_token_ids at the top of the response, as vLLM puts them
+        assert!(ch.get("prompt_token_ids").is_none());
+        let p = ids(&body["prompt_token_ids"]);
         let mut expect = vec![257];
         expect.extend("system\nbe brief".bytes().map(u32::from));
         expect.extend([258, 10, 257]);
@@ -99,7 +107,7 @@ async fn chat_through_a_checkpoints_tokenizer_and_template() {
         assert_eq!(ch["finish_reason"] == "stop", *toks.last().unwrap() == 258);
         assert!(!ch["message"]["content"].as_str().unwrap().contains("<|im_end|>"));
         let lp: Vec<f32> = ch["logprobs"]["content"].as_array().unwrap().iter().map(|x| x["logprob"].as_f64().unwrap() as f32).collect();
-        chs.push(json!({"routes": ch["routes"], "prompt_token_ids": ch["prompt_token_ids"], "token_ids": ch["token_ids"],
+        chs.push(json!({"routes": ch["routes"], "prompt_token_ids": body["prompt_token_ids"], "token_ids": ch["token_ids"],
                          "finish_reason": ch["finish_reason"], "logprobs": {"token_logprobs": lp}}));
     }
     let comps: Vec<_> = chs.iter().map(|c| completion(c, &f32s(&c["logprobs"]["token_logprobs"]))).collect();

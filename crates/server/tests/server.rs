@@ -32,14 +32,19 @@ fn check_lockstep(model: &MoeCausalLm, choices: &[Value]) {
         assert_eq!(t.num_missing(), 0);
         assert_eq!(t.meta().prompt_len as usize, p.len());
         assert_eq!(t.layers(), &[0, 1, 3], "MoE layers of the default (layer 2 is dense)");
-        if let Some(nested) = ch.get("routed_experts") {
-            let nested = nested.as_array().unwrap();
-            assert_eq!(nested.len(), t.num_tokens());
-            for (tok, row) in nested.iter().enumerate() {
-                for (li, ids_) in row.as_array().unwrap().iter().enumerate() {
-                    assert_eq!(ids(ids_), t.row_u32(tok, li).unwrap());
+        match ch.get("routed_experts") {
+            // lockstep's form: every token, MoE layers
+            Some(Value::Array(nested)) => {
+                assert_eq!(nested.len(), t.num_tokens());
+                for (tok, row) in nested.iter().enumerate() {
+                    for (li, ids_) in row.as_array().unwrap().iter().enumerate() {
+                        assert_eq!(ids(ids_), t.row_u32(tok, li).unwrap());
+                    }
                 }
             }
+            // current vLLM's: N - 1 rows, every decoder layer, the dense one zero
+            Some(Value::String(s)) => common::check_vllm_routes(s, &t, 0),
+            other => panic!("routed_experts: {other:?}"),
         }
         let lp = f32s(&ch["logprobs"]["token_logprobs"]);
         assert_eq!(lp.len(), c.len());
@@ -52,9 +57,11 @@ fn check_lockstep(model: &MoeCausalLm, choices: &[Value]) {
 }
 
 fn body(i: usize, stream: bool) -> Value {
-    let prompt: Value = if i % 3 == 0 { json!((0..(1 + i * 3) as u32).map(|j| (j * 7 + i as u32) % 256).collect::<Vec<_>>()) } else { json!(format!("{i}+{}= and some text", i * 7).repeat(1 + i % 4)) };
+    let prompt: Value =
+        if i % 3 == 0 { json!((0..(1 + i * 3) as u32).map(|j| (j * 7 + i as u32) % 256).collect::<Vec<_>>()) } else { json!(format!("{i}+{}= and some text", i * 7).repeat(1 + i % 4)) };
+    let form = if i % 2 == 0 { "lockstep" } else { "vllm" };
     json!({"model": "default", "prompt": prompt, "max_tokens": 3 + i % 9, "temperature": 1.0, "seed": 1000 + i,
-           "logprobs": 2, "return_routed_experts": true, "return_router_probs": true, "stream": stream})
+           "logprobs": 2, "routed_experts_format": form, "return_router_probs": true, "stream": stream})
 }
 
 /// The final chunk of each choice carries the fields of a whole response; text and
@@ -129,7 +136,7 @@ async fn concurrent_requests_are_in_lockstep_with_the_trainer() {
 
     // routes_prompt_start: the rows from that token on, identical to the full trace's
     let full = post(addr, "/v1/completions", &json!({"prompt": "0123456789", "seed": 3, "max_tokens": 5})).await.json();
-    let part = post(addr, "/v1/completions", &json!({"prompt": "0123456789", "seed": 3, "max_tokens": 5, "routes_prompt_start": 7, "return_routed_experts": true})).await.json();
+    let part = post(addr, "/v1/completions", &json!({"prompt": "0123456789", "seed": 3, "max_tokens": 5, "routes_prompt_start": 7, "routed_experts_format": "lockstep"})).await.json();
     let (ft, pt) = (trace(&full["choices"][0]), trace(&part["choices"][0]));
     assert_eq!(pt.num_tokens(), 15 - 7);
     assert_eq!(pt.meta().prompt_len, 3);
@@ -151,7 +158,10 @@ async fn streaming_and_whole_responses_agree() {
     let cases = [
         ("/v1/completions", json!({"prompt": "12+34=", "max_tokens": 24, "seed": 11, "logprobs": 3, "stop": ["7", "\n\n"]})),
         ("/v1/completions", json!({"prompt": [1, 2, 3], "max_tokens": 12, "seed": 12, "temperature": 0.7, "top_k": 40, "top_p": 0.9, "n": 3})),
-        ("/v1/chat/completions", json!({"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": [{"type": "text", "text": "2+2="}]}], "max_tokens": 16, "seed": 13, "logprobs": true, "top_logprobs": 2, "stop": "a"})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": [{"type": "text", "text": "2+2="}]}], "max_tokens": 16, "seed": 13, "logprobs": true, "top_logprobs": 2, "stop": "a"}),
+        ),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10, "seed": 14, "n": 2, "stop_token_ids": [10, 32]})),
     ];
     let mut handles = Vec::new();
@@ -271,6 +281,19 @@ async fn bad_requests_get_4xx_and_the_server_keeps_serving() {
         ("/v1/completions", json!({"prompt": "hi", "stop_token_ids": [999]}), 400, "stop_token_ids"),
         ("/v1/completions", json!({"prompt": "hi", "stop": [""]}), 400, "stop"),
         ("/v1/completions", json!({"prompt": "hi", "routes_prompt_start": 3}), 400, "routes_prompt_start"),
+        ("/v1/completions", json!({"prompt": "hi", "routed_experts_prompt_start": 3}), 400, "routed_experts_prompt_start"),
+        ("/v1/completions", json!({"prompt": "hi", "routed_experts_start_len": 3}), 400, "routed_experts_start_len"),
+        ("/v1/completions", json!({"prompt": "hi", "routed_experts_format": "npz"}), 400, "routed_experts_format"),
+        ("/v1/completions", json!({"prompt": "hi", "response_format": {"type": "json_object"}}), 400, "response_format"),
+        ("/v1/completions", json!({"prompt": "hi", "min_p": 0.1}), 400, "min_p"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {}}}), 400, "response_format"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}), 400, "tool_choice"),
+        ("/inference/v1/generate", json!({"sampling_params": {"max_tokens": 2}}), 400, "token_ids"),
+        ("/inference/v1/generate", json!({"token_ids": [1, 2], "sampling_params": {"max_tokens": "x"}}), 400, "sampling_params.max_tokens"),
+        ("/inference/v1/generate", json!({"token_ids": [1, 2], "stream": true}), 400, "stream"),
+        ("/generate", json!({"sampling_params": {"max_new_tokens": 2}}), 400, "text"),
+        ("/generate", json!({"input_ids": [1, 2], "sampling_params": {"regex": "a+"}}), 400, "sampling_params.regex"),
+        ("/generate", json!({"input_ids": [1, 2], "return_routed_experts": true, "routed_experts_start_len": 5}), 400, "routed_experts_start_len"),
         ("/v1/completions", json!({"prompt": "hi", "echo": true}), 400, "echo"),
         ("/v1/completions", json!({"prompt": "hi", "frequency_penalty": 0.5}), 400, "frequency_penalty"),
         ("/v1/completions", json!({"prompt": "hi", "messages": []}), 400, "messages"),
@@ -365,11 +388,7 @@ async fn a_client_that_goes_away_frees_its_sequence() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(freed, "the engine dropped the abandoned request");
-    let gen: u64 = String::from_utf8(get(addr, "/metrics").await.body)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("lockstep_generation_tokens_total ").map(|v| v.parse().unwrap()))
-        .unwrap();
+    let gen: u64 = String::from_utf8(get(addr, "/metrics").await.body).unwrap().lines().find_map(|l| l.strip_prefix("lockstep_generation_tokens_total ").map(|v| v.parse().unwrap())).unwrap();
     assert!(gen < 1000, "stopped early: {gen} tokens");
     srv.shutdown().await;
 }
@@ -385,7 +404,9 @@ async fn a_stop_string_ends_the_request_at_the_token_that_completes_it() {
         let toks = ids(&post(addr, "/v1/completions", &base).await.json()["choices"][0]["token_ids"]);
         let text = |ts: &[u32]| String::from_utf8_lossy(&ts.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned();
         // a two-token stop string that first appears at tokens k-1..=k
-        let Some(k) = (3..toks.len() - 1).find(|&k| printable(toks[k - 1]) && printable(toks[k]) && !text(&toks[..k]).contains(&text(&toks[k - 1..=k]))) else { continue };
+        let Some(k) = (3..toks.len() - 1).find(|&k| printable(toks[k - 1]) && printable(toks[k]) && !text(&toks[..k]).contains(&text(&toks[k - 1..=k]))) else {
+            continue;
+        };
         let stop = text(&toks[k - 1..=k]);
         let mut b = base.clone();
         b["stop"] = json!([stop]);

@@ -3,7 +3,9 @@
 //! * [`RouteTrace`]: one sequence's routes (`[token][moe_layer][k]`, explicit missing rows,
 //!   optional router probabilities, policy version / config fingerprint).
 //! * [`format`](mod@format): the `.lstrace` file (streaming blocks, CRC32, index, mmap reader).
-//! * [`interop`]: vLLM (`.npy` / nested JSON), SGLang (base64 int32), prime-rl payloads.
+//! * [`interop`]: vLLM (current base64 `.npy`, 0.21 nested lists, whole responses), SGLang
+//!   (`/generate` `meta_info`), prime-rl (inference payload, `/generate`, msgpack transport);
+//!   [`interop::ModelLayout`] from `config.json` maps decoder-layer columns to MoE layers.
 //! * [`pack`]: samples into token-budget micro-batches with route rows aligned, and back.
 //! * [`stats`]: per-layer expert load histograms, `max_vio`, missing rows.
 //!

@@ -96,3 +96,23 @@ pub fn completion(choice: &Value, logprobs: &[f32]) -> Completion {
 pub fn f32s(v: &Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
+
+/// A current-vLLM `routed_experts` string (`np.load(io.BytesIO(base64.b64decode(s)))`):
+/// uint8 `(N - 1 - start, num_hidden_layers = 4, top_k = 2)`, the MoE columns (0, 1, 3) equal to
+/// the full trace's rows from `start`, the dense column 2 zero.
+pub fn check_vllm_routes(s: &str, full: &RouteTrace, start: usize) {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).expect("base64");
+    let arr = lockstep_trace::npy::read_npy(&bytes).expect(".npy");
+    assert_eq!(arr.dtype, lockstep_trace::npy::NpyDtype::U8);
+    let n = full.num_tokens();
+    assert_eq!(arr.shape, vec![n - 1 - start, 4, 2]);
+    for r in 0..n - 1 - start {
+        for (c, layer) in [(0usize, Some(0usize)), (1, Some(1)), (2, None), (3, Some(2))] {
+            let cell: Vec<u32> = arr.data[(r * 4 + c) * 2..(r * 4 + c + 1) * 2].iter().map(|&x| x as u32).collect();
+            match layer {
+                Some(l) => assert_eq!(cell, full.row_u32(start + r, l).unwrap(), "row {r} column {c}"),
+                None => assert_eq!(cell, vec![0, 0], "dense column"),
+            }
+        }
+    }
+}
