@@ -102,7 +102,29 @@ impl MoeCausalLm {
             Box::new(st)
         };
         let vb = VarBuilder::from_backend(backend, dtype, device.clone());
-        MoeCausalLm::new(&cfg, vb).map_err(|e| tensor_error(dir, e))
+        let model = MoeCausalLm::new(&cfg, vb).map_err(|e| tensor_error(dir, e))?;
+        model.check_finite().map_err(|(tensor, msg)| ModelError::Tensor { dir: dir.to_path_buf(), tensor, msg })?;
+        Ok(model)
+    }
+
+    /// Every weight finite (a NaN or an infinity in a checkpoint would make every forward
+    /// silently wrong): the first offending tensor's name, else Ok. One reduction per tensor
+    /// on its device (the sum of squares: NaN / inf — or values too large to square in f32 —
+    /// make it non-finite).
+    pub fn check_finite(&self) -> std::result::Result<(), (String, String)> {
+        let params = self.named_params().map_err(|e| ("(parameters)".to_string(), e.to_string()))?;
+        for (name, t) in params {
+            let s = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.sqr())
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar::<f32>())
+                .map_err(|e| (name.clone(), e.to_string()))?;
+            if !s.is_finite() {
+                return Err((name, "holds NaN or infinite values (or values too large to square in f32); refusing to serve or train on it".into()));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -56,6 +56,22 @@ fn wrong_shape_is_named() {
 }
 
 #[test]
+fn nan_and_infinite_weights_are_refused_by_name() {
+    for (bad, name) in [(f32::NAN, "model.layers.0.self_attn.q_proj.weight"), (f32::INFINITY, "model.norm.weight")] {
+        let d = copy_fixture("qwen3_moe_tiny");
+        rewrite_weights(d.path(), |ts| {
+            let t = ts.get(name).unwrap();
+            let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v[3] = bad;
+            let shape = t.shape().clone();
+            ts.insert(name.into(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+        });
+        let e = load_err(d.path());
+        assert!(e.contains(name) && e.contains("NaN or infinite"), "{e}");
+    }
+}
+
+#[test]
 fn unknown_architecture_is_named() {
     let d = copy_fixture("qwen3_moe_tiny");
     edit_config(d.path(), |v| v["architectures"] = serde_json::json!(["LlamaForCausalLM"]));
