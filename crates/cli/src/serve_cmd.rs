@@ -22,6 +22,9 @@ pub struct ServeArgs {
     /// Most sequences in one engine step.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Most sequences queued behind the running batch; more get 503 (admission control).
+    #[arg(long, default_value_t = 1024)]
+    max_waiting: usize,
     /// Do not record routes (responses then carry none).
     #[arg(long)]
     no_capture: bool,
@@ -75,6 +78,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name,
         seed: args.seed,
         max_running: args.max_running,
+        max_waiting: args.max_waiting,
         capture_routes: !args.no_capture,
         device: crate::device::parse(&args.device)?,
         dtype: crate::args::dtype(&args.dtype)?,

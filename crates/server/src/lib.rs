@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub seed: u64,
     /// most sequences in one engine step
     pub max_running: usize,
+    /// most sequences queued behind the running batch; a request that would exceed it gets a
+    /// 503 naming `max_waiting` (default 1024)
+    pub max_waiting: usize,
     /// record routes (off: no routes in responses, a little faster)
     pub capture_routes: bool,
     /// where the model runs (CPU, or a CUDA device with the `cuda` build); the batch-invariant
@@ -74,6 +77,7 @@ impl Default for ServerConfig {
             served_model_name: None,
             seed: 0,
             max_running: 64,
+            max_waiting: 1024,
             capture_routes: true,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
@@ -98,7 +102,7 @@ fn app_at(cfg: &ServerConfig, bound: Option<SocketAddr>, host: Option<&str>) -> 
     engine.set_capture_routes(cfg.capture_routes)?;
     let tok = Arc::new(tok);
     let metrics = Arc::new(metrics::Metrics::default());
-    let (sched, _join) = scheduler::Scheduler::start(engine, tok.clone(), metrics.clone());
+    let (sched, _join) = scheduler::Scheduler::start_bounded(engine, tok.clone(), metrics.clone(), cfg.max_waiting.max(1));
     Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone(), dtype: cfg.dtype, guard: guard.clone() }), guard))
 }
 

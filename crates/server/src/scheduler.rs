@@ -70,6 +70,8 @@ struct Loop {
     active: HashMap<u64, Active>,
     held: Vec<(Job, tmpsc::UnboundedSender<Event>)>,
     loads: Vec<PendingLoad>,
+    /// most sequences queued behind the running batch (admission control)
+    max_waiting: usize,
 }
 
 /// The policy version a load moves to: `requested` if above `current` (or equal to it, with
@@ -84,9 +86,16 @@ pub fn next_version(current: u64, requested: Option<u64>, allow_same: bool) -> R
 
 impl Scheduler {
     pub fn start(engine: Engine, tok: Arc<Tokenizer>, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
+        Self::start_bounded(engine, tok, metrics, usize::MAX)
+    }
+
+    /// [`Scheduler::start`] with admission control: a submission that would queue more than
+    /// `max_waiting` sequences behind the running batch is refused whole (503 naming
+    /// `max_waiting`), never queued without bound.
+    pub fn start_bounded(engine: Engine, tok: Arc<Tokenizer>, metrics: Arc<Metrics>, max_waiting: usize) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         metrics.policy_version.store(engine.policy_version, Relaxed);
-        let mut l = Loop { engine, tok, metrics, active: HashMap::new(), held: Vec::new(), loads: Vec::new() };
+        let mut l = Loop { engine, tok, metrics, active: HashMap::new(), held: Vec::new(), loads: Vec::new(), max_waiting };
         let join = std::thread::Builder::new()
             .name("lockstep-engine".into())
             .spawn(move || l.run(rx))
@@ -146,6 +155,17 @@ impl Loop {
 
     fn handle(&mut self, c: Command) {
         match c {
+            Command::Submit(jobs) if self.queued() + jobs.len() > self.max_waiting => {
+                let msg = format!(
+                    "max_waiting: {} sequences are queued and this request brings {} (at most {}); retry later",
+                    self.queued(),
+                    jobs.len(),
+                    self.max_waiting
+                );
+                for (_, tx) in jobs {
+                    let _ = tx.send(Event::Failed(ApiError::unavailable(msg.clone())));
+                }
+            }
             Command::Submit(jobs) if !self.loads.is_empty() => self.held.extend(jobs),
             Command::Submit(jobs) => {
                 for (job, tx) in jobs {
@@ -154,6 +174,11 @@ impl Loop {
             }
             Command::Load { model, version, allow_same, reply } => self.loads.push((model, version, allow_same, reply)),
         }
+    }
+
+    /// Sequences waiting: queued in the engine or held behind a weight load.
+    fn queued(&self) -> usize {
+        self.engine.num_waiting() + self.held.len()
     }
 
     fn admit(&mut self, job: Job, events: tmpsc::UnboundedSender<Event>) {
