@@ -165,7 +165,7 @@ mod imp {
         let (batch_rank, batch_all) = (rows(t)?, rows(w * t)?);
         let mut records = Vec::new();
         if rank == 0 {
-            println!(
+            crate::out::say!(
                 "lockstep bench-ep: {w} rank(s), NCCL; T {t} tokens per rank, H {h}, E {e} ({} per rank), K {k}, F {f}, {dtype:?}; median of {} after {} warm-up",
                 e / w, args.iters, args.warmup
             );
@@ -224,7 +224,7 @@ mod imp {
             stage_ms.push((name, gather(&comm, ms)?));
         }
         if rank == 0 {
-            println!("dispatch steps alone (ms per rank): {}", stage_ms.iter().map(|(n, v)| format!("{n} {}", fmt(v, ""))).collect::<Vec<_>>().join(", "));
+            crate::out::say!("dispatch steps alone (ms per rank): {}", stage_ms.iter().map(|(n, v)| format!("{n} {}", fmt(v, ""))).collect::<Vec<_>>().join(", "));
         }
         let mut all = HashMap::new();
         for (name, v) in vals {
@@ -232,12 +232,12 @@ mod imp {
         }
         if rank == 0 {
             let p = |name: &str| fmt(&all[name], "");
-            println!("per rank (rank 0 / rank 1 / ...):");
-            println!("  bytes dispatched: {} all, {} off-rank", p("dispatch_bytes_sent_all"), p("dispatch_bytes_sent_off_rank"));
-            println!("  dispatch  {} ms   {} GB/s all   {} GB/s off-rank", p("dispatch_ms"), p("dispatch_GBps_all"), p("dispatch_GBps_off_rank"));
-            println!("  NCCL a2a  {} ms   {} GB/s all   {} GB/s off-rank   (same bytes as dispatch)", p("nccl_a2a_dispatch_bytes_ms"), p("nccl_a2a_dispatch_bytes_GBps_all"), p("nccl_a2a_dispatch_bytes_GBps_off_rank"));
-            println!("  combine   {} ms   {} GB/s all   {} GB/s off-rank", p("combine_ms"), p("combine_GBps_all"), p("combine_GBps_off_rank"));
-            println!("  NCCL a2a  {} ms   {} GB/s all   {} GB/s off-rank   (same bytes as combine)", p("nccl_a2a_combine_bytes_ms"), p("nccl_a2a_combine_bytes_GBps_all"), p("nccl_a2a_combine_bytes_GBps_off_rank"));
+            crate::out::say!("per rank (rank 0 / rank 1 / ...):");
+            crate::out::say!("  bytes dispatched: {} all, {} off-rank", p("dispatch_bytes_sent_all"), p("dispatch_bytes_sent_off_rank"));
+            crate::out::say!("  dispatch  {} ms   {} GB/s all   {} GB/s off-rank", p("dispatch_ms"), p("dispatch_GBps_all"), p("dispatch_GBps_off_rank"));
+            crate::out::say!("  NCCL a2a  {} ms   {} GB/s all   {} GB/s off-rank   (same bytes as dispatch)", p("nccl_a2a_dispatch_bytes_ms"), p("nccl_a2a_dispatch_bytes_GBps_all"), p("nccl_a2a_dispatch_bytes_GBps_off_rank"));
+            crate::out::say!("  combine   {} ms   {} GB/s all   {} GB/s off-rank", p("combine_ms"), p("combine_GBps_all"), p("combine_GBps_off_rank"));
+            crate::out::say!("  NCCL a2a  {} ms   {} GB/s all   {} GB/s off-rank   (same bytes as combine)", p("nccl_a2a_combine_bytes_ms"), p("nccl_a2a_combine_bytes_GBps_all"), p("nccl_a2a_combine_bytes_GBps_off_rank"));
             records.push(json!({"kind": "dispatch_combine", "world": w, "T": t, "H": h, "E": e, "K": k, "dtype": args.dtype,
                 "per_rank": all.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()}));
         }
@@ -256,12 +256,12 @@ mod imp {
         if rank == 0 {
             let ep_max = ep_all.iter().cloned().fold(0.0, f64::max);
             let one_med = one_all[0];
-            println!("MoE layer fwd+bwd (router, top-k, dispatch, experts, combine):");
-            println!("  EP={w}, {t} tokens per rank:    {} ms per rank (slowest {ep_max:.3} ms)", fmt(&ep_all, ""));
-            println!("  1 GPU, all {e} experts, {} tokens: {one_med:.3} ms (each rank alone: {} ms)", w * t, fmt(&one_all, ""));
-            println!("  global batch per second: EP={w} {:.0} tokens/s, 1 GPU {:.0} tokens/s ({:.2}x); expert-GEMM TFLOP/s 1 GPU {:.0}",
+            crate::out::say!("MoE layer fwd+bwd (router, top-k, dispatch, experts, combine):");
+            crate::out::say!("  EP={w}, {t} tokens per rank:    {} ms per rank (slowest {ep_max:.3} ms)", fmt(&ep_all, ""));
+            crate::out::say!("  1 GPU, all {e} experts, {} tokens: {one_med:.3} ms (each rank alone: {} ms)", w * t, fmt(&one_all, ""));
+            crate::out::say!("  global batch per second: EP={w} {:.0} tokens/s, 1 GPU {:.0} tokens/s ({:.2}x); expert-GEMM TFLOP/s 1 GPU {:.0}",
                 (w * t) as f64 / (ep_max * 1e-3), (w * t) as f64 / (one_med * 1e-3), one_med / ep_max, flops_one / (one_med * 1e-3) / 1e12);
-            println!("  EP output vs 1-GPU output, max|Δ|/max|ref| per rank: {}", err_all.iter().map(|x| format!("{x:.2e}")).collect::<Vec<_>>().join(" / "));
+            crate::out::say!("  EP output vs 1-GPU output, max|Δ|/max|ref| per rank: {}", err_all.iter().map(|x| format!("{x:.2e}")).collect::<Vec<_>>().join(" / "));
             records.push(json!({"kind": "layer_fwd_bwd", "world": w, "T_per_rank": t, "H": h, "E": e, "K": k, "F": f, "dtype": args.dtype,
                 "ep_ms_per_rank": ep_all, "one_gpu_ms_per_rank": one_all, "ep_vs_one_rel_err": err_all}));
             if let Some(p) = &args.json {

@@ -70,7 +70,7 @@ pub fn run(args: DistCheckArgs) -> anyhow::Result<()> {
                 let reps = lockstep_dist::run_threads(args.ranks, |c| check_rank(case, Arc::new(c), &dev)).with_context(|| format!("{name} choice"))?;
                 for rep in &reps {
                     let f = rep.failures(dtype);
-                    println!("{name} choice {} {}", rep.summary(), if f.is_empty() { "ok".into() } else { format!("FAILED: {}", f.join("; ")) });
+                    crate::out::say!("{name} choice {} {}", rep.summary(), if f.is_empty() { "ok".into() } else { format!("FAILED: {}", f.join("; ")) });
                     failed += usize::from(!f.is_empty());
                 }
             }
@@ -85,14 +85,14 @@ pub fn run(args: DistCheckArgs) -> anyhow::Result<()> {
 /// Print this rank's line; rank 0 also prints how many ranks failed. Returns this rank's failures (0/1).
 fn report(name: &str, rep: &RankReport, dtype: DType, comm: &dyn Collective) -> anyhow::Result<usize> {
     let f = rep.failures(dtype);
-    println!("{name} choice {} {}", rep.summary(), if f.is_empty() { "ok".into() } else { format!("FAILED: {}", f.join("; ")) });
+    crate::out::say!("{name} choice {} {}", rep.summary(), if f.is_empty() { "ok".into() } else { format!("FAILED: {}", f.join("; ")) });
     let all = comm.all_gather_host(&[f.len() as f64])?;
     if comm.rank() == 0 {
         let bad: Vec<usize> = all.iter().enumerate().filter(|(_, v)| v[0] > 0.0).map(|(r, _)| r).collect();
         if bad.is_empty() {
-            println!("{name} choice: all {} ranks equal one rank", comm.world_size());
+            crate::out::say!("{name} choice: all {} ranks equal one rank", comm.world_size());
         } else {
-            println!("{name} choice: ranks {bad:?} differ from one rank");
+            crate::out::say!("{name} choice: ranks {bad:?} differ from one rank");
         }
     }
     Ok(usize::from(!f.is_empty()))

@@ -12,6 +12,7 @@ mod device;
 #[cfg(feature = "cuda")]
 mod gpu_timer;
 mod launch_cmd;
+mod out;
 mod serve_cmd;
 mod trace_cmd;
 mod train_cmd;
@@ -68,7 +69,8 @@ fn main() -> std::process::ExitCode {
 /// Commands that print a report and exit behave like Unix filters on a closed pipe
 /// (`lockstep trace inspect FILE | head -1`): the default SIGPIPE action ends the process
 /// quietly, where Rust's ignored SIGPIPE made `println!` panic with "Broken pipe". Not for
-/// `serve`, `train` or `launch`, whose sockets and children must see EPIPE as an error.
+/// `serve`, `train`, `launch`, `dist-check` or `bench-ep`, whose sockets and children must see
+/// EPIPE as an error: those print through `out` (best effort, no panic).
 fn quiet_on_closed_pipe() {
     // SAFETY: `signal` installs the default disposition for SIGPIPE (no handler code of ours
     // runs in signal context); called once at start-up, before any thread is spawned.
@@ -92,7 +94,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(name) = single_rank {
         launch_cmd::refuse_under_launch(name)?;
     }
-    if matches!(cli.command, Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_)) {
+    if matches!(
+        cli.command,
+        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchServe(_)
+    ) {
         quiet_on_closed_pipe();
     }
     match cli.command {

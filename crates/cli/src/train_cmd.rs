@@ -137,7 +137,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     if args.print_config {
-        print!("{}", cfg.to_toml());
+        crate::out::say_raw!("{}", cfg.to_toml());
         return Ok(());
     }
     let out = PathBuf::from(&cfg.output.dir);
@@ -187,16 +187,16 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
         lockstep_rl::report::write(&out.join("report.html"), &arms, "lockstep train --compare-replay: lockstep vs mismatched rollouts without / with replay")?;
         let table = lockstep_rl::report::compare_table(&arms);
         std::fs::write(out.join("compare.md"), &table).with_context(|| format!("writing {}", out.join("compare.md").display()))?;
-        print!("{table}");
+        crate::out::say_raw!("{table}");
         for ((name, _), s) in arms.iter().zip(&runs) {
             print_summary(name, s);
         }
-        println!("report: {}\ntable: {}", out.join("report.html").display(), out.join("compare.md").display());
+        crate::out::say!("report: {}\ntable: {}", out.join("report.html").display(), out.join("compare.md").display());
     } else {
         print_summary(if cfg.replay.enabled { "replay on" } else { "replay off" }, &runs[0]);
-        println!("metrics: {}\nreport: {}", out.join("metrics.jsonl").display(), out.join("report.html").display());
+        crate::out::say!("metrics: {}\nreport: {}", out.join("metrics.jsonl").display(), out.join("report.html").display());
     }
-    println!("wall time {:.1} s", t0.elapsed().as_secs_f64());
+    crate::out::say!("wall time {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -270,12 +270,12 @@ fn print_summary(name: &str, s: &lockstep_rl::RunSummary) {
     let rl: Vec<_> = s.records.iter().filter(|r| r.phase == "rl").collect();
     let head = rl.iter().take(5).map(|r| r.reward_mean).sum::<f64>() / rl.len().clamp(1, 5) as f64;
     let tail = rl.iter().rev().take(5).map(|r| r.reward_mean).sum::<f64>() / rl.len().clamp(1, 5) as f64;
-    println!(
+    crate::out::say!(
         "{name}: eval accuracy after warm-up {:.3} → final {:.3}; held-out reward {:.3} → {:.3}; mean reward first 5 steps {head:.3} → last 5 steps {tail:.3}",
         s.warmup_eval, s.final_eval, s.warmup_eval_reward, s.final_eval_reward
     );
     if let Some(pass) = rl.iter().rev().find(|r| !r.eval_pass_at.is_empty()).map(|r| &r.eval_pass_at) {
         let list: Vec<String> = pass.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
-        println!("{name}: last eval {}", list.join(", "));
+        crate::out::say!("{name}: last eval {}", list.join(", "));
     }
 }

@@ -40,3 +40,29 @@ fn a_closed_stdout_ends_trace_inspect_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     assert_ne!(status.code(), Some(101), "no panic exit");
 }
+
+/// Start `lockstep ARGS` with its stdout a pipe whose reader is already gone: the first write
+/// fails (EPIPE) — `println!` would panic there.
+fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (child.wait().unwrap(), err)
+}
+
+#[test]
+fn train_prints_best_effort_to_a_closed_stdout() {
+    // train keeps SIGPIPE ignored (its sockets must see EPIPE): the write fails, the command
+    // goes on and succeeds
+    let (status, err) = run_with_closed_stdout(&["train", "--print-config"]);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(status.success(), "{status:?}: {err}");
+}
+
+#[test]
+fn bench_serve_ends_quietly_on_a_closed_stdout() {
+    let (status, err) = run_with_closed_stdout(&["bench-serve", "--device", "cpu", "--dtype", "f32", "--prompt-len", "4", "--output-len", "2", "--concurrency", "1", "--capture", "on"]);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert_ne!(status.code(), Some(101), "no panic exit: {err}");
+}
