@@ -40,6 +40,9 @@ max_tokens = 4
 temperature = 1.0
 # lockstep servers to roll out on (e.g. ["http://127.0.0.1:8000"]); empty: the in-process engine.
 # Weights are synced after every update through POST /v1/load_weights (same filesystem).
+# vLLM / SGLang servers: [{url = "http://127.0.0.1:8000", kind = "vllm"}] (kind: lockstep |
+# vllm | sglang; also written "vllm+http://..."); weights go to <output.dir>/weights-sync, then
+# SGLang's /update_weights_from_disk or vLLM's /collective_rpc reload_weights (README)
 servers = []
 # none: the engine runs the trainer's weights and kernels (bitwise lockstep); bf16 / standard:
 # roll out with bf16 weights or candle's kernels while the trainer stays f32 / invariant —
@@ -153,13 +156,120 @@ pub struct RolloutSection {
     pub group_size: usize,
     pub max_tokens: usize,
     pub temperature: f32,
-    #[serde(default)]
+    /// Rollout servers: a lockstep server's URL, or `kind+URL` for a vLLM / SGLang server
+    /// (`vllm+http://...`; a TOML table `{url, kind}` reads as that). See [`ServerSpec`].
+    #[serde(default, deserialize_with = "de_servers")]
     pub servers: Vec<String>,
     /// "none" (default) | "bf16" | "standard"
     #[serde(default = "default_none")]
     pub mismatch: String,
     #[serde(default)]
     pub filter_zero_variance: bool,
+}
+
+/// What speaks at a rollout server's URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    Lockstep,
+    Vllm,
+    Sglang,
+}
+
+impl ServerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerKind::Lockstep => "lockstep",
+            ServerKind::Vllm => "vllm",
+            ServerKind::Sglang => "sglang",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "lockstep" => Some(ServerKind::Lockstep),
+            "vllm" => Some(ServerKind::Vllm),
+            "sglang" => Some(ServerKind::Sglang),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of `rollout.servers`, parsed: `http://...` (lockstep) or `kind+http://...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub kind: ServerKind,
+    pub url: String,
+}
+
+impl ServerSpec {
+    /// Parses entry `i` of `rollout.servers`; errors name `rollout.servers[i]` (`.kind` for an
+    /// unknown kind).
+    pub fn parse(i: usize, s: &str) -> Result<Self> {
+        let (kind, url) = match s.split_once('+') {
+            Some((k, rest)) if !k.contains(':') && !k.contains('/') => match ServerKind::parse(k) {
+                Some(kind) => (kind, rest),
+                None => return Err(bad(&format!("rollout.servers[{i}].kind"), format!("`{k}`: expected lockstep, vllm or sglang"))),
+            },
+            _ => (ServerKind::Lockstep, s),
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(bad(&format!("rollout.servers[{i}]"), format!("`{s}`: expected an http:// URL")));
+        }
+        Ok(ServerSpec { kind, url: url.trim_end_matches('/').to_string() })
+    }
+
+    /// The `rollout.servers` string of this entry.
+    pub fn to_entry(&self) -> String {
+        match self.kind {
+            ServerKind::Lockstep => self.url.clone(),
+            k => format!("{}+{}", k.name(), self.url),
+        }
+    }
+}
+
+/// `rollout.servers`: strings (lockstep URLs, or `kind+URL`) and tables `{url, kind}` (kind
+/// default lockstep), each kept as its string form; unknown keys and kinds are refused naming
+/// `rollout.servers[i]` / `rollout.servers[i].kind`.
+fn de_servers<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    use serde::de::Error;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        Url(String),
+        Table(std::collections::BTreeMap<String, toml::Value>),
+    }
+    let entries = Vec::<Entry>::deserialize(d)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.into_iter().enumerate() {
+        let s = match e {
+            Entry::Url(s) => s,
+            Entry::Table(t) => {
+                if let Some(k) = t.keys().find(|k| !matches!(k.as_str(), "url" | "kind")) {
+                    return Err(D::Error::custom(format!("rollout.servers[{i}]: unknown key `{k}` (expected url, kind)")));
+                }
+                let url = match t.get("url") {
+                    Some(toml::Value::String(u)) => u.clone(),
+                    Some(_) => return Err(D::Error::custom(format!("rollout.servers[{i}].url: expected a string"))),
+                    None => return Err(D::Error::custom(format!("rollout.servers[{i}].url: missing"))),
+                };
+                let kind = match t.get("kind") {
+                    None => ServerKind::Lockstep,
+                    Some(toml::Value::String(k)) => ServerKind::parse(k).ok_or_else(|| D::Error::custom(format!("rollout.servers[{i}].kind: `{k}`: expected lockstep, vllm or sglang")))?,
+                    Some(_) => return Err(D::Error::custom(format!("rollout.servers[{i}].kind: expected a string"))),
+                };
+                ServerSpec { kind, url }.to_entry()
+            }
+        };
+        out.push(s);
+    }
+    Ok(out)
+}
+
+impl RolloutSection {
+    /// `servers`, parsed (errors name `rollout.servers[i]`).
+    pub fn server_specs(&self) -> Result<Vec<ServerSpec>> {
+        self.servers.iter().enumerate().map(|(i, s)| ServerSpec::parse(i, s)).collect()
+    }
 }
 
 fn default_none() -> String {
@@ -413,8 +523,9 @@ impl RunConfig {
         if !(self.trainer.lr > 0.0) {
             return Err(bad("trainer.lr", "must be > 0"));
         }
-        if let Some(s) = self.rollout.servers.iter().find(|s| !(s.starts_with("http://") || s.starts_with("https://"))) {
-            return Err(bad("rollout.servers", format!("`{s}`: expected an http:// URL")));
+        let specs = self.rollout.server_specs()?;
+        if let Some(i) = specs.iter().position(|s| (s.kind == ServerKind::Lockstep) != (specs[0].kind == ServerKind::Lockstep)) {
+            return Err(bad(&format!("rollout.servers[{i}].kind"), "lockstep servers and vLLM / SGLang servers cannot be mixed in one run"));
         }
         if self.trainer.mini_steps == 0 {
             return Err(bad("trainer.mini_steps", "must be > 0"));

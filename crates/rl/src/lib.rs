@@ -5,6 +5,7 @@ pub mod config;
 pub mod dataset;
 pub mod env;
 pub mod error;
+pub mod foreign;
 pub mod http_reward;
 pub mod metrics;
 pub mod remote;

@@ -54,10 +54,11 @@ pub fn has_signal(group: &[Sample]) -> bool {
 }
 
 /// Where rollouts come from: the in-process engine (on one rank, or on every rank of a
-/// parallel run, stepping together) or lockstep servers by URL.
+/// parallel run, stepping together), lockstep servers by URL, or vLLM / SGLang servers.
 pub enum Rollouter {
     Local(Box<Engine>, Parallel),
     Remote(crate::remote::RemoteEngine),
+    Foreign(crate::foreign::ForeignEngine),
 }
 
 /// Every prompt sent to the engine, in order (`RunOptions::prompt_log`).
@@ -83,13 +84,14 @@ impl Rollouter {
                 Ok(e.generate_lockstep(reqs, &mut any_busy)?)
             }
             Rollouter::Remote(r) => r.generate(&reqs),
+            Rollouter::Foreign(f) => f.generate(&reqs),
         }
     }
 
     fn parallel(&self) -> Parallel {
         match self {
             Rollouter::Local(_, p) => p.clone(),
-            Rollouter::Remote(_) => None,
+            Rollouter::Remote(_) | Rollouter::Foreign(_) => None,
         }
     }
 }

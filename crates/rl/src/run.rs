@@ -315,7 +315,14 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
         e.policy_version = version;
         return Ok(Rollouter::Local(Box::new(e), trainer.parallel.clone()));
     }
-    let remote = crate::remote::RemoteEngine::new(cfg.rollout.servers.clone());
+    let specs = cfg.rollout.server_specs()?;
+    if specs.iter().any(|s| s.kind != crate::config::ServerKind::Lockstep) {
+        let mut f = crate::foreign::ForeignEngine::new(specs, crate::foreign::layout_of(&trainer.model.cfg)?);
+        f.policy_version = version;
+        f.sync_weights(&trainer.model, out)?;
+        return Ok(Rollouter::Foreign(f));
+    }
+    let remote = crate::remote::RemoteEngine::new(specs.into_iter().map(|s| s.url).collect());
     let dir = out.join("weights-sync");
     trainer.model.save(&dir)?;
     // the server stamps its own strictly increasing version (`version` is the local engine's)
@@ -368,7 +375,12 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
 
     if !cfg.rollout.servers.is_empty() {
         // fail fast (before the warm-up) on a server that is down or is not a lockstep server
-        crate::remote::RemoteEngine::new(cfg.rollout.servers.clone()).check()?;
+        let specs = cfg.rollout.server_specs()?;
+        if specs.iter().any(|s| s.kind != crate::config::ServerKind::Lockstep) {
+            crate::foreign::check(&specs)?;
+        } else {
+            crate::remote::RemoteEngine::new(specs.into_iter().map(|s| s.url).collect()).check()?;
+        }
     }
 
     // --- model and trainer: fresh (warm-up first) or resumed

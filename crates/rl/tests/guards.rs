@@ -36,7 +36,7 @@ fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 #[test]
-fn nan_weights_stop_the_run_with_the_last_checkpoint_intact() {
+fn nan_weights_are_refused_at_resume_and_the_good_checkpoint_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let mut cfg = short(&out, 2);
@@ -62,21 +62,13 @@ fn nan_weights_stop_the_run_with_the_last_checkpoint_intact() {
     let before = dir_bytes(&bad);
 
     cfg.steps = 6;
+    // refused at load, naming the tensor and the checkpoint, before any step (the path where
+    // updates go non-finite during a run is `a_huge_lr_stops_the_run`'s)
     let err = run(&cfg, &out, true, &RunOptions { resume: Some(bad.clone()), ..RunOptions::default() }).unwrap_err();
     let msg = err.to_string();
-    let RlError::NonFinite { count, at, checkpoint } = err else { panic!("{msg}") };
-    assert_eq!(count, 3);
-    // mini_steps = 2: step 3's two updates, then step 4's first
-    assert!(at.contains("RL step 4/6"), "{msg}");
-    assert_eq!(checkpoint.as_deref(), Some(bad.as_path()));
-    assert!(msg.contains("intact") && msg.contains("poisoned"), "{msg}");
+    assert!(msg.contains("model.norm.weight") && msg.contains("NaN or infinite") && msg.contains("poisoned"), "{msg}");
     assert_eq!(dir_bytes(&bad), before, "the named checkpoint is untouched");
-    assert!(!cks.join("step-4").exists(), "no checkpoint of skipped updates");
-    // the metrics parse back (no null), the skipped updates counted
-    let recs = metrics::read(&out.join("metrics.jsonl")).unwrap();
-    let rl: Vec<_> = recs.iter().filter(|r| r.phase == "rl").collect();
-    assert_eq!(rl.iter().map(|r| (r.step, r.updates, r.skipped_nonfinite)).collect::<Vec<_>>(), vec![(1, 2, 0), (2, 2, 0), (3, 0, 2), (4, 0, 1)]);
-    assert!(!std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().contains("null"));
+    assert!(!cks.join("step-3").exists(), "no step ran");
 
     // the good checkpoint resumes and finishes the run
     cfg.steps = 4;
