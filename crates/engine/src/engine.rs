@@ -25,13 +25,7 @@ pub struct Request {
     pub params: SamplingParams,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// max_tokens reached
-    Length,
-    /// a stop token was sampled
-    Stop,
-}
+pub use crate::seq::FinishReason;
 
 #[derive(Debug, Clone)]
 pub struct Completion {

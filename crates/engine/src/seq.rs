@@ -4,9 +4,16 @@
 use lockstep_trace::{ProbDtype, Probs, RouteTrace, TraceMeta};
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::FinishReason;
 use crate::error::{EngineError, Result};
 use crate::sampling::SamplingParams;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// max_tokens reached
+    Length,
+    /// a stop token was sampled
+    Stop,
+}
 
 pub(crate) struct Seq {
     pub id: u64,

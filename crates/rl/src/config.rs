@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, RlError};
+use crate::error::Result;
 pub use crate::task_config::{EvalSection, RewardSpec, TaskSection};
 
 pub const DEFAULT_TOML: &str = r#"# lockstep train: the embedded default run
@@ -465,9 +465,7 @@ fn key_of_error(text: &str, span: Option<std::ops::Range<usize>>, msg: &str) -> 
     }
 }
 
-pub(crate) fn bad(key: &str, msg: impl Into<String>) -> RlError {
-    RlError::Config { key: key.into(), msg: msg.into() }
-}
+pub(crate) use crate::error::bad;
 
 impl RunConfig {
     /// The embedded default: every key at its documented default (what [`DEFAULT_TOML`] spells

@@ -50,3 +50,8 @@ impl RlError {
         RlError::Io { path: path.display().to_string(), msg: e.to_string() }
     }
 }
+
+/// A config error naming `key`.
+pub(crate) fn bad(key: &str, msg: impl Into<String>) -> RlError {
+    RlError::Config { key: key.into(), msg: msg.into() }
+}

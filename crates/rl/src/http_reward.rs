@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::config::RewardSpec;
 use crate::error::{Result, RlError};
-use crate::reward::Input;
+use crate::reward_input::Input;
 
 /// One completion's reward and metrics.
 type Answer = (f32, BTreeMap<String, f64>);
@@ -40,7 +40,7 @@ fn snippet(s: &str) -> String {
 
 impl HttpReward {
     pub fn from_spec(s: &RewardSpec) -> Result<Self> {
-        let url = s.url.clone().ok_or_else(|| crate::config::bad("reward.url", "kind = \"http\" needs a url"))?;
+        let url = s.url.clone().ok_or_else(|| crate::error::bad("reward.url", "kind = \"http\" needs a url"))?;
         let timeout = Duration::from_secs_f64(s.timeout_s.unwrap_or(10.0));
         let agent = ureq::AgentBuilder::new().timeout_connect(timeout).timeout(timeout).build();
         Ok(Self { url, agent, concurrency: s.concurrency.unwrap_or(8), retries: s.retries.unwrap_or(2), max_failures: s.max_failures.unwrap_or(5), consecutive: AtomicU64::new(0) })

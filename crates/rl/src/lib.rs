@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod remote;
 pub mod report;
 pub mod reward;
+pub mod reward_input;
 pub mod rollout;
 pub mod run;
 pub mod task_config;

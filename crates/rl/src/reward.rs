@@ -18,17 +18,7 @@ use crate::config::RewardSpec;
 use crate::error::Result;
 use crate::http_reward::HttpReward;
 
-/// What a reward function sees of one completion.
-#[derive(Debug, Clone)]
-pub struct Input<'a> {
-    pub prompt: &'a str,
-    /// decoded, cut at the first stop string
-    pub completion: &'a str,
-    pub answer: &'a str,
-    pub metadata: &'a serde_json::Value,
-    /// completion tokens (up to the stop string)
-    pub tokens: usize,
-}
+pub use crate::reward_input::Input;
 
 /// A completion's score: the weighted sum, each table's own reward, and metrics an `http`
 /// reward returned (or `http_failures`).
@@ -61,7 +51,7 @@ pub struct RewardSet {
 }
 
 fn compile(pattern: &str, key: &str) -> Result<Regex> {
-    Regex::new(pattern).map_err(|e| crate::config::bad(key, format!("not a regex: {e}")))
+    Regex::new(pattern).map_err(|e| crate::error::bad(key, format!("not a regex: {e}")))
 }
 
 impl RewardSet {
@@ -77,7 +67,7 @@ impl RewardSet {
                 "format" => Kind::Format { re: compile(&format!("^(?:{})$", s.pattern.as_deref().unwrap_or("")), &key)? },
                 "length" => Kind::Length { target: s.target.unwrap_or(1).max(1) },
                 "http" => Kind::Http(Box::new(HttpReward::from_spec(s)?)),
-                k => return Err(crate::config::bad(&format!("reward[{i}].kind"), format!("`{k}`: unknown"))),
+                k => return Err(crate::error::bad(&format!("reward[{i}].kind"), format!("`{k}`: unknown"))),
             };
             parts.push(Part { weight: s.weight, kind });
         }

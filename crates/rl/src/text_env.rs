@@ -75,7 +75,7 @@ impl TextEnv {
         // the warm-up's answer ends as a completion should: EOS, else the first stop string
         let end: Vec<u32> = match (tok.eos_token_ids.first(), task.stop.first()) {
             (Some(&e), _) => vec![e],
-            (None, Some(s)) => tok.encode(s, false).map_err(|e| crate::config::bad("task.stop", format!("`{s}`: {e}")))?,
+            (None, Some(s)) => tok.encode(s, false).map_err(|e| crate::error::bad("task.stop", format!("`{s}`: {e}")))?,
             (None, None) => Vec::new(),
         };
         let file = task.path.clone().unwrap_or_default();

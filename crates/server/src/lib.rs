@@ -103,7 +103,7 @@ fn app_at(cfg: &ServerConfig, bound: Option<SocketAddr>, host: Option<&str>) -> 
     let tok = Arc::new(tok);
     let metrics = Arc::new(metrics::Metrics::default());
     let (sched, _join) = scheduler::Scheduler::start_bounded(engine, tok.clone(), metrics.clone(), cfg.max_waiting.max(1));
-    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone(), dtype: cfg.dtype, guard: guard.clone() }), guard))
+    Ok(routes::router(Arc::new(AppState { sched, tok, info, metrics, device: cfg.device.clone(), dtype: cfg.dtype, guard: guard.clone() }), guard, native::routes()))
 }
 
 /// The host part of `host:port` (`[::1]:80` → `::1`).

@@ -243,3 +243,9 @@ fn sgl_choice(st: &AppState, c: &Completion, stops: &[String], logprobs: bool, r
     }
     Ok(json!({"text": text, "output_ids": c.tokens, "meta_info": mi}))
 }
+
+/// The native generate endpoints: vLLM's token-in-token-out `/inference/v1/generate` and
+/// SGLang's `/generate`.
+pub fn routes() -> axum::Router<std::sync::Arc<crate::state::AppState>> {
+    axum::Router::new().route("/inference/v1/generate", axum::routing::post(tito)).route("/generate", axum::routing::post(sglang))
+}

@@ -31,8 +31,9 @@ use crate::text::StreamText;
 
 type St = State<Arc<AppState>>;
 
-/// The routes behind the [`crate::security::guard`] middleware (`Host` / `Origin`, keys).
-pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>) -> Router {
+/// The routes behind the [`crate::security::guard`] middleware (`Host` / `Origin`, keys), with
+/// `more` (the native generate endpoints, `crate::native::routes`) merged in.
+pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>, more: Router<Arc<AppState>>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -40,8 +41,7 @@ pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>) -> Route
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/load_weights", post(load_weights))
-        .route("/inference/v1/generate", post(crate::native::tito))
-        .route("/generate", post(crate::native::sglang))
+        .merge(more)
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(guard, crate::security::guard))

@@ -1,5 +1,5 @@
 //! Launches of `paged.cu`: the key / value writes into the paged pool and the variable-length
-//! attention over key tables (`crate::nn::varlen`, `crate::kv_cache` on CUDA).
+//! attention over key tables (the CUDA side of `crate::nn::varlen` and `crate::nn::kv_write`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -9,7 +9,6 @@ use half::bf16;
 
 use super::ops::contiguous;
 use super::paged_func as func;
-use crate::nn::varlen::KeyLayout;
 
 /// Largest head dim the kernel holds (`MAX_DH` in paged.cu).
 const MAX_DH: usize = 512;
@@ -23,11 +22,21 @@ pub(crate) struct DeviceLayout {
     keys: CudaSlice<u32>,
 }
 
-fn device_layout<'a>(dev: &CudaDevice, layout: &'a KeyLayout) -> Result<&'a DeviceLayout> {
+/// A key layout's host tables (block table, per-query start and key count) and block size, with
+/// the cell its device copy is kept in (the variable-length attention's key layout owns both).
+pub(crate) struct HostLayout<'a> {
+    pub table: &'a [u32],
+    pub start: &'a [u32],
+    pub keys: &'a [u32],
+    pub block_size: usize,
+    pub device: &'a std::sync::OnceLock<DeviceLayout>,
+}
+
+fn device_layout<'a>(dev: &CudaDevice, layout: &HostLayout<'a>) -> Result<&'a DeviceLayout> {
     if let Some(d) = layout.device.get() {
         return Ok(d);
     }
-    let (t, s, k) = layout.tables();
+    let (t, s, k) = (layout.table, layout.start, layout.keys);
     // an empty table still needs a valid allocation
     let table = if t.is_empty() { dev.clone_htod(&[0u32])? } else { dev.clone_htod(t)? };
     let d = DeviceLayout { table, start: dev.clone_htod(s)?, keys: dev.clone_htod(k)? };
@@ -41,7 +50,7 @@ fn u32_of(n: usize, what: &str) -> Result<u32> {
 fn launch_varlen<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     (sq, lq, sk, lk, sv, lv): (&CudaStorage, &Layout, &CudaStorage, &Layout, &CudaStorage, &Layout),
-    layout: &KeyLayout,
+    layout: &HostLayout,
     (n, h, g, dh): (usize, usize, usize, usize),
     scale: f32,
     name: &str,
@@ -56,7 +65,7 @@ fn launch_varlen<T: CudaDType + DeviceRepr>(
     }
     let tabs = device_layout(dev, layout)?;
     let f = func(dev, name)?;
-    let (h32, g32, dh32, bs32) = (u32_of(h, "H")?, u32_of(g, "G")?, u32_of(dh, "Dh")?, u32_of(layout.block_size(), "block size")?);
+    let (h32, g32, dh32, bs32) = (u32_of(h, "H")?, u32_of(g, "G")?, u32_of(dh, "Dh")?, u32_of(layout.block_size, "block size")?);
     let mut b = f.builder();
     b.arg(&q).arg(&k).arg(&v).arg(&tabs.table).arg(&tabs.start).arg(&tabs.keys).arg(&mut out).arg(&h32).arg(&g32).arg(&dh32).arg(&bs32).arg(&scale);
     let cfg = LaunchConfig { grid_dim: (u32_of(n * h, "queries x heads")?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -80,7 +89,7 @@ pub(crate) fn varlen_attention(
     lk: &Layout,
     sv: &CudaStorage,
     lv: &Layout,
-    layout: &KeyLayout,
+    layout: &HostLayout,
     dims: (usize, usize, usize, usize),
     scale: f32,
 ) -> Result<(CudaStorage, Shape)> {

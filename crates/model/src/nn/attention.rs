@@ -114,8 +114,8 @@ impl Attention {
         let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
         let rows = |x: &Tensor, n: usize| -> Result<Tensor> { x.transpose(1, 2)?.contiguous()?.reshape((b * t, n, dh)) };
-        crate::kv_cache::write_rows(k_pool, &rows(&k_BGTD, g)?, slots)?;
-        crate::kv_cache::write_rows(v_pool, &rows(&v_BGTD, g)?, slots)?;
+        super::kv_write::write_rows(k_pool, &rows(&k_BGTD, g)?, slots)?;
+        super::kv_write::write_rows(v_pool, &rows(&v_BGTD, g)?, slots)?;
         let scale = 1.0 / (dh as f32).sqrt();
         let out_NHD = varlen::attention(&rows(&q_BHTD, h)?, k_pool, v_pool, layout.clone(), scale)?;
         self.o_proj.forward(&out_NHD.reshape((b, t, h * dh))?)

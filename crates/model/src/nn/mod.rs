@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod invariant;
+pub mod kv_write;
 pub mod linear;
 pub mod mlp;
 pub mod norm;

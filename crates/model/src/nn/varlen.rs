@@ -101,10 +101,6 @@ impl KeyLayout {
         self.block_size
     }
 
-    #[cfg(feature = "cuda")]
-    pub(crate) fn tables(&self) -> (&[u32], &[u32], &[u32]) {
-        (&self.table, &self.q_start, &self.q_keys)
-    }
 
     /// The pool row of key j of query n.
     #[inline]
@@ -208,7 +204,9 @@ impl CustomOp3 for Varlen {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, h, g, dh) = self.dims(l1, l2, l3)?;
-        crate::gpu::paged::varlen_attention(s1, l1, s2, l2, s3, l3, &self.layout, (n, h, g, dh), self.scale)
+        let lay = &self.layout;
+        let host = crate::gpu::paged::HostLayout { table: &lay.table, start: &lay.q_start, keys: &lay.q_keys, block_size: lay.block_size, device: &lay.device };
+        crate::gpu::paged::varlen_attention(s1, l1, s2, l2, s3, l3, &host, (n, h, g, dh), self.scale)
     }
 
     /// Ordinary candle ops in f32 over the dense [N, R] visibility (exactness is needed of the
