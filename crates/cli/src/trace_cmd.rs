@@ -364,7 +364,10 @@ mod tests {
     use lockstep_trace::npy::{write_npy, NpyArray};
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("lockstep-trace-cli-{}", std::process::id()));
+        // one folder per test (the harness names each test's thread after it): a test that
+        // removes its folder never takes another's files
+        let test = std::thread::current().name().unwrap_or("main").replace("::", "-");
+        let d = std::env::temp_dir().join(format!("lockstep-trace-cli-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d.join(name)
     }
