@@ -27,6 +27,18 @@ use crate::error::{EngineError, Result};
 use crate::sampling::{sample, top_n};
 use crate::seq::Seq;
 
+/// The prefix-cache hashes of the full blocks `s` has yet to fill, in order (the chain goes on
+/// from its last registered or hit block).
+fn blocks_to_fill(s: &Seq, bs: usize) -> Vec<u64> {
+    let mut parent = s.hashes.last().copied().unwrap_or(0);
+    (s.hashes.len()..s.tokens.len() / bs)
+        .map(|b| {
+            parent = block_hash(parent, &s.tokens[b * bs..(b + 1) * bs]);
+            parent
+        })
+        .collect()
+}
+
 /// One sampled token: (token, log π(token), top-n (token, log π)).
 type Draw = (u32, f32, Vec<(u32, f32)>);
 
@@ -73,11 +85,7 @@ impl Engine {
         let bs = blocks.block_size();
         let mut out = HashSet::new();
         for s in self.running.iter().filter(|s| s.fed < s.tokens.len()) {
-            let mut parent = s.hashes.last().copied().unwrap_or(0);
-            for b in s.hashes.len()..s.tokens.len() / bs {
-                parent = block_hash(parent, &s.tokens[b * bs..(b + 1) * bs]);
-                out.insert(parent);
-            }
+            out.extend(blocks_to_fill(s, bs));
         }
         out
     }
@@ -139,11 +147,7 @@ impl Engine {
             }
             if self.cache.prefix_caching {
                 // the blocks it will fill: later admissions of this step wait for them
-                let mut parent = s.hashes.last().copied().unwrap_or(0);
-                for b in s.hashes.len()..s.tokens.len() / bs {
-                    parent = block_hash(parent, &s.tokens[b * bs..(b + 1) * bs]);
-                    pending.insert(parent);
-                }
+                pending.extend(blocks_to_fill(&s, bs));
             }
             self.running.push(s);
         }

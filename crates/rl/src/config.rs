@@ -158,7 +158,7 @@ pub struct RolloutSection {
     pub temperature: f32,
     /// Rollout servers: a lockstep server's URL, or `kind+URL` for a vLLM / SGLang server
     /// (`vllm+http://...`; a TOML table `{url, kind}` reads as that). See [`ServerSpec`].
-    #[serde(default, deserialize_with = "de_servers")]
+    #[serde(default, deserialize_with = "crate::server_spec::de_servers")]
     pub servers: Vec<String>,
     /// "none" (default) | "bf16" | "standard"
     #[serde(default = "default_none")]
@@ -167,103 +167,7 @@ pub struct RolloutSection {
     pub filter_zero_variance: bool,
 }
 
-/// What speaks at a rollout server's URL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServerKind {
-    Lockstep,
-    Vllm,
-    Sglang,
-}
-
-impl ServerKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ServerKind::Lockstep => "lockstep",
-            ServerKind::Vllm => "vllm",
-            ServerKind::Sglang => "sglang",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "lockstep" => Some(ServerKind::Lockstep),
-            "vllm" => Some(ServerKind::Vllm),
-            "sglang" => Some(ServerKind::Sglang),
-            _ => None,
-        }
-    }
-}
-
-/// One entry of `rollout.servers`, parsed: `http://...` (lockstep) or `kind+http://...`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerSpec {
-    pub kind: ServerKind,
-    pub url: String,
-}
-
-impl ServerSpec {
-    /// Parses entry `i` of `rollout.servers`; errors name `rollout.servers[i]` (`.kind` for an
-    /// unknown kind).
-    pub fn parse(i: usize, s: &str) -> Result<Self> {
-        let (kind, url) = match s.split_once('+') {
-            Some((k, rest)) if !k.contains(':') && !k.contains('/') => match ServerKind::parse(k) {
-                Some(kind) => (kind, rest),
-                None => return Err(bad(&format!("rollout.servers[{i}].kind"), format!("`{k}`: expected lockstep, vllm or sglang"))),
-            },
-            _ => (ServerKind::Lockstep, s),
-        };
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(bad(&format!("rollout.servers[{i}]"), format!("`{s}`: expected an http:// URL")));
-        }
-        Ok(ServerSpec { kind, url: url.trim_end_matches('/').to_string() })
-    }
-
-    /// The `rollout.servers` string of this entry.
-    pub fn to_entry(&self) -> String {
-        match self.kind {
-            ServerKind::Lockstep => self.url.clone(),
-            k => format!("{}+{}", k.name(), self.url),
-        }
-    }
-}
-
-/// `rollout.servers`: strings (lockstep URLs, or `kind+URL`) and tables `{url, kind}` (kind
-/// default lockstep), each kept as its string form; unknown keys and kinds are refused naming
-/// `rollout.servers[i]` / `rollout.servers[i].kind`.
-fn de_servers<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-    use serde::de::Error;
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Entry {
-        Url(String),
-        Table(std::collections::BTreeMap<String, toml::Value>),
-    }
-    let entries = Vec::<Entry>::deserialize(d)?;
-    let mut out = Vec::with_capacity(entries.len());
-    for (i, e) in entries.into_iter().enumerate() {
-        let s = match e {
-            Entry::Url(s) => s,
-            Entry::Table(t) => {
-                if let Some(k) = t.keys().find(|k| !matches!(k.as_str(), "url" | "kind")) {
-                    return Err(D::Error::custom(format!("rollout.servers[{i}]: unknown key `{k}` (expected url, kind)")));
-                }
-                let url = match t.get("url") {
-                    Some(toml::Value::String(u)) => u.clone(),
-                    Some(_) => return Err(D::Error::custom(format!("rollout.servers[{i}].url: expected a string"))),
-                    None => return Err(D::Error::custom(format!("rollout.servers[{i}].url: missing"))),
-                };
-                let kind = match t.get("kind") {
-                    None => ServerKind::Lockstep,
-                    Some(toml::Value::String(k)) => ServerKind::parse(k).ok_or_else(|| D::Error::custom(format!("rollout.servers[{i}].kind: `{k}`: expected lockstep, vllm or sglang")))?,
-                    Some(_) => return Err(D::Error::custom(format!("rollout.servers[{i}].kind: expected a string"))),
-                };
-                ServerSpec { kind, url }.to_entry()
-            }
-        };
-        out.push(s);
-    }
-    Ok(out)
-}
+pub use crate::server_spec::{ServerKind, ServerSpec};
 
 impl RolloutSection {
     /// `servers`, parsed (errors name `rollout.servers[i]`).

@@ -14,6 +14,8 @@ pub mod reward;
 pub mod reward_input;
 pub mod rollout;
 pub mod run;
+mod run_state;
+pub mod server_spec;
 pub mod task_config;
 pub mod text_env;
 
