@@ -36,6 +36,6 @@ pub use config::ModelConfig;
 pub use device::{memory_info, parse_dtype, to_host_f32, DeviceSpec};
 pub use error::{ModelError, ParseError, Result};
 pub use kv_cache::{KvPool, PagedSeq};
-pub use model::{ForwardOutput, MoeCausalLm};
+pub use model::{ForwardContext, ForwardOutput, MoeCausalLm};
 pub use nn::Kernels;
 pub use routing::{LayerRoute, Recording, Replay, ReplayWeights, RouteMode, RoutingPlan, ROUTE_FREE};

@@ -52,6 +52,13 @@ impl DecoderLayer {
     }
 }
 
+/// What the layers of one forward share ([`MoeCausalLm::prepare`]).
+#[derive(Debug)]
+pub struct ForwardContext {
+    layout: AttentionLayout,
+    rope: crate::nn::rope::RopeTables,
+}
+
 /// Output of one forward.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
@@ -192,9 +199,23 @@ impl MoeCausalLm {
     }
 
     pub fn forward(&self, batch: &Batch, plan: &RoutingPlan) -> Result<ForwardOutput> {
+        let ctx = self.prepare(batch, plan)?;
+        let mut x_BTD = self.embed(batch)?;
+        let mut routes = Recording::new();
+        for l in 0..self.layers.len() {
+            x_BTD = self.layer_forward(l, &x_BTD, &ctx, plan, batch, &mut routes)?;
+        }
+        let logits = self.lm_head_forward(&self.norm.forward(&x_BTD)?)?;
+        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, routes })
+    }
+
+    /// What every layer of one forward over `batch` shares (the attention layout, the rotary
+    /// tables), after checking the plan and the token ids: the first stage of
+    /// [`MoeCausalLm::forward`], for callers that run the layers one by one (the trainer's
+    /// staged backward and activation checkpointing).
+    pub fn prepare(&self, batch: &Batch, plan: &RoutingPlan) -> Result<ForwardContext> {
         let (b, t) = batch.dims();
-        let n = b * t;
-        plan.validate(&self.cfg, n)?;
+        plan.validate(&self.cfg, b * t)?;
         let ids = &batch.input_ids_BT;
         if let Some(&bad) = ids.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::batch("input_ids", format!("token id {bad} >= vocab_size {}", self.cfg.vocab_size)));
@@ -204,17 +225,29 @@ impl MoeCausalLm {
             _ => batch.attention_layout(self.cfg.attention.mode, &self.device)?,
         };
         let rope = self.rope.tables(batch.positions(), b, t, self.dtype)?;
-        let mut x_BTD = self.embed_tokens.forward(ids)?;
-        let mut routes = Recording::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x_BTD)?, &rope, &layout)?;
-            let h_BTD = (x_BTD + h)?;
-            let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
-            let out_BTD = layer.mlp_forward(&y_BTD, plan, l, batch, &mut routes)?;
-            x_BTD = (h_BTD + out_BTD)?;
-        }
-        let logits = self.lm_head_forward(&self.norm.forward(&x_BTD)?)?;
-        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, routes })
+        Ok(ForwardContext { layout, rope })
+    }
+
+    /// The token embeddings x [B, T, D] of `batch` (ids checked by [`MoeCausalLm::prepare`]).
+    pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(&batch.input_ids_BT)?)
+    }
+
+    /// Decoder layer `l` on x [B, T, D] → [B, T, D]; its route goes into `routes` unless the
+    /// plan computes layer `l` freely.
+    pub fn layer_forward(&self, l: usize, x_BTD: &Tensor, ctx: &ForwardContext, plan: &RoutingPlan, batch: &Batch, routes: &mut Recording) -> Result<Tensor> {
+        let layer = self.layers.get(l).ok_or_else(|| ModelError::Layer { layer: l, msg: format!("the model has {} layers", self.layers.len()) })?;
+        let h = layer.self_attn.forward(&layer.input_layernorm.forward(x_BTD)?, &ctx.rope, &ctx.layout)?;
+        let h_BTD = (x_BTD + h)?;
+        let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
+        let out_BTD = layer.mlp_forward(&y_BTD, plan, l, batch, routes)?;
+        Ok((h_BTD + out_BTD)?)
+    }
+
+    /// The last layer's output [.., D] → logits [.., V] in the model's dtype: the final norm,
+    /// then the LM head. Row by row, so it may run on any subset of the token rows.
+    pub fn head_forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head_forward(&self.norm.forward(x)?)?)
     }
 
     /// Final hidden states [B, T, D] → logits [B, T, V] (tied or untied head).

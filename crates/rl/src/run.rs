@@ -147,6 +147,7 @@ fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
         },
         replay,
         temperature: cfg.rollout.temperature as f64,
+        ..TrainerConfig::default()
     }
 }
 
@@ -166,6 +167,7 @@ fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
         optimizer: AdamWConfig { lr: cfg.warmup.lr, max_grad_norm: Some(1.0), ..AdamWConfig::default() },
         replay: false,
         temperature: 1.0,
+        ..TrainerConfig::default()
     }
 }
 

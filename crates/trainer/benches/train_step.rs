@@ -34,7 +34,7 @@ fn main() {
         ("replay, token ratio", true, RatioMode::Token),
         ("replay, joint ratio", true, RatioMode::Joint(ExpertAggregation::Sum)),
     ] {
-        let cfg = TrainerConfig { loss: LossConfig { ratio, ..LossConfig::default() }, optimizer: AdamWConfig::default(), replay, temperature: 1.0 };
+        let cfg = TrainerConfig { loss: LossConfig { ratio, ..LossConfig::default() }, optimizer: AdamWConfig::default(), replay, temperature: 1.0, ..TrainerConfig::default() };
         let mut t = Trainer::new(model.clone(), cfg).unwrap();
         t.step(std::slice::from_ref(&mb)).unwrap();
         let mut times: Vec<f64> = (0..5)

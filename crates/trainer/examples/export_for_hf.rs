@@ -32,7 +32,7 @@ fn train_batch(model: &MoeCausalLm) -> TrainBatch {
 }
 
 fn export(name: &str, model: MoeCausalLm, out: &Path) {
-    let cfg = TrainerConfig { loss: LossConfig::default(), optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay: true, temperature: 1.0 };
+    let cfg = TrainerConfig { loss: LossConfig::default(), optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay: true, temperature: 1.0, ..TrainerConfig::default() };
     let mb = train_batch(&model);
     let mut t = Trainer::new(model, cfg).unwrap();
     for _ in 0..3 {

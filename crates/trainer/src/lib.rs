@@ -15,6 +15,7 @@ pub mod loss;
 pub mod optim;
 pub mod parallel;
 pub mod route_terms;
+pub mod staged;
 pub mod step_inputs;
 pub mod trainer;
 

@@ -8,18 +8,16 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var, D};
-use lockstep_model::logprobs::at_temperature;
+use candle_core::{DType, Tensor, Var};
 use lockstep_model::metrics::{layer_health, max_vio_prime_rl, slot_load};
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
 pub use crate::batch::{replay_from_recording, OldPolicy, TrainBatch};
 use crate::error::{Result, TrainError};
-use crate::logprobs::token_logprobs;
 use crate::loss::{rl_loss, LossConfig, LossInputs, Objective, PiOld, RatioMode};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
 use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
-use crate::route_terms::shift_to_slots;
+use crate::staged::{GradTargets, StageOptions, Staged};
 use crate::step_inputs::{agreement, check_joint, plan, route_inputs, route_probs_at};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,11 +29,25 @@ pub struct TrainerConfig {
     /// The sampling temperature T of the rollouts: log-probabilities (and entropy) are of
     /// softmax(logits / T), as the engine recorded them.
     pub temperature: f64,
+    /// Drop each decoder layer's activations after its forward and recompute them in the
+    /// backward (bitwise the same gradients; see [`crate::staged`]). Default off.
+    pub activation_checkpointing: bool,
+    /// Token positions per chunk of the LM head + log-softmax (+ entropy) and of its backward:
+    /// a micro-batch never holds more than [chunk, vocab] logits. 0: the whole micro-batch.
+    /// Default 1024.
+    pub logits_chunk_tokens: usize,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
-        Self { loss: LossConfig::default(), optimizer: AdamWConfig::default(), replay: true, temperature: 1.0 }
+        Self {
+            loss: LossConfig::default(),
+            optimizer: AdamWConfig::default(),
+            replay: true,
+            temperature: 1.0,
+            activation_checkpointing: false,
+            logits_chunk_tokens: 1024,
+        }
     }
 }
 
@@ -252,20 +264,8 @@ impl Trainer {
         Ok((norm, Some(self.optimizer.apply_with_grad_norm(&self.params, acc, norm)?)))
     }
 
-    /// [B, T] → per-slot log-probabilities at the rollout temperature, and validity.
-    fn logprobs(&self, logits: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {
-        let (lp, valid) = token_logprobs(&at_temperature(logits, self.cfg.temperature)?, batch)?;
-        Ok((lp.flatten_all()?, valid))
-    }
-
-    /// Per-slot entropy of π_θ at the rollout temperature (of the distribution that predicted
-    /// slot n, at position n − 1), with gradient when `grad`.
-    fn entropy(&self, logits: &Tensor, valid: &[bool], grad: bool) -> Result<Tensor> {
-        let l = at_temperature(logits, self.cfg.temperature)?;
-        let l = if grad { l } else { l.detach() };
-        let logsm = candle_nn::ops::log_softmax(&l, D::Minus1)?;
-        let h_pos = (logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?.flatten_all()?;
-        shift_to_slots(&h_pos, valid)
+    fn stage_options(&self) -> StageOptions {
+        StageOptions { checkpoint: self.cfg.activation_checkpointing, chunk_tokens: self.cfg.logits_chunk_tokens, temperature: self.cfg.temperature }
     }
 
     /// Forward + loss + backward of one micro-batch; gradients go into `acc`.
@@ -273,8 +273,10 @@ impl Trainer {
         tb.check()?;
         let dev = self.model.device().clone();
         let loss_cfg = &self.cfg.loss;
-        let out = self.model.forward(&tb.batch, &plan(&self.model, tb, self.cfg.replay)?)?;
-        let (logp, valid) = self.logprobs(&out.logits, &tb.batch)?;
+        let routing = plan(&self.model, tb, self.cfg.replay)?;
+        let targets = GradTargets { entropy: loss_cfg.entropy_coef != 0.0, router_scores: matches!(loss_cfg.ratio, RatioMode::Joint(_)) };
+        let out = Staged::forward(&self.model, &tb.batch, &routing, self.stage_options(), true, targets)?;
+        let (logp, valid) = (out.logp.clone(), out.valid.clone());
         let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
         let route = route_inputs(&self.model, tb, &out.routes, loss_cfg.ratio, loss_cfg.pi_old)?;
         let logp_old = match (loss_cfg.pi_old, &tb.old) {
@@ -284,12 +286,12 @@ impl Trainer {
         };
         let logp_ref = match &self.reference {
             Some(r) if loss_cfg.kl_coef != 0.0 => {
-                let o = r.forward(&tb.batch, &plan(r, tb, self.cfg.replay)?)?;
-                Some(self.logprobs(&o.logits, &tb.batch)?.0.detach())
+                let rp = plan(r, tb, self.cfg.replay)?;
+                Some(Staged::forward(r, &tb.batch, &rp, self.stage_options(), false, GradTargets::none())?.logp)
             }
             _ => None,
         };
-        let entropy = self.entropy(&out.logits, &valid, loss_cfg.entropy_coef != 0.0)?;
+        let entropy = out.entropy.clone();
         let mut inputs = LossInputs::new(logp, vec_tensor(&tb.logp_infer, &dev)?, vec_tensor(&tb.advantages, &dev)?, vec_tensor(&mask, &dev)?);
         inputs.logp_old = logp_old;
         inputs.route_logp_train = route.route_logp_train;
@@ -304,7 +306,9 @@ impl Trainer {
             inputs.sequence = Some(sample_ids(&tb.batch));
         }
         let (loss, lm) = rl_loss(loss_cfg, &inputs, denominator)?;
-        acc.add(&self.params, &loss.backward()?)?;
+        drop(inputs);
+        let routes = out.routes.clone();
+        out.backward(&loss, &self.params, acc)?;
 
         // metrics (weighted by tokens, divided at the end)
         let t = lm.tokens;
@@ -324,7 +328,7 @@ impl Trainer {
         m.entropy += ent.iter().zip(&mask).map(|(&h, &w)| (h * w) as f64).sum::<f64>();
         let real = tb.batch.real_mask();
         let score = self.model.cfg.moe.router.score_function;
-        for (&l, r) in &out.routes {
+        for (&l, r) in &routes {
             let h = layer_health(r, &real, score)?;
             let (same, compared) = agreement(&self.model, l, r, tb)?;
             let prime = max_vio_prime_rl(&slot_load(r)?, self.model.cfg.moe.router.top_k);
@@ -360,12 +364,13 @@ impl Trainer {
         for i in 0..rounds {
             let Some(tb) = micro.get_mut(i) else {
                 let tb = empty.as_ref().ok_or_else(|| TrainError::input("<ranks>", "no batch for an empty round"))?;
-                self.model.forward(&tb.batch, &RoutingPlan::compute())?;
+                Staged::forward(&self.model, &tb.batch, &RoutingPlan::compute(), self.stage_options(), false, GradTargets::none())?;
                 continue;
             };
             tb.check()?;
-            let out = self.model.forward(&tb.batch, &plan(&self.model, tb, self.cfg.replay)?)?;
-            let (logp, valid) = self.logprobs(&out.logits.detach(), &tb.batch)?;
+            let routing = plan(&self.model, tb, self.cfg.replay)?;
+            let out = Staged::forward(&self.model, &tb.batch, &routing, self.stage_options(), false, GradTargets::none())?;
+            let (logp, valid) = (out.logp.clone(), out.valid.clone());
             let logp: Vec<f32> = logp.to_vec1()?;
             for ((&lo, &li), (&m, &v)) in logp.iter().zip(&tb.logp_infer).zip(tb.loss_mask.iter().zip(&valid)) {
                 if m > 0.0 && v {
@@ -535,13 +540,14 @@ impl Trainer {
         let empty = if rounds > micro.len() { Some(self.empty_batch()?) } else { None };
         for i in 0..rounds {
             let tb = micro.get(i).or(empty.as_ref()).expect("an empty batch pads the missing rounds");
-            let out = self.model.forward(&tb.batch, &RoutingPlan::compute())?;
-            let (logp, valid) = token_logprobs(&out.logits, &tb.batch)?;
-            let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
+            let compute = RoutingPlan::compute();
+            let opts = StageOptions { temperature: 1.0, ..self.stage_options() };
+            let out = Staged::forward(&self.model, &tb.batch, &compute, opts, true, GradTargets::none())?;
+            let mask: Vec<f32> = tb.loss_mask.iter().zip(&out.valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
             let mask = vec_tensor(&mask, self.model.device())?;
-            let loss = ((logp.flatten_all()? * mask)?.sum_all()?.neg()? / denominator)?;
+            let loss = ((&out.logp * mask)?.sum_all()?.neg()? / denominator)?;
             total += loss.to_scalar::<f32>()? as f64;
-            acc.add(&self.params, &loss.backward()?)?;
+            out.backward(&loss, &self.params, &mut acc)?;
         }
         let total = match &self.parallel {
             Some(dp) => sum_over_ranks(dp.as_ref(), &[total])?[0],

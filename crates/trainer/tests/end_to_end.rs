@@ -43,7 +43,7 @@ fn engine_rollouts_train_on_policy_bit_for_bit() {
     assert!(mbs.len() > 1, "several micro-batches");
     let tbs: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &Device::Cpu).unwrap()).collect();
     for ratio in [RatioMode::Token, RatioMode::Joint(ExpertAggregation::Sum)] {
-        let cfg = TrainerConfig { loss: LossConfig { ratio, ..LossConfig::default() }, optimizer: AdamWConfig::default(), replay: true, temperature: 1.0 };
+        let cfg = TrainerConfig { loss: LossConfig { ratio, ..LossConfig::default() }, optimizer: AdamWConfig::default(), replay: true, temperature: 1.0, ..TrainerConfig::default() };
         let mut t = Trainer::new(model.clone(), cfg).unwrap();
         let m = t.step(&tbs).unwrap();
         assert_eq!(m.kl, 0.0, "{ratio:?}: on-policy means ρ = 1 exactly");

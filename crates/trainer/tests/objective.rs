@@ -50,7 +50,7 @@ fn rollouts(model: &MoeCausalLm, temperature: f32, n: usize) -> Vec<TrainBatch> 
 }
 
 fn cfg(loss: LossConfig, replay: bool, temperature: f64) -> TrainerConfig {
-    TrainerConfig { loss, optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay, temperature }
+    TrainerConfig { loss, optimizer: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() }, replay, temperature, ..TrainerConfig::default() }
 }
 
 /// The same trace with other ids / probabilities.

@@ -42,6 +42,7 @@ fn cfg(replay: bool, ratio: RatioMode) -> TrainerConfig {
         optimizer: AdamWConfig { lr: 3e-3, warmup_steps: 2, schedule: Schedule::Cosine { total_steps: 20, min_lr_ratio: 0.1 }, weight_decay: 0.01, ..AdamWConfig::default() },
         replay,
         temperature: 1.0,
+        ..TrainerConfig::default()
     }
 }
 

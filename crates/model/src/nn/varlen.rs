@@ -109,17 +109,17 @@ impl KeyLayout {
         self.table[self.q_start[n] as usize + j / bs] as usize * bs + j % bs
     }
 
-    /// Additive bias [1, 1, N, R]: 0 where query n sees pool row r, −inf elsewhere (the
-    /// backward's recomputation; the trainer's pools are its packed rows, R = N).
-    fn bias(&self, dev: &candle_core::Device) -> Result<Tensor> {
-        let (n, r) = (self.num_queries(), self.rows);
-        let mut b = vec![f32::NEG_INFINITY; n * r];
-        for q in 0..n {
-            for j in 0..self.q_keys[q] as usize {
-                b[q * r + self.key_row(q, j)] = 0.0;
+    /// The queries in groups that share one key list (a sequence of the packed row: the same
+    /// table segment), as contiguous ranges `[a, b)` covering 0..N in order.
+    fn groups(&self) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for n in 0..self.num_queries() {
+            match out.last_mut() {
+                Some(g) if self.q_start[g.0] == self.q_start[n] => g.1 = n + 1,
+                _ => out.push((n, n + 1)),
             }
         }
-        Tensor::from_vec(b, (1, 1, n, r), dev)
+        out
     }
 }
 
@@ -209,28 +209,50 @@ impl CustomOp3 for Varlen {
         crate::gpu::paged::varlen_attention(s1, l1, s2, l2, s3, l3, &host, (n, h, g, dh), self.scale)
     }
 
-    /// Ordinary candle ops in f32 over the dense [N, R] visibility (exactness is needed of the
-    /// forward only).
+    /// Ordinary candle ops in f32, one sequence (query group) at a time over its own keys:
+    /// memory O(H · len²) for the longest sequence, never [N, R] over the packed row
+    /// (exactness is needed of the forward only).
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, h, dh) = q.dims3()?;
         let (rows, g, _) = k.dims3()?;
         let r = h / g;
-        let f = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.unsqueeze(0) };
-        // [1, H, N, Dh] and [1, H, R, Dh] (kv heads repeated over their query heads)
-        let (qh, oh, goh) = (f(q)?, f(o)?, f(g_o)?);
-        let expand = |x: &Tensor| -> Result<Tensor> { f(x)?.unsqueeze(2)?.broadcast_as((1, g, r, rows, dh))?.reshape((1, h, rows, dh)) };
-        let (ke, ve) = (expand(k)?, expand(v)?);
-        let s = (qh.matmul(&ke.t()?)? * self.scale as f64)?.broadcast_add(&self.layout.bias(q.device())?)?;
-        let p = candle_nn::ops::softmax(&s, D::Minus1)?;
-        let d_v = p.t()?.matmul(&goh)?; // [1, H, R, Dh]
-        let d_p = goh.matmul(&ve.t()?)?; // [1, H, N, R]
-        let delta = (&goh * &oh)?.sum_keepdim(D::Minus1)?;
-        let d_s = (&p * d_p.broadcast_sub(&delta)?)?;
-        let d_q = (d_s.matmul(&ke)? * self.scale as f64)?;
-        let d_k = (d_s.t()?.matmul(&qh)? * self.scale as f64)?;
-        let back = |x: Tensor, like: &Tensor| -> Result<Tensor> { x.squeeze(0)?.transpose(0, 1)?.contiguous()?.to_dtype(like.dtype()) };
-        let fold = |x: Tensor| -> Result<Tensor> { x.reshape((g, r, rows, dh))?.sum(1)?.unsqueeze(0) };
-        Ok((Some(back(d_q, q)?), Some(back(fold(d_k)?, k)?), Some(back(fold(d_v)?, v)?)))
+        let dev = q.device();
+        let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
+        let (q32, o32, go32, k32, v32) = (f32c(q)?, f32c(o)?, f32c(g_o)?, f32c(k)?, f32c(v)?);
+        // [nq, H, Dh] → [1, H, nq, Dh]; keys [K, G, Dh] → [1, H, K, Dh] (kv heads repeated)
+        let heads = |t: Tensor| -> Result<Tensor> { t.transpose(0, 1)?.contiguous()?.unsqueeze(0) };
+        let expand = |x: Tensor, kk: usize| -> Result<Tensor> { heads(x)?.unsqueeze(2)?.broadcast_as((1, g, r, kk, dh))?.reshape((1, h, kk, dh)) };
+        let fold = |x: Tensor, kk: usize| -> Result<Tensor> { x.reshape((g, r, kk, dh))?.sum(1)?.transpose(0, 1)?.contiguous() };
+        let lay = &self.layout;
+        let mut d_q_parts = Vec::new();
+        let mut d_k = Tensor::zeros((rows, g, dh), DType::F32, dev)?;
+        let mut d_v = Tensor::zeros((rows, g, dh), DType::F32, dev)?;
+        for (a, b) in lay.groups() {
+            let nq = b - a;
+            let kk = (a..b).map(|n| lay.q_keys[n] as usize).max().unwrap_or(1);
+            let key_rows: Vec<u32> = (0..kk).map(|j| lay.key_row(a, j) as u32).collect();
+            let mut bias = vec![f32::NEG_INFINITY; nq * kk];
+            for (i, n) in (a..b).enumerate() {
+                bias[i * kk..i * kk + lay.q_keys[n] as usize].fill(0.0);
+            }
+            let bias = Tensor::from_vec(bias, (1, 1, nq, kk), dev)?;
+            let idx = Tensor::from_vec(key_rows, kk, dev)?;
+            let (qh, oh, goh) = (heads(q32.narrow(0, a, nq)?)?, heads(o32.narrow(0, a, nq)?)?, heads(go32.narrow(0, a, nq)?)?);
+            let (ke, ve) = (expand(k32.index_select(&idx, 0)?, kk)?, expand(v32.index_select(&idx, 0)?, kk)?);
+            let s = (qh.matmul(&ke.t()?)? * self.scale as f64)?.broadcast_add(&bias)?;
+            let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+            let dv = p.t()?.matmul(&goh)?; // [1, H, K, Dh]
+            let dp = goh.matmul(&ve.t()?)?; // [1, H, nq, K]
+            let delta = (&goh * &oh)?.sum_keepdim(D::Minus1)?;
+            let ds = (&p * dp.broadcast_sub(&delta)?)?;
+            let dq = (ds.matmul(&ke)? * self.scale as f64)?;
+            let dk = (ds.t()?.matmul(&qh)? * self.scale as f64)?;
+            d_q_parts.push(dq.squeeze(0)?.transpose(0, 1)?.contiguous()?);
+            d_k = d_k.index_add(&idx, &fold(dk, kk)?, 0)?;
+            d_v = d_v.index_add(&idx, &fold(dv, kk)?, 0)?;
+        }
+        let d_q = if d_q_parts.is_empty() { q32.zeros_like()? } else { Tensor::cat(&d_q_parts, 0)? };
+        Ok((Some(d_q.to_dtype(q.dtype())?), Some(d_k.to_dtype(k.dtype())?), Some(d_v.to_dtype(v.dtype())?)))
     }
 }
 

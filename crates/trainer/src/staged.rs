@@ -1,0 +1,290 @@
+//! The trainer's forward and backward in stages — embeddings, each decoder layer, the head —
+//! so that a micro-batch holds at most one decoder layer's autograd graph with activation
+//! checkpointing on, and never a [tokens, vocab] tensor for a whole micro-batch.
+//!
+//! Forward: x₀ = embed(ids); x_{l+1} = layer_l(x_l), every layer's input kept as a leaf `Var`.
+//! Without checkpointing each layer's graph is kept; with it the graph is dropped. The head runs
+//! in chunks of C positions: logits [C, V] → the log-probability of the next token and the
+//! entropy at each position, without gradient.
+//!
+//! Backward, each stage through a surrogate Σ y · ∂L/∂y (whose gradient at y is ∂L/∂y exactly):
+//! 1. the loss, from leaves (slot log-probabilities, entropies, each replayed layer's router
+//!    scores) → their gradients;
+//! 2. the head, chunk by chunk: the chunk's logits recomputed from the last layer's output rows
+//!    → ∂L/∂(final norm, LM head) and ∂L/∂x_L of those rows;
+//! 3. each layer from the last: its kept graph, or with checkpointing its forward recomputed —
+//!    the same ops on the same input under the same routing plan, so bitwise the first forward,
+//!    replayed routes included — → ∂L/∂(layer weights) and ∂L/∂x_l;
+//! 4. the embeddings.
+//!
+//! Every stage's parameter gradients go into the step's [`GradAccumulator`]. Checkpointing
+//! changes what is kept, not the arithmetic: the gradients are bitwise the same with it and
+//! without. The chunked log-probabilities are the unchunked ones bit for bit wherever the head's
+//! rows do not depend on how many rows one product holds (the batch-invariant kernels).
+//!
+//! Legend: B rows, T slots per row, N = B·T positions (slots), D hidden, V vocab, C chunk rows,
+//! E experts.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var, D};
+use lockstep_model::logprobs::at_temperature;
+use lockstep_model::{Batch, ForwardContext, LayerRoute, MoeCausalLm, Recording, RoutingPlan};
+
+use crate::error::{Result, TrainError};
+use crate::optim::GradAccumulator;
+
+/// How a micro-batch is run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StageOptions {
+    /// Drop each decoder layer's graph after its forward and recompute it in the backward.
+    pub checkpoint: bool,
+    /// Positions per head chunk (0: the whole micro-batch at once).
+    pub chunk_tokens: usize,
+    /// Sampling temperature of the log-probabilities and entropies.
+    pub temperature: f64,
+}
+
+/// What the loss stage may take gradients of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradTargets {
+    /// the entropies (entropy bonus)
+    pub entropy: bool,
+    /// the replayed layers' router scores (joint ratio)
+    pub router_scores: bool,
+}
+
+impl GradTargets {
+    /// Only the log-probabilities take gradients (or nothing does: scoring).
+    pub fn none() -> Self {
+        Self { entropy: false, router_scores: false }
+    }
+}
+
+/// One micro-batch's staged forward ([module doc](self)).
+pub struct Staged<'a> {
+    model: &'a MoeCausalLm,
+    batch: &'a Batch,
+    plan: &'a RoutingPlan,
+    ctx: ForwardContext,
+    opts: StageOptions,
+    /// input of each layer (leaf Vars when training), then the last layer's output
+    xs: Vec<Tensor>,
+    /// per layer, when kept: its output and its router scores, with their graphs
+    kept: Vec<Option<(Tensor, Option<Tensor>)>>,
+    /// per replayed / recorded MoE layer: the route applied, detached; its `scores_NE` is a
+    /// leaf when the router scores take gradients
+    pub routes: Recording,
+    /// [N] per slot: log π(token at n | prefix), 0 where invalid (a leaf when training)
+    pub logp: Tensor,
+    /// [N] per slot: entropy of the distribution that predicted slot n, 0 where invalid
+    pub entropy: Tensor,
+    /// per slot: its previous slot lies in the same sequence
+    pub valid: Vec<bool>,
+    /// per position p: the slot its prediction scores (p + 1), for the head's backward
+    has_target: Vec<bool>,
+    train: bool,
+}
+
+/// A route with every tensor detached from its graph.
+fn detached(r: &LayerRoute) -> LayerRoute {
+    LayerRoute {
+        num_tokens: r.num_tokens,
+        top_k: r.top_k,
+        token_A: r.token_A.detach(),
+        expert_A: r.expert_A.detach(),
+        prob_A: r.prob_A.detach(),
+        weight_A: r.weight_A.detach(),
+        scores_NE: r.scores_NE.detach(),
+        logits_NE: r.logits_NE.detach(),
+    }
+}
+
+fn leaf(t: &Tensor) -> Result<Tensor> {
+    Ok(Var::from_tensor(&t.detach())?.as_tensor().clone())
+}
+
+/// Per position p: the token it predicts (p + 1 in the same sequence, else 0) and whether it
+/// has one; per slot n: whether it is predicted (`valid`).
+fn targets(batch: &Batch) -> Result<(Vec<u32>, Vec<bool>, Vec<bool>)> {
+    let (b, t) = batch.dims();
+    let ids: Vec<u32> = batch.input_ids_BT.flatten_all()?.to_vec1()?;
+    let seg = batch.segments();
+    let (mut target, mut has, mut valid) = (vec![0u32; b * t], vec![false; b * t], vec![false; b * t]);
+    for r in 0..b {
+        for p in 0..t.saturating_sub(1) {
+            let (i, j) = (r * t + p, r * t + p + 1);
+            if seg[i] != 0 && seg[i] == seg[j] {
+                target[i] = ids[j];
+                has[i] = true;
+                valid[j] = true;
+            }
+        }
+    }
+    Ok((target, has, valid))
+}
+
+/// Slot n takes position n − 1's value where `valid[n]`, else 0 (a `where`, never a product,
+/// so a −inf log-probability at an invalid position stays out).
+fn to_slots(x_N: &Tensor, valid: &[bool]) -> Result<Tensor> {
+    let dev = x_N.device();
+    let idx: Vec<u32> = valid.iter().enumerate().map(|(n, &v)| if v { n as u32 - 1 } else { 0 }).collect();
+    let mask: Vec<u8> = valid.iter().map(|&v| u8::from(v)).collect();
+    let picked = x_N.index_select(&Tensor::from_vec(idx, valid.len(), dev)?, 0)?;
+    Ok(Tensor::from_vec(mask, valid.len(), dev)?.where_cond(&picked, &picked.zeros_like()?)?)
+}
+
+/// Position p takes slot p + 1's value where `has[p]`, else 0: a slot gradient moved to the
+/// position that predicted it.
+fn to_positions(g_N: &Tensor, has: &[bool]) -> Result<Tensor> {
+    let dev = g_N.device();
+    let idx: Vec<u32> = has.iter().enumerate().map(|(p, &h)| if h { p as u32 + 1 } else { 0 }).collect();
+    let mask: Vec<u8> = has.iter().map(|&h| u8::from(h)).collect();
+    let picked = g_N.index_select(&Tensor::from_vec(idx, has.len(), dev)?, 0)?;
+    Ok(Tensor::from_vec(mask, has.len(), dev)?.where_cond(&picked, &picked.zeros_like()?)?)
+}
+
+/// Head of rows x [C, D]: per row the log-probability of its target and (when asked) its
+/// entropy, [C] f32.
+fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature: f64, entropy: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let logits = at_temperature(&model.head_forward(x_CD)?, temperature)?;
+    let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let lp = logsm.gather(&target_C.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let h = if entropy { Some((logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?) } else { None };
+    Ok((lp, h))
+}
+
+/// The positions [a, b) of each head chunk.
+fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    let size = if size == 0 { n.max(1) } else { size };
+    (0..n.div_ceil(size)).map(move |c| (c * size, ((c + 1) * size).min(n)))
+}
+
+impl<'a> Staged<'a> {
+    /// The forward of `batch` under `plan`. `train`: leaves and (without checkpointing) graphs
+    /// are kept for [`Staged::backward`]; otherwise nothing is (scoring, the reference).
+    pub fn forward(model: &'a MoeCausalLm, batch: &'a Batch, plan: &'a RoutingPlan, opts: StageOptions, train: bool, targets_: GradTargets) -> Result<Self> {
+        let ctx = model.prepare(batch, plan)?;
+        let (b, t) = batch.dims();
+        let n = b * t;
+        let mut x = model.embed(batch)?.detach();
+        let layers = model.layers.len();
+        let (mut xs, mut kept) = (Vec::with_capacity(layers + 1), Vec::with_capacity(layers));
+        let mut routes = Recording::new();
+        for l in 0..layers {
+            let x_in = if train { leaf(&x)? } else { x };
+            let mut rec = Recording::new();
+            let y = model.layer_forward(l, &x_in, &ctx, plan, batch, &mut rec)?;
+            let scores = rec.get(&l).map(|r| r.scores_NE.clone());
+            if let Some(r) = rec.get(&l) {
+                let mut d = detached(r);
+                if train && targets_.router_scores {
+                    d.scores_NE = leaf(&r.scores_NE)?;
+                }
+                routes.insert(l, d);
+            }
+            x = y.detach();
+            kept.push(if train && !opts.checkpoint { Some((y, scores)) } else { None });
+            xs.push(x_in);
+        }
+        let last = if train { leaf(&x)? } else { x };
+        xs.push(last);
+        let (target, has, valid) = targets(batch)?;
+        let dev = model.device();
+        let x_ND = xs[layers].detach().reshape((n, model.cfg.hidden_size))?;
+        let target = Tensor::from_vec(target, n, dev)?;
+        let (mut lps, mut hs) = (Vec::new(), Vec::new());
+        for (a, b) in chunks(n, opts.chunk_tokens) {
+            let (lp, h) = head_rows(model, &x_ND.narrow(0, a, b - a)?, &target.narrow(0, a, b - a)?, opts.temperature, true)?;
+            lps.push(lp.detach());
+            hs.extend(h.map(|h| h.detach()));
+        }
+        let mut logp = to_slots(&Tensor::cat(&lps, 0)?, &valid)?;
+        let mut entropy = to_slots(&Tensor::cat(&hs, 0)?, &valid)?;
+        if train {
+            logp = leaf(&logp)?;
+            if targets_.entropy {
+                entropy = leaf(&entropy)?;
+            }
+        }
+        Ok(Self { model, batch, plan, ctx, opts, xs, kept, routes, logp, entropy, valid, has_target: has, train })
+    }
+
+    /// Backward of `loss` (a scalar built from [`Staged::logp`], [`Staged::entropy`] and the
+    /// router scores in [`Staged::routes`]) through every stage into `acc`.
+    pub fn backward(mut self, loss: &Tensor, params: &[(String, Var)], acc: &mut GradAccumulator) -> Result<()> {
+        if !self.train {
+            return Err(TrainError::input("backward", "a staged forward made without train has no graph"));
+        }
+        let model = self.model;
+        let g = loss.backward()?;
+        acc.add(params, &g)?;
+        let grad_or_zero = |t: &Tensor| -> Result<Tensor> {
+            match g.get(t) {
+                Some(x) => Ok(x.detach()),
+                None => Ok(t.zeros_like()?.detach()),
+            }
+        };
+        let g_lp = to_positions(&grad_or_zero(&self.logp)?, &self.has_target)?;
+        let g_h = match g.get(&self.entropy) {
+            Some(x) => Some(to_positions(&x.detach(), &self.has_target)?),
+            None => None,
+        };
+        let mut g_scores: BTreeMap<usize, Tensor> = BTreeMap::new();
+        for (&l, r) in &self.routes {
+            if let Some(x) = g.get(&r.scores_NE) {
+                g_scores.insert(l, x.detach());
+            }
+        }
+        drop(g);
+        // 2. the head, chunk by chunk
+        let (b, t) = self.batch.dims();
+        let (n, d) = (b * t, model.cfg.hidden_size);
+        let layers = model.layers.len();
+        let x_ND = self.xs[layers].detach().reshape((n, d))?;
+        let (target, _, _) = targets(self.batch)?;
+        let target = Tensor::from_vec(target, n, model.device())?;
+        let mut g_x_parts = Vec::new();
+        for (a, b) in chunks(n, self.opts.chunk_tokens) {
+            let x_c = leaf(&x_ND.narrow(0, a, b - a)?)?;
+            let (lp, h) = head_rows(model, &x_c, &target.narrow(0, a, b - a)?, self.opts.temperature, g_h.is_some())?;
+            let mut s = (lp * g_lp.narrow(0, a, b - a)?)?.sum_all()?;
+            if let (Some(h), Some(g_h)) = (h, &g_h) {
+                s = (s + (h * g_h.narrow(0, a, b - a)?)?.sum_all()?)?;
+            }
+            let gs = s.backward()?;
+            acc.add(params, &gs)?;
+            g_x_parts.push(match gs.get(&x_c) {
+                Some(x) => x.detach(),
+                None => x_c.zeros_like()?.detach(),
+            });
+        }
+        let mut g_x = Tensor::cat(&g_x_parts, 0)?.reshape((b, t, d))?;
+        // 3. the layers, from the last
+        for l in (0..layers).rev() {
+            let (y, scores) = match self.kept[l].take() {
+                Some(k) => k,
+                None => {
+                    let mut rec = Recording::new();
+                    let y = model.layer_forward(l, &self.xs[l], &self.ctx, self.plan, self.batch, &mut rec)?;
+                    (y, rec.get(&l).map(|r| r.scores_NE.clone()))
+                }
+            };
+            let mut s = (y * g_x.to_dtype(self.xs[l].dtype())?)?.sum_all()?.to_dtype(DType::F32)?;
+            if let (Some(sc), Some(gs)) = (scores, g_scores.get(&l)) {
+                s = (s + (sc * gs)?.sum_all()?.to_dtype(DType::F32)?)?;
+            }
+            let gs = s.backward()?;
+            acc.add(params, &gs)?;
+            g_x = match gs.get(&self.xs[l]) {
+                Some(x) => x.detach(),
+                None => self.xs[l].zeros_like()?.detach(),
+            };
+        }
+        // 4. the embeddings
+        let x0 = model.embed(self.batch)?;
+        let s = (x0 * g_x.to_dtype(self.xs[0].dtype())?)?.sum_all()?;
+        acc.add(params, &s.backward()?)?;
+        Ok(())
+    }
+}
