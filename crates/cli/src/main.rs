@@ -3,6 +3,7 @@
 mod args;
 mod bench_ep_cmd;
 mod bench_invariant_cmd;
+mod bench_rl_cmd;
 mod bench_serve_cmd;
 mod bench_moe_cmd;
 mod consistency_cmd;
@@ -11,6 +12,7 @@ mod dist_check_cmd;
 mod device;
 #[cfg(feature = "cuda")]
 mod gpu_timer;
+mod init_cmd;
 mod launch_cmd;
 mod out;
 mod serve_cmd;
@@ -53,6 +55,10 @@ enum Command {
     DistCheck(dist_check_cmd::DistCheckArgs),
     /// Time EP dispatch / combine beside plain NCCL all-to-all, and an EP MoE layer vs one GPU.
     BenchEp(bench_ep_cmd::BenchEpArgs),
+    /// A random-weight checkpoint for a config.json, sharded as transformers writes one.
+    Init(init_cmd::InitArgs),
+    /// Time a synthetic RL step by phase: rollouts, pi_old scoring, fwd+bwd+optimizer, weight sync; MFU, JSON out.
+    BenchRl(bench_rl_cmd::BenchRlArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,13 +96,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchMoe(_) => Some("bench-moe"),
         Command::BenchInvariant(_) => Some("bench-invariant"),
         Command::BenchServe(_) => Some("bench-serve"),
+        Command::Init(_) => Some("init"),
+        Command::BenchRl(_) => Some("bench-rl"),
     };
     if let Some(name) = single_rank {
         launch_cmd::refuse_under_launch(name)?;
     }
     if matches!(
         cli.command,
-        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchServe(_)
+        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchServe(_) | Command::Init(_) | Command::BenchRl(_)
     ) {
         quiet_on_closed_pipe();
     }
@@ -113,5 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Launch(args) => launch_cmd::run(args),
         Command::DistCheck(args) => dist_check_cmd::run(args),
         Command::BenchEp(args) => bench_ep_cmd::run(args),
+        Command::Init(args) => init_cmd::run(args),
+        Command::BenchRl(args) => bench_rl_cmd::run(args),
     }
 }

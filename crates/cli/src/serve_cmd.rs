@@ -22,9 +22,28 @@ pub struct ServeArgs {
     /// Most sequences in one engine step.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
-    /// Most sequences queued behind the running batch; more get 503 (admission control).
+    /// Most sequences queued behind the running batch; more get 503 `max_waiting` with
+    /// Retry-After (admission control).
     #[arg(long, default_value_t = 1024)]
     max_waiting: usize,
+    /// Most open connections; one more is answered 503 `max_connections` (Retry-After) and
+    /// closed at once.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds from a request's first byte to its last header (slow clients are dropped);
+    /// 0: no bound.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout_s: f64,
+    /// Seconds for the whole request body once the headers are in (408); 0: no bound.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout_s: f64,
+    /// Seconds a connection may sit without a request before it is closed; 0: no bound.
+    #[arg(long, default_value_t = 60.0)]
+    idle_timeout_s: f64,
+    /// Seconds a generation request may take in all (504, its sequences aborted and their KV
+    /// blocks freed); 0 (the default): no deadline.
+    #[arg(long, default_value_t = 0.0)]
+    request_timeout_s: f64,
     /// Do not record routes (responses then carry none).
     #[arg(long)]
     no_capture: bool,
@@ -34,6 +53,11 @@ pub struct ServeArgs {
     /// Weights and compute dtype: f32 or bf16 (weight reloads load in it too).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Accept checkpoint tensors the config has no place for (an `lm_head.weight` beside
+    /// `tie_word_embeddings: true`, layers past `num_hidden_layers`): ignored instead of refused
+    /// by name. Applies to weight reloads too.
+    #[arg(long)]
+    allow_unused: bool,
     /// API key required as `Authorization: Bearer <key>` on every endpoint but `GET /health`
     /// (default: $LOCKSTEP_API_KEY; none: no key needed). Prefer the variable: flags show in `ps`.
     #[arg(long)]
@@ -72,6 +96,12 @@ fn flag_or_env(flag: Option<String>, var: &str) -> anyhow::Result<Option<String>
     }
 }
 
+fn secs(s: f64, flag: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    Ok(lockstep_server::Limits::secs(s, flag)?)
+}
+
+/// Serve until SIGTERM or Ctrl-C, then drain (new requests 503 `draining`, running ones
+/// finish) and exit 0; a second signal stops at once (exit 1).
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = lockstep_server::ServerConfig {
         model: args.model,
@@ -82,6 +112,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         capture_routes: !args.no_capture,
         device: crate::device::parse(&args.device)?,
         dtype: crate::args::dtype(&args.dtype)?,
+        allow_unused: args.allow_unused,
         security: lockstep_server::Security {
             api_key: flag_or_env(args.api_key, "LOCKSTEP_API_KEY")?,
             admin_key: flag_or_env(args.admin_key, "LOCKSTEP_ADMIN_KEY")?,
@@ -89,6 +120,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             allowed_hosts: args.allowed_hosts,
             weights_root: Some(args.weights_root.unwrap_or_else(|| ".".into())),
             allow_same_version: args.allow_same_version,
+        },
+        limits: lockstep_server::Limits {
+            max_connections: args.max_connections,
+            header_timeout: secs(args.header_timeout_s, "--header-timeout-s")?,
+            body_timeout: secs(args.body_timeout_s, "--body-timeout-s")?,
+            idle_timeout: secs(args.idle_timeout_s, "--idle-timeout-s")?,
+            request_timeout: secs(args.request_timeout_s, "--request-timeout-s")?,
         },
     };
     let addr = format!("{}:{}", args.host, args.port);

@@ -310,3 +310,76 @@ fn invariant_gradients_match_standard_kernels() {
     println!("invariant vs standard gradients: worst {:.3e} ({})", worst.0, worst.1);
     assert!(worst.0 < 1e-4, "worst gradient {} {:e}", worst.1, worst.0);
 }
+
+/// The checksum of every parameter (f64 sum of its values): equal sums for equal bits, and a
+/// changed bit changes it in practice — without copying billions of weights to the host.
+fn param_sums(t: &lockstep_trainer::trainer::Trainer) -> Vec<u64> {
+    t.params.iter().map(|(_, v)| v.as_tensor().to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().to_bits()).collect()
+}
+
+/// At the Qwen3-30B-A3B width (8 layers, 5.6B parameters, bf16 with f32 master weights): the
+/// trainer's π_old scoring (the staged forward, LM head in chunks) equals the engine's log-probs
+/// bit for bit, and a step with activation checkpointing updates the weights bitwise as a step
+/// without it.
+#[test]
+fn trainer_equals_engine_at_the_30b_width_in_bf16() {
+    use lockstep_trace::pack::{pack, PackConfig, Sample};
+    use lockstep_trainer::trainer::{TrainBatch, Trainer, TrainerConfig};
+    let dev = gpu();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/configs/qwen3_30b_a3b.json")).unwrap();
+    let mut cfg = ModelConfig::from_json_str(&text, "qwen3_30b_a3b.json").unwrap();
+    // 8 layers need ~120 GB (two trainers' states one after the other): an H200; 2 on smaller GPUs
+    let total = lockstep_model::memory_info(&dev).unwrap().map_or(0, |(_, t)| t);
+    let layers = if total >= 130_000_000_000 { 8 } else { 2 };
+    cfg.num_layers = layers;
+    cfg.moe_layers = (0..layers).collect();
+    let mut base = MoeCausalLm::random_on_device(&cfg, 7, DType::BF16, &dev).unwrap();
+    base.set_kernels(Kernels::Invariant);
+    let tcfg = |checkpoint: bool| TrainerConfig { dtype: DType::BF16, activation_checkpointing: checkpoint, logits_chunk_tokens: 256, ..TrainerConfig::default() };
+    let mut trainer = Trainer::new(base.clone(), tcfg(true)).unwrap();
+    let mut engine = Engine::new(trainer.inference_model().unwrap());
+    let vocab = cfg.vocab_size as u32;
+    let reqs: Vec<Request> = (0..8)
+        .map(|i| Request {
+            prompt: (0..(40 + 9 * i)).map(|j| ((i * 7919 + j * 104_729 + 3) as u32) % vocab).collect(),
+            params: SamplingParams { seed: i as u64, max_tokens: 24, ..SamplingParams::default() },
+        })
+        .collect();
+    let done = engine.generate(reqs).unwrap();
+    let samples: Vec<Sample> = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let seq = c.sequence();
+            let p = c.prompt.len();
+            let mut logprobs = vec![0f32; p];
+            logprobs.extend_from_slice(&c.logprobs);
+            Sample { loss_mask: (0..seq.len()).map(|t| t >= p).collect(), advantages: vec![if i % 2 == 0 { 1.0 } else { -1.0 }; seq.len()], logprobs, routes: c.routes.clone(), tokens: seq }
+        })
+        .collect();
+    let mbs = pack(&samples, &PackConfig { token_budget: 2048, pad_to_multiple: 1, pad_token: 0 }).unwrap();
+    let mut micro: Vec<TrainBatch> = mbs.iter().map(|mb| TrainBatch::from_micro_batch(mb, &dev).unwrap()).collect();
+    let score = trainer.score(&mut micro).unwrap();
+    println!("30B width, {layers} layers, bf16: {} completion tokens, trainer vs engine max |Δ logprob| {:.3e}", score.tokens, score.max_abs_logprob_diff);
+    assert!(score.tokens > 100.0);
+    assert_eq!(score.max_abs_logprob_diff, 0.0, "the trainer's bf16 log-probs are the engine's");
+    drop(engine);
+    let a = trainer.step(&micro).unwrap();
+    let peak = lockstep_model::memory_peak(&dev, true).unwrap();
+    println!("checkpointed step: loss {:.4e} grad norm {:.4e} peak {:?} GB; {}", a.loss, a.grad_norm, peak.map(|b| b as f64 / 1e9), trainer.memory_plan(2048));
+    assert_eq!(a.max_abs_logprob_diff, 0.0);
+    assert!(a.loss.is_finite() && a.grad_norm.is_finite() && a.grad_norm > 0.0);
+    let after_checkpointed = param_sums(&trainer);
+    drop(trainer);
+    let mut plain = Trainer::new(base, tcfg(false)).unwrap();
+    for tb in &mut micro {
+        tb.old = None;
+    }
+    plain.score(&mut micro).unwrap();
+    let b = plain.step(&micro).unwrap();
+    let peak = lockstep_model::memory_peak(&dev, true).unwrap();
+    println!("plain step: loss {:.4e} grad norm {:.4e} peak {:?} GB", b.loss, b.grad_norm, peak.map(|b| b as f64 / 1e9));
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+    assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits());
+    assert_eq!(after_checkpointed, param_sums(&plain), "checkpointing changes no bit of the update");
+}

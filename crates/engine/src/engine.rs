@@ -224,7 +224,21 @@ impl Engine {
     }
 
     /// Queue a request; it joins the batch at a later step (when there is room in the pool).
+    /// It is a fairness group of its own (see [`Engine::submit_in_group`]).
     pub fn submit(&mut self, req: Request) -> Result<u64> {
+        self.submit_to(req, None)
+    }
+
+    /// [`Engine::submit`] as a member of `group` (a server's client request: its prompts × `n`
+    /// samples). Admission is fair between groups (`crate::step`): a waiting group holding no
+    /// running sequence while the batch is full gets a slot from the group holding the most,
+    /// and free slots go to the groups holding the fewest. Outputs never depend on it (the
+    /// kernels are batch invariant); only when each sequence runs.
+    pub fn submit_in_group(&mut self, req: Request, group: u64) -> Result<u64> {
+        self.submit_to(req, Some(group))
+    }
+
+    fn submit_to(&mut self, req: Request, group: Option<u64>) -> Result<u64> {
         let id = self.next_id;
         let bad = |field: &str, msg: String| EngineError::Request { id, field: field.into(), msg };
         if req.prompt.is_empty() {
@@ -250,7 +264,9 @@ impl Engine {
         }
         self.next_id += 1;
         let rng = ChaCha8Rng::seed_from_u64(req.params.seed);
-        self.waiting.push_back(Seq::new(id, req.prompt, req.params, rng));
+        let mut s = Seq::new(id, req.prompt, req.params, rng);
+        s.group = group;
+        self.waiting.push_back(s);
         Ok(id)
     }
 

@@ -35,6 +35,9 @@ pub(crate) struct Seq {
     pub route_ids: Vec<u32>,
     pub route_probs: Vec<f32>,
     pub finished: Option<FinishReason>,
+    /// the client request it belongs to ([`crate::Engine::submit_in_group`]): admission is fair
+    /// between groups; `None`: a group of its own
+    pub group: Option<u64>,
 }
 
 impl Seq {
@@ -53,7 +56,13 @@ impl Seq {
             route_ids: Vec::new(),
             route_probs: Vec::new(),
             finished: None,
+            group: None,
         }
+    }
+
+    /// Its fairness group: the request's, or its own (ungrouped sequences never share one).
+    pub fn group_key(&self) -> (bool, u64) {
+        self.group.map_or((false, self.id), |g| (true, g))
     }
 
     /// Tokens with route rows.

@@ -3,7 +3,13 @@
 //! 1. **admit** waiting sequences while there is room (`max_running`, free blocks for the
 //!    prompt): their prompt's full blocks are looked up in the prefix cache first (a hit brings
 //!    the blocks' keys and route rows; the G samples of one prompt wait one step for the first
-//!    sample to fill the blocks they will share);
+//!    sample to fill the blocks they will share). Admission is fair between request groups
+//!    ([`Engine::submit_in_group`]): while the batch is full and a waiting group holds no
+//!    running sequence, the group holding the most (at least 2) gives back its most recently
+//!    admitted unfinished one (preempted: recomputed later, nothing lost), and each free slot
+//!    goes to the first waiting sequence of a group holding the fewest — so one request of
+//!    `n = 256` long samples delays a newcomer by one step, not by its whole generation.
+//!    Ungrouped sequences are groups of one: plain FIFO;
 //! 2. **schedule** the step's tokens under `max_batched_tokens`: every decoding sequence its one
 //!    token first, then prompt chunks (chunked prefill); each scheduled sequence gets the blocks
 //!    its new tokens need, and when the pool runs out the most recently admitted sequence is
@@ -13,7 +19,7 @@
 //!    the blocks that became full in the prefix cache, cut each sequence's route rows, and
 //!    sample the sequences whose chunk reached their last token.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use candle_core::{Tensor, D};
@@ -90,12 +96,63 @@ impl Engine {
         out
     }
 
+    /// Running sequences by fairness group.
+    fn held_by_group(&self) -> BTreeMap<(bool, u64), usize> {
+        let mut held = BTreeMap::new();
+        for s in &self.running {
+            *held.entry(s.group_key()).or_default() += 1;
+        }
+        held
+    }
+
+    /// The waiting sequence to admit next: the first of a group holding the fewest running.
+    fn fairest_waiting(&self, held: &BTreeMap<(bool, u64), usize>) -> usize {
+        let mut best = (usize::MAX, 0);
+        for (i, s) in self.waiting.iter().enumerate() {
+            let n = held.get(&s.group_key()).copied().unwrap_or(0);
+            if n < best.0 {
+                best = (n, i);
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        best.1
+    }
+
+    /// A full batch makes room for waiting groups that hold none of it (module doc, 1).
+    fn preempt_for_starved(&mut self) {
+        if self.running.len() < self.max_running {
+            return;
+        }
+        let mut held = self.held_by_group();
+        let starved: Vec<(bool, u64)> = self.waiting.iter().map(|s| s.group_key()).filter(|g| !held.contains_key(g)).collect();
+        let mut seen = HashSet::new();
+        for g in starved {
+            if !seen.insert(g) {
+                continue;
+            }
+            // the largest group (the first such in key order: deterministic)
+            let Some((&big, &n)) = held.iter().rev().max_by_key(|(_, &n)| n) else { break };
+            if n < 2 {
+                break;
+            }
+            let Some(i) = self.running.iter().rposition(|s| s.group_key() == big && s.finished.is_none()) else { break };
+            self.preempt(i);
+            held.insert(big, n - 1);
+            held.insert(g, 0);
+        }
+    }
+
     /// Waiting → running while there is room (module doc, 1).
     fn admit(&mut self) -> Result<()> {
+        self.preempt_for_starved();
+        let mut held = self.held_by_group();
         let mut pending = if self.cache.prefix_caching { self.pending_hashes() } else { HashSet::new() };
         let row = self.row_width();
         while self.running.len() < self.max_running {
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let next = self.fairest_waiting(&held);
+            let Some(mut s) = self.waiting.remove(next) else { break };
             let (_, blocks) = self.pool.as_mut().ok_or_else(|| EngineError::Request { id: s.id, field: "kv_pool".into(), msg: "no pool".into() })?;
             let bs = blocks.block_size();
             let mut wait = false;
@@ -149,6 +206,7 @@ impl Engine {
                 // the blocks it will fill: later admissions of this step wait for them
                 pending.extend(blocks_to_fill(&s, bs));
             }
+            *held.entry(s.group_key()).or_default() += 1;
             self.running.push(s);
         }
         Ok(())

@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
+pub use crate::manifest::{write_dir_atomically, DirWriter};
 use crate::model::MoeCausalLm;
 
 /// The safetensors files of a checkpoint directory.
@@ -88,15 +89,101 @@ pub(crate) fn tensor_error(dir: &Path, e: candle_core::Error) -> ModelError {
     }
 }
 
+/// How [`MoeCausalLm::load_with`] treats a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Accept tensors the config has no place for (ignored) instead of refusing the
+    /// checkpoint — an `lm_head.weight` beside `tie_word_embeddings: true`, layers past
+    /// `num_hidden_layers`, leftovers of another architecture. Default false.
+    pub allow_unused: bool,
+    /// Check the tensor files against `lockstep-manifest.json` when there is one
+    /// ([`crate::manifest::verify`]). Default true.
+    pub verify_manifest: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { allow_unused: false, verify_manifest: true }
+    }
+}
+
+/// The tensors of `names` (a checkpoint's) that `cfg` has no place for, each with why. Layers
+/// `num_hidden_layers..num_hidden_layers + num_nextn_predict_layers` (GLM-4.5 / DeepSeek-V3's
+/// multi-token-prediction layers, which lockstep does not run) are expected and not listed.
+/// `llada2_names`: the checkpoint uses LLaDA2's names ([`llada2_source`]).
+pub fn unused_tensors<'a>(cfg: &ModelConfig, names: impl IntoIterator<Item = &'a str>, llada2_names: bool) -> Vec<(String, String)> {
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    for (name, _) in tensor_specs(cfg) {
+        if llada2_names {
+            match llada2_source(cfg, &name) {
+                Llada2Source::Renamed(n) | Llada2Source::Qkv { fused: n, .. } => expected.insert(n),
+            };
+        } else {
+            expected.insert(name);
+        }
+    }
+    let mtp = cfg.raw.get("num_nextn_predict_layers").and_then(serde_json::Value::as_u64).unwrap_or(0) as usize;
+    let mut out = Vec::new();
+    for name in names {
+        if expected.contains(name) {
+            continue;
+        }
+        let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+        let why = match layer {
+            Some(l) if l >= cfg.num_layers && l < cfg.num_layers + mtp => continue,
+            Some(l) if l >= cfg.num_layers => format!("layer {l} is beyond num_hidden_layers = {}", cfg.num_layers),
+            _ if name == "lm_head.weight" && cfg.tie_word_embeddings => {
+                "present, but config.json sets tie_word_embeddings = true (the output projection is the embedding \
+                 matrix, so this tensor would be silently ignored): set tie_word_embeddings = false, or load with \
+                 allow_unused"
+                    .to_string()
+            }
+            _ => "in the weights but not in the model the config describes".to_string(),
+        };
+        out.push((name.to_string(), why));
+    }
+    out.sort();
+    out
+}
+
 impl MoeCausalLm {
-    /// Load `config.json` + safetensors from a checkpoint directory. An LLaDA2-MoE config whose
-    /// weights hold `model.word_embeddings.weight` is read under LLaDA2's names
-    /// ([`llada2_source`]); otherwise under the Qwen-style names.
+    /// Load `config.json` + safetensors from a checkpoint directory, strictly
+    /// ([`LoadOptions::default`]): see [`MoeCausalLm::load_with`].
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        Self::load_with(dir, dtype, device, &LoadOptions::default())
+    }
+
+    /// Load a checkpoint directory. Before any tensor is made: `config.json` is validated (sizes
+    /// bounded, `crate::validate`), the weights' bytes in `dtype` are checked against the memory
+    /// `device` has ([`ModelConfig::check_fits`]), the tensor files against the manifest when
+    /// there is one, and every tensor of the files must have a place in the config (unless
+    /// `opts.allow_unused`). An LLaDA2-MoE config whose weights hold
+    /// `model.word_embeddings.weight` is read under LLaDA2's names ([`llada2_source`]); otherwise
+    /// under the Qwen-style names. Every weight must be finite.
+    pub fn load_with(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let cfg = ModelConfig::from_file(&cfg_path)?;
+        cfg.check_fits(&cfg_path.display().to_string(), dtype, device)?;
         let files = weight_files(dir)?;
+        if opts.verify_manifest {
+            crate::manifest::verify(dir, &files)?;
+        }
         let st = open_weights(&files)?;
-        let backend: Box<dyn SimpleBackend> = if cfg.architecture == Architecture::Llada2Moe && st.get(LLADA2_EMBED).is_ok() {
+        let llada2_names = cfg.architecture == Architecture::Llada2Moe && st.get(LLADA2_EMBED).is_ok();
+        let tensors = st.tensors();
+        // weights are floating point: integers would be converted to floats silently
+        if let Some((name, view)) = tensors.iter().find(|(_, v)| !matches!(v.dtype(), safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F64)) {
+            return Err(ModelError::Tensor { dir: dir.to_path_buf(), tensor: name.clone(), msg: format!("stored as {:?}: weights must be f32, bf16 or f16", view.dtype()) });
+        }
+        if !opts.allow_unused {
+            let names = tensors.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+            let unused = unused_tensors(&cfg, names.iter().map(String::as_str), llada2_names);
+            if let Some((tensor, why)) = unused.first() {
+                let more = if unused.len() > 1 { format!(" ({} unused tensors in all)", unused.len()) } else { String::new() };
+                return Err(ModelError::Tensor { dir: dir.to_path_buf(), tensor: tensor.clone(), msg: format!("{why}{more}") });
+            }
+        }
+        let backend: Box<dyn SimpleBackend> = if llada2_names {
             Box::new(Llada2Names { inner: Box::new(st), cfg: cfg.clone() })
         } else {
             Box::new(st)
@@ -382,7 +469,7 @@ impl MoeCausalLm {
     /// atomically: written into a temporary sibling directory, then renamed over `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let files = self.checkpoint_files()?;
-        write_dir_atomically(dir, |tmp| files.write(tmp))
+        write_dir_atomically(dir, |w| files.write_into(w))
     }
 
     /// The checkpoint's contents in memory, to write into a directory (with other files).
@@ -403,28 +490,17 @@ pub struct CheckpointFiles {
 }
 
 impl CheckpointFiles {
+    /// Write `config.json` and `model.safetensors` into a directory directly (no manifest; see
+    /// [`CheckpointFiles::write_into`] for a checkpoint save).
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::write(dir.join("config.json"), &self.config_json)?;
         candle_core::safetensors::save(&self.tensors, dir.join("model.safetensors")).map_err(std::io::Error::other)
     }
-}
 
-/// Fill a fresh temporary sibling of `dir` with `fill`, then swap it in with renames, so a
-/// reader never sees a half-written checkpoint.
-pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
-    let io = |e: std::io::Error| ModelError::WeightFile { path: dir.to_path_buf(), msg: e.to_string() };
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "checkpoint".into());
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io)?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io)?;
-    fill(&tmp).map_err(io)?;
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(io)?;
+    /// Write `config.json` and `model.safetensors` through a save in progress (each one
+    /// operation of its [`crate::manifest::CheckpointFs`]).
+    pub fn write_into(&self, w: &DirWriter) -> std::io::Result<()> {
+        w.write_bytes("config.json", self.config_json.as_bytes())?;
+        w.write_tensors("model.safetensors", &self.tensors)
     }
-    std::fs::rename(&tmp, dir).map_err(io)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ModelError, ParseError, Result};
+use crate::limits::{self, sized};
 
 /// Architectures this crate implements (the `architectures[0]` entry of `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,47 +204,6 @@ impl RouterConfig {
             strategy: RoutingStrategy::TokenChoice,
         }
     }
-
-    /// Check the fields against each other; `file` names the source in errors.
-    pub fn validate(&self, file: &str, attention: AttentionMode, allow_causal_pool: bool) -> Result<()> {
-        let e = self.num_experts;
-        if self.top_k == 0 || self.top_k > e {
-            return Err(ModelError::config(file, "num_experts_per_tok", format!("{} must be in 1..={e} (the number of experts)", self.top_k)));
-        }
-        if self.n_group == 0 || e % self.n_group != 0 {
-            return Err(ModelError::config(file, "n_group", format!("{} does not divide the number of experts {e}", self.n_group)));
-        }
-        if self.topk_group == 0 || self.topk_group > self.n_group {
-            return Err(ModelError::config(file, "topk_group", format!("{} must be in 1..={} (n_group)", self.topk_group, self.n_group)));
-        }
-        if self.n_group > 1 && self.topk_group * (e / self.n_group) < self.top_k {
-            return Err(ModelError::config(file, "topk_group", format!("{} groups of {} experts hold fewer than top-k {}", self.topk_group, e / self.n_group, self.top_k)));
-        }
-        if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
-            return Err(ModelError::config(file, "routed_scaling_factor", "must be a finite number > 0"));
-        }
-        if let RoutingStrategy::ExpertChoice { capacity_factor, pool } = self.strategy {
-            if !(capacity_factor.is_finite() && capacity_factor > 0.0) {
-                return Err(ModelError::config(file, "capacity_factor", format!("{capacity_factor} must be > 0")));
-            }
-            let wide = !matches!(pool, Pool::Block(1));
-            if wide && attention == AttentionMode::Causal && !allow_causal_pool {
-                return Err(ModelError::config(
-                    file,
-                    "expert_choice_pool",
-                    format!(
-                        "{pool:?} with causal attention lets a token's route depend on later tokens (leaks the \
-                         future); use bidirectional/block attention, pool block:1, or set \
-                         allow_causal_expert_choice = true"
-                    ),
-                ));
-            }
-            if self.n_group > 1 {
-                return Err(ModelError::config(file, "n_group", "group-limited selection applies to token choice only"));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A shared expert that every token passes through (Qwen2-MoE `shared_expert`, gated;
@@ -279,6 +239,8 @@ pub struct ModelConfig {
     pub moe: MoeBlockConfig,
     /// Decoder layer indices that carry an MoE block, ascending (the others are dense).
     pub moe_layers: Vec<usize>,
+    /// `max_position_embeddings` (a positive integer when set; `None` when config.json has none).
+    pub max_position_embeddings: Option<usize>,
     /// The parsed `config.json`, kept so a saved checkpoint writes it back unchanged.
     pub raw: Value,
 }
@@ -294,6 +256,8 @@ struct HfConfig {
     moe_intermediate_size: Option<usize>,
     shared_expert_intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    num_nextn_predict_layers: Option<usize>,
     num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
@@ -364,8 +328,12 @@ impl ModelConfig {
     }
 
     fn from_hf(hf: HfConfig, raw: Value, file: &str) -> Result<Self> {
+        if hf.architectures.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ModelError::config(file, "architectures", "an empty list (name the architecture, e.g. [\"Qwen3MoeForCausalLM\"])"));
+        }
         let arch_name = hf.architectures.as_ref().and_then(|a| a.first()).map(String::as_str);
         let architecture = Architecture::from_names(arch_name, hf.model_type.as_deref(), file)?;
+        model_type_agrees(architecture, hf.model_type.as_deref(), file)?;
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
                 return Err(ModelError::config(file, "hidden_act", format!("`{act}` unsupported (only silu)")));
@@ -374,11 +342,17 @@ impl ModelConfig {
         if hf.use_sliding_window == Some(true) {
             return Err(ModelError::config(file, "use_sliding_window", "sliding-window attention is not supported"));
         }
-        let vocab_size = positive(need(hf.vocab_size, file, "vocab_size")?, file, "vocab_size")?;
-        let hidden_size = positive(need(hf.hidden_size, file, "hidden_size")?, file, "hidden_size")?;
-        let num_layers = positive(need(hf.num_hidden_layers, file, "num_hidden_layers")?, file, "num_hidden_layers")?;
-        let num_heads = positive(need(hf.num_attention_heads, file, "num_attention_heads")?, file, "num_attention_heads")?;
-        let num_kv_heads = positive(hf.num_key_value_heads.unwrap_or(num_heads), file, "num_key_value_heads")?;
+        // every size is bounded as it is read (validate.rs), before anything is sized by it
+        let vocab_size = sized(need(hf.vocab_size, file, "vocab_size")?, limits::MAX_VOCAB, file, "vocab_size")?;
+        let hidden_size = sized(need(hf.hidden_size, file, "hidden_size")?, limits::MAX_HIDDEN, file, "hidden_size")?;
+        let num_layers = sized(need(hf.num_hidden_layers, file, "num_hidden_layers")?, limits::MAX_LAYERS, file, "num_hidden_layers")?;
+        let max_position_embeddings =
+            hf.max_position_embeddings.map(|p| sized(p, limits::MAX_POSITIONS, file, "max_position_embeddings")).transpose()?;
+        if let Some(n) = hf.num_nextn_predict_layers {
+            limits::check_max(n, limits::MAX_LAYERS, file, "num_nextn_predict_layers")?;
+        }
+        let num_heads = sized(need(hf.num_attention_heads, file, "num_attention_heads")?, limits::MAX_HEADS, file, "num_attention_heads")?;
+        let num_kv_heads = sized(hf.num_key_value_heads.unwrap_or(num_heads), limits::MAX_HEADS, file, "num_key_value_heads")?;
         if num_heads % num_kv_heads != 0 {
             return Err(ModelError::config(
                 file,
@@ -387,12 +361,12 @@ impl ModelConfig {
             ));
         }
         let head_dim = match hf.head_dim {
-            Some(d) => positive(d, file, "head_dim")?,
+            Some(d) => sized(d, limits::MAX_HEAD_DIM, file, "head_dim")?,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(ModelError::config(file, "head_dim", "missing and hidden_size is not divisible by num_attention_heads"));
                 }
-                hidden_size / num_heads
+                sized(hidden_size / num_heads, limits::MAX_HEAD_DIM, file, "head_dim")?
             }
         };
         if head_dim % 2 != 0 {
@@ -403,7 +377,7 @@ impl ModelConfig {
             (Some(a), Some(b)) if a != b => {
                 return Err(ModelError::config(file, "num_experts", format!("{a} disagrees with num_local_experts {b}")))
             }
-            (Some(a), _) | (None, Some(a)) => positive(a, file, "num_experts")?,
+            (Some(a), _) | (None, Some(a)) => sized(a, limits::MAX_EXPERTS, file, "num_experts")?,
             (None, None) => {
                 return Err(ModelError::config(file, "num_experts", "missing (also looked for num_local_experts, n_routed_experts)"))
             }
@@ -416,8 +390,9 @@ impl ModelConfig {
                 format!("{top_k} exceeds the number of experts {num_experts}"),
             ));
         }
-        let step = positive(hf.decoder_sparse_step.unwrap_or(1), file, "decoder_sparse_step")?;
-        let mlp_only = hf.mlp_only_layers.clone().unwrap_or_default();
+        let step = sized(hf.decoder_sparse_step.unwrap_or(1), limits::MAX_LAYERS, file, "decoder_sparse_step")?;
+        // a set: the filter below asks it once per layer
+        let mlp_only: std::collections::BTreeSet<usize> = hf.mlp_only_layers.iter().flatten().copied().collect();
         if let Some(bad) = mlp_only.iter().find(|&&l| l >= num_layers) {
             return Err(ModelError::config(file, "mlp_only_layers", format!("layer {bad} >= num_hidden_layers {num_layers}")));
         }
@@ -430,10 +405,14 @@ impl ModelConfig {
         let moe_layers: Vec<usize> = (0..num_layers)
             .filter(|l| !mlp_only.contains(l) && (l + 1) % step == 0 && *l >= first_dense)
             .collect();
-        let expert_intermediate_size =
-            positive(need(hf.moe_intermediate_size, file, "moe_intermediate_size")?, file, "moe_intermediate_size")?;
+        let expert_intermediate_size = sized(
+            need(hf.moe_intermediate_size, file, "moe_intermediate_size")?,
+            limits::MAX_INTERMEDIATE,
+            file,
+            "moe_intermediate_size",
+        )?;
         let dense_intermediate_size = match hf.intermediate_size {
-            Some(i) => positive(i, file, "intermediate_size")?,
+            Some(i) => sized(i, limits::MAX_INTERMEDIATE, file, "intermediate_size")?,
             None if moe_layers.len() == num_layers => 0,
             None => return Err(ModelError::config(file, "intermediate_size", "missing, and the model has dense layers")),
         };
@@ -458,7 +437,7 @@ impl ModelConfig {
                 None | Some(0) => None,
                 Some(n) => Some(SharedExpertConfig {
                     name: "shared_experts".into(),
-                    intermediate_size: positive(expert_intermediate_size * n, file, field)?,
+                    intermediate_size: expert_intermediate_size * sized(n, limits::MAX_SHARED_EXPERTS, file, field)?,
                     gated: false,
                 }),
             })
@@ -472,7 +451,11 @@ impl ModelConfig {
             Architecture::Qwen2Moe => {
                 let shared = match hf.shared_expert_intermediate_size {
                     Some(0) | None => None,
-                    Some(i) => Some(SharedExpertConfig { name: "shared_expert".into(), intermediate_size: i, gated: true }),
+                    Some(i) => Some(SharedExpertConfig {
+                        name: "shared_expert".into(),
+                        intermediate_size: sized(i, limits::MAX_INTERMEDIATE, file, "shared_expert_intermediate_size")?,
+                        gated: true,
+                    }),
                 };
                 (hf.qkv_bias.unwrap_or(true), false, false, shared)
             }
@@ -519,7 +502,7 @@ impl ModelConfig {
             vocab_size,
             hidden_size,
             num_layers,
-            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: limits::rms_norm_eps(hf.rms_norm_eps.unwrap_or(1e-6), file)?,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             attention: AttentionConfig {
                 num_heads,
@@ -535,6 +518,7 @@ impl ModelConfig {
             dense_intermediate_size,
             moe: MoeBlockConfig { router, expert_intermediate_size, shared_expert },
             moe_layers,
+            max_position_embeddings,
             raw,
         })
     }
@@ -557,7 +541,10 @@ impl ModelConfig {
 /// `rope_theta` at the top level (hub) or inside `rope_parameters` (transformers 5); only the
 /// default RoPE type is implemented, anything else is refused rather than silently wrong.
 fn rope_theta(hf: &HfConfig, file: &str) -> Result<f64> {
-    let from_params = hf.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
+    let from_params = match hf.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")) {
+        None => None,
+        Some(v) => Some(v.as_f64().ok_or_else(|| ModelError::config(file, "rope_parameters.rope_theta", format!("{v}: not a number")))?),
+    };
     for (field, params) in [("rope_parameters", &hf.rope_parameters), ("rope_scaling", &hf.rope_scaling)] {
         if let Some(t) = params.as_ref().and_then(|p| p.get("rope_type").or_else(|| p.get("type"))).and_then(Value::as_str) {
             if t != "default" {
@@ -569,8 +556,23 @@ fn rope_theta(hf: &HfConfig, file: &str) -> Result<f64> {
         (Some(a), Some(b)) if a != b => {
             Err(ModelError::config(file, "rope_theta", format!("{a} disagrees with rope_parameters.rope_theta {b}")))
         }
-        (Some(t), _) | (None, Some(t)) if t > 0.0 => Ok(t),
-        (Some(_), _) | (None, Some(_)) => Err(ModelError::config(file, "rope_theta", "must be > 0")),
+        (Some(t), _) | (None, Some(t)) => limits::rope_theta(t, file),
         (None, None) => Ok(10_000.0),
+    }
+}
+
+/// `model_type`, when given beside `architectures`, must be the architecture's own.
+pub(crate) fn model_type_agrees(arch: Architecture, model_type: Option<&str>, file: &str) -> Result<()> {
+    let own = match arch {
+        Architecture::Qwen3Moe => "qwen3_moe",
+        Architecture::Qwen2Moe => "qwen2_moe",
+        Architecture::Glm4Moe => "glm4_moe",
+        Architecture::Llada2Moe => "llada2_moe",
+    };
+    match model_type {
+        Some(mt) if mt != own => {
+            Err(ModelError::config(file, "model_type", format!("`{mt}` disagrees with architectures = {} (model_type {own})", arch.hf_name())))
+        }
+        _ => Ok(()),
     }
 }

@@ -85,6 +85,53 @@ pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
     }
 }
 
+/// The most memory this process has had in use since the last reset (`reset`: start a new
+/// window after reading): on CUDA the high watermark of the device's default memory pool, which
+/// every stream-ordered allocation (candle's, through cudarc's `cuMemAllocAsync`) comes from —
+/// the true peak inside a backward, not a sample between phases; on the CPU the peak resident
+/// set (VmHWM of /proc/self/status; reset through /proc/self/clear_refs). `None` where neither
+/// is available (a CUDA device without memory pools, a system without /proc).
+pub fn memory_peak(device: &Device, reset: bool) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::{result, sys};
+            let ctx = d.cuda_stream().context().clone();
+            if !ctx.has_async_alloc() {
+                return Ok(None);
+            }
+            let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| ModelError::Device { device: "cuda".into(), msg: format!("memory peak: {e}") };
+            ctx.bind_to_thread().map_err(err)?;
+            d.cuda_stream().synchronize().map_err(err)?;
+            // SAFETY: the device handle comes from a live context (bound above); `high` is a
+            // u64, the type of CU_MEMPOOL_ATTR_USED_MEM_HIGH, and outlives both calls.
+            unsafe {
+                let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(err)?;
+                let mut high: u64 = 0;
+                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+                result::mem_pool::get_attribute(pool, attr, (&mut high as *mut u64).cast()).map_err(err)?;
+                if reset {
+                    let mut zero: u64 = 0;
+                    result::mem_pool::set_attribute(pool, attr, (&mut zero as *mut u64).cast()).map_err(err)?;
+                }
+                Ok(Some(high))
+            }
+        }
+        Device::Cpu => {
+            let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return Ok(None) };
+            let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            if reset {
+                // "5" resets the peak resident set to the current one (proc(5)); a failure only
+                // widens the next window
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+            }
+            Ok(kb.map(|k| k * 1024))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Ok(None),
+    }
+}
+
 /// A tensor's values as f32 on the host. On CUDA the copy goes through a page-locked staging
 /// buffer (one per thread, grown as needed) — several times faster than candle's pageable copy
 /// for big rows such as a decode step's logits.

@@ -132,6 +132,8 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<H
 impl MoeCausalLm {
     /// A model for `cfg` with seeded random weights.
     pub fn random(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        // drawn in f32: refused by size before any tensor is made
+        cfg.check_fits("<config>", DType::F32, device)?;
         let ws = random_weights(cfg, seed, device)?;
         let vb = VarBuilder::from_tensors(ws, dtype, device);
         Ok(MoeCausalLm::new(cfg, vb)?)
@@ -153,6 +155,7 @@ impl MoeCausalLm {
         if device.is_cpu() {
             return Self::random(cfg, seed, dtype, device);
         }
+        cfg.check_fits("<config>", dtype, device)?;
         device.set_seed(seed)?;
         let mut ws = HashMap::new();
         for (name, shape) in tensor_specs(cfg) {

@@ -130,6 +130,18 @@ impl MoeCausalLm {
         self.dtype
     }
 
+    /// Cast every trainable parameter to `dtype` (f32 or bf16); the activations follow the
+    /// parameters. What is f32 by design stays f32: the router's score-correction bias, the
+    /// router scores and log-softmaxes (computed in f32 from the gate's output).
+    pub fn cast(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(ModelError::batch("dtype", format!("{dtype:?}: expected f32 or bf16")));
+        }
+        self.map_params(|_, t| t.to_dtype(dtype))?;
+        self.dtype = dtype;
+        Ok(())
+    }
+
     /// The kernels the model runs (see [`MoeCausalLm::set_kernels`]).
     pub fn kernels(&self) -> Kernels {
         self.kernels

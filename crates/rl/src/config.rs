@@ -14,6 +14,10 @@ pub const DEFAULT_TOML: &str = r#"# lockstep train: the embedded default run
 seed = 0
 # RL steps (each: rollouts → rewards → advantages → `mini_steps` updates)
 steps = 100
+# --resume refuses a checkpoint written under a config that differs in a key that shapes the
+# run (run_state.json's config_fingerprint names them; steps, [eval], [output] do not count);
+# true: continue under this config anyway
+allow_config_change = false
 
 [model]
 # checkpoint = "path/to/hf-checkpoint"   # default: the embedded tiny Qwen3-MoE
@@ -21,6 +25,10 @@ seed = 0
 # invariant: batch-invariant kernels (CPU and CUDA), the engine's log-probs equal the trainer's
 # bit for bit; standard: candle's kernels (cuBLAS on a GPU), faster at size, equal to rounding
 kernels = "invariant"
+# f32 | bf16: the trainer's and the in-process engine's weights and activations (bf16: f32
+# master weights, AdamW moments and gradient sums; router scores, log-softmax, loss in f32).
+# Default f32 on every device; bf16 is what a CUDA run at size wants (half the weight memory)
+dtype = "f32"
 
 [task]
 # addition: the built-in `a+b=` task (byte tokenizer, exact match); dataset: prompts and
@@ -65,6 +73,11 @@ epochs = 1
 # counted as `skipped_nonfinite` in metrics.jsonl); this many skipped in a row stop the run,
 # its last good checkpoint intact (optional, default 3, >= 1)
 max_nonfinite_steps = 3
+# drop each decoder layer's activations after its forward and recompute them in the backward
+# (bitwise the same gradients, one more forward of compute)
+activation_checkpointing = false
+# token positions per chunk of the LM head + log-softmax and its backward (0: a micro-batch at once)
+logits_chunk_tokens = 1024
 
 [replay]
 enabled = true
@@ -102,6 +115,8 @@ every = 5
 
 [output]
 dir = "runs/default"
+# a checkpoint every this many RL steps (and the last), and every this many warm-up steps
+# (`warmup-<n>`, which --resume continues mid-warm-up); 0: only when stopped (Ctrl-C)
 checkpoint_every = 20
 "#;
 
@@ -110,6 +125,8 @@ checkpoint_every = 20
 pub struct RunConfig {
     pub seed: u64,
     pub steps: u64,
+    /// resume under a config whose fingerprint differs from the checkpoint's (default false)
+    pub allow_config_change: bool,
     pub model: ModelSection,
     pub task: TaskSection,
     pub warmup: WarmupSection,
@@ -134,6 +151,13 @@ pub struct ModelSection {
     /// "invariant" (default) | "standard"
     #[serde(default = "default_kernels")]
     pub kernels: String,
+    /// "f32" (default) | "bf16"
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".to_string()
 }
 
 fn default_kernels() -> String {
@@ -199,6 +223,16 @@ pub struct TrainerSection {
     /// consecutive updates skipped for a non-finite loss or gradient that stop the run (default 3)
     #[serde(default = "default_max_nonfinite")]
     pub max_nonfinite_steps: u64,
+    /// recompute each layer's activations in the backward (default false)
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// positions per LM-head chunk, 0 = the whole micro-batch (default 1024)
+    #[serde(default = "default_logits_chunk")]
+    pub logits_chunk_tokens: usize,
+}
+
+fn default_logits_chunk() -> usize {
+    1024
 }
 
 fn default_max_nonfinite() -> u64 {
@@ -265,6 +299,7 @@ impl Default for RunConfig {
         Self {
             seed: 0,
             steps: 100,
+            allow_config_change: false,
             model: ModelSection::default(),
             task: TaskSection::default(),
             warmup: WarmupSection::default(),
@@ -281,7 +316,7 @@ impl Default for RunConfig {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { checkpoint: None, seed: 0, kernels: default_kernels() }
+        Self { checkpoint: None, seed: 0, kernels: default_kernels(), dtype: default_dtype() }
     }
 }
 
@@ -299,7 +334,7 @@ impl Default for RolloutSection {
 
 impl Default for TrainerSection {
     fn default() -> Self {
-        Self { lr: 5e-4, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, mini_steps: 2, token_budget: 1024, epochs: 1, max_nonfinite_steps: default_max_nonfinite() }
+        Self { lr: 5e-4, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, mini_steps: 2, token_budget: 1024, epochs: 1, max_nonfinite_steps: default_max_nonfinite(), activation_checkpointing: false, logits_chunk_tokens: default_logits_chunk() }
     }
 }
 
@@ -395,8 +430,12 @@ impl RunConfig {
     // `!(x > 0.0)` on purpose: NaN fails every check
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
+        self.check_bounds()?;
         if !matches!(self.model.kernels.as_str(), "invariant" | "standard") {
             return Err(bad("model.kernels", format!("`{}`: expected invariant or standard", self.model.kernels)));
+        }
+        if !matches!(self.model.dtype.as_str(), "f32" | "bf16") {
+            return Err(bad("model.dtype", format!("`{}`: expected f32 or bf16", self.model.dtype)));
         }
         self.task.validate()?;
         crate::task_config::validate_rewards(&self.reward)?;

@@ -1,7 +1,9 @@
 //! lockstep-rl: the RL loop that ties engine, route transport and trainer together
 //! (`lockstep train`).
 
+pub mod bench;
 pub mod config;
+mod config_bounds;
 pub mod dataset;
 pub mod env;
 pub mod error;

@@ -20,7 +20,8 @@
 //! trainer and counted (`skipped_nonfinite` in the step record); `trainer.max_nonfinite_steps`
 //! in a row stop the run with [`RlError::NonFinite`], naming the last checkpoint written before
 //! them (none is written while updates are being skipped). A checkpoint directory, its
-//! run_state.json included, appears atomically; run_state.json is range-checked on resume.
+//! run_state.json included, appears atomically; run_state.json is range-checked on resume and
+//! its config fingerprint compared (`run_state`: a changed key is refused unless `allow_config_change`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +44,7 @@ use crate::env::Environment;
 use crate::error::{Result, RlError};
 use crate::metrics::{self, LayerRecord, StepRecord};
 use crate::rollout::{self, EvalResult, PromptLog, Rollouter};
-use crate::run_state::{read_run_state, reference_dir, save_checkpoint, NonFiniteGuard, RunState};
+use crate::run_state::{periodic_warmup_checkpoint, read_run_state, reference_dir, save_checkpoint, start_checkpoints, ConfigStamp, NonFiniteGuard, RunState};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -116,7 +117,7 @@ fn kernels_for(cfg: &RunConfig) -> Kernels {
 /// A trainer with a new config over the same (possibly sharded) model and ranks.
 fn reconfigure(t: Trainer, cfg: TrainerConfig) -> Result<Trainer> {
     let parallel = t.parallel.clone();
-    let mut n = Trainer::new(t.model, cfg)?;
+    let mut n = Trainer::new(t.master_model()?, cfg)?;
     n.parallel = parallel;
     Ok(n)
 }
@@ -134,6 +135,16 @@ pub struct RunSummary {
     pub records: Vec<StepRecord>,
 }
 
+/// What the trainer's config takes from `[model]` and `[trainer]` besides the optimizer and loss.
+fn stage_config(cfg: &RunConfig) -> TrainerConfig {
+    TrainerConfig {
+        activation_checkpointing: cfg.trainer.activation_checkpointing,
+        logits_chunk_tokens: cfg.trainer.logits_chunk_tokens,
+        dtype: if cfg.model.dtype == "bf16" { DType::BF16 } else { DType::F32 },
+        ..TrainerConfig::default()
+    }
+}
+
 fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
     TrainerConfig {
         loss: cfg.loss_config(),
@@ -147,7 +158,7 @@ fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
         },
         replay,
         temperature: cfg.rollout.temperature as f64,
-        ..TrainerConfig::default()
+        ..stage_config(cfg)
     }
 }
 
@@ -167,7 +178,7 @@ fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
         optimizer: AdamWConfig { lr: cfg.warmup.lr, max_grad_norm: Some(1.0), ..AdamWConfig::default() },
         replay: false,
         temperature: 1.0,
-        ..TrainerConfig::default()
+        ..stage_config(cfg)
     }
 }
 
@@ -183,7 +194,9 @@ fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
 /// on N ranks is the single-rank warm-up bit for bit (`crates/rl/tests/ranks.rs`).
 /// Updates skipped for a non-finite loss or gradient count in `guard` (`max_nonfinite_steps`
 /// in a row stop the warm-up with [`RlError::NonFinite`]); the third value is how many were.
-fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions, guard: &mut NonFiniteGuard) -> Result<(Trainer, Option<u64>, usize)> {
+/// Every `output.checkpoint_every` steps it checkpoints (`periodic_warmup_checkpoint`).
+#[allow(clippy::too_many_arguments)]
+fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions, guard: &mut NonFiniteGuard, ck: (&Path, &ConfigStamp)) -> Result<(Trainer, Option<u64>, usize)> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
     // skip the instances of the steps already done
     let mut skipped = 0usize;
@@ -217,6 +230,7 @@ fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar
         guard.update(sm.skipped_nonfinite, || format!("warm-up step {}/{}", s + 1, cfg.warmup.steps))?;
         bar.set_message(format!("warm-up {}/{} loss {:.3}{}", s + 1, cfg.warmup.steps, sm.loss, if sm.skipped_nonfinite { " (skipped: non-finite)" } else { "" }));
         bar.tick();
+        periodic_warmup_checkpoint(&t, s + 1, cfg, guard, ck)?;
         if opts.stopped()? && s + 1 < cfg.warmup.steps {
             return Ok((t, Some(s + 1), skipped));
         }
@@ -240,6 +254,9 @@ fn rollouter(cfg: &RunConfig, trainer: &Trainer, out: &Path, version: u64) -> Re
         // the trainer shares the device: a KV pool for the rollouts' lengths, not the server's
         // default of 32K tokens per sequence (a longer request is refused by name at submit)
         e.cache.max_model_len = 4096;
+        // the pool is capped by max_running × max_model_len; the trainer's states fill most of
+        // the device, so the engine may use whatever is free
+        e.cache.gpu_memory_fraction = 1.0;
         e.policy_version = version;
         return Ok(Rollouter::Local(Box::new(e), trainer.parallel.clone()));
     }
@@ -286,6 +303,8 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
     let skipped_records = env.skipped();
     // `task.epochs`: the run ends after that many passes over the training records
     let cfg = &capped(cfg, env.as_ref());
+    // what run_state.json stamps and a resume checks; leftovers of interrupted saves cleaned
+    let stamp = start_checkpoints(cfg, replay, out, opts.resume.as_deref(), writes)?;
     let log = opts.prompt_log.as_ref();
     let run_t0 = Instant::now();
     let metrics_path = out.join("metrics.jsonl");
@@ -313,7 +332,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
 
     // --- model and trainer: fresh (warm-up first) or resumed
     let state = match &opts.resume {
-        Some(dir) => Some(read_run_state(dir, cfg)?),
+        Some(dir) => Some(read_run_state(dir, cfg, &stamp)?),
         None => None,
     };
     let mut guard = NonFiniteGuard { max: cfg.trainer.max_nonfinite_steps, consecutive: 0, last_checkpoint: opts.resume.clone() };
@@ -345,10 +364,10 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 (Some(dir), Some(done)) => (opts.resume_trainer(dir, warmup_config(cfg), kernels_for(cfg))?, done),
                 _ => (opts.trainer(base_model(cfg, &dev)?, warmup_config(cfg))?, 0),
             };
-            let (warm, stopped, warm_skipped) = warmup(t, from, env.as_ref(), cfg, &bar, opts, &mut guard)?;
+            let (warm, stopped, warm_skipped) = warmup(t, from, env.as_ref(), cfg, &bar, opts, &mut guard, (out, &stamp))?;
             if let Some(done) = stopped {
                 let dir = out.join("checkpoints").join(format!("warmup-{done}"));
-                save_checkpoint(&warm, &dir, &RunState { rl_step: 0, warmup_eval: 0.0, warmup_step: Some(done) })?;
+                save_checkpoint(&warm, &dir, &RunState { rl_step: 0, warmup_eval: 0.0, warmup_step: Some(done) }, &stamp)?;
                 bar.abandon();
                 return Err(RlError::Interrupted { after: format!("warm-up step {done}/{}", cfg.warmup.steps), checkpoint: dir });
             }
@@ -367,7 +386,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             record(rec, &mut records)?;
             if opts.stopped()? && cfg.steps > 0 {
                 let dir = out.join("checkpoints").join("step-0");
-                save_checkpoint(&t, &dir, &RunState { rl_step: 0, warmup_eval: acc, warmup_step: None })?;
+                save_checkpoint(&t, &dir, &RunState { rl_step: 0, warmup_eval: acc, warmup_step: None }, &stamp)?;
                 guard.last_checkpoint = Some(dir.clone());
                 bar.abandon();
                 return Err(RlError::Interrupted { after: "the warm-up".into(), checkpoint: dir });
@@ -376,6 +395,9 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         }
     };
     bar.set_position(start - 1);
+    if opts.progress && writes {
+        bar.println(trainer.memory_plan(cfg.trainer.token_budget).to_string());
+    }
 
     for step in start..=cfg.steps {
         let t0 = Instant::now();
@@ -518,7 +540,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             }
         } else if stop || periodic {
             let dir = out.join("checkpoints").join(format!("step-{step}"));
-            save_checkpoint(&trainer, &dir, &RunState { rl_step: step, warmup_eval, warmup_step: None })?;
+            save_checkpoint(&trainer, &dir, &RunState { rl_step: step, warmup_eval, warmup_step: None }, &stamp)?;
             guard.last_checkpoint = Some(dir.clone());
             if stop {
                 bar.abandon();

@@ -53,6 +53,10 @@ impl ServerSpec {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad(&format!("rollout.servers[{i}]"), format!("`{s}`: expected an http:// URL")));
         }
+        let host = url.split_once("://").map_or("", |(_, r)| r).split(['/', '?', '#']).next().unwrap_or("");
+        if host.is_empty() {
+            return Err(bad(&format!("rollout.servers[{i}]"), format!("`{s}`: no host")));
+        }
         Ok(ServerSpec { kind, url: url.trim_end_matches('/').to_string() })
     }
 

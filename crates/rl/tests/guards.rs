@@ -59,9 +59,16 @@ fn nan_weights_are_refused_at_resume_and_the_good_checkpoint_resumes() {
     let w = tensors.get_mut("model.norm.weight").expect("a final norm");
     *w = Tensor::full(f32::NAN, w.shape(), &Device::Cpu).unwrap();
     candle_core::safetensors::save(&tensors, &st).unwrap();
-    let before = dir_bytes(&bad);
 
     cfg.steps = 6;
+    // the copy still carries the checkpoint's manifest: the rewritten weights are refused by
+    // their checksum, naming the file
+    let err = run(&cfg, &out, true, &RunOptions { resume: Some(bad.clone()), ..RunOptions::default() }).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("lockstep-manifest.json") && err.contains("poisoned"), "{err}");
+    // without it (a foreign checkpoint) the NaN weights themselves are refused
+    std::fs::remove_file(bad.join("lockstep-manifest.json")).unwrap();
+    let before = dir_bytes(&bad);
+
     // refused at load, naming the tensor and the checkpoint, before any step (the path where
     // updates go non-finite during a run is `a_huge_lr_stops_the_run`'s)
     let err = run(&cfg, &out, true, &RunOptions { resume: Some(bad.clone()), ..RunOptions::default() }).unwrap_err();

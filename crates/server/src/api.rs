@@ -145,8 +145,43 @@ pub struct GenRequest {
     pub truncate_prompt_tokens: Option<Value>,
 }
 
+/// Deepest nesting of arrays / objects a body may have (serde_json holds the fields it reads to
+/// 128 levels, but skips unknown ones without a bound).
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether no array / object in `body` nests deeper than [`MAX_JSON_DEPTH`] (strings skipped).
+fn depth_ok(body: &[u8]) -> bool {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for &b in body {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Parse a JSON body, naming the field at fault (`max_tokens: invalid type: string ...`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if !depth_ok(body) {
+        return Err(ApiError::invalid("", format!("malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels")));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let v: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -20,6 +20,9 @@ pub enum ServerError {
     Io { what: String, source: std::io::Error },
     #[error("{0}")]
     Config(String),
+    /// a second SIGTERM / Ctrl-C while draining: stopped without finishing the requests
+    #[error("interrupted while draining: {0} connections were still open")]
+    Interrupted(usize),
 }
 
 pub type Result<T> = std::result::Result<T, ServerError>;
@@ -35,6 +38,8 @@ pub struct ApiError {
     /// the request field at fault
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// seconds sent as `Retry-After` (overload refusals: 503 / 429)
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -61,6 +66,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: (!param.is_empty()).then(|| param.to_string()),
             code: Some("invalid_value"),
+            retry_after: None,
         }
     }
 
@@ -71,39 +77,75 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
     pub fn not_found(path: &str) -> Self {
-        Self { status: StatusCode::NOT_FOUND, message: format!("no route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found") }
+        Self { status: StatusCode::NOT_FOUND, message: format!("no route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found"), retry_after: None }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None }
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None, retry_after: None }
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: None }
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: None, retry_after: None }
     }
 
     /// 401: no API key, or the wrong one (the key itself is never echoed).
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, message: message.into(), kind: "authentication_error", param: None, code: Some("invalid_api_key") }
+        Self { status: StatusCode::UNAUTHORIZED, message: message.into(), kind: "authentication_error", param: None, code: Some("invalid_api_key"), retry_after: None }
     }
 
     /// 403: the request is understood but not allowed here.
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::FORBIDDEN, message: message.into(), kind: "permission_error", param: None, code: Some(code) }
+        Self { status: StatusCode::FORBIDDEN, message: message.into(), kind: "permission_error", param: None, code: Some(code), retry_after: None }
     }
 
     /// 421: the `Host` header names no address this server answers for (DNS rebinding).
     pub fn misdirected(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::MISDIRECTED_REQUEST, message: message.into(), kind: "invalid_request_error", param: None, code: Some("host_not_allowed") }
+        Self { status: StatusCode::MISDIRECTED_REQUEST, message: message.into(), kind: "invalid_request_error", param: None, code: Some("host_not_allowed"), retry_after: None }
     }
 
     /// 415: the body is not `application/json`.
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::UNSUPPORTED_MEDIA_TYPE, message: message.into(), kind: "invalid_request_error", param: None, code: Some("unsupported_media_type") }
+        Self { status: StatusCode::UNSUPPORTED_MEDIA_TYPE, message: message.into(), kind: "invalid_request_error", param: None, code: Some("unsupported_media_type"), retry_after: None }
+    }
+
+    /// 503 with `Retry-After`: the server is at a limit (`code` names it: `max_waiting`,
+    /// `max_connections`) or draining (`draining`); retrying later can succeed.
+    pub fn overloaded(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: Some(code), retry_after: Some(retry_after) }
+    }
+
+    /// 408: the client did not send its request body within `body_timeout`.
+    pub fn body_timeout(secs: f64) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("body_timeout: the request body did not arrive within {secs} s"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_timeout"),
+            retry_after: None,
+        }
+    }
+
+    /// 504: the request ran past `request_timeout`; its sequences were dropped.
+    pub fn request_timeout(secs: f64) -> Self {
+        Self {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            message: format!("request_timeout: not finished within {secs} s; generation stopped"),
+            kind: "server_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after: None,
+        }
+    }
+
+    /// 413: the body is larger than `limit` bytes.
+    pub fn too_large(limit: usize) -> Self {
+        Self { status: StatusCode::PAYLOAD_TOO_LARGE, code: Some("body_too_large"), ..Self::invalid("body", format!("larger than {limit} bytes")) }
     }
 
     /// 409 naming `param`: e.g. a policy version that does not increase.
@@ -133,6 +175,9 @@ impl IntoResponse for ApiError {
         let mut r = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(s));
         }
         r
     }

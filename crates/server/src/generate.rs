@@ -196,7 +196,8 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
     }
     let top_k = match req.top_k {
         None | Some(-1) | Some(0) => 0,
-        Some(k) if k > 0 => k as usize,
+        Some(k) if k > 0 && (k as u64) <= info.vocab_size as u64 => k as usize,
+        Some(k) if k > 0 => return Err(ApiError::invalid("top_k", format!("{k}: at most vocab_size {}", info.vocab_size))),
         Some(_) => return Err(ApiError::invalid("top_k", "must be > 0, or 0 / -1 for all tokens")),
     };
     let stops: Vec<String> = match &req.stop {
@@ -228,7 +229,8 @@ pub fn plan(state: &AppState, req: &GenRequest, ep: Endpoint) -> Result<Plan, Ap
         }
         let room = info.context.saturating_sub(prompt.len());
         if room == 0 {
-            return Err(ApiError::invalid("prompt", format!("{} tokens leave no room in the context of {}", prompt.len(), info.context)));
+            let field = if ep == Endpoint::Chat { "messages" } else { "prompt" };
+            return Err(ApiError::invalid(field, format!("{} tokens leave no room in the context of {}", prompt.len(), info.context)));
         }
         let max = match max_tokens {
             Some(0) => return Err(ApiError::invalid("max_tokens", "must be > 0")),

@@ -51,9 +51,10 @@ fn stream_refused(stream: Option<bool>) -> Result<(), ApiError> {
 }
 
 /// `POST /inference/v1/generate`.
-pub async fn tito(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn tito(State(st): State<Arc<AppState>>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let t0 = Instant::now();
     let r: Result<Response, ApiError> = async {
+        crate::security::require_json(&headers)?;
         let req: TitoRequest = api::parse_json(&body)?;
         stream_refused(req.stream)?;
         let tokens = req.token_ids.ok_or_else(|| ApiError::invalid("token_ids", "required"))?;
@@ -154,9 +155,10 @@ fn sglang_routes(st: &AppState, full: &RouteTrace, start: usize) -> Result<Value
 }
 
 /// `POST /generate` (SGLang).
-pub async fn sglang(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn sglang(State(st): State<Arc<AppState>>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let t0 = Instant::now();
     let r: Result<Response, ApiError> = async {
+        crate::security::require_json(&headers)?;
         let req: SglRequest = api::parse_json(&body)?;
         stream_refused(req.stream)?;
         let sp = req.sampling_params.unwrap_or_default();

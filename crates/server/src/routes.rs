@@ -31,9 +31,10 @@ use crate::text::StreamText;
 
 type St = State<Arc<AppState>>;
 
-/// The routes behind the [`crate::security::guard`] middleware (`Host` / `Origin`, keys), with
-/// `more` (the native generate endpoints, `crate::native::routes`) merged in.
-pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>, more: Router<Arc<AppState>>) -> Router {
+/// The routes behind the [`crate::security::guard`] middleware (`Host` / `Origin`, keys), then
+/// [`crate::limits::admission`] (draining, body timeout), with `more` (the native generate
+/// endpoints, `crate::native::routes`) merged in.
+pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>, load: Arc<crate::limits::Load>, more: Router<Arc<AppState>>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -44,6 +45,7 @@ pub fn router(state: Arc<AppState>, guard: Arc<crate::security::Guard>, more: Ro
         .merge(more)
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(load, crate::limits::admission))
         .layer(axum::middleware::from_fn_with_state(guard, crate::security::guard))
         .with_state(state)
 }
@@ -56,8 +58,37 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::invalid("", format!("{method} is not allowed on {}", uri.path())) }
 }
 
-async fn health(State(st): St) -> Json<serde_json::Value> {
-    Json(json!({"status": "ok", "policy_version": st.metrics.policy_version.load(Relaxed)}))
+/// `{"status": "ok" | "overloaded" | "draining", ...}`: 200 while serving (overloaded too: the
+/// server is alive, a liveness probe must not restart it), 503 while draining (a readiness
+/// probe takes it out of rotation).
+async fn health(State(st): St) -> Response {
+    let waiting = st.metrics.waiting.load(Relaxed);
+    let h = st.load.health(waiting as usize);
+    let code = if h == crate::limits::Health::Draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let body = json!({
+        "status": h.as_str(),
+        "policy_version": st.metrics.policy_version.load(Relaxed),
+        "running": st.metrics.running.load(Relaxed),
+        "waiting": waiting,
+        "max_waiting": st.load.max_waiting,
+        "connections": st.load.connections.load(Relaxed),
+        "max_connections": st.load.limits.max_connections,
+    });
+    (code, Json(body)).into_response()
+}
+
+/// When a generation request started at `t0` must be done (`request_timeout`).
+pub(crate) fn deadline(st: &AppState, t0: Instant) -> Option<tokio::time::Instant> {
+    st.load.limits.request_timeout.map(|d| tokio::time::Instant::from_std(t0) + d)
+}
+
+/// `fut` within the request deadline (504 past it; dropping `fut` drops its event channels,
+/// so the engine aborts its sequences and frees their blocks).
+pub(crate) async fn within<T>(st: &AppState, t0: Instant, fut: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+    match (deadline(st, t0), st.load.limits.request_timeout) {
+        (Some(at), Some(d)) => tokio::time::timeout_at(at, fut).await.unwrap_or_else(|_| Err(ApiError::request_timeout(d.as_secs_f64()))),
+        _ => fut.await,
+    }
 }
 
 async fn metrics(State(st): St) -> Response {
@@ -82,8 +113,8 @@ async fn load_weights(State(st): St, headers: axum::http::HeaderMap, body: Bytes
         let current = st.metrics.policy_version.load(Relaxed);
         crate::scheduler::next_version(current, req.version, st.guard.security.allow_same_version)?;
         let path = st.guard.checkpoint_dir(&req.path)?;
-        let (dev, dtype) = (st.device.clone(), st.dtype);
-        let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path, dtype, &dev))
+        let (dev, dtype, allow_unused) = (st.device.clone(), st.dtype, st.allow_unused);
+        let model = tokio::task::spawn_blocking(move || crate::state::load_weights(&path, dtype, &dev, allow_unused))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::invalid("path", st.guard.redact(&e.to_string())))?;
@@ -99,17 +130,23 @@ async fn load_weights(State(st): St, headers: axum::http::HeaderMap, body: Bytes
     resp
 }
 
-async fn completions(State(st): St, body: Bytes) -> Response {
+async fn completions(State(st): St, headers: axum::http::HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = crate::security::require_json(&headers) {
+        return e.into_response();
+    }
     serve(st, body, Endpoint::Completions).await
 }
 
-async fn chat(State(st): St, body: Bytes) -> Response {
+async fn chat(State(st): St, headers: axum::http::HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = crate::security::require_json(&headers) {
+        return e.into_response();
+    }
     serve(st, body, Endpoint::Chat).await
 }
 
 async fn serve(st: Arc<AppState>, body: Bytes, ep: Endpoint) -> Response {
     let t0 = Instant::now();
-    let resp = match run(st.clone(), &body, ep, t0).await {
+    let resp = match within(&st, t0, run(st.clone(), &body, ep, t0)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -145,6 +182,10 @@ async fn run(st: Arc<AppState>, body: &[u8], ep: Endpoint, t0: Instant) -> Resul
 
 /// Submit a plan's jobs and wait for every completion (a refused job answers with its error).
 pub(crate) async fn complete(st: &AppState, plan: &Plan, t0: Instant) -> Result<Vec<Completion>, ApiError> {
+    within(st, t0, complete_now(st, plan, t0)).await
+}
+
+async fn complete_now(st: &AppState, plan: &Plan, t0: Instant) -> Result<Vec<Completion>, ApiError> {
     let mut rxs = st.sched.submit(plan.jobs.clone())?;
     let mut first = Vec::with_capacity(rxs.len());
     for rx in rxs.iter_mut() {
@@ -268,12 +309,25 @@ async fn pump(st: Arc<AppState>, plan: Plan, ep: Endpoint, rxs: Vec<Events>, fir
             }
         }
     }
+    let deadline = deadline(&st, t0);
     while finished < n {
+        let next = async {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, merged.next()).await.ok(),
+                None => Some(merged.next().await),
+            }
+        };
         let (i, ev) = match pending.pop_front() {
             Some(x) => x,
-            None => match merged.next().await {
-                Some(x) => x,
+            None => match next.await {
                 None => {
+                    // past request_timeout: dropping the channels aborts the sequences
+                    let secs = st.load.limits.request_timeout.map_or(0.0, |d| d.as_secs_f64());
+                    let _ = send(&tx, &ApiError::request_timeout(secs).body()).await;
+                    return;
+                }
+                Some(Some(x)) => x,
+                Some(None) => {
                     let _ = send(&tx, &ApiError::unavailable("the engine has stopped").body()).await;
                     return;
                 }

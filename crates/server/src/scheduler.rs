@@ -4,7 +4,11 @@
 //! its completion. Stop strings are checked on the engine thread right after each step, so a
 //! request ends at the token that completed one, batch or no batch. A weight load waits for
 //! the running requests to finish (new ones are held), swaps the model and bumps the policy
-//! version stamped into routes. A client that goes away has its request dropped.
+//! version stamped into routes. A client that goes away (or whose `request_timeout` passes:
+//! the handler drops its event channels) has its sequences aborted after the next step, their
+//! KV blocks freed. Each submission (one client request: its prompts × `n`) is one fairness
+//! group in the engine (`Engine::submit_in_group`), so a request of many long samples cannot
+//! starve a short one.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -53,10 +57,19 @@ pub struct Scheduler {
     tx: Sender<Command>,
 }
 
+/// A submission's fairness group and the engine step it arrived at.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    group: u64,
+    step: u64,
+}
+
 type PendingLoad = (Box<MoeCausalLm>, Option<u64>, bool, oneshot::Sender<Result<u64, ApiError>>);
 
 struct Active {
     events: tmpsc::UnboundedSender<Event>,
+    /// engine steps done when its request arrived
+    since: u64,
     stops: Vec<String>,
     tokens: Vec<u32>,
     stream: bool,
@@ -68,8 +81,12 @@ struct Loop {
     tok: Arc<Tokenizer>,
     metrics: Arc<Metrics>,
     active: HashMap<u64, Active>,
-    held: Vec<(Job, tmpsc::UnboundedSender<Event>)>,
+    held: Vec<(Job, tmpsc::UnboundedSender<Event>, Arrival)>,
     loads: Vec<PendingLoad>,
+    /// submissions so far (the next fairness group)
+    groups: u64,
+    /// engine steps so far
+    steps: u64,
     /// most sequences queued behind the running batch (admission control)
     max_waiting: usize,
 }
@@ -95,7 +112,7 @@ impl Scheduler {
     pub fn start_bounded(engine: Engine, tok: Arc<Tokenizer>, metrics: Arc<Metrics>, max_waiting: usize) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         metrics.policy_version.store(engine.policy_version, Relaxed);
-        let mut l = Loop { engine, tok, metrics, active: HashMap::new(), held: Vec::new(), loads: Vec::new(), max_waiting };
+        let mut l = Loop { engine, tok, metrics, active: HashMap::new(), held: Vec::new(), loads: Vec::new(), groups: 0, steps: 0, max_waiting };
         let join = std::thread::Builder::new()
             .name("lockstep-engine".into())
             .spawn(move || l.run(rx))
@@ -149,6 +166,7 @@ impl Loop {
                 self.step();
             }
             self.metrics.running.store(self.engine.num_running() as u64, Relaxed);
+            self.metrics.kv_blocks_held.store(self.engine.cache_usage().1 as u64, Relaxed);
             self.metrics.waiting.store((self.engine.num_waiting() + self.held.len()) as u64, Relaxed);
         }
     }
@@ -163,13 +181,18 @@ impl Loop {
                     self.max_waiting
                 );
                 for (_, tx) in jobs {
-                    let _ = tx.send(Event::Failed(ApiError::unavailable(msg.clone())));
+                    let _ = tx.send(Event::Failed(ApiError::overloaded("max_waiting", msg.clone(), crate::limits::RETRY_AFTER_S)));
                 }
             }
-            Command::Submit(jobs) if !self.loads.is_empty() => self.held.extend(jobs),
             Command::Submit(jobs) => {
-                for (job, tx) in jobs {
-                    self.admit(job, tx);
+                let at = Arrival { group: self.groups, step: self.steps };
+                self.groups += 1;
+                if self.loads.is_empty() {
+                    for (job, tx) in jobs {
+                        self.admit(job, tx, at);
+                    }
+                } else {
+                    self.held.extend(jobs.into_iter().map(|(j, tx)| (j, tx, at)));
                 }
             }
             Command::Load { model, version, allow_same, reply } => self.loads.push((model, version, allow_same, reply)),
@@ -181,12 +204,15 @@ impl Loop {
         self.engine.num_waiting() + self.held.len()
     }
 
-    fn admit(&mut self, job: Job, events: tmpsc::UnboundedSender<Event>) {
+    fn admit(&mut self, job: Job, events: tmpsc::UnboundedSender<Event>, at: Arrival) {
+        if events.is_closed() {
+            return; // its client went away while it was held
+        }
         let n = job.prompt.len() as u64;
-        match self.engine.submit(Request { prompt: job.prompt, params: job.params }) {
+        match self.engine.submit_in_group(Request { prompt: job.prompt, params: job.params }, at.group) {
             Ok(id) => {
                 self.metrics.prompt_tokens.fetch_add(n, Relaxed);
-                self.active.insert(id, Active { events, stops: job.stops, tokens: Vec::new(), stream: job.stream, sent: 0 });
+                self.active.insert(id, Active { events, since: at.step, stops: job.stops, tokens: Vec::new(), stream: job.stream, sent: 0 });
             }
             Err(e) => {
                 let _ = events.send(Event::Failed(ApiError::from_engine(&e)));
@@ -205,8 +231,8 @@ impl Loop {
             }
             let _ = reply.send(r);
         }
-        for (job, tx) in std::mem::take(&mut self.held) {
-            self.admit(job, tx);
+        for (job, tx, at) in std::mem::take(&mut self.held) {
+            self.admit(job, tx, at);
         }
     }
 
@@ -223,6 +249,7 @@ impl Loop {
             }
         };
         self.metrics.engine_steps.fetch_add(1, Relaxed);
+        self.steps += 1;
         let mut to_stop = Vec::new();
         for s in self.engine.sampled() {
             self.metrics.generation_tokens.fetch_add(1, Relaxed);
@@ -246,6 +273,7 @@ impl Loop {
         }
         for c in done {
             if let Some(a) = self.active.remove(&c.id) {
+                self.metrics.sequence_steps.observe((self.steps - a.since) as f64);
                 let _ = a.events.send(Event::Done(Box::new(c)));
             }
         }

@@ -35,7 +35,7 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 
 impl ModelInfo {
     pub fn of(name: String, cfg: &ModelConfig) -> Self {
-        let context = cfg.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(DEFAULT_CONTEXT);
+        let context = cfg.max_position_embeddings.unwrap_or(DEFAULT_CONTEXT);
         Self {
             name,
             vocab_size: cfg.vocab_size,
@@ -63,14 +63,18 @@ pub struct AppState {
     pub device: Device,
     /// dtype of the served weights (new weights load in it too)
     pub dtype: DType,
+    /// checkpoint tensors with no place in the config are ignored, not refused
+    pub allow_unused: bool,
     /// keys, hosts, the weights root
     pub guard: Arc<crate::security::Guard>,
+    /// limits, open connections, the drain flag
+    pub load: Arc<crate::limits::Load>,
 }
 
 /// `default` (the embedded default, weights from `seed`, byte-level tokenizer) or a checkpoint
 /// directory (its tokenizer files beside the weights); batch-invariant kernels, in `dtype`, on
 /// `dev`.
-pub fn load_model(spec: &str, seed: u64, dtype: DType, dev: &Device) -> Result<(MoeCausalLm, Tokenizer)> {
+pub fn load_model(spec: &str, seed: u64, dtype: DType, dev: &Device, allow_unused: bool) -> Result<(MoeCausalLm, Tokenizer)> {
     if spec == "default" {
         let m = MoeCausalLm::embedded_default(seed, dtype, dev)?;
         return Ok((ready(m, dev)?, Tokenizer::bytes()));
@@ -79,14 +83,16 @@ pub fn load_model(spec: &str, seed: u64, dtype: DType, dev: &Device) -> Result<(
     if !dir.is_dir() {
         return Err(ServerError::Config(format!("--model {spec}: not a directory (a checkpoint directory or `default`)")));
     }
-    let m = load_weights(dir, dtype, dev)?;
+    let m = load_weights(dir, dtype, dev, allow_unused)?;
     let tok = Tokenizer::from_dir(dir, m.cfg.vocab_size)?;
     Ok((m, tok))
 }
 
-/// A checkpoint's weights with the batch-invariant kernels, in `dtype`, on `dev`.
-pub fn load_weights(dir: &Path, dtype: DType, dev: &Device) -> Result<MoeCausalLm> {
-    let m = MoeCausalLm::load(dir, dtype, dev)?;
+/// A checkpoint's weights with the batch-invariant kernels, in `dtype`, on `dev`; tensors the
+/// config has no place for refused by name unless `allow_unused`.
+pub fn load_weights(dir: &Path, dtype: DType, dev: &Device, allow_unused: bool) -> Result<MoeCausalLm> {
+    let opts = lockstep_model::checkpoint::LoadOptions { allow_unused, ..Default::default() };
+    let m = MoeCausalLm::load_with(dir, dtype, dev, &opts)?;
     ready(m, dev)
 }
 

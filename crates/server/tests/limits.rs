@@ -1,6 +1,6 @@
 //! Admission control: a request that would queue more than `max_waiting` sequences behind the
 //! running batch gets a 503 naming `max_waiting` (never an unbounded queue); requests within the
-//! limit are served as before.
+//! limit are served as before. The refusal carries `Retry-After` and `code: max_waiting`.
 
 mod common;
 
@@ -17,6 +17,8 @@ async fn a_request_beyond_max_waiting_is_refused_by_name() {
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("max_waiting") && msg.contains("at most 2"), "{msg}");
+    assert_eq!(r.json()["error"]["code"], "max_waiting");
+    assert_eq!(r.header("retry-after"), "1");
     // within the limit: served
     let ok = post(addr, "/v1/completions", &json!({"prompt": "ab", "n": 2, "max_tokens": 2})).await;
     assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));

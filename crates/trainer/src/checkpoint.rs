@@ -1,7 +1,10 @@
 //! Training checkpoints: a Hugging Face checkpoint directory (`config.json` +
 //! `model.safetensors`, per-expert tensors, loadable by transformers) plus the optimizer state
 //! (`optimizer.safetensors`: `m.<param>` and `v.<param>`) and `trainer_state.json` (step and
-//! optimizer config), written atomically. Resuming continues bit for bit like a run that never
+//! optimizer config), written atomically with `lockstep-manifest.json` (size and SHA-256 of each
+//! tensor file, checked on resume) through `lockstep_model::manifest`'s writer; every write,
+//! fsync and rename of a save goes through a [`CheckpointFs`] ([`Trainer::save_with_fs`]), so
+//! tests can fail any one of them. Resuming continues bit for bit like a run that never
 //! stopped.
 
 use std::collections::HashMap;
@@ -28,52 +31,15 @@ fn file_err(path: &Path, what: &str, msg: impl ToString) -> TrainError {
     TrainError::File { file: path.display().to_string(), what: what.into(), msg: msg.to_string() }
 }
 
-/// The temporary and the displaced-old siblings of checkpoint `dir` (`.<name>.tmp-<pid>`,
-/// `.<name>.old-<pid>`).
-fn sibling_names(dir: &Path) -> (std::path::PathBuf, String) {
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "checkpoint".into());
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    (parent, name)
-}
+pub use lockstep_model::manifest::{clean_stale_in, clean_stale_siblings, CheckpointFs, DirWriter, RealFs, MANIFEST};
 
-fn fsync_path(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
-}
-
-/// Remove what an earlier, killed save of `dir` left: `.<name>.tmp-*` (never complete until
-/// renamed) and `.<name>.old-*`. An `.old-*` is the previous checkpoint, displaced just before
-/// the new one was renamed in: when `dir` itself is missing (killed between the two renames),
-/// it is moved back instead of removed, so the last complete checkpoint survives.
-pub fn clean_stale_siblings(dir: &Path) -> Result<()> {
-    let (parent, name) = sibling_names(dir);
-    let Ok(entries) = std::fs::read_dir(&parent) else { return Ok(()) };
-    let (tmp_prefix, old_prefix) = (format!(".{name}.tmp-"), format!(".{name}.old-"));
-    let mut olds = Vec::new();
-    for e in entries.flatten() {
-        let n = e.file_name().to_string_lossy().to_string();
-        if n.starts_with(&tmp_prefix) {
-            std::fs::remove_dir_all(e.path()).map_err(|err| file_err(&e.path(), "remove stale temporary checkpoint", err))?;
-        } else if n.starts_with(&old_prefix) {
-            olds.push(e.path());
-        }
-    }
-    for old in olds {
-        if !dir.exists() {
-            std::fs::rename(&old, dir).map_err(|err| file_err(&old, "restore the displaced checkpoint", err))?;
-            eprintln!("warning: {}: restored from {} (a save was interrupted between its renames)", dir.display(), old.display());
-        } else {
-            std::fs::remove_dir_all(&old).map_err(|err| file_err(&old, "remove stale old checkpoint", err))?;
-        }
-    }
-    Ok(())
-}
-
-/// Write checkpoint `dir` atomically: stale siblings of an interrupted save are cleaned
-/// ([`clean_stale_siblings`]), `fill` writes every file into a fresh temporary sibling, each
-/// file and the temporary directory are fsynced, the old `dir` (if any) is moved aside, the
-/// temporary directory renamed into place, the parent fsynced, and the old one removed. A kill
-/// at any point leaves the old or the new checkpoint complete (or, between the two renames, the
-/// old one aside, which the next save or [`clean_stale_siblings`] moves back).
+/// Write checkpoint `dir` atomically ([`lockstep_model::manifest`]): stale siblings of an
+/// interrupted save are cleaned, `fill` writes every file into a fresh temporary sibling (given
+/// its path), the manifest of its tensor files is added, each file and the temporary directory
+/// are fsynced, the old `dir` (if any) is moved aside, the temporary directory renamed into
+/// place, the parent fsynced, and the old one removed. A kill at any point leaves the old or the
+/// new checkpoint complete (or, between the two renames, the old one aside, which the next save
+/// or [`clean_stale_siblings`] moves back).
 pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     write_checkpoint_dir_inner(dir, fill, |_| Ok(()))
 }
@@ -82,29 +48,37 @@ pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Res
 /// fsynced, before any rename (fault injection in tests: an error there leaves `dir` as it was).
 #[doc(hidden)]
 pub fn write_checkpoint_dir_inner(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>, before_rename: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
-    let io = |what: &'static str| move |e: std::io::Error| file_err(dir, what, e);
-    let (parent, name) = sibling_names(dir);
-    std::fs::create_dir_all(&parent).map_err(io("create parent"))?;
-    clean_stale_siblings(dir)?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(io("create temporary directory"))?;
-    fill(&tmp).map_err(io("write"))?;
-    for e in std::fs::read_dir(&tmp).map_err(io("list temporary directory"))? {
-        let e = e.map_err(io("list temporary directory"))?;
-        if e.file_type().map_err(io("fsync"))?.is_file() {
-            fsync_path(&e.path()).map_err(io("fsync"))?;
+    let fs = BeforeRename { hook: std::sync::Mutex::new(Some(Box::new(before_rename))) };
+    Ok(lockstep_model::manifest::write_dir_atomically_with(&fs, dir, |w| fill(w.path()))?)
+}
+
+type Hook<'a> = Box<dyn FnOnce(&Path) -> std::io::Result<()> + 'a>;
+
+/// The real filesystem, running a hook (once) before the first rename.
+struct BeforeRename<'a> {
+    hook: std::sync::Mutex<Option<Hook<'a>>>,
+}
+
+impl CheckpointFs for BeforeRename<'_> {
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        RealFs.create_dir_all(path)
+    }
+    fn write_file(&self, path: &Path, write: &dyn Fn(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+        RealFs.write_file(path, write)
+    }
+    fn sync(&self, path: &Path) -> std::io::Result<()> {
+        RealFs.sync(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        let hook = self.hook.lock().map_err(|_| std::io::Error::other("hook poisoned"))?.take();
+        if let Some(h) = hook {
+            h(from)?;
         }
+        RealFs.rename(from, to)
     }
-    fsync_path(&tmp).map_err(io("fsync"))?;
-    before_rename(&tmp).map_err(io("before rename"))?;
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(io("move the old checkpoint aside"))?;
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        RealFs.remove_dir_all(path)
     }
-    std::fs::rename(&tmp, dir).map_err(io("rename into place"))?;
-    fsync_path(&parent).map_err(io("fsync parent"))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }
 
 impl Trainer {
@@ -120,8 +94,15 @@ impl Trainer {
     /// `run_state.json`) written into the same temporary directory before the rename, so the
     /// checkpoint appears with all of them or not at all (see [`write_checkpoint_dir`]).
     pub fn save_with(&self, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
-        if let Some((name, _)) = extra.iter().find(|(n, _)| n.is_empty() || n.contains(['/', '\\']) || *n == "." || *n == "..") {
-            return Err(file_err(dir, &format!("extra file `{name}`"), "a plain file name expected"));
+        self.save_with_fs(&RealFs, dir, extra)
+    }
+
+    /// [`Trainer::save_with`] through `fs` (every write, fsync and rename of the save is one of
+    /// its calls: tests fail the Nth to check that a torn save never shows).
+    pub fn save_with_fs(&self, fs: &dyn CheckpointFs, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+        let reserved = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", MANIFEST];
+        if let Some((name, _)) = extra.iter().find(|(n, _)| n.is_empty() || n.contains(['/', '\\']) || *n == "." || *n == ".." || reserved.contains(n)) {
+            return Err(file_err(dir, &format!("extra file `{name}`"), "a plain file name, not one of the checkpoint's own, expected"));
         }
         let (model, m, v) = match &self.parallel {
             None => (None, self.optimizer.m.clone(), self.optimizer.v.clone()),
@@ -147,7 +128,11 @@ impl Trainer {
                 (Some(model), m, v)
             }
         };
-        let files = model.as_ref().unwrap_or(&self.model).checkpoint_files()?;
+        // the f32 master weights where the trainer computes in bf16
+        let files = match model {
+            Some(m) => m.checkpoint_files()?,
+            None => self.master_model()?.checkpoint_files()?,
+        };
         let mut opt: HashMap<String, Tensor> = HashMap::new();
         for (prefix, map) in [("m", &m), ("v", &v)] {
             for (name, t) in map {
@@ -156,20 +141,20 @@ impl Trainer {
         }
         let state = serde_json::to_string_pretty(&TrainerState { step: self.optimizer.step, optimizer: self.optimizer.cfg })
             .map_err(|e| file_err(dir, "trainer_state.json", e))?;
-        write_checkpoint_dir(dir, |tmp| {
-            files.write(tmp)?;
-            candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors")).map_err(std::io::Error::other)?;
-            std::fs::write(tmp.join("trainer_state.json"), state)?;
+        Ok(lockstep_model::manifest::write_dir_atomically_with(fs, dir, |w| {
+            files.write_into(w)?;
+            w.write_tensors("optimizer.safetensors", &opt)?;
+            w.write_bytes("trainer_state.json", state.as_bytes())?;
             for (name, bytes) in extra {
-                std::fs::write(tmp.join(name), bytes)?;
+                w.write_bytes(name, bytes)?;
             }
             Ok(())
-        })
+        })?)
     }
 
     /// The model with every MoE layer's experts gathered from the ranks (a collective).
     pub fn whole_model(&self, dp: &dyn DataParallel) -> Result<MoeCausalLm> {
-        let mut whole = self.model.clone();
+        let mut whole = self.master_model()?;
         for layer in whole.cfg.moe_layers.clone() {
             let block = whole.moe_block_checked_mut(layer)?;
             let kernels = block.experts.kernels();
@@ -206,6 +191,7 @@ impl Trainer {
             Some(dp) => Trainer::new_parallel(model, cfg, dp.clone())?,
         };
         let opt_path = dir.join("optimizer.safetensors");
+        lockstep_model::manifest::verify(dir, std::slice::from_ref(&opt_path))?;
         let opt = candle_core::safetensors::load(&opt_path, device).map_err(|e| file_err(&opt_path, "safetensors", e))?;
         for (name, var) in &t.params {
             for (prefix, map) in [("m", &mut t.optimizer.m), ("v", &mut t.optimizer.v)] {

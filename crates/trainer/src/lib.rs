@@ -12,11 +12,13 @@ pub mod grads;
 /// Token log-probabilities: the model crate's, shared with the engine.
 pub use lockstep_model::logprobs;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod parallel;
 pub mod route_terms;
 pub mod staged;
 pub mod step_inputs;
+pub mod step_metrics;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -2,6 +2,10 @@
 //! learning-rate schedule, f32. Its state (step, first and second moments) is plain tensors so a
 //! checkpoint can save it and a resumed run continues bit for bit.
 //!
+//! Mixed precision: a parameter held in bf16 has an f32 master copy here (`master`); the update
+//! is computed in f32 on the master and the bf16 parameter is written as its rounding. Gradients
+//! are accumulated in f32 whatever the parameter's dtype.
+//!
 //! At step t (1-based), for each parameter θ with gradient g (after clipping):
 //!
 //! ```text
@@ -109,8 +113,8 @@ impl GradAccumulator {
     pub fn add(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
         for (name, v) in params {
             if let Some(g) = store.get(v.as_tensor()) {
-                // detached: a gradient must not keep the step's autograd graph alive
-                let g = g.detach();
+                // detached: a gradient must not keep the step's autograd graph alive; summed in f32
+                let g = g.detach().to_dtype(DType::F32)?;
                 let sum = match self.grads.remove(name) {
                     Some(acc) => (acc + g)?,
                     None => g,
@@ -134,10 +138,31 @@ pub fn grad_sq_sum<'a>(names: impl IntoIterator<Item = &'a str>, grads: &GradAcc
     let mut sq = 0f64;
     for name in names {
         if let Some(g) = grads.get(name) {
-            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            sq += sq_sum(g)?;
         }
     }
     Ok(sq)
+}
+
+/// Rows of the two-stage sum of squares on a GPU.
+const SQ_ROW: usize = 4096;
+
+/// Σ x² of one tensor. CPU: in f64 element by element. CUDA: candle reduces a whole tensor with
+/// one thread block (≈ 0.2 s for an expert-weight gradient of 4·10⁸ elements), so the squares
+/// are summed in f32 over rows of 4096 first (many blocks), then the row sums in f64.
+fn sq_sum(g: &Tensor) -> Result<f64> {
+    let n = g.elem_count();
+    if g.device().is_cpu() || n < 2 * SQ_ROW {
+        return Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?);
+    }
+    let flat = g.to_dtype(DType::F32)?.flatten_all()?;
+    let whole = n / SQ_ROW * SQ_ROW;
+    let rows = flat.narrow(0, 0, whole)?.reshape((whole / SQ_ROW, SQ_ROW))?.sqr()?.sum(1)?;
+    let mut total = rows.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    if whole < n {
+        total += flat.narrow(0, whole, n - whole)?.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(total)
 }
 
 pub struct AdamW {
@@ -147,6 +172,8 @@ pub struct AdamW {
     /// first / second moments per parameter name
     pub m: HashMap<String, Tensor>,
     pub v: HashMap<String, Tensor>,
+    /// f32 master weights of the parameters held in a lower precision (bf16)
+    pub master: HashMap<String, Tensor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -158,7 +185,7 @@ pub struct StepStats {
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg, step: 0, m: HashMap::new(), v: HashMap::new() })
+        Ok(Self { cfg, step: 0, m: HashMap::new(), v: HashMap::new(), master: HashMap::new() })
     }
 
     /// One update of every parameter that has a gradient.
@@ -183,8 +210,14 @@ impl AdamW {
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
             let g = if scale < 1.0 { (g * scale)? } else { g.clone() };
-            // plain tensors: the update must not record an autograd graph through the Var
-            let theta = &var.as_tensor().detach();
+            // plain tensors: the update must not record an autograd graph through the Var; the
+            // f32 master where the parameter is bf16
+            let master = self.master.get(name).cloned();
+            // (a bf16 parameter without a master copy is updated in f32 and rounded back)
+            let theta = &match &master {
+                Some(w) => w.clone(),
+                None => var.as_tensor().detach().to_dtype(DType::F32)?,
+            };
             let m = match self.m.get(name) {
                 Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
                 None => (&g * (1.0 - b1))?,
@@ -195,7 +228,13 @@ impl AdamW {
             };
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.cfg.eps)?)?;
             let update = (update + (theta * self.cfg.weight_decay)?)?;
-            var.set(&(theta - (update * lr)?)?)?;
+            let next = (theta - (update * lr)?)?;
+            if master.is_some() {
+                var.set(&next.to_dtype(var.dtype())?)?;
+                self.master.insert(name.clone(), next);
+            } else {
+                var.set(&next.to_dtype(var.dtype())?)?;
+            }
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }

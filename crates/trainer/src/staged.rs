@@ -154,6 +154,15 @@ fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature:
     Ok((lp, h))
 }
 
+/// Σ x·g as a scalar with x's graph: the surrogate whose gradient at x is g exactly. Summed over
+/// the last dimension first, then over the rest (candle's CUDA reduction of a whole tensor runs
+/// in one thread block; the two stages give the same gradient).
+fn surrogate(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let p = (x * g.to_dtype(x.dtype())?)?;
+    let p = if p.rank() > 1 { p.sum(D::Minus1)? } else { p };
+    Ok(p.sum_all()?.to_dtype(DType::F32)?)
+}
+
 /// The positions [a, b) of each head chunk.
 fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     let size = if size == 0 { n.max(1) } else { size };
@@ -270,9 +279,9 @@ impl<'a> Staged<'a> {
                     (y, rec.get(&l).map(|r| r.scores_NE.clone()))
                 }
             };
-            let mut s = (y * g_x.to_dtype(self.xs[l].dtype())?)?.sum_all()?.to_dtype(DType::F32)?;
+            let mut s = surrogate(&y, &g_x)?;
             if let (Some(sc), Some(gs)) = (scores, g_scores.get(&l)) {
-                s = (s + (sc * gs)?.sum_all()?.to_dtype(DType::F32)?)?;
+                s = (s + surrogate(&sc, gs)?)?;
             }
             let gs = s.backward()?;
             acc.add(params, &gs)?;
@@ -283,7 +292,7 @@ impl<'a> Staged<'a> {
         }
         // 4. the embeddings
         let x0 = model.embed(self.batch)?;
-        let s = (x0 * g_x.to_dtype(self.xs[0].dtype())?)?.sum_all()?;
+        let s = surrogate(&x0, &g_x)?;
         acc.add(params, &s.backward()?)?;
         Ok(())
     }

@@ -13,6 +13,8 @@ use lockstep_model::metrics::{layer_health, max_vio_prime_rl, slot_load};
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
 pub use crate::batch::{replay_from_recording, OldPolicy, TrainBatch};
+use crate::step_metrics::finite_or_zero;
+pub use crate::step_metrics::{LayerStepMetrics, ScoreMetrics, SftMetrics, StepMetrics};
 use crate::error::{Result, TrainError};
 use crate::loss::{rl_loss, LossConfig, LossInputs, Objective, PiOld, RatioMode};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
@@ -36,6 +38,10 @@ pub struct TrainerConfig {
     /// a micro-batch never holds more than [chunk, vocab] logits. 0: the whole micro-batch.
     /// Default 1024.
     pub logits_chunk_tokens: usize,
+    /// Compute dtype of the weights and activations: f32 (default), or bf16 with f32 master
+    /// weights and AdamW moments in the optimizer and gradients accumulated in f32 (router
+    /// scores, log-softmax, loss and metrics are f32 either way).
+    pub dtype: DType,
 }
 
 impl Default for TrainerConfig {
@@ -47,88 +53,9 @@ impl Default for TrainerConfig {
             temperature: 1.0,
             activation_checkpointing: false,
             logits_chunk_tokens: 1024,
+            dtype: DType::F32,
         }
     }
-}
-
-/// Routing health of one MoE layer over a step (all its micro-batches, on every rank).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LayerStepMetrics {
-    /// token-weighted mean routing confidence
-    pub confidence: f64,
-    /// max_vio of the step's load (tokens per expert summed over the micro-batches and ranks):
-    /// the imbalance the experts' owners see
-    pub max_vio: f64,
-    /// the largest max_vio of one rank's own load (equal to `max_vio` on one rank)
-    pub max_vio_rank_max: f64,
-    /// share of real (token, layer) routes where the trainer's free selection (from its live
-    /// router scores) equals the inference route, as sets of experts
-    pub route_agreement: f64,
-    /// max_vio as prime-rl logs it (`lockstep_model::metrics::max_vio_prime_rl`: every slot of
-    /// a micro-batch, padding included, the top-k busiest experts cut), the mean over the step's
-    /// micro-batches (and ranks) where it is defined; 0 where it never is
-    pub max_vio_prime_rl: f64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub loss: f64,
-    pub entropy: f64,
-    pub kl: f64,
-    /// max |logp_train − logp_infer| over the step's completion tokens (over ranks: the max)
-    pub max_abs_logprob_diff: f64,
-    pub extreme_fraction: f64,
-    pub clip_fraction: f64,
-    pub grad_norm: f64,
-    pub lr: f64,
-    pub tokens: f64,
-    pub fallback_tokens: f64,
-    pub mis_dropped: f64,
-    /// k3 KL and F(τ) of π_θ vs π_infer, token level
-    pub infer_kl: f64,
-    pub infer_extreme_fraction: f64,
-    /// KL penalty term to the reference (mean k_n), 0 without one
-    pub ref_kl: f64,
-    /// mean router-shift weight γ (1 unless ratio = router_shift)
-    pub shift_weight: f64,
-    pub layers: BTreeMap<usize, LayerStepMetrics>,
-    /// The loss or the global gradient norm was not finite (the same on every rank): the update
-    /// was skipped (weights, AdamW moments and step counter untouched) and the non-finite
-    /// metrics of the step are written as 0.
-    pub skipped_nonfinite: bool,
-}
-
-/// What [`Trainer::sft_step_checked`] measured.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SftMetrics {
-    /// the supervised loss (over ranks: the sum of the ranks' shares); 0 when skipped and not finite
-    pub loss: f64,
-    /// global gradient norm before clipping; 0 when skipped and not finite
-    pub grad_norm: f64,
-    /// the loss or the gradient norm was not finite: the update was skipped
-    pub skipped_nonfinite: bool,
-}
-
-/// `x`, or 0 when it is NaN / ±inf (metrics of a skipped step).
-fn finite_or_zero(x: f64) -> f64 {
-    if x.is_finite() {
-        x
-    } else {
-        0.0
-    }
-}
-
-/// What [`Trainer::score`] measured: π_old (the trainer before the update) against π_infer.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ScoreMetrics {
-    pub tokens: f64,
-    /// k3 estimate of KL(π_infer ‖ π_old) over the completion tokens
-    pub kl: f64,
-    /// F(τ) of π_old / π_infer
-    pub extreme_fraction: f64,
-    /// max |log π_old − log π_infer|
-    pub max_abs_logprob_diff: f64,
 }
 
 pub struct Trainer {
@@ -167,14 +94,26 @@ fn vec_tensor(v: &[f32], dev: &candle_core::Device) -> Result<Tensor> {
 }
 
 impl Trainer {
-    /// Take a model (f32) and make its parameters trainable.
+    /// Take a model (best in f32: its weights become the master weights) and make its
+    /// parameters trainable in `cfg.dtype`.
     pub fn new(mut model: MoeCausalLm, cfg: TrainerConfig) -> Result<Self> {
+        if !matches!(cfg.dtype, DType::F32 | DType::BF16) {
+            return Err(TrainError::input("dtype", format!("{:?}: expected f32 or bf16", cfg.dtype)));
+        }
         let mut params = Vec::new();
+        let mut master = std::collections::HashMap::new();
         model.map_params(|name, t| {
-            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let w = t.to_dtype(DType::F32)?;
+            let v = Var::from_tensor(&w.to_dtype(cfg.dtype)?)?;
+            if cfg.dtype != DType::F32 {
+                // no copy: a master tensor is replaced by each update, never written in place
+                master.insert(name.to_string(), w.clone());
+            }
             params.push((name.to_string(), v.clone()));
             Ok(v.as_tensor().clone())
         })?;
+        // the parameters are in cfg.dtype already: this sets the activations' dtype
+        model.cast(cfg.dtype)?;
         if matches!(cfg.loss.ratio, RatioMode::Joint(_)) {
             if !cfg.replay {
                 return Err(TrainError::input("loss.ratio", "a joint ratio with replay off compares different events (the trainer's own experts vs the inference experts): set replay.enabled = true"));
@@ -184,7 +123,9 @@ impl Trainer {
         if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
             return Err(TrainError::input("temperature", format!("{}: must be > 0", cfg.temperature)));
         }
-        Ok(Self { model, params, optimizer: AdamW::new(cfg.optimizer)?, cfg, parallel: None, reference: None })
+        let mut optimizer = AdamW::new(cfg.optimizer)?;
+        optimizer.master = master;
+        Ok(Self { model, params, optimizer, cfg, parallel: None, reference: None })
     }
 
     /// Freeze a copy of the current weights as the reference policy π_ref of the KL penalty
@@ -202,6 +143,7 @@ impl Trainer {
         if let Some(dp) = &self.parallel {
             dp.shard_model(&mut model)?;
         }
+        model.cast(self.cfg.dtype)?;
         model.set_kernels(self.model.kernels());
         self.reference = Some(model);
         Ok(())
@@ -559,42 +501,32 @@ impl Trainer {
         Ok(SftMetrics { loss, grad_norm, skipped_nonfinite: skipped })
     }
 
+    /// The memory plan of a step over micro-batches of `micro_batch_tokens` (see
+    /// [`crate::memory`]).
+    pub fn memory_plan(&self, micro_batch_tokens: usize) -> crate::memory::MemoryPlan {
+        let parameters: u64 = self.params.iter().map(|(_, v)| v.elem_count() as u64).sum();
+        crate::memory::MemoryPlan::of(&self.model.cfg, parameters, self.cfg.dtype, self.cfg.activation_checkpointing, micro_batch_tokens, self.cfg.logits_chunk_tokens)
+    }
+
+    /// The model with f32 weights: the optimizer's master copies where the trainer computes
+    /// in bf16, the parameters themselves otherwise (what a checkpoint saves).
+    pub fn master_model(&self) -> Result<MoeCausalLm> {
+        let mut m = self.model.clone();
+        let master = &self.optimizer.master;
+        m.map_params(|name, t| match master.get(name) {
+            Some(w) => Ok(w.clone()),
+            None => t.detach().to_dtype(DType::F32),
+        })?;
+        m.cast(DType::F32)?;
+        Ok(m)
+    }
+
     /// A copy of the model for inference: same weights (shared storage, so it follows later
     /// updates without copying), no autograd tracking.
     pub fn inference_model(&self) -> Result<MoeCausalLm> {
         let mut m = self.model.clone();
         m.map_params(|_, t| Ok(t.detach()))?;
         Ok(m)
-    }
-}
-
-impl StepMetrics {
-    /// Every non-finite value → 0 (a skipped step's metrics: JSON has no NaN).
-    fn sanitize(&mut self) {
-        for x in [
-            &mut self.loss,
-            &mut self.entropy,
-            &mut self.kl,
-            &mut self.max_abs_logprob_diff,
-            &mut self.extreme_fraction,
-            &mut self.clip_fraction,
-            &mut self.grad_norm,
-            &mut self.lr,
-            &mut self.tokens,
-            &mut self.fallback_tokens,
-            &mut self.mis_dropped,
-            &mut self.infer_kl,
-            &mut self.infer_extreme_fraction,
-            &mut self.ref_kl,
-            &mut self.shift_weight,
-        ] {
-            *x = finite_or_zero(*x);
-        }
-        for l in self.layers.values_mut() {
-            for x in [&mut l.confidence, &mut l.max_vio, &mut l.max_vio_rank_max, &mut l.route_agreement, &mut l.max_vio_prime_rl] {
-                *x = finite_or_zero(*x);
-            }
-        }
     }
 }
 

@@ -16,9 +16,15 @@ use serde_json::Value;
 pub struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
+    pub headers: hyper::HeaderMap,
 }
 
 impl Reply {
+    /// A header's value as text ("" if absent).
+    pub fn header(&self, name: &str) -> String {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
@@ -47,8 +53,9 @@ pub async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Rep
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-        Reply { status, body }
+        Reply { status, body, headers }
     };
     tokio::time::timeout(Duration::from_secs(120), fut).await.expect("request timed out")
 }
@@ -115,4 +122,40 @@ pub fn check_vllm_routes(s: &str, full: &RouteTrace, start: usize) {
             }
         }
     }
+}
+
+/// The value of an unlabelled Prometheus sample (`name value`) in `/metrics`.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = String::from_utf8(get(addr, "/metrics").await.body).unwrap();
+    sample(&text, name).unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// `name value` (or `name{labels} value`, the whole `name{labels}` given) in Prometheus text.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Poll `cond` every 20 ms until it holds (panics after `limit`).
+pub async fn until<F: std::future::Future<Output = bool>>(what: &str, limit: Duration, mut cond: impl FnMut() -> F) {
+    let t0 = std::time::Instant::now();
+    while !cond().await {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A raw HTTP/1.1 exchange: write `req`, read until the server closes (within `limit`).
+pub async fn raw(addr: SocketAddr, req: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut out)).await.expect("the server did not close the connection").ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The JSON body of a raw response.
+pub fn raw_json(resp: &str) -> Value {
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {resp}"))
 }

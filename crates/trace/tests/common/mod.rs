@@ -59,14 +59,7 @@ pub fn make(s: &Spec) -> RouteTrace {
         Probs::from_f32(dt, &v)
     });
     let missing = (0..s.tokens).map(|t| s.missing.contains(&t)).collect();
-    let meta = TraceMeta {
-        num_experts: s.e,
-        top_k: s.k,
-        prompt_len: (s.tokens / 3) as u32,
-        fingerprint: 0xfeed_beef,
-        policy_version: 42,
-        ordered: s.ordered,
-    };
+    let meta = TraceMeta { num_experts: s.e, top_k: s.k, prompt_len: (s.tokens / 3) as u32, fingerprint: 0xfeed_beef, policy_version: 42, ordered: s.ordered };
     RouteTrace::new(meta, s.layers.clone(), s.tokens, ids, missing, probs).expect("valid trace")
 }
 
@@ -84,6 +77,5 @@ pub fn make_variable(tokens: usize, layers: usize, e: u32, seed: u64, missing: &
     }
     let meta = TraceMeta { num_experts: e, top_k: 0, prompt_len: 0, fingerprint: 1, policy_version: 2, ordered: true };
     let miss = (0..tokens).map(|t| missing.contains(&t)).collect();
-    RouteTrace::new_variable(meta, (0..layers as u32).collect(), tokens, &counts, ids, miss, None)
-        .expect("variable trace")
+    RouteTrace::new_variable(meta, (0..layers as u32).collect(), tokens, &counts, ids, miss, None).expect("variable trace")
 }
