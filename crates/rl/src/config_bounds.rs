@@ -63,13 +63,10 @@ impl RunConfig {
         not_empty("task.test_path", self.task.test_path.as_deref())?;
         not_empty("task.messages_field", self.task.messages_field.as_deref())?;
         let mut seen = std::collections::BTreeSet::new();
+        // ServerSpec::parse refuses a URL without a host
         for (i, spec) in self.rollout.server_specs()?.iter().enumerate() {
-            let key = format!("rollout.servers[{i}]");
-            if !has_host(&spec.url) {
-                return Err(bad(&key, format!("`{}`: no host", spec.url)));
-            }
-            if !seen.insert(spec.url.trim_end_matches('/').to_string()) {
-                return Err(bad(&key, format!("`{}` is listed twice", spec.url)));
+            if !seen.insert(spec.url.clone()) {
+                return Err(bad(&format!("rollout.servers[{i}]"), format!("`{}` is listed twice", spec.url)));
             }
         }
         for (i, r) in self.reward.iter().enumerate() {
