@@ -22,23 +22,31 @@ pub fn at_temperature(logits: &Tensor, temperature: f64) -> Result<Tensor> {
     }
 }
 
-/// [B, T] log-probabilities (0 where invalid) and the per-slot validity.
-pub fn token_logprobs(logits_BTV: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {
+/// Per position p of the flattened [B, T] slots: the token it predicts (the token at p + 1 in
+/// the same sequence, else 0) and whether it has one; per slot n: whether it is predicted
+/// (`valid[n]`: its previous slot lies in the same sequence).
+pub fn next_token_targets(batch: &Batch) -> Result<(Vec<u32>, Vec<bool>, Vec<bool>)> {
     let (b, t) = batch.dims();
     let ids: Vec<u32> = batch.input_ids_BT.flatten_all()?.to_vec1()?;
     let seg = batch.segments();
-    // target of prediction slot p = token at p + 1 (same row), or 0 when there is none
-    let mut target = vec![0u32; b * t];
-    let mut valid = vec![false; b * t];
+    let (mut target, mut has, mut valid) = (vec![0u32; b * t], vec![false; b * t], vec![false; b * t]);
     for r in 0..b {
         for p in 0..t.saturating_sub(1) {
             let (i, j) = (r * t + p, r * t + p + 1);
             if seg[i] != 0 && seg[i] == seg[j] {
                 target[i] = ids[j];
+                has[i] = true;
                 valid[j] = true;
             }
         }
     }
+    Ok((target, has, valid))
+}
+
+/// [B, T] log-probabilities (0 where invalid) and the per-slot validity.
+pub fn token_logprobs(logits_BTV: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {
+    let (b, t) = batch.dims();
+    let (target, _, valid) = next_token_targets(batch)?;
     let logsm = candle_nn::ops::log_softmax(&logits_BTV.to_dtype(DType::F32)?, D::Minus1)?;
     let target = Tensor::from_vec(target, (b, t, 1), logits_BTV.device())?;
     let pred_BT = logsm.gather(&target, 2)?.squeeze(2)?;

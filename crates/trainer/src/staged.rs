@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var, D};
-use lockstep_model::logprobs::at_temperature;
+use lockstep_model::logprobs::{at_temperature, next_token_targets as targets};
 use lockstep_model::{Batch, ForwardContext, LayerRoute, MoeCausalLm, Recording, RoutingPlan};
 
 use crate::error::{Result, TrainError};
@@ -102,26 +102,6 @@ fn detached(r: &LayerRoute) -> LayerRoute {
 
 fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(Var::from_tensor(&t.detach())?.as_tensor().clone())
-}
-
-/// Per position p: the token it predicts (p + 1 in the same sequence, else 0) and whether it
-/// has one; per slot n: whether it is predicted (`valid`).
-fn targets(batch: &Batch) -> Result<(Vec<u32>, Vec<bool>, Vec<bool>)> {
-    let (b, t) = batch.dims();
-    let ids: Vec<u32> = batch.input_ids_BT.flatten_all()?.to_vec1()?;
-    let seg = batch.segments();
-    let (mut target, mut has, mut valid) = (vec![0u32; b * t], vec![false; b * t], vec![false; b * t]);
-    for r in 0..b {
-        for p in 0..t.saturating_sub(1) {
-            let (i, j) = (r * t + p, r * t + p + 1);
-            if seg[i] != 0 && seg[i] == seg[j] {
-                target[i] = ids[j];
-                has[i] = true;
-                valid[j] = true;
-            }
-        }
-    }
-    Ok((target, has, valid))
 }
 
 /// Slot n takes position n − 1's value where `valid[n]`, else 0 (a `where`, never a product,
