@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use lockstep_engine::{Engine, Request, SamplingParams};
+use lockstep_engine::{Engine, Request, Sampler, SamplingParams};
 use lockstep_model::{Kernels, ModelConfig, MoeCausalLm};
 use serde_json::json;
 
@@ -56,6 +56,10 @@ pub struct BenchServeArgs {
     max_batched_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How temperature samples are drawn: gumbel (on the device; the CUDA default) or exact
+    /// (the logits rows to the host; the CPU default).
+    #[arg(long)]
+    sampler: Option<String>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -107,6 +111,10 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
     let total_mem = lockstep_model::memory_info(&dev)?.map(|m| m.1);
     let vocab = model.cfg.vocab_size as u64;
     let mut engine = Engine::new(model);
+    if let Some(s) = &args.sampler {
+        engine.set_sampler(Sampler::parse(s).with_context(|| format!("--sampler `{s}`: expected gumbel or exact"))?)?;
+    }
+    let sampler = format!("{:?}", engine.sampler()).to_lowercase();
     engine.cache.num_blocks = args.num_blocks;
     engine.cache.gpu_memory_fraction = args.gpu_memory_fraction;
     engine.cache.max_batched_tokens = args.max_batched_tokens;
@@ -169,7 +177,7 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
                 "ttft_ms_p50": pct(&mut ttft, 0.5) * 1e3, "ttft_ms_p99": pct(&mut ttft, 0.99) * 1e3,
                 "steps": steps, "step_ms_mean": wall / steps.max(1) as f64 * 1e3,
                 "preemptions": engine.num_preemptions() - pre0, "peak_memory_gb": peak_gb,
-                "dtype": args.dtype, "kernels": args.kernels, "temperature": args.temperature, "step_breakdown": breakdown,
+                "dtype": args.dtype, "kernels": args.kernels, "temperature": args.temperature, "sampler": sampler, "step_breakdown": breakdown,
             });
             println!(
                 "{c:>5} {:>7} {:>10.1} {:>10.2} {:>10.2} {:>10.1} {:>10.1} {:>9.2} {:>7} {:>9}",

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::blocks::BlockManager;
 use crate::cache::CacheConfig;
 use crate::error::{EngineError, Result};
-use crate::sampling::SamplingParams;
+use crate::sampling::{Sampler, SamplingParams};
 use crate::seq::Seq;
 
 pub use crate::routes::{forward_trace, route_width, token_rows};
@@ -68,6 +68,8 @@ pub struct Engine {
     pub max_running: usize,
     pub policy_version: u64,
     pub(crate) capture: bool,
+    /// how temperature draws are made (chosen with the engine, by the model's device)
+    pub(crate) sampler: Sampler,
     pub(crate) sampled: Vec<Sampled>,
     /// of the model config, stamped into every route trace
     pub(crate) fingerprint: u64,
@@ -104,6 +106,7 @@ impl Engine {
     /// An engine over `model` (use `Kernels::Invariant` for lockstep with the trainer).
     pub fn new(model: MoeCausalLm) -> Self {
         let fingerprint = fingerprint_of(model.cfg.to_json_string().as_bytes());
+        let sampler = Sampler::for_device(model.device());
         Self {
             fingerprint,
             model,
@@ -113,6 +116,7 @@ impl Engine {
             max_running: 64,
             policy_version: 0,
             capture: true,
+            sampler,
             sampled: Vec::new(),
             cache: CacheConfig::default(),
             pool: None,
@@ -137,6 +141,20 @@ impl Engine {
         }
         self.capture = on;
         Ok(())
+    }
+
+    /// Draw temperature samples with `sampler` ([`Sampler`]; the default follows the device).
+    /// Only between requests: a request's tokens come from one stream.
+    pub fn set_sampler(&mut self, sampler: Sampler) -> Result<()> {
+        if !self.is_idle() {
+            return Err(EngineError::Request { id: 0, field: "sampler".into(), msg: "requests are in flight; drain first".into() });
+        }
+        self.sampler = sampler;
+        Ok(())
+    }
+
+    pub fn sampler(&self) -> Sampler {
+        self.sampler
     }
 
     pub fn captures_routes(&self) -> bool {

@@ -19,4 +19,4 @@ mod step;
 pub use cache::CacheConfig;
 pub use engine::{Completion, Engine, FinishReason, Request, Sampled, StepTimes};
 pub use error::{EngineError, Result};
-pub use sampling::SamplingParams;
+pub use sampling::{Sampler, SamplingParams};

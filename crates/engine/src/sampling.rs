@@ -8,6 +8,35 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+/// How an engine draws temperature samples; chosen once, with the engine
+/// ([`crate::Engine::new`] picks by the model's device, [`crate::Engine::set_sampler`]
+/// overrides). Both draw from softmax(logits / T) with a stream fixed by the request's seed
+/// alone, so a request's tokens never depend on the batch; they are different streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampler {
+    /// On the host ([`sample`]): the candidates sorted by weight, top-k / top-p, the inverse CDF
+    /// in f64 with the request's ChaCha8 RNG. The logits rows travel to the host. The CPU default.
+    Exact,
+    /// Gumbel-max on the logits' device (`lockstep_model::gumbel`: a counter-based hash of the
+    /// seed and the token's position), only the tokens come back. The CUDA default. Requests
+    /// with top-k or top-p still take the exact host path.
+    Gumbel,
+}
+
+impl Sampler {
+    pub fn for_device(dev: &candle_core::Device) -> Self {
+        if dev.is_cpu() { Sampler::Exact } else { Sampler::Gumbel }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "exact" => Some(Sampler::Exact),
+            "gumbel" => Some(Sampler::Gumbel),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 = greedy

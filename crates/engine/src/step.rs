@@ -30,7 +30,8 @@ use rayon::prelude::*;
 use crate::blocks::{block_hash, BlockManager, BlockRoutes};
 use crate::engine::{forward_trace, route_width, Completion, Engine, FinishReason, Sampled};
 use crate::error::{EngineError, Result};
-use crate::sampling::{sample, top_n};
+use crate::sampling::{sample, top_n, Sampler, SamplingParams};
+use lockstep_model::gumbel::key as gumbel_key;
 use crate::seq::Seq;
 
 /// The prefix-cache hashes of the full blocks `s` has yet to fill, in order (the chain goes on
@@ -264,32 +265,51 @@ impl Engine {
     }
 
     /// Sample the members (logits row j, running index i) of the step: greedy ones by the
-    /// device's argmax, the others on the host from their logits rows (the only full rows that
-    /// travel), each with its own RNG; then the log-probabilities log-softmax(logits / T) at
-    /// each member's temperature (greedy: T = 1), as the trainer scores them — one batched op
-    /// per distinct temperature on the device — gathered there at the sampled tokens. Only
-    /// members asking for top-n log-probabilities bring their whole row back.
+    /// device's argmax; temperature ones by the engine's [`Sampler`] — Gumbel-max on the
+    /// logits' device, or (`Sampler::Exact`, and any request with top-k / top-p) on the host
+    /// from their logits rows (the only full rows that travel), each with its own RNG; then the
+    /// log-probabilities log-softmax(logits / T) at each member's temperature (greedy: T = 1),
+    /// as the trainer scores them — one batched op per distinct temperature on the device —
+    /// gathered there at the sampled tokens, which never leave the device in between. Tokens
+    /// and log-probabilities come back in one copy; only members asking for top-n
+    /// log-probabilities bring their whole row back.
     /// Returns per member (token, log π(token), top-n).
     fn sample_members(&mut self, logits_1SV: &Tensor, members: &[(usize, usize)]) -> Result<Vec<Draw>> {
         let r = members.len();
         let dev = logits_1SV.device().clone();
-        let idx = |v: Vec<u32>| -> Result<Tensor> { let n = v.len(); Ok(Tensor::from_vec(v, n, &dev)?) };
-        let logits_RV = logits_1SV.squeeze(0)?.index_select(&idx(members.iter().map(|m| m.0 as u32).collect())?, 0)?;
+        let idx = |v: &[u32]| -> Result<Tensor> { Ok(Tensor::from_vec(v.to_vec(), v.len(), &dev)?) };
+        let logits_RV = logits_1SV.squeeze(0)?.index_select(&idx(&members.iter().map(|m| m.0 as u32).collect::<Vec<_>>())?, 0)?;
         let params = |k: usize| &self.running[members[k].1].params;
-        let greedy: Vec<u32> = (0..r as u32).filter(|&k| params(k as usize).temperature == 0.0).collect();
-        let hot: Vec<u32> = (0..r as u32).filter(|&k| params(k as usize).temperature != 0.0).collect();
-        let mut tokens = vec![0u32; r];
-        if !greedy.is_empty() {
-            let am: Vec<u32> = logits_RV.index_select(&idx(greedy.clone())?, 0)?.argmax(D::Minus1)?.to_vec1()?;
-            for (&k, t) in greedy.iter().zip(am) {
-                tokens[k as usize] = t;
+        let on_device = |p: &SamplingParams| self.sampler == Sampler::Gumbel && p.top_k == 0 && p.top_p >= 1.0;
+        let (mut greedy, mut gumbel, mut host) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..r as u32 {
+            let p = params(k as usize);
+            match () {
+                _ if p.temperature == 0.0 => greedy.push(k),
+                _ if on_device(p) => gumbel.push(k),
+                _ => host.push(k),
             }
         }
-        if !hot.is_empty() {
+        // the members' tokens on the device, in the order greedy ++ gumbel ++ host
+        let mut parts: Vec<Tensor> = Vec::new();
+        if !greedy.is_empty() {
+            parts.push(logits_RV.index_select(&idx(&greedy)?, 0)?.argmax(D::Minus1)?.to_dtype(candle_core::DType::U32)?);
+        }
+        if !gumbel.is_empty() {
+            let rows: Vec<(u64, f32)> = gumbel
+                .iter()
+                .map(|&k| {
+                    let s = &self.running[members[k as usize].1];
+                    (gumbel_key(s.params.seed, (s.tokens.len() - s.prompt_len) as u64), s.params.temperature)
+                })
+                .collect();
+            parts.push(lockstep_model::gumbel::sample(&logits_RV.index_select(&idx(&gumbel)?, 0)?, &rows)?);
+        }
+        if !host.is_empty() {
             let v = logits_RV.dim(1)?;
-            let flat = lockstep_model::to_host_f32(&logits_RV.index_select(&idx(hot.clone())?, 0)?)?;
+            let flat = lockstep_model::to_host_f32(&logits_RV.index_select(&idx(&host)?, 0)?)?;
             let rows: Vec<&[f32]> = flat.chunks(v.max(1)).collect();
-            let want: Vec<(usize, usize)> = hot.iter().map(|&k| (members[k as usize].1, k as usize)).collect();
+            let want: Vec<(usize, usize)> = host.iter().map(|&k| (members[k as usize].1, k as usize)).collect();
             let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(want.len());
             let mut w = want.iter().peekable();
             for (i, s) in self.running.iter_mut().enumerate() {
@@ -305,29 +325,54 @@ impl Engine {
                     }
                 }
             }
-            let pos: std::collections::HashMap<usize, usize> = hot.iter().enumerate().map(|(p, &k)| (k as usize, p)).collect();
-            let got: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(rows[pos[k]], &s.params, &mut s.rng))).collect();
-            for (k, t) in got {
-                tokens[k] = t;
-            }
+            let pos: std::collections::HashMap<usize, usize> = host.iter().enumerate().map(|(p, &k)| (k as usize, p)).collect();
+            let mut got: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(rows[pos[k]], &s.params, &mut s.rng))).collect();
+            got.sort_unstable();
+            let by_member: std::collections::HashMap<usize, u32> = got.into_iter().collect();
+            parts.push(idx(&host.iter().map(|&k| by_member[&(k as usize)]).collect::<Vec<_>>())?);
         }
-        let mut out: Vec<Draw> = tokens.iter().map(|&t| (t, 0.0, Vec::new())).collect();
+        let order: Vec<u32> = greedy.iter().chain(&gumbel).chain(&host).copied().collect();
+        let mut inverse = vec![0u32; r];
+        for (p, &k) in order.iter().enumerate() {
+            inverse[k as usize] = p as u32;
+        }
+        let tokens_R = Tensor::cat(&parts, 0)?.index_select(&idx(&inverse)?, 0)?;
+        // log π at each member's temperature, per distinct temperature, gathered at the tokens
         let temp = |k: usize| self.running[members[k].1].params.temperature;
         let mut temps: Vec<f32> = (0..r).map(temp).collect();
         temps.sort_by(f32::total_cmp);
         temps.dedup();
+        let mut lp_parts = Vec::new();
+        let mut lp_order: Vec<u32> = Vec::with_capacity(r);
+        let mut tops: Vec<(usize, Tensor)> = Vec::new();
         for t in temps {
             let pick: Vec<u32> = (0..r as u32).filter(|&k| temp(k as usize) == t).collect();
-            let lp = candle_nn::ops::log_softmax(&at_temperature(&logits_RV.index_select(&idx(pick.clone())?, 0)?, t as f64)?, D::Minus1)?;
-            let toks = Tensor::from_vec(pick.iter().map(|&k| tokens[k as usize]).collect::<Vec<u32>>(), (pick.len(), 1), &dev)?;
-            let at: Vec<f32> = lp.gather(&toks, 1)?.squeeze(1)?.to_vec1()?;
+            let lp = candle_nn::ops::log_softmax(&at_temperature(&logits_RV.index_select(&idx(&pick)?, 0)?, t as f64)?, D::Minus1)?;
+            let toks = tokens_R.index_select(&idx(&pick)?, 0)?.unsqueeze(1)?;
+            lp_parts.push(lp.gather(&toks, 1)?.squeeze(1)?);
             for (j, &k) in pick.iter().enumerate() {
-                out[k as usize].1 = at[j];
-                let n = self.running[members[k as usize].1].params.logprobs;
-                if n > 0 {
-                    out[k as usize].2 = top_n(&lp.get(j)?.to_vec1::<f32>()?, n);
+                if self.running[members[k as usize].1].params.logprobs > 0 {
+                    tops.push((k as usize, lp.get(j)?));
                 }
             }
+            lp_order.extend(pick);
+        }
+        // one copy back: the tokens (as f32: exact below 2^24) then the log-probabilities
+        let exact = logits_RV.dim(1)? <= 1 << 24;
+        let lp_R = Tensor::cat(&lp_parts, 0)?;
+        let (tokens, lps): (Vec<u32>, Vec<f32>) = if exact {
+            let both: Vec<f32> = Tensor::cat(&[tokens_R.to_dtype(candle_core::DType::F32)?, lp_R], 0)?.to_vec1()?;
+            (both[..r].iter().map(|&t| t as u32).collect(), both[r..].to_vec())
+        } else {
+            (tokens_R.to_vec1()?, lp_R.to_vec1()?)
+        };
+        let mut out: Vec<Draw> = tokens.iter().map(|&t| (t, 0.0, Vec::new())).collect();
+        for (&k, &lp) in lp_order.iter().zip(&lps) {
+            out[k as usize].1 = lp;
+        }
+        for (k, row) in tops {
+            let n = self.running[members[k].1].params.logprobs;
+            out[k].2 = top_n(&row.to_vec1::<f32>()?, n);
         }
         Ok(out)
     }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device};
 use lockstep_engine::consistency::rescore;
-use lockstep_engine::{Engine, Request, SamplingParams};
+use lockstep_engine::{Engine, Request, Sampler, SamplingParams};
 use lockstep_model::{Kernels, ModelConfig, MoeCausalLm};
 
 fn requests(n: usize, vocab: u32, max_tokens: usize) -> Vec<Request> {
@@ -17,8 +17,13 @@ fn requests(n: usize, vocab: u32, max_tokens: usize) -> Vec<Request> {
 }
 
 fn check(model: MoeCausalLm, n: usize, max_tokens: usize) {
+    check_with(model, n, max_tokens, Sampler::Exact);
+}
+
+fn check_with(model: MoeCausalLm, n: usize, max_tokens: usize, sampler: Sampler) {
     let reqs = requests(n, model.cfg.vocab_size as u32, max_tokens);
     let mut engine = Engine::new(model.clone());
+    engine.set_sampler(sampler).unwrap();
     let done = engine.generate(reqs.clone()).unwrap();
     assert_eq!(done.len(), n);
     for (c, r) in done.iter().zip(&reqs) {
@@ -33,6 +38,7 @@ fn check(model: MoeCausalLm, n: usize, max_tokens: usize) {
     assert_eq!(rep.prob_rows_differing, 0, "{rep:?}");
     // batch independence: each request alone generates the same tokens
     let mut solo = Engine::new(model);
+    solo.set_sampler(sampler).unwrap();
     let one = solo.generate(vec![reqs[n - 1].clone()]).unwrap();
     assert_eq!(one[0].tokens, done[n - 1].tokens);
     assert_eq!(one[0].logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), done[n - 1].logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
@@ -44,6 +50,23 @@ fn default_model_lockstep_batch_16_and_1() {
     m.set_kernels(Kernels::Invariant);
     check(m.clone(), 16, 8);
     check(m, 1, 8);
+}
+
+/// The device sampler (Gumbel-max, here on the CPU): the same guarantees — log-probabilities
+/// and routes equal the trainer's re-score, a request alone draws what it draws in a batch —
+/// and a different stream from the exact sampler's for the same seeds.
+#[test]
+fn gumbel_sampler_lockstep_batch_16_and_1() {
+    let mut m = MoeCausalLm::embedded_default(0, DType::F32, &Device::Cpu).unwrap();
+    m.set_kernels(Kernels::Invariant);
+    check_with(m.clone(), 16, 8, Sampler::Gumbel);
+    check_with(m.clone(), 1, 8, Sampler::Gumbel);
+    let reqs = requests(4, m.cfg.vocab_size as u32, 12);
+    let mut a = Engine::new(m.clone());
+    let mut b = Engine::new(m);
+    b.set_sampler(Sampler::Gumbel).unwrap();
+    let (ta, tb) = (a.generate(reqs.clone()).unwrap(), b.generate(reqs).unwrap());
+    assert_ne!(ta.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>(), tb.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>());
 }
 
 #[test]

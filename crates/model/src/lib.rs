@@ -23,6 +23,7 @@ pub mod gpu;
 pub mod init;
 pub mod kv_cache;
 pub mod limits;
+pub mod gumbel;
 pub mod logprobs;
 pub mod manifest;
 pub mod metrics;

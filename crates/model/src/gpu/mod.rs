@@ -9,7 +9,8 @@
 //! - `route`: token-choice top-k, expert-choice selection and replay checks on the device;
 //! - `invariant`: the batch-invariant matmul and attention (`crate::nn::invariant` on CUDA);
 //! - `paged`: the paged KV cache's writes and the variable-length attention (`crate::nn::varlen`);
-//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`: the kernels (compiled to PTX by build.rs).
+//! - `sample`: the Gumbel-max draw of a step's tokens (`crate::gumbel`);
+//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
@@ -19,6 +20,7 @@ pub(crate) mod ops;
 pub(crate) mod paged;
 pub(crate) mod plan;
 pub(crate) mod route;
+pub(crate) mod sample;
 
 use std::sync::Arc;
 
@@ -34,6 +36,8 @@ const INVARIANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/invariant_ke
 const INVARIANT_MODULE: &str = "lockstep_invariant";
 const PAGED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_kernels.ptx"));
 const PAGED_MODULE: &str = "lockstep_paged";
+const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample_kernels.ptx"));
+const SAMPLE_MODULE: &str = "lockstep_sample";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -62,6 +66,12 @@ pub(crate) fn route_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `invariant.cu`.
 pub(crate) fn invariant_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, INVARIANT_MODULE, INVARIANT_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `sample.cu`.
+pub(crate) fn sample_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, SAMPLE_MODULE, SAMPLE_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 
