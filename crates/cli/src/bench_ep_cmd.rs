@@ -211,9 +211,9 @@ mod imp {
         // where the dispatch time goes (each step alone, same inputs)
         let groups = lockstep_model::gpu::RowGroups::new(&route.token_A, &route.expert_A, t, e)?;
         let x_AD = groups.gather(x)?;
-        let counts_E = groups.counts().to_vec();
+        let counts_E = groups.counts()?.to_vec();
         let stages = [
-            ("plan (expert counts to host)", timer.time(|| lockstep_model::gpu::RowGroups::new(&route.token_A, &route.expert_A, t, e).map(|_| ()).map_err(Into::into))?),
+            ("plan (expert counts to host)", timer.time(|| lockstep_model::gpu::RowGroups::new(&route.token_A, &route.expert_A, t, e).and_then(|g| g.counts().map(|_| ())).map_err(Into::into))?),
             ("gather rows", timer.time(|| groups.gather(x).map(|_| ()).map_err(Into::into))?),
             ("exchange counts", timer.time(|| comm.exchange_counts(&counts_E).map(|_| ()).map_err(Into::into))?),
             ("rows all-to-all", timer.time(|| comm.all_to_all_rows(&x_AD, &d.send_rows, &d.recv_rows).map(|_| ()).map_err(Into::into))?),

@@ -77,7 +77,7 @@ impl ExpertParallelism {
     pub fn dispatch(&self, layer: usize, x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, backend: ExpertsBackend) -> Result<Dispatched> {
         let l = self.experts_per_rank();
         let plan = DispatchPlan::build(token_A, expert_A, x_ND.dim(0)?, self.num_experts, backend).map_err(|e| err(layer, e.to_string()))?;
-        let counts_E = plan.counts().to_vec();
+        let counts_E = plan.counts().map_err(|e| err(layer, e.to_string()))?.to_vec();
         let x_AD = plan.gather(x_ND)?;
         let send_rows = block_sums(&counts_E, l);
         let recv_counts = self.comm.exchange_counts(&counts_E)?;

@@ -253,6 +253,7 @@ extern "C" __global__ void __launch_bounds__(32) inv_grouped_nt_bf16(const __nv_
     __shared__ __align__(32) float Cs[16][16 + 4];
     const uint32_t lane = threadIdx.x;
     const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
     const __nv_bfloat16* we = w + (size_t)e * N * K;
     const size_t n0 = (size_t)blockIdx.x * 16;
     const bool vec = (K % 8 == 0) && ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
@@ -306,6 +307,7 @@ extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_f32(const float
     __shared__ float ws[SN_COLS][SK_STEP + 1];
     const uint32_t tid = threadIdx.x, r = tid / SN_COLS, c = tid % SN_COLS;
     const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
     const float* we = w + (size_t)e * N * K;
     const size_t n0 = (size_t)blockIdx.x * SN_COLS;
     float acc = 0.0f;
@@ -327,4 +329,44 @@ extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_f32(const float
     }
     const size_t n = n0 + c;
     if (r < rows && n < N) y[((size_t)m0 + r) * N + n] = acc;
+}
+
+// The grouped products' tile table built on the device from the experts' row counts (so the
+// counts never travel to the host): expert e's rows start at the sum of the counts before it
+// and are cut into tiles of `tile_rows` (the last one shorter), experts in order — the table
+// `grouped_nt` builds on the host. Entries past the last tile get rows = 0 (the kernels skip
+// them), up to `max_tiles` (>= sum_e ceil(counts[e] / tile_rows)). One block; dynamic shared
+// memory of 2 E words.
+extern "C" __global__ void moe_tiles(const uint32_t* __restrict__ counts, uint32_t E, uint32_t tile_rows, uint32_t max_tiles,
+                                     uint32_t* __restrict__ tiles) {
+    extern __shared__ uint32_t sh[];
+    uint32_t* row0 = sh;       // [E] first row of each expert
+    uint32_t* tile0 = sh + E;  // [E] first tile of each expert
+    __shared__ uint32_t total;
+    if (threadIdx.x == 0) {
+        uint32_t r = 0, t = 0;
+        for (uint32_t e = 0; e < E; ++e) {
+            row0[e] = r;
+            tile0[e] = t;
+            r += counts[e];
+            t += (counts[e] + tile_rows - 1) / tile_rows;
+        }
+        total = min(t, max_tiles);
+    }
+    __syncthreads();
+    for (uint32_t e = threadIdx.x; e < E; e += blockDim.x) {
+        const uint32_t c = counts[e];
+        for (uint32_t q = 0; q * tile_rows < c; ++q) {
+            const uint32_t t = tile0[e] + q;
+            if (t >= max_tiles) break;
+            tiles[3 * t] = e;
+            tiles[3 * t + 1] = row0[e] + q * tile_rows;
+            tiles[3 * t + 2] = min(tile_rows, c - q * tile_rows);
+        }
+    }
+    for (uint32_t t = total + threadIdx.x; t < max_tiles; t += blockDim.x) {
+        tiles[3 * t] = 0;
+        tiles[3 * t + 1] = 0;
+        tiles[3 * t + 2] = 0;
+    }
 }

@@ -12,6 +12,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::bf16;
 
 use super::invariant_func as func;
+use super::plan::Plan;
 use super::ops::contiguous;
 
 fn u32_dim(n: usize, what: &str) -> Result<u32> {
@@ -111,11 +112,7 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
         candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
     }
     let dev = sx.device().clone();
-    let (name, threads, tile_rows, tile_cols) = match sx.dtype() {
-        DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize),
-        DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16),
-        other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
-    };
+    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype())?;
     let mut tiles: Vec<u32> = Vec::new();
     let mut start = 0usize;
     for (ex, &c) in counts.iter().enumerate() {
@@ -131,33 +128,92 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
     if num_tiles > 65535 || a > u32::MAX as usize {
         candle_core::bail!("invariant grouped matmul: {a} rows exceed one launch ({num_tiles} tiles, at most 65535)");
     }
-    fn go<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, tiles: &[u32], (a, n, k): (usize, usize, usize), (name, threads, tile_cols): (&str, u32, usize)) -> Result<CudaSlice<T>> {
+    let t = if tiles.is_empty() { dev.alloc_zeros::<u32>(3)? } else { dev.clone_htod(&tiles)? };
+    let out = launch_grouped(&dev, sx, lx, sw, lw, &t, num_tiles, (a, n, k), (name, threads, tile_cols))?;
+    Ok((out, Shape::from((a, n))))
+}
+
+/// The kernel (name, threads, tile rows, tile cols) of a dtype's grouped product.
+fn grouped_kernel(dtype: DType) -> Result<(&'static str, u32, usize, usize)> {
+    Ok(match dtype {
+        DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize),
+        DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16),
+        other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
+    })
+}
+
+/// [`grouped_nt`] with the rows grouped by a deferred plan ([`Plan::build_deferred`]): the tile
+/// table is built on the device from the plan's counts (`moe_tiles`), sized for the worst case
+/// (A / tile rows + E tiles; unused entries are skipped), so nothing comes back to the host.
+/// The same tiles as the host table, so the same bits.
+pub(crate) fn grouped_nt_planned(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, plan: &Plan) -> Result<(CudaStorage, Shape)> {
+    let (a, k) = lx.shape().dims2()?;
+    let (e, n, k2) = lw.shape().dims3()?;
+    let Some((counts, pe)) = plan.device_counts() else {
+        return grouped_nt(sx, lx, sw, lw, plan.host_counts()?);
+    };
+    if k != k2 || pe != e || a != plan.num_assignments {
+        candle_core::bail!("invariant grouped matmul: x {:?}, w {:?}, a plan of {} rows over {pe} experts", lx.dims(), lw.dims(), plan.num_assignments);
+    }
+    if sx.dtype() != sw.dtype() {
+        candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
+    }
+    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype())?;
+    let max_tiles = a.div_ceil(tile_rows) + e;
+    if max_tiles > 65535 || e > 4096 || a > u32::MAX as usize {
+        // too many for one launch's grid / the table kernel's shared memory: the host table
+        return grouped_nt(sx, lx, sw, lw, plan.host_counts()?);
+    }
+    let dev = sx.device().clone();
+    // SAFETY: uninitialised, but `moe_tiles` writes all 3 · max_tiles entries: the tiles of
+    // every expert (at most max_tiles of them, as the counts of in-range ids sum to at most A)
+    // and zeros after them.
+    let mut tiles = unsafe { dev.alloc::<u32>(3 * max_tiles)? };
+    {
+        let f = func(&dev, "moe_tiles")?;
+        let (e32, tr32, mt32) = (e as u32, tile_rows as u32, max_tiles as u32);
+        let mut b = f.builder();
+        b.arg(&counts).arg(&e32).arg(&tr32).arg(&mt32).arg(&mut tiles);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 8 * e32 };
+        // SAFETY: the arguments are those of `moe_tiles(counts, E, tile_rows, max_tiles, tiles)`
+        // (invariant.cu) in order: counts holds the plan's E expert bins, tiles 3 · max_tiles
+        // words, and the kernel never writes a tile index >= max_tiles. Its dynamic shared memory
+        // is 2 E words (E <= 4096 checked: 32 KiB).
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    let out = launch_grouped(&dev, sx, lx, sw, lw, &tiles, max_tiles, (a, n, k), (name, threads, tile_cols))?;
+    Ok((out, Shape::from((a, n))))
+}
+
+/// One launch of a grouped kernel over a tile table of `num_tiles` entries on the device.
+#[allow(clippy::too_many_arguments)]
+fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, tiles: &CudaSlice<u32>, num_tiles: usize, (a, n, k): (usize, usize, usize), (name, threads, tile_cols): (&str, u32, usize)) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, t: &CudaSlice<u32>, num_tiles: usize, (a, n, k): (usize, usize, usize), (name, threads, tile_cols): (&str, u32, usize)) -> Result<CudaSlice<T>> {
         let (x, w) = (contiguous::<T>(sx, lx, "grouped matmul x")?, contiguous::<T>(sw, lw, "grouped matmul w")?);
         // SAFETY: uninitialised, but the launch writes every y[a, n]: the tile table covers each
         // expert's rows exactly once (built from the counts, which sum to A) and the grid has a
         // block per (16-column tile, row tile); A · N = 0 returns a never-read buffer.
         let mut y = unsafe { dev.alloc::<T>((a * n).max(1))? };
-        if a * n == 0 {
+        if a * n == 0 || num_tiles == 0 {
             return Ok(y);
         }
-        let t = dev.clone_htod(tiles)?;
         let f = func(dev, name)?;
         let (n32, k32) = (u32_dim(n, "N")?, u32_dim(k, "K")?);
         let mut b = f.builder();
-        b.arg(&x).arg(&w).arg(&mut y).arg(&t).arg(&n32).arg(&k32);
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(tile_cols) as u32, (tiles.len() / 3) as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        b.arg(&x).arg(&w).arg(&mut y).arg(t).arg(&n32).arg(&k32);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(tile_cols) as u32, num_tiles as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments are those of `inv_grouped_nt_*(x, w, y, tiles, N, K)` in order, T
         // its element type (x and w checked to share it). x is the contiguous [A, K], w the
         // contiguous [E, N, K] and y holds A · N; every tile's (expert < E, first row, rows <=
         // the kernel's tile rows) lies inside x's A rows (the table is built from counts summing
-        // to A), and the kernel bound-checks rows, n < N and k < K on every load and store.
-        // `threads` is the kernel's launch bound; gridDim.y <= 65535 (checked).
+        // to A; entries with rows = 0 are skipped), and the kernel bound-checks rows, n < N and
+        // k < K on every load and store. `threads` is the kernel's launch bound; gridDim.y <=
+        // 65535 (checked by the callers).
         unsafe { b.launch(cfg) }.w()?;
         Ok(y)
     }
-    let out = match sx.dtype() {
-        DType::BF16 => CudaStorage::wrap_cuda_slice(go::<bf16>(&dev, sx, lx, sw, lw, &tiles, (a, n, k), (name, threads, tile_cols))?, dev),
-        _ => CudaStorage::wrap_cuda_slice(go::<f32>(&dev, sx, lx, sw, lw, &tiles, (a, n, k), (name, threads, tile_cols))?, dev),
-    };
-    Ok((out, Shape::from((a, n))))
+    Ok(match sx.dtype() {
+        DType::BF16 => CudaStorage::wrap_cuda_slice(go::<bf16>(dev, sx, lx, sw, lw, tiles, num_tiles, (a, n, k), (name, threads, tile_cols))?, dev.clone()),
+        _ => CudaStorage::wrap_cuda_slice(go::<f32>(dev, sx, lx, sw, lw, tiles, num_tiles, (a, n, k), (name, threads, tile_cols))?, dev.clone()),
+    })
 }

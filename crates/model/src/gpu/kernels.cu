@@ -81,10 +81,12 @@ extern "C" __global__ void moe_exclusive_scan(const u32* __restrict__ in, u32 n,
 }
 
 // Token CSR: list[toff[n] ..] gets the assignments of token n (any order; sorted afterwards).
-extern "C" __global__ void moe_token_fill(const u32* __restrict__ token_A, u32 A, const u32* __restrict__ toff,
+// A token id >= N (never planned: the histogram's overflow bin counts it) is skipped.
+extern "C" __global__ void moe_token_fill(const u32* __restrict__ token_A, u32 A, u32 N, const u32* __restrict__ toff,
                                           u32* __restrict__ cursor, u32* __restrict__ list) {
     for (u32 a = blockIdx.x * blockDim.x + threadIdx.x; a < A; a += gridDim.x * blockDim.x) {
         u32 n = token_A[a];
+        if (n >= N) continue;
         u32 slot = atomicAdd(&cursor[n], 1u);
         list[toff[n] + slot] = a;
     }

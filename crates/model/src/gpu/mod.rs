@@ -199,14 +199,22 @@ pub fn experts_rows(x_RD: &Tensor, counts_SE: &[usize], gate_up_EFD: &Tensor, do
 pub struct RowGroups(Arc<plan::Plan>);
 
 impl RowGroups {
-    /// `group_A` [A] u32 < `groups`; one copy back: the group sizes.
+    /// `group_A` [A] u32 < `groups`; nothing comes back to the host (a deferred plan: the
+    /// group sizes are copied back only when [`RowGroups::counts`] asks).
     pub fn new(token_A: &Tensor, group_A: &Tensor, num_tokens: usize, groups: usize) -> Result<Self> {
-        Ok(Self(Arc::new(plan::Plan::build(token_A, group_A, num_tokens, groups, GemmImpl::Grouped)?)))
+        Ok(Self(Arc::new(plan::Plan::build_deferred(token_A, group_A, num_tokens, groups)?)))
     }
 
-    /// rows of each group
-    pub fn counts(&self) -> &[usize] {
-        &self.0.layout.counts
+    /// rows of each group (copied back and checked on first use)
+    pub fn counts(&self) -> Result<&[usize]> {
+        self.0.host_counts()
+    }
+
+    /// x_AD (the grouped rows) · w[g]ᵀ for each group's rows (w [G, N, K]) → y_AD: the
+    /// batch-invariant grouped product (`nn::invariant::grouped_matmul_nt`'s bits), its tile
+    /// table built on the device. Backward as `grouped_matmul_nt`'s (the counts come back then).
+    pub fn grouped_matmul_nt(&self, x_AD: &Tensor, w_GNK: &Tensor) -> Result<Tensor> {
+        x_AD.contiguous()?.apply_op2(&w_GNK.contiguous()?, PlannedGrouped(self.0.clone()))
     }
 
     /// x_ND → x_AD, grouped
@@ -218,6 +226,24 @@ impl RowGroups {
     pub fn combine(&self, y_AD: &Tensor, weight_A: &Tensor) -> Result<Tensor> {
         let w_A = weight_A.to_dtype(DType::F32)?.contiguous()?;
         y_AD.contiguous()?.apply_op2(&w_A, ops::Combine(self.0.clone()))
+    }
+}
+
+/// The invariant grouped product over a deferred plan's groups (see [`RowGroups::grouped_matmul_nt`]).
+struct PlannedGrouped(Arc<plan::Plan>);
+
+impl candle_core::CustomOp2 for PlannedGrouped {
+    fn name(&self) -> &'static str {
+        "invariant-grouped-matmul-nt-planned"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{}: CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        invariant::grouped_nt_planned(s1, l1, s2, l2, &self.0)
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        crate::nn::invariant::grouped_bwd(x, w, g, self.0.host_counts()?)
     }
 }
 

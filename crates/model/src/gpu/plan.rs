@@ -4,7 +4,9 @@
 //! Built on the device from the routing decision's `token_A` / `expert_A` (no host copy of the
 //! route): a histogram of experts, a stable per-expert rank (`pos_A`), and a token CSR sorted by
 //! assignment index (a fixed summation order). Only the E expert counts come back to the host:
-//! cuBLAS needs each expert's row count to size its GEMMs.
+//! cuBLAS needs each expert's row count to size its GEMMs; under the batch-invariant kernels
+//! not even those (`Plan::build_deferred`: the grouped products build their tile tables on the
+//! device), so a decode step's layers run without a host round trip.
 //!
 //! Legend: N tokens, E experts, A assignments, R expert-sorted rows.
 
@@ -73,6 +75,9 @@ pub(crate) struct Plan {
     /// every assignment is its own token and already sits at its row (`pos_A[a] = a`, compact
     /// layout): the dispatch permute and the per-token sums are copies, so the ops skip them
     pub(crate) identity: bool,
+    /// built without a copy back ([`Plan::build_deferred`]): the counts are on the device and
+    /// `layout.counts` / `layout.offsets` are empty
+    pub(crate) deferred: Option<Deferred>,
 }
 
 /// An owned copy of a u32 tensor's data on `dev` (contiguous).
@@ -97,8 +102,24 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
 }
 
 impl Plan {
-    /// Plan a layer from its assignments (`token_A`, `expert_A`, [A] u32 on the device).
+    /// Plan a layer from its assignments (`token_A`, `expert_A`, [A] u32 on the device); the E
+    /// expert counts come back to the host (cuBLAS sizes its GEMMs by them), checked.
     pub(crate) fn build(token_A: &Tensor, expert_A: &Tensor, num_tokens: usize, num_experts: usize, imp: GemmImpl) -> Result<Self> {
+        Self::build_with(token_A, expert_A, num_tokens, num_experts, Some(imp))
+    }
+
+    /// [`Plan::build`] with nothing copied back: the counts stay on the device (the row offsets
+    /// are scanned there, the invariant grouped products build their tile tables there), so
+    /// the host can go on enqueueing the layer. The layout is compact (R = A). The ids must be
+    /// in range — they are: a computed route comes from the device top-k / expert choice (ids
+    /// < E by construction) and a forced one passed `route_check_*` before the plan — and the
+    /// kernels stay in bounds even if they were not (unplanned rows are zero, not garbage);
+    /// [`Plan::host_counts`] (a backward, expert parallelism) copies the counts back and checks.
+    pub(crate) fn build_deferred(token_A: &Tensor, expert_A: &Tensor, num_tokens: usize, num_experts: usize) -> Result<Self> {
+        Self::build_with(token_A, expert_A, num_tokens, num_experts, None)
+    }
+
+    fn build_with(token_A: &Tensor, expert_A: &Tensor, num_tokens: usize, num_experts: usize, imp: Option<GemmImpl>) -> Result<Self> {
         let dev = match token_A.device() {
             candle_core::Device::Cuda(d) => d.clone(),
             _ => candle_core::bail!("moe plan: not a CUDA tensor"),
@@ -111,8 +132,8 @@ impl Plan {
         let expert = u32_slice(expert_A, &dev)?;
         let (a32, e32, n32) = (a as u32, num_experts as u32, num_tokens as u32);
 
-        // one buffer, one copy back: expert histogram [E + 1] then token histogram [N + 1]; the
-        // last bin of each counts ids out of range
+        // one buffer: expert histogram [E + 1] then token histogram [N + 1]; the last bin of
+        // each counts ids out of range
         let mut hist = dev.alloc_zeros::<u32>(num_experts + num_tokens + 2)?;
         for (keys, lo, hi, nk) in [(&expert, 0, num_experts + 1, e32), (&token, num_experts + 1, num_experts + num_tokens + 2, n32)] {
             if a == 0 {
@@ -128,23 +149,38 @@ impl Plan {
             // adds stay within the slice. Grid-strided: any grid size is valid.
             unsafe { b.launch(grid(a, 256)) }.w()?;
         }
-        let host = dev.clone_dtoh(&hist)?;
-        if host[num_experts] > 0 {
-            candle_core::bail!("moe plan: {} assignments name an expert id >= num_experts ({num_experts})", host[num_experts]);
-        }
-        let bad_tokens = host[num_experts + num_tokens + 1];
-        if bad_tokens > 0 {
-            candle_core::bail!("moe plan: {bad_tokens} assignments name a token >= the {num_tokens} tokens of the batch");
-        }
-        let (layout, imp) = RowLayout::new(host[..num_experts].iter().map(|&c| c as usize).collect(), imp);
-        let offsets: Vec<u32> = layout.offsets.iter().map(|&o| o as u32).collect();
-        let offsets = dev.clone_htod(&offsets)?;
+        let (layout, imp, offsets, deferred) = match imp {
+            Some(imp) => {
+                let host = dev.clone_dtoh(&hist)?;
+                check_bins(&host, num_experts, num_tokens)?;
+                let (layout, imp) = RowLayout::new(host[..num_experts].iter().map(|&c| c as usize).collect(), imp);
+                let offsets: Vec<u32> = layout.offsets.iter().map(|&o| o as u32).collect();
+                let offsets = if offsets.is_empty() { dev.alloc_zeros::<u32>(1)? } else { dev.clone_htod(&offsets)? };
+                (layout, imp, offsets, false)
+            }
+            None => {
+                // SAFETY: uninitialised, but `moe_exclusive_scan` writes all E + 1 entries.
+                let mut offsets = unsafe { dev.alloc::<u32>(num_experts + 1)? };
+                let f = func(&dev, "moe_exclusive_scan")?;
+                let counts = hist.slice(0..num_experts);
+                let mut b = f.builder();
+                b.arg(&counts).arg(&e32).arg(&mut offsets);
+                let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the arguments are those of `moe_exclusive_scan(in, n, out)` in order: the
+                // E expert bins of `hist`, offsets holds E + 1. One block of 1024 threads, the size
+                // of the kernel's `part[1024]`.
+                unsafe { b.launch(cfg) }.w()?;
+                let layout = RowLayout { counts: Vec::new(), offsets: Vec::new(), rows: a, padded: None };
+                (layout, GemmImpl::Grouped, offsets, true)
+            }
+        };
 
         // stable rank of every assignment within its expert
         // SAFETY: uninitialised, but `moe_positions` writes pos_A[a] for every a: it runs one block
         // per expert over all A assignments, and every expert id is < E (the histogram check above
         // bailed otherwise); A = 0: never read.
-        let mut pos = unsafe { dev.alloc::<u32>(a.max(1))? };
+        // (deferred: zeroed, so an id out of range leaves its entry at row 0, inside the buffer)
+        let mut pos = if deferred { dev.alloc_zeros::<u32>(a.max(1))? } else { unsafe { dev.alloc::<u32>(a.max(1))? } };
         if a > 0 {
             let f = func(&dev, "moe_positions")?;
             let mut b = f.builder();
@@ -176,13 +212,14 @@ impl Plan {
         // SAFETY: uninitialised, but `moe_token_fill` writes every entry: all token ids are < N
         // (checked above), so the token counts sum to A and each assignment takes its own slot
         // toff[n] + (its place among token n's) in 0..A; A = 0: never read.
-        let mut list = unsafe { dev.alloc::<u32>(a.max(1))? };
+        // (deferred: zeroed, so a skipped token id >= N leaves an in-range entry)
+        let mut list = if deferred { dev.alloc_zeros::<u32>(a.max(1))? } else { unsafe { dev.alloc::<u32>(a.max(1))? } };
         if a > 0 {
             let mut cursor = dev.alloc_zeros::<u32>(num_tokens.max(1))?;
             let f = func(&dev, "moe_token_fill")?;
             let mut b = f.builder();
-            b.arg(&token).arg(&a32).arg(&toff).arg(&mut cursor).arg(&mut list);
-            // SAFETY: the arguments are those of `moe_token_fill(token_A, A, toff, cursor, list)` in
+            b.arg(&token).arg(&a32).arg(&n32).arg(&toff).arg(&mut cursor).arg(&mut list);
+            // SAFETY: the arguments are those of `moe_token_fill(token_A, A, N, toff, cursor, list)` in
             // order: token ids are < N (checked above), cursor holds N zeroed counters, and since
             // exactly counts[n] assignments name token n, toff[n] + slot < toff[n + 1] <= A = the
             // length of list.
@@ -195,8 +232,51 @@ impl Plan {
             // A entries (the scan of counts summing to A). Grid-strided over N.
             unsafe { b.launch(grid(num_tokens, 256)) }.w()?;
         }
-        Ok(Self { dev, imp, layout, num_tokens, num_assignments: a, token_A: token, pos_A: pos, toff, list, identity: false })
+        let deferred = deferred.then(|| Deferred { hist, num_experts, counts: std::sync::OnceLock::new() });
+        Ok(Self { dev, imp, layout, num_tokens, num_assignments: a, token_A: token, pos_A: pos, toff, list, identity: false, deferred })
     }
+
+    /// The rows of each expert on the host: the layout's, or (a deferred plan) copied back
+    /// once and checked (ids out of range are an error here).
+    pub(crate) fn host_counts(&self) -> Result<&[usize]> {
+        let Some(d) = &self.deferred else { return Ok(&self.layout.counts) };
+        if let Some(c) = d.counts.get() {
+            return Ok(c);
+        }
+        let host = self.dev.clone_dtoh(&d.hist)?;
+        check_bins(&host, d.num_experts, self.num_tokens)?;
+        let counts = host[..d.num_experts].iter().map(|&c| c as usize).collect();
+        Ok(d.counts.get_or_init(|| counts))
+    }
+
+    /// A deferred plan's expert counts on the device ([E] u32).
+    pub(crate) fn device_counts(&self) -> Option<(candle_core::cuda_backend::cudarc::driver::CudaView<'_, u32>, usize)> {
+        self.deferred.as_ref().map(|d| (d.hist.slice(0..d.num_experts), d.num_experts))
+    }
+}
+
+/// The counts of a deferred plan: the histogram buffer, and its host copy once made.
+#[derive(Debug)]
+pub(crate) struct Deferred {
+    /// expert bins [E + 1] then token bins [N + 1] (the last of each: ids out of range)
+    hist: CudaSlice<u32>,
+    num_experts: usize,
+    counts: std::sync::OnceLock<Vec<usize>>,
+}
+
+/// The histogram's overflow bins must be empty.
+fn check_bins(host: &[u32], num_experts: usize, num_tokens: usize) -> Result<()> {
+    if host[num_experts] > 0 {
+        candle_core::bail!("moe plan: {} assignments name an expert id >= num_experts ({num_experts})", host[num_experts]);
+    }
+    let bad_tokens = host[num_experts + num_tokens + 1];
+    if bad_tokens > 0 {
+        candle_core::bail!("moe plan: {bad_tokens} assignments name a token >= the {num_tokens} tokens of the batch");
+    }
+    Ok(())
+}
+
+impl Plan {
 
     /// Plan rows that arrive grouped by source, each source's rows grouped by expert
     /// (expert parallelism, after the all-to-all): `counts_SE[s · E + e]` rows of expert `e`
@@ -231,6 +311,7 @@ impl Plan {
             toff: upload(&arange)?,
             list: upload(&arange[..r])?,
             identity,
+            deferred: None,
         })
     }
 }

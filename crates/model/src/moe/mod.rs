@@ -97,7 +97,7 @@ pub fn reference_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, wei
     let plan = plan::DispatchPlan::build(token_A, expert_A, x_ND.dim(0)?, experts.num_experts(), experts::ExpertsBackend::Reference)?;
     let x_AD = plan.gather(x_ND)?;
     // experts
-    let y_AD = experts.forward(&x_AD, plan.counts())?;
+    let y_AD = experts.forward(&x_AD, plan.counts()?)?;
     // combine
     Ok(plan.combine(&y_AD, weight_A)?)
 }

@@ -5,8 +5,9 @@
 //! - `Host`: the stable counting sort of `moe::dispatch` (one host copy of the route);
 //!   combine = the weights in grouped order × rows, added per token (`index_add`);
 //! - `Device` (CUDA): the device plan of `gpu::RowGroups` (histogram, stable per-group rank and
-//!   a token CSR built on the GPU; only the group sizes come back); combine sums each token's
-//!   rows in f32 in ascending route order.
+//!   a token CSR built on the GPU; nothing comes back unless the group sizes are asked for —
+//!   the invariant grouped products take them on the device); combine sums each token's rows in
+//!   f32 in ascending route order.
 //!
 //! The form follows the experts' backend ([`ExpertsBackend`]), chosen once; the grouped-GEMM
 //! backend builds the same device plan inside its fused op.
@@ -53,10 +54,10 @@ impl DispatchPlan {
         }
     }
 
-    /// rows of each group
-    pub fn counts(&self) -> &[usize] {
+    /// rows of each group (the device form copies them back on first use)
+    pub fn counts(&self) -> Result<&[usize]> {
         match self {
-            Self::Host { counts, .. } => counts,
+            Self::Host { counts, .. } => Ok(counts),
             #[cfg(feature = "cuda")]
             Self::Device(g) => g.counts(),
         }

@@ -155,22 +155,28 @@ impl CustomOp2 for GroupedMatmulNt {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (e, n, k) = w.dims3()?;
-        let (mut dx, mut dw) = (Vec::new(), Vec::with_capacity(e));
-        let mut start = 0;
-        for (ex, &c) in self.counts.iter().enumerate() {
-            if c == 0 {
-                dw.push(Tensor::zeros((n, k), w.dtype(), w.device())?);
-                continue;
-            }
-            let (xe, ge, we) = (x.narrow(0, start, c)?, g.narrow(0, start, c)?, w.get(ex)?);
-            dx.push(ge.matmul(&we)?);
-            dw.push(ge.t()?.matmul(&xe)?);
-            start += c;
-        }
-        let dx = if dx.is_empty() { x.zeros_like()? } else { Tensor::cat(&dx, 0)? };
-        Ok((Some(dx), Some(Tensor::stack(&dw, 0)?)))
+        grouped_bwd(x, w, g, &self.counts)
     }
+}
+
+/// The backward of the grouped product x [A, K] · w[e]ᵀ (`counts[e]` rows of expert e back to
+/// back): dx and dw per expert (candle's kernels; the backward is not compared bitwise).
+pub(crate) fn grouped_bwd(x: &Tensor, w: &Tensor, g: &Tensor, counts: &[usize]) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (e, n, k) = w.dims3()?;
+    let (mut dx, mut dw) = (Vec::new(), Vec::with_capacity(e));
+    let mut start = 0;
+    for (ex, &c) in counts.iter().enumerate() {
+        if c == 0 {
+            dw.push(Tensor::zeros((n, k), w.dtype(), w.device())?);
+            continue;
+        }
+        let (xe, ge, we) = (x.narrow(0, start, c)?, g.narrow(0, start, c)?, w.get(ex)?);
+        dx.push(ge.matmul(&we)?);
+        dw.push(ge.t()?.matmul(&xe)?);
+        start += c;
+    }
+    let dx = if dx.is_empty() { x.zeros_like()? } else { Tensor::cat(&dx, 0)? };
+    Ok((Some(dx), Some(Tensor::stack(&dw, 0)?)))
 }
 
 /// x [A, K] (expert e's `counts[e]` rows back to back) · w[e]ᵀ (w [E, N, K]) → [A, N],
