@@ -74,6 +74,26 @@ mod imp {
             }
         }
 
+        // the experts' grouped product at decode sizes (Qwen3-30B-A3B experts: 128, gate_up
+        // 1536 x 2048, down 2048 x 768), bf16: `rows` rows for each of `used` experts; the
+        // weight bytes of the experts used against the time (HBM: ~4.8 TB/s on an H200)
+        for &(used, rows) in &[(8usize, 1usize), (128, 4), (128, 16)] {
+            for &(n, k) in &[(1536usize, 2048usize), (2048, 768)] {
+                let e = 128usize;
+                let mut counts = vec![0usize; e];
+                for c in counts.iter_mut().take(used) {
+                    *c = rows;
+                }
+                let a: usize = counts.iter().sum();
+                let x = Tensor::randn(0f32, 1.0, (a, k), &dev)?.to_dtype(DType::BF16)?;
+                let w = Tensor::randn(0f32, 1.0, (e, n, k), &dev)?.to_dtype(DType::BF16)?;
+                let inv = time(&dev, wu, it, || Ok(drop(invariant::grouped_matmul_nt(&x, &w, &counts)?)))?;
+                let bytes = (used * n * k * 2) as f64;
+                println!("{:<34} {inv:>9.3} ms   {:.0} GB/s of expert weights", format!("grouped bf16 {used}x{rows} rows N{n} K{k}"), bytes / inv / 1e6);
+                records.push(json!({"case": format!("grouped bf16 {used} experts x {rows} rows N{n} K{k}"), "invariant_ms": inv, "weight_GBps": bytes / inv / 1e6}));
+            }
+        }
+
         // causal attention, f32 (the variable-length kernel over one packed sequence)
         let (h, g, dh) = (16usize, 4usize, 128usize);
         for &t in &[512usize, 2048, 4096] {

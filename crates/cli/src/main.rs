@@ -3,6 +3,7 @@
 mod args;
 mod bench_ep_cmd;
 mod bench_invariant_cmd;
+mod bench_stages_cmd;
 mod bench_rl_cmd;
 mod bench_serve_cmd;
 mod bench_moe_cmd;
@@ -47,6 +48,8 @@ enum Command {
     BenchMoe(bench_moe_cmd::BenchMoeArgs),
     /// Time the batch-invariant CUDA kernels against candle's (cuBLAS): matmul, attention, a forward.
     BenchInvariant(bench_invariant_cmd::BenchInvariantArgs),
+    /// Where a training micro-batch's time goes at a config's width: a decoder layer, its MoE block, the attention kernel, a head chunk (forward / backward).
+    BenchStages(bench_stages_cmd::BenchStagesArgs),
     /// The rollout engine's serving speed: concurrency sweep, capture on / off, JSON out (`--random config.json`: weights drawn on the device).
     BenchServe(bench_serve_cmd::BenchServeArgs),
     /// One process per GPU in an NCCL process group: `launch --gpus N -- train` (or dist-check, bench-ep).
@@ -95,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(_) => Some("serve"),
         Command::BenchMoe(_) => Some("bench-moe"),
         Command::BenchInvariant(_) => Some("bench-invariant"),
+        Command::BenchStages(_) => Some("bench-stages"),
         Command::BenchServe(_) => Some("bench-serve"),
         Command::Init(_) => Some("init"),
         Command::BenchRl(_) => Some("bench-rl"),
@@ -104,7 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if matches!(
         cli.command,
-        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchServe(_) | Command::Init(_) | Command::BenchRl(_)
+        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchStages(_) | Command::BenchServe(_) | Command::Init(_) | Command::BenchRl(_)
     ) {
         quiet_on_closed_pipe();
     }
@@ -117,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve_cmd::run(args),
         Command::BenchMoe(args) => bench_moe_cmd::run(args),
         Command::BenchInvariant(args) => bench_invariant_cmd::run(args),
+        Command::BenchStages(args) => bench_stages_cmd::run(args),
         Command::BenchServe(args) => bench_serve_cmd::run(args),
         Command::Launch(args) => launch_cmd::run(args),
         Command::DistCheck(args) => dist_check_cmd::run(args),
