@@ -10,7 +10,9 @@
 //!   through the paged KV cache equals the full forward;
 //! - the engine against the trainer's re-score (`lockstep_engine::consistency::rescore`): max
 //!   |Δ logprob| 0 and every route equal, in f32 and bf16, for token and expert choice;
-//! - the invariant forward's gradients agree with candle's kernels' to rounding.
+//! - the invariant forward's gradients agree with candle's kernels' to rounding;
+//! - the device sampler (Gumbel-max) draws what the host definition draws, a row alone as in a
+//!   batch of 64 over a 151,936-token vocabulary.
 //!
 //! (In the cli crate so that it builds with the binary's exact features: no second CUDA kernel
 //! build.) Needs the `cuda` feature and a GPU: built by `scripts/cuda/build.sh`, run on the GPU
@@ -49,6 +51,60 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     d / s.max(1e-30)
+}
+
+/// The experts' grouped product: an expert's rows give the same bits whichever kernel the
+/// batch picks (64 x 64 tiles when the experts hold many rows, 16 x 16 when few) and whether the
+/// counts stay on the device (a deferred plan through the MoE block) or not; and equal the plain
+/// matmul of the same rows.
+#[test]
+fn grouped_rows_are_batch_invariant() {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let (e, n, k) = (4usize, 160usize, 200usize);
+        let w = randn(&[e, n, k], 5, &dev).to_dtype(dtype).unwrap();
+        let counts = [1000usize, 3, 0, 333];
+        let a: usize = counts.iter().sum();
+        let x = randn(&[a, k], 6, &dev).to_dtype(dtype).unwrap();
+        let all = invariant::grouped_matmul_nt(&x, &w, &counts).unwrap();
+        let mut start = 0;
+        for (ex, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            for &m in &[1usize, 5, c] {
+                let m = m.min(c);
+                let mut few = [0usize; 4];
+                few[ex] = m;
+                let part = invariant::grouped_matmul_nt(&x.narrow(0, start, m).unwrap(), &w, &few).unwrap();
+                assert_eq!(bits(&part), bits(&all.narrow(0, start, m).unwrap()), "{dtype:?} expert {ex}: first {m} of its {c} rows");
+                let plain = invariant::matmul_nt(&x.narrow(0, start, m).unwrap(), &w.get(ex).unwrap()).unwrap();
+                assert_eq!(bits(&plain), bits(&part), "{dtype:?} expert {ex}: grouped vs plain matmul");
+            }
+            start += c;
+        }
+    }
+}
+
+#[test]
+fn gumbel_sampling_on_the_gpu_equals_the_host() {
+    use lockstep_model::gumbel;
+    let dev = gpu();
+    let (r, v) = (64usize, 151_936usize);
+    let logits = (randn(&[r, v], 11, &dev) * 4.0).unwrap();
+    let rows: Vec<(u64, f32)> = (0..r).map(|i| (gumbel::key(i as u64, 3 + i as u64), if i % 3 == 0 { 0.6 } else { 1.0 })).collect();
+    let got: Vec<u32> = gumbel::sample(&logits, &rows).unwrap().to_vec1().unwrap();
+    let host: Vec<u32> = gumbel::sample(&logits.to_device(&Device::Cpu).unwrap(), &rows).unwrap().to_vec1().unwrap();
+    assert_eq!(got, host, "device and host draws");
+    for i in [0usize, 17, 63] {
+        let one: Vec<u32> = gumbel::sample(&logits.narrow(0, i, 1).unwrap(), &rows[i..i + 1]).unwrap().to_vec1().unwrap();
+        assert_eq!(one, vec![got[i]], "row {i} alone");
+    }
+    // bf16 logits are drawn from their f32 values
+    let lb = logits.to_dtype(DType::BF16).unwrap();
+    let got_b: Vec<u32> = gumbel::sample(&lb, &rows).unwrap().to_vec1().unwrap();
+    let host_b: Vec<u32> = gumbel::sample(&lb.to_device(&Device::Cpu).unwrap(), &rows).unwrap().to_vec1().unwrap();
+    assert_eq!(got_b, host_b);
 }
 
 #[test]

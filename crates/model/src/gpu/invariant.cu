@@ -296,6 +296,78 @@ extern "C" __global__ void __launch_bounds__(32) inv_grouped_nt_bf16(const __nv_
     }
 }
 
+// The grouped product with inv_matmul_nt_bf16's 64 x 64 tiles (4 warps of 32 x 32), for experts
+// with many rows (training, prefill): a tile table entry (expert, first row, rows <= 64) per
+// block row. The same mma sequence per element as every other bf16 kernel here, so the same bits
+// as the skinny grouped kernel: which one runs depends on the batch, a row's bits never do.
+extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_bf16_big(const __nv_bfloat16* __restrict__ x,
+                                                                         const __nv_bfloat16* __restrict__ w,
+                                                                         __nv_bfloat16* __restrict__ y,
+                                                                         const uint32_t* __restrict__ tiles, uint32_t N,
+                                                                         uint32_t K) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 As[WBM][WBK + WPAD];
+    __shared__ __align__(32) __nv_bfloat16 Bs[WBN][WBK + WPAD];
+    __shared__ __align__(32) float Cs[WBM][WBN + 4];
+    const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
+    const __nv_bfloat16* we = w + (size_t)e * N * K;
+    const uint32_t tid = threadIdx.x, warp = tid / 32;
+    const size_t n0 = (size_t)blockIdx.x * WBN;
+    const uint32_t wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    const bool vec = (K % 8 == 0) && ((uintptr_t)x % 16 == 0) && ((uintptr_t)w % 16 == 0);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.0f);
+    const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+    for (uint32_t k0 = 0; k0 < K; k0 += WBK) {
+        for (uint32_t v = tid; v < WBM * WBK / 8; v += 128) {
+            const uint32_t r = v / (WBK / 8), c8 = (v % (WBK / 8)) * 8;
+            const size_t k = k0 + c8;
+            const size_t m = (size_t)m0 + r, n = n0 + r;
+            const bool mok = r < rows;
+            if (vec && mok && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&As[r][c8]) = *reinterpret_cast<const uint4*>(&x[m * K + k]);
+            } else {
+                for (int q = 0; q < 8; q++) As[r][c8 + q] = (mok && k + q < K) ? x[m * K + k + q] : zero;
+            }
+            if (vec && n < N && k + 8 <= K) {
+                *reinterpret_cast<uint4*>(&Bs[r][c8]) = *reinterpret_cast<const uint4*>(&we[n * K + k]);
+            } else {
+                for (int q = 0; q < 8; q++) Bs[r][c8 + q] = (n < N && k + q < K) ? we[n * K + k + q] : zero;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (uint32_t kk = 0; kk < WBK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], WBK + WPAD);
+#pragma unroll
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], WBK + WPAD);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], c[i][j], WBN + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (uint32_t q = tid; q < WBM * WBN; q += 128) {
+        const uint32_t r = q / WBN, cc = q % WBN;
+        const size_t n = n0 + cc;
+        if (r < rows && n < N) y[((size_t)m0 + r) * N + n] = __float2bfloat16(Cs[r][cc]);
+    }
+}
+
 // f32: the skinny f32 kernel's tile (8 rows x 16 columns, one output per thread, K staged 32 at a
 // time, one fmaf chain over ascending k), per expert tile.
 extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_f32(const float* __restrict__ x,

@@ -112,7 +112,8 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
         candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
     }
     let dev = sx.device().clone();
-    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype())?;
+    let used = counts.iter().filter(|&&c| c > 0).count().max(1);
+    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / used)?;
     let mut tiles: Vec<u32> = Vec::new();
     let mut start = 0usize;
     for (ex, &c) in counts.iter().enumerate() {
@@ -133,9 +134,12 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
     Ok((out, Shape::from((a, n))))
 }
 
-/// The kernel (name, threads, tile rows, tile cols) of a dtype's grouped product.
-fn grouped_kernel(dtype: DType) -> Result<(&'static str, u32, usize, usize)> {
+/// The kernel (name, threads, tile rows, tile cols) of a dtype's grouped product: for bf16 the
+/// 64 x 64-tile kernel when the experts have `rows_per_expert` >= 32 on average (training,
+/// prefill), else the 16 x 16 one (decode). Both give every element the same bits.
+fn grouped_kernel(dtype: DType, rows_per_expert: usize) -> Result<(&'static str, u32, usize, usize)> {
     Ok(match dtype {
+        DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize),
         DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize),
         DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16),
         other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
@@ -158,7 +162,7 @@ pub(crate) fn grouped_nt_planned(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage
     if sx.dtype() != sw.dtype() {
         candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
     }
-    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype())?;
+    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / e.max(1))?;
     let max_tiles = a.div_ceil(tile_rows) + e;
     if max_tiles > 65535 || e > 4096 || a > u32::MAX as usize {
         // too many for one launch's grid / the table kernel's shared memory: the host table
