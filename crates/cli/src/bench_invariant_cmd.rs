@@ -117,6 +117,24 @@ mod imp {
             line(format!("attention f32 T{t} H{h} G{g} Dh{dh}"), inv, std, 4.0 * (h * t * t * dh) as f64 / 2.0, &mut records);
         }
 
+        // decode attention, bf16, Qwen3-30B-A3B heads (32 over 4 KV heads, Dh 128): one query per
+        // sequence over its L cached keys in 16-token blocks (the engine's decode step per layer)
+        for &(seqs, l) in &[(1usize, 640usize), (64, 640), (256, 640)] {
+            let (h, g, dh, bs) = (32usize, 4usize, 128usize, 16usize);
+            let blocks = l.div_ceil(bs);
+            let q = Tensor::randn(0f32, 1.0, (seqs, h, dh), &dev)?.to_dtype(DType::BF16)?;
+            let pool_k = Tensor::randn(0f32, 1.0, (seqs * blocks * bs, g, dh), &dev)?.to_dtype(DType::BF16)?;
+            let pool_v = Tensor::randn(0f32, 1.0, (seqs * blocks * bs, g, dh), &dev)?.to_dtype(DType::BF16)?;
+            let table: Vec<u32> = (0..(seqs * blocks) as u32).collect();
+            let start: Vec<u32> = (0..seqs).map(|s| (s * blocks) as u32).collect();
+            let lay = Arc::new(varlen::KeyLayout::new(table, start, vec![l as u32; seqs], bs, seqs * blocks * bs)?);
+            let scale = 1.0 / (dh as f32).sqrt();
+            let inv = time(&dev, wu, it, || Ok(drop(varlen::attention(&q, &pool_k, &pool_v, lay.clone(), scale)?)))?;
+            let bytes = (seqs * l * g * dh * 2 * 2) as f64;
+            println!("{:<34} {inv:>9.3} ms   {:.0} GB/s of keys + values", format!("decode attention bf16 {seqs} x {l} keys"), bytes / inv / 1e6);
+            records.push(json!({"case": format!("decode attention bf16 {seqs} seqs x {l} keys H{h} G{g} Dh{dh}"), "invariant_ms": inv, "kv_GBps": bytes / inv / 1e6}));
+        }
+
         // a whole forward: the wide model on 16 × 256 packed tokens
         for dtype in [DType::F32, DType::BF16] {
             let cfg = Preset::Wide.config()?;
