@@ -15,7 +15,7 @@
 # Knobs (environment): LAYERS, PROMPT_LEN (512), GEN_LEN (256), PROMPTS (8), GROUP (8),
 # MBT (micro-batch tokens, 8192), MINI (mini-steps, 2), STEPS (4), PEAK (989 TFLOP/s),
 # TRAINER_DTYPE (bf16; f32 = lockstep train's default), CKPT (1: activation checkpointing),
-# LIMIT_S (seconds per part, 280). Prints both summaries.
+# LIMIT_S (seconds per part, 280), SKIP_STANDARD (set: no standard-kernels run). Prints the summaries.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -52,9 +52,11 @@ fi
 timeout "$LIMIT_S" python3 scripts/bench/train_torch.py --config "$CFG" --num-layers "$LAYERS" "${SHAPES[@]}" "${TORCH_CKPT[@]}" \
     --peak-tflops "$PEAK" --out "$OUT/train_torch.json" 2>&1 | grep -v '^\s*$' | tee "$OUT/train_torch.log" || status=1
 
+if [[ -z "${SKIP_STANDARD:-}" ]]; then
 echo "== lockstep bench-rl (standard kernels: cuBLAS), $LAYERS layers"
 timeout "$LIMIT_S" "$BIN" bench-rl --random "$CFG" --num-layers "$LAYERS" --device cuda --dtype bf16 --kernels standard \
     "${SHAPE[@]}" --out "$OUT/bench_rl_standard.json" 2>&1 | tee "$OUT/bench_rl_standard.log" || status=1
+fi
 
 echo "== summary"
 python3 - "$OUT" <<'PY' || status=1

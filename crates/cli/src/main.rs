@@ -52,7 +52,7 @@ enum Command {
     BenchStages(bench_stages_cmd::BenchStagesArgs),
     /// The rollout engine's serving speed: concurrency sweep, capture on / off, JSON out (`--random config.json`: weights drawn on the device).
     BenchServe(bench_serve_cmd::BenchServeArgs),
-    /// One process per GPU in an NCCL process group: `launch --gpus N -- train` (or dist-check, bench-ep).
+    /// Start the ranks on this node: `launch --gpus N -- train` (NCCL), `--nproc N -- train --device cpu` (TCP), `--nnodes/--node-rank/--master-addr` across nodes; under torchrun / srun no launcher is needed.
     Launch(launch_cmd::LaunchArgs),
     /// Expert + data parallelism over W ranks equal one rank (thread ranks, or under `launch`).
     DistCheck(dist_check_cmd::DistCheckArgs),

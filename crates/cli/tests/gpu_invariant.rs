@@ -382,7 +382,10 @@ fn trainer_equals_engine_at_the_30b_width_in_bf16() {
     use lockstep_trace::pack::{pack, PackConfig, Sample};
     use lockstep_trainer::trainer::{TrainBatch, Trainer, TrainerConfig};
     let dev = gpu();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/configs/qwen3_30b_a3b.json")).unwrap();
+    // the repository's copy beside the sources, else (a binary built from a snapshot elsewhere,
+    // run from the repository root on the GPU machine) the working directory's
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/configs/qwen3_30b_a3b.json");
+    let text = std::fs::read_to_string(built).or_else(|_| std::fs::read_to_string("testdata/configs/qwen3_30b_a3b.json")).unwrap();
     let mut cfg = ModelConfig::from_json_str(&text, "qwen3_30b_a3b.json").unwrap();
     // 8 layers need ~120 GB (two trainers' states one after the other): an H200; 2 on smaller GPUs
     let total = lockstep_model::memory_info(&dev).unwrap().map_or(0, |(_, t)| t);

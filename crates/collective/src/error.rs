@@ -9,13 +9,13 @@
 pub enum CollectiveError {
     /// Another rank of the group failed (returned an error or panicked), so this rank's
     /// collective gave up instead of waiting for it for ever. `cause`: what that rank reported.
-    #[error("local collective: rank {rank} failed: {cause}")]
+    #[error("collective: rank {rank} failed: {cause}")]
     Aborted { rank: usize, cause: String },
     /// A rank thread panicked; `cause`: the panic's message.
     #[error("rank {rank} panicked: {cause}")]
     Panicked { rank: usize, cause: String },
     /// The group's shared memory was left poisoned: a rank panicked inside a collective.
-    #[error("local collective: another rank panicked")]
+    #[error("collective: another rank panicked")]
     Poisoned,
     /// The ranks or the caller disagree on what is exchanged (lengths, row counts, shapes).
     #[error("{0}")]
@@ -66,7 +66,7 @@ mod tests {
     #[test]
     fn an_abort_survives_a_trip_through_candle() {
         let e: candle_core::Error = CollectiveError::Aborted { rank: 3, cause: "boom".into() }.into();
-        assert_eq!(e.to_string(), "local collective: rank 3 failed: boom");
+        assert_eq!(e.to_string(), "collective: rank 3 failed: boom");
         let e = e.context("backward").bt();
         assert!(matches!(CollectiveError::in_candle(&e), Some(CollectiveError::Aborted { rank: 3, .. })), "{e:?}");
         assert!(CollectiveError::in_candle(&e).unwrap().is_abort());
