@@ -3,7 +3,9 @@
 //! gradients bitwise equal across ranks, bitwise replay, reduced routing health), for token
 //! choice and expert choice.
 //!
-//! - Under `lockstep launch --gpus W -- dist-check`: one NCCL rank per GPU.
+//! - Started as a rank by a launcher (`lockstep launch --gpus W -- dist-check`, torchrun,
+//!   `srun`): one NCCL rank per GPU; with `--device cpu` (`launch --nproc W -- dist-check
+//!   --device cpu`) CPU ranks over TCP.
 //! - Alone: `--ranks W` thread ranks in this process on `--device` (CPU or one GPU).
 //!
 //! Exits non-zero when any rank fails; rank 0 prints the verdict of all ranks.
@@ -18,12 +20,17 @@ use lockstep_dist::Collective;
 
 #[derive(Args, Debug)]
 pub struct DistCheckArgs {
-    /// Thread ranks when not started by `lockstep launch`.
+    /// Thread ranks when not started by a launcher.
     #[arg(long, default_value_t = 2)]
     pub ranks: usize,
-    /// cpu or cuda[:N] (thread ranks only; launched ranks use their own GPU).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// cpu or cuda[:N] (default cpu). Started by a launcher: `cpu` makes CPU ranks over TCP;
+    /// otherwise each rank uses the GPU of its local rank.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Seconds a rank started by a launcher waits for the others (overrides
+    /// LOCKSTEP_RENDEZVOUS_TIMEOUT_S; default 300).
+    #[arg(long)]
+    pub rendezvous_timeout_s: Option<String>,
     /// Routers to check: token (top-k), expert (expert choice, pools per sequence).
     #[arg(long, value_delimiter = ',', default_value = "token,expert")]
     pub routing: Vec<String>,
@@ -53,16 +60,18 @@ pub fn run(args: DistCheckArgs) -> anyhow::Result<()> {
         cases.push((r.clone(), CheckCase { rows: args.rows, seq: args.seq, expert_choice, dtype, seed: 5 }));
     }
     let mut failed = 0;
-    match lockstep_dist::launch_env::RankEnv::from_env()? {
-        Some(env) => {
-            let (comm, dev) = lockstep_dist::ranks::join_launched(&env).context("joining the NCCL process group")?;
+    let timeout = args.rendezvous_timeout_s.as_deref().map(|t| lockstep_dist::rendezvous::parse_timeout("--rendezvous-timeout-s", t)).transpose()?;
+    match lockstep_dist::ranks::Launch::from_env(timeout)? {
+        Some(launch) => {
+            let cpu = args.device.as_deref() == Some("cpu");
+            let joined = launch.join(cpu).context(if cpu { "joining the process group (CPU ranks over TCP)" } else { "joining the NCCL process group" })?;
             for (name, case) in &cases {
-                let rep = check_rank(case, comm.clone(), &dev).with_context(|| format!("{name} choice"))?;
-                failed += report(name, &rep, dtype, comm.as_ref())?;
+                let rep = check_rank(case, joined.comm.clone(), &joined.device).with_context(|| format!("{name} choice"))?;
+                failed += report(name, &rep, dtype, joined.comm.as_ref())?;
             }
         }
         None => {
-            let dev = crate::device::parse(&args.device)?;
+            let dev = crate::device::parse(args.device.as_deref().unwrap_or("cpu"))?;
             if args.ranks == 0 {
                 bail!("--ranks: at least 1");
             }

@@ -1,12 +1,16 @@
-//! `lockstep launch --gpus N -- <command ...>`: one process per GPU running `lockstep <command>`,
-//! joined into one NCCL process group. The launcher makes the NCCL unique id and hands each
-//! rank `LOCKSTEP_RANK`, `LOCKSTEP_WORLD_SIZE`, `LOCKSTEP_LOCAL_RANK` (its GPU) and
-//! `LOCKSTEP_NCCL_ID` (`lockstep_dist::launch_env`). Every line a rank prints comes out
-//! prefixed with `[rank r]`. When a rank fails, the others are stopped (they would wait on it
-//! in NCCL forever) and the launcher exits with the failing rank's status.
+//! `lockstep launch --gpus N -- <command ...>` (GPU ranks) or `--nproc N -- <command ...>
+//! --device cpu` (CPU ranks): N processes on this node, each running `lockstep <command>` as one
+//! rank of a group. The launcher is a thin local stand-in for torchrun: it sets each child's
+//! `MASTER_ADDR`, `MASTER_PORT`, `RANK`, `WORLD_SIZE` and `LOCAL_RANK` (`lockstep_dist::
+//! rendezvous`), and the ranks meet at the TCP store rank 0 hosts there (GPU ranks then fetch
+//! the NCCL unique id rank 0 made; CPU ranks exchange over TCP). With `--nnodes M --node-rank R`
+//! (run once per node, the same `--master-addr` everywhere) node R's children are ranks
+//! R·N .. R·N + N - 1 of M·N. Every line a rank prints comes out prefixed with `[rank r]`. When
+//! a rank fails, the others on this node are stopped (the others' collectives fail too, naming
+//! it, within the rendezvous timeout) and the launcher exits with the failing rank's status.
 //!
-//! Commands that run over several ranks: `train`, `dist-check`, `bench-ep`. The others refuse to start
-//! under `launch` rather than run N independent copies.
+//! Commands that run over several ranks: `train`, `dist-check`, `bench-ep`. The others refuse to
+//! start under a launcher rather than run N independent copies.
 //!
 //! Ctrl-C: the ranks run in their own process group, so the terminal's SIGINT reaches only the
 //! launcher, which forwards each one to every rank once (`train` finishes its step on all
@@ -22,12 +26,52 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use lockstep_dist::rendezvous as rv;
+
+/// The help's closing paragraph: the same ranks from other launchers.
+pub const AFTER_HELP: &str = "\
+Other launchers start the same ranks: every rank reads its place from the launcher's variables \
+(torchrun's MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK; else SLURM's SLURM_PROCID, \
+SLURM_NTASKS, SLURM_LOCALID, rank 0's host being the first of SLURM_JOB_NODELIST and the port \
+MASTER_PORT or 29500) and meets the others at the TCP store rank 0 hosts there \
+(LOCKSTEP_STORE_PORT picks another port); LOCKSTEP_RENDEZVOUS_TIMEOUT_S (default 300) bounds \
+the wait.
+
+  # 2 nodes x 8 GPUs under SLURM
+  srun --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 lockstep train --config run.toml
+  # the same with torchrun, on each node (node rank 0 and 1)
+  torchrun --nnodes 2 --nproc-per-node 8 --node-rank 0 --master-addr node01 --master-port 29500 \\
+      --no-python lockstep train --config run.toml
+  # or lockstep's own launcher, on each node
+  lockstep launch --gpus 8 --nnodes 2 --node-rank 0 --master-addr node01 -- train --config run.toml
+  # 4 CPU ranks on this machine
+  lockstep launch --nproc 4 -- train --device cpu --steps 2";
 
 #[derive(Args, Debug)]
+#[command(after_help = AFTER_HELP)]
 pub struct LaunchArgs {
-    /// Processes to start, one per GPU (ranks 0..N on cuda:0..N).
+    /// GPU ranks to start on this node, one per GPU (local ranks 0..N on cuda:0..N).
+    #[arg(long, conflicts_with = "nproc")]
+    pub gpus: Option<usize>,
+    /// CPU ranks to start on this node (the command must say `--device cpu`); they exchange
+    /// over TCP.
     #[arg(long)]
-    pub gpus: usize,
+    pub nproc: Option<usize>,
+    /// Nodes in the group (run `launch` once on each).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's place, 0..nnodes (node 0 hosts rank 0).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Rank 0's host (default 127.0.0.1 on one node; required on several).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// The store's port (default: a free port on one node, 29500 on several).
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Seconds a rank waits for the others (LOCKSTEP_RENDEZVOUS_TIMEOUT_S; default 300).
+    #[arg(long)]
+    pub rendezvous_timeout_s: Option<String>,
     /// The lockstep command each rank runs, after `--` (e.g. `-- dist-check`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub command: Vec<String>,
@@ -39,10 +83,19 @@ const INTERRUPTED: i32 = 130;
 /// Subcommands that know how to run as one rank of a process group.
 pub const MULTI_RANK_COMMANDS: &[&str] = &["train", "dist-check", "bench-ep"];
 
+/// Whether the command says `--device cpu`.
+fn says_cpu(command: &[String]) -> bool {
+    command.iter().zip(command.iter().skip(1)).any(|(a, b)| a == "--device" && b == "cpu") || command.iter().any(|a| a == "--device=cpu")
+}
+
 pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
-    if args.gpus == 0 {
-        bail!("--gpus: at least 1");
-    }
+    let (nproc, cpu) = match (args.gpus, args.nproc) {
+        (Some(0), _) => bail!("--gpus: at least 1"),
+        (_, Some(0)) => bail!("--nproc: at least 1"),
+        (Some(n), None) => (n, false),
+        (None, Some(n)) => (n, true),
+        _ => bail!("launch: say how many ranks to start on this node: --gpus N (GPU ranks) or --nproc N (CPU ranks, with `--device cpu`)"),
+    };
     let sub = args.command.first().map(String::as_str).unwrap_or("");
     if sub == "launch" {
         bail!("launch: the command to run cannot itself be `launch`");
@@ -50,17 +103,52 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     if !MULTI_RANK_COMMANDS.contains(&sub) {
         bail!("launch: `{sub}` does not run over several ranks (these do: {})", MULTI_RANK_COMMANDS.join(", "));
     }
-    let id = nccl_unique_id()?;
+    match (cpu, says_cpu(&args.command)) {
+        (true, false) => bail!("launch --nproc starts CPU ranks: the command must say `--device cpu` (GPU ranks: --gpus N)"),
+        (false, true) => bail!("launch --gpus starts GPU ranks, but the command says `--device cpu` (CPU ranks: --nproc N)"),
+        (false, false) => check_nccl()?,
+        (true, true) => {}
+    }
+    if args.nnodes == 0 || args.node_rank >= args.nnodes {
+        bail!("--node-rank {}: not below --nnodes {}", args.node_rank, args.nnodes);
+    }
+    if let Some(t) = &args.rendezvous_timeout_s {
+        rv::parse_timeout("--rendezvous-timeout-s", t)?;
+    }
+    let addr = match (&args.master_addr, args.nnodes) {
+        (Some(a), _) => a.clone(),
+        (None, 1) => "127.0.0.1".to_string(),
+        (None, _) => bail!("--master-addr: needed with --nnodes {} (node 0's address, the same on every node)", args.nnodes),
+    };
+    let port = match (args.master_port, args.nnodes) {
+        (Some(0), _) => bail!("--master-port: 1..65535"),
+        (Some(p), _) => p,
+        (None, 1) => free_port(&addr)?,
+        (None, _) => rv::DEFAULT_PORT,
+    };
+    let world = args.nnodes * nproc;
     let exe = std::env::current_exe().context("launch: locating the lockstep binary")?;
     let mut children: Vec<Child> = Vec::new();
     let mut pumps = Vec::new();
-    for rank in 0..args.gpus {
-        let env = lockstep_dist::launch_env::RankEnv { rank, world_size: args.gpus, local_rank: rank, nccl_id: id };
+    for local in 0..nproc {
+        let rank = args.node_rank * nproc + local;
         let mut cmd = Command::new(&exe);
         cmd.args(&args.command).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-        for (k, v) in env.vars() {
+        // the launcher's variables win over any inherited (lockstep's own come first otherwise)
+        for k in rv::VARS {
+            cmd.env_remove(k);
+        }
+        if let Ok(t) = std::env::var(rv::TIMEOUT_VAR) {
+            cmd.env(rv::TIMEOUT_VAR, t);
+        }
+        if let Some(t) = &args.rendezvous_timeout_s {
+            cmd.env(rv::TIMEOUT_VAR, t);
+        }
+        let vars = [(rv::MASTER_ADDR, addr.clone()), (rv::MASTER_PORT, port.to_string()), (rv::RANK, rank.to_string()), (rv::WORLD_SIZE, world.to_string()), (rv::LOCAL_RANK, local.to_string())];
+        for (k, v) in vars {
             cmd.env(k, v);
         }
+        cmd.env("LOCAL_WORLD_SIZE", nproc.to_string());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -73,6 +161,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         pumps.push(std::thread::spawn(move || prefix(rank, err, true)));
         children.push(child);
     }
+    let first = args.node_rank * nproc;
     // Ctrl-C: counted here, forwarded to the ranks below
     let interrupts = Arc::new(AtomicUsize::new(0));
     let counter = interrupts.clone();
@@ -95,7 +184,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         }
         for (rank, child) in children.iter_mut().enumerate() {
             if status[rank].is_none() {
-                if let Some(s) = child.try_wait().with_context(|| format!("launch: waiting for rank {rank}"))? {
+                if let Some(s) = child.try_wait().with_context(|| format!("launch: waiting for rank {}", first + rank))? {
                     status[rank] = Some(s);
                     let interrupted = forwarded > 0 && s.code() == Some(INTERRUPTED);
                     if !s.success() && !interrupted && failed.is_none() {
@@ -117,7 +206,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     match failed {
         None if status.iter().any(|s| s.and_then(|s| s.code()) == Some(INTERRUPTED)) => std::process::exit(INTERRUPTED),
         None => Ok(()),
-        Some((rank, s)) => bail!("launch: rank {rank} failed ({s}); the other ranks were stopped"),
+        Some((i, s)) => bail!("launch: rank {} failed ({s}); the other ranks were stopped", first + i),
     }
 }
 
@@ -141,21 +230,27 @@ fn prefix(rank: usize, stream: impl std::io::Read, is_err: bool) {
     }
 }
 
+/// A free port on `addr` for the store (taken back by the OS until rank 0 binds it: a small race).
+fn free_port(addr: &str) -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind((addr, 0)).with_context(|| format!("launch: finding a free port on {addr} (or pass --master-port)"))?;
+    Ok(l.local_addr()?.port())
+}
+
 #[cfg(feature = "nccl")]
-fn nccl_unique_id() -> anyhow::Result<[u8; lockstep_dist::launch_env::NCCL_ID_BYTES]> {
+fn check_nccl() -> anyhow::Result<()> {
     let v = lockstep_dist::nccl::version().context("launch: loading NCCL")?;
     eprintln!("launch: NCCL {}.{}.{}", v / 10000, (v / 100) % 100, v % 100);
-    lockstep_dist::nccl::unique_id().context("launch: making the NCCL unique id")
+    Ok(())
 }
 
 #[cfg(not(feature = "nccl"))]
-fn nccl_unique_id() -> anyhow::Result<[u8; lockstep_dist::launch_env::NCCL_ID_BYTES]> {
-    bail!("launch: this binary was built without NCCL (build with `--features cuda,nccl`: scripts/cuda/build.sh)")
+fn check_nccl() -> anyhow::Result<()> {
+    bail!("launch --gpus: this binary was built without NCCL (build with `--features cuda,nccl`: scripts/cuda/build.sh); CPU ranks: --nproc N -- <command> --device cpu")
 }
 
 /// For the commands that are not multi-rank: refuse to run under `launch`.
 pub fn refuse_under_launch(command: &str) -> anyhow::Result<()> {
-    if std::env::var_os(lockstep_dist::launch_env::RANK).is_some() {
+    if rv::started_as_rank(&rv::env_vars()) {
         bail!("{command} does not run over several ranks (under `lockstep launch` these do: {})", MULTI_RANK_COMMANDS.join(", "));
     }
     Ok(())

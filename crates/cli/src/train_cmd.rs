@@ -4,9 +4,10 @@
 //! with 130; a second Ctrl-C aborts at once.
 //!
 //! Over ranks (expert parallelism + data parallelism, `lockstep_rl::run`'s module notes):
-//! `--ranks N` runs N thread ranks in this process on `--device`; under
-//! `lockstep launch --gpus N -- train ...` each process is one NCCL rank on its own GPU. Rank 0
-//! prints, shows the progress bar and writes the run directory.
+//! `--ranks N` runs N thread ranks in this process on `--device`; started as a rank by a
+//! launcher (torchrun, `srun`, `lockstep launch`: `lockstep_dist::rendezvous`) each process is
+//! one rank — an NCCL rank on the GPU of its local rank, or with `--device cpu` a CPU rank over
+//! TCP. Rank 0 prints, shows the progress bar and writes the run directory.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,7 +60,8 @@ fn interrupted(after: &str, checkpoint: &Path, run_dir: &Path, compare: bool, ra
     let (pre, post) = match ranks {
         Ranks::One => (String::new(), String::new()),
         Ranks::Threads(n) => (String::new(), format!(" --ranks {n}")),
-        Ranks::Launched(n) => (format!("launch --gpus {n} -- "), String::new()),
+        Ranks::Launched { world, cpu: false } => (format!("launch --gpus {world} -- "), String::new()),
+        Ranks::Launched { world, cpu: true } => (format!("launch --nproc {world} -- "), " --device cpu".to_string()),
     };
     eprintln!("interrupted after {after}; checkpoint written: {}", checkpoint.display());
     eprintln!(
@@ -79,7 +81,8 @@ fn interrupted(after: &str, checkpoint: &Path, run_dir: &Path, compare: bool, ra
 enum Ranks {
     One,
     Threads(usize),
-    Launched(usize),
+    /// started by a launcher (the resume command is given as `lockstep launch`'s)
+    Launched { world: usize, cpu: bool },
 }
 
 #[derive(clap::Args)]
@@ -109,9 +112,14 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// cpu or cuda[:N] (under `launch`, each rank uses its own GPU).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu or cuda[:N] (default cpu). Started as a rank by a launcher: `cpu` makes CPU ranks
+    /// over TCP; otherwise each rank uses the GPU of its local rank, over NCCL.
+    #[arg(long)]
+    device: Option<String>,
+    /// Seconds a rank started by a launcher waits for the others (overrides
+    /// LOCKSTEP_RENDEZVOUS_TIMEOUT_S; default 300).
+    #[arg(long)]
+    rendezvous_timeout_s: Option<String>,
     /// Thread ranks in this process (experts sharded over them, data parallel for the rest);
     /// under `launch`, the ranks are the launched processes.
     #[arg(long, default_value_t = 1)]
@@ -151,16 +159,19 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
     }
     let t0 = std::time::Instant::now();
     let base = RunOptions { resume: args.resume.clone(), progress: !args.quiet, stop: Some(stop), ..RunOptions::default() };
-    let launched = lockstep_dist::launch_env::RankEnv::from_env()?;
+    let timeout = args.rendezvous_timeout_s.as_deref().map(|t| lockstep_dist::rendezvous::parse_timeout("--rendezvous-timeout-s", t)).transpose()?;
+    let launched = lockstep_dist::ranks::Launch::from_env(timeout)?;
+    let device = args.device.as_deref().unwrap_or("cpu");
     let runs = match launched {
-        Some(env) => {
+        Some(launch) => {
             if args.ranks != 1 {
-                bail!("--ranks {}: under `lockstep launch` the ranks are the launched processes", args.ranks);
+                bail!("--ranks {}: under a launcher the ranks are the launched processes", args.ranks);
             }
-            let (comm, dev) = lockstep_dist::ranks::join_launched(&env).context("joining the NCCL process group")?;
-            let ranks = Ranks::Launched(env.world_size);
-            let r = rank_runs(&cfg, &out, &args, RunOptions { device: Some(dev), parallel: group(comm), ..base.clone() }, ranks);
-            if env.rank != 0 {
+            let cpu = device == "cpu" && args.device.is_some();
+            let joined = launch.join(cpu).context(if cpu { "joining the process group (CPU ranks over TCP)" } else { "joining the NCCL process group" })?;
+            let ranks = Ranks::Launched { world: launch.world_size(), cpu };
+            let r = rank_runs(&cfg, &out, &args, RunOptions { device: Some(joined.device.clone()), parallel: group(joined.comm.clone()), ..base.clone() }, ranks);
+            if launch.rank() != 0 {
                 // rank 0 says how to resume an interrupted run; the others exit as it does
                 if let Err(e) = &r {
                     if matches!(e.downcast_ref::<RlError>(), Some(RlError::Interrupted { .. })) {
@@ -172,7 +183,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
             r?
         }
         None if args.ranks > 1 => {
-            let dev = crate::device::parse(&args.device)?;
+            let dev = crate::device::parse(device)?;
             let (cfg, out, args, base) = (&cfg, &out, &args, &base);
             // rank 0's runs, or the error of the rank that failed first
             lockstep_dist::run_threads(args.ranks, move |c| {
@@ -180,7 +191,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<()> {
             })?
             .swap_remove(0)
         }
-        None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(&args.device)?), ..base.clone() }, Ranks::One)?,
+        None => rank_runs(&cfg, &out, &args, RunOptions { device: Some(crate::device::parse(device)?), ..base.clone() }, Ranks::One)?,
     };
     if args.compare_replay {
         let arms: Vec<(String, Vec<lockstep_rl::metrics::StepRecord>)> = ARMS.iter().zip(&runs).map(|(a, r)| (a.label(&mismatch_of(&cfg)), r.records.clone())).collect();

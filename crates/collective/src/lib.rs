@@ -41,6 +41,23 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
         let send = Tensor::cat(&vec![t.detach(); w], 0)?;
         self.all_to_all_rows(&send, &vec![n; w], &vec![n; w])
     }
+    /// Element-wise sum over the ranks of `t` [W·C, ...] (the same shape on every rank),
+    /// scattered: rank r receives rows r·C .. (r+1)·C of the sum, the ranks' blocks added in
+    /// rank order (as the thread group's `all_reduce_sum` adds them, so the two agree bitwise
+    /// there). Default: one `all_to_all_rows` (block w to rank w) and a local sum.
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let (w, n) = (self.world_size(), t.dim(0)?);
+        if w == 0 || n % w != 0 {
+            return Err(CollectiveError::Mismatch(format!("reduce_scatter_sum: {n} rows are not {w} equal blocks (one per rank)")));
+        }
+        let c = n / w;
+        let got = self.all_to_all_rows(&t.detach(), &vec![c; w], &vec![c; w])?;
+        let mut acc = got.narrow(0, 0, c)?;
+        for k in 1..w {
+            acc = (acc + got.narrow(0, k * c, c)?)?;
+        }
+        Ok(acc.contiguous()?)
+    }
     /// Whether `all_to_all_cuda` works (then the EP all-to-all op exchanges inside its CUDA
     /// forward, into fresh memory; else it uses `all_to_all_rows`).
     fn exchanges_cuda_storage(&self) -> bool {

@@ -142,6 +142,9 @@ impl Collective for RankGroup {
     fn all_gather_rows(&self, t: &Tensor) -> CollectiveResult<Tensor> {
         self.comm.all_gather_rows(t)
     }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> CollectiveResult<Tensor> {
+        self.comm.reduce_scatter_sum(t)
+    }
     fn exchanges_cuda_storage(&self) -> bool {
         self.comm.exchanges_cuda_storage()
     }

@@ -1,8 +1,15 @@
-//! What `lockstep launch` hands each rank process: its rank, the world size, the GPU it owns
-//! and the NCCL unique id (rank 0 of NCCL's bootstrap), as environment variables. Parsing them
-//! is feature-free, so a binary without NCCL can still say what is wrong.
+//! An NCCL rank's identity: its rank, the world size, the GPU it owns and the NCCL unique id
+//! (rank 0 of NCCL's bootstrap). Either handed over whole in environment variables
+//! (`LOCKSTEP_RANK`, `LOCKSTEP_WORLD_SIZE`, `LOCKSTEP_LOCAL_RANK`, `LOCKSTEP_NCCL_ID`: a
+//! launcher that made the id itself), or — what torchrun, `srun` and `lockstep launch` give —
+//! found through the rendezvous (`rendezvous`): rank 0 makes the id and publishes it in the
+//! store under [`NCCL_ID_KEY`], the others fetch it ([`RankEnv::through_store`]). Parsing is
+//! feature-free, so a binary without NCCL can still say what is wrong.
 
 use std::collections::HashMap;
+
+use crate::rendezvous::{Rendezvous, RendezvousError};
+use crate::store::{StoreError, StoreServer};
 
 pub const RANK: &str = "LOCKSTEP_RANK";
 pub const WORLD_SIZE: &str = "LOCKSTEP_WORLD_SIZE";
@@ -11,6 +18,8 @@ pub const NCCL_ID: &str = "LOCKSTEP_NCCL_ID";
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`).
 pub const NCCL_ID_BYTES: usize = 128;
+/// The store key rank 0 publishes the NCCL unique id under.
+pub const NCCL_ID_KEY: &str = "lockstep/nccl_id";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankEnv {
@@ -25,6 +34,13 @@ pub struct RankEnv {
 pub enum LaunchEnvError {
     #[error("{var}: {msg} (set by `lockstep launch`)")]
     Bad { var: &'static str, msg: String },
+    #[error(transparent)]
+    Rendezvous(#[from] RendezvousError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// NCCL is needed but this build has none, or NCCL failed to make the id.
+    #[error("{0}")]
+    Nccl(String),
 }
 
 fn bad(var: &'static str, msg: impl Into<String>) -> LaunchEnvError {
@@ -32,13 +48,40 @@ fn bad(var: &'static str, msg: impl Into<String>) -> LaunchEnvError {
 }
 
 impl RankEnv {
-    /// `Ok(None)` when this process was not started by `lockstep launch` (no `LOCKSTEP_RANK`).
+    /// This process's NCCL rank: handed over (`LOCKSTEP_RANK` with `LOCKSTEP_NCCL_ID`), or
+    /// through the rendezvous of its launcher's variables (which blocks until rank 0 published
+    /// the id; rank 0's store then serves until the process exits). `Ok(None)` when no
+    /// launcher started this process.
     pub fn from_env() -> Result<Option<Self>, LaunchEnvError> {
-        let vars: HashMap<String, String> = [RANK, WORLD_SIZE, LOCAL_RANK, NCCL_ID]
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-            .collect();
-        Self::from_vars(&vars)
+        let vars = crate::rendezvous::env_vars();
+        if vars.contains_key(RANK) && vars.contains_key(NCCL_ID) {
+            return Self::from_vars(&vars);
+        }
+        let Some(rv) = Rendezvous::from_vars(&vars)? else { return Ok(None) };
+        let (env, server) = Self::through_store(&rv)?;
+        // the others may still be fetching the id: rank 0's store lives as long as the process
+        std::mem::forget(server);
+        Ok(Some(env))
+    }
+
+    /// Meet at the store of `rv`: rank 0 makes the NCCL unique id and publishes it, the others
+    /// fetch it. Rank 0 gets the store's server, to keep until every rank has the id.
+    pub fn through_store(rv: &Rendezvous) -> Result<(Self, Option<StoreServer>), LaunchEnvError> {
+        // every rank of a build without NCCL says so at once (rather than wait for rank 0's id)
+        if !cfg!(feature = "nccl") {
+            new_nccl_id()?;
+        }
+        let (server, mut client) = rv.connect()?;
+        let nccl_id = if rv.rank == 0 {
+            let id = new_nccl_id()?;
+            client.set(NCCL_ID_KEY, &id)?;
+            id
+        } else {
+            let v = client.get(NCCL_ID_KEY)?;
+            <[u8; NCCL_ID_BYTES]>::try_from(v.as_slice())
+                .map_err(|_| LaunchEnvError::Nccl(format!("rank {}: `{NCCL_ID_KEY}` at {}: {} bytes, not an NCCL id of {NCCL_ID_BYTES}", rv.rank, rv.addr(), v.len())))?
+        };
+        Ok((RankEnv { rank: rv.rank, world_size: rv.world_size, local_rank: rv.local_rank, nccl_id }, server))
     }
 
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Option<Self>, LaunchEnvError> {
@@ -70,6 +113,18 @@ impl RankEnv {
             (NCCL_ID, encode_id(&self.nccl_id)),
         ]
     }
+}
+
+/// A fresh NCCL unique id (rank 0 of a rendezvous makes it).
+#[cfg(feature = "nccl")]
+fn new_nccl_id() -> Result<[u8; NCCL_ID_BYTES], LaunchEnvError> {
+    let id = cudarc::nccl::result::get_uniqueid().map_err(|e| LaunchEnvError::Nccl(format!("rank 0: NCCL ncclGetUniqueId failed: {e:?} (run with NCCL_DEBUG=WARN for details)")))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn new_nccl_id() -> Result<[u8; NCCL_ID_BYTES], LaunchEnvError> {
+    Err(LaunchEnvError::Nccl("GPU ranks need NCCL, and this binary was built without it (`--features cuda,nccl`); CPU ranks: pass `--device cpu`".into()))
 }
 
 pub fn encode_id(id: &[u8; NCCL_ID_BYTES]) -> String {

@@ -1,6 +1,6 @@
-//! The NCCL process group: one process per GPU, bootstrapped by `lockstep launch` (an NCCL
-//! unique id made by the launcher, handed to every rank in `LOCKSTEP_NCCL_ID`, see
-//! `launch_env`). Implements [`Collective`] on CUDA tensors:
+//! The NCCL process group: one process per GPU, bootstrapped by an NCCL unique id that rank 0
+//! made and published in the rendezvous store (or one handed to every rank in
+//! `LOCKSTEP_NCCL_ID`; see `launch_env`). Implements [`Collective`] on CUDA tensors:
 //!
 //! - `all_to_all_rows`: one NCCL group of point-to-point sends and receives (the row blocks to
 //!   and from every peer, moved as bytes, any dtype) — the uneven all-to-all (alltoallv) that
@@ -24,7 +24,7 @@ use lockstep_collective::{offsets, Collective, CollectiveError, Result as Collec
 
 use crate::launch_env::{RankEnv, NCCL_ID_BYTES};
 
-/// A fresh NCCL unique id (made once, by the launcher, and handed to every rank).
+/// A fresh NCCL unique id (made once and handed to every rank).
 pub fn unique_id() -> Result<[u8; NCCL_ID_BYTES]> {
     let id = result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
     Ok(id.internal.map(|c| c as u8))

@@ -1,6 +1,8 @@
 //! Running a group's ranks: thread ranks in this process ([`run_threads`], over a
-//! [`local_group`]), or this process as one rank of the NCCL group that `lockstep launch`
-//! started ([`join_launched`]).
+//! [`local_group`]), or this process as one rank of a group its launcher started — torchrun,
+//! `srun`, `lockstep launch` ([`Launch`]: from the environment, `rendezvous`): CPU ranks over
+//! TCP (`tcp`), GPU ranks over NCCL with the unique id rank 0 published in the store
+//! ([`join_launched`] once the id is known).
 //!
 //! A thread rank that fails (returns an error or panics) aborts its group, and the others'
 //! pending and later collectives return [`CollectiveError::Aborted`] naming it instead of
@@ -14,8 +16,10 @@ use std::sync::Arc;
 use candle_core::Device;
 use lockstep_collective::{Collective, CollectiveError};
 
-use crate::launch_env::RankEnv;
+use crate::launch_env::{LaunchEnvError, RankEnv};
 use crate::local::{local_group, LocalComm};
+use crate::rendezvous::{env_vars, Rendezvous};
+use crate::store::{StoreError, StoreServer};
 
 /// Run `f` on every rank of a new thread group of `world` ranks: every rank's value in rank
 /// order, or the error of the first rank that failed (a panic as [`CollectiveError::Panicked`]).
@@ -95,6 +99,98 @@ pub fn join_launched(env: &RankEnv) -> Result<(Arc<dyn Collective>, Device), Col
 #[cfg(not(feature = "nccl"))]
 pub fn join_launched(_: &RankEnv) -> Result<(Arc<dyn Collective>, Device), CollectiveError> {
     Err(CollectiveError::Unsupported("started by `lockstep launch`, but this binary was built without NCCL (`--features cuda,nccl`)".into()))
+}
+
+/// How this process was started as a rank.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launch {
+    /// An NCCL id handed over in `LOCKSTEP_NCCL_ID` (no store).
+    Nccl(RankEnv),
+    /// Its launcher's variables: the group meets at rank 0's store.
+    Rendezvous(Rendezvous),
+}
+
+/// Why this process could not join its group.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Env(#[from] LaunchEnvError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tcp(#[from] crate::tcp::JoinError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+}
+
+/// A joined rank: its collective, its device, and (rank 0) the store it hosts.
+#[derive(Debug)]
+pub struct Joined {
+    pub comm: Arc<dyn Collective>,
+    pub device: Device,
+    pub store: Option<StoreServer>,
+}
+
+impl Launch {
+    /// From this process's environment (`timeout`: instead of the environment's); `Ok(None)`
+    /// when no launcher started it. Parses only: joining is [`Launch::join`].
+    pub fn from_env(timeout: Option<std::time::Duration>) -> Result<Option<Self>, LaunchEnvError> {
+        Self::from_vars(&env_vars(), timeout)
+    }
+
+    pub fn from_vars(vars: &std::collections::HashMap<String, String>, timeout: Option<std::time::Duration>) -> Result<Option<Self>, LaunchEnvError> {
+        use crate::launch_env::{NCCL_ID, RANK};
+        if vars.contains_key(RANK) && vars.contains_key(NCCL_ID) {
+            return Ok(RankEnv::from_vars(vars)?.map(Launch::Nccl));
+        }
+        Ok(Rendezvous::from_vars(vars)?.map(|mut rv| {
+            if let Some(t) = timeout {
+                rv.timeout = t;
+            }
+            Launch::Rendezvous(rv)
+        }))
+    }
+
+    pub fn rank(&self) -> usize {
+        match self {
+            Launch::Nccl(e) => e.rank,
+            Launch::Rendezvous(r) => r.rank,
+        }
+    }
+
+    pub fn world_size(&self) -> usize {
+        match self {
+            Launch::Nccl(e) => e.world_size,
+            Launch::Rendezvous(r) => r.world_size,
+        }
+    }
+
+    /// Join the group: `cpu`, over TCP on the CPU; else over NCCL on `cuda:LOCAL_RANK`. Every
+    /// rank must call it; it returns once all have joined (or fails within the timeout).
+    pub fn join(&self, cpu: bool) -> Result<Joined, JoinError> {
+        match (self, cpu) {
+            (Launch::Nccl(_), true) => Err(LaunchEnvError::Bad {
+                var: crate::launch_env::NCCL_ID,
+                msg: "an NCCL id for GPU ranks, but --device cpu: CPU ranks meet at MASTER_ADDR / MASTER_PORT (`lockstep launch --nproc N`)".into(),
+            }
+            .into()),
+            (Launch::Nccl(env), false) => {
+                let (comm, device) = join_launched(env)?;
+                Ok(Joined { comm, device, store: None })
+            }
+            (Launch::Rendezvous(rv), true) => {
+                let (store, mut client) = rv.connect()?;
+                let ip = store.as_ref().map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |s| s.local_addr().ip());
+                let comm = crate::tcp::TcpComm::join(rv.rank, rv.world_size, &rv.host, ip, &mut client, rv.timeout)?;
+                Ok(Joined { comm: Arc::new(comm), device: Device::Cpu, store })
+            }
+            (Launch::Rendezvous(rv), false) => {
+                let (env, store) = RankEnv::through_store(rv)?;
+                let (comm, device) = join_launched(&env)?;
+                Ok(Joined { comm, device, store })
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 pub use crate::task_config::{EvalSection, RewardSpec, TaskSection};
+pub use crate::trainer_section::TrainerSection;
 
 pub const DEFAULT_TOML: &str = r#"# lockstep train: the embedded default run
 seed = 0
@@ -78,6 +79,10 @@ max_nonfinite_steps = 3
 activation_checkpointing = false
 # token positions per chunk of the LM head + log-softmax and its backward (0: a micro-batch at once)
 logits_chunk_tokens = 1024
+# over more than one rank: each rank keeps a 1/W slice of the replicated parameters' f32
+# master copies and AdamW moments (reduce-scattered gradients, all-gathered updates; ignored
+# on one rank)
+shard_optimizer = false
 
 [replay]
 enabled = true
@@ -164,7 +169,6 @@ fn default_kernels() -> String {
     "invariant".to_string()
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WarmupSection {
@@ -202,41 +206,6 @@ impl RolloutSection {
 
 fn default_none() -> String {
     "none".to_string()
-}
-
-fn default_one() -> usize {
-    1
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainerSection {
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub warmup_steps: u64,
-    pub mini_steps: usize,
-    pub token_budget: usize,
-    /// passes over the rollout batch (default 1)
-    #[serde(default = "default_one")]
-    pub epochs: usize,
-    /// consecutive updates skipped for a non-finite loss or gradient that stop the run (default 3)
-    #[serde(default = "default_max_nonfinite")]
-    pub max_nonfinite_steps: u64,
-    /// recompute each layer's activations in the backward (default false)
-    #[serde(default)]
-    pub activation_checkpointing: bool,
-    /// positions per LM-head chunk, 0 = the whole micro-batch (default 1024)
-    #[serde(default = "default_logits_chunk")]
-    pub logits_chunk_tokens: usize,
-}
-
-fn default_logits_chunk() -> usize {
-    1024
-}
-
-fn default_max_nonfinite() -> u64 {
-    3
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,7 +255,6 @@ fn default_k3() -> String {
     "k3".to_string()
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutputSection {
@@ -329,12 +297,6 @@ impl Default for WarmupSection {
 impl Default for RolloutSection {
     fn default() -> Self {
         Self { prompts_per_step: 16, group_size: 8, max_tokens: 4, temperature: 1.0, servers: Vec::new(), mismatch: default_none(), filter_zero_variance: false }
-    }
-}
-
-impl Default for TrainerSection {
-    fn default() -> Self {
-        Self { lr: 5e-4, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, mini_steps: 2, token_budget: 1024, epochs: 1, max_nonfinite_steps: default_max_nonfinite(), activation_checkpointing: false, logits_chunk_tokens: default_logits_chunk() }
     }
 }
 

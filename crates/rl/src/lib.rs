@@ -20,6 +20,7 @@ mod run_state;
 pub mod server_spec;
 pub mod task_config;
 pub mod text_env;
+mod trainer_section;
 
 pub use config::RunConfig;
 pub use error::{Result, RlError};

@@ -119,6 +119,7 @@ fn reconfigure(t: Trainer, cfg: TrainerConfig) -> Result<Trainer> {
     let parallel = t.parallel.clone();
     let mut n = Trainer::new(t.master_model()?, cfg)?;
     n.parallel = parallel;
+    n.shard_optimizer_state()?;
     Ok(n)
 }
 
@@ -140,6 +141,7 @@ fn stage_config(cfg: &RunConfig) -> TrainerConfig {
     TrainerConfig {
         activation_checkpointing: cfg.trainer.activation_checkpointing,
         logits_chunk_tokens: cfg.trainer.logits_chunk_tokens,
+        shard_optimizer: cfg.trainer.shard_optimizer,
         dtype: if cfg.model.dtype == "bf16" { DType::BF16 } else { DType::F32 },
         ..TrainerConfig::default()
     }

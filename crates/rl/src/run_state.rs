@@ -11,7 +11,8 @@
 //! `allow_config_change`, `[eval]` (evaluation reads the weights only), `[output]`,
 //! `model.checkpoint` (a resume's weights are the checkpoint's), `rollout.servers` (addresses),
 //! `trainer.max_nonfinite_steps` (a guard) and the bitwise-neutral memory knobs
-//! `trainer.activation_checkpointing` / `trainer.logits_chunk_tokens`. `replay.enabled` is the
+//! `trainer.activation_checkpointing` / `trainer.logits_chunk_tokens`, and
+//! `trainer.shard_optimizer` (only the order of the gradient-norm sum, like the rank count). `replay.enabled` is the
 //! run's effective replay (`--compare-replay` arms override it). A run_state.json without a
 //! fingerprint (written before it existed) resumes unchecked.
 
@@ -46,6 +47,7 @@ pub const NOT_FINGERPRINTED: &[&str] = &[
     "trainer.max_nonfinite_steps",
     "trainer.activation_checkpointing",
     "trainer.logits_chunk_tokens",
+    "trainer.shard_optimizer",
 ];
 
 /// The trajectory keys of a run's config and their fingerprint, as run_state.json stores them.

@@ -6,12 +6,20 @@
 //! fsync and rename of a save goes through a [`CheckpointFs`] ([`Trainer::save_with_fs`]), so
 //! tests can fail any one of them. Resuming continues bit for bit like a run that never
 //! stopped.
+//!
+//! Over ranks the checkpoint is still an ordinary single-rank one: expert shards and their
+//! moments are gathered, and with a sharded optimizer (`shard_optimizer`, [`crate::zero`])
+//! each replicated parameter's moment and master slices are all-gathered one parameter at a
+//! time, rank 0 moving each whole tensor to the host at once (no device holds more than one
+//! extra whole parameter's state), so a run resumes on any rank count, sharded or not; a
+//! resume re-slices. One file rather than per-rank shard files with a manifest of the slicing:
+//! the format every other path already reads, and no re-slicing rules to keep in step.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use lockstep_model::moe::experts::Experts;
 use lockstep_model::MoeCausalLm;
 use serde::{Deserialize, Serialize};
@@ -20,6 +28,7 @@ use crate::error::{Result, TrainError};
 use crate::optim::AdamWConfig;
 use crate::parallel::DataParallel;
 use crate::trainer::{Trainer, TrainerConfig};
+use crate::zero::Slicing;
 
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
@@ -108,21 +117,21 @@ impl Trainer {
             None => (None, self.optimizer.m.clone(), self.optimizer.v.clone()),
             Some(dp) => {
                 let model = self.whole_model(dp.as_ref())?;
+                let rank0 = dp.rank() == 0;
                 let (mut m, mut v) = (HashMap::new(), HashMap::new());
                 // before the first step there are no moments (on every rank alike)
                 let params = if self.optimizer.step > 0 { &self.params[..] } else { &[] };
+                // one whole moment at a time on the device: rank 0 moves each to the host, the
+                // others drop theirs
                 for (name, var) in params {
-                    for (src, dst) in [(&self.optimizer.m, &mut m), (&self.optimizer.v, &mut v)] {
-                        // no moment yet (no gradient so far) equals a zero moment
-                        let local = match src.get(name) {
-                            Some(t) => t.clone(),
-                            None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
-                        };
-                        let whole = if dp.is_sharded(name) { dp.gather_rows(&local)? } else { local };
-                        dst.insert(name.clone(), whole);
+                    for (second, dst) in [(false, &mut m), (true, &mut v)] {
+                        let whole = self.whole_moment(dp.as_ref(), name, var, second)?;
+                        if rank0 {
+                            dst.insert(name.clone(), whole.to_device(&Device::Cpu)?);
+                        }
                     }
                 }
-                if dp.rank() != 0 {
+                if !rank0 {
                     return Ok(());
                 }
                 (Some(model), m, v)
@@ -152,6 +161,21 @@ impl Trainer {
         })?)
     }
 
+    /// A parameter's whole first (`second` false) or second moment from the ranks: an expert
+    /// shard's rows gathered, a sharded optimizer's slices all-gathered, else this rank's own;
+    /// zeros where there is none yet (no gradient so far). A collective.
+    fn whole_moment(&self, dp: &dyn DataParallel, name: &str, var: &Var, second: bool) -> Result<Tensor> {
+        if let Some(z) = self.zero.as_ref().filter(|_| !dp.is_sharded(name)) {
+            return z.gather_moment(dp, name, var, second);
+        }
+        let src = if second { &self.optimizer.v } else { &self.optimizer.m };
+        let local = match src.get(name) {
+            Some(t) => t.clone(),
+            None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
+        };
+        Ok(if dp.is_sharded(name) { dp.gather_rows(&local)? } else { local })
+    }
+
     /// The model with every MoE layer's experts gathered from the ranks (a collective).
     pub fn whole_model(&self, dp: &dyn DataParallel) -> Result<MoeCausalLm> {
         let mut whole = self.master_model()?;
@@ -175,7 +199,10 @@ impl Trainer {
 
     /// [`Trainer::resume`] over the ranks of `dp`: every rank loads the whole checkpoint and
     /// keeps its experts and their optimizer moments (any number of ranks that divides the
-    /// experts, whatever the run that saved it used).
+    /// experts, whatever the run that saved it used); with `cfg.shard_optimizer`, only its
+    /// slices of the replicated parameters' moments (and master copies) as well. The moments
+    /// are read from the mapped file one tensor at a time and only this rank's part of each
+    /// goes to the device.
     pub fn resume_parallel(dir: &Path, cfg: TrainerConfig, device: &Device, dp: Arc<dyn DataParallel>) -> Result<Self> {
         Self::resume_with(dir, cfg, device, Some(dp))
     }
@@ -192,16 +219,26 @@ impl Trainer {
         };
         let opt_path = dir.join("optimizer.safetensors");
         lockstep_model::manifest::verify(dir, std::slice::from_ref(&opt_path))?;
-        let opt = candle_core::safetensors::load(&opt_path, device).map_err(|e| file_err(&opt_path, "safetensors", e))?;
+        let opt = lockstep_model::checkpoint::open_weights(std::slice::from_ref(&opt_path)).map_err(|e| file_err(&opt_path, "safetensors", e))?;
         for (name, var) in &t.params {
-            for (prefix, map) in [("m", &mut t.optimizer.m), ("v", &mut t.optimizer.v)] {
-                let x = match (opt.get(&format!("{prefix}.{name}")), &dp) {
-                    (Some(x), Some(dp)) if dp.is_sharded(name) => Some(dp.local_rows(x)?),
-                    (x, _) => x.cloned(),
+            for (prefix, second) in [("m", false), ("v", true)] {
+                let key = format!("{prefix}.{name}");
+                let x = match opt.get(&key) {
+                    Ok(_) => Some(opt.load(&key, &Device::Cpu).map_err(|e| file_err(&opt_path, &format!("tensor `{key}`"), e))?),
+                    Err(_) => None,
+                };
+                let x = match (x, &dp) {
+                    (Some(x), Some(dp)) if dp.is_sharded(name) => Some(dp.local_rows(&x)?),
+                    (x, _) => x,
                 };
                 match x {
                     Some(x) if x.dims() == var.dims() => {
-                        map.insert(name.clone(), x);
+                        // this rank's slice where the state is sharded, else the tensor
+                        let (x, map) = match t.zero.as_mut().filter(|_| dp.as_ref().is_some_and(|dp| !dp.is_sharded(name))) {
+                            Some(z) => (Slicing::new(x.elem_count(), z.world)?.slice(&x, z.rank)?, if second { &mut z.v } else { &mut z.m }),
+                            None => (x, if second { &mut t.optimizer.v } else { &mut t.optimizer.m }),
+                        };
+                        map.insert(name.clone(), x.to_device(device)?);
                     }
                     Some(x) => {
                         return Err(file_err(&opt_path, &format!("tensor `{prefix}.{name}`"), format!("shape {:?}, parameter is {:?}", x.dims(), var.dims())))

@@ -20,5 +20,6 @@ pub mod staged;
 pub mod step_inputs;
 pub mod step_metrics;
 pub mod trainer;
+pub mod zero;
 
 pub use error::{Result, TrainError};

@@ -16,6 +16,11 @@
 //! runs in chunks of C positions: ≈ 4 f32 [C, V] tensors at once (logits, log-softmax, its exp,
 //! their product), twice during the chunk's backward.
 //!
+//! With the optimizer state sharded over W ranks (`shard_optimizer`, [`crate::zero`]) the
+//! master copies and moments are those of the rank's own state only: its expert shards whole and
+//! ⌈n / W⌉ of each replicated parameter of n elements ([`MemoryPlan::with_sharded_state`]); the
+//! weights and the f32 gradient sums stay whole.
+//!
 //! Not in the plan: the attention backward's per-sequence [H, L, L] scores (largest sequence L),
 //! the rollout engine's KV pool (its own budget), allocator slack.
 //!
@@ -39,6 +44,10 @@ pub struct MemoryPlan {
     pub activations_per_token: u64,
     pub micro_batch_tokens: u64,
     pub head_chunk: u64,
+    /// parameters whose master copy and moments this rank holds (all of them unless sharded)
+    pub state_parameters: u64,
+    /// ranks the replicated optimizer state is sharded over (1: not sharded)
+    pub state_ranks: u64,
 }
 
 impl MemoryPlan {
@@ -76,7 +85,17 @@ impl MemoryPlan {
             activations_per_token,
             micro_batch_tokens: micro_batch_tokens as u64,
             head_chunk: 2 * 4 * 4 * chunk * cfg.vocab_size as u64,
+            state_parameters: parameters,
+            state_ranks: 1,
         }
+    }
+
+    /// The plan with the optimizer state sharded over `ranks` ranks: master copies (bf16) and
+    /// moments of `state_parameters` parameters only (the expert shards whole plus ⌈n / W⌉ of
+    /// each replicated parameter).
+    pub fn with_sharded_state(self, state_parameters: u64, ranks: u64) -> Self {
+        let master = if self.master == 0 { 0 } else { 4 * state_parameters };
+        Self { master, moments: 8 * state_parameters, state_parameters, state_ranks: ranks.max(1), ..self }
     }
 
     /// Weights, master copies, moments and gradient sums.
@@ -116,6 +135,32 @@ impl fmt::Display for MemoryPlan {
             self.micro_batch_tokens,
             gb(self.head_chunk),
             gb(self.total()),
-        )
+        )?;
+        if self.state_ranks > 1 {
+            write!(f, " (optimizer state sharded over {} ranks: master and moments of {} parameters on this rank)", self.state_ranks, self.state_parameters)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharded_state_counts_a_rank_slice() {
+        let cfg = lockstep_model::MoeCausalLm::embedded_default(0, DType::F32, &candle_core::Device::Cpu).unwrap().cfg;
+        let whole = MemoryPlan::of(&cfg, 1_000, DType::BF16, false, 16, 0);
+        assert_eq!((whole.master, whole.moments, whole.state_ranks), (4_000, 8_000, 1));
+        // 800 replicated over 4 ranks (200 each) + 200 of this rank's experts
+        let s = whole.with_sharded_state(400, 4);
+        assert_eq!((s.weights, s.master, s.moments, s.gradients), (2_000, 1_600, 3_200, 4_000));
+        // master 4 + moments 8 B of each of the 600 parameters this rank no longer holds
+        assert_eq!(s.states(), whole.states() - 12 * (1_000 - 400));
+        assert!(s.to_string().contains("sharded over 4 ranks"), "{s}");
+        assert!(!whole.to_string().contains("sharded"));
+        // f32: no master copies either way
+        let f = MemoryPlan::of(&cfg, 1_000, DType::F32, false, 16, 0).with_sharded_state(250, 4);
+        assert_eq!((f.master, f.moments), (0, 2_000));
     }
 }

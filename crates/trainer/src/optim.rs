@@ -131,6 +131,10 @@ impl GradAccumulator {
     pub fn set(&mut self, name: &str, grad: Tensor) {
         self.grads.insert(name.to_string(), grad);
     }
+    /// Take a parameter's gradient out (the sharded optimizer keeps only its reduced slice).
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.grads.remove(name)
+    }
 }
 
 /// Σ g² over the named parameters' gradients (f64).
@@ -150,7 +154,7 @@ const SQ_ROW: usize = 4096;
 /// Σ x² of one tensor. CPU: in f64 element by element. CUDA: candle reduces a whole tensor with
 /// one thread block (≈ 0.2 s for an expert-weight gradient of 4·10⁸ elements), so the squares
 /// are summed in f32 over rows of 4096 first (many blocks), then the row sums in f64.
-fn sq_sum(g: &Tensor) -> Result<f64> {
+pub(crate) fn sq_sum(g: &Tensor) -> Result<f64> {
     let n = g.elem_count();
     if g.device().is_cpu() || n < 2 * SQ_ROW {
         return Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?);
@@ -198,46 +202,83 @@ impl AdamW {
     /// each rank holds only its experts' gradients, so the norm is reduced over the ranks
     /// (`lockstep_dist::dp::global_grad_norm`) and every rank clips by the same factor.
     pub fn apply_with_grad_norm(&mut self, params: &[(String, Var)], grads: &GradAccumulator, grad_norm: f64) -> Result<StepStats> {
+        let h = self.begin_step(grad_norm);
+        for (name, var) in params {
+            if let Some(g) = grads.get(name) {
+                self.update_param(name, var, g, &h)?;
+            }
+        }
+        Ok(StepStats { grad_norm, lr: h.lr })
+    }
+
+    /// Start step t + 1 against the global gradient norm: the step counter advances and the
+    /// step's clip factor, learning rate and bias corrections are fixed for every parameter.
+    pub fn begin_step(&mut self, grad_norm: f64) -> StepHyper {
         let scale = match self.cfg.max_grad_norm {
             Some(c) => (c / (grad_norm + 1e-6)).min(1.0),
             None => 1.0,
         };
         self.step += 1;
         let t = self.step as i32;
-        let lr = self.cfg.lr_at(self.step);
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for (name, var) in params {
-            let Some(g) = grads.get(name) else { continue };
-            let g = if scale < 1.0 { (g * scale)? } else { g.clone() };
-            // plain tensors: the update must not record an autograd graph through the Var; the
-            // f32 master where the parameter is bf16
-            let master = self.master.get(name).cloned();
-            // (a bf16 parameter without a master copy is updated in f32 and rounded back)
-            let theta = &match &master {
-                Some(w) => w.clone(),
-                None => var.as_tensor().detach().to_dtype(DType::F32)?,
-            };
-            let m = match self.m.get(name) {
-                Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
-                None => (&g * (1.0 - b1))?,
-            };
-            let v = match self.v.get(name) {
-                Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
-                None => (g.sqr()? * (1.0 - b2))?,
-            };
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.cfg.eps)?)?;
-            let update = (update + (theta * self.cfg.weight_decay)?)?;
-            let next = (theta - (update * lr)?)?;
-            if master.is_some() {
-                var.set(&next.to_dtype(var.dtype())?)?;
-                self.master.insert(name.clone(), next);
-            } else {
-                var.set(&next.to_dtype(var.dtype())?)?;
-            }
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+        StepHyper { scale, lr: self.cfg.lr_at(self.step), beta1: b1, beta2: b2, c1: 1.0 - b1.powi(t), c2: 1.0 - b2.powi(t), eps: self.cfg.eps, weight_decay: self.cfg.weight_decay }
+    }
+
+    /// The update of one (whole or expert-shard) parameter with gradient `g` (f32).
+    pub fn update_param(&mut self, name: &str, var: &Var, g: &Tensor, h: &StepHyper) -> Result<()> {
+        // plain tensors: the update must not record an autograd graph through the Var; the
+        // f32 master where the parameter is bf16
+        let master = self.master.get(name).cloned();
+        // (a bf16 parameter without a master copy is updated in f32 and rounded back)
+        let theta = match &master {
+            Some(w) => w.clone(),
+            None => var.as_tensor().detach().to_dtype(DType::F32)?,
+        };
+        let (next, m, v) = h.update(&theta, g, self.m.get(name), self.v.get(name))?;
+        var.set(&next.to_dtype(var.dtype())?)?;
+        if master.is_some() {
+            self.master.insert(name.to_string(), next);
         }
-        Ok(StepStats { grad_norm, lr })
+        self.m.insert(name.to_string(), m);
+        self.v.insert(name.to_string(), v);
+        Ok(())
+    }
+}
+
+/// What one AdamW step applies to every parameter ([`AdamW::begin_step`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepHyper {
+    /// the clip factor min(1, max_norm / (‖g‖ + 1e-6))
+    pub scale: f64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// bias corrections 1 − β₁ᵗ, 1 − β₂ᵗ
+    pub c1: f64,
+    pub c2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl StepHyper {
+    /// The element-wise AdamW update ([module doc](self)) of f32 weights `theta` with the
+    /// (unclipped) gradient `g` and the previous moments (none before the first update):
+    /// (next weights, m, v), all f32 and of `theta`'s shape. Element-wise only, so a flat
+    /// slice of a parameter updates bit for bit as the same elements of the whole one.
+    pub fn update(&self, theta: &Tensor, g: &Tensor, m: Option<&Tensor>, v: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let g = if self.scale < 1.0 { (g * self.scale)? } else { g.clone() };
+        let m = match m {
+            Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
+            None => (&g * (1.0 - b1))?,
+        };
+        let v = match v {
+            Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
+            None => (g.sqr()? * (1.0 - b2))?,
+        };
+        let update = ((&m / self.c1)? / ((&v / self.c2)?.sqrt()? + self.eps)?)?;
+        let update = (update + (theta * self.weight_decay)?)?;
+        let next = (theta - (update * self.lr)?)?;
+        Ok((next, m, v))
     }
 }

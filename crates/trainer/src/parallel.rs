@@ -12,6 +12,9 @@
 //! - after the backward, [`DataParallel::reduce_grads`] sums the replicated gradients and
 //!   returns the global gradient norm, so every rank clips by the same factor;
 //! - the step's metrics are reduced over the ranks (sums, token-weighted means, loads summed).
+//! - with `TrainerConfig::shard_optimizer`, the replicated gradients are reduce-scattered
+//!   instead and each rank updates only its 1/W slice of their optimizer state, all-gathering
+//!   the updated weights ([`crate::zero`]).
 //!
 //! Checkpoints stay ordinary single-rank checkpoints: saving gathers the expert shards (and
 //! their optimizer moments) onto rank 0, which writes; resuming loads the whole checkpoint on

@@ -21,6 +21,7 @@ use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
 use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
 use crate::staged::{GradTargets, StageOptions, Staged};
 use crate::step_inputs::{agreement, check_joint, plan, route_inputs, route_probs_at};
+use crate::zero::ZeroState;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainerConfig {
@@ -42,6 +43,11 @@ pub struct TrainerConfig {
     /// weights and AdamW moments in the optimizer and gradients accumulated in f32 (router
     /// scores, log-softmax, loss and metrics are f32 either way).
     pub dtype: DType,
+    /// Over more than one rank: each rank keeps only a 1/W slice of every replicated
+    /// parameter's optimizer state (f32 master copy, AdamW moments); gradients are
+    /// reduce-scattered and the updated slices all-gathered ([`crate::zero`]). The experts'
+    /// state is the rank's own either way. Ignored on one rank. Default off.
+    pub shard_optimizer: bool,
 }
 
 impl Default for TrainerConfig {
@@ -54,6 +60,7 @@ impl Default for TrainerConfig {
             activation_checkpointing: false,
             logits_chunk_tokens: 1024,
             dtype: DType::F32,
+            shard_optimizer: false,
         }
     }
 }
@@ -67,6 +74,9 @@ pub struct Trainer {
     pub parallel: Parallel,
     /// Frozen reference policy of the KL penalty (`set_reference`).
     reference: Option<MoeCausalLm>,
+    /// This rank's slices of the replicated parameters' optimizer state, once sharded
+    /// (`shard_optimizer` over ranks; until then the state is whole in `optimizer`).
+    pub(crate) zero: Option<ZeroState>,
 }
 
 /// Per MoE layer over a step: token-weighted sums of confidence and agreement, tokens, load.
@@ -125,7 +135,7 @@ impl Trainer {
         }
         let mut optimizer = AdamW::new(cfg.optimizer)?;
         optimizer.master = master;
-        Ok(Self { model, params, optimizer, cfg, parallel: None, reference: None })
+        Ok(Self { model, params, optimizer, cfg, parallel: None, reference: None, zero: None })
     }
 
     /// Freeze a copy of the current weights as the reference policy π_ref of the KL penalty
@@ -159,7 +169,32 @@ impl Trainer {
         dp.shard_model(&mut model)?;
         let mut t = Self::new(model, cfg)?;
         t.parallel = Some(dp);
+        t.shard_optimizer_state()?;
         Ok(t)
+    }
+
+    /// The ranks the optimizer state is sharded over: `Some` with `shard_optimizer` on more
+    /// than one rank.
+    pub fn state_shards(&self) -> Option<&std::sync::Arc<dyn DataParallel>> {
+        self.parallel.as_ref().filter(|dp| self.cfg.shard_optimizer && dp.world_size() > 1)
+    }
+
+    /// With [`Trainer::state_shards`]: move the replicated parameters' whole optimizer state
+    /// into this rank's slices (done by [`Trainer::new_parallel`], and by the first step of a
+    /// trainer whose `parallel` was set by hand). Nothing otherwise, or when done already.
+    pub fn shard_optimizer_state(&mut self) -> Result<()> {
+        if self.zero.is_some() {
+            return Ok(());
+        }
+        if let Some(dp) = self.state_shards().cloned() {
+            self.zero = Some(ZeroState::take_from(&mut self.optimizer, &self.params, dp.as_ref())?);
+        }
+        Ok(())
+    }
+
+    /// This rank's slices of the optimizer state when it is sharded ([`crate::zero`]).
+    pub fn zero_state(&self) -> Option<&ZeroState> {
+        self.zero.as_ref()
     }
 
     /// Global loss normaliser and the number of micro-batch rounds every rank runs.
@@ -199,6 +234,11 @@ impl Trainer {
     /// finite: then nothing changes (weights, moments, step counter) and `None` is returned.
     /// Both values are the same on every rank, so every rank decides alike.
     fn apply_if_finite(&mut self, acc: &mut GradAccumulator, global_loss: f64) -> Result<(f64, Option<StepStats>)> {
+        if let Some(dp) = self.state_shards().cloned() {
+            self.shard_optimizer_state()?;
+            let zero = self.zero.as_mut().ok_or_else(|| TrainError::input("shard_optimizer", "optimizer state not sharded"))?;
+            return crate::zero::step(&mut self.optimizer, zero, dp.as_ref(), &self.params, acc, global_loss);
+        }
         let norm = self.grad_norm(acc)?;
         if !(global_loss.is_finite() && norm.is_finite()) {
             return Ok((norm, None));
@@ -505,15 +545,26 @@ impl Trainer {
     /// [`crate::memory`]).
     pub fn memory_plan(&self, micro_batch_tokens: usize) -> crate::memory::MemoryPlan {
         let parameters: u64 = self.params.iter().map(|(_, v)| v.elem_count() as u64).sum();
-        crate::memory::MemoryPlan::of(&self.model.cfg, parameters, self.cfg.dtype, self.cfg.activation_checkpointing, micro_batch_tokens, self.cfg.logits_chunk_tokens)
+        let plan = crate::memory::MemoryPlan::of(&self.model.cfg, parameters, self.cfg.dtype, self.cfg.activation_checkpointing, micro_batch_tokens, self.cfg.logits_chunk_tokens);
+        let Some(dp) = self.state_shards() else { return plan };
+        let w = dp.world_size();
+        // the experts' state whole, each replicated parameter's ⌈n / W⌉
+        let owned: u64 = self.params.iter().map(|(n, v)| if dp.is_sharded(n) { v.elem_count() } else { v.elem_count().div_ceil(w) } as u64).sum();
+        plan.with_sharded_state(owned, w as u64)
     }
 
     /// The model with f32 weights: the optimizer's master copies where the trainer computes
-    /// in bf16, the parameters themselves otherwise (what a checkpoint saves).
+    /// in bf16, the parameters themselves otherwise (what a checkpoint saves). With the
+    /// optimizer state sharded over bf16 ranks, the replicated masters are all-gathered: a
+    /// collective then, which every rank calls.
     pub fn master_model(&self) -> Result<MoeCausalLm> {
         let mut m = self.model.clone();
+        let gathered = match (&self.zero, &self.parallel) {
+            (Some(z), Some(dp)) => z.gather_masters(dp.as_ref(), &self.params)?,
+            _ => Default::default(),
+        };
         let master = &self.optimizer.master;
-        m.map_params(|name, t| match master.get(name) {
+        m.map_params(|name, t| match master.get(name).or_else(|| gathered.get(name)) {
             Some(w) => Ok(w.clone()),
             None => t.detach().to_dtype(DType::F32),
         })?;
