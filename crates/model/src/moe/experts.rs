@@ -110,21 +110,6 @@ impl Experts {
         self.gate_up_proj.dims()[0]
     }
 
-    /// x_AD grouped by `plan` (the dispatch plan's gather) → y_AD: under the batch-invariant
-    /// kernels with a device plan, the grouped products take the counts on the device (no copy
-    /// back: a decode step's layers never wait for the host); else [`Experts::forward`] with the
-    /// plan's counts.
-    pub fn forward_planned(&self, x_AD: &Tensor, plan: &super::plan::DispatchPlan) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let (Kernels::Invariant, super::plan::DispatchPlan::Device(g)) = (self.kernels, plan) {
-            let f = self.intermediate;
-            let h = g.grouped_matmul_nt(x_AD, &self.gate_up_proj)?;
-            let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
-            return g.grouped_matmul_nt(&act, &self.down_proj);
-        }
-        self.forward(x_AD, plan.counts()?)
-    }
-
     /// x_AD in assignment order, `counts[e]` rows per expert → y_AD.
     pub fn forward(&self, x_AD: &Tensor, counts: &[usize]) -> Result<Tensor> {
         let f = self.intermediate;

@@ -40,7 +40,7 @@ pub fn local_experts(x_ND: &Tensor, token_A: &Tensor, expert_A: &Tensor, weight_
         #[cfg(feature = "cuda")]
         ExpertsBackend::DeviceInvariant => {
             let plan = super::plan::DispatchPlan::build(token_A, expert_A, x_ND.dim(0)?, experts.num_experts(), experts.backend())?;
-            let y_AD = experts.forward_planned(&plan.gather(x_ND)?, &plan)?;
+            let y_AD = plan.experts_forward(experts, &plan.gather(x_ND)?)?;
             Ok(plan.combine(&y_AD, weight_A)?.to_dtype(x_ND.dtype())?)
         }
     }

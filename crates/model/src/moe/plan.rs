@@ -17,7 +17,7 @@
 use candle_core::{Result, Tensor};
 
 use super::dispatch::sort_by_expert;
-use super::experts::ExpertsBackend;
+use super::experts::{Experts, ExpertsBackend};
 
 #[derive(Debug, Clone)]
 pub enum DispatchPlan {
@@ -61,6 +61,21 @@ impl DispatchPlan {
             #[cfg(feature = "cuda")]
             Self::Device(g) => g.counts(),
         }
+    }
+
+    /// The experts on x_AD grouped by this plan (its gather) → y_AD: under the batch-invariant
+    /// kernels with a device plan the grouped products take the counts on the device (no copy
+    /// back: a decode step's layers never wait for the host); else `Experts::forward` with the
+    /// plan's counts.
+    pub fn experts_forward(&self, experts: &Experts, x_AD: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (crate::nn::Kernels::Invariant, Self::Device(g)) = (experts.kernels(), self) {
+            let f = experts.down_proj.dim(2)?;
+            let h = g.grouped_matmul_nt(x_AD, &experts.gate_up_proj)?;
+            let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
+            return g.grouped_matmul_nt(&act, &experts.down_proj);
+        }
+        experts.forward(x_AD, self.counts()?)
     }
 
     /// x_ND → the grouped rows x_AD.
