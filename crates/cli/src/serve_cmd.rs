@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// Do not record routes (responses then carry none).
     #[arg(long)]
     no_capture: bool,
+    /// How temperature samples are drawn: gumbel (Gumbel-max on the device, only the tokens come
+    /// back; the CUDA default) or exact (the logits rows to the host, inverse CDF; the CPU
+    /// default). Requests with top_k / top_p always take the exact host path.
+    #[arg(long)]
+    sampler: Option<String>,
     /// cpu, cuda or cuda:N (CUDA needs the `cuda` build: scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -110,6 +115,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_running: args.max_running,
         max_waiting: args.max_waiting,
         capture_routes: !args.no_capture,
+        sampler: match args.sampler.as_deref() {
+            None => None,
+            Some(s) => Some(lockstep_engine::Sampler::parse(s).ok_or_else(|| anyhow::anyhow!("--sampler `{s}`: expected gumbel or exact"))?),
+        },
         device: crate::device::parse(&args.device)?,
         dtype: crate::args::dtype(&args.dtype)?,
         allow_unused: args.allow_unused,

@@ -68,6 +68,9 @@ pub struct ServerConfig {
     pub max_waiting: usize,
     /// record routes (off: no routes in responses, a little faster)
     pub capture_routes: bool,
+    /// how temperature samples are drawn (`lockstep_engine::Sampler`); `None` (the default):
+    /// the device's — Gumbel-max on CUDA, the exact host sampler on the CPU
+    pub sampler: Option<lockstep_engine::Sampler>,
     /// where the model runs (CPU, or a CUDA device with the `cuda` build); the batch-invariant
     /// kernels either way
     pub device: candle_core::Device,
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             max_running: 64,
             max_waiting: 1024,
             capture_routes: true,
+            sampler: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
             allow_unused: false,
@@ -129,6 +133,9 @@ fn app_at(cfg: &ServerConfig, bound: Option<SocketAddr>, host: Option<&str>) -> 
     let mut engine = Engine::new(model);
     engine.max_running = cfg.max_running.max(1);
     engine.set_capture_routes(cfg.capture_routes)?;
+    if let Some(s) = cfg.sampler {
+        engine.set_sampler(s)?;
+    }
     let tok = Arc::new(tok);
     let metrics = Arc::new(metrics::Metrics::default());
     let (sched, _join) = scheduler::Scheduler::start_bounded(engine, tok.clone(), metrics.clone(), cfg.max_waiting);
