@@ -11,10 +11,11 @@ use std::collections::HashMap;
 use crate::rendezvous::{Rendezvous, RendezvousError};
 use crate::store::{StoreError, StoreServer};
 
-pub const RANK: &str = "LOCKSTEP_RANK";
-pub const WORLD_SIZE: &str = "LOCKSTEP_WORLD_SIZE";
-pub const LOCAL_RANK: &str = "LOCKSTEP_LOCAL_RANK";
-pub const NCCL_ID: &str = "LOCKSTEP_NCCL_ID";
+// the names are the rendezvous's (one spelling of each variable)
+pub const RANK: &str = crate::rendezvous::LOCKSTEP_RANK;
+pub const WORLD_SIZE: &str = crate::rendezvous::LOCKSTEP_WORLD_SIZE;
+pub const LOCAL_RANK: &str = crate::rendezvous::LOCKSTEP_LOCAL_RANK;
+pub const NCCL_ID: &str = crate::rendezvous::LOCKSTEP_NCCL_ID;
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`).
 pub const NCCL_ID_BYTES: usize = 128;
@@ -118,8 +119,7 @@ impl RankEnv {
 /// A fresh NCCL unique id (rank 0 of a rendezvous makes it).
 #[cfg(feature = "nccl")]
 fn new_nccl_id() -> Result<[u8; NCCL_ID_BYTES], LaunchEnvError> {
-    let id = cudarc::nccl::result::get_uniqueid().map_err(|e| LaunchEnvError::Nccl(format!("rank 0: NCCL ncclGetUniqueId failed: {e:?} (run with NCCL_DEBUG=WARN for details)")))?;
-    Ok(id.internal.map(|c| c as u8))
+    crate::nccl::unique_id().map_err(|e| LaunchEnvError::Nccl(format!("rank 0: {e} (run with NCCL_DEBUG=WARN for details)")))
 }
 
 #[cfg(not(feature = "nccl"))]

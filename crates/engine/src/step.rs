@@ -293,7 +293,7 @@ impl Engine {
         // the members' tokens on the device, in the order greedy ++ gumbel ++ host
         let mut parts: Vec<Tensor> = Vec::new();
         if !greedy.is_empty() {
-            parts.push(logits_RV.index_select(&idx(&greedy)?, 0)?.argmax(D::Minus1)?.to_dtype(candle_core::DType::U32)?);
+            parts.push(logits_RV.index_select(&idx(&greedy)?, 0)?.argmax(D::Minus1)?);
         }
         if !gumbel.is_empty() {
             let rows: Vec<(u64, f32)> = gumbel
@@ -309,27 +309,29 @@ impl Engine {
             let v = logits_RV.dim(1)?;
             let flat = lockstep_model::to_host_f32(&logits_RV.index_select(&idx(&host)?, 0)?)?;
             let rows: Vec<&[f32]> = flat.chunks(v.max(1)).collect();
-            let want: Vec<(usize, usize)> = host.iter().map(|&k| (members[k as usize].1, k as usize)).collect();
+            // (running index, row p of `rows`), ascending in the running index as the members are
+            let want: Vec<(usize, usize)> = host.iter().enumerate().map(|(p, &k)| (members[k as usize].1, p)).collect();
             let mut picked: Vec<(usize, &mut Seq)> = Vec::with_capacity(want.len());
             let mut w = want.iter().peekable();
             for (i, s) in self.running.iter_mut().enumerate() {
-                while let Some(&&(wi, k)) = w.peek() {
+                while let Some(&&(wi, p)) = w.peek() {
                     if wi < i {
                         w.next();
                     } else {
                         if wi == i {
-                            picked.push((k, s));
+                            picked.push((p, s));
                             w.next();
                         }
                         break;
                     }
                 }
             }
-            let pos: std::collections::HashMap<usize, usize> = host.iter().enumerate().map(|(p, &k)| (k as usize, p)).collect();
-            let mut got: Vec<(usize, u32)> = picked.par_iter_mut().map(|(k, s)| (*k, sample(rows[pos[k]], &s.params, &mut s.rng))).collect();
-            got.sort_unstable();
-            let by_member: std::collections::HashMap<usize, u32> = got.into_iter().collect();
-            parts.push(idx(&host.iter().map(|&k| by_member[&(k as usize)]).collect::<Vec<_>>())?);
+            let drawn: Vec<(usize, u32)> = picked.par_iter_mut().map(|(p, s)| (*p, sample(rows[*p], &s.params, &mut s.rng))).collect();
+            let mut host_tokens = vec![0u32; host.len()];
+            for (p, t) in drawn {
+                host_tokens[p] = t;
+            }
+            parts.push(idx(&host_tokens)?);
         }
         let order: Vec<u32> = greedy.iter().chain(&gumbel).chain(&host).copied().collect();
         let mut inverse = vec![0u32; r];

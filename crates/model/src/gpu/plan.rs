@@ -253,30 +253,6 @@ impl Plan {
     pub(crate) fn device_counts(&self) -> Option<(candle_core::cuda_backend::cudarc::driver::CudaView<'_, u32>, usize)> {
         self.deferred.as_ref().map(|d| (d.hist.slice(0..d.num_experts), d.num_experts))
     }
-}
-
-/// The counts of a deferred plan: the histogram buffer, and its host copy once made.
-#[derive(Debug)]
-pub(crate) struct Deferred {
-    /// expert bins [E + 1] then token bins [N + 1] (the last of each: ids out of range)
-    hist: CudaSlice<u32>,
-    num_experts: usize,
-    counts: std::sync::OnceLock<Vec<usize>>,
-}
-
-/// The histogram's overflow bins must be empty.
-fn check_bins(host: &[u32], num_experts: usize, num_tokens: usize) -> Result<()> {
-    if host[num_experts] > 0 {
-        candle_core::bail!("moe plan: {} assignments name an expert id >= num_experts ({num_experts})", host[num_experts]);
-    }
-    let bad_tokens = host[num_experts + num_tokens + 1];
-    if bad_tokens > 0 {
-        candle_core::bail!("moe plan: {bad_tokens} assignments name a token >= the {num_tokens} tokens of the batch");
-    }
-    Ok(())
-}
-
-impl Plan {
 
     /// Plan rows that arrive grouped by source, each source's rows grouped by expert
     /// (expert parallelism, after the all-to-all): `counts_SE[s · E + e]` rows of expert `e`
@@ -314,4 +290,25 @@ impl Plan {
             deferred: None,
         })
     }
+}
+
+/// The counts of a deferred plan: the histogram buffer, and its host copy once made.
+#[derive(Debug)]
+pub(crate) struct Deferred {
+    /// expert bins [E + 1] then token bins [N + 1] (the last of each: ids out of range)
+    hist: CudaSlice<u32>,
+    num_experts: usize,
+    counts: std::sync::OnceLock<Vec<usize>>,
+}
+
+/// The histogram's overflow bins must be empty.
+fn check_bins(host: &[u32], num_experts: usize, num_tokens: usize) -> Result<()> {
+    if host[num_experts] > 0 {
+        candle_core::bail!("moe plan: {} assignments name an expert id >= num_experts ({num_experts})", host[num_experts]);
+    }
+    let bad_tokens = host[num_experts + num_tokens + 1];
+    if bad_tokens > 0 {
+        candle_core::bail!("moe plan: {bad_tokens} assignments name a token >= the {num_tokens} tokens of the batch");
+    }
+    Ok(())
 }
