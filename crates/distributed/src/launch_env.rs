@@ -116,10 +116,11 @@ impl RankEnv {
     }
 }
 
-/// A fresh NCCL unique id (rank 0 of a rendezvous makes it).
+/// A fresh NCCL unique id (rank 0 of a rendezvous makes it; the only place one is made).
 #[cfg(feature = "nccl")]
 fn new_nccl_id() -> Result<[u8; NCCL_ID_BYTES], LaunchEnvError> {
-    crate::nccl::unique_id().map_err(|e| LaunchEnvError::Nccl(format!("rank 0: {e} (run with NCCL_DEBUG=WARN for details)")))
+    let id = cudarc::nccl::result::get_uniqueid().map_err(|e| LaunchEnvError::Nccl(format!("rank 0: NCCL ncclGetUniqueId failed: {e:?} (run with NCCL_DEBUG=WARN for details)")))?;
+    Ok(id.internal.map(|c| c as u8))
 }
 
 #[cfg(not(feature = "nccl"))]

@@ -22,13 +22,7 @@ use cudarc::driver::{CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
 use lockstep_collective::{offsets, Collective, CollectiveError, Result as CollectiveResult};
 
-use crate::launch_env::{RankEnv, NCCL_ID_BYTES};
-
-/// A fresh NCCL unique id (made once and handed to every rank).
-pub fn unique_id() -> Result<[u8; NCCL_ID_BYTES]> {
-    let id = result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
-    Ok(id.internal.map(|c| c as u8))
-}
+use crate::launch_env::RankEnv;
 
 /// The NCCL library's version, e.g. 22803 for 2.28.3.
 pub fn version() -> Result<i32> {
