@@ -1,7 +1,7 @@
 //! With the `cuda` feature, compile `src/gpu/kernels.cu` (MoE dispatch / SwiGLU / combine) and
 //! `src/gpu/route.cu` (top-k, expert choice, replay checks) and `src/gpu/invariant.cu` (the
 //! batch-invariant matmul and attention) and `src/gpu/paged.cu` (paged KV writes, variable-length
-//! attention) and `src/gpu/sample.cu` (Gumbel-max sampling) to PTX
+//! attention) and `src/gpu/sample.cu` (Gumbel-max sampling) and `src/gpu/flash.cu` (tensor-core bf16 attention) to PTX
 //! with nvcc; the PTX is embedded and loaded by the driver at first use. Without the feature
 //! nothing happens (CI and CPU builds need no CUDA toolkit).
 
@@ -14,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpu/invariant.cu");
     println!("cargo:rerun-if-changed=src/gpu/paged.cu");
     println!("cargo:rerun-if-changed=src/gpu/sample.cu");
+    println!("cargo:rerun-if-changed=src/gpu/flash.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -25,7 +26,7 @@ fn main() {
         Err(_) => "nvcc".to_string(),
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
-    for (src, ptx) in [("src/gpu/kernels.cu", "moe_kernels.ptx"), ("src/gpu/route.cu", "route_kernels.ptx"), ("src/gpu/invariant.cu", "invariant_kernels.ptx"), ("src/gpu/paged.cu", "paged_kernels.ptx"), ("src/gpu/sample.cu", "sample_kernels.ptx")] {
+    for (src, ptx) in [("src/gpu/kernels.cu", "moe_kernels.ptx"), ("src/gpu/route.cu", "route_kernels.ptx"), ("src/gpu/invariant.cu", "invariant_kernels.ptx"), ("src/gpu/paged.cu", "paged_kernels.ptx"), ("src/gpu/sample.cu", "sample_kernels.ptx"), ("src/gpu/flash.cu", "flash_kernels.ptx")] {
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), "-o"])
             .arg(out_dir.join(ptx))

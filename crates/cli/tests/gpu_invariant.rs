@@ -150,6 +150,13 @@ fn attention_rows_are_batch_invariant() {
         let scale = 1.0 / (dh as f32).sqrt();
         let runs = [(0usize, lens[0]), (lens[0], lens[1])];
         let full = varlen::attention(&q, &k, &v, Arc::new(KeyLayout::packed(&runs, |i, _| i + 1).unwrap()), scale).unwrap();
+        if dtype == DType::BF16 {
+            // the tensor-core kernel (bf16 P) against the f32 kernel on the same rounded inputs
+            let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let exact = varlen::attention(&f(&q), &f(&k), &f(&v), Arc::new(KeyLayout::packed(&runs, |i, _| i + 1).unwrap()), scale).unwrap();
+            let r = max_rel(&f(&full), &exact);
+            assert!(r < 2e-2, "bf16 attention vs f32 {r:e}");
+        }
         // query i of the second sequence alone over its first i + 1 keys, laid out as a paged
         // pool: the same keys in blocks of 16 in reverse block order
         let bs = 16;

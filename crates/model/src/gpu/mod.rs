@@ -9,11 +9,13 @@
 //! - `route`: token-choice top-k, expert-choice selection and replay checks on the device;
 //! - `invariant`: the batch-invariant matmul and attention (`crate::nn::invariant` on CUDA);
 //! - `paged`: the paged KV cache's writes and the variable-length attention (`crate::nn::varlen`);
+//! - `flash`: the tensor-core bf16 variable-length attention (`crate::nn::varlen` in bf16);
 //! - `sample`: the Gumbel-max draw of a step's tokens (`crate::gumbel`);
-//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`: the kernels (compiled to PTX by build.rs).
+//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`, `flash.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
+pub(crate) mod flash;
 pub(crate) mod gemm;
 pub(crate) mod invariant;
 pub(crate) mod ops;
@@ -38,6 +40,8 @@ const PAGED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_kernels.pt
 const PAGED_MODULE: &str = "lockstep_paged";
 const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample_kernels.ptx"));
 const SAMPLE_MODULE: &str = "lockstep_sample";
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_kernels.ptx"));
+const FLASH_MODULE: &str = "lockstep_flash";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -72,6 +76,12 @@ pub(crate) fn invariant_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `sample.cu`.
 pub(crate) fn sample_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, SAMPLE_MODULE, SAMPLE_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `flash.cu`.
+pub(crate) fn flash_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, FLASH_MODULE, FLASH_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 

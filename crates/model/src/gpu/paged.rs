@@ -17,9 +17,9 @@ const THREADS: u32 = 128;
 /// A key layout's tables on the device, uploaded once per layout (a step), used by every layer.
 #[derive(Debug)]
 pub(crate) struct DeviceLayout {
-    table: CudaSlice<u32>,
-    start: CudaSlice<u32>,
-    keys: CudaSlice<u32>,
+    pub(super) table: CudaSlice<u32>,
+    pub(super) start: CudaSlice<u32>,
+    pub(super) keys: CudaSlice<u32>,
 }
 
 /// A key layout's host tables (block table, per-query start and key count) and block size, with
@@ -32,7 +32,7 @@ pub(crate) struct HostLayout<'a> {
     pub device: &'a std::sync::OnceLock<DeviceLayout>,
 }
 
-fn device_layout<'a>(dev: &CudaDevice, layout: &HostLayout<'a>) -> Result<&'a DeviceLayout> {
+pub(super) fn device_layout<'a>(dev: &CudaDevice, layout: &HostLayout<'a>) -> Result<&'a DeviceLayout> {
     if let Some(d) = layout.device.get() {
         return Ok(d);
     }
@@ -43,7 +43,7 @@ fn device_layout<'a>(dev: &CudaDevice, layout: &HostLayout<'a>) -> Result<&'a De
     Ok(layout.device.get_or_init(|| d))
 }
 
-fn u32_of(n: usize, what: &str) -> Result<u32> {
+pub(super) fn u32_of(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("paged kernel: {what} = {n} exceeds u32")))
 }
 

@@ -12,9 +12,13 @@
 //! - CPU (f32 / bf16 in, f32 arithmetic): s_j = dot(q, k_j)·scale (`invariant::dot`), the max,
 //!   e_j = exp(s_j − max) summed in ascending key order, out = Σ_j (e_j / z) v_j in ascending
 //!   key order — the arithmetic the mask-based invariant attention had;
-//! - CUDA (`gpu/paged.cu`): the keys in fixed chunks of 128 from key 0 (a chunk's max, sum and
-//!   weighted values), chunks merged in ascending order (split-KV with a fixed split order), so
-//!   no context length is refused.
+//! - CUDA f32 (`gpu/paged.cu`): the keys in fixed chunks of 128 from key 0 (a chunk's max, sum
+//!   and weighted values), chunks merged in ascending order (split-KV with a fixed split order),
+//!   so no context length is refused;
+//! - CUDA bf16, head dim 16 / 32 / 64 / 128 (`gpu/flash.cu`): tensor cores, the R query heads of
+//!   a kv head in one tile (GQA shared), keys in fixed chunks of 64 from key 0 merged online
+//!   (flash-attention style), P rounded to bf16 for the P·V product — the same bits for a row
+//!   whatever the tile around it.
 //!
 //! Legend: N queries, H query heads, G kv heads (H % G = 0), Dh head dim, R pool rows.
 
@@ -36,6 +40,8 @@ pub struct KeyLayout {
     rows: usize,
     #[cfg(feature = "cuda")]
     pub(crate) device: std::sync::OnceLock<crate::gpu::paged::DeviceLayout>,
+    #[cfg(feature = "cuda")]
+    pub(crate) flash: std::sync::OnceLock<crate::gpu::flash::Tiles>,
 }
 
 impl KeyLayout {
@@ -73,6 +79,8 @@ impl KeyLayout {
             rows,
             #[cfg(feature = "cuda")]
             device: std::sync::OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            flash: std::sync::OnceLock::new(),
         })
     }
 
@@ -107,6 +115,23 @@ impl KeyLayout {
     pub fn key_row(&self, n: usize, j: usize) -> usize {
         let bs = self.block_size;
         self.table[self.q_start[n] as usize + j / bs] as usize * bs + j % bs
+    }
+
+    /// The tensor-core kernel's blocks for `r` query heads per kv head (`gpu/flash.cu`): rows
+    /// are (query, head) pairs of one group, query after query; a block takes up to `rows`
+    /// consecutive rows of one group. Per block: (first query of the group, one past its last,
+    /// the block's first row, the most keys any of its queries sees).
+    pub fn tiles(&self, r: usize, rows: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (a, b) in self.groups() {
+            let total = (b - a) * r;
+            for r0 in (0..total).step_by(rows.max(1)) {
+                let last = (r0 + rows).min(total) - 1;
+                let most = self.q_keys[a + r0 / r..=a + last / r].iter().copied().max().unwrap_or(1);
+                out.extend([a as u32, b as u32, r0 as u32, most]);
+            }
+        }
+        out
     }
 
     /// The queries in groups that share one key list (a sequence of the packed row: the same
@@ -206,6 +231,11 @@ impl CustomOp3 for Varlen {
         let (n, h, g, dh) = self.dims(l1, l2, l3)?;
         let lay = &self.layout;
         let host = crate::gpu::paged::HostLayout { table: &lay.table, start: &lay.q_start, keys: &lay.q_keys, block_size: lay.block_size, device: &lay.device };
+        if crate::gpu::flash::serves(s1.dtype(), dh) {
+            use candle_core::backend::BackendStorage;
+            let tiles = |r: usize| Ok(lay.tiles(r, crate::gpu::flash::ROWS));
+            return crate::gpu::flash::attention((s1, l1, s2, l2, s3, l3), &host, tiles, &lay.flash, (n, h, g, dh), self.scale);
+        }
         crate::gpu::paged::varlen_attention(s1, l1, s2, l2, s3, l3, &host, (n, h, g, dh), self.scale)
     }
 
@@ -266,4 +296,24 @@ pub fn attention(q_NHD: &Tensor, k_RGD: &Tensor, v_RGD: &Tensor, layout: Arc<Key
         }
     }
     q_NHD.contiguous()?.apply_op3(&k_RGD.contiguous()?, &v_RGD.contiguous()?, Varlen { layout, scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyLayout;
+
+    #[test]
+    fn tiles_cover_every_row_once_with_the_most_keys() {
+        // a decode step (three one-query sequences) then a packed causal sequence of 20 queries
+        let table: Vec<u32> = (0..23).collect();
+        let (mut start, mut keys) = (vec![0u32, 1, 2], vec![1u32, 1, 1]);
+        start.extend(std::iter::repeat_n(3u32, 20));
+        keys.extend(1..=20u32);
+        let lay = KeyLayout::new(table, start, keys, 1, 23).unwrap();
+        let t: Vec<[u32; 4]> = lay.tiles(8, 64).chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+        assert_eq!(t, vec![[0, 1, 0, 1], [1, 2, 0, 1], [2, 3, 0, 1], [3, 23, 0, 8], [3, 23, 64, 16], [3, 23, 128, 20]]);
+        // one head per kv head: 64 queries a block
+        let t = lay.tiles(1, 64);
+        assert_eq!(t[12..], [3, 23, 0, 20]);
+    }
 }

@@ -1,0 +1,207 @@
+// Tensor-core variable-length attention (bf16 storage, f32 arithmetic): the batch-invariant
+// forward of crates/model/src/nn/varlen.rs for bf16 on CUDA (paged.cu keeps f32).
+//
+// Rows are (query, head) pairs: the R = H / G query heads that share kv head g, query after
+// query, so a decode step's R heads fill one mma tile and read their kv head once (GQA shared).
+// A block owns 64 consecutive rows of one sequence (its queries share a key list) and one kv
+// head; 4 warps of 16 rows. Keys are taken in chunks of 64 from key 0 of the sequence:
+//   s = (q · k) on tensor cores (mma m16n8k16, Dh in ascending 16-wide steps, f32 accumulators),
+//   times scale; keys a row does not see are -inf;
+//   m' = max(m, max_j s_j); p_j = exp(s_j - m'); z = z · e^(m - m') + Σ p_j (a fixed
+//   thread-local order, then a fixed xor butterfly over the 4 lanes of the row);
+//   o = o · e^(m - m') + P V (P rounded to bf16, mma over the chunk's keys in ascending 16-wide
+//   steps); out = o / z.
+// Every step for a row depends on its own q, its own keys and the chunk grid (fixed by key 0),
+// never on the other rows of the tile, which block computes it or where the blocks of keys lie
+// (an mma computes each element from its own row and column; a row's masked keys add exact
+// zeros; chunks past a row's last key leave its state unchanged: e^0 = 1 and p = 0). So a decode
+// step equals the trainer's packed forward bit for bit, at any length.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define FT 128
+#define KC 64
+#define FROWS 64
+#define PAD 8
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// two floats as bf16 in one register, the first in the low half (the lower column)
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack_bf(bf16 lo, bf16 hi) {
+    const uint32_t l = *reinterpret_cast<const unsigned short*>(&lo);
+    const uint32_t h = *reinterpret_cast<const unsigned short*>(&hi);
+    return l | (h << 16);
+}
+__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// tiles[b] = (first query of the sequence, one past its last, first row r0 of the block, the most
+// keys any of the block's queries sees)
+template <int DH>
+__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                          const uint32_t* __restrict__ table, const uint32_t* __restrict__ start,
+                          const uint32_t* __restrict__ keys, const uint4* __restrict__ tiles, bf16* __restrict__ out,
+                          uint32_t H, uint32_t G, uint32_t bs, float scale) {
+    __shared__ __align__(16) bf16 Ks[KC][DH + PAD];
+    __shared__ __align__(16) bf16 Vs[KC][DH + PAD];
+    __shared__ uint32_t krow[KC];
+    const uint4 t = tiles[blockIdx.x];
+    const uint32_t qa = t.x, qb = t.y, r0 = t.z, maxk = t.w;
+    const uint32_t g = blockIdx.y, R = H / G;
+    const uint32_t nrows = (qb - qa) * R;
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const uint32_t* tab = table + start[qa];
+    const uint32_t wr0 = r0 + warp * 16;
+    const bool active = wr0 < nrows;
+    bool ok[2];
+    uint32_t nk[2];
+    size_t qoff[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const uint32_t r = wr0 + gid + 8 * i;
+        ok[i] = r < nrows;
+        const uint32_t n = qa + (ok[i] ? r / R : 0), h = g * R + (ok[i] ? r % R : 0);
+        nk[i] = ok[i] ? keys[n] : 0;
+        qoff[i] = ((size_t)n * H + h) * DH;
+    }
+    uint32_t qf[DH / 16][4];
+#pragma unroll
+    for (int kd = 0; kd < DH / 16; kd++) {
+        const int c = kd * 16 + 2 * tig;
+        qf[kd][0] = ok[0] ? ld32(q + qoff[0] + c) : 0u;
+        qf[kd][1] = ok[1] ? ld32(q + qoff[1] + c) : 0u;
+        qf[kd][2] = ok[0] ? ld32(q + qoff[0] + c + 8) : 0u;
+        qf[kd][3] = ok[1] ? ld32(q + qoff[1] + c + 8) : 0u;
+    }
+    float o[DH / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < DH / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[dn][e] = 0.0f;
+    float M[2] = {-INFINITY, -INFINITY}, Z[2] = {0.0f, 0.0f};
+    const size_t kstride = (size_t)G * DH;
+    for (uint32_t c0 = 0; c0 < maxk; c0 += KC) {
+        __syncthreads();  // the previous chunk's readers are done
+        for (uint32_t j = threadIdx.x; j < KC; j += FT) {
+            const uint32_t kj = c0 + j;
+            krow[j] = kj < maxk ? tab[kj / bs] * bs + kj % bs : 0xffffffffu;
+        }
+        __syncthreads();
+        for (uint32_t e = threadIdx.x; e < KC * DH / 8; e += FT) {
+            const uint32_t j = e / (DH / 8), c = (e % (DH / 8)) * 8;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (krow[j] != 0xffffffffu) {
+                const size_t off = (size_t)krow[j] * kstride + (size_t)g * DH + c;
+                kv = *reinterpret_cast<const uint4*>(k + off);
+                vv = *reinterpret_cast<const uint4*>(v + off);
+            }
+            *reinterpret_cast<uint4*>(&Ks[j][c]) = kv;
+            *reinterpret_cast<uint4*>(&Vs[j][c]) = vv;
+        }
+        __syncthreads();
+        if (!active) continue;
+        float s[KC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < KC / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+#pragma unroll
+        for (int kd = 0; kd < DH / 16; kd++) {
+#pragma unroll
+            for (int nt = 0; nt < KC / 8; nt++) {
+                const bf16* kp = &Ks[nt * 8 + gid][kd * 16 + 2 * tig];
+                const uint32_t b[2] = {ld32(kp), ld32(kp + 8)};
+                mma16816(s[nt], qf[kd], b);
+            }
+        }
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < KC / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = e >> 1;
+                const uint32_t key = c0 + nt * 8 + 2 * tig + (e & 1);
+                const float x = key < nk[i] ? s[nt][e] * scale : -INFINITY;
+                s[nt][e] = x;
+                mx[i] = fmaxf(mx[i], x);
+            }
+        float alpha[2], mref[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            const float mn = fmaxf(M[i], mx[i]);
+            mref[i] = mn == -INFINITY ? 0.0f : mn;  // a row with no key yet (padding rows only)
+            alpha[i] = expf(M[i] - mref[i]);
+            M[i] = mn;
+        }
+        float zs[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < KC / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = e >> 1;
+                const float p = expf(s[nt][e] - mref[i]);
+                s[nt][e] = p;
+                zs[i] += p;
+            }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], 1);
+            zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], 2);
+            Z[i] = fmaf(Z[i], alpha[i], zs[i]);
+        }
+#pragma unroll
+        for (int dn = 0; dn < DH / 8; dn++) {
+            o[dn][0] *= alpha[0];
+            o[dn][1] *= alpha[0];
+            o[dn][2] *= alpha[1];
+            o[dn][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < KC / 16; kk++) {
+            const uint32_t a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                                   pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const int key = kk * 16 + 2 * tig;
+#pragma unroll
+            for (int dn = 0; dn < DH / 8; dn++) {
+                const int d = dn * 8 + gid;
+                const uint32_t b[2] = {pack_bf(Vs[key][d], Vs[key + 1][d]), pack_bf(Vs[key + 8][d], Vs[key + 9][d])};
+                mma16816(o[dn], a, b);
+            }
+        }
+    }
+    if (!active) return;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (!ok[i]) continue;
+#pragma unroll
+        for (int dn = 0; dn < DH / 8; dn++) {
+            const size_t at = qoff[i] + dn * 8 + 2 * tig;
+            *reinterpret_cast<uint32_t*>(out + at) = pack2(o[dn][2 * i] / Z[i], o[dn][2 * i + 1] / Z[i]);
+        }
+    }
+}
+
+#define FLASH_FWD(DH)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FT) flash_fwd_bf16_##DH(                                          \
+        const bf16* q, const bf16* k, const bf16* v, const uint32_t* table, const uint32_t* start,                  \
+        const uint32_t* keys, const uint4* tiles, bf16* out, uint32_t H, uint32_t G, uint32_t bs, float scale) {    \
+        flash_fwd<DH>(q, k, v, table, start, keys, tiles, out, H, G, bs, scale);                                   \
+    }
+FLASH_FWD(16)
+FLASH_FWD(32)
+FLASH_FWD(64)
+FLASH_FWD(128)
