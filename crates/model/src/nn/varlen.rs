@@ -231,8 +231,7 @@ impl CustomOp3 for Varlen {
         let (n, h, g, dh) = self.dims(l1, l2, l3)?;
         let lay = &self.layout;
         let host = crate::gpu::paged::HostLayout { table: &lay.table, start: &lay.q_start, keys: &lay.q_keys, block_size: lay.block_size, device: &lay.device };
-        if crate::gpu::flash::serves(s1.dtype(), dh) {
-            use candle_core::backend::BackendStorage;
+        if crate::gpu::flash::serves(candle_core::backend::BackendStorage::dtype(s1), dh) {
             let tiles = |r: usize| Ok(lay.tiles(r, crate::gpu::flash::ROWS));
             return crate::gpu::flash::attention((s1, l1, s2, l2, s3, l3), &host, tiles, &lay.flash, (n, h, g, dh), self.scale);
         }
