@@ -24,6 +24,7 @@
 #define KC 64
 #define FROWS 64
 #define PAD 8
+static_assert(FROWS == FT / 32 * 16, "a block's rows are its warps' 16 rows each (flash.rs ROWS)");
 
 typedef __nv_bfloat16 bf16;
 

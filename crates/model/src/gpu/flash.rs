@@ -32,7 +32,6 @@ pub(crate) struct Tiles {
 }
 
 /// q [N, H, Dh] over the pool k, v [R, G, Dh] under `layout` → [N, H, Dh] bf16 (see flash.cu).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     (sq, lq, sk, lk, sv, lv): (&CudaStorage, &Layout, &CudaStorage, &Layout, &CudaStorage, &Layout),
     layout: &HostLayout,
@@ -75,8 +74,13 @@ pub(crate) fn attention(
         }
     };
     let tabs = device_layout(&dev, layout)?;
-    let name = format!("flash_fwd_bf16_{dh}");
-    let f = func(&dev, &name)?;
+    let name = match dh {
+        16 => "flash_fwd_bf16_16",
+        32 => "flash_fwd_bf16_32",
+        64 => "flash_fwd_bf16_64",
+        _ => "flash_fwd_bf16_128", // `serves` admitted 16, 32, 64, 128 only
+    };
+    let f = func(&dev, name)?;
     let (h32, g32, bs32) = (u32_of(h, "H")?, u32_of(g, "G")?, u32_of(layout.block_size, "block size")?);
     let mut b = f.builder();
     b.arg(&q).arg(&k).arg(&v).arg(&tabs.table).arg(&tabs.start).arg(&tabs.keys).arg(&tiles.tiles).arg(&mut out).arg(&h32).arg(&g32).arg(&bs32).arg(&scale);
