@@ -10,7 +10,8 @@
 //!   through the paged KV cache equals the full forward;
 //! - the engine against the trainer's re-score (`lockstep_engine::consistency::rescore`): max
 //!   |Δ logprob| 0 and every route equal, in f32 and bf16, for token and expert choice;
-//! - the invariant forward's gradients agree with candle's kernels' to rounding;
+//! - the invariant forward's gradients agree with candle's kernels' to rounding; the
+//!   tensor-core attention backward agrees with the f32 reference backward;
 //! - the device sampler (Gumbel-max) draws what the host definition draws, a row alone as in a
 //!   batch of 64 over a 151,936-token vocabulary.
 //!
@@ -183,6 +184,44 @@ fn attention_rows_are_batch_invariant() {
             let c = varlen::attention(&cpu(&q), &cpu(&k), &cpu(&v), Arc::new(KeyLayout::packed(&runs[..1], |i, _| i + 1).unwrap()), scale).unwrap();
             let r = max_rel(&full.narrow(0, 0, lens[0]).unwrap(), &c);
             assert!(r < 1e-5, "attention GPU vs CPU {r:e}");
+        }
+    }
+}
+
+/// The tensor-core backward (bf16, `flash_bwd_*`) against the f32 reference backward (candle
+/// ops per sequence) on the same rounded inputs: causal packed sequences of awkward lengths and
+/// a bidirectional one, GQA (8 heads per kv head) and plain, head dims 128 and 64.
+#[test]
+fn flash_backward_matches_the_f32_reference() {
+    use lockstep_model::nn::varlen::{self, KeyLayout};
+    let dev = gpu();
+    let lens = [1usize, 77, 300, 700];
+    let t: usize = lens.iter().sum();
+    let mut runs = Vec::new();
+    let mut at = 0;
+    for &l in &lens {
+        runs.push((at, l));
+        at += l;
+    }
+    for (h, g, dh, causal) in [(32usize, 4usize, 128usize, true), (4, 4, 64, true), (8, 2, 128, false)] {
+        let layout = || Arc::new(KeyLayout::packed(&runs, |i, len| if causal { i + 1 } else { len }).unwrap());
+        let scale = 1.0 / (dh as f32).sqrt();
+        let bf = |x: Tensor| x.to_dtype(DType::BF16).unwrap();
+        let (q, k, v) = (bf(randn(&[t, h, dh], 11, &dev)), bf(randn(&[t, g, dh], 12, &dev)), bf(randn(&[t, g, dh], 13, &dev)));
+        let w = randn(&[t, h, dh], 14, &dev);
+        let grads = |dtype: DType| {
+            let var = |x: &Tensor| candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let (qv, kv, vv) = (var(&q), var(&k), var(&v));
+            let out = varlen::attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), layout(), scale).unwrap();
+            let loss = (out.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap();
+            let gs = loss.backward().unwrap();
+            [&qv, &kv, &vv].map(|x| gs.get(x.as_tensor()).expect("a gradient").to_dtype(DType::F32).unwrap())
+        };
+        let (fast, exact) = (grads(DType::BF16), grads(DType::F32));
+        for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(fast.iter().zip(&exact)) {
+            let r = max_rel(a, b);
+            println!("flash backward H {h} G {g} Dh {dh} causal {causal}: {name} vs f32 {r:.3e}");
+            assert!(r < 3e-2, "H {h} G {g} Dh {dh} causal {causal}: {name} vs f32 reference {r:e}");
         }
     }
 }

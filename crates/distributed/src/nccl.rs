@@ -74,6 +74,7 @@ impl NcclComm {
     pub fn init(env: &RankEnv) -> Result<(Self, Device)> {
         let dev = Device::new_cuda(env.local_rank)?;
         if let Device::Cuda(d) = &dev {
+            lockstep_model::device::untracked_events(d);
             lockstep_model::gpu::keep_freed_memory(d)?;
         }
         let comm = Self::init_on(env, &dev)?;

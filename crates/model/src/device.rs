@@ -42,7 +42,8 @@ impl fmt::Display for DeviceSpec {
 
 impl DeviceSpec {
     /// Open the device. A CUDA device keeps freed memory in its memory pool
-    /// (`gpu::keep_freed_memory`); without the `cuda` feature it cannot be opened.
+    /// (`gpu::keep_freed_memory`) and makes no CUDA events per buffer ([`untracked_events`]);
+    /// without the `cuda` feature it cannot be opened.
     pub fn open(self) -> Result<Device> {
         let fail = |msg: String| ModelError::Device { device: self.to_string(), msg };
         match self {
@@ -52,12 +53,26 @@ impl DeviceSpec {
                     .map_err(|e| fail(format!("CUDA unavailable (this binary needs the `cuda` feature and a GPU): {e}")))?;
                 #[cfg(feature = "cuda")]
                 if let Device::Cuda(d) = &dev {
+                    untracked_events(d);
                     crate::gpu::keep_freed_memory(d).map_err(|e| fail(format!("setting up the memory pool: {e}")))?;
                 }
                 Ok(dev)
             }
         }
     }
+}
+
+/// Stop cudarc from making two CUDA events for every buffer (and destroying them at its free):
+/// ~450 driver calls per decoder layer of a decode step. They order a buffer's uses across
+/// streams only in cudarc's multi-stream mode (`CudaContext::new_stream` / `fork`), which
+/// lockstep never enters: every op runs on the device's one stream, so the events are made and
+/// never recorded or waited on. Buffers made before the call keep theirs.
+#[cfg(feature = "cuda")]
+pub fn untracked_events(d: &candle_core::CudaDevice) {
+    // SAFETY: the caller's obligations — no buffer freed, read or written on another stream
+    // before the allocating stream's work is done — concern multiple streams, and lockstep uses
+    // one stream per device (no `new_stream` / `fork` anywhere; NCCL is given the same stream).
+    unsafe { d.disable_event_tracking() }
 }
 
 /// The dtypes a model's weights and compute run in: `f32` or `bf16`.

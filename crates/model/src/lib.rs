@@ -24,6 +24,7 @@ pub mod init;
 pub mod kv_cache;
 pub mod limits;
 pub mod gumbel;
+pub mod head_grad;
 pub mod logprobs;
 pub mod manifest;
 pub mod metrics;

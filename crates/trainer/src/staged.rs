@@ -10,8 +10,10 @@
 //! Backward, each stage through a surrogate Σ y · ∂L/∂y (whose gradient at y is ∂L/∂y exactly):
 //! 1. the loss, from leaves (slot log-probabilities, entropies, each replayed layer's router
 //!    scores) → their gradients;
-//! 2. the head, chunk by chunk: the chunk's logits recomputed from the last layer's output rows
-//!    → ∂L/∂(final norm, LM head) and ∂L/∂x_L of those rows;
+//! 2. the head, chunk by chunk: the chunk's logits recomputed from the last layer's output rows,
+//!    then log-softmax, target gather and entropy with their backward in one fused op
+//!    (`lockstep_model::head_grad`, no f32 [C, V] intermediates) → ∂L/∂(final norm, LM head)
+//!    and ∂L/∂x_L of those rows;
 //! 3. each layer from the last: its kept graph, or with checkpointing its forward recomputed —
 //!    the same ops on the same input under the same routing plan, so bitwise the first forward,
 //!    replayed routes included — → ∂L/∂(layer weights) and ∂L/∂x_l;
@@ -28,6 +30,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var, D};
+use lockstep_model::head_grad::logprob_entropy_surrogate;
 use lockstep_model::logprobs::{at_temperature, next_token_targets as targets};
 use lockstep_model::{Batch, ForwardContext, LayerRoute, MoeCausalLm, Recording, RoutingPlan};
 
@@ -124,13 +127,13 @@ fn to_positions(g_N: &Tensor, has: &[bool]) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, has.len(), dev)?.where_cond(&picked, &picked.zeros_like()?)?)
 }
 
-/// Head of rows x [C, D]: per row the log-probability of its target and (when asked) its
-/// entropy, [C] f32.
-fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature: f64, entropy: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// Head of rows x [C, D] in the forward: per row the log-probability of its target and its
+/// entropy, [C] f32 (the engine's arithmetic: its log-probabilities bit for bit).
+fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
     let logits = at_temperature(&model.head_forward(x_CD)?, temperature)?;
     let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let lp = logsm.gather(&target_C.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let h = if entropy { Some((logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?) } else { None };
+    let h = (logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?;
     Ok((lp, h))
 }
 
@@ -184,9 +187,9 @@ impl<'a> Staged<'a> {
         let target = Tensor::from_vec(target, n, dev)?;
         let (mut lps, mut hs) = (Vec::new(), Vec::new());
         for (a, b) in chunks(n, opts.chunk_tokens) {
-            let (lp, h) = head_rows(model, &x_ND.narrow(0, a, b - a)?, &target.narrow(0, a, b - a)?, opts.temperature, true)?;
+            let (lp, h) = head_rows(model, &x_ND.narrow(0, a, b - a)?, &target.narrow(0, a, b - a)?, opts.temperature)?;
             lps.push(lp.detach());
-            hs.extend(h.map(|h| h.detach()));
+            hs.push(h.detach());
         }
         let mut logp = to_slots(&Tensor::cat(&lps, 0)?, &valid)?;
         let mut entropy = to_slots(&Tensor::cat(&hs, 0)?, &valid)?;
@@ -231,16 +234,16 @@ impl<'a> Staged<'a> {
         let (n, d) = (b * t, model.cfg.hidden_size);
         let layers = model.layers.len();
         let x_ND = self.xs[layers].detach().reshape((n, d))?;
+        // the targets stay on the host: the fused op checks them there, no copy back
         let (target, _, _) = targets(self.batch)?;
-        let target = Tensor::from_vec(target, n, model.device())?;
         let mut g_x_parts = Vec::new();
         for (a, b) in chunks(n, self.opts.chunk_tokens) {
             let x_c = leaf(&x_ND.narrow(0, a, b - a)?)?;
-            let (lp, h) = head_rows(model, &x_c, &target.narrow(0, a, b - a)?, self.opts.temperature, g_h.is_some())?;
-            let mut s = (lp * g_lp.narrow(0, a, b - a)?)?.sum_all()?;
-            if let (Some(h), Some(g_h)) = (h, &g_h) {
-                s = (s + (h * g_h.narrow(0, a, b - a)?)?.sum_all()?)?;
-            }
+            // the logits recomputed with their graph; log-softmax, gather and entropy and their
+            // backward in one op (`head_grad`): Σ lp·g_lp + h·g_h, ∂/∂logits in one pass
+            let logits = model.head_forward(&x_c)?;
+            let g_h_c = g_h.as_ref().map(|g| g.narrow(0, a, b - a)).transpose()?;
+            let s = logprob_entropy_surrogate(&logits, &target[a..b], &g_lp.narrow(0, a, b - a)?, g_h_c.as_ref(), self.opts.temperature)?.sum_all()?;
             let gs = s.backward()?;
             acc.add(params, &gs)?;
             g_x_parts.push(match gs.get(&x_c) {
@@ -275,5 +278,58 @@ impl<'a> Staged<'a> {
         let s = surrogate(&x0, &g_x)?;
         acc.add(params, &s.backward()?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::{Trainer, TrainerConfig};
+    use candle_core::Device;
+
+    /// The staged backward with the entropy term at T = 0.7 (the fused head op's g_h path)
+    /// against candle's whole-graph backward of the same loss, within f32 rounding.
+    #[test]
+    fn entropy_gradients_at_temperature_equal_the_whole_graph() {
+        let dev = Device::Cpu;
+        let model = MoeCausalLm::embedded_default(5, DType::F32, &dev).unwrap();
+        let t = Trainer::new(model, TrainerConfig::default()).unwrap();
+        let tokens: Vec<u32> = (0..13).map(|i| (i * 11 + 5) % 256).chain((0..9).map(|i| (i * 29 + 7) % 256)).collect();
+        let batch = Batch::packed(&tokens, None, &[0, 13, 22], &dev).unwrap();
+        let plan = RoutingPlan::compute();
+        let n = tokens.len();
+        let wl = Tensor::from_vec((0..n).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.6).collect::<Vec<f32>>(), n, &dev).unwrap();
+        let wh = Tensor::from_vec((0..n).map(|i| ((i * 3) % 4) as f32 * 0.2 - 0.3).collect::<Vec<f32>>(), n, &dev).unwrap();
+        let temp = 0.7;
+        // whole graph
+        let logits = t.model.forward(&batch, &plan).unwrap().logits.reshape((n, t.model.cfg.vocab_size)).unwrap();
+        let logsm = candle_nn::ops::log_softmax(&at_temperature(&logits, temp).unwrap(), D::Minus1).unwrap();
+        let (target, _, valid) = targets(&batch).unwrap();
+        let lp = logsm.gather(&Tensor::from_vec(target, (n, 1), &dev).unwrap(), 1).unwrap().squeeze(1).unwrap();
+        let h = (logsm.exp().unwrap() * &logsm).unwrap().sum(D::Minus1).unwrap().neg().unwrap();
+        let (lp, h) = (to_slots(&lp, &valid).unwrap(), to_slots(&h, &valid).unwrap());
+        let loss = ((lp * &wl).unwrap().sum_all().unwrap() + (h * &wh).unwrap().sum_all().unwrap()).unwrap();
+        let mut whole = GradAccumulator::default();
+        whole.add(&t.params, &loss.backward().unwrap()).unwrap();
+        // staged, checkpointed, chunked
+        let opts = StageOptions { checkpoint: true, chunk_tokens: 5, temperature: temp };
+        let s = Staged::forward(&t.model, &batch, &plan, opts, true, GradTargets { entropy: true, router_scores: false }).unwrap();
+        let loss2 = ((&s.logp * &wl).unwrap().sum_all().unwrap() + (&s.entropy * &wh).unwrap().sum_all().unwrap()).unwrap();
+        let (a, b) = (loss.to_scalar::<f32>().unwrap(), loss2.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
+        let mut staged = GradAccumulator::default();
+        s.backward(&loss2, &t.params, &mut staged).unwrap();
+        let mut compared = 0;
+        for (name, _) in &t.params {
+            let (Some(a), Some(b)) = (whole.get(name), staged.get(name)) else {
+                assert!(whole.get(name).is_none() && staged.get(name).is_none(), "{name}: a gradient on one side only");
+                continue;
+            };
+            let max = |x: &Tensor| x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let (scale, diff) = (max(a).max(1e-6), max(&(a - b).unwrap()));
+            assert!(diff <= 1e-4 * scale, "{name}: max |Δ| {diff} (scale {scale})");
+            compared += 1;
+        }
+        assert!(compared >= t.params.len() - 2, "{compared} of {} parameters compared", t.params.len());
     }
 }

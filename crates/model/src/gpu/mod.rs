@@ -11,16 +11,22 @@
 //! - `paged`: the paged KV cache's writes and the variable-length attention (`crate::nn::varlen`);
 //! - `flash`: the tensor-core bf16 variable-length attention (`crate::nn::varlen` in bf16);
 //! - `sample`: the Gumbel-max draw of a step's tokens (`crate::gumbel`);
-//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`, `flash.cu`: the kernels (compiled to PTX by build.rs).
+//! - `head`: the LM head's log-prob / entropy surrogate and its gradient (`crate::head_grad`);
+//! - `norm`, `rope`: the fused RMSNorm and rotary embedding (`crate::nn::norm`, `crate::nn::rope`);
+//! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`, `flash.cu`, `head.cu`,
+//!   `norm.cu`, `rope.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
 pub(crate) mod flash;
 pub(crate) mod gemm;
+pub(crate) mod head;
 pub(crate) mod invariant;
+pub(crate) mod norm;
 pub(crate) mod ops;
 pub(crate) mod paged;
 pub(crate) mod plan;
+pub(crate) mod rope;
 pub(crate) mod route;
 pub(crate) mod sample;
 
@@ -42,6 +48,12 @@ const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample_kernels.
 const SAMPLE_MODULE: &str = "lockstep_sample";
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_kernels.ptx"));
 const FLASH_MODULE: &str = "lockstep_flash";
+const HEAD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/head_kernels.ptx"));
+const HEAD_MODULE: &str = "lockstep_head";
+const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_kernels.ptx"));
+const NORM_MODULE: &str = "lockstep_norm";
+const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_kernels.ptx"));
+const ROPE_MODULE: &str = "lockstep_rope";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -82,6 +94,24 @@ pub(crate) fn sample_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `flash.cu`.
 pub(crate) fn flash_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, FLASH_MODULE, FLASH_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `head.cu`.
+pub(crate) fn head_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, HEAD_MODULE, HEAD_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `norm.cu`.
+pub(crate) fn norm_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, NORM_MODULE, NORM_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `rope.cu`.
+pub(crate) fn rope_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, ROPE_MODULE, ROPE_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 

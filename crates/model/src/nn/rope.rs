@@ -2,9 +2,13 @@
 //! packed sequences restart at 0. Only the first `rotary_dim` channels of a head rotate
 //! (partial rotary); with `rotary_dim == head_dim` this is plain RoPE.
 //!
-//! Shapes: N tokens (flattened B*T), Dh head dim, R rotary dim.
+//! [`RopeTables::apply`] is one op (CPU, and one kernel on CUDA: `gpu/rope.cu`) with the
+//! arithmetic of the composed candle ops bit for bit — round(round(x · cos) + round(rot · sin))
+//! in the storage dtype, rot = rotate_half(x) — and its (linear) backward in f32.
+//!
+//! Shapes: N tokens (flattened B*T), B rows, n heads, T slots, Dh head dim, R rotary dim.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -42,6 +46,7 @@ impl Rope {
     }
 }
 
+#[cfg(test)]
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -52,16 +57,123 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 impl RopeTables {
     /// x: [B, heads, T, Dh] -> same shape, first R channels rotated.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, t, dh) = x.dims4()?;
+        let r = self.cos.dim(D::Minus1)?;
+        if r > dh || r % 2 != 0 || self.cos.dims() != [b, 1, t, r] || self.sin.dims() != self.cos.dims() || x.dtype() != self.cos.dtype() {
+            candle_core::bail!("rope: x {:?} {:?} with tables {:?} {:?}", x.dims(), x.dtype(), self.cos.dims(), self.cos.dtype());
+        }
+        x.contiguous()?.apply_op3(&self.cos.contiguous()?, &self.sin.contiguous()?, RopeOp { dims: (b, n, t, dh, r) })
+    }
+
+    /// The composed candle ops the fused op reproduces (the tests' reference).
+    #[cfg(test)]
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
         let dh = x.dim(D::Minus1)?;
         let r = self.cos.dim(D::Minus1)?;
-        let rotate = |x: &Tensor| -> Result<Tensor> {
-            x.broadcast_mul(&self.cos)?.add(&rotate_half(x)?.broadcast_mul(&self.sin)?)
-        };
+        let rotate = |x: &Tensor| -> Result<Tensor> { x.broadcast_mul(&self.cos)?.add(&rotate_half(x)?.broadcast_mul(&self.sin)?) };
         if r == dh {
             return rotate(x);
         }
-        let x_rot = x.narrow(D::Minus1, 0, r)?;
-        let x_pass = x.narrow(D::Minus1, r, dh - r)?;
-        Tensor::cat(&[&rotate(&x_rot)?, &x_pass], D::Minus1)
+        Tensor::cat(&[&rotate(&x.narrow(D::Minus1, 0, r)?)?, &x.narrow(D::Minus1, r, dh - r)?], D::Minus1)
+    }
+}
+
+struct RopeOp {
+    dims: (usize, usize, usize, usize, usize),
+}
+
+fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("rope: {what} must be contiguous") };
+    Ok(match s {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        _ => candle_core::bail!("rope: {what} must be f32 or bf16"),
+    })
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, n, t, dh, r) = self.dims;
+        let (x, c, s) = (values(s1, l1, "x")?, values(s2, l2, "cos")?, values(s3, l3, "sin")?);
+        let bf = matches!(s1, CpuStorage::BF16(_));
+        let rnd = |v: f32| if bf { half::bf16::from_f32(v).to_f32() } else { v };
+        let h = r / 2;
+        let mut out = x.to_vec();
+        if dh > 0 {
+            for (tok, (o, xr)) in out.chunks_mut(dh).zip(x.chunks(dh)).enumerate() {
+                let (ti, b) = (tok % t, tok / t / n);
+                let at = (b * t + ti) * r;
+                for i in 0..r {
+                    let rot = if i < h { -xr[i + h] } else { xr[i - h] };
+                    o[i] = rnd(rnd(xr[i] * c[at + i]) + rnd(rot * s[at + i]));
+                }
+            }
+        }
+        let shape = l1.shape().clone();
+        Ok(if bf { (CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()), shape) } else { (CpuStorage::F32(out), shape) })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims)
+    }
+
+    /// Linear in x: dx_j = g_j cos_j + (g_{j+h} sin_{j+h} if j < h else −g_{j−h} sin_{j−h}) on
+    /// the rotary channels, g_j past them (f32, then x's dtype); the tables take no gradient.
+    fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, _, _, dh, r) = self.dims;
+        let h = r / 2;
+        let gf = g.to_dtype(DType::F32)?;
+        let g_rot = gf.narrow(D::Minus1, 0, r)?;
+        let gc = g_rot.broadcast_mul(&cos.to_dtype(DType::F32)?)?;
+        let gs = g_rot.broadcast_mul(&sin.to_dtype(DType::F32)?)?;
+        let back = Tensor::cat(&[&gs.narrow(D::Minus1, h, h)?, &gs.narrow(D::Minus1, 0, h)?.neg()?], D::Minus1)?;
+        let d_rot = (gc + back)?;
+        let dx = if r == dh { d_rot } else { Tensor::cat(&[&d_rot, &gf.narrow(D::Minus1, r, dh - r)?], D::Minus1)? };
+        Ok((Some(dx.to_dtype(x.dtype())?), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rope;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_rope_equals_the_composed_ops_bit_for_bit_with_gradients() {
+        let dev = Device::Cpu;
+        for (dh, rd) in [(16usize, 16usize), (16, 8)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let rope = Rope::new(10_000.0, rd, &dev).unwrap();
+                let tables = rope.tables(&[0, 1, 2, 7, 0, 3], 2, 3, dtype).unwrap();
+                let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 3, dh), &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+                let (a, b) = (tables.apply(x.as_tensor()).unwrap(), tables.composed(x.as_tensor()).unwrap());
+                assert_eq!(bits(&a), bits(&b), "dh {dh} R {rd} {dtype:?}");
+                let g = Tensor::randn(0f32, 1.0, (2, 3, 3, dh), &dev).unwrap();
+                let grad = |y: Tensor| {
+                    let gs = (y.to_dtype(DType::F32).unwrap() * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                    gs.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()
+                };
+                let (ga, gb) = (grad(a), grad(b));
+                let d = (&ga - &gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < if dtype == DType::F32 { 1e-5 } else { 5e-2 }, "dh {dh} R {rd} {dtype:?}: gradient differs by {d}");
+            }
+        }
     }
 }

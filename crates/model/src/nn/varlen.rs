@@ -20,6 +20,11 @@
 //!   (flash-attention style), P rounded to bf16 for the P·V product — the same bits for a row
 //!   whatever the tile around it.
 //!
+//! Backward (the trainer's; its order is free, it is never compared bit for bit): on CUDA in
+//! bf16 the flash kernels (`flash_bwd_*`: the log-sum-exp kept by the forward, O(N) memory, no
+//! [len, len] tensor); elsewhere ordinary candle ops in f32 one sequence at a time (also the
+//! reference the GPU test holds the kernels to).
+//!
 //! Legend: N queries, H query heads, G kv heads (H % G = 0), Dh head dim, R pool rows.
 
 use std::sync::Arc;
@@ -134,6 +139,20 @@ impl KeyLayout {
         out
     }
 
+    /// The flash backward's key blocks (`gpu/flash.cu` `flash_bwd_kv`): per query group, its keys
+    /// in chunks of `kc` from key 0 up to the most keys any of its queries sees. Per block: (first
+    /// query of the group, one past its last, first key of the chunk, that most).
+    pub fn key_chunks(&self, kc: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (a, b) in self.groups() {
+            let most = self.q_keys[a..b].iter().copied().max().unwrap_or(1);
+            for c0 in (0..most).step_by(kc.max(1)) {
+                out.extend([a as u32, b as u32, c0, most]);
+            }
+        }
+        out
+    }
+
     /// The queries in groups that share one key list (a sequence of the packed row: the same
     /// table segment), as contiguous ranges `[a, b)` covering 0..N in order.
     fn groups(&self) -> Vec<(usize, usize)> {
@@ -151,6 +170,11 @@ impl KeyLayout {
 struct Varlen {
     layout: Arc<KeyLayout>,
     scale: f32,
+    /// keep the flash forward's log-sum-exp for the backward (an input takes gradients)
+    #[cfg(feature = "cuda")]
+    keep_lse: bool,
+    #[cfg(feature = "cuda")]
+    lse: std::sync::Mutex<Option<Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>>,
 }
 
 fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
@@ -233,56 +257,128 @@ impl CustomOp3 for Varlen {
         let host = crate::gpu::paged::HostLayout { table: &lay.table, start: &lay.q_start, keys: &lay.q_keys, block_size: lay.block_size, device: &lay.device };
         if crate::gpu::flash::serves(candle_core::backend::BackendStorage::dtype(s1), dh) {
             let tiles = |r: usize| Ok(lay.tiles(r, crate::gpu::flash::ROWS));
-            return crate::gpu::flash::attention((s1, l1, s2, l2, s3, l3), &host, tiles, &lay.flash, (n, h, g, dh), self.scale);
+            let (out, shape, lse) = crate::gpu::flash::attention((s1, l1, s2, l2, s3, l3), &host, tiles, &lay.flash, (n, h, g, dh), self.scale, self.keep_lse)?;
+            if let Some(lse) = lse {
+                *self.lse.lock().map_err(|_| Error::Msg("varlen attention: a poisoned lock".into()))? = Some(Arc::new(lse));
+            }
+            return Ok((out, shape));
         }
         crate::gpu::paged::varlen_attention(s1, l1, s2, l2, s3, l3, &host, (n, h, g, dh), self.scale)
     }
 
-    /// Ordinary candle ops in f32, one sequence (query group) at a time over its own keys:
-    /// memory O(H · len²) for the longest sequence, never [N, R] over the packed row
-    /// (exactness is needed of the forward only).
+    /// The flash kernels where the forward ran them (and kept the log-sum-exp), else
+    /// [`reference_bwd`].
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, h, dh) = q.dims3()?;
-        let (rows, g, _) = k.dims3()?;
-        let r = h / g;
-        let dev = q.device();
-        let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
-        let (q32, o32, go32, k32, v32) = (f32c(q)?, f32c(o)?, f32c(g_o)?, f32c(k)?, f32c(v)?);
-        // [nq, H, Dh] → [1, H, nq, Dh]; keys [K, G, Dh] → [1, H, K, Dh] (kv heads repeated)
-        let heads = |t: Tensor| -> Result<Tensor> { t.transpose(0, 1)?.contiguous()?.unsqueeze(0) };
-        let expand = |x: Tensor, kk: usize| -> Result<Tensor> { heads(x)?.unsqueeze(2)?.broadcast_as((1, g, r, kk, dh))?.reshape((1, h, kk, dh)) };
-        let fold = |x: Tensor, kk: usize| -> Result<Tensor> { x.reshape((g, r, kk, dh))?.sum(1)?.transpose(0, 1)?.contiguous() };
-        let lay = &self.layout;
-        let mut d_q_parts = Vec::new();
-        let mut d_k = Tensor::zeros((rows, g, dh), DType::F32, dev)?;
-        let mut d_v = Tensor::zeros((rows, g, dh), DType::F32, dev)?;
-        for (a, b) in lay.groups() {
-            let nq = b - a;
-            let kk = (a..b).map(|n| lay.q_keys[n] as usize).max().unwrap_or(1);
-            let key_rows: Vec<u32> = (0..kk).map(|j| lay.key_row(a, j) as u32).collect();
-            let mut bias = vec![f32::NEG_INFINITY; nq * kk];
-            for (i, n) in (a..b).enumerate() {
-                bias[i * kk..i * kk + lay.q_keys[n] as usize].fill(0.0);
+        #[cfg(feature = "cuda")]
+        {
+            let lse = self.lse.lock().map_err(|_| Error::Msg("varlen attention: a poisoned lock".into()))?.clone();
+            if let Some(lse) = lse {
+                return self.flash_bwd(q, k, v, o, g_o, lse);
             }
-            let bias = Tensor::from_vec(bias, (1, 1, nq, kk), dev)?;
-            let idx = Tensor::from_vec(key_rows, kk, dev)?;
-            let (qh, oh, goh) = (heads(q32.narrow(0, a, nq)?)?, heads(o32.narrow(0, a, nq)?)?, heads(go32.narrow(0, a, nq)?)?);
-            let (ke, ve) = (expand(k32.index_select(&idx, 0)?, kk)?, expand(v32.index_select(&idx, 0)?, kk)?);
-            let s = (qh.matmul(&ke.t()?)? * self.scale as f64)?.broadcast_add(&bias)?;
-            let p = candle_nn::ops::softmax(&s, D::Minus1)?;
-            let dv = p.t()?.matmul(&goh)?; // [1, H, K, Dh]
-            let dp = goh.matmul(&ve.t()?)?; // [1, H, nq, K]
-            let delta = (&goh * &oh)?.sum_keepdim(D::Minus1)?;
-            let ds = (&p * dp.broadcast_sub(&delta)?)?;
-            let dq = (ds.matmul(&ke)? * self.scale as f64)?;
-            let dk = (ds.t()?.matmul(&qh)? * self.scale as f64)?;
-            d_q_parts.push(dq.squeeze(0)?.transpose(0, 1)?.contiguous()?);
-            d_k = d_k.index_add(&idx, &fold(dk, kk)?, 0)?;
-            d_v = d_v.index_add(&idx, &fold(dv, kk)?, 0)?;
         }
-        let d_q = if d_q_parts.is_empty() { q32.zeros_like()? } else { Tensor::cat(&d_q_parts, 0)? };
-        Ok((Some(d_q.to_dtype(q.dtype())?), Some(d_k.to_dtype(k.dtype())?), Some(d_v.to_dtype(v.dtype())?)))
+        reference_bwd(&self.layout, self.scale, q, k, v, o, g_o)
     }
+}
+
+#[cfg(feature = "cuda")]
+impl Varlen {
+    /// The flash backward: δ = rowsum(dO ∘ O) by candle ops, then `gpu::flash::backward`.
+    fn flash_bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor, lse: Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h, dh) = q.dims3()?;
+        let (rows, g, _) = k.dims3()?;
+        let d_o = g_o.to_dtype(DType::BF16)?.contiguous()?;
+        let delta = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?.contiguous()?;
+        let op = FlashBwd { layout: self.layout.clone(), scale: self.scale, d_o, delta, lse };
+        let grads = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (n * h * dh, rows * g * dh);
+        let d_q = grads.narrow(0, 0, nq)?.reshape((n, h, dh))?.to_dtype(q.dtype())?;
+        let d_k = grads.narrow(0, nq, nk)?.reshape((rows, g, dh))?.to_dtype(k.dtype())?;
+        let d_v = grads.narrow(0, nq + nk, nk)?.reshape((rows, g, dh))?.to_dtype(v.dtype())?;
+        Ok((Some(d_q), Some(d_k), Some(d_v)))
+    }
+}
+
+/// The flash backward's launch as an op on (q, k, v): one f32 buffer dq ‖ dk ‖ dv.
+#[cfg(feature = "cuda")]
+struct FlashBwd {
+    layout: Arc<KeyLayout>,
+    scale: f32,
+    d_o: Tensor,
+    delta: Tensor,
+    lse: Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for FlashBwd {
+    fn name(&self) -> &'static str {
+        "varlen-attention-flash-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Err(Error::Msg("varlen attention: the flash backward runs on CUDA only".into()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, h, dh) = l1.shape().dims3()?;
+        let (rows, g, _) = l2.shape().dims3()?;
+        let lay = &self.layout;
+        let host = crate::gpu::paged::HostLayout { table: &lay.table, start: &lay.q_start, keys: &lay.q_keys, block_size: lay.block_size, device: &lay.device };
+        let tiles = |r: usize| Ok(lay.tiles(r, crate::gpu::flash::ROWS));
+        let chunks = lay.key_chunks(crate::gpu::flash::KEYS);
+        crate::gpu::flash::backward((s1, l1, s2, l2, s3, l3), (&self.d_o, &self.delta, &self.lse), &host, tiles, &lay.flash, &chunks, (n, h, g, dh, rows), self.scale)
+    }
+}
+
+/// Ordinary candle ops in f32, one sequence (query group) at a time over its own keys:
+/// memory O(H · len²) for the longest sequence, never [N, R] over the packed row.
+fn reference_bwd(lay: &KeyLayout, scale: f32, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (_, h, dh) = q.dims3()?;
+    let (rows, g, _) = k.dims3()?;
+    let r = h / g;
+    let dev = q.device();
+    let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
+    let (q32, o32, go32, k32, v32) = (f32c(q)?, f32c(o)?, f32c(g_o)?, f32c(k)?, f32c(v)?);
+    // [nq, H, Dh] → [1, H, nq, Dh]; keys [K, G, Dh] → [1, H, K, Dh] (kv heads repeated)
+    let heads = |t: Tensor| -> Result<Tensor> { t.transpose(0, 1)?.contiguous()?.unsqueeze(0) };
+    let expand = |x: Tensor, kk: usize| -> Result<Tensor> { heads(x)?.unsqueeze(2)?.broadcast_as((1, g, r, kk, dh))?.reshape((1, h, kk, dh)) };
+    let fold = |x: Tensor, kk: usize| -> Result<Tensor> { x.reshape((g, r, kk, dh))?.sum(1)?.transpose(0, 1)?.contiguous() };
+    let mut d_q_parts = Vec::new();
+    let mut d_k = Tensor::zeros((rows, g, dh), DType::F32, dev)?;
+    let mut d_v = Tensor::zeros((rows, g, dh), DType::F32, dev)?;
+    for (a, b) in lay.groups() {
+        let nq = b - a;
+        let kk = (a..b).map(|n| lay.q_keys[n] as usize).max().unwrap_or(1);
+        let key_rows: Vec<u32> = (0..kk).map(|j| lay.key_row(a, j) as u32).collect();
+        let mut bias = vec![f32::NEG_INFINITY; nq * kk];
+        for (i, n) in (a..b).enumerate() {
+            bias[i * kk..i * kk + lay.q_keys[n] as usize].fill(0.0);
+        }
+        let bias = Tensor::from_vec(bias, (1, 1, nq, kk), dev)?;
+        let idx = Tensor::from_vec(key_rows, kk, dev)?;
+        let (qh, oh, goh) = (heads(q32.narrow(0, a, nq)?)?, heads(o32.narrow(0, a, nq)?)?, heads(go32.narrow(0, a, nq)?)?);
+        let (ke, ve) = (expand(k32.index_select(&idx, 0)?, kk)?, expand(v32.index_select(&idx, 0)?, kk)?);
+        let s = (qh.matmul(&ke.t()?)? * scale as f64)?.broadcast_add(&bias)?;
+        let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+        let dv = p.t()?.matmul(&goh)?; // [1, H, K, Dh]
+        let dp = goh.matmul(&ve.t()?)?; // [1, H, nq, K]
+        let delta = (&goh * &oh)?.sum_keepdim(D::Minus1)?;
+        let ds = (&p * dp.broadcast_sub(&delta)?)?;
+        let dq = (ds.matmul(&ke)? * scale as f64)?;
+        let dk = (ds.t()?.matmul(&qh)? * scale as f64)?;
+        d_q_parts.push(dq.squeeze(0)?.transpose(0, 1)?.contiguous()?);
+        d_k = d_k.index_add(&idx, &fold(dk, kk)?, 0)?;
+        d_v = d_v.index_add(&idx, &fold(dv, kk)?, 0)?;
+    }
+    let d_q = if d_q_parts.is_empty() { q32.zeros_like()? } else { Tensor::cat(&d_q_parts, 0)? };
+    Ok((Some(d_q.to_dtype(q.dtype())?), Some(d_k.to_dtype(k.dtype())?), Some(d_v.to_dtype(v.dtype())?)))
 }
 
 /// Attention of q [N, H, Dh] over the key pool k, v [R, G, Dh] under `layout` → [N, H, Dh]
@@ -294,7 +390,15 @@ pub fn attention(q_NHD: &Tensor, k_RGD: &Tensor, v_RGD: &Tensor, layout: Arc<Key
             return Err(Error::Msg(format!("varlen attention: {name} is {:?}, q is {dt:?}", t.dtype())));
         }
     }
-    q_NHD.contiguous()?.apply_op3(&k_RGD.contiguous()?, &v_RGD.contiguous()?, Varlen { layout, scale })
+    let op = Varlen {
+        layout,
+        scale,
+        #[cfg(feature = "cuda")]
+        keep_lse: q_NHD.track_op() || k_RGD.track_op() || v_RGD.track_op(),
+        #[cfg(feature = "cuda")]
+        lse: std::sync::Mutex::new(None),
+    };
+    q_NHD.contiguous()?.apply_op3(&k_RGD.contiguous()?, &v_RGD.contiguous()?, op)
 }
 
 #[cfg(test)]
@@ -314,5 +418,19 @@ mod tests {
         // one head per kv head: 64 queries a block
         let t = lay.tiles(1, 64);
         assert_eq!(t[12..], [3, 23, 0, 20]);
+    }
+
+    #[test]
+    fn key_chunks_cover_each_sequences_keys_from_key_0() {
+        // sequences of 1, 130 (causal) and 3 (bidirectional) queries
+        let mut start = vec![0u32];
+        let mut keys = vec![1u32];
+        start.extend(std::iter::repeat_n(1u32, 130));
+        keys.extend(1..=130u32);
+        start.extend([131u32; 3]);
+        keys.extend([3u32; 3]);
+        let lay = KeyLayout::new((0..134).collect(), start, keys, 1, 134).unwrap();
+        let c: Vec<[u32; 4]> = lay.key_chunks(64).chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+        assert_eq!(c, vec![[0, 1, 0, 1], [1, 131, 0, 130], [1, 131, 64, 130], [1, 131, 128, 130], [131, 134, 0, 3]]);
     }
 }

@@ -1,0 +1,49 @@
+//! Launch of `norm.cu`: the RMSNorm forward, one warp per row (the CUDA side of
+//! `crate::nn::norm`).
+//!
+//! Legend: N rows, D row width.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+use half::bf16;
+
+use super::norm_func;
+use super::ops::contiguous;
+
+const THREADS: u32 = 128;
+const ROWS_PER_BLOCK: usize = 4;
+
+fn launch<T: CudaDType + DeviceRepr>(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, (n, d): (usize, usize), eps: f32, name: &'static str) -> Result<CudaStorage> {
+    let dev = sx.device().clone();
+    let (x, w) = (contiguous::<T>(sx, lx, "rms norm x")?, contiguous::<T>(sw, lw, "rms norm weight")?);
+    // SAFETY: uninitialised, but the launch writes out[row, 0..D] for every row < N (one warp
+    // per row); N · D = 0 returns a never-read buffer.
+    let mut out = unsafe { dev.alloc::<T>((n * d).max(1))? };
+    if n * d > 0 {
+        let (n32, d32) = (u32::try_from(n).map_err(|_| candle_core::Error::Msg("rms norm: rows exceed u32".into()))?, d as u32);
+        let blocks = u32::try_from(n.div_ceil(ROWS_PER_BLOCK)).map_err(|_| candle_core::Error::Msg("rms norm: too many rows".into()))?;
+        let f = norm_func(&dev, name)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&mut out).arg(&n32).arg(&d32).arg(&eps);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are those of `rms_norm_<dtype>(x, w, out, rows, d, eps)` in
+        // order, T its element type: x is the contiguous [N, D] input, w the contiguous [D]
+        // weight (the op checked both shapes and dtypes), out holds N · D. ⌈N / 4⌉ blocks of 4
+        // warps (THREADS, the launch bound), warp rows past N return at once.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// x [N, D] (contiguous view), w [D] → [N, D] in x's dtype (f32 or bf16; w the same dtype).
+pub(crate) fn rms_norm(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, (n, d): (usize, usize), eps: f32) -> Result<(CudaStorage, Shape)> {
+    let shape = lx.shape().clone();
+    let out = match (sx.dtype(), sw.dtype()) {
+        (DType::F32, DType::F32) => launch::<f32>(sx, lx, sw, lw, (n, d), eps, "rms_norm_f32")?,
+        (DType::BF16, DType::BF16) => launch::<bf16>(sx, lx, sw, lw, (n, d), eps, "rms_norm_bf16")?,
+        (a, b) => candle_core::bail!("rms norm: x {a:?} with weight {b:?} (f32 or bf16, both the same)"),
+    };
+    Ok((out, shape))
+}

@@ -1,0 +1,43 @@
+// Rotary embedding ("rotate half") of x [B, n, T, Dh] with tables cos, sin [B, 1, T, R]
+// (crates/model/src/nn/rope.rs): for i < R, with h = R / 2 and rot_i = -x_{i+h} (i < h) or
+// x_{i-h} (i >= h),
+//   out_i = round(round(x_i · cos_i) + round(rot_i · sin_i))
+// (each product and the sum rounded to the storage dtype, as the composed ops do); channels
+// i >= R pass through. One thread per element.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float rnd(float v, const float*) { return v; }
+__device__ __forceinline__ float rnd(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ void store(float v, float* o) { *o = v; }
+__device__ __forceinline__ void store(float v, __nv_bfloat16* o) { *o = __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ void rope(const T* __restrict__ x, const T* __restrict__ cs, const T* __restrict__ sn, T* __restrict__ out,
+                     uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
+    const uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    const uint32_t i = e % dh;
+    if (i >= r) {
+        out[e] = x[e];
+        return;
+    }
+    const uint64_t tok = e / dh;  // (b, head, t)
+    const uint32_t ti = tok % t;
+    const uint64_t b = tok / t / heads;
+    const uint64_t at = (b * t + ti) * r + i;
+    const uint32_t h = r / 2;
+    const float rot = i < h ? -to_f(x[e + h]) : to_f(x[e - h]);
+    const float a = rnd(to_f(x[e]) * to_f(cs[at]), x), c = rnd(rot * to_f(sn[at]), x);
+    store(a + c, out + e);
+}
+
+extern "C" __global__ void rope_f32(const float* x, const float* cs, const float* sn, float* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
+    rope<float>(x, cs, sn, out, total, heads, t, dh, r);
+}
+extern "C" __global__ void rope_bf16(const __nv_bfloat16* x, const __nv_bfloat16* cs, const __nv_bfloat16* sn, __nv_bfloat16* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
+    rope<__nv_bfloat16>(x, cs, sn, out, total, heads, t, dh, r);
+}
