@@ -6,7 +6,8 @@
 //! - its MoE block alone (forward, forward + backward);
 //! - the variable-length attention kernel alone on the layer's q / k / v shapes (forward,
 //!   forward + backward);
-//! - the LM head + log-softmax + gather on one chunk of positions (forward + backward);
+//! - the LM head + log-softmax + gather on one chunk of positions, as the trainer runs it: the
+//!   forward without a graph, then the backward (recomputed logits, the fused gradient);
 //! - adding one layer's gradients into an f32 accumulator (the trainer's `GradAccumulator`).
 //!
 //! The micro-batch is `--seqs` sequences of `--seq-len` tokens packed in one row (the trainer's
@@ -171,16 +172,28 @@ mod imp {
         // the head on one chunk
         let c = args.chunk.min(n);
         let target = Tensor::from_vec(tokens[..c].to_vec(), c, &dev)?;
-        let head_fb = time(&mut || {
-            let xc = Var::from_tensor(&x_ND.narrow(0, 0, c)?)?;
-            let logits = model.head_forward(xc.as_tensor())?.to_dtype(DType::F32)?;
+        // as the trainer runs it (`trainer::staged`): the forward without a graph (the engine's
+        // log-prob arithmetic), then the backward: the logits recomputed with their graph and the
+        // fused log-prob / entropy gradient (`lockstep_model::head_grad`)
+        let head_f = time(&mut || {
+            let logits = model.head_forward(&x_ND.narrow(0, 0, c)?)?.to_dtype(DType::F32)?;
             let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let lp = lsm.gather(&target.unsqueeze(1)?, 1)?.squeeze(1)?;
             let ent = (lsm.exp()? * &lsm)?.sum(D::Minus1)?.neg()?;
-            drop((lp.sum_all()? + ent.sum_all()?)?.backward()?);
+            drop((lp, ent));
             Ok(())
         })?;
-        rec.push((format!("LM head chunk of {c} forward + backward (log-prob + entropy)"), head_fb));
+        let target_host = &tokens[..c];
+        let (g_lp, g_h) = (Tensor::ones(c, DType::F32, &dev)?, Tensor::ones(c, DType::F32, &dev)?);
+        let head_b = time(&mut || {
+            let xc = Var::from_tensor(&x_ND.narrow(0, 0, c)?)?;
+            let logits = model.head_forward(xc.as_tensor())?;
+            let s = lockstep_model::head_grad::logprob_entropy_surrogate(&logits, target_host, &g_lp, Some(&g_h), 1.0)?.sum_all()?;
+            drop(s.backward()?);
+            Ok(())
+        })?;
+        rec.push((format!("LM head chunk of {c}: forward (log-prob + entropy, no graph)"), head_f));
+        rec.push((format!("LM head chunk of {c}: backward (recomputed logits, fused gradient)"), head_b));
 
         println!("{:<62} {:>10}", format!("stage ({s} x {l} tokens, {dtype:?}, {})", args.kernels), "ms");
         for (name, ms) in &rec {

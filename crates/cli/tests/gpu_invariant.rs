@@ -61,8 +61,9 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn grouped_rows_are_batch_invariant() {
     let dev = gpu();
-    for dtype in [DType::F32, DType::BF16] {
-        let (e, n, k) = (4usize, 160usize, 200usize);
+    // K = 200: the 16 x 16 kernel for few rows; K = 256: the thin one (K % 16 = 0)
+    for (dtype, k) in [(DType::F32, 200usize), (DType::BF16, 200), (DType::BF16, 256)] {
+        let (e, n) = (4usize, 160usize);
         let w = randn(&[e, n, k], 5, &dev).to_dtype(dtype).unwrap();
         let counts = [1000usize, 3, 0, 333];
         let a: usize = counts.iter().sum();
@@ -112,13 +113,14 @@ fn gumbel_sampling_on_the_gpu_equals_the_host() {
 fn matmul_rows_are_batch_invariant() {
     let dev = gpu();
     for dtype in [DType::F32, DType::BF16] {
-        // small launches take the skinny kernels, 1000 rows of the wider shapes the big-tile
-        // ones: a row's bits must not depend on which
+        // small launches take the thin (bf16, K % 16 = 0: up to 16 and up to 64 rows) or skinny
+        // kernels, 1000 rows of the wider shapes the big-tile ones: a row's bits must not depend
+        // on which
         for &(n, k) in &[(96usize, 64usize), (512, 1024), (8, 777), (151_936 / 64, 128), (2048, 512)] {
             let w = randn(&[n, k], 1, &dev).to_dtype(dtype).unwrap();
             let x = randn(&[1000, k], 2, &dev).to_dtype(dtype).unwrap();
             let all = invariant::matmul_nt(&x, &w).unwrap();
-            for &m in &[1usize, 3, 64, 65, 129] {
+            for &m in &[1usize, 3, 16, 17, 64, 65, 129] {
                 let part = invariant::matmul_nt(&x.narrow(0, 1000 - m, m).unwrap(), &w).unwrap();
                 assert_eq!(bits(&part), bits(&all.narrow(0, 1000 - m, m).unwrap()), "{dtype:?} n {n} k {k}: last {m} rows");
             }

@@ -10,7 +10,8 @@
 //   ascending, fmaf. Tiles only decide which thread does the work, never the order; the
 //   skinny variant (few rows, more blocks) computes each element identically.
 // - inv_matmul_nt_bf16(_skinny): the same product on tensor cores (mma over 16-wide K chunks,
-//   ascending, f32 accumulation); the skinny variant is one warp per 16 x 16 tile.
+//   ascending, f32 accumulation); the skinny variant is one warp per 16 x 16 tile, the thin ones
+//   (decode) a warp per 8 columns streaming the weights.
 // (The attention is paged.cu's variable-length kernel.)
 
 #include <cuda_bf16.h>
@@ -441,4 +442,94 @@ extern "C" __global__ void moe_tiles(const uint32_t* __restrict__ counts, uint32
         tiles[3 * t + 1] = 0;
         tiles[3 * t + 2] = 0;
     }
+}
+
+// Thin products (few rows: decode), bf16: a warp per 8 output columns and every 16-row m-tile
+// of its rows (MT of them), the weights streamed straight from global memory (8 K steps of
+// loads in flight), 4 warps a block — many warps, so the weight read runs at memory speed. Per
+// element the same chain as every bf16 kernel above: mma over 16-wide K steps ascending from 0
+// (mma.m16n8k16 is the instruction a 16 x 16 x 16 wmma issues per 8 columns), over K rounded
+// up to WBK with zeros, one f32 accumulator, rounded once — so the same bits as the others.
+// Needs K % 16 == 0 and 4-byte aligned rows (the host checks).
+#define THIN_WARPS 4
+#define THIN_UNROLL 8
+__device__ __forceinline__ void thin_mma(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ uint32_t thin_ld(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// y[m0 + r, n0 + j] = Σ_k x[m0 + r, k] w[n0 + j, k] for r < rows (<= 16 MT), j < 8
+template <int MT>
+__device__ __forceinline__ void thin_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                          __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t n0,
+                                          uint32_t N, uint32_t K) {
+    const uint32_t lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const uint32_t n = n0 + gid;
+    const bool nok = n < N;
+    const __nv_bfloat16* wr = w + (size_t)(nok ? n : 0) * K + 2 * tig;
+    float c[MT][4];
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[t][e] = 0.0f;
+    const uint32_t ksteps = K / 16, steps = (K + WBK - 1) / WBK * (WBK / 16);
+    for (uint32_t s0 = 0; s0 < steps; s0 += THIN_UNROLL) {
+        uint32_t b[THIN_UNROLL][2];
+#pragma unroll
+        for (int u = 0; u < THIN_UNROLL; u++) {
+            const uint32_t s = s0 + u;
+            const bool in = nok && s < ksteps;
+            b[u][0] = in ? thin_ld(wr + s * 16) : 0u;
+            b[u][1] = in ? thin_ld(wr + s * 16 + 8) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < THIN_UNROLL; u++) {
+            const uint32_t s = s0 + u;
+            if (s >= steps) break;
+            const bool kin = s < ksteps;
+#pragma unroll
+            for (int t = 0; t < MT; t++) {
+                const uint32_t r0 = t * 16 + gid, r1 = r0 + 8;
+                const bool ok0 = kin && r0 < rows, ok1 = kin && r1 < rows;
+                const __nv_bfloat16* x0 = x + (size_t)(m0 + (ok0 ? r0 : 0)) * K + s * 16 + 2 * tig;
+                const __nv_bfloat16* x1 = x + (size_t)(m0 + (ok1 ? r1 : 0)) * K + s * 16 + 2 * tig;
+                const uint32_t a[4] = {ok0 ? thin_ld(x0) : 0u, ok1 ? thin_ld(x1) : 0u, ok0 ? thin_ld(x0 + 8) : 0u,
+                                       ok1 ? thin_ld(x1 + 8) : 0u};
+                thin_mma(c[t], a, b[u]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const uint32_t r = t * 16 + gid + 8 * (e >> 1), col = n0 + 2 * tig + (e & 1);
+            if (r < rows && col < N) y[(size_t)(m0 + r) * N + col] = __float2bfloat16(c[t][e]);
+        }
+}
+
+#define THIN_DENSE(MT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * THIN_WARPS) inv_matmul_nt_bf16_thin##MT(                  \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, \
+        uint32_t M, uint32_t N, uint32_t K) {                                                                   \
+        const uint32_t n0 = (blockIdx.x * THIN_WARPS + (threadIdx.x >> 5)) * 8, m0 = blockIdx.y * 16 * MT;      \
+        if (n0 >= N || m0 >= M) return;                                                                         \
+        thin_tile<MT>(x, w, y, m0, min(M - m0, 16u * MT), n0, N, K);                                            \
+    }
+THIN_DENSE(1)
+THIN_DENSE(4)
+
+// The grouped product's thin variant: tile table entries (expert, first row, rows <= 16) as for
+// inv_grouped_nt_bf16, a warp per 8 columns of the expert's weights.
+extern "C" __global__ void __launch_bounds__(32 * THIN_WARPS) inv_grouped_nt_bf16_thin(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
+    const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {
+    const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    const uint32_t n0 = (blockIdx.x * THIN_WARPS + (threadIdx.x >> 5)) * 8;
+    if (rows == 0 || n0 >= N) return;
+    thin_tile<1>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);
 }

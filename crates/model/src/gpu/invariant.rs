@@ -29,21 +29,34 @@ struct MatmulKernels {
     skinny: (&'static str, u32, usize, usize),
     /// the largest M the skinny kernel is used for (measured on the H100 by bench-invariant)
     skinny_max_m: usize,
+    /// the thin kernels (up to 16 rows, up to 64 rows; 32 columns a block of 4 warps) for M <=
+    /// 64 when K % 16 = 0 and the rows are 4-byte aligned: many warps streaming the weights
+    thin: Option<(&'static str, &'static str)>,
 }
 
 const F32_KERNELS: MatmulKernels =
-    MatmulKernels { big: ("inv_matmul_nt_f32", 256), skinny: ("inv_matmul_nt_f32_skinny", 128, 8, 16), skinny_max_m: 64 };
-const BF16_KERNELS: MatmulKernels =
-    MatmulKernels { big: ("inv_matmul_nt_bf16", 128), skinny: ("inv_matmul_nt_bf16_skinny", 32, 16, 16), skinny_max_m: usize::MAX };
+    MatmulKernels { big: ("inv_matmul_nt_f32", 256), skinny: ("inv_matmul_nt_f32_skinny", 128, 8, 16), skinny_max_m: 64, thin: None };
+const BF16_KERNELS: MatmulKernels = MatmulKernels {
+    big: ("inv_matmul_nt_bf16", 128),
+    skinny: ("inv_matmul_nt_bf16_skinny", 32, 16, 16),
+    skinny_max_m: usize::MAX,
+    thin: Some(("inv_matmul_nt_bf16_thin1", "inv_matmul_nt_bf16_thin4")),
+};
+/// Rows of the thin kernels' two variants, their columns per block and threads.
+const THIN_ROWS: (usize, usize) = (16, 64);
+const THIN_COLS: usize = 32;
+const THIN_THREADS: u32 = 128;
 
-/// The skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs
-/// (and M is within the kernel family's `skinny_max_m`), else the big one.
+/// The thin kernel for M <= 64 where the family has one (K % 16 = 0, `aligned` rows); else the
+/// skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs (and
+/// M is within the kernel family's `skinny_max_m`), else the big one.
 fn launch_matmul<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     w: &CudaView<T>,
     (m, n, k): (usize, usize, usize),
     kernels: &MatmulKernels,
+    aligned: bool,
 ) -> Result<CudaSlice<T>> {
     // SAFETY: uninitialised, but the launch below writes every y[m, n]: its grid has a block per
     // tm x tn output tile of the chosen kernel, ceil(N / tn) x ceil(M / tm) of them, and every
@@ -54,7 +67,12 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     }
     let (m32, n32, k32) = (u32_dim(m, "M")?, u32_dim(n, "N")?, u32_dim(k, "K")?);
     let skinny = m.div_ceil(64) * n.div_ceil(64) < 2 * 132 && m <= kernels.skinny_max_m;
-    let (name, block, tm, tn) = if skinny { kernels.skinny } else { (kernels.big.0, kernels.big.1, 64, 64) };
+    let (name, block, tm, tn) = match kernels.thin {
+        Some((thin1, _)) if m <= THIN_ROWS.0 && k % 16 == 0 && aligned => (thin1, THIN_THREADS, THIN_ROWS.0, THIN_COLS),
+        Some((_, thin4)) if m <= THIN_ROWS.1 && k % 16 == 0 && aligned => (thin4, THIN_THREADS, THIN_ROWS.1, THIN_COLS),
+        _ if skinny => kernels.skinny,
+        _ => (kernels.big.0, kernels.big.1, 64, 64),
+    };
     let gy = m.div_ceil(tm);
     if gy > 65535 {
         candle_core::bail!("invariant matmul: {m} rows exceed one launch (at most {} rows)", 65535 * tm);
@@ -67,7 +85,8 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     // order, `T` the kernel's element type (`matmul_nt` picks the kernels by dtype and checks x
     // and w share it). x is the contiguous [M, K] and w the [N, K] input (K checked equal), y
     // holds M · N, and the kernels bound-check m < M, n < N, k < K on every load and store (the
-    // 16-byte loads also check K % 8 and the pointers' alignment). `block` and (tm, tn) are the
+    // 16-byte loads also check K % 8 and the pointers' alignment; the thin kernels' 4-byte loads
+    // are chosen only for K % 16 = 0 and even start offsets). `block` and (tm, tn) are the
     // thread count (its `__launch_bounds__`) and output tile each kernel is written for, and gy
     // is within the grid's 65535 limit (checked above).
     unsafe { b.launch(cfg) }.w()?;
@@ -87,11 +106,12 @@ pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &La
     let dev = sx.device().clone();
     let out = match sx.dtype() {
         DType::F32 => {
-            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &F32_KERNELS)?;
+            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &F32_KERNELS, false)?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         DType::BF16 => {
-            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &BF16_KERNELS)?;
+            let aligned = lx.start_offset() % 2 == 0 && lw.start_offset() % 2 == 0;
+            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &BF16_KERNELS, aligned)?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         other => candle_core::bail!("invariant matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
@@ -113,7 +133,8 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
     }
     let dev = sx.device().clone();
     let used = counts.iter().filter(|&&c| c > 0).count().max(1);
-    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / used)?;
+    let aligned = lx.start_offset() % 2 == 0 && lw.start_offset() % 2 == 0 && k % 16 == 0;
+    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / used, aligned)?;
     let mut tiles: Vec<u32> = Vec::new();
     let mut start = 0usize;
     for (ex, &c) in counts.iter().enumerate() {
@@ -136,10 +157,12 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
 
 /// The kernel (name, threads, tile rows, tile cols) of a dtype's grouped product: for bf16 the
 /// 64 x 64-tile kernel when the experts have `rows_per_expert` >= 32 on average (training,
-/// prefill), else the 16 x 16 one (decode). Both give every element the same bits.
-fn grouped_kernel(dtype: DType, rows_per_expert: usize) -> Result<(&'static str, u32, usize, usize)> {
+/// prefill), else the thin one (decode; K % 16 = 0 and 4-byte aligned rows: `thin_ok`), else the
+/// 16 x 16 one. All give every element the same bits.
+fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool) -> Result<(&'static str, u32, usize, usize)> {
     Ok(match dtype {
         DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize),
+        DType::BF16 if thin_ok => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS.0, THIN_COLS),
         DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize),
         DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16),
         other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
@@ -162,7 +185,8 @@ pub(crate) fn grouped_nt_planned(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage
     if sx.dtype() != sw.dtype() {
         candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
     }
-    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / e.max(1))?;
+    let aligned = lx.start_offset() % 2 == 0 && lw.start_offset() % 2 == 0 && k % 16 == 0;
+    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / e.max(1), aligned)?;
     let max_tiles = a.div_ceil(tile_rows) + e;
     if max_tiles > 65535 || e > 4096 || a > u32::MAX as usize {
         // too many for one launch's grid / the table kernel's shared memory: the host table
@@ -196,7 +220,7 @@ fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStor
         let (x, w) = (contiguous::<T>(sx, lx, "grouped matmul x")?, contiguous::<T>(sw, lw, "grouped matmul w")?);
         // SAFETY: uninitialised, but the launch writes every y[a, n]: the tile table covers each
         // expert's rows exactly once (built from the counts, which sum to A) and the grid has a
-        // block per (16-column tile, row tile); A · N = 0 returns a never-read buffer.
+        // block per (tile_cols-column tile, row tile); A · N = 0 returns a never-read buffer.
         let mut y = unsafe { dev.alloc::<T>((a * n).max(1))? };
         if a * n == 0 || num_tiles == 0 {
             return Ok(y);
