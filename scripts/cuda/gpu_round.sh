@@ -11,7 +11,8 @@
 #   3. `bench-serve` on the full 48-layer model, bf16, 512-token prompts, GEN (256) generated,
 #      concurrency CONC (1,64), capture on -> $OUT/serve.json;
 #   4. scripts/cuda/gpu_scale.sh (LAYERS=8 PROMPTS=16 MBT=16384 STEPS=2, no standard run).
-# SKIP_TESTS / SKIP_STAGES / SKIP_SERVE / SKIP_SCALE leave a part out.
+# SKIP_TESTS / SKIP_STAGES / SKIP_SERVE / SKIP_SCALE leave a part out; KERNELS=1 adds
+# `bench-invariant` (the kernels at decode and training sizes against cuBLAS) -> $OUT/bench_invariant.json.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -25,6 +26,10 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
   gunzip -c .gpu-bin/gpu_invariant.gz > "$B/gpu_invariant" && chmod +x "$B/gpu_invariant"
   echo "== gpu_invariant"
   timeout 240 "$B/gpu_invariant" --test-threads 1 --nocapture ${TESTS:-} 2>&1 | grep -E "^test |test result|panicked|flash backward|max \|Δ|worst|30B width" | tee "$OUT/gpu_invariant.txt"
+fi
+if [[ -n "${KERNELS:-}" ]]; then
+  echo "== bench-invariant"
+  timeout 120 "$B/lockstep" bench-invariant --json "$OUT/bench_invariant.json" 2>&1 | tail -40
 fi
 if [[ -z "${SKIP_STAGES:-}" ]]; then
   echo "== bench-stages"

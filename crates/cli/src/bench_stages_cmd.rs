@@ -177,10 +177,7 @@ mod imp {
         // fused log-prob / entropy gradient (`lockstep_model::head_grad`)
         let head_f = time(&mut || {
             let logits = model.head_forward(&x_ND.narrow(0, 0, c)?)?.to_dtype(DType::F32)?;
-            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let lp = lsm.gather(&target.unsqueeze(1)?, 1)?.squeeze(1)?;
-            let ent = (lsm.exp()? * &lsm)?.sum(D::Minus1)?.neg()?;
-            drop((lp, ent));
+            drop(lockstep_model::head_grad::token_stats(&logits, &target, 1.0)?);
             Ok(())
         })?;
         let target_host = &tokens[..c];

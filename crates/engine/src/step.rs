@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use candle_core::{Tensor, D};
+use lockstep_model::head_grad::token_stats;
 use lockstep_model::logprobs::at_temperature;
 use lockstep_model::{Batch, KvPool, PagedSeq, RoutingPlan};
 use rayon::prelude::*;
@@ -349,12 +350,18 @@ impl Engine {
         let mut tops: Vec<(usize, Tensor)> = Vec::new();
         for t in temps {
             let pick: Vec<u32> = (0..r as u32).filter(|&k| temp(k as usize) == t).collect();
-            let lp = candle_nn::ops::log_softmax(&at_temperature(&logits_RV.index_select(&idx(&pick)?, 0)?, t as f64)?, D::Minus1)?;
-            let toks = tokens_R.index_select(&idx(&pick)?, 0)?.unsqueeze(1)?;
-            lp_parts.push(lp.gather(&toks, 1)?.squeeze(1)?);
-            for (j, &k) in pick.iter().enumerate() {
-                if self.running[members[k as usize].1].params.logprobs > 0 {
-                    tops.push((k as usize, lp.get(j)?));
+            // the tokens' log-probabilities by the op the trainer scores with (`token_stats`: the
+            // same bits); the full rows only for members that asked for top log-probabilities
+            let rows_PV = logits_RV.index_select(&idx(&pick)?, 0)?;
+            let toks = tokens_R.index_select(&idx(&pick)?, 0)?;
+            let stats_P3 = token_stats(&rows_PV, &toks, t as f64)?;
+            lp_parts.push(stats_P3.narrow(1, 0, 1)?.squeeze(1)?);
+            if pick.iter().any(|&k| self.running[members[k as usize].1].params.logprobs > 0) {
+                let lp = at_temperature(&rows_PV, t as f64)?.broadcast_sub(&stats_P3.narrow(1, 2, 1)?)?;
+                for (j, &k) in pick.iter().enumerate() {
+                    if self.running[members[k as usize].1].params.logprobs > 0 {
+                        tops.push((k as usize, lp.get(j)?));
+                    }
                 }
             }
             lp_order.extend(pick);

@@ -15,8 +15,10 @@
 //! m), so lse = m + ln S and h = ln S − W / S. A −∞ logit has p = 0 and contributes nothing (no
 //! 0 · ∞). T ≤ 0 or T = 1 means T = 1, and x = z · (1 / T), as in
 //! [`crate::logprobs::at_temperature`]. The values are those of the candle chain to rounding,
-//! not bitwise: the trainer's forward log-probabilities (compared with the engine's bit for bit)
-//! do not come from here.
+//! not bitwise.
+//!
+//! [`token_stats`] is the forward of the same statistics (lp, h, lse) without a gradient: the
+//! one place the engine's recorded log-probabilities and the trainer's scores are computed.
 //!
 //! On the CPU rows run in parallel (rayon); on CUDA one block per row (`gpu/head.cu`).
 //!
@@ -68,6 +70,71 @@ pub fn logprob_entropy_surrogate(logits_CV: &Tensor, target_C: &[u32], g_lp_C: &
     let inv_t = if temperature == 1.0 || temperature <= 0.0 { 1.0 } else { (1.0 / temperature) as f32 };
     let terms = RowTerms { target: Tensor::from_slice(target_C, c, dev)?, g_lp, g_h, inv_t };
     logits_CV.contiguous()?.apply_op1(Surrogate(terms))
+}
+
+/// The forward at temperature T of logits [C, V] (f32 or bf16) for targets [C] u32 (on the
+/// logits' device): per row [C, 3] f32 (lp, h, lse) — the target's log-probability x_t − lse,
+/// the entropy and the log-sum-exp, with x = z · (1 / T) (T ≤ 0 or 1: x = z). One op, the same
+/// arithmetic for a row whatever the rows around it (one block per row on CUDA), so what the
+/// engine records as a token's log-probability and what the trainer scores are the same bits;
+/// no gradient. A target id ≥ V gives NaN for that row's lp (the engine's tokens are below V by
+/// construction, the trainer checks its targets).
+pub fn token_stats(logits_CV: &Tensor, target_C: &Tensor, temperature: f64) -> Result<Tensor> {
+    const OP: &str = "token_stats";
+    let (c, v) = match logits_CV.dims() {
+        &[c, v] => (c, v),
+        d => candle_core::bail!("{OP}: logits_CV must be [C, V], got {d:?}"),
+    };
+    if v == 0 || !matches!(logits_CV.dtype(), DType::F32 | DType::BF16) {
+        candle_core::bail!("{OP}: logits_CV [{c}, {v}] {:?} (V >= 1, f32 or bf16)", logits_CV.dtype());
+    }
+    if target_C.dims() != [c] || target_C.dtype() != DType::U32 || !target_C.device().same_device(logits_CV.device()) {
+        candle_core::bail!("{OP}: target_C must be [{c}] u32 on the logits' device, got {:?} {:?}", target_C.dims(), target_C.dtype());
+    }
+    if !temperature.is_finite() {
+        candle_core::bail!("{OP}: temperature {temperature} (must be finite)");
+    }
+    let inv_t = if temperature == 1.0 || temperature <= 0.0 { 1.0 } else { (1.0 / temperature) as f32 };
+    logits_CV.detach().contiguous()?.apply_op1_no_bwd(&Stats { target: target_C.detach().contiguous()?, inv_t })
+}
+
+/// [`token_stats`] as an op on the logits.
+struct Stats {
+    target: Tensor,
+    inv_t: f32,
+}
+
+fn stats_rows<T: Elem + candle_core::WithDType>(s: &CpuStorage, l: &Layout, target: &[u32], inv_t: f32) -> Result<(CpuStorage, Shape)> {
+    let (z, c, v) = cpu_rows::<T>(s, l, "token stats")?;
+    let out: Vec<f32> = (0..c)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let row = &z[r * v..(r + 1) * v];
+            let st = row_stats(row, inv_t);
+            let t = target[r] as usize;
+            let lp = if t < v { row[t].get() * inv_t - st.lse } else { f32::NAN };
+            [lp, st.h, st.lse]
+        })
+        .collect();
+    Ok((CpuStorage::F32(out), Shape::from((c, 3))))
+}
+
+impl CustomOp1 for Stats {
+    fn name(&self) -> &'static str {
+        "token-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let target: Vec<u32> = self.target.to_vec1()?;
+        match s {
+            CpuStorage::F32(_) => stats_rows::<f32>(s, l, &target, self.inv_t),
+            CpuStorage::BF16(_) => stats_rows::<bf16>(s, l, &target, self.inv_t),
+            other => candle_core::bail!("{}: logits dtype {:?} (f32 or bf16)", self.name(), other.dtype()),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::head::stats(s, l, &self.target, self.inv_t)
+    }
 }
 
 /// Per row of the op: its target id, the weights of lp and h, and 1 / T (the input checks of

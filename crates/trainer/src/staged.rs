@@ -30,8 +30,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var, D};
-use lockstep_model::head_grad::logprob_entropy_surrogate;
-use lockstep_model::logprobs::{at_temperature, next_token_targets as targets};
+use lockstep_model::head_grad::{logprob_entropy_surrogate, token_stats};
+use lockstep_model::logprobs::next_token_targets as targets;
 use lockstep_model::{Batch, ForwardContext, LayerRoute, MoeCausalLm, Recording, RoutingPlan};
 
 use crate::error::{Result, TrainError};
@@ -128,13 +128,12 @@ fn to_positions(g_N: &Tensor, has: &[bool]) -> Result<Tensor> {
 }
 
 /// Head of rows x [C, D] in the forward: per row the log-probability of its target and its
-/// entropy, [C] f32 (the engine's arithmetic: its log-probabilities bit for bit).
+/// entropy, [C] f32 — by `token_stats` on the f32 logits, the op the engine records its
+/// log-probabilities with (the same bits).
 fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
-    let logits = at_temperature(&model.head_forward(x_CD)?, temperature)?;
-    let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let lp = logsm.gather(&target_C.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let h = (logsm.exp()? * &logsm)?.sum(D::Minus1)?.neg()?;
-    Ok((lp, h))
+    let logits = model.head_forward(x_CD)?.to_dtype(DType::F32)?;
+    let stats_C3 = token_stats(&logits, target_C, temperature)?;
+    Ok((stats_C3.narrow(1, 0, 1)?.squeeze(1)?, stats_C3.narrow(1, 1, 1)?.squeeze(1)?))
 }
 
 /// Σ x·g as a scalar with x's graph: the surrogate whose gradient at x is g exactly. Summed over
@@ -286,6 +285,7 @@ mod tests {
     use super::*;
     use crate::trainer::{Trainer, TrainerConfig};
     use candle_core::Device;
+    use lockstep_model::logprobs::at_temperature;
 
     /// The staged backward with the entropy term at T = 0.7 (the fused head op's g_h path)
     /// against candle's whole-graph backward of the same loss, within f32 rounding.

@@ -3,6 +3,7 @@
 //   lse = m + ln S,  S = sum_j exp(x_j - m),  m = max_j x_j,  W = sum_j exp(x_j - m) (x_j - m)
 //   lp  = x_t - lse,  h = ln S - W / S  (= lse - sum_j p_j x_j)
 //   value[row] = g_lp lp + g_h h                               (head_value_*)
+//   (lp, h, lse)[row]                                          (head_stats_*: the forward)
 //   dz_j = inv_t [g_lp (1[j = t] - p_j) - g_h p_j (log p_j + h)]   (head_grad_*)
 // g_h is a null pointer when the entropy takes no gradient. One block of HEAD_THREADS threads per
 // row: pass 1 keeps an online (m, S, W) per thread over a block-strided walk of the row, merged
@@ -132,6 +133,24 @@ __device__ __forceinline__ void hd_grad(const T* __restrict__ logits, uint32_t V
     }
 }
 
+// out[row] = (lp, h, lse): the forward's log-probability of the target, the entropy and the
+// log-sum-exp at temperature (no gradient; what the engine records and the trainer scores)
+template <typename T>
+__device__ __forceinline__ void hd_stats(const T* __restrict__ logits, uint32_t V, const uint32_t* __restrict__ target,
+                                         float inv_t, float* __restrict__ out) {
+    const uint32_t row = blockIdx.x;
+    const T* z = logits + (size_t)row * V;
+    const HdStats st = hd_row_stats(z, V, inv_t);
+    if (threadIdx.x == 0) {
+        const uint32_t t = target[row];
+        const float ls = logf(st.s);
+        const float lse = st.m + ls;
+        out[3 * (size_t)row] = t < V ? __fsub_rn(__fmul_rn(hd_load(z, t), inv_t), lse) : HD_NAN;
+        out[3 * (size_t)row + 1] = ls - st.w / st.s;
+        out[3 * (size_t)row + 2] = lse;
+    }
+}
+
 #define HEAD_KERNELS(SUF, T)                                                                                       \
     extern "C" __global__ void __launch_bounds__(HEAD_THREADS)                                                     \
         head_value_##SUF(const T* __restrict__ logits, uint32_t V, const uint32_t* __restrict__ target,           \
@@ -144,6 +163,11 @@ __device__ __forceinline__ void hd_grad(const T* __restrict__ logits, uint32_t V
                         const float* __restrict__ g_lp, const float* __restrict__ g_h, float inv_t,               \
                         T* __restrict__ dz) {                                                                      \
         hd_grad<T>(logits, V, target, g_lp, g_h, inv_t, dz);                                                       \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(HEAD_THREADS)                                                     \
+        head_stats_##SUF(const T* __restrict__ logits, uint32_t V, const uint32_t* __restrict__ target,           \
+                         float inv_t, float* __restrict__ out) {                                                   \
+        hd_stats<T>(logits, V, target, inv_t, out);                                                                \
     }
 
 HEAD_KERNELS(f32, float)

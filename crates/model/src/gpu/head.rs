@@ -18,6 +18,43 @@ use crate::head_grad::RowTerms;
 /// Threads per block (`HEAD_THREADS` in head.cu, the kernels' launch bound).
 const THREADS: u32 = 512;
 
+/// (lp, h, lse) per row [C, 3] f32 of the contiguous logits [C, V] (f32 or bf16) for the [C] u32
+/// `target` at 1 / T = `inv_t` (`crate::head_grad::token_stats`).
+pub(crate) fn stats(s: &CudaStorage, l: &Layout, target: &Tensor, inv_t: f32) -> Result<(CudaStorage, Shape)> {
+    fn go<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, target: &Tensor, inv_t: f32, name: &'static str) -> Result<(CudaStorage, Shape)> {
+        let (c, v) = l.shape().dims2()?;
+        if v == 0 || v > u32::MAX as usize || c > i32::MAX as usize {
+            candle_core::bail!("token stats: logits [{c}, {v}] (1 <= V < 2^32, C < 2^31)");
+        }
+        let dev = s.device().clone();
+        let z = contiguous::<T>(s, l, "token stats logits")?;
+        let tg = target.storage_and_layout();
+        let t = terms_view::<u32>(&tg.0, tg.1, c, "target_C")?;
+        // SAFETY: uninitialised, but the launch writes out[3 row .. 3 row + 3] for every row < C
+        // (thread 0 of each of the C blocks); C = 0: never read.
+        let mut out = unsafe { dev.alloc::<f32>((3 * c).max(1))? };
+        if c > 0 {
+            let v32 = v as u32;
+            let f = func(&dev, name)?;
+            let mut b = f.builder();
+            b.arg(&z).arg(&v32).arg(&t).arg(&inv_t).arg(&mut out);
+            let cfg = LaunchConfig { grid_dim: (c as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments are those of `head_stats_{f32,bf16}(logits, V, target, inv_t,
+            // out)` (head.cu) in order, `T` the kernel's element type: z is the contiguous [C, V]
+            // logits, target holds C u32 (checked by `terms_view`), out 3 · C f32. One block per row
+            // (C < 2^31), THREADS threads (the launch bound and its shared arrays' size); it reads
+            // z[row · V + j] for j < V only (a target id >= V is not read: NaN).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((c, 3))))
+    }
+    match s.dtype() {
+        DType::F32 => go::<f32>(s, l, target, inv_t, "head_stats_f32"),
+        DType::BF16 => go::<bf16>(s, l, target, inv_t, "head_stats_bf16"),
+        other => candle_core::bail!("token stats: logits dtype {other:?} (f32 or bf16)"),
+    }
+}
+
 /// Which kernel: the [C] values or the [C, V] gradient.
 #[derive(Clone, Copy)]
 enum Kind {
