@@ -61,8 +61,9 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn grouped_rows_are_batch_invariant() {
     let dev = gpu();
-    // K = 200: the 16 x 16 kernel for few rows; K = 256: the thin one (K % 16 = 0)
-    for (dtype, k) in [(DType::F32, 200usize), (DType::BF16, 200), (DType::BF16, 256)] {
+    // K = 200: the 16 x 16 kernel for few rows; K = 256, 272: the thin one (K % 16 = 0; 272 %
+    // 32 = 16: an extra zero step, as the other kernels take)
+    for (dtype, k) in [(DType::F32, 200usize), (DType::BF16, 200), (DType::BF16, 256), (DType::BF16, 272)] {
         let (e, n) = (4usize, 160usize);
         let w = randn(&[e, n, k], 5, &dev).to_dtype(dtype).unwrap();
         let counts = [1000usize, 3, 0, 333];
@@ -116,7 +117,7 @@ fn matmul_rows_are_batch_invariant() {
         // small launches take the thin (bf16, K % 16 = 0: up to 16 and up to 64 rows) or skinny
         // kernels, 1000 rows of the wider shapes the big-tile ones: a row's bits must not depend
         // on which
-        for &(n, k) in &[(96usize, 64usize), (512, 1024), (8, 777), (151_936 / 64, 128), (2048, 512)] {
+        for &(n, k) in &[(96usize, 64usize), (96, 48), (512, 1024), (8, 777), (151_936 / 64, 128), (2048, 512)] {
             let w = randn(&[n, k], 1, &dev).to_dtype(dtype).unwrap();
             let x = randn(&[1000, k], 2, &dev).to_dtype(dtype).unwrap();
             let all = invariant::matmul_nt(&x, &w).unwrap();
@@ -134,6 +135,23 @@ fn matmul_rows_are_batch_invariant() {
                 let r = max_rel(&all, &exact);
                 assert!(r < 1e-2, "bf16 n {n} k {k}: vs f32 product {r:e}");
             }
+        }
+    }
+}
+
+/// The tensor-core kernel (`inv_matmul_nt_bf16_tc`, 128 x 128 tiles) takes launches whose
+/// 64 x 64 grid would fill the GPU: 17,000 rows reach it for a narrow N and K = 48, 80 (K % 32 =
+/// 16: the extra zero step) too; a row's bits equal the thin and skinny kernels'.
+#[test]
+fn tensor_core_matmul_rows_equal_the_few_row_kernels() {
+    let dev = gpu();
+    for &(n, k) in &[(8usize, 48usize), (97, 80), (300, 64)] {
+        let w = randn(&[n, k], 7, &dev).to_dtype(DType::BF16).unwrap();
+        let x = randn(&[17_000, k], 8, &dev).to_dtype(DType::BF16).unwrap();
+        let all = invariant::matmul_nt(&x, &w).unwrap();
+        for &m in &[1usize, 16, 17, 129] {
+            let part = invariant::matmul_nt(&x.narrow(0, 17_000 - m, m).unwrap(), &w).unwrap();
+            assert_eq!(bits(&part), bits(&all.narrow(0, 17_000 - m, m).unwrap()), "n {n} k {k}: last {m} rows");
         }
     }
 }

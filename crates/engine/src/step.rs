@@ -355,7 +355,7 @@ impl Engine {
             let rows_PV = logits_RV.index_select(&idx(&pick)?, 0)?;
             let toks = tokens_R.index_select(&idx(&pick)?, 0)?;
             let stats_P3 = token_stats(&rows_PV, &toks, t as f64)?;
-            lp_parts.push(stats_P3.narrow(1, 0, 1)?.squeeze(1)?);
+            lp_parts.push(stats_P3.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?);
             if pick.iter().any(|&k| self.running[members[k as usize].1].params.logprobs > 0) {
                 let lp = at_temperature(&rows_PV, t as f64)?.broadcast_sub(&stats_P3.narrow(1, 2, 1)?)?;
                 for (j, &k) in pick.iter().enumerate() {

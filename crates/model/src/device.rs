@@ -63,15 +63,16 @@ impl DeviceSpec {
 }
 
 /// Stop cudarc from making two CUDA events for every buffer (and destroying them at its free):
-/// ~450 driver calls per decoder layer of a decode step. They order a buffer's uses across
-/// streams only in cudarc's multi-stream mode (`CudaContext::new_stream` / `fork`), which
-/// lockstep never enters: every op runs on the device's one stream, so the events are made and
-/// never recorded or waited on. Buffers made before the call keep theirs.
+/// ~450 driver calls per decoder layer of a decode step. cudarc records and waits on them only
+/// in its multi-stream mode (after `CudaContext::new_stream` / `fork`), which lockstep never
+/// enters (candle runs each host thread's ops on that thread's default stream), so they are made
+/// and never used. Buffers made before the call keep theirs.
 #[cfg(feature = "cuda")]
 pub fn untracked_events(d: &candle_core::CudaDevice) {
-    // SAFETY: the caller's obligations — no buffer freed, read or written on another stream
-    // before the allocating stream's work is done — concern multiple streams, and lockstep uses
-    // one stream per device (no `new_stream` / `fork` anywhere; NCCL is given the same stream).
+    // SAFETY: the obligations (no buffer freed, read or written on another stream before the
+    // allocating stream's work on it is done) are those cudarc's events discharge in multi-stream
+    // mode only; lockstep never creates a stream (no `new_stream` / `fork` anywhere), so with or
+    // without the events no cross-stream ordering is enforced — nothing changes but the calls.
     unsafe { d.disable_event_tracking() }
 }
 

@@ -7,7 +7,7 @@
 //! the trainer scores the same way. [`at_temperature`] is the one place both sides divide, so
 //! equal logits give equal bits at any T.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use crate::batch::Batch;
 use crate::error::Result;
 
@@ -43,17 +43,28 @@ pub fn next_token_targets(batch: &Batch) -> Result<(Vec<u32>, Vec<bool>, Vec<boo
     Ok((target, has, valid))
 }
 
-/// [B, T] log-probabilities (0 where invalid) and the per-slot validity.
+/// [B, T] log-probabilities (0 where invalid) and the per-slot validity: the values by
+/// [`crate::head_grad::token_stats`] (the op the engine records its log-probabilities with, so a
+/// re-score equals them bit for bit), with the gradient of the fused log-probability op when the
+/// logits carry a graph (`value + (s − s.detach())`: the same value, s's gradient).
 pub fn token_logprobs(logits_BTV: &Tensor, batch: &Batch) -> Result<(Tensor, Vec<bool>)> {
     let (b, t) = batch.dims();
+    let v = logits_BTV.dim(2)?;
+    let dev = logits_BTV.device();
     let (target, _, valid) = next_token_targets(batch)?;
-    let logsm = candle_nn::ops::log_softmax(&logits_BTV.to_dtype(DType::F32)?, D::Minus1)?;
-    let target = Tensor::from_vec(target, (b, t, 1), logits_BTV.device())?;
-    let pred_BT = logsm.gather(&target, 2)?.squeeze(2)?;
+    let flat_NV = logits_BTV.reshape((b * t, v))?;
+    let target_N = Tensor::from_vec(target.clone(), b * t, dev)?;
+    let stats_N3 = crate::head_grad::token_stats(&flat_NV.to_dtype(DType::F32)?, &target_N, 1.0)?;
+    let mut pred_N = stats_N3.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+    if logits_BTV.track_op() {
+        let s = crate::head_grad::logprob_entropy_surrogate(&flat_NV, &target, &Tensor::ones(b * t, DType::F32, dev)?, None, 1.0)?;
+        pred_N = (pred_N + (&s - s.detach())?)?;
+    }
+    let pred_BT = pred_N.reshape((b, t))?;
     // shift right by one: slot n takes the prediction made at n − 1
-    let zeros = Tensor::zeros((b, 1), DType::F32, logits_BTV.device())?;
+    let zeros = Tensor::zeros((b, 1), DType::F32, dev)?;
     let shifted = if t == 1 { zeros } else { Tensor::cat(&[&zeros, &pred_BT.narrow(1, 0, t - 1)?], 1)? };
-    let mask = Tensor::from_vec(valid.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>(), (b, t), logits_BTV.device())?;
+    let mask = Tensor::from_vec(valid.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>(), (b, t), dev)?;
     let logp = mask.where_cond(&shifted, &shifted.zeros_like()?)?;
     Ok((logp, valid))
 }

@@ -133,7 +133,7 @@ fn to_positions(g_N: &Tensor, has: &[bool]) -> Result<Tensor> {
 fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
     let logits = model.head_forward(x_CD)?.to_dtype(DType::F32)?;
     let stats_C3 = token_stats(&logits, target_C, temperature)?;
-    Ok((stats_C3.narrow(1, 0, 1)?.squeeze(1)?, stats_C3.narrow(1, 1, 1)?.squeeze(1)?))
+    Ok((stats_C3.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?, stats_C3.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?))
 }
 
 /// Σ x·g as a scalar with x's graph: the surrogate whose gradient at x is g exactly. Summed over

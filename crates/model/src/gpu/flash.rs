@@ -157,6 +157,10 @@ pub(crate) fn backward(
     let (q, k, v) = (contiguous::<bf16>(sq, lq, "flash q")?, contiguous::<bf16>(sk, lk, "flash k")?, contiguous::<bf16>(sv, lv, "flash v")?);
     let ((so, lo), (sd, ld)) = (d_o.storage_and_layout(), delta.storage_and_layout());
     let (Storage::Cuda(so), Storage::Cuda(sd)) = (&*so, &*sd) else { candle_core::bail!("flash backward: d_o and delta must live on the CUDA device") };
+    // d_o rows are read 16 bytes at a time, like q
+    if lo.start_offset() % 8 != 0 {
+        candle_core::bail!("flash backward: d_o starts at element {}, not a multiple of 8", lo.start_offset());
+    }
     let (dout, dlt) = (contiguous::<bf16>(so, lo, "flash d_o")?, contiguous::<f32>(sd, ld, "flash delta")?);
     let (nq, nk) = (n * h * dh, rows * g * dh);
     let total = nq + 2 * nk;

@@ -6,6 +6,7 @@
 //!   accumulation). The attention is `paged.rs`'s.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
@@ -19,9 +20,10 @@ fn u32_dim(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("invariant kernel: {what} = {n} exceeds u32")))
 }
 
-/// The matmul kernels of one dtype: the big-tile one (64 x 64 outputs a block) and the skinny
-/// one for decode-size M. Both give every element the same operations in the same order (the .cu
-/// file), so the choice, which depends on M, never changes a row's bits.
+/// The matmul kernels of one dtype: the big-tile one (64 x 64 outputs a block), the skinny
+/// one for decode-size M, and for bf16 the thin ones and the pipelined tensor-core one. All give
+/// every element the same operations in the same order (the .cu file), so the choice, which
+/// depends on M (and on K and the alignment), never changes a row's bits.
 struct MatmulKernels {
     /// (name, threads) of the 64 x 64 kernel
     big: (&'static str, u32),
@@ -32,31 +34,59 @@ struct MatmulKernels {
     /// the thin kernels (up to 16 rows, up to 64 rows; 32 columns a block of 4 warps) for M <=
     /// 64 when K % 16 = 0 and the rows are 4-byte aligned: many warps streaming the weights
     thin: Option<(&'static str, &'static str)>,
+    /// the pipelined tensor-core kernel (TC_TILE outputs a block, TC_THREADS threads, TC_SMEM
+    /// bytes of dynamic shared memory), in place of the big one when K % 8 = 0 and both start
+    /// offsets are multiples of 8 elements (its 16-byte cp.async loads)
+    tc: Option<&'static str>,
 }
 
 const F32_KERNELS: MatmulKernels =
-    MatmulKernels { big: ("inv_matmul_nt_f32", 256), skinny: ("inv_matmul_nt_f32_skinny", 128, 8, 16), skinny_max_m: 64, thin: None };
+    MatmulKernels { big: ("inv_matmul_nt_f32", 256), skinny: ("inv_matmul_nt_f32_skinny", 128, 8, 16), skinny_max_m: 64, thin: None, tc: None };
 const BF16_KERNELS: MatmulKernels = MatmulKernels {
     big: ("inv_matmul_nt_bf16", 128),
     skinny: ("inv_matmul_nt_bf16_skinny", 32, 16, 16),
     skinny_max_m: usize::MAX,
     thin: Some(("inv_matmul_nt_bf16_thin1", "inv_matmul_nt_bf16_thin4")),
+    tc: Some("inv_matmul_nt_bf16_tc"),
 };
 /// Rows of the thin kernels' two variants, their columns per block and threads.
 const THIN_ROWS: (usize, usize) = (16, 64);
 const THIN_COLS: usize = 32;
 const THIN_THREADS: u32 = 128;
+/// The tensor-core kernels' (`inv_matmul_nt_bf16_tc`, `inv_grouped_nt_bf16_tc`) output tile
+/// (rows, cols: TC_BM x TC_BN), threads (TC_THREADS: 4 warps of 64 x 64) and dynamic shared
+/// memory (TC_SMEM: 4 stages of 128 + 128 rows x 32 bf16) in invariant.cu.
+const TC_TILE: (usize, usize) = (128, 128);
+const TC_THREADS: u32 = 128;
+const TC_SMEM: u32 = 4 * (128 + 128) * 32 * 2;
 
-/// The thin kernel for M <= 64 where the family has one (K % 16 = 0, `aligned` rows); else the
-/// skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs (and
-/// M is within the kernel family's `skinny_max_m`), else the big one.
+/// Whether the tensor-core kernels may run on x and w with these start offsets (elements) and
+/// inner size: every row then starts on a 16-byte boundary (the allocations are 256-byte aligned)
+/// and a 16-byte chunk of 8 elements is all in or all out of a row.
+fn tc_aligned(x_offset: usize, w_offset: usize, k: usize) -> bool {
+    k % 8 == 0 && x_offset % 8 == 0 && w_offset % 8 == 0
+}
+
+/// Lets `f` launch with `smem` bytes of dynamic shared memory (above the default 48 KiB).
+fn allow_smem(f: &super::Kernel, smem: u32) -> Result<()> {
+    if smem > 48 * 1024 {
+        f.f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+    }
+    Ok(())
+}
+
+/// The thin kernel for M <= 64 where the family has one (K % 16 = 0, even start offsets); else
+/// the skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs
+/// (and M is within the kernel family's `skinny_max_m`), else the tensor-core one where the
+/// family has one and K and the offsets allow it (`tc_aligned`), else the big one. `offsets`:
+/// x's and w's start offsets in their storage (elements).
 fn launch_matmul<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     w: &CudaView<T>,
     (m, n, k): (usize, usize, usize),
     kernels: &MatmulKernels,
-    aligned: bool,
+    offsets: (usize, usize),
 ) -> Result<CudaSlice<T>> {
     // SAFETY: uninitialised, but the launch below writes every y[m, n]: its grid has a block per
     // tm x tn output tile of the chosen kernel, ceil(N / tn) x ceil(M / tm) of them, and every
@@ -67,28 +97,39 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     }
     let (m32, n32, k32) = (u32_dim(m, "M")?, u32_dim(n, "N")?, u32_dim(k, "K")?);
     let skinny = m.div_ceil(64) * n.div_ceil(64) < 2 * 132 && m <= kernels.skinny_max_m;
-    let (name, block, tm, tn) = match kernels.thin {
-        Some((thin1, _)) if m <= THIN_ROWS.0 && k % 16 == 0 && aligned => (thin1, THIN_THREADS, THIN_ROWS.0, THIN_COLS),
-        Some((_, thin4)) if m <= THIN_ROWS.1 && k % 16 == 0 && aligned => (thin4, THIN_THREADS, THIN_ROWS.1, THIN_COLS),
-        _ if skinny => kernels.skinny,
-        _ => (kernels.big.0, kernels.big.1, 64, 64),
+    let even = offsets.0 % 2 == 0 && offsets.1 % 2 == 0;
+    let tc = kernels.tc.filter(|_| tc_aligned(offsets.0, offsets.1, k));
+    // (name, threads, tile rows, tile cols, dynamic shared memory bytes)
+    let (name, block, tm, tn, smem) = match (kernels.thin, tc) {
+        (Some((thin1, _)), _) if m <= THIN_ROWS.0 && k % 16 == 0 && even => (thin1, THIN_THREADS, THIN_ROWS.0, THIN_COLS, 0),
+        (Some((_, thin4)), _) if m <= THIN_ROWS.1 && k % 16 == 0 && even => (thin4, THIN_THREADS, THIN_ROWS.1, THIN_COLS, 0),
+        _ if skinny => (kernels.skinny.0, kernels.skinny.1, kernels.skinny.2, kernels.skinny.3, 0),
+        (_, Some(tc)) => (tc, TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
+        _ => (kernels.big.0, kernels.big.1, 64, 64, 0),
     };
     let gy = m.div_ceil(tm);
     if gy > 65535 {
         candle_core::bail!("invariant matmul: {m} rows exceed one launch (at most {} rows)", 65535 * tm);
     }
     let f = func(dev, name)?;
+    allow_smem(&f, smem)?;
     let mut b = f.builder();
     b.arg(x).arg(w).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(tn) as u32, gy as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(tn) as u32, gy as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: the arguments are those of `inv_matmul_nt_*(x, w, y, M, N, K)` (invariant.cu) in
     // order, `T` the kernel's element type (`matmul_nt` picks the kernels by dtype and checks x
     // and w share it). x is the contiguous [M, K] and w the [N, K] input (K checked equal), y
     // holds M · N, and the kernels bound-check m < M, n < N, k < K on every load and store (the
     // 16-byte loads also check K % 8 and the pointers' alignment; the thin kernels' 4-byte loads
-    // are chosen only for K % 16 = 0 and even start offsets). `block` and (tm, tn) are the
-    // thread count (its `__launch_bounds__`) and output tile each kernel is written for, and gy
-    // is within the grid's 65535 limit (checked above).
+    // are chosen only for K % 16 = 0 and even start offsets; the tensor-core kernel's 16-byte
+    // cp.async copies only for K % 8 = 0 and start offsets that are multiples of 8 elements —
+    // 16 bytes, the allocations being 256-byte aligned — and a copy out of range reads nothing,
+    // src-size 0 from the base pointer, zero-filling its shared-memory chunk). `block` and (tm,
+    // tn) are the thread count (its `__launch_bounds__`) and output tile each kernel is written
+    // for, `smem` the dynamic shared memory the tensor-core kernel indexes (TC_SMEM: its
+    // 4 stages x 256 rows x 64 bytes; the function's limit raised to it above; 0 for the others,
+    // which use static shared memory only), and gy is within the grid's 65535 limit (checked
+    // above).
     unsafe { b.launch(cfg) }.w()?;
     Ok(y)
 }
@@ -106,12 +147,11 @@ pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &La
     let dev = sx.device().clone();
     let out = match sx.dtype() {
         DType::F32 => {
-            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &F32_KERNELS, false)?;
+            let y = launch_matmul::<f32>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &F32_KERNELS, (lx.start_offset(), lw.start_offset()))?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         DType::BF16 => {
-            let aligned = lx.start_offset() % 2 == 0 && lw.start_offset() % 2 == 0;
-            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &BF16_KERNELS, aligned)?;
+            let y = launch_matmul::<bf16>(&dev, &contiguous(sx, lx, "invariant matmul x")?, &contiguous(sw, lw, "invariant matmul w")?, (m, n, k), &BF16_KERNELS, (lx.start_offset(), lw.start_offset()))?;
             CudaStorage::wrap_cuda_slice(y, dev)
         }
         other => candle_core::bail!("invariant matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
@@ -134,7 +174,8 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
     let dev = sx.device().clone();
     let used = counts.iter().filter(|&&c| c > 0).count().max(1);
     let aligned = lx.start_offset() % 2 == 0 && lw.start_offset() % 2 == 0 && k % 16 == 0;
-    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / used, aligned)?;
+    let tc = tc_aligned(lx.start_offset(), lw.start_offset(), k);
+    let (name, threads, tile_rows, tile_cols, smem) = grouped_kernel(sx.dtype(), a / used, aligned, tc)?;
     let mut tiles: Vec<u32> = Vec::new();
     let mut start = 0usize;
     for (ex, &c) in counts.iter().enumerate() {
@@ -151,20 +192,23 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
         candle_core::bail!("invariant grouped matmul: {a} rows exceed one launch ({num_tiles} tiles, at most 65535)");
     }
     let t = if tiles.is_empty() { dev.alloc_zeros::<u32>(3)? } else { dev.clone_htod(&tiles)? };
-    let out = launch_grouped(&dev, sx, lx, sw, lw, &t, num_tiles, (a, n, k), (name, threads, tile_cols))?;
+    let out = launch_grouped(&dev, sx, lx, sw, lw, &t, num_tiles, (a, n, k), (name, threads, tile_cols, smem))?;
     Ok((out, Shape::from((a, n))))
 }
 
-/// The kernel (name, threads, tile rows, tile cols) of a dtype's grouped product: for bf16 the
-/// 64 x 64-tile kernel when the experts have `rows_per_expert` >= 32 on average (training,
-/// prefill), else the thin one (decode; K % 16 = 0 and 4-byte aligned rows: `thin_ok`), else the
-/// 16 x 16 one. All give every element the same bits.
-fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool) -> Result<(&'static str, u32, usize, usize)> {
+/// The kernel (name, threads, tile rows, tile cols, dynamic shared memory bytes) of a dtype's
+/// grouped product: for bf16, when the experts have `rows_per_expert` >= 32 on average
+/// (training, prefill), the tensor-core 128 x 128-tile kernel (K % 8 = 0 and 16-byte aligned
+/// rows: `tc_ok`) or else the 64 x 64-tile one; with fewer rows the thin one (decode; K % 16 = 0
+/// and 4-byte aligned rows: `thin_ok`), else the 16 x 16 one. All give every element the same
+/// bits.
+fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool, tc_ok: bool) -> Result<(&'static str, u32, usize, usize, u32)> {
     Ok(match dtype {
-        DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize),
-        DType::BF16 if thin_ok => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS.0, THIN_COLS),
-        DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize),
-        DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16),
+        DType::BF16 if rows_per_expert >= 32 && tc_ok => ("inv_grouped_nt_bf16_tc", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
+        DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize, 0),
+        DType::BF16 if thin_ok => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS.0, THIN_COLS, 0),
+        DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize, 0),
+        DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16, 0),
         other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
     })
 }
@@ -186,7 +230,8 @@ pub(crate) fn grouped_nt_planned(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage
         candle_core::bail!("invariant grouped matmul: x {:?} and w {:?} must share a dtype", sx.dtype(), sw.dtype());
     }
     let aligned = lx.start_offset() % 2 == 0 && lw.start_offset() % 2 == 0 && k % 16 == 0;
-    let (name, threads, tile_rows, tile_cols) = grouped_kernel(sx.dtype(), a / e.max(1), aligned)?;
+    let tc = tc_aligned(lx.start_offset(), lw.start_offset(), k);
+    let (name, threads, tile_rows, tile_cols, smem) = grouped_kernel(sx.dtype(), a / e.max(1), aligned, tc)?;
     let max_tiles = a.div_ceil(tile_rows) + e;
     if max_tiles > 65535 || e > 4096 || a > u32::MAX as usize {
         // too many for one launch's grid / the table kernel's shared memory: the host table
@@ -209,14 +254,14 @@ pub(crate) fn grouped_nt_planned(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage
         // is 2 E words (E <= 4096 checked: 32 KiB).
         unsafe { b.launch(cfg) }.w()?;
     }
-    let out = launch_grouped(&dev, sx, lx, sw, lw, &tiles, max_tiles, (a, n, k), (name, threads, tile_cols))?;
+    let out = launch_grouped(&dev, sx, lx, sw, lw, &tiles, max_tiles, (a, n, k), (name, threads, tile_cols, smem))?;
     Ok((out, Shape::from((a, n))))
 }
 
 /// One launch of a grouped kernel over a tile table of `num_tiles` entries on the device.
 #[allow(clippy::too_many_arguments)]
-fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, tiles: &CudaSlice<u32>, num_tiles: usize, (a, n, k): (usize, usize, usize), (name, threads, tile_cols): (&str, u32, usize)) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, t: &CudaSlice<u32>, num_tiles: usize, (a, n, k): (usize, usize, usize), (name, threads, tile_cols): (&str, u32, usize)) -> Result<CudaSlice<T>> {
+fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, tiles: &CudaSlice<u32>, num_tiles: usize, (a, n, k): (usize, usize, usize), (name, threads, tile_cols, smem): (&str, u32, usize, u32)) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, t: &CudaSlice<u32>, num_tiles: usize, (a, n, k): (usize, usize, usize), (name, threads, tile_cols, smem): (&str, u32, usize, u32)) -> Result<CudaSlice<T>> {
         let (x, w) = (contiguous::<T>(sx, lx, "grouped matmul x")?, contiguous::<T>(sw, lw, "grouped matmul w")?);
         // SAFETY: uninitialised, but the launch writes every y[a, n]: the tile table covers each
         // expert's rows exactly once (built from the counts, which sum to A) and the grid has a
@@ -226,22 +271,27 @@ fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStor
             return Ok(y);
         }
         let f = func(dev, name)?;
+        allow_smem(&f, smem)?;
         let (n32, k32) = (u32_dim(n, "N")?, u32_dim(k, "K")?);
         let mut b = f.builder();
         b.arg(&x).arg(&w).arg(&mut y).arg(t).arg(&n32).arg(&k32);
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(tile_cols) as u32, num_tiles as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(tile_cols) as u32, num_tiles as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the arguments are those of `inv_grouped_nt_*(x, w, y, tiles, N, K)` in order, T
         // its element type (x and w checked to share it). x is the contiguous [A, K], w the
         // contiguous [E, N, K] and y holds A · N; every tile's (expert < E, first row, rows <=
         // the kernel's tile rows) lies inside x's A rows (the table is built from counts summing
         // to A; entries with rows = 0 are skipped), and the kernel bound-checks rows, n < N and
-        // k < K on every load and store. `threads` is the kernel's launch bound; gridDim.y <=
-        // 65535 (checked by the callers).
+        // k < K on every load and store (the tensor-core kernel, chosen only for K % 8 = 0 and
+        // start offsets that are multiples of 8 elements — every row and expert matrix 16-byte
+        // aligned —, copies 16-byte chunks with cp.async and reads nothing for one out of range:
+        // src-size 0 from the base pointer). `threads` is the kernel's launch bound, `smem` the
+        // dynamic shared memory the tensor-core kernel indexes (TC_SMEM, the function's limit
+        // raised to it above; 0 for the others); gridDim.y <= 65535 (checked by the callers).
         unsafe { b.launch(cfg) }.w()?;
         Ok(y)
     }
     Ok(match sx.dtype() {
-        DType::BF16 => CudaStorage::wrap_cuda_slice(go::<bf16>(dev, sx, lx, sw, lw, tiles, num_tiles, (a, n, k), (name, threads, tile_cols))?, dev.clone()),
-        _ => CudaStorage::wrap_cuda_slice(go::<f32>(dev, sx, lx, sw, lw, tiles, num_tiles, (a, n, k), (name, threads, tile_cols))?, dev.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(go::<bf16>(dev, sx, lx, sw, lw, tiles, num_tiles, (a, n, k), (name, threads, tile_cols, smem))?, dev.clone()),
+        _ => CudaStorage::wrap_cuda_slice(go::<f32>(dev, sx, lx, sw, lw, tiles, num_tiles, (a, n, k), (name, threads, tile_cols, smem))?, dev.clone()),
     })
 }

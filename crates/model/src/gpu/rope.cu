@@ -31,8 +31,10 @@ __device__ void rope(const T* __restrict__ x, const T* __restrict__ cs, const T*
     const uint64_t at = (b * t + ti) * r + i;
     const uint32_t h = r / 2;
     const float rot = i < h ? -to_f(x[e + h]) : to_f(x[e - h]);
-    const float a = rnd(to_f(x[e]) * to_f(cs[at]), x), c = rnd(rot * to_f(sn[at]), x);
-    store(a + c, out + e);
+    // explicit roundings: no contraction of x·cos + rot·sin into one fma (the composed ops
+    // round the products and the sum separately, in f32 as in bf16)
+    const float a = rnd(__fmul_rn(to_f(x[e]), to_f(cs[at])), x), c = rnd(__fmul_rn(rot, to_f(sn[at])), x);
+    store(__fadd_rn(a, c), out + e);
 }
 
 extern "C" __global__ void rope_f32(const float* x, const float* cs, const float* sn, float* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
