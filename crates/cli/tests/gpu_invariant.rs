@@ -114,7 +114,7 @@ fn gumbel_sampling_on_the_gpu_equals_the_host() {
 fn matmul_rows_are_batch_invariant() {
     let dev = gpu();
     for dtype in [DType::F32, DType::BF16] {
-        // small launches take the thin (bf16, K % 16 = 0: up to 16 and up to 64 rows) or skinny
+        // small launches take the thin (bf16, K % 16 = 0: up to 16 rows) or skinny
         // kernels, 1000 rows of the wider shapes the big-tile ones: a row's bits must not depend
         // on which
         for &(n, k) in &[(96usize, 64usize), (96, 48), (512, 1024), (8, 777), (151_936 / 64, 128), (2048, 512)] {

@@ -522,7 +522,6 @@ __device__ __forceinline__ void thin_tile(const __nv_bfloat16* __restrict__ x, c
         thin_tile<MT>(x, w, y, m0, min(M - m0, 16u * MT), n0, N, K);                                            \
     }
 THIN_DENSE(1)
-THIN_DENSE(4)
 
 // The grouped product's thin variant: tile table entries (expert, first row, rows <= 16) as for
 // inv_grouped_nt_bf16, a warp per 8 columns of the expert's weights.

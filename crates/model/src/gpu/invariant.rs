@@ -31,9 +31,10 @@ struct MatmulKernels {
     skinny: (&'static str, u32, usize, usize),
     /// the largest M the skinny kernel is used for (measured on the H100 by bench-invariant)
     skinny_max_m: usize,
-    /// the thin kernels (up to 16 rows, up to 64 rows; 32 columns a block of 4 warps) for M <=
-    /// 64 when K % 16 = 0 and the rows are 4-byte aligned: many warps streaming the weights
-    thin: Option<(&'static str, &'static str)>,
+    /// the thin kernel (up to 16 rows; 32 columns a block of 4 warps) for M <= 16 when K % 16 =
+    /// 0 and the rows are 4-byte aligned: many warps streaming the weights (for 17..64 rows the
+    /// skinny one is faster: bench-invariant, M64 N2048 K2048 0.077 against 0.093 ms)
+    thin: Option<&'static str>,
     /// the pipelined tensor-core kernel (TC_TILE outputs a block, TC_THREADS threads, TC_SMEM
     /// bytes of dynamic shared memory), in place of the big one when K % 8 = 0 and both start
     /// offsets are multiples of 8 elements (its 16-byte cp.async loads)
@@ -46,11 +47,14 @@ const BF16_KERNELS: MatmulKernels = MatmulKernels {
     big: ("inv_matmul_nt_bf16", 128),
     skinny: ("inv_matmul_nt_bf16_skinny", 32, 16, 16),
     skinny_max_m: usize::MAX,
-    thin: Some(("inv_matmul_nt_bf16_thin1", "inv_matmul_nt_bf16_thin4")),
+    thin: Some("inv_matmul_nt_bf16_thin1"),
     tc: Some("inv_matmul_nt_bf16_tc"),
 };
-/// Rows of the thin kernels' two variants, their columns per block and threads.
-const THIN_ROWS: (usize, usize) = (16, 64);
+/// Rows of the thin kernels' tile, their columns per block and threads.
+const THIN_ROWS: usize = 16;
+/// The most rows per expert (on average) the grouped thin kernel takes; with more, the 16 x 16
+/// one is faster (bench-invariant, 128 experts x 16 rows: 0.485 against 0.685 ms).
+const THIN_GROUPED_MAX_ROWS: usize = 8;
 const THIN_COLS: usize = 32;
 const THIN_THREADS: u32 = 128;
 /// The tensor-core kernels' (`inv_matmul_nt_bf16_tc`, `inv_grouped_nt_bf16_tc`) output tile
@@ -75,7 +79,7 @@ fn allow_smem(f: &super::Kernel, smem: u32) -> Result<()> {
     Ok(())
 }
 
-/// The thin kernel for M <= 64 where the family has one (K % 16 = 0, even start offsets); else
+/// The thin kernel for M <= 16 where the family has one (K % 16 = 0, even start offsets); else
 /// the skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs
 /// (and M is within the kernel family's `skinny_max_m`), else the tensor-core one where the
 /// family has one and K and the offsets allow it (`tc_aligned`), else the big one. `offsets`:
@@ -101,8 +105,7 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     let tc = kernels.tc.filter(|_| tc_aligned(offsets.0, offsets.1, k));
     // (name, threads, tile rows, tile cols, dynamic shared memory bytes)
     let (name, block, tm, tn, smem) = match (kernels.thin, tc) {
-        (Some((thin1, _)), _) if m <= THIN_ROWS.0 && k % 16 == 0 && even => (thin1, THIN_THREADS, THIN_ROWS.0, THIN_COLS, 0),
-        (Some((_, thin4)), _) if m <= THIN_ROWS.1 && k % 16 == 0 && even => (thin4, THIN_THREADS, THIN_ROWS.1, THIN_COLS, 0),
+        (Some(thin), _) if m <= THIN_ROWS && k % 16 == 0 && even => (thin, THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         _ if skinny => (kernels.skinny.0, kernels.skinny.1, kernels.skinny.2, kernels.skinny.3, 0),
         (_, Some(tc)) => (tc, TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
         _ => (kernels.big.0, kernels.big.1, 64, 64, 0),
@@ -199,14 +202,14 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
 /// The kernel (name, threads, tile rows, tile cols, dynamic shared memory bytes) of a dtype's
 /// grouped product: for bf16, when the experts have `rows_per_expert` >= 32 on average
 /// (training, prefill), the tensor-core 128 x 128-tile kernel (K % 8 = 0 and 16-byte aligned
-/// rows: `tc_ok`) or else the 64 x 64-tile one; with fewer rows the thin one (decode; K % 16 = 0
+/// rows: `tc_ok`) or else the 64 x 64-tile one; with at most 8 the thin one (decode; K % 16 = 0
 /// and 4-byte aligned rows: `thin_ok`), else the 16 x 16 one. All give every element the same
 /// bits.
 fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool, tc_ok: bool) -> Result<(&'static str, u32, usize, usize, u32)> {
     Ok(match dtype {
         DType::BF16 if rows_per_expert >= 32 && tc_ok => ("inv_grouped_nt_bf16_tc", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
         DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize, 0),
-        DType::BF16 if thin_ok => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS.0, THIN_COLS, 0),
+        DType::BF16 if thin_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize, 0),
         DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16, 0),
         other => candle_core::bail!("invariant grouped matmul: dtype {other:?} not supported on CUDA (f32, bf16)"),
