@@ -17,7 +17,8 @@ use super::paged::{device_layout, u32_of, HostLayout};
 
 /// Rows (query, head) per block (`FROWS` in flash.cu) and threads per block (`FT`).
 pub(crate) const ROWS: usize = 64;
-/// Keys per block of the backward's dK / dV kernel (`KC` in flash.cu).
+/// Keys per block of the backward's dK / dV kernel: `KC` in flash.cu (64, the forward's key
+/// chunk too); `KeyLayout::key_chunks` cuts the chunks table by it, so the two must agree.
 pub(crate) const KEYS: usize = 64;
 const THREADS: u32 = 128;
 

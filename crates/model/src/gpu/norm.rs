@@ -22,7 +22,8 @@ fn launch<T: CudaDType + DeviceRepr>(sx: &CudaStorage, lx: &Layout, sw: &CudaSto
     // per row); N · D = 0 returns a never-read buffer.
     let mut out = unsafe { dev.alloc::<T>((n * d).max(1))? };
     if n * d > 0 {
-        let (n32, d32) = (u32::try_from(n).map_err(|_| candle_core::Error::Msg("rms norm: rows exceed u32".into()))?, d as u32);
+        let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rms norm: {what} = {v} exceeds u32")));
+        let (n32, d32) = (u32_of(n, "rows")?, u32_of(d, "row width")?);
         let blocks = u32::try_from(n.div_ceil(ROWS_PER_BLOCK)).map_err(|_| candle_core::Error::Msg("rms norm: too many rows".into()))?;
         let f = norm_func(&dev, name)?;
         let mut b = f.builder();

@@ -24,7 +24,8 @@ fn launch<T: CudaDType + DeviceRepr>((sx, lx): Arg, (sc, lc): Arg, (ss, ls): Arg
     let mut out = unsafe { dev.alloc::<T>(total.max(1))? };
     if total > 0 {
         let blocks = u32::try_from(total.div_ceil(THREADS as usize)).map_err(|_| candle_core::Error::Msg("rope: too many elements".into()))?;
-        let (total64, n32, t32, dh32, r32) = (total as u64, n as u32, t as u32, dh as u32, r as u32);
+        let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rope: {what} = {v} exceeds u32")));
+        let (total64, n32, t32, dh32, r32) = (total as u64, u32_of(n, "heads")?, u32_of(t, "slots")?, u32_of(dh, "head dim")?, u32_of(r, "rotary dim")?);
         let f = rope_func(&dev, name)?;
         let mut bl = f.builder();
         bl.arg(&x).arg(&c).arg(&s).arg(&mut out).arg(&total64).arg(&n32).arg(&t32).arg(&dh32).arg(&r32);
