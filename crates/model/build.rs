@@ -14,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpu/kernels.cu");
     println!("cargo:rerun-if-changed=src/gpu/route.cu");
     println!("cargo:rerun-if-changed=src/gpu/invariant.cu");
+    println!("cargo:rerun-if-changed=src/gpu/invariant_mma.cuh");
     println!("cargo:rerun-if-changed=src/gpu/paged.cu");
     println!("cargo:rerun-if-changed=src/gpu/sample.cu");
     println!("cargo:rerun-if-changed=src/gpu/flash.cu");
