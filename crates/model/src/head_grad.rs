@@ -218,6 +218,12 @@ struct HostTerms {
 }
 
 impl RowTerms {
+    /// The terms as the CUDA kernels' launch takes them (borrowed).
+    #[cfg(feature = "cuda")]
+    fn device_terms(&self) -> crate::gpu::head::Terms<'_> {
+        crate::gpu::head::Terms { target: &self.target, g_lp: &self.g_lp, g_h: self.g_h.as_ref(), inv_t: self.inv_t }
+    }
+
     fn host(&self) -> Result<HostTerms> {
         Ok(HostTerms { target: self.target.to_vec1()?, g_lp: self.g_lp.to_vec1()?, g_h: self.g_h.as_ref().map(|g| g.to_vec1()).transpose()? })
     }
@@ -289,7 +295,7 @@ impl CustomOp1 for Surrogate {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::head::value(s, l, &self.0)
+        crate::gpu::head::value(s, l, &self.0.device_terms())
     }
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // the upstream gradient of each row's value scales that row's weights
@@ -317,7 +323,7 @@ impl CustomOp1 for SurrogateGrad {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::head::grad(s, l, &self.0)
+        crate::gpu::head::grad(s, l, &self.0.device_terms())
     }
 }
 

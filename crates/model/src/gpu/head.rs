@@ -13,7 +13,6 @@ use half::bf16;
 
 use super::head_func as func;
 use super::ops::contiguous;
-use crate::head_grad::RowTerms;
 
 /// Threads per block (`HEAD_THREADS` in head.cu, the kernels' launch bound).
 const THREADS: u32 = 512;
@@ -55,6 +54,15 @@ pub(crate) fn stats(s: &CudaStorage, l: &Layout, target: &Tensor, inv_t: f32) ->
     }
 }
 
+/// Per row of the value / gradient kernels: the target id, the weights of lp and h (h left out
+/// when `g_h` is None) and 1 / T — `crate::head_grad`'s checked inputs, borrowed.
+pub(crate) struct Terms<'a> {
+    pub target: &'a Tensor,
+    pub g_lp: &'a Tensor,
+    pub g_h: Option<&'a Tensor>,
+    pub inv_t: f32,
+}
+
 /// Which kernel: the [C] values or the [C, V] gradient.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -63,16 +71,16 @@ enum Kind {
 }
 
 /// The [C] f32 surrogate values of the contiguous logits [C, V] (f32 or bf16).
-pub(crate) fn value(s: &CudaStorage, l: &Layout, terms: &RowTerms) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn value(s: &CudaStorage, l: &Layout, terms: &Terms) -> Result<(CudaStorage, Shape)> {
     typed(s, l, terms, Kind::Value)
 }
 
 /// d(Σ values)/d logits [C, V] in the logits' dtype.
-pub(crate) fn grad(s: &CudaStorage, l: &Layout, terms: &RowTerms) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn grad(s: &CudaStorage, l: &Layout, terms: &Terms) -> Result<(CudaStorage, Shape)> {
     typed(s, l, terms, Kind::Grad)
 }
 
-fn typed(s: &CudaStorage, l: &Layout, terms: &RowTerms, kind: Kind) -> Result<(CudaStorage, Shape)> {
+fn typed(s: &CudaStorage, l: &Layout, terms: &Terms, kind: Kind) -> Result<(CudaStorage, Shape)> {
     match s.dtype() {
         DType::F32 => launch::<f32>(s, l, terms, kind, "f32"),
         DType::BF16 => launch::<bf16>(s, l, terms, kind, "bf16"),
@@ -90,7 +98,7 @@ fn terms_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, c: usize, what: &st
     Ok(v)
 }
 
-fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &RowTerms, kind: Kind, suf: &str) -> Result<(CudaStorage, Shape)> {
+fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &Terms, kind: Kind, suf: &str) -> Result<(CudaStorage, Shape)> {
     let (c, v) = l.shape().dims2()?;
     if v == 0 || v > u32::MAX as usize || c > i32::MAX as usize {
         candle_core::bail!("head surrogate: logits [{c}, {v}] (1 <= V < 2^32, C < 2^31)");
@@ -99,7 +107,7 @@ fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &RowTer
     let z = contiguous::<T>(s, l, "head surrogate logits")?;
     let tg = terms.target.storage_and_layout();
     let gl = terms.g_lp.storage_and_layout();
-    let gh = terms.g_h.as_ref().map(Tensor::storage_and_layout);
+    let gh = terms.g_h.map(Tensor::storage_and_layout);
     let target = terms_view::<u32>(&tg.0, tg.1, c, "target_C")?;
     let g_lp = terms_view::<f32>(&gl.0, gl.1, c, "g_lp_C")?;
     let g_h = match &gh {
