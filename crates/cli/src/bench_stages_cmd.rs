@@ -13,6 +13,7 @@
 //! The micro-batch is `--seqs` sequences of `--seq-len` tokens packed in one row (the trainer's
 //! layout). The rest of a layer (norms, projections, RoPE, residuals) is the layer's time less
 //! the MoE block's and the attention kernel's.
+#![allow(non_snake_case)] // shape-suffixed names (x_ND: N positions, D hidden) are the convention here
 
 use std::path::PathBuf;
 
