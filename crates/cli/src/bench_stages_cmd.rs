@@ -167,6 +167,29 @@ mod imp {
             Ok(())
         })?;
         rec.push(("attention kernel forward + backward".into(), att_fb));
+        // parts of the rest: the input norm, and the four attention projections (x [N, D] → q, k,
+        // v; o from [N, H·Dh]), each forward + backward with the weights as Vars
+        let layer = &model.layers[0];
+        let norm_fb = time(&mut || {
+            let xv = Var::from_tensor(&x)?;
+            let y = candle_core::Module::forward(&layer.input_layernorm, xv.as_tensor())?;
+            drop(surrogate(&y, &g)?.backward()?);
+            Ok(())
+        })?;
+        rec.push(("input RMSNorm forward + backward".into(), norm_fb));
+        let a = &layer.self_attn;
+        let o_in = (Tensor::randn(0f32, 1.0, (1, n, a.o_proj.weight().dim(1)?), &dev)?.to_dtype(dtype)?).detach();
+        let proj_fb = time(&mut || {
+            let (xv, ov) = (Var::from_tensor(&x)?, Var::from_tensor(&o_in)?);
+            let mut s = surrogate(&candle_core::Module::forward(&a.o_proj, ov.as_tensor())?, &g)?;
+            for p in [&a.q_proj, &a.k_proj, &a.v_proj] {
+                let y = candle_core::Module::forward(p, xv.as_tensor())?;
+                s = (s + y.sum_all()?.to_dtype(DType::F32)?)?;
+            }
+            drop(s.backward()?);
+            Ok(())
+        })?;
+        rec.push(("q, k, v, o projections forward + backward".into(), proj_fb));
         rec.push(("rest of the layer, forward (norms, projections, RoPE)".into(), layer_fwd - moe_fwd - att_fwd));
         rec.push(("rest of the layer, forward + backward".into(), layer_fb - moe_fb - att_fb));
 
