@@ -82,8 +82,8 @@ pub(crate) fn grad(s: &CudaStorage, l: &Layout, terms: &Terms) -> Result<(CudaSt
 
 fn typed(s: &CudaStorage, l: &Layout, terms: &Terms, kind: Kind) -> Result<(CudaStorage, Shape)> {
     match s.dtype() {
-        DType::F32 => launch::<f32>(s, l, terms, kind, "f32"),
-        DType::BF16 => launch::<bf16>(s, l, terms, kind, "bf16"),
+        DType::F32 => launch::<f32>(s, l, terms, kind, false),
+        DType::BF16 => launch::<bf16>(s, l, terms, kind, true),
         other => candle_core::bail!("head surrogate: logits dtype {other:?} (f32 or bf16)"),
     }
 }
@@ -98,7 +98,7 @@ fn terms_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, c: usize, what: &st
     Ok(v)
 }
 
-fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &Terms, kind: Kind, suf: &str) -> Result<(CudaStorage, Shape)> {
+fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &Terms, kind: Kind, bf: bool) -> Result<(CudaStorage, Shape)> {
     let (c, v) = l.shape().dims2()?;
     if v == 0 || v > u32::MAX as usize || c > i32::MAX as usize {
         candle_core::bail!("head surrogate: logits [{c}, {v}] (1 <= V < 2^32, C < 2^31)");
@@ -123,7 +123,7 @@ fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &Terms,
             // of each of the C blocks); C = 0: never read.
             let mut out = unsafe { dev.alloc::<f32>(c.max(1))? };
             if c > 0 {
-                let f = func(&dev, &format!("head_value_{suf}"))?;
+                let f = func(&dev, if bf { "head_value_bf16" } else { "head_value_f32" })?;
                 let mut b = f.builder();
                 b.arg(&z).arg(&v32).arg(&target).arg(&g_lp);
                 match &g_h {
@@ -147,7 +147,7 @@ fn launch<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, terms: &Terms,
             // (block row, block-strided threads over j); C = 0: never read.
             let mut out = unsafe { dev.alloc::<T>((c * v).max(1))? };
             if c > 0 {
-                let f = func(&dev, &format!("head_grad_{suf}"))?;
+                let f = func(&dev, if bf { "head_grad_bf16" } else { "head_grad_f32" })?;
                 let mut b = f.builder();
                 b.arg(&z).arg(&v32).arg(&target).arg(&g_lp);
                 match &g_h {

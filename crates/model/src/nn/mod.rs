@@ -26,3 +26,16 @@ pub enum Kernels {
     /// for bit. Carries gradients.
     Invariant,
 }
+
+/// A CPU op's contiguous f32 or bf16 input as f32 values (borrowed when f32): `op` and `what` name
+/// the op and the input in the error for a strided view or another dtype.
+pub(crate) fn cpu_f32<'a>(op: &str, s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+    use candle_core::CpuStorage;
+    use std::borrow::Cow;
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: {what} must be contiguous") };
+    Ok(match s {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[a..b]),
+        CpuStorage::BF16(v) => Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        _ => candle_core::bail!("{op}: {what} must be f32 or bf16"),
+    })
+}

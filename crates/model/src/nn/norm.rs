@@ -58,15 +58,6 @@ struct FusedRmsNorm {
     eps: f32,
 }
 
-fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("rms norm: {what} must be contiguous") };
-    Ok(match s {
-        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
-        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
-        _ => candle_core::bail!("rms norm: {what} must be f32 or bf16"),
-    })
-}
-
 impl CustomOp2 for FusedRmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
@@ -75,7 +66,7 @@ impl CustomOp2 for FusedRmsNorm {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let d = *l1.dims().last().unwrap_or(&1);
-        let (x, w) = (as_f32(s1, l1, "x")?, as_f32(s2, l2, "weight")?);
+        let (x, w) = (super::cpu_f32("rms norm", s1, l1, "x")?, super::cpu_f32("rms norm", s2, l2, "weight")?);
         let bf = matches!(s1, CpuStorage::BF16(_));
         let round = |v: f32| if bf { half::bf16::from_f32(v).to_f32() } else { v };
         let mut out = vec![0f32; x.len()];

@@ -82,15 +82,6 @@ struct RopeOp {
     dims: (usize, usize, usize, usize, usize),
 }
 
-fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("rope: {what} must be contiguous") };
-    Ok(match s {
-        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
-        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
-        _ => candle_core::bail!("rope: {what} must be f32 or bf16"),
-    })
-}
-
 impl CustomOp3 for RopeOp {
     fn name(&self) -> &'static str {
         "rope"
@@ -98,7 +89,7 @@ impl CustomOp3 for RopeOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, n, t, dh, r) = self.dims;
-        let (x, c, s) = (values(s1, l1, "x")?, values(s2, l2, "cos")?, values(s3, l3, "sin")?);
+        let (x, c, s) = (super::cpu_f32("rope", s1, l1, "x")?, super::cpu_f32("rope", s2, l2, "cos")?, super::cpu_f32("rope", s3, l3, "sin")?);
         let bf = matches!(s1, CpuStorage::BF16(_));
         let rnd = |v: f32| if bf { half::bf16::from_f32(v).to_f32() } else { v };
         let h = r / 2;

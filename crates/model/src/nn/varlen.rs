@@ -177,17 +177,6 @@ struct Varlen {
     lse: std::sync::Mutex<Option<Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>>,
 }
 
-fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        return Err(Error::Msg(format!("varlen attention: {what} must be contiguous")));
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
-        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
-        _ => return Err(Error::Msg(format!("varlen attention: {what} must be f32 or bf16"))),
-    })
-}
-
 impl Varlen {
     /// (N, H, G, Dh) after checking the shapes against each other and the layout.
     fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -210,7 +199,7 @@ impl CustomOp3 for Varlen {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, h, g, dh) = self.dims(l1, l2, l3)?;
-        let (q, k, v) = (as_f32(s1, l1, "q")?, as_f32(s2, l2, "k")?, as_f32(s3, l3, "v")?);
+        let (q, k, v) = (super::cpu_f32("varlen attention", s1, l1, "q")?, super::cpu_f32("varlen attention", s2, l2, "k")?, super::cpu_f32("varlen attention", s3, l3, "v")?);
         let r = h / g;
         let lay = &self.layout;
         let mut out = vec![0f32; n * h * dh];
