@@ -2,6 +2,7 @@
 
 mod args;
 mod bench_ep_cmd;
+mod bench_graph_cmd;
 mod bench_invariant_cmd;
 mod bench_stages_cmd;
 mod bench_rl_cmd;
@@ -52,6 +53,8 @@ enum Command {
     BenchStages(bench_stages_cmd::BenchStagesArgs),
     /// The rollout engine's serving speed: concurrency sweep, capture on / off, JSON out (`--random config.json`: weights drawn on the device).
     BenchServe(bench_serve_cmd::BenchServeArgs),
+    /// Probe CUDA graphs for the decode step: one forward_paged step eager vs captured and replayed, per batch size.
+    BenchGraph(bench_graph_cmd::BenchGraphArgs),
     /// Start the ranks on this node: `launch --gpus N -- train` (NCCL), `--nproc N -- train --device cpu` (TCP), `--nnodes/--node-rank/--master-addr` across nodes; under torchrun / srun no launcher is needed.
     Launch(launch_cmd::LaunchArgs),
     /// Expert + data parallelism over W ranks equal one rank (thread ranks, or under `launch`).
@@ -100,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchInvariant(_) => Some("bench-invariant"),
         Command::BenchStages(_) => Some("bench-stages"),
         Command::BenchServe(_) => Some("bench-serve"),
+        Command::BenchGraph(_) => Some("bench-graph"),
         Command::Init(_) => Some("init"),
         Command::BenchRl(_) => Some("bench-rl"),
     };
@@ -108,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if matches!(
         cli.command,
-        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchStages(_) | Command::BenchServe(_) | Command::Init(_) | Command::BenchRl(_)
+        Command::Trace(_) | Command::Demo(_) | Command::Verify(_) | Command::Consistency(_) | Command::BenchMoe(_) | Command::BenchInvariant(_) | Command::BenchStages(_) | Command::BenchServe(_) | Command::BenchGraph(_) | Command::Init(_) | Command::BenchRl(_)
     ) {
         quiet_on_closed_pipe();
     }
@@ -123,6 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchInvariant(args) => bench_invariant_cmd::run(args),
         Command::BenchStages(args) => bench_stages_cmd::run(args),
         Command::BenchServe(args) => bench_serve_cmd::run(args),
+        Command::BenchGraph(args) => bench_graph_cmd::run(args),
         Command::Launch(args) => launch_cmd::run(args),
         Command::DistCheck(args) => dist_check_cmd::run(args),
         Command::BenchEp(args) => bench_ep_cmd::run(args),

@@ -9,6 +9,7 @@
 //! Needs the `cuda` feature and a GPU: built by `scripts/cuda/build.sh`, run by
 //! `scripts/cuda/gpu_check.sh`. Without the feature this file compiles to nothing.
 #![cfg(feature = "cuda")]
+#![allow(non_snake_case)] // shape-suffixed names (counts_SE: S sources, E experts)
 
 #[path = "../../distributed/tests/common/mod.rs"]
 mod common;
@@ -54,7 +55,7 @@ fn experts_rows_equal_experts_forward_bitwise() {
     for sources in [1usize, 3] {
         // rows of (source, expert): uneven, some empty
         let counts_SE: Vec<usize> = (0..sources * e).map(|i| (i * 7 + 3) % 11 * ((i % 5 != 2) as usize)).collect();
-        let expert_R: Vec<u32> = counts_SE.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat((i % e) as u32).take(c)).collect();
+        let expert_R: Vec<u32> = counts_SE.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n((i % e) as u32, c)).collect();
         let r = expert_R.len();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, d), &dev).unwrap()).unwrap();
         let g = Tensor::randn(0f32, 1.0, (r, d), &dev).unwrap();

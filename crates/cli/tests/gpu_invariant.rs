@@ -508,3 +508,47 @@ fn trainer_equals_engine_at_the_30b_width_in_bf16() {
     assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits());
     assert_eq!(after_checkpointed, param_sums(&plain), "checkpointing changes no bit of the update");
 }
+
+/// The dispatch plan of a small batch (one launch, `moe_plan_small`, A ≤ 2048) and of a large
+/// one (the seven-kernel path) group the rows the same way: the gather is the host's stable
+/// counting sort by expert, the counts are the host's, and a token's combine gives the same
+/// bits whether its route sits in a small batch or at the head of a large one.
+#[test]
+#[allow(non_snake_case)] // x_AD: A assignments, D hidden
+fn small_and_large_dispatch_plans_agree() {
+    let dev = gpu();
+    let (e, k, d) = (128usize, 8usize, 16usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let big_n = 400usize; // 3200 assignments: the large path
+    let experts: Vec<u32> = (0..big_n * k).map(|_| rng.random_range(0..e as u32)).collect();
+    let x = randn(&[big_n, d], 12, &dev);
+    let w: Vec<f32> = (0..big_n * k).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let mut outs = Vec::new();
+    for n in [64usize, big_n] {
+        let a = n * k;
+        let tok: Vec<u32> = (0..a as u32).map(|i| i / k as u32).collect();
+        let ex = &experts[..a];
+        let groups = lockstep_model::gpu::RowGroups::new(
+            &Tensor::from_vec(tok.clone(), a, &dev).unwrap(),
+            &Tensor::from_vec(ex.to_vec(), a, &dev).unwrap(),
+            n,
+            e,
+        )
+        .unwrap();
+        let mut want_counts = vec![0usize; e];
+        for &x in ex {
+            want_counts[x as usize] += 1;
+        }
+        assert_eq!(groups.counts().unwrap(), want_counts.as_slice(), "{n} tokens: counts");
+        let xn = x.narrow(0, 0, n).unwrap();
+        let x_AD = groups.gather(&xn).unwrap();
+        let mut order: Vec<usize> = (0..a).collect();
+        order.sort_by_key(|&i| ex[i]); // stable
+        let want = xn.index_select(&Tensor::from_vec(order.iter().map(|&i| tok[i]).collect::<Vec<u32>>(), a, &dev).unwrap(), 0).unwrap();
+        assert_eq!(bits(&x_AD), bits(&want), "{n} tokens: the gather is the stable sort by expert");
+        let y = (x_AD * 2.0).unwrap();
+        let out = groups.combine(&y, &Tensor::from_vec(w[..a].to_vec(), a, &dev).unwrap()).unwrap();
+        outs.push(out);
+    }
+    assert_eq!(bits(&outs[0]), bits(&outs[1].narrow(0, 0, 64).unwrap()), "a token's combine: small plan = large plan");
+}

@@ -13,6 +13,7 @@
 //! `moe` (route → dispatch → experts → combine) · `routing` (compute / record / replay plan) ·
 //! `model` (the causal LM) · `metrics` (routing health).
 
+pub mod accumulate;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

@@ -17,9 +17,10 @@
 //! lr_t = lr · t / warmup for t ≤ warmup; then lr (constant) or
 //! lr · (min_ratio + (1 − min_ratio) · ½ (1 + cos(π · p))), p = (t − warmup) / (total − warmup).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use lockstep_model::accumulate::add_into;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -103,23 +104,43 @@ impl AdamWConfig {
     }
 }
 
-/// Gradients summed over micro-batches, per parameter.
+/// Gradients summed over micro-batches, per parameter, in f32: the first micro-batch's
+/// gradient is copied into a fresh f32 tensor, later ones are added into it in place
+/// ([`lockstep_model::accumulate::add_into`]: the bits of `acc + g.to_dtype(F32)`, without the
+/// conversion kernel and the new tensor per parameter per micro-batch).
 #[derive(Default)]
 pub struct GradAccumulator {
     grads: HashMap<String, Tensor>,
+    /// the names whose sum is a tensor made here (so summed into in place); a gradient put in
+    /// by [`GradAccumulator::set`] may be held elsewhere too, so the next `add` sums it into a
+    /// fresh tensor instead
+    owned: HashSet<String>,
 }
 
 impl GradAccumulator {
     pub fn add(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
         for (name, v) in params {
-            if let Some(g) = store.get(v.as_tensor()) {
-                // detached: a gradient must not keep the step's autograd graph alive; summed in f32
-                let g = g.detach().to_dtype(DType::F32)?;
-                let sum = match self.grads.remove(name) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                self.grads.insert(name.clone(), sum);
+            let Some(g) = store.get(v.as_tensor()) else { continue };
+            // detached: a gradient must not keep the step's autograd graph alive; summed in f32
+            let g = g.detach();
+            match self.grads.get(name) {
+                Some(acc) if self.owned.contains(name) => {
+                    // f32 and bf16 are added as they are (widened exactly in the op)
+                    let g = if matches!(g.dtype(), DType::F32 | DType::BF16) { g } else { g.to_dtype(DType::F32)? };
+                    add_into(acc, &g)?;
+                }
+                Some(acc) => {
+                    let sum = (acc + g.to_dtype(DType::F32)?)?;
+                    self.grads.insert(name.clone(), sum);
+                    self.owned.insert(name.clone());
+                }
+                None => {
+                    // a fresh contiguous f32 copy: for an f32 gradient `to_dtype` would share the
+                    // gradient store's tensor, which the in-place sums must never write into
+                    let first = if g.dtype() == DType::F32 { g.force_contiguous()? } else { g.to_dtype(DType::F32)? };
+                    self.grads.insert(name.clone(), first);
+                    self.owned.insert(name.clone());
+                }
             }
         }
         Ok(())
@@ -129,10 +150,12 @@ impl GradAccumulator {
     }
     /// Replace a parameter's gradient (the data-parallel all-reduce writes the sum back).
     pub fn set(&mut self, name: &str, grad: Tensor) {
+        self.owned.remove(name);
         self.grads.insert(name.to_string(), grad);
     }
     /// Take a parameter's gradient out (the sharded optimizer keeps only its reduced slice).
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.owned.remove(name);
         self.grads.remove(name)
     }
 }
@@ -280,5 +303,52 @@ impl StepHyper {
         let update = (update + (theta * self.weight_decay)?)?;
         let next = (theta - (update * self.lr)?)?;
         Ok((next, m, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    /// Micro-batches summed in place give the bits of the out-of-place chain, and never write
+    /// into the gradient store's tensors (an f32 gradient is copied, not shared) nor into a
+    /// tensor put in by `set`.
+    #[test]
+    fn accumulation_in_place_sums_as_before_and_writes_only_its_own_tensors() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.25, 3.0], [2.0, 0.1, -0.7]], &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let params = vec![("w".to_string(), w.clone())];
+            let mut acc = GradAccumulator::default();
+            let mut want: Option<Tensor> = None;
+            let mut stores = Vec::new();
+            for k in 0..3 {
+                let x = Tensor::new(&[[1.0f32 + k as f32, 0.3], [-0.2, 0.7 * k as f32]], &dev).unwrap().to_dtype(dtype).unwrap();
+                let loss = x.matmul(w.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
+                let store = loss.backward().unwrap();
+                let g = store.get(w.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+                want = Some(match want {
+                    Some(s) => (s + &g).unwrap(),
+                    None => g.copy().unwrap(),
+                });
+                acc.add(&params, &store).unwrap();
+                stores.push((store, bits(&g)));
+            }
+            assert_eq!(bits(acc.get("w").unwrap()), bits(want.as_ref().unwrap()), "{dtype:?}");
+            for (store, g) in &stores {
+                assert_eq!(&bits(&store.get(w.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()), g, "{dtype:?}: a stored gradient was written");
+            }
+            // a tensor put in by `set` is summed into a fresh one, not in place
+            let put = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+            acc.set("w", put.clone());
+            acc.add(&params, &stores[0].0).unwrap();
+            assert_eq!(bits(&put), vec![0; 6]);
+            assert_eq!(bits(acc.get("w").unwrap()), stores[0].1);
+        }
     }
 }

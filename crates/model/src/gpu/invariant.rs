@@ -31,10 +31,12 @@ struct MatmulKernels {
     skinny: (&'static str, u32, usize, usize),
     /// the largest M the skinny kernel is used for (measured on the H100 by bench-invariant)
     skinny_max_m: usize,
-    /// the thin kernel (up to 16 rows; 32 columns a block of 4 warps) for M <= 16 when K % 16 =
-    /// 0 and the rows are 4-byte aligned: many warps streaming the weights (for 17..64 rows the
-    /// skinny one is faster: bench-invariant, M64 N2048 K2048 0.077 against 0.093 ms)
-    thin: Option<&'static str>,
+    /// the thin kernels (1, 2, 3, 4 m-tiles of 16 rows a warp; 32 columns a block of 4 warps)
+    /// for M <= THIN_MAX_M when K % 16 = 0 and the rows are 4-byte aligned: many warps
+    /// streaming the weights. (Session 14's ncu profile of a decode step at 17–48 requests: the
+    /// skinny kernel took 106–212 µs for the 2–17 MB q / k / v / o / router weights, 10–60 GB/s,
+    /// 42% of the step's device time.)
+    thin: Option<[&'static str; 4]>,
     /// the pipelined tensor-core kernel (TC_TILE outputs a block, TC_THREADS threads, TC_SMEM
     /// bytes of dynamic shared memory), in place of the big one when K % 8 = 0 and both start
     /// offsets are multiples of 8 elements (its 16-byte cp.async loads)
@@ -47,11 +49,14 @@ const BF16_KERNELS: MatmulKernels = MatmulKernels {
     big: ("inv_matmul_nt_bf16", 128),
     skinny: ("inv_matmul_nt_bf16_skinny", 32, 16, 16),
     skinny_max_m: usize::MAX,
-    thin: Some("inv_matmul_nt_bf16_thin1"),
+    thin: Some(["inv_matmul_nt_bf16_thin1", "inv_matmul_nt_bf16_thin2", "inv_matmul_nt_bf16_thin3", "inv_matmul_nt_bf16_thin4"]),
     tc: Some("inv_matmul_nt_bf16_tc"),
 };
-/// Rows of the thin kernels' tile, their columns per block and threads.
+/// Rows of the thin kernels' m-tile, their columns per block and threads.
 const THIN_ROWS: usize = 16;
+/// The most rows the dense thin kernels take (one block row of up to 4 m-tiles: the weights
+/// streamed once; past it the tensor-core kernel, whose 128-row tiles read them once too).
+const THIN_MAX_M: usize = 64;
 /// The most rows per expert (on average) the grouped thin kernel takes; with more, the 16 x 16
 /// one is faster (bench-invariant, 128 experts x 16 rows: 0.485 against 0.685 ms).
 const THIN_GROUPED_MAX_ROWS: usize = 8;
@@ -79,11 +84,12 @@ fn allow_smem(f: &super::Kernel, smem: u32) -> Result<()> {
     Ok(())
 }
 
-/// The thin kernel for M <= 16 where the family has one (K % 16 = 0, even start offsets); else
-/// the skinny kernel when the big one would fill fewer than two waves of an H100/H200's 132 SMs
-/// (and M is within the kernel family's `skinny_max_m`), else the tensor-core one where the
-/// family has one and K and the offsets allow it (`tc_aligned`), else the big one. `offsets`:
-/// x's and w's start offsets in their storage (elements).
+/// A thin kernel for M <= THIN_MAX_M where the family has them (K % 16 = 0, even start
+/// offsets; 16 · ⌈M / 16⌉ rows a block row up to 64); else the tensor-core one where the
+/// family has one and K and the offsets allow it (`tc_aligned`); else the skinny kernel when
+/// the big one would fill fewer than two waves of an H100/H200's 132 SMs (and M is within the
+/// kernel family's `skinny_max_m`), else the big one. `offsets`: x's and w's start offsets in
+/// their storage (elements).
 fn launch_matmul<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &CudaView<T>,
@@ -105,9 +111,15 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     let tc = kernels.tc.filter(|_| tc_aligned(offsets.0, offsets.1, k));
     // (name, threads, tile rows, tile cols, dynamic shared memory bytes)
     let (name, block, tm, tn, smem) = match (kernels.thin, tc) {
-        (Some(thin), _) if m <= THIN_ROWS && k % 16 == 0 && even => (thin, THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
-        _ if skinny => (kernels.skinny.0, kernels.skinny.1, kernels.skinny.2, kernels.skinny.3, 0),
+        // (17..64 rows: only where the tensor-core grid would be small — a wide product such as
+        // the LM head streams faster through 128-row tiles: ncu, 33 rows x 151,936, 1.09 ms
+        // thin against 0.19 ms tc)
+        (Some(thin), _) if (m <= THIN_ROWS || (m <= THIN_MAX_M && (tc.is_none() || n.div_ceil(TC_TILE.1) < 2 * 132))) && k % 16 == 0 && even => {
+            let mt = m.div_ceil(THIN_ROWS).min(thin.len());
+            (thin[mt - 1], THIN_THREADS, mt * THIN_ROWS, THIN_COLS, 0)
+        }
         (_, Some(tc)) => (tc, TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
+        _ if skinny => (kernels.skinny.0, kernels.skinny.1, kernels.skinny.2, kernels.skinny.3, 0),
         _ => (kernels.big.0, kernels.big.1, 64, 64, 0),
     };
     let gy = m.div_ceil(tm);

@@ -11,7 +11,12 @@
 // up to WBK with zeros, one f32 accumulator, rounded once — so the same bits as the others.
 // Needs K % 16 == 0 and 4-byte aligned rows (the host checks).
 #define THIN_WARPS 4
-#define THIN_UNROLL 8
+// K steps of weight loads in flight per warp: the grouped kernel (thousands of warps) 8; the
+// dense one (as few as N / 8 warps: 64 for a 512-wide k / v projection) 16
+#define THIN_UNROLL_GROUPED 8
+#define THIN_UNROLL_DENSE 16
+// one m-tile (decode at one to 16 requests): 32 K steps (8 KiB of weights a warp) in flight
+#define THIN_UNROLL_DENSE1 32
 __device__ __forceinline__ void thin_mma(float* c, const uint32_t* a, const uint32_t* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -22,7 +27,7 @@ __device__ __forceinline__ void thin_mma(float* c, const uint32_t* a, const uint
 __device__ __forceinline__ uint32_t thin_ld(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // y[m0 + r, n0 + j] = Σ_k x[m0 + r, k] w[n0 + j, k] for r < rows (<= 16 MT), j < 8
-template <int MT>
+template <int MT, int THIN_UNROLL>
 __device__ __forceinline__ void thin_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                                           __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t n0,
                                           uint32_t N, uint32_t K) {
@@ -77,9 +82,14 @@ __device__ __forceinline__ void thin_tile(const __nv_bfloat16* __restrict__ x, c
         uint32_t M, uint32_t N, uint32_t K) {                                                                   \
         const uint32_t n0 = (blockIdx.x * THIN_WARPS + (threadIdx.x >> 5)) * 8, m0 = blockIdx.y * 16 * MT;      \
         if (n0 >= N || m0 >= M) return;                                                                         \
-        thin_tile<MT>(x, w, y, m0, min(M - m0, 16u * MT), n0, N, K);                                            \
+        thin_tile<MT, MT == 1 ? THIN_UNROLL_DENSE1 : THIN_UNROLL_DENSE>(x, w, y, m0, min(M - m0, 16u * MT), n0, N, K); \
     }
+// one to four 16-row m-tiles a warp (M <= 16, 32, 48, 64 a block row; more rows: more block rows,
+// each streaming the weights again)
 THIN_DENSE(1)
+THIN_DENSE(2)
+THIN_DENSE(3)
+THIN_DENSE(4)
 
 // The grouped product's thin variant: tile table entries (expert, first row, rows <= 16) as for
 // inv_grouped_nt_bf16, a warp per 8 columns of the expert's weights.
@@ -89,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(32 * THIN_WARPS) inv_grouped_nt_bf1
     const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
     const uint32_t n0 = (blockIdx.x * THIN_WARPS + (threadIdx.x >> 5)) * 8;
     if (rows == 0 || n0 >= N) return;
-    thin_tile<1>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);
+    thin_tile<1, THIN_UNROLL_GROUPED>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);
 }
 
 // The tensor-core products at training / prefill sizes: a 128 x 128 output tile a block (4 warps

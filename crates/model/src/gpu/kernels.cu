@@ -105,6 +105,75 @@ extern "C" __global__ void moe_token_sort(const u32* __restrict__ toff, u32 N, u
     }
 }
 
+// The whole deferred plan of a small batch in one launch (a decode step: A = N * K assignments
+// of a few hundred tokens): one block of 1024 threads does what moe_histogram (x2),
+// moe_exclusive_scan (x2), moe_positions, moe_token_fill and moe_token_sort do, with the same
+// results bit for bit (integers): hist = [expert bins E, overflow, token bins N, overflow],
+// pos_A = the stable rank within the expert after its offset (0 for an id >= E), toff = the
+// token CSR offsets, list = each token's assignments ascending (0 where a token id >= N left a
+// slot unfilled). Dynamic shared memory: the E + N + 2 bins and E + 1 expert offsets, u32.
+// The positions cost E * A / 32 ballots over the block's 32 warps: small batches only.
+extern "C" __global__ void __launch_bounds__(1024) moe_plan_small(const u32* __restrict__ token_A, const u32* __restrict__ expert_A,
+                                                                  u32 A, u32 E, u32 N, u32* __restrict__ hist,
+                                                                  u32* __restrict__ pos_A, u32* __restrict__ toff,
+                                                                  u32* __restrict__ list) {
+    extern __shared__ u32 sh[];
+    u32* bins = sh;                 // [E + 1 + N + 1]
+    u32* eoff = sh + E + N + 2;     // [E + 1]
+    const u32 nb = E + N + 2;
+    const u32 t = threadIdx.x, nt = blockDim.x, lane = t & 31, warp = t >> 5, nwarps = nt >> 5;
+    for (u32 i = t; i < nb; i += nt) bins[i] = 0;
+    for (u32 a = t; a < A; a += nt) { pos_A[a] = 0; list[a] = 0; }
+    __syncthreads();
+    for (u32 a = t; a < A; a += nt) {
+        u32 e = expert_A[a], n = token_A[a];
+        atomicAdd(&bins[e < E ? e : E], 1u);
+        atomicAdd(&bins[E + 1 + (n < N ? n : N)], 1u);
+    }
+    __syncthreads();
+    for (u32 i = t; i < nb; i += nt) hist[i] = bins[i];
+    // the two exclusive scans, one thread each
+    if (t == 0) {
+        u32 acc = 0;
+        for (u32 e = 0; e < E; ++e) { eoff[e] = acc; acc += bins[e]; }
+        eoff[E] = acc;
+    } else if (t == 32) {
+        u32 acc = 0;
+        toff[0] = 0;
+        for (u32 n = 0; n < N; ++n) { acc += bins[E + 1 + n]; toff[n + 1] = acc; }
+    }
+    __syncthreads();
+    // stable rank within each expert: a warp per expert, the assignments in order, 32 at a time
+    for (u32 e = warp; e < E; e += nwarps) {
+        u32 running = eoff[e];
+        for (u32 base = 0; base < A; base += 32) {
+            u32 a = base + lane;
+            bool m = a < A && expert_A[a] == e;
+            u32 ballot = __ballot_sync(0xffffffffu, m);
+            if (m) pos_A[a] = running + __popc(ballot & ((1u << lane) - 1u));
+            running += __popc(ballot);
+        }
+    }
+    // token CSR: the token bins become fill cursors, then each token's (short) list is sorted
+    u32* cursor = bins + E + 1;
+    for (u32 n = t; n < N; n += nt) cursor[n] = 0;
+    __syncthreads();
+    for (u32 a = t; a < A; a += nt) {
+        u32 n = token_A[a];
+        if (n < N) list[toff[n] + atomicAdd(&cursor[n], 1u)] = a;
+    }
+    __syncthreads();
+    for (u32 n = t; n < N; n += nt) {
+        u32 lo = toff[n], hi = toff[n + 1];
+        for (u32 i = lo + 1; i < hi; ++i) {
+            u32 v = list[i];
+            u32 j = i;
+            while (j > lo && list[j - 1] > v) { list[j] = list[j - 1]; --j; }
+            list[j] = v;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Permute (dispatch) and its backward
 

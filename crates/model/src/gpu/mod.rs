@@ -5,6 +5,7 @@
 //!
 //! - `plan`: the dispatch plan, computed on the device from the routing decision;
 //! - `gemm`: per-expert GEMMs through cuBLAS (grouped, padded strided-batched, or a loop);
+//! - `grouped_bwd`: the invariant grouped product's backward as two cuBLAS grouped GEMMs;
 //! - `ops`: the custom ops with their backward;
 //! - `route`: token-choice top-k, expert-choice selection and replay checks on the device;
 //! - `invariant`: the batch-invariant matmul and attention (`crate::nn::invariant` on CUDA);
@@ -13,13 +14,17 @@
 //! - `sample`: the Gumbel-max draw of a step's tokens (`crate::gumbel`);
 //! - `head`: the LM head's log-prob / entropy surrogate and its gradient (`crate::head_grad`);
 //! - `norm`, `rope`: the fused RMSNorm and rotary embedding (`crate::nn::norm`, `crate::nn::rope`);
+//! - `accumulate`: in-place f32 gradient sums (`crate::accumulate`);
+//! - `swiglu`: the experts' fused SwiGLU and its backward (`crate::nn::swiglu`);
 //! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`, `flash.cu`, `head.cu`,
-//!   `norm.cu`, `rope.cu`: the kernels (compiled to PTX by build.rs).
+//!   `norm.cu`, `rope.cu`, `accumulate.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
+pub(crate) mod accumulate;
 pub(crate) mod flash;
 pub(crate) mod gemm;
+pub(crate) mod grouped_bwd;
 pub(crate) mod head;
 pub(crate) mod invariant;
 pub(crate) mod norm;
@@ -29,6 +34,7 @@ pub(crate) mod plan;
 pub(crate) mod rope;
 pub(crate) mod route;
 pub(crate) mod sample;
+pub(crate) mod swiglu;
 
 use std::sync::Arc;
 
@@ -54,6 +60,8 @@ const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_kernels.ptx"
 const NORM_MODULE: &str = "lockstep_norm";
 const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_kernels.ptx"));
 const ROPE_MODULE: &str = "lockstep_rope";
+const ACCUMULATE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/accumulate_kernels.ptx"));
+const ACCUMULATE_MODULE: &str = "lockstep_accumulate";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -112,6 +120,12 @@ pub(crate) fn norm_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `rope.cu`.
 pub(crate) fn rope_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, ROPE_MODULE, ROPE_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `accumulate.cu`.
+pub(crate) fn accumulate_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, ACCUMULATE_MODULE, ACCUMULATE_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 

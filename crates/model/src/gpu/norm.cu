@@ -1,4 +1,4 @@
-// RMSNorm, one warp per row (crates/model/src/nn/norm.rs defines it):
+// RMSNorm and its backward, one warp per row (crates/model/src/nn/norm.rs defines it):
 //   s = Σ_i x_i² (f32; lane l takes i = l, l + 32, … in order, then a fixed xor butterfly),
 //   r = 1 / sqrt(s / D + eps), out_i = round(round(x_i · r) · w_i) in the input's dtype.
 // A row's arithmetic depends on that row alone, so the result is batch-invariant.
@@ -17,21 +17,67 @@ __device__ __forceinline__ void from_f(float v, __nv_bfloat16* o) { *o = __float
 __device__ __forceinline__ float round_as(float v, const float*) { return v; }
 __device__ __forceinline__ float round_as(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
+// r = 1 / sqrt(s / D + eps), s = Σ_i x_i² (lane l: i = l, l + 32, … in order, 8 loads in flight;
+// then a fixed xor butterfly), the same in every lane
+template <typename T>
+__device__ __forceinline__ float row_rsqrt(const T* __restrict__ xr, uint32_t d, float eps, uint32_t lane) {
+    float s = 0.0f;
+    uint32_t i = lane;
+    for (; i + 7 * 32 < d; i += 8 * 32) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) v[u] = to_f(xr[i + 32 * u]);
+#pragma unroll
+        for (int u = 0; u < 8; u++) s = fmaf(v[u], v[u], s);
+    }
+    for (; i < d; i += 32) {
+        const float v = to_f(xr[i]);
+        s = fmaf(v, v, s);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return 1.0f / sqrtf(s / (float)d + eps);
+}
+
 template <typename T>
 __device__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, uint32_t rows, uint32_t d, float eps) {
     const uint32_t row = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * d;
     T* orow = out + (size_t)row * d;
-    float s = 0.0f;
-    for (uint32_t i = lane; i < d; i += 32) {
-        const float v = to_f(xr[i]);
-        s = fmaf(v, v, s);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const float r = 1.0f / sqrtf(s / (float)d + eps);
+    const float r = row_rsqrt(xr, d, eps, lane);
+#pragma unroll 4
     for (uint32_t i = lane; i < d; i += 32) from_f(round_as(to_f(xr[i]) * r, xr) * to_f(w[i]), orow + i);
+}
+
+// The backward, one warp per row, with n = x · r and dn = g · w (f32):
+//   dx = r · (dn − n · mean(dn · n))            (in x's dtype)
+//   pw = g · round(n)                           (f32 [rows, d]: dw = Σ_rows pw, summed by the host)
+// either output may be a null pointer (not written; the mean is skipped without dx)
+// (the sums lane-strided then a fixed xor butterfly, as the forward's; not compared bitwise)
+template <typename T>
+__device__ void rms_norm_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ g, T* __restrict__ dx,
+                             float* __restrict__ pw, uint32_t rows, uint32_t d, float eps) {
+    const uint32_t row = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t base = (size_t)row * d;
+    const T* xr = x + base;
+    const T* gr = g + base;
+    const float r = row_rsqrt(xr, d, eps, lane);
+    float m = 0.0f;
+    if (dx != nullptr) {
+#pragma unroll 4
+        for (uint32_t i = lane; i < d; i += 32) m = fmaf(to_f(gr[i]) * to_f(w[i]), to_f(xr[i]) * r, m);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m += __shfl_xor_sync(0xffffffffu, m, o);
+        m /= (float)d;
+    }
+#pragma unroll 4
+    for (uint32_t i = lane; i < d; i += 32) {
+        const float n = to_f(xr[i]) * r, gi = to_f(gr[i]);
+        if (dx != nullptr) from_f(r * (gi * to_f(w[i]) - n * m), dx + base + i);
+        if (pw != nullptr) pw[base + i] = gi * round_as(n, xr);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(NT) rms_norm_f32(const float* x, const float* w, float* out, uint32_t rows, uint32_t d, float eps) {
@@ -39,4 +85,11 @@ extern "C" __global__ void __launch_bounds__(NT) rms_norm_f32(const float* x, co
 }
 extern "C" __global__ void __launch_bounds__(NT) rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, uint32_t rows, uint32_t d, float eps) {
     rms_norm<__nv_bfloat16>(x, w, out, rows, d, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(NT) rms_norm_bwd_f32(const float* x, const float* w, const float* g, float* dx, float* pw, uint32_t rows, uint32_t d, float eps) {
+    rms_norm_bwd<float>(x, w, g, dx, pw, rows, d, eps);
+}
+extern "C" __global__ void __launch_bounds__(NT) rms_norm_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g, __nv_bfloat16* dx, float* pw, uint32_t rows, uint32_t d, float eps) {
+    rms_norm_bwd<__nv_bfloat16>(x, w, g, dx, pw, rows, d, eps);
 }

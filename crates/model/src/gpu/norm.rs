@@ -48,3 +48,71 @@ pub(crate) fn rms_norm(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Lay
     };
     Ok((out, shape))
 }
+
+/// Which output of the backward kernel a launch writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BwdOut {
+    /// dx [N, D] in x's dtype
+    Dx,
+    /// g · round(x · r) [N, D] f32 (the weight gradient's rows: dw = their sum)
+    WeightRows,
+}
+
+fn launch_bwd<T: CudaDType + DeviceRepr>(
+    (sx, lx): (&CudaStorage, &Layout),
+    (sw, lw): (&CudaStorage, &Layout),
+    (sg, lg): (&CudaStorage, &Layout),
+    (n, d): (usize, usize),
+    eps: f32,
+    out: BwdOut,
+    name: &'static str,
+) -> Result<CudaStorage> {
+    let dev = sx.device().clone();
+    let x = contiguous::<T>(sx, lx, "rms norm backward x")?;
+    let w = contiguous::<T>(sw, lw, "rms norm backward weight")?;
+    let g = contiguous::<T>(sg, lg, "rms norm backward gradient")?;
+    let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rms norm backward: {what} = {v} exceeds u32")));
+    let (n32, d32) = (u32_of(n, "rows")?, u32_of(d, "row width")?);
+    let blocks = u32::try_from(n.div_ceil(ROWS_PER_BLOCK)).map_err(|_| candle_core::Error::Msg("rms norm backward: too many rows".into()))?;
+    let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let null = 0u64;
+    let f = norm_func(&dev, name)?;
+    Ok(match out {
+        BwdOut::Dx => {
+            // SAFETY: uninitialised, but the launch writes dx[row, 0..D] for every row < N.
+            let mut dx = unsafe { dev.alloc::<T>((n * d).max(1))? };
+            if n * d > 0 {
+                let mut b = f.builder();
+                b.arg(&x).arg(&w).arg(&g).arg(&mut dx).arg(&null).arg(&n32).arg(&d32).arg(&eps);
+                // SAFETY: the arguments are those of `rms_norm_bwd_<dtype>(x, w, g, dx, pw, rows,
+                // d, eps)` in order, T its element type: x and g the contiguous [N, D] input and
+                // output gradient, w the [D] weight (the op checked shapes and dtypes), dx holds
+                // N · D, pw a null pointer (a 0u64, pointer-sized; the kernel skips it). ⌈N / 4⌉
+                // blocks of 4 warps, warp rows past N return at once.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(dx, dev)
+        }
+        BwdOut::WeightRows => {
+            // SAFETY: uninitialised, but the launch writes pw[row, 0..D] for every row < N.
+            let mut pw = unsafe { dev.alloc::<f32>((n * d).max(1))? };
+            if n * d > 0 {
+                let mut b = f.builder();
+                b.arg(&x).arg(&w).arg(&g).arg(&null).arg(&mut pw).arg(&n32).arg(&d32).arg(&eps);
+                // SAFETY: as above with dx the null pointer and pw the f32 N · D output.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(pw, dev)
+        }
+    })
+}
+
+/// The backward of [`rms_norm`]: x [N, D], w [D], g [N, D] (contiguous views, one dtype: f32 or
+/// bf16) → dx in x's dtype or the weight gradient's rows in f32 (`out`).
+pub(crate) fn rms_norm_bwd(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), g: (&CudaStorage, &Layout), nd: (usize, usize), eps: f32, out: BwdOut) -> Result<CudaStorage> {
+    match (x.0.dtype(), w.0.dtype(), g.0.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => launch_bwd::<f32>(x, w, g, nd, eps, out, "rms_norm_bwd_f32"),
+        (DType::BF16, DType::BF16, DType::BF16) => launch_bwd::<bf16>(x, w, g, nd, eps, out, "rms_norm_bwd_bf16"),
+        (a, b, c) => candle_core::bail!("rms norm backward: x {a:?}, weight {b:?}, gradient {c:?} (f32 or bf16, all the same)"),
+    }
+}

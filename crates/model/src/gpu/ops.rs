@@ -41,7 +41,7 @@ pub(super) fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what:
     }
 }
 
-fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
+pub(super) fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),
@@ -144,7 +144,7 @@ fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
 }
 
 /// silu(gate) · up of gu [R, 2F] → [R, F].
-fn swiglu<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
+pub(super) fn swiglu<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
     // SAFETY: uninitialised, but the launch writes every out[r, j]: `rows_cfg` gives
     // ceil(F / 512) blocks of 256 threads, two columns a thread, over the F columns, and a
     // grid-strided y over the R rows; when R · F = 0 the buffer is never read.
@@ -164,7 +164,7 @@ fn swiglu<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, r: usiz
 }
 
 /// (gu [R, 2F], da [R, F]) → dgu [R, 2F].
-fn swiglu_bwd<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, da: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
+pub(super) fn swiglu_bwd<T: CudaDType + DeviceRepr>(dev: &CudaDevice, gu: &CudaView<T>, da: &CudaView<T>, r: usize, f: usize, suf: &str) -> Result<CudaSlice<T>> {
     // SAFETY: uninitialised, but the launch writes both halves, dgu[r, j] and dgu[r, F + j], of
     // every row r < R and column j < F (same grid as `swiglu`); R · F = 0: never read.
     let mut out = unsafe { dev.alloc::<T>((r * 2 * f).max(1))? };

@@ -1,5 +1,6 @@
 // Routing kernels for the CUDA path (crates/model/src/gpu/route.rs): token-choice top-k
-// (group-limited when asked), expert-choice selection, and the checks of a replayed route.
+// (group-limited when asked), expert-choice selection, the checks of a replayed route, and the
+// fused router ops of crates/model/src/moe/router/fused.rs (softmax, top-k weights, token map).
 // Compiled to PTX by crates/model/build.rs (nvcc --ptx) when the `cuda` feature is on.
 //
 // Selection semantics are the host code's (moe/router/token_choice.rs, expert_choice.rs):
@@ -150,4 +151,67 @@ extern "C" __global__ void route_check_pairs(const u32* __restrict__ token_A, co
         const u32 m = 1u << (bit & 31);
         if (atomicOr(&seen[bit >> 5], m) & m) atomicAdd(&bad[2], 1u);
     }
+}
+
+// The fused router ops (moe/router/fused.rs defines them; the CPU code follows the same order).
+
+// Softmax over rows of E f32 values, one warp per row (any E), 4 warps per block. Lane l takes
+// the columns l, l + 32, ... in ascending order: m = max (fmaxf: NaN ignored) through the xor
+// butterfly; e_i = expf(x_i - m), kept in out, the lane's partial sum from 0 in column order;
+// the partials summed by the xor butterfly 16, 8, 4, 2, 1; out_i = e_i / s (IEEE division).
+// A row's bits depend on that row alone.
+#define SOFTMAX_WARPS 4
+extern "C" __global__ void __launch_bounds__(32 * SOFTMAX_WARPS)
+    route_softmax_f32(const float* __restrict__ x_RE, u32 R, u32 E, float* __restrict__ out_RE) {
+    const u32 row = blockIdx.x * SOFTMAX_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= R) return;  // the whole warp leaves together
+    const float* xr = x_RE + (size_t)row * E;
+    float* o = out_RE + (size_t)row * E;
+    float m = __uint_as_float(0xff800000u);  // -inf
+    for (u32 i = lane; i < E; i += 32) m = fmaxf(m, xr[i]);
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, d));
+    float s = 0.0f;
+    for (u32 i = lane; i < E; i += 32) {
+        const float e = expf(xr[i] - m);
+        o[i] = e;
+        s = s + e;
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) s = s + __shfl_xor_sync(0xffffffffu, s, d);
+    for (u32 i = lane; i < E; i += 32) o[i] = o[i] / s;
+}
+
+// Top-k weights, one thread per token n (grid-strided): p_k = scores_NE[n, ids_NK[n, k]] (NaN
+// for an id >= E: never read out of bounds; the host checks forced ids before), S = ((0 + p_0) +
+// p_1) + ... in k order; w_k = p_k (renorm 0), p_k / S (1) or p_k / (S + eps) (2); then
+// w_k * scale when has_scale. out = [2, N, K]: probs_NK, then weights_NK.
+extern "C" __global__ void route_topk_weights(const float* __restrict__ scores_NE, const u32* __restrict__ ids_NK, u32 N,
+                                              u32 E, u32 K, u32 renorm, float eps, u32 has_scale, float scale,
+                                              float* __restrict__ out) {
+    const size_t nk = (size_t)N * K;
+    for (u32 n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
+        const u32* id = ids_NK + (size_t)n * K;
+        float* p = out + (size_t)n * K;
+        float* w = out + nk + (size_t)n * K;
+        float s = 0.0f;
+        for (u32 k = 0; k < K; ++k) {
+            const u32 x = id[k];
+            const float v = x < E ? scores_NE[(size_t)n * E + x] : __uint_as_float(0x7fc00000u);  // NaN
+            p[k] = v;
+            s = s + v;
+        }
+        const float den = renorm == 2 ? s + eps : s;
+        for (u32 k = 0; k < K; ++k) {
+            float v = p[k];
+            if (renorm != 0) v = v / den;
+            if (has_scale) v = v * scale;
+            w[k] = v;
+        }
+    }
+}
+
+// token_A[a] = a / K for a < A (the token of assignment a of a row-major [N, K] ids), grid-strided.
+extern "C" __global__ void route_token_map(u32 A, u32 K, u32* __restrict__ token_A) {
+    for (u32 a = blockIdx.x * blockDim.x + threadIdx.x; a < A; a += gridDim.x * blockDim.x) token_A[a] = a / K;
 }

@@ -2,15 +2,18 @@
 //! group-limited), expert-choice selection, and the checks of forced routes, so that routing,
 //! recording and replaying a layer need no host round trip. The host versions in
 //! `moe::router::select` define the semantics; these give the same ids (total order on f32,
-//! larger first, ties to the lower index).
+//! larger first, ties to the lower index). Also the launches of the fused router ops of
+//! `moe::router::fused` (softmax, top-k weights, token map), whose module doc defines them.
 //!
-//! Legend: N tokens, E experts, G expert groups, K experts per token, P pools, A assignments.
+//! Legend: N tokens, E experts, G expert groups, K experts per token, P pools, A assignments,
+//! R rows.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::ops::contiguous;
 use super::route_func;
 
 fn f32_rows<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
@@ -191,4 +194,98 @@ pub(crate) fn check_forced(dev: &CudaDevice, routes: &[Forced<'_>], num_tokens: 
 
 fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds u32")))
+}
+
+/// Warps (rows) per block of `route_softmax_f32` (its SOFTMAX_WARPS).
+const SOFTMAX_WARPS: usize = 4;
+
+/// softmax over the last dim of a contiguous f32 tensor (`fused::softmax`): same shape, f32.
+pub(crate) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    if s.dtype() != DType::F32 {
+        candle_core::bail!("router softmax: logits must be f32, got {:?}", s.dtype());
+    }
+    let e = *l.dims().last().unwrap_or(&0);
+    let rows = l.shape().elem_count().checked_div(e).unwrap_or(0);
+    let dev = s.device().clone();
+    let x = contiguous::<f32>(s, l, "router softmax logits")?;
+    // SAFETY: uninitialised, but the launch writes out[r, 0..E] for every row r < R (one warp per
+    // row); R · E = 0: never read.
+    let mut out = unsafe { dev.alloc::<f32>((rows * e).max(1))? };
+    if rows * e > 0 {
+        let (r32, e32) = (u32_of(rows, "router softmax rows")?, u32_of(e, "router softmax row width")?);
+        let blocks = u32_of(rows.div_ceil(SOFTMAX_WARPS), "router softmax blocks")?;
+        let f = route_func(&dev, "route_softmax_f32")?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&r32).arg(&e32).arg(&mut out);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32 * SOFTMAX_WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are those of `route_softmax_f32(x_RE, R, E, out_RE)` in order: x
+        // is the contiguous f32 input of R · E values (dtype checked above, layout by
+        // `contiguous`), out holds R · E. ceil(R / 4) blocks of 4 warps (the kernel's launch
+        // bound); warps of rows past R return at once.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+}
+
+/// (scores_NE f32, ids_NK u32) → [2, N, K] f32, probs then weights (`fused::topk_weights`):
+/// `renorm` 0 none, 1 by the sum, 2 by the sum + `eps`; `scale` applied when given.
+pub(crate) fn topk_weights(
+    ss: &CudaStorage,
+    ls: &Layout,
+    si: &CudaStorage,
+    li: &Layout,
+    renorm: u32,
+    eps: f32,
+    scale: Option<f32>,
+) -> Result<(CudaStorage, Shape)> {
+    let (n, e) = ls.shape().dims2()?;
+    let (n_ids, k) = li.shape().dims2()?;
+    if n != n_ids || ss.dtype() != DType::F32 || si.dtype() != DType::U32 {
+        candle_core::bail!("router top-k weights: scores {:?} {:?} with ids {:?} {:?} (f32 [N, E], u32 [N, K])", ss.dtype(), ls.dims(), si.dtype(), li.dims());
+    }
+    let dev = ss.device().clone();
+    let scores = contiguous::<f32>(ss, ls, "router top-k weights scores")?;
+    let ids = contiguous::<u32>(si, li, "router top-k weights ids")?;
+    // SAFETY: uninitialised, but the launch writes probs[n, k] and weights[n, k] for every n < N
+    // and k < K (thread n of the grid-strided loop); N · K = 0: never read.
+    let mut out = unsafe { dev.alloc::<f32>((2 * n * k).max(1))? };
+    if n * k > 0 {
+        let (n32, e32, k32) = (u32_of(n, "router top-k weights tokens")?, u32_of(e, "router top-k weights experts")?, u32_of(k, "router top-k weights K")?);
+        u32_of(2 * n * k, "router top-k weights outputs")?;
+        let (has_scale, c) = match scale {
+            Some(c) => (1u32, c),
+            None => (0u32, 1.0f32),
+        };
+        let f = route_func(&dev, "route_topk_weights")?;
+        let mut b = f.builder();
+        b.arg(&scores).arg(&ids).arg(&n32).arg(&e32).arg(&k32).arg(&renorm).arg(&eps).arg(&has_scale).arg(&c).arg(&mut out);
+        // SAFETY: the arguments are those of `route_topk_weights(scores_NE, ids_NK, N, E, K,
+        // renorm, eps, has_scale, scale, out)` in order: scores and ids are the contiguous [N, E]
+        // f32 and [N, K] u32 inputs (shapes and dtypes checked above), out holds 2 · N · K. The
+        // kernel reads rows n < N only and reads scores_NE[n, id] only for id < E.
+        unsafe { b.launch(grid(n)) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n, k))))
+}
+
+/// token_A [N · K] u32 = a / K on `dev` (`fused::token_map`).
+pub(crate) fn token_map(dev: &CudaDevice, n: usize, k: usize) -> Result<(CudaStorage, Shape)> {
+    let a = n * k;
+    // SAFETY: uninitialised, but the launch writes token_A[a] for every a < A (grid-strided);
+    // A = 0: never read.
+    let mut out = unsafe { dev.alloc::<u32>(a.max(1))? };
+    if a > 0 {
+        let (a32, k32) = (u32_of(a, "router token map assignments")?, u32_of(k, "router token map K")?);
+        let f = route_func(dev, "route_token_map")?;
+        let mut b = f.builder();
+        b.arg(&a32).arg(&k32).arg(&mut out);
+        // SAFETY: the arguments are those of `route_token_map(A, K, token_A)` in order; out holds
+        // A entries and the kernel writes a < A only; K > 0 as A = N · K > 0 (no division by 0).
+        unsafe { b.launch(grid(a)) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(a)))
 }

@@ -115,9 +115,9 @@ impl Experts {
         let f = self.intermediate;
         if self.kernels == Kernels::Invariant {
             // every expert in one grouped product each side (one launch on CUDA)
+            // (the fused SwiGLU: one rounding, one launch; `nn::swiglu`)
             let h = crate::nn::invariant::grouped_matmul_nt(x_AD, &self.gate_up_proj, counts)?;
-            let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
-            return crate::nn::invariant::grouped_matmul_nt(&act, &self.down_proj, counts);
+            return crate::nn::invariant::grouped_matmul_nt(&crate::nn::swiglu::swiglu(&h)?, &self.down_proj, counts);
         }
         let mut outs = Vec::new();
         let mut offset = 0;

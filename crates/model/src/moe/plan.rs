@@ -70,10 +70,8 @@ impl DispatchPlan {
     pub fn experts_forward(&self, experts: &Experts, x_AD: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (crate::nn::Kernels::Invariant, Self::Device(g)) = (experts.kernels(), self) {
-            let f = experts.down_proj.dim(2)?;
             let h = g.grouped_matmul_nt(x_AD, &experts.gate_up_proj)?;
-            let act = h.narrow(1, 0, f)?.silu()?.mul(&h.narrow(1, f, f)?)?;
-            return g.grouped_matmul_nt(&act, &experts.down_proj);
+            return g.grouped_matmul_nt(&crate::nn::swiglu::swiglu(&h)?, &experts.down_proj);
         }
         experts.forward(x_AD, self.counts()?)
     }

@@ -160,8 +160,14 @@ impl CustomOp2 for GroupedMatmulNt {
 }
 
 /// The backward of the grouped product x [A, K] · w[e]ᵀ (`counts[e]` rows of expert e back to
-/// back): dx and dw per expert (candle's kernels; the backward is not compared bitwise).
+/// back): dx and dw (the backward is not compared bitwise). CUDA: two cuBLAS grouped GEMMs
+/// (`gpu::grouped_bwd`); CPU: candle's matmuls per expert.
 pub(crate) fn grouped_bwd(x: &Tensor, w: &Tensor, g: &Tensor, counts: &[usize]) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let (dx, dw) = crate::gpu::grouped_bwd::grouped_bwd(x, w, g, counts)?;
+        return Ok((Some(dx), Some(dw)));
+    }
     let (e, n, k) = w.dims3()?;
     let (mut dx, mut dw) = (Vec::new(), Vec::with_capacity(e));
     let mut start = 0;

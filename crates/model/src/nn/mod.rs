@@ -11,6 +11,7 @@ pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod swiglu;
 pub mod varlen;
 
 /// Which kernels a forward uses.

@@ -86,25 +86,102 @@ impl CustomOp2 for FusedRmsNorm {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = *l1.dims().last().unwrap_or(&1);
-        let n = if d == 0 { 0 } else { l1.shape().elem_count() / d };
+        let n = l1.shape().elem_count().checked_div(d).unwrap_or(0);
         crate::gpu::norm::rms_norm(s1, l1, s2, l2, (n, d), self.eps)
     }
 
     /// With n = x · r (f32) and g the output's gradient: dw = Σ_rows g ∘ round(n),
-    /// dx = r · (g∘w − n · mean(g∘w ∘ n)) — in f32, then in the inputs' dtypes.
+    /// dx = r · (g∘w − n · mean(g∘w ∘ n)) — in f32, then in the inputs' dtypes: one op for dx
+    /// and one for the rows of dw ([`RmsNormBwd`]; on CUDA a warp per row, `gpu/norm.cu`), the
+    /// rows summed by a product with ones (no strided reduction over the rows).
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
-        let xf = x.to_dtype(DType::F32)?;
-        let r = ((xf.sqr()?.sum_keepdim(D::Minus1)? / d as f64)? + self.eps as f64)?.sqrt()?.recip()?;
-        let n = xf.broadcast_mul(&r)?;
-        let gf = g.to_dtype(DType::F32)?;
         let rows = x.elem_count() / d.max(1);
-        let g2 = gf.reshape((rows, d))?;
-        let dw = (&g2 * n.to_dtype(x.dtype())?.to_dtype(DType::F32)?.reshape((rows, d))?)?.sum(0)?;
-        let dn = gf.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let m = ((&dn * &n)?.sum_keepdim(D::Minus1)? / d as f64)?;
-        let dx = (dn - n.broadcast_mul(&m)?)?.broadcast_mul(&r)?;
-        Ok((Some(dx.to_dtype(x.dtype())?), Some(dw.to_dtype(w.dtype())?)))
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.to_dtype(x.dtype())?.contiguous()?);
+        let dx = x.apply_op3_no_bwd(&w, &g, &RmsNormBwd { eps: self.eps, out: BwdOut::Dx })?;
+        let pw = x.apply_op3_no_bwd(&w, &g, &RmsNormBwd { eps: self.eps, out: BwdOut::WeightRows })?.reshape((rows, d))?;
+        let dw = Tensor::ones((1, rows), DType::F32, pw.device())?.matmul(&pw)?.reshape(d)?;
+        Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)))
+    }
+}
+
+/// Which output [`RmsNormBwd`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BwdOut {
+    /// dx, x's shape and dtype
+    Dx,
+    /// g ∘ round(n), x's shape, f32
+    WeightRows,
+}
+
+/// (x, w, g) → dx or the rows of dw (see `FusedRmsNorm::bwd`), g in x's dtype.
+struct RmsNormBwd {
+    eps: f32,
+    out: BwdOut,
+}
+
+impl candle_core::CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let d = *l1.dims().last().unwrap_or(&1);
+        let op = "rms norm backward";
+        let (x, w, g) = (super::cpu_f32(op, s1, l1, "x")?, super::cpu_f32(op, s2, l2, "weight")?, super::cpu_f32(op, s3, l3, "gradient")?);
+        if g.len() != x.len() || w.len() != d {
+            candle_core::bail!("{op}: x {:?}, weight {:?}, gradient {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let bf = matches!(s1, CpuStorage::BF16(_));
+        let round = |v: f32| if bf { half::bf16::from_f32(v).to_f32() } else { v };
+        let mut out = vec![0f32; x.len()];
+        if d > 0 {
+            out.par_chunks_mut(d).zip(x.par_chunks(d)).zip(g.par_chunks(d)).for_each(|((o, xr), gr)| {
+                let s = xr.iter().fold(0f32, |s, &v| v.mul_add(v, s));
+                let r = 1.0 / (s / d as f32 + self.eps).sqrt();
+                match self.out {
+                    BwdOut::Dx => {
+                        let m = xr.iter().zip(gr).zip(w.iter()).fold(0f32, |m, ((&v, &gi), &wi)| (gi * wi).mul_add(v * r, m)) / d as f32;
+                        for (((o, &v), &gi), &wi) in o.iter_mut().zip(xr).zip(gr).zip(w.iter()) {
+                            *o = r * (gi * wi - v * r * m);
+                        }
+                    }
+                    BwdOut::WeightRows => {
+                        for ((o, &v), &gi) in o.iter_mut().zip(xr).zip(gr) {
+                            *o = gi * round(v * r);
+                        }
+                    }
+                }
+            });
+        }
+        let shape = l1.shape().clone();
+        Ok(match (self.out, bf) {
+            (BwdOut::Dx, true) => (CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()), shape),
+            _ => (CpuStorage::F32(out), shape),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&1);
+        let n = l1.shape().elem_count().checked_div(d).unwrap_or(0);
+        if l3.shape() != l1.shape() || l2.dims() != [d] {
+            candle_core::bail!("rms norm backward: x {:?}, weight {:?}, gradient {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let out = match self.out {
+            BwdOut::Dx => crate::gpu::norm::BwdOut::Dx,
+            BwdOut::WeightRows => crate::gpu::norm::BwdOut::WeightRows,
+        };
+        Ok((crate::gpu::norm::rms_norm_bwd((s1, l1), (s2, l2), (s3, l3), (n, d), self.eps, out)?, l1.shape().clone()))
     }
 }
 

@@ -2,15 +2,18 @@
 //! (each token picks k experts) and expert choice (each expert picks tokens), computed, recorded
 //! or replayed through the same code, so replaying a recording reproduces it bit for bit.
 //!
-//! scores_NE = softmax(logits) or sigmoid(logits), logits = x_ND · Wᵀ in f32.
+//! scores_NE = softmax(logits) or sigmoid(logits), logits = x_ND · Wᵀ in f32. The softmax is
+//! the fused op of [`fused`] (fixed reduction order, one launch on CUDA, with its backward);
+//! the sigmoid is candle's (already one op).
 //!
 //! Legend: N tokens, D hidden, E experts, K experts per token, A assignments.
 
 pub mod expert_choice;
+pub mod fused;
 pub mod select;
 pub mod token_choice;
 
-use candle_core::{DType, Module, Result as CResult, Tensor, D};
+use candle_core::{DType, Module, Result as CResult, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::batch::Batch;
@@ -52,7 +55,7 @@ impl Router {
     pub fn scores(&self, x_ND: &Tensor) -> CResult<(Tensor, Tensor)> {
         let logits_NE = self.gate.forward(x_ND)?.to_dtype(DType::F32)?;
         let scores_NE = match self.cfg.score_function {
-            ScoreFunction::Softmax => candle_nn::ops::softmax(&logits_NE, D::Minus1)?,
+            ScoreFunction::Softmax => fused::softmax(&logits_NE)?,
             ScoreFunction::Sigmoid => candle_nn::ops::sigmoid(&logits_NE)?,
         };
         Ok((logits_NE, scores_NE))

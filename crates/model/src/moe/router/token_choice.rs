@@ -14,12 +14,15 @@
 //! w / Σw, sigmoid routers w / (Σw + 1e-20); then × `routed_scaling_factor`.
 //! Replay-recompute gathers the live scores at the forced ids and applies the same weight rule
 //! (no bias, no group step).
+//! Both the gather and the weight rule are one fused op (`fused::topk_weights`, the same in
+//! every mode), and token_A (a / K) is filled on the scores' device (`fused::token_map`).
 
 use candle_core::{DType, Result as CResult, Tensor};
 
+use super::fused::{self, WeightRule};
 use super::select::TopK;
 use super::Router;
-use crate::config::{RouterConfig, ScoreFunction};
+use crate::config::RouterConfig;
 use crate::error::{ModelError, Result};
 use crate::routing::{ForcedRoute, LayerRoute, ReplayWeights, RouteMode, ROUTE_FREE};
 
@@ -57,8 +60,7 @@ pub(super) fn route(r: &Router, logits_NE: Tensor, scores_NE: Tensor, mode: &Rou
             (ids, probs, weights)
         }
     };
-    let token_A =
-        Tensor::arange(0u32, n as u32, scores_NE.device())?.unsqueeze(1)?.broadcast_as((n, k))?.contiguous()?.flatten_all()?;
+    let token_A = fused::token_map(&ids_NK)?;
     Ok(LayerRoute {
         num_tokens: n,
         top_k: Some(k),
@@ -81,18 +83,7 @@ pub fn select_row(choice: &[f32], cfg: &RouterConfig) -> Vec<usize> {
     super::select::select_row(choice, cfg.n_group, cfg.topk_group, cfg.top_k)
 }
 
-/// Scores at `ids` and the weights they imply (module doc).
+/// Scores at `ids` and the weights they imply (module doc), both [N, K], from one fused op.
 fn weights_at(r: &Router, scores_NE: &Tensor, ids_NK: &Tensor) -> CResult<(Tensor, Tensor)> {
-    let probs_NK = scores_NE.gather(ids_NK, 1)?;
-    let weights_NK = if r.cfg.norm_topk_prob {
-        let sum = probs_NK.sum_keepdim(1)?;
-        let den = match r.cfg.score_function {
-            ScoreFunction::Softmax => sum,
-            ScoreFunction::Sigmoid => (sum + 1e-20)?,
-        };
-        probs_NK.broadcast_div(&den)?
-    } else {
-        probs_NK.clone()
-    };
-    Ok((probs_NK, r.scale(weights_NK)?))
+    fused::topk_weights(scores_NE, ids_NK, WeightRule::of(&r.cfg))
 }
