@@ -13,13 +13,13 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 
-use super::gemm::{self, Product};
-use super::ops::contiguous;
+use super::gemm::Product;
+use super::ops::{contiguous, gemm_on};
 use super::plan::RowLayout;
 use super::GemmImpl;
 
@@ -54,33 +54,13 @@ impl GroupedGrad {
         let dev = s1.device().clone();
         let dy = contiguous::<T>(s1, l1, name)?;
         let rhs = contiguous::<T>(s2, l2, name)?;
-        let (len, shape) = match self.grad {
-            Grad::Input => (a * k, Shape::from((a, k))),
-            Grad::Weight => (e * n * k, Shape::from((e, n, k))),
+        let (product, shape) = match self.grad {
+            Grad::Input => (Product::Nn, Shape::from((a, k))),
+            Grad::Weight => (Product::Tn, Shape::from((e, n, k))),
         };
-        // Weight: experts without rows are skipped by the grouped call, so their gradient must
-        // read zero. Input: every row belongs to one expert with rows, whose GEMM (beta = 0)
-        // writes it: uninitialised is fine.
-        // SAFETY: see above — every element of an uninitialised `Input` buffer is written
-        // before anything reads it (the rows of all experts cover 0..A).
-        let mut out = if self.grad == Grad::Weight { dev.alloc_zeros::<T>(len.max(1))? } else { unsafe { dev.alloc::<T>(len.max(1))? } };
-        if a > 0 {
-            let stream = dev.cuda_stream();
-            let (lp, _g1) = dy.device_ptr(&stream);
-            let (rp, _g2) = rhs.device_ptr(&stream);
-            let (op, _g3) = out.device_ptr_mut(&stream);
-            let product = match self.grad {
-                Grad::Input => Product::Nn,
-                Grad::Weight => Product::Tn,
-            };
-            // SAFETY: `gemm::run`'s contract: lp, rp, op are device addresses on `dev`'s stream
-            // (the cuBLAS handle's), their buffers borrowed and the guards held across the
-            // call. Sizes: dy is [A, N] (checked in `cuda_fwd`), rhs the [E, N, K] weight
-            // (Input) or the [A, K] rows (Weight), out holds A · K (Input) or E · N · K
-            // (Weight); the layout's compact offsets place expert e's rows at
-            // offsets[e]..offsets[e] + counts[e] ≤ A.
-            unsafe { gemm::run(&dev, GemmImpl::Grouped, &self.layout, product, s1.dtype(), k, n, lp, rp, op)? };
-        }
+        // (`ops::gemm_on` zero-fills the weight gradient of experts without rows; `cuda_fwd`
+        // checked dy [A, N] and the weight [E, N, K] or the rows [A, K])
+        let out = gemm_on::<T>(&dev, GemmImpl::Grouped, &self.layout, product, &dy, &rhs, k, n, s1.dtype())?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 }

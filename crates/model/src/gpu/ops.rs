@@ -192,8 +192,25 @@ fn gemm<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     ndim: usize,
     dtype: DType,
 ) -> Result<CudaSlice<T>> {
-    let rows = p.layout.rows;
-    let e = p.layout.counts.len();
+    gemm_on(&p.dev, p.imp, &p.layout, product, lhs, rhs, kdim, ndim, dtype)
+}
+
+/// [`gemm`] over any row layout (the invariant grouped product's backward has no plan, only
+/// its counts: `gpu::grouped_bwd`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_on<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    imp: super::GemmImpl,
+    layout: &super::plan::RowLayout,
+    product: Product,
+    lhs: &CudaView<T>,
+    rhs: &CudaView<T>,
+    kdim: usize,
+    ndim: usize,
+    dtype: DType,
+) -> Result<CudaSlice<T>> {
+    let rows = layout.rows;
+    let e = layout.counts.len();
     let n_out = match product {
         Product::Nt => rows * ndim,
         Product::Nn => rows * kdim,
@@ -203,20 +220,21 @@ fn gemm<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     // SAFETY: uninitialised only for Nt and Nn, whose GEMMs (beta = 0: C is written, not read)
     // cover every row: in the compact layout each expert's rows offsets[e]..offsets[e] + counts[e]
     // (together all R), in the padded layout all E · padded rows (one strided-batched call).
-    let mut out = if product == Product::Tn { p.dev.alloc_zeros::<T>(n_out.max(1))? } else { unsafe { p.dev.alloc::<T>(n_out.max(1))? } };
-    let stream = p.dev.cuda_stream();
+    let mut out = if product == Product::Tn { dev.alloc_zeros::<T>(n_out.max(1))? } else { unsafe { dev.alloc::<T>(n_out.max(1))? } };
+    let stream = dev.cuda_stream();
     {
         let (lp, _g1) = lhs.device_ptr(&stream);
         let (rp, _g2) = rhs.device_ptr(&stream);
         let (op, _g3) = out.device_ptr_mut(&stream);
-        // SAFETY: `run`'s contract: lp, rp, op are device addresses on `p.dev`'s stream (which the
+        // SAFETY: `run`'s contract: lp, rp, op are device addresses on `dev`'s stream (which the
         // cuBLAS handle uses), their buffers borrowed and their guards held across the call, and
         // of the sizes the product reads and writes: out holds n_out as sized above; lhs is
         // [R, kdim] (Nt) or [R, ndim] (Nn, Tn), rhs the [E, ndim, kdim] weight (Nt, Nn) or the
         // [R, kdim] activations (Tn). `ExpertMlp::cuda_fwd` checks the forward's dims; the
         // backward stages (`MlpBwd`, private, built only by `ExpertMlp::bwd`) get the gradient of
-        // y [R, D], the forward's weights and saved activations, and dgu [R, 2F] from `Stage::Dgu`.
-        unsafe { gemm::run(&p.dev, p.imp, &p.layout, product, dtype, kdim, ndim, lp, rp, op)? };
+        // y [R, D], the forward's weights and saved activations, and dgu [R, 2F] from `Stage::Dgu`;
+        // `grouped_bwd::GroupedGrad::cuda_fwd` checks dy [R, N] and W [E, N, K] / x [R, K].
+        unsafe { gemm::run(dev, imp, layout, product, dtype, kdim, ndim, lp, rp, op)? };
     }
     Ok(out)
 }
