@@ -53,6 +53,12 @@ impl TrainBatch {
         Ok(tb)
     }
 
+    /// Per slot: the loss weighs its token (`loss_mask` ≠ 0) — the slots the head must score
+    /// ([`crate::staged::Staged::forward_scored`]); prompt slots are not.
+    pub fn scored_slots(&self) -> Vec<bool> {
+        self.loss_mask.iter().map(|&m| m != 0.0).collect()
+    }
+
     /// Lengths agree with the batch (also checked before every step: fields are public).
     pub fn check(&self) -> Result<()> {
         let n = self.batch.num_slots();

@@ -84,8 +84,9 @@ pub struct Staged<'a> {
     pub entropy: Tensor,
     /// per slot: its previous slot lies in the same sequence
     pub valid: Vec<bool>,
-    /// per position p: the slot its prediction scores (p + 1), for the head's backward
-    has_target: Vec<bool>,
+    /// the positions the head ran at (ascending): every p whose next slot p + 1 is valid and
+    /// scored; row m of the head's [M, ..] tensors is position `head_rows[m]`
+    head_rows: Vec<u32>,
     train: bool,
 }
 
@@ -107,24 +108,36 @@ fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(Var::from_tensor(&t.detach())?.as_tensor().clone())
 }
 
-/// Slot n takes position n − 1's value where `valid[n]`, else 0 (a `where`, never a product,
-/// so a −inf log-probability at an invalid position stays out).
-fn to_slots(x_N: &Tensor, valid: &[bool]) -> Result<Tensor> {
-    let dev = x_N.device();
-    let idx: Vec<u32> = valid.iter().enumerate().map(|(n, &v)| if v { n as u32 - 1 } else { 0 }).collect();
-    let mask: Vec<u8> = valid.iter().map(|&v| u8::from(v)).collect();
-    let picked = x_N.index_select(&Tensor::from_vec(idx, valid.len(), dev)?, 0)?;
-    Ok(Tensor::from_vec(mask, valid.len(), dev)?.where_cond(&picked, &picked.zeros_like()?)?)
+/// Slot n takes head row `row_of[n]`'s value where it has one, else 0 (a `where`, never a
+/// product, so a −inf log-probability at an invalid position stays out).
+fn to_slots(x_M: &Tensor, row_of: &[Option<u32>]) -> Result<Tensor> {
+    let dev = x_M.device();
+    let idx: Vec<u32> = row_of.iter().map(|r| r.unwrap_or(0)).collect();
+    let mask: Vec<u8> = row_of.iter().map(|r| u8::from(r.is_some())).collect();
+    let picked = x_M.index_select(&Tensor::from_vec(idx, row_of.len(), dev)?, 0)?;
+    Ok(Tensor::from_vec(mask, row_of.len(), dev)?.where_cond(&picked, &picked.zeros_like()?)?)
 }
 
-/// Position p takes slot p + 1's value where `has[p]`, else 0: a slot gradient moved to the
-/// position that predicted it.
-fn to_positions(g_N: &Tensor, has: &[bool]) -> Result<Tensor> {
-    let dev = g_N.device();
-    let idx: Vec<u32> = has.iter().enumerate().map(|(p, &h)| if h { p as u32 + 1 } else { 0 }).collect();
-    let mask: Vec<u8> = has.iter().map(|&h| u8::from(h)).collect();
-    let picked = g_N.index_select(&Tensor::from_vec(idx, has.len(), dev)?, 0)?;
-    Ok(Tensor::from_vec(mask, has.len(), dev)?.where_cond(&picked, &picked.zeros_like()?)?)
+/// Per head row m: slot `head_rows[m] + 1`'s value — a slot gradient moved to the row that
+/// predicted it.
+fn to_rows(g_N: &Tensor, head_rows: &[u32]) -> Result<Tensor> {
+    let idx: Vec<u32> = head_rows.iter().map(|&p| p + 1).collect();
+    Ok(g_N.index_select(&Tensor::from_vec(idx, head_rows.len(), g_N.device())?, 0)?)
+}
+
+/// The head's positions (`Staged::head_rows`) and, per slot, the head row that scores it.
+/// `scored` (per slot, None: every slot) picks the slots whose log-probability is wanted.
+fn head_rows_of(has: &[bool], scored: Option<&[bool]>) -> (Vec<u32>, Vec<Option<u32>>) {
+    let n = has.len();
+    let mut rows = Vec::with_capacity(n);
+    let mut row_of = vec![None; n];
+    for (p, &h) in has.iter().enumerate() {
+        if h && scored.is_none_or(|s| s[p + 1]) {
+            row_of[p + 1] = Some(rows.len() as u32);
+            rows.push(p as u32);
+        }
+    }
+    (rows, row_of)
 }
 
 /// Head of rows x [C, D] in the forward: per row the log-probability of its target and its
@@ -145,6 +158,16 @@ fn surrogate(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     Ok(p.sum_all()?.to_dtype(DType::F32)?)
 }
 
+/// The head's input rows [M, D]: the last layer's output x [B, T, D] at `rows` (all N of them:
+/// the whole tensor, no copy).
+fn head_input(x_BTD: &Tensor, rows: &[u32], n: usize, d: usize) -> Result<Tensor> {
+    let x_ND = x_BTD.detach().reshape((n, d))?;
+    if rows.len() == n {
+        return Ok(x_ND);
+    }
+    Ok(x_ND.index_select(&Tensor::from_vec(rows.to_vec(), rows.len(), x_ND.device())?, 0)?)
+}
+
 /// The positions [a, b) of each head chunk.
 fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     let size = if size == 0 { n.max(1) } else { size };
@@ -152,9 +175,24 @@ fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 impl<'a> Staged<'a> {
-    /// The forward of `batch` under `plan`. `train`: leaves and (without checkpointing) graphs
-    /// are kept for [`Staged::backward`]; otherwise nothing is (scoring, the reference).
+    /// The forward of `batch` under `plan`, every valid slot scored. `train`: leaves and
+    /// (without checkpointing) graphs are kept for [`Staged::backward`]; otherwise nothing is
+    /// (scoring, the reference).
     pub fn forward(model: &'a MoeCausalLm, batch: &'a Batch, plan: &'a RoutingPlan, opts: StageOptions, train: bool, targets_: GradTargets) -> Result<Self> {
+        Self::forward_scored(model, batch, plan, opts, train, targets_, None)
+    }
+
+    /// [`Staged::forward`] with the head run only where a slot is `scored` (per slot; None:
+    /// every slot): the positions whose next token the loss weighs, not the prompt's. The
+    /// log-probability and entropy of every other slot are 0 and take no gradient. Under the
+    /// batch-invariant kernels a scored slot's values are bitwise those of the full head.
+    pub fn forward_scored(model: &'a MoeCausalLm, batch: &'a Batch, plan: &'a RoutingPlan, opts: StageOptions, train: bool, targets_: GradTargets, scored: Option<&[bool]>) -> Result<Self> {
+        let (b, t) = batch.dims();
+        if let Some(s) = scored {
+            if s.len() != b * t {
+                return Err(TrainError::input("loss_mask", format!("{} scored flags for {} slots", s.len(), b * t)));
+            }
+        }
         let ctx = model.prepare(batch, plan)?;
         let (b, t) = batch.dims();
         let n = b * t;
@@ -181,24 +219,29 @@ impl<'a> Staged<'a> {
         let last = if train { leaf(&x)? } else { x };
         xs.push(last);
         let (target, has, valid) = targets(batch)?;
+        let (rows, row_of) = head_rows_of(&has, scored);
         let dev = model.device();
-        let x_ND = xs[layers].detach().reshape((n, model.cfg.hidden_size))?;
-        let target = Tensor::from_vec(target, n, dev)?;
+        let m = rows.len();
+        let x_MD = head_input(&xs[layers], &rows, n, model.cfg.hidden_size)?;
+        let target = Tensor::from_vec(rows.iter().map(|&p| target[p as usize]).collect::<Vec<u32>>(), m, dev)?;
         let (mut lps, mut hs) = (Vec::new(), Vec::new());
-        for (a, b) in chunks(n, opts.chunk_tokens) {
-            let (lp, h) = head_rows(model, &x_ND.narrow(0, a, b - a)?, &target.narrow(0, a, b - a)?, opts.temperature)?;
+        for (a, b) in chunks(m, opts.chunk_tokens) {
+            let (lp, h) = head_rows(model, &x_MD.narrow(0, a, b - a)?, &target.narrow(0, a, b - a)?, opts.temperature)?;
             lps.push(lp.detach());
             hs.push(h.detach());
         }
-        let mut logp = to_slots(&Tensor::cat(&lps, 0)?, &valid)?;
-        let mut entropy = to_slots(&Tensor::cat(&hs, 0)?, &valid)?;
+        let (mut logp, mut entropy) = if m == 0 {
+            (Tensor::zeros(n, DType::F32, dev)?, Tensor::zeros(n, DType::F32, dev)?)
+        } else {
+            (to_slots(&Tensor::cat(&lps, 0)?, &row_of)?, to_slots(&Tensor::cat(&hs, 0)?, &row_of)?)
+        };
         if train {
             logp = leaf(&logp)?;
             if targets_.entropy {
                 entropy = leaf(&entropy)?;
             }
         }
-        Ok(Self { model, batch, plan, ctx, opts, xs, kept, routes, logp, entropy, valid, has_target: has, train })
+        Ok(Self { model, batch, plan, ctx, opts, xs, kept, routes, logp, entropy, valid, head_rows: rows, train })
     }
 
     /// Backward of `loss` (a scalar built from [`Staged::logp`], [`Staged::entropy`] and the
@@ -216,9 +259,10 @@ impl<'a> Staged<'a> {
                 None => Ok(t.zeros_like()?.detach()),
             }
         };
-        let g_lp = to_positions(&grad_or_zero(&self.logp)?, &self.has_target)?;
+        let rows = std::mem::take(&mut self.head_rows);
+        let g_lp = to_rows(&grad_or_zero(&self.logp)?, &rows)?;
         let g_h = match g.get(&self.entropy) {
-            Some(x) => Some(to_positions(&x.detach(), &self.has_target)?),
+            Some(x) => Some(to_rows(&x.detach(), &rows)?),
             None => None,
         };
         let mut g_scores: BTreeMap<usize, Tensor> = BTreeMap::new();
@@ -232,12 +276,17 @@ impl<'a> Staged<'a> {
         let (b, t) = self.batch.dims();
         let (n, d) = (b * t, model.cfg.hidden_size);
         let layers = model.layers.len();
-        let x_ND = self.xs[layers].detach().reshape((n, d))?;
+        let m = rows.len();
+        let x_MD = head_input(&self.xs[layers], &rows, n, d)?;
         // the targets stay on the host: the fused op checks them there, no copy back
         let (target, _, _) = targets(self.batch)?;
+        let target: Vec<u32> = rows.iter().map(|&p| target[p as usize]).collect();
         let mut g_x_parts = Vec::new();
-        for (a, b) in chunks(n, self.opts.chunk_tokens) {
-            let x_c = leaf(&x_ND.narrow(0, a, b - a)?)?;
+        for (a, b) in chunks(m, self.opts.chunk_tokens) {
+            if a == b {
+                continue;
+            }
+            let x_c = leaf(&x_MD.narrow(0, a, b - a)?)?;
             // the logits recomputed with their graph; log-softmax, gather and entropy and their
             // backward in one op (`head_grad`): Σ lp·g_lp + h·g_h, ∂/∂logits in one pass
             let logits = model.head_forward(&x_c)?;
@@ -250,7 +299,18 @@ impl<'a> Staged<'a> {
                 None => x_c.zeros_like()?.detach(),
             });
         }
-        let mut g_x = Tensor::cat(&g_x_parts, 0)?.reshape((b, t, d))?;
+        let g_x_ND = if m == n {
+            Tensor::cat(&g_x_parts, 0)?
+        } else {
+            let zeros = Tensor::zeros((n, d), self.xs[layers].dtype(), model.device())?;
+            if m == 0 {
+                zeros
+            } else {
+                let idx = Tensor::from_vec(rows.clone(), m, model.device())?;
+                zeros.index_add(&idx, &Tensor::cat(&g_x_parts, 0)?, 0)?
+            }
+        };
+        let mut g_x = g_x_ND.reshape((b, t, d))?;
         // 3. the layers, from the last
         for l in (0..layers).rev() {
             let (y, scores) = match self.kept[l].take() {

@@ -257,7 +257,8 @@ impl Trainer {
         let loss_cfg = &self.cfg.loss;
         let routing = plan(&self.model, tb, self.cfg.replay)?;
         let targets = GradTargets { entropy: loss_cfg.entropy_coef != 0.0, router_scores: matches!(loss_cfg.ratio, RatioMode::Joint(_)) };
-        let out = Staged::forward(&self.model, &tb.batch, &routing, self.stage_options(), true, targets)?;
+        let scored = tb.scored_slots();
+        let out = Staged::forward_scored(&self.model, &tb.batch, &routing, self.stage_options(), true, targets, Some(&scored))?;
         let (logp, valid) = (out.logp.clone(), out.valid.clone());
         let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
         let route = route_inputs(&self.model, tb, &out.routes, loss_cfg.ratio, loss_cfg.pi_old)?;
@@ -269,7 +270,7 @@ impl Trainer {
         let logp_ref = match &self.reference {
             Some(r) if loss_cfg.kl_coef != 0.0 => {
                 let rp = plan(r, tb, self.cfg.replay)?;
-                Some(Staged::forward(r, &tb.batch, &rp, self.stage_options(), false, GradTargets::none())?.logp)
+                Some(Staged::forward_scored(r, &tb.batch, &rp, self.stage_options(), false, GradTargets::none(), Some(&scored))?.logp)
             }
             _ => None,
         };
@@ -351,7 +352,8 @@ impl Trainer {
             };
             tb.check()?;
             let routing = plan(&self.model, tb, self.cfg.replay)?;
-            let out = Staged::forward(&self.model, &tb.batch, &routing, self.stage_options(), false, GradTargets::none())?;
+            let scored = tb.scored_slots();
+            let out = Staged::forward_scored(&self.model, &tb.batch, &routing, self.stage_options(), false, GradTargets::none(), Some(&scored))?;
             let (logp, valid) = (out.logp.clone(), out.valid.clone());
             let logp: Vec<f32> = logp.to_vec1()?;
             for ((&lo, &li), (&m, &v)) in logp.iter().zip(&tb.logp_infer).zip(tb.loss_mask.iter().zip(&valid)) {
@@ -524,7 +526,8 @@ impl Trainer {
             let tb = micro.get(i).or(empty.as_ref()).expect("an empty batch pads the missing rounds");
             let compute = RoutingPlan::compute();
             let opts = StageOptions { temperature: 1.0, ..self.stage_options() };
-            let out = Staged::forward(&self.model, &tb.batch, &compute, opts, true, GradTargets::none())?;
+            let scored = tb.scored_slots();
+            let out = Staged::forward_scored(&self.model, &tb.batch, &compute, opts, true, GradTargets::none(), Some(&scored))?;
             let mask: Vec<f32> = tb.loss_mask.iter().zip(&out.valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
             let mask = vec_tensor(&mask, self.model.device())?;
             let loss = ((&out.logp * mask)?.sum_all()?.neg()? / denominator)?;

@@ -269,3 +269,60 @@ fn staged_gradients_equal_the_whole_graph() {
         t.params.len()
     );
 }
+
+/// The head run only at the loss-weighed slots (`Staged::forward_scored`, what the trainer
+/// does) gives bitwise the full head's log-probabilities and entropies there (batch-invariant
+/// kernels), 0 at every other slot, and the gradients of a loss over those slots within f32
+/// rounding of the full head's (the LM head's weight gradient sums fewer rows).
+#[test]
+fn scored_slots_head_equals_the_full_head_where_scored() {
+    for dtype in [DType::F32, DType::BF16] {
+        let mut model = MoeCausalLm::embedded_default(4, DType::F32, &Device::Cpu).unwrap();
+        model.cast(dtype).unwrap();
+        model.set_kernels(Kernels::Invariant);
+        let t = Trainer::new(model, TrainerConfig::default()).unwrap();
+        let model = &t.model;
+        let mb = micro_batch(model);
+        let scored = mb.scored_slots();
+        assert!(scored.iter().any(|&s| !s) && scored.iter().any(|&s| s));
+        let plan = lockstep_trainer::step_inputs::plan(model, &mb, true).unwrap();
+        for (checkpoint, chunk) in [(false, 0), (true, 3), (true, 1024)] {
+            let opts = StageOptions { checkpoint, chunk_tokens: chunk, temperature: 0.8 };
+            let targets = GradTargets { entropy: true, router_scores: false };
+            let full = Staged::forward(model, &mb.batch, &plan, opts, true, targets).unwrap();
+            let part = Staged::forward_scored(model, &mb.batch, &plan, opts, true, targets, Some(&scored)).unwrap();
+            let (fl, pl) = (bits(&full.logp), bits(&part.logp));
+            let (fh, ph) = (bits(&full.entropy), bits(&part.entropy));
+            let mut nonzero = 0;
+            for n in 0..scored.len() {
+                if scored[n] && full.valid[n] {
+                    assert_eq!((pl[n], ph[n]), (fl[n], fh[n]), "{dtype:?} slot {n}");
+                    nonzero += usize::from(pl[n] != 0);
+                } else {
+                    assert_eq!((pl[n], ph[n]), (0, 0), "{dtype:?} unscored slot {n}");
+                }
+            }
+            assert!(nonzero > 10, "{nonzero} scored slots");
+            let w = Tensor::from_vec(mb.loss_mask.iter().zip(&mb.advantages).map(|(m, a)| m * a).collect::<Vec<f32>>(), scored.len(), &Device::Cpu).unwrap();
+            let loss = |s: &Staged| ((&s.logp * &w).unwrap().sum_all().unwrap() + (&s.entropy * &w).unwrap().sum_all().unwrap() * 0.1).unwrap();
+            let (lf, lp) = (loss(&full), loss(&part));
+            assert_eq!(lf.to_scalar::<f32>().unwrap().to_bits(), lp.to_scalar::<f32>().unwrap().to_bits(), "{dtype:?}: loss");
+            let (mut ga, mut gb) = (GradAccumulator::default(), GradAccumulator::default());
+            full.backward(&lf, &t.params, &mut ga).unwrap();
+            part.backward(&lp, &t.params, &mut gb).unwrap();
+            let mut compared = 0;
+            for (name, _) in &t.params {
+                let (Some(a), Some(b)) = (ga.get(name), gb.get(name)) else {
+                    assert!(ga.get(name).is_none() && gb.get(name).is_none(), "{name}: a gradient on one side only");
+                    continue;
+                };
+                let max = |x: &Tensor| x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let (scale, diff) = (max(a).max(1e-6), max(&(a - b).unwrap()));
+                let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                assert!(diff <= tol * scale, "{dtype:?} {name}: max |Δ| {diff} (scale {scale})");
+                compared += 1;
+            }
+            assert!(compared >= t.params.len() - 2, "{compared} of {} compared", t.params.len());
+        }
+    }
+}
