@@ -6,11 +6,14 @@
 #   device run:  bash scripts/cuda/gpu_round.sh
 #                carry: [".gpu-bin/lockstep.gz", ".gpu-bin/BUILT_FROM", ".gpu-bin/gpu_invariant.gz"]
 #
-#   1. gpu_invariant (every test; `TESTS=name` to pick some);
+#   1. gpu_invariant (every test; `TESTS=name` to pick some), then every other carried
+#      .gpu-bin/gpu_*.gz test binary;
 #   2. `bench-stages` at the Qwen3-30B-A3B width (invariant kernels) -> $OUT/stages.json;
 #   3. `bench-serve` on the full 48-layer model, bf16, 512-token prompts, GEN (256) generated,
 #      concurrency CONC (1,64), capture on -> $OUT/serve.json;
-#   4. scripts/cuda/gpu_scale.sh (LAYERS=8 PROMPTS=16 MBT=16384 STEPS=2, no standard run).
+#   4. scripts/cuda/gpu_scale.sh (LAYERS=8 PROMPTS=16 MBT=16384 STEPS=2, no standard run; PHASES=1
+#      with the trainer's phase split, no torch peer), then BIG_PROMPTS (e.g. 64) prompts with the
+#      torch peer (-> $OUT/scale_big) when set.
 # SKIP_TESTS / SKIP_STAGES / SKIP_SERVE / SKIP_SCALE leave a part out; KERNELS=1 adds
 # `bench-invariant` (the kernels at decode and training sizes against cuBLAS) -> $OUT/bench_invariant.json.
 set -uo pipefail
@@ -26,6 +29,12 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
   gunzip -c .gpu-bin/gpu_invariant.gz > "$B/gpu_invariant" && chmod +x "$B/gpu_invariant"
   echo "== gpu_invariant"
   timeout 240 "$B/gpu_invariant" --test-threads 1 --nocapture ${TESTS:-} 2>&1 | grep -E "^test |test result|panicked|flash backward|max \|Δ|worst|30B width" | tee "$OUT/gpu_invariant.txt"
+  for gz in .gpu-bin/gpu_*.gz; do
+    name="$(basename "$gz" .gz)"; [[ "$name" == gpu_invariant ]] && continue
+    gunzip -c "$gz" > "$B/$name" && chmod +x "$B/$name"
+    echo "== $name"
+    timeout 120 "$B/$name" --test-threads 1 2>&1 | grep -E "^test |test result|panicked" | tee "$OUT/$name.txt"
+  done
 fi
 if [[ -n "${KERNELS:-}" ]]; then
   echo "== bench-invariant"
@@ -42,5 +51,9 @@ if [[ -z "${SKIP_SERVE:-}" ]]; then
 fi
 if [[ -z "${SKIP_SCALE:-}" ]]; then
   echo "== gpu_scale"
-  OUT="$OUT/scale" LAYERS=8 PROMPTS=16 MBT=16384 STEPS=2 SKIP_STANDARD=1 bash scripts/cuda/gpu_scale.sh 2>&1 | tail -40
+  env OUT="$OUT/scale" LAYERS=8 PROMPTS=16 MBT=16384 STEPS=2 SKIP_STANDARD=1 ${PHASES:+PHASES=1 SKIP_TORCH=1} bash scripts/cuda/gpu_scale.sh 2>&1 | tail -40
+  if [[ -n "${BIG_PROMPTS:-}" ]]; then
+    echo "== gpu_scale, $BIG_PROMPTS prompts"
+    OUT="$OUT/scale_big" LAYERS=8 PROMPTS="$BIG_PROMPTS" MBT=16384 STEPS=2 SKIP_STANDARD=1 LIMIT_S="${BIG_LIMIT_S:-240}" bash scripts/cuda/gpu_scale.sh 2>&1 | tail -40
+  fi
 fi

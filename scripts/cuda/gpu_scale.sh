@@ -15,7 +15,9 @@
 # Knobs (environment): LAYERS, PROMPT_LEN (512), GEN_LEN (256), PROMPTS (8), GROUP (8),
 # MBT (micro-batch tokens, 8192), MINI (mini-steps, 2), STEPS (4), PEAK (989 TFLOP/s),
 # TRAINER_DTYPE (bf16; f32 = lockstep train's default), CKPT (1: activation checkpointing),
-# LIMIT_S (seconds per part, 280), SKIP_STANDARD (set: no standard-kernels run). Prints the summaries.
+# LIMIT_S (seconds per part, 280), SKIP_STANDARD (set: no standard-kernels run), SKIP_TORCH (set: no
+# transformers peer), PHASES (set: `--time-phases`, the trainer's per-phase split; syncs the
+# device at each phase's end). Prints the summaries.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -34,6 +36,7 @@ SHAPE=(--prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" --prompts "$PROMPTS" --gr
        --micro-batch-tokens "$MBT" --mini-steps "$MINI" --steps "$STEPS" --peak-tflops "$PEAK"
        --trainer-dtype "$TRAINER_DTYPE")
 TORCH_CKPT=()
+if [[ -n "${PHASES:-}" ]]; then SHAPE+=(--time-phases); fi
 if [[ "$CKPT" == 1 ]]; then SHAPE+=(--activation-checkpointing); else TORCH_CKPT=(--no-checkpointing); fi
 status=0
 
@@ -41,6 +44,7 @@ echo "== lockstep bench-rl (invariant kernels), $LAYERS layers"
 timeout "$LIMIT_S" "$BIN" bench-rl --random "$CFG" --num-layers "$LAYERS" --device cuda --dtype bf16 \
     "${SHAPE[@]}" --out "$OUT/bench_rl.json" 2>&1 | tee "$OUT/bench_rl.log" || status=1
 
+if [[ -z "${SKIP_TORCH:-}" ]]; then
 echo "== transformers trainer peer on the same micro-batches"
 if [[ -s "$OUT/bench_rl.json" ]]; then
     SHAPES=(--shapes "$OUT/bench_rl.json")
@@ -51,6 +55,7 @@ else
 fi
 timeout "$LIMIT_S" python3 scripts/bench/train_torch.py --config "$CFG" --num-layers "$LAYERS" "${SHAPES[@]}" "${TORCH_CKPT[@]}" \
     --peak-tflops "$PEAK" --out "$OUT/train_torch.json" 2>&1 | grep -v '^\s*$' | tee "$OUT/train_torch.log" || status=1
+fi
 
 if [[ -z "${SKIP_STANDARD:-}" ]]; then
 echo "== lockstep bench-rl (standard kernels: cuBLAS), $LAYERS layers"
@@ -71,5 +76,9 @@ for name in ["bench_rl.json", "bench_rl_standard.json", "train_torch.json"]:
     print(f"{name:24s} trainer {r['trainer_tokens_per_s']:10.1f} tok/s  MFU {100 * r['mfu']:6.2f}%  "
           f"rollout {r.get('rollout_tokens_per_s', float('nan')):9.1f} tok/s  peak {r['peak_memory_gb']:6.1f} GB  "
           + " ".join(f"{k} {v:.3f}s" for k, v in split.items()))
+    plan = r.get("memory_plan")
+    if plan:
+        tp = [s.get("train_peak_memory_gb") for s in r.get("steps", []) if not s.get("warmup")]
+        print(f"{'':24s} memory plan {plan['total_gb']:.1f} GB ({plan['bytes_per_parameter_states']:.0f} B/parameter states + activations {plan['activations_gb']:.1f} GB + head {plan['head_chunk_gb']:.1f} GB); trainer peak {tp} GB")
 PY
 exit $status

@@ -75,6 +75,10 @@ pub struct BenchRlArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1e-6)]
     lr: f64,
+    /// Time every trainer phase (the device synchronised at each phase's end: a little slower)
+    /// and report the split per step.
+    #[arg(long)]
+    time_phases: bool,
     /// The engine's token budget per step.
     #[arg(long, default_value_t = 8192)]
     max_batched_tokens: usize,
@@ -138,6 +142,7 @@ fn step_json(r: &StepReport) -> serde_json::Value {
         "step": r.step, "warmup": r.step == 1,
         "rollout_s": r.rollout_s, "pi_old_score_s": r.pi_old_score_s, "train_step_s": r.train_step_s, "weight_sync_s": r.weight_sync_s,
         "rollout_tokens": r.rollout_tokens, "trainer_tokens": r.trainer_tokens, "train_flops": r.train_flops,
+        "train_peak_memory_gb": r.train_peak_bytes.map(|b| b as f64 / 1e9), "trainer_phases_s": &r.phases,
         "rollout_tokens_per_s": r.rollout_tokens as f64 / r.rollout_s.max(1e-12),
         "trainer_tokens_per_s": r.trainer_tokens as f64 / r.train_step_s.max(1e-12),
         "loss": r.loss, "grad_norm": r.grad_norm, "reward_mean": r.reward_mean,
@@ -182,9 +187,12 @@ pub fn run(args: BenchRlArgs) -> anyhow::Result<()> {
         temperature: f64::from(args.temperature),
         dtype: trainer_dtype,
         activation_checkpointing: args.activation_checkpointing,
+        time_phases: args.time_phases,
         ..TrainerConfig::default()
     };
     let mut trainer = Trainer::new(model, tcfg)?;
+    let plan = trainer.memory_plan(args.micro_batch_tokens);
+    println!("{plan}");
     let cfg = BenchConfig {
         prompts: args.prompts,
         group: args.group,
@@ -215,6 +223,13 @@ pub fn run(args: BenchRlArgs) -> anyhow::Result<()> {
             r.peak_memory_bytes as f64 / 1e9,
             if r.step == 1 { "  (warm-up, not averaged)" } else { "" }
         );
+        if let Some(b) = r.train_peak_bytes {
+            println!("     trainer peak (scoring + updates) {:.2} GB against the plan's {:.2} GB", b as f64 / 1e9, plan.total() as f64 / 1e9);
+        }
+        if !r.phases.is_empty() {
+            let split: Vec<String> = r.phases.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+            println!("     trainer phases (s): {}", split.join(", "));
+        }
     })?;
     let mut peak = PeakMemory { bytes: steps.last().map_or(0, |r| r.peak_memory_bytes), ..PeakMemory::default() };
     let optimizer_probe_s = bench::optimizer_probe(&mut trainer)?;
@@ -274,6 +289,11 @@ pub fn run(args: BenchRlArgs) -> anyhow::Result<()> {
             "optimizer_probe_s": optimizer_probe_s,
             "optimizer_note": "Trainer::step is one call: one AdamW update of every parameter is timed separately after the run (zero gradients) and fwd_bwd = train_step - updates per step x that",
             "peak_memory_gb": peak.bytes as f64 / 1e9,
+            "memory_plan": {
+                "text": plan.to_string(), "total_gb": plan.total() as f64 / 1e9, "states_gb": plan.states() as f64 / 1e9,
+                "activations_gb": plan.activations() as f64 / 1e9, "head_chunk_gb": plan.head_chunk as f64 / 1e9,
+                "bytes_per_parameter_states": plan.states() as f64 / plan.parameters.max(1) as f64,
+            },
             "peak_memory_source": peak.source,
             "steps": steps.iter().map(step_json).collect::<Vec<_>>(),
         });

@@ -95,3 +95,48 @@ fn accumulate_in_place_equals_add_on_the_gpu() {
         assert_eq!(bits(&window(&acc, at, w)), bits(want), "{huge} elements, window at {at}");
     }
 }
+
+/// The fused in-place AdamW update on CUDA (`crates/model/src/gpu/adamw.cu`, through
+/// `StepHyper::apply`) has the bits of the composed candle ops (`StepHyper::update`) on the GPU
+/// and on the CPU, over three steps, clipped and not, with and without weight decay; and
+/// `AdamW::update_param` writes a bf16 parameter as its f32 master rounded.
+#[test]
+fn fused_adamw_equals_the_composed_ops_on_the_gpu() {
+    use candle_core::Var;
+    use lockstep_trainer::optim::{AdamW, AdamWConfig, StepHyper};
+    let dev = gpu();
+    let n = 3_000_017;
+    for (scale, wd) in [(1.0, 0.0), (0.41, 0.01)] {
+        let theta0 = randn(&[n], 1, &dev);
+        let (mut t_gpu, mut m_gpu, mut v_gpu) = (theta0.clone(), None::<Tensor>, None::<Tensor>);
+        let (mut t_cpu, mut m_cpu, mut v_cpu) = (theta0.to_device(&Device::Cpu).unwrap(), None::<Tensor>, None::<Tensor>);
+        let fused = theta0.copy().unwrap();
+        let (mut m_f, mut v_f) = (None, None);
+        for step in 1..=3 {
+            let g = (randn(&[n], 10 + step as u64, &dev) * 4.0).unwrap();
+            let (b1, b2) = (0.9f64, 0.999f64);
+            let h = StepHyper { scale, lr: 1e-3, beta1: b1, beta2: b2, c1: 1.0 - b1.powi(step), c2: 1.0 - b2.powi(step), eps: 1e-8, weight_decay: wd };
+            let (a, b, c) = h.update(&t_gpu, &g, m_gpu.as_ref(), v_gpu.as_ref()).unwrap();
+            (t_gpu, m_gpu, v_gpu) = (a, Some(b), Some(c));
+            let (a, b, c) = h.update(&t_cpu, &g.to_device(&Device::Cpu).unwrap(), m_cpu.as_ref(), v_cpu.as_ref()).unwrap();
+            (t_cpu, m_cpu, v_cpu) = (a, Some(b), Some(c));
+            let (a, b) = h.apply(&fused, &g, m_f.take(), v_f.take()).unwrap();
+            (m_f, v_f) = (Some(a), Some(b));
+            let fb = bits(&fused);
+            assert_eq!(fb, bits(&t_gpu), "scale {scale} wd {wd} step {step}: theta vs the composed GPU ops");
+            assert_eq!(fb, bits(&t_cpu), "scale {scale} wd {wd} step {step}: theta vs the composed CPU ops");
+            assert_eq!(bits(m_f.as_ref().unwrap()), bits(m_cpu.as_ref().unwrap()), "step {step}: m");
+            assert_eq!(bits(v_f.as_ref().unwrap()), bits(v_cpu.as_ref().unwrap()), "step {step}: v");
+        }
+    }
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let w32 = randn(&[n], 3, &dev);
+    let var = Var::from_tensor(&w32.to_dtype(DType::BF16).unwrap()).unwrap();
+    opt.master.insert("w".into(), w32.copy().unwrap());
+    let h = opt.begin_step(1.0);
+    let g = randn(&[n], 4, &dev);
+    let (want, _, _) = h.update(&w32, &g, None, None).unwrap();
+    opt.update_param("w", &var, &g, &h).unwrap();
+    assert_eq!(bits(&opt.master["w"]), bits(&want));
+    assert_eq!(bits(var.as_tensor()), bits(&want.to_dtype(DType::BF16).unwrap()));
+}

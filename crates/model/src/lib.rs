@@ -14,6 +14,7 @@
 //! `model` (the causal LM) · `metrics` (routing health).
 
 pub mod accumulate;
+pub mod adamw;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

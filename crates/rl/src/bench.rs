@@ -197,6 +197,13 @@ pub struct StepReport {
     /// per mini-step, per micro-batch: the sequence lengths packed into it
     pub micro_batches: Shapes,
     pub peak_memory_bytes: u64,
+    /// the CUDA pool's high watermark over π_old scoring and the updates alone (reset after the
+    /// rollout, whose KV pool is gone by then): the trainer's peak, to set beside its memory
+    /// plan; None off CUDA
+    pub train_peak_bytes: Option<u64>,
+    /// seconds per trainer phase over the step's updates (`TrainerConfig::time_phases`; empty
+    /// when off)
+    pub phases: lockstep_trainer::phases::PhaseSeconds,
 }
 
 /// The step's prompts: `prompt_len` pseudo-random ids per prompt (as `bench-serve`'s).
@@ -303,6 +310,9 @@ pub fn run(trainer: &mut Trainer, cfg: &BenchConfig, each: &mut dyn FnMut(&StepR
         (r.rollout_tokens, r.reward_mean) = (tokens, reward_mean);
         peak.sample(&dev)?;
 
+        if dev.is_cuda() {
+            lockstep_model::memory_peak(&dev, true)?;
+        }
         let t = Instant::now();
         let (mut minis, shapes) = micro_batches(&groups, cfg, &dev)?;
         for tbs in &mut minis {
@@ -322,12 +332,18 @@ pub fn run(trainer: &mut Trainer, cfg: &BenchConfig, each: &mut dyn FnMut(&StepR
             let m = trainer.step(tbs)?;
             r.loss += m.loss;
             r.grad_norm += m.grad_norm;
+            for (k, v) in &m.phases {
+                *r.phases.entry(k).or_default() += v;
+            }
             updates += 1.0;
         }
         sync(&dev)?;
         r.train_step_s = t.elapsed().as_secs_f64();
         (r.loss, r.grad_norm) = (r.loss / updates.max(1.0), r.grad_norm / updates.max(1.0));
         drop(minis);
+        if dev.is_cuda() {
+            r.train_peak_bytes = lockstep_model::memory_peak(&dev, false)?;
+        }
         peak.sample(&dev)?;
 
         // weight sync for the next step (timed into it; the first step's is the initial build)

@@ -14,6 +14,7 @@ pub use lockstep_model::logprobs;
 pub mod loss;
 pub mod memory;
 pub mod optim;
+pub mod phases;
 pub mod parallel;
 pub mod route_terms;
 pub mod staged;

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use lockstep_model::accumulate::add_into;
+use lockstep_model::adamw::AdamWScalars;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -247,20 +248,25 @@ impl AdamW {
         StepHyper { scale, lr: self.cfg.lr_at(self.step), beta1: b1, beta2: b2, c1: 1.0 - b1.powi(t), c2: 1.0 - b2.powi(t), eps: self.cfg.eps, weight_decay: self.cfg.weight_decay }
     }
 
-    /// The update of one (whole or expert-shard) parameter with gradient `g` (f32).
+    /// The update of one (whole or expert-shard) parameter with gradient `g` (f32), by the
+    /// fused in-place ops ([`StepHyper::apply`]): the f32 master where the parameter is bf16,
+    /// else the f32 parameter itself, updated in place; a bf16 parameter is then overwritten
+    /// with its master rounded. No autograd graph is recorded through the Var.
     pub fn update_param(&mut self, name: &str, var: &Var, g: &Tensor, h: &StepHyper) -> Result<()> {
-        // plain tensors: the update must not record an autograd graph through the Var; the
-        // f32 master where the parameter is bf16
-        let master = self.master.get(name).cloned();
-        // (a bf16 parameter without a master copy is updated in f32 and rounded back)
-        let theta = match &master {
-            Some(w) => w.clone(),
-            None => var.as_tensor().detach().to_dtype(DType::F32)?,
+        let p = var.as_tensor();
+        // a bf16 parameter without a master copy is updated in f32 and rounded back
+        let (theta, in_place) = match self.master.get(name) {
+            Some(w) => (w.clone(), false),
+            None if p.dtype() == DType::F32 && p.is_contiguous() => (p.clone(), true),
+            None => (p.detach().to_dtype(DType::F32)?.copy()?, false),
         };
-        let (next, m, v) = h.update(&theta, g, self.m.get(name), self.v.get(name))?;
-        var.set(&next.to_dtype(var.dtype())?)?;
-        if master.is_some() {
-            self.master.insert(name.to_string(), next);
+        let (m, v) = h.apply(&theta, g, self.m.remove(name), self.v.remove(name))?;
+        if !in_place {
+            if p.is_contiguous() {
+                lockstep_model::adamw::cast_into(p, &theta)?;
+            } else {
+                var.set(&theta.to_dtype(p.dtype())?)?;
+            }
         }
         self.m.insert(name.to_string(), m);
         self.v.insert(name.to_string(), v);
@@ -284,7 +290,36 @@ pub struct StepHyper {
 }
 
 impl StepHyper {
-    /// The element-wise AdamW update ([module doc](self)) of f32 weights `theta` with the
+    /// The step's f32 scalars, rounded as candle's scalar ops round them.
+    pub fn scalars(&self) -> AdamWScalars {
+        AdamWScalars::new(self.scale, self.beta1, self.beta2, self.c1, self.c2, self.eps, self.weight_decay, self.lr)
+    }
+
+    /// The update of f32 weights `theta` **in place** with the (unclipped) f32 gradient `g` and
+    /// the previous moments (none before the first update), which are updated in place too (or
+    /// made): returns the new (m, v). Four fused element-wise ops (`lockstep_model::adamw`)
+    /// with exactly the bits of [`StepHyper::update`]; a non-contiguous m or v is copied first.
+    /// `theta` must be a tensor the caller owns (a master copy, or the parameter itself).
+    pub fn apply(&self, theta: &Tensor, g: &Tensor, m: Option<Tensor>, v: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+        use lockstep_model::adamw::{moment1_into, moment2_into, theta_into};
+        let s = self.scalars();
+        let g = g.to_dtype(DType::F32)?.contiguous()?.reshape(theta.shape())?;
+        let owned = |t: Option<Tensor>| -> Result<(Tensor, bool)> {
+            Ok(match t {
+                Some(t) if t.is_contiguous() => (t.reshape(theta.shape())?, false),
+                Some(t) => (t.copy()?.reshape(theta.shape())?, false),
+                None => (Tensor::zeros(theta.shape(), DType::F32, theta.device())?, true),
+            })
+        };
+        let ((m, m_first), (v, v_first)) = (owned(m)?, owned(v)?);
+        moment1_into(&m, &g, &s, m_first)?;
+        moment2_into(&v, &g, &s, v_first)?;
+        theta_into(theta, &m, &v, &s)?;
+        Ok((m, v))
+    }
+
+    /// The reference: the element-wise AdamW update ([module doc](self)) composed of candle
+    /// ops, which [`StepHyper::apply`] reproduces bit for bit. Of f32 weights `theta` with the
     /// (unclipped) gradient `g` and the previous moments (none before the first update):
     /// (next weights, m, v), all f32 and of `theta`'s shape. Element-wise only, so a flat
     /// slice of a parameter updates bit for bit as the same elements of the whole one.
@@ -313,6 +348,58 @@ mod tests {
 
     fn bits(t: &Tensor) -> Vec<u32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    /// The fused in-place update ([`StepHyper::apply`]) gives exactly the bits of the composed
+    /// candle ops ([`StepHyper::update`]) over several steps: first step (no moments), clipped
+    /// and unclipped gradients, with and without weight decay, zeros and signed zeros included;
+    /// and `AdamW::update_param` writes a bf16 parameter as its master rounded.
+    #[test]
+    fn fused_update_has_the_bits_of_the_composed_ops() {
+        let dev = Device::Cpu;
+        let n = 70_001; // more than one rayon chunk, a ragged end
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| {
+                    let x = (i.wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(97)) % 20_011) as f32 / 20_011.0 - 0.5;
+                    match i % 97 {
+                        0 => 0.0,
+                        1 => -0.0,
+                        2 => x * 1e-30,
+                        _ => x * 3.0,
+                    }
+                })
+                .collect()
+        };
+        for (scale, wd) in [(1.0, 0.0), (0.37, 0.01), (1.0, 0.1), (0.02, 0.0)] {
+            let theta0 = Tensor::from_vec(vals(1), n, &dev).unwrap();
+            let (mut t_ref, mut m_ref, mut v_ref) = (theta0.clone(), None::<Tensor>, None::<Tensor>);
+            let t_fused = theta0.copy().unwrap();
+            let (mut m_f, mut v_f) = (None, None);
+            for step in 1..=3 {
+                let g = Tensor::from_vec(vals(10 + step as u32), n, &dev).unwrap();
+                let (b1, b2) = (0.9f64, 0.95f64);
+                let h = StepHyper { scale, lr: 1e-3 * step as f64, beta1: b1, beta2: b2, c1: 1.0 - b1.powi(step), c2: 1.0 - b2.powi(step), eps: 1e-8, weight_decay: wd };
+                let (t2, m2, v2) = h.update(&t_ref, &g, m_ref.as_ref(), v_ref.as_ref()).unwrap();
+                (t_ref, m_ref, v_ref) = (t2, Some(m2), Some(v2));
+                let (m2, v2) = h.apply(&t_fused, &g, m_f.take(), v_f.take()).unwrap();
+                (m_f, v_f) = (Some(m2), Some(v2));
+                assert_eq!(bits(&t_fused), bits(&t_ref), "scale {scale} wd {wd} step {step}: theta");
+                assert_eq!(bits(m_f.as_ref().unwrap()), bits(m_ref.as_ref().unwrap()), "step {step}: m");
+                assert_eq!(bits(v_f.as_ref().unwrap()), bits(v_ref.as_ref().unwrap()), "step {step}: v");
+            }
+        }
+        // a bf16 parameter with an f32 master: the parameter is the master rounded
+        let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        let w32 = Tensor::from_vec(vals(3), n, &dev).unwrap();
+        let var = Var::from_tensor(&w32.to_dtype(DType::BF16).unwrap()).unwrap();
+        opt.master.insert("w".into(), w32.copy().unwrap());
+        let h = opt.begin_step(1.0);
+        let g = Tensor::from_vec(vals(4), n, &dev).unwrap();
+        let (want, _, _) = h.update(&w32, &g, None, None).unwrap();
+        opt.update_param("w", &var, &g, &h).unwrap();
+        assert_eq!(bits(&opt.master["w"]), bits(&want));
+        assert_eq!(bits(&var.as_tensor().to_dtype(DType::F32).unwrap()), bits(&want.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()));
     }
 
     /// Micro-batches summed in place give the bits of the out-of-place chain, and never write

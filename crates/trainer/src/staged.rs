@@ -36,6 +36,7 @@ use lockstep_model::{Batch, ForwardContext, LayerRoute, MoeCausalLm, Recording, 
 
 use crate::error::{Result, TrainError};
 use crate::optim::GradAccumulator;
+use crate::phases::PhaseTimer;
 
 /// How a micro-batch is run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -246,7 +247,13 @@ impl<'a> Staged<'a> {
 
     /// Backward of `loss` (a scalar built from [`Staged::logp`], [`Staged::entropy`] and the
     /// router scores in [`Staged::routes`]) through every stage into `acc`.
-    pub fn backward(mut self, loss: &Tensor, params: &[(String, Var)], acc: &mut GradAccumulator) -> Result<()> {
+    pub fn backward(self, loss: &Tensor, params: &[(String, Var)], acc: &mut GradAccumulator) -> Result<()> {
+        self.backward_timed(loss, params, acc, &mut PhaseTimer::off())
+    }
+
+    /// [`Staged::backward`] with its stages timed: `backward_loss`, `backward_head`,
+    /// `backward_layers` (recompute included), `backward_embed`.
+    pub fn backward_timed(mut self, loss: &Tensor, params: &[(String, Var)], acc: &mut GradAccumulator, timer: &mut PhaseTimer) -> Result<()> {
         if !self.train {
             return Err(TrainError::input("backward", "a staged forward made without train has no graph"));
         }
@@ -272,6 +279,7 @@ impl<'a> Staged<'a> {
             }
         }
         drop(g);
+        timer.mark("backward_loss")?;
         // 2. the head, chunk by chunk
         let (b, t) = self.batch.dims();
         let (n, d) = (b * t, model.cfg.hidden_size);
@@ -311,6 +319,7 @@ impl<'a> Staged<'a> {
             }
         };
         let mut g_x = g_x_ND.reshape((b, t, d))?;
+        timer.mark("backward_head")?;
         // 3. the layers, from the last
         for l in (0..layers).rev() {
             let (y, scores) = match self.kept[l].take() {
@@ -332,10 +341,12 @@ impl<'a> Staged<'a> {
                 None => self.xs[l].zeros_like()?.detach(),
             };
         }
+        timer.mark("backward_layers")?;
         // 4. the embeddings
         let x0 = model.embed(self.batch)?;
         let s = surrogate(&x0, &g_x)?;
         acc.add(params, &s.backward()?)?;
+        timer.mark("backward_embed")?;
         Ok(())
     }
 }
@@ -367,7 +378,8 @@ mod tests {
         let (target, _, valid) = targets(&batch).unwrap();
         let lp = logsm.gather(&Tensor::from_vec(target, (n, 1), &dev).unwrap(), 1).unwrap().squeeze(1).unwrap();
         let h = (logsm.exp().unwrap() * &logsm).unwrap().sum(D::Minus1).unwrap().neg().unwrap();
-        let (lp, h) = (to_slots(&lp, &valid).unwrap(), to_slots(&h, &valid).unwrap());
+        let row_of: Vec<Option<u32>> = valid.iter().enumerate().map(|(n, &v)| v.then(|| n as u32 - 1)).collect();
+        let (lp, h) = (to_slots(&lp, &row_of).unwrap(), to_slots(&h, &row_of).unwrap());
         let loss = ((lp * &wl).unwrap().sum_all().unwrap() + (h * &wh).unwrap().sum_all().unwrap()).unwrap();
         let mut whole = GradAccumulator::default();
         whole.add(&t.params, &loss.backward().unwrap()).unwrap();

@@ -4,11 +4,11 @@
 //!
 //! Legend: N token slots, W experts per route row, E experts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use lockstep_model::config::{RoutingStrategy, ScoreFunction};
-use lockstep_model::{Batch, LayerRoute, MoeCausalLm, RoutingPlan};
+use lockstep_model::{LayerRoute, MoeCausalLm, RoutingPlan};
 
 use crate::batch::TrainBatch;
 use lockstep_trace::RouteTrace;
@@ -133,40 +133,81 @@ pub fn route_probs_at(model: &MoeCausalLm, tb: &TrainBatch, routes: &BTreeMap<us
     Ok(m)
 }
 
-/// The experts each token slot would get under free routing from the live scores, as sets
-/// (the router's own free choice, token or expert choice).
-fn free_sets(model: &MoeCausalLm, layer: usize, route: &LayerRoute, batch: &Batch) -> Result<Vec<BTreeSet<u32>>> {
-    let block = model.moe_block_checked(layer)?;
-    let mut sets = vec![BTreeSet::new(); route.num_tokens];
-    for (t, e) in block.router.free_pairs(&route.scores_NE.detach(), batch)? {
-        sets[t as usize].insert(e);
+/// Expert sets of `n` token slots from (token, expert) pairs, as sorted runs of one flat
+/// vector: slot t's set is `experts[offsets[t]..offsets[t + 1]]`, ascending (a counting sort:
+/// no allocation per slot).
+#[derive(Debug)]
+struct FlatSets {
+    offsets: Vec<usize>,
+    experts: Vec<u32>,
+}
+
+impl FlatSets {
+    fn of(n: usize, pairs: &[(u32, u32)]) -> Result<Self> {
+        let mut offsets = vec![0usize; n + 1];
+        for &(t, _) in pairs {
+            let t = t as usize;
+            if t >= n {
+                return Err(TrainError::input("routes", format!("token {t} of a route past the batch's {n} slots")));
+            }
+            offsets[t + 1] += 1;
+        }
+        for t in 0..n {
+            offsets[t + 1] += offsets[t];
+        }
+        let mut fill = offsets.clone();
+        let mut experts = vec![0u32; pairs.len()];
+        for &(t, e) in pairs {
+            experts[fill[t as usize]] = e;
+            fill[t as usize] += 1;
+        }
+        for t in 0..n {
+            experts[offsets[t]..offsets[t + 1]].sort_unstable();
+        }
+        Ok(Self { offsets, experts })
     }
-    Ok(sets)
+
+    fn get(&self, t: usize) -> &[u32] {
+        &self.experts[self.offsets[t]..self.offsets[t + 1]]
+    }
 }
 
 /// Route agreement of one layer: the share of real token slots whose free selection (from the
-/// trainer's live scores) equals, as a set, the inference route (the replayed rows; without
-/// inference routes, the route the forward applied). Returns (agreeing, compared).
+/// trainer's live scores, the router's own free choice, token or expert choice) equals, as a
+/// set, the inference route (the replayed rows; without inference routes, the route the forward
+/// applied). Returns (agreeing, compared).
 pub fn agreement(model: &MoeCausalLm, layer: usize, route: &LayerRoute, tb: &TrainBatch) -> Result<(f64, f64)> {
     let real = tb.batch.real_mask();
-    let free = free_sets(model, layer, route, &tb.batch)?;
-    let inference: Vec<Option<BTreeSet<u32>>> = match layers_of(tb).into_iter().find(|&(_, l, _)| l == layer) {
-        Some((li, _, r)) => (0..r.num_tokens()).map(|q| r.row(q, li).map(|row| row.iter().map(|&x| u32::from(x)).collect())).collect(),
-        None => {
-            let mut sets = vec![BTreeSet::new(); route.num_tokens];
-            let (tok, exp) = route.pairs()?;
-            for (&t, &x) in tok.iter().zip(&exp) {
-                sets[t as usize].insert(x);
-            }
-            sets.into_iter().map(Some).collect()
-        }
-    };
+    let n = route.num_tokens;
+    let block = model.moe_block_checked(layer)?;
+    let free = FlatSets::of(n, &block.router.free_pairs(&route.scores_NE.detach(), &tb.batch)?)?;
     let (mut same, mut total) = (0.0, 0.0);
-    for q in 0..route.num_tokens {
-        if let (true, Some(inf)) = (real[q], &inference[q]) {
-            total += 1.0;
-            if *inf == free[q] {
-                same += 1.0;
+    match layers_of(tb).into_iter().find(|&(_, l, _)| l == layer) {
+        Some((li, _, r)) => {
+            let mut row: Vec<u32> = Vec::new();
+            for (q, &is_real) in real.iter().enumerate().take(n.min(r.num_tokens())) {
+                let (true, Some(inf)) = (is_real, r.row(q, li)) else { continue };
+                row.clear();
+                row.extend(inf.iter().map(|&x| u32::from(x)));
+                row.sort_unstable();
+                row.dedup();
+                total += 1.0;
+                if row.as_slice() == free.get(q) {
+                    same += 1.0;
+                }
+            }
+        }
+        None => {
+            let (tok, exp) = route.pairs()?;
+            let pairs: Vec<(u32, u32)> = tok.into_iter().zip(exp).collect();
+            let applied = FlatSets::of(n, &pairs)?;
+            for (q, &is_real) in real.iter().enumerate().take(n) {
+                if is_real {
+                    total += 1.0;
+                    if applied.get(q) == free.get(q) {
+                        same += 1.0;
+                    }
+                }
             }
         }
     }
@@ -183,4 +224,18 @@ pub fn check_joint(model: &MoeCausalLm) -> Result<()> {
         return Err(TrainError::input("loss.ratio", "joint ratios need token-choice routes (experts that a token drew); expert choice has none: use ratio = token or router_shift"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlatSets;
+
+    /// Pairs in any order group into per-slot ascending runs; an empty slot is an empty run; a
+    /// token past the slots is refused.
+    #[test]
+    fn flat_sets_group_and_sort_pairs() {
+        let s = FlatSets::of(4, &[(2, 7), (0, 3), (2, 1), (0, 9), (3, 5), (2, 4)]).unwrap();
+        assert_eq!((s.get(0), s.get(1), s.get(2), s.get(3)), (&[3, 9][..], &[][..], &[1, 4, 7][..], &[5][..]));
+        assert!(FlatSets::of(2, &[(2, 0)]).unwrap_err().to_string().contains("token 2"));
+    }
 }

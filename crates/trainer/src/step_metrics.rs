@@ -48,6 +48,9 @@ pub struct StepMetrics {
     /// was skipped (weights, AdamW moments and step counter untouched) and the non-finite
     /// metrics of the step are written as 0.
     pub skipped_nonfinite: bool,
+    /// Seconds per phase of the step (plan, forward, loss, backward_*, metrics, reduce,
+    /// optimizer), summed over its micro-batches; empty unless `TrainerConfig::time_phases`.
+    pub phases: crate::phases::PhaseSeconds,
 }
 
 /// What [`Trainer::sft_step_checked`] measured.

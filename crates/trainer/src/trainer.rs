@@ -18,6 +18,7 @@ pub use crate::step_metrics::{LayerStepMetrics, ScoreMetrics, SftMetrics, StepMe
 use crate::error::{Result, TrainError};
 use crate::loss::{rl_loss, LossConfig, LossInputs, Objective, PiOld, RatioMode};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
+use crate::phases::PhaseTimer;
 use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
 use crate::staged::{GradTargets, StageOptions, Staged};
 use crate::step_inputs::{agreement, check_joint, plan, route_inputs, route_probs_at};
@@ -48,6 +49,9 @@ pub struct TrainerConfig {
     /// reduce-scattered and the updated slices all-gathered ([`crate::zero`]). The experts'
     /// state is the rank's own either way. Ignored on one rank. Default off.
     pub shard_optimizer: bool,
+    /// Time every phase of a step (`StepMetrics::phases`), synchronising the device at each
+    /// phase's end: for benchmarks ([`crate::phases`]). Default off.
+    pub time_phases: bool,
 }
 
 impl Default for TrainerConfig {
@@ -61,6 +65,7 @@ impl Default for TrainerConfig {
             logits_chunk_tokens: 1024,
             dtype: DType::F32,
             shard_optimizer: false,
+            time_phases: false,
         }
     }
 }
@@ -116,8 +121,10 @@ impl Trainer {
             let w = t.to_dtype(DType::F32)?;
             let v = Var::from_tensor(&w.to_dtype(cfg.dtype)?)?;
             if cfg.dtype != DType::F32 {
-                // no copy: a master tensor is replaced by each update, never written in place
-                master.insert(name.to_string(), w.clone());
+                // the optimizer updates its master in place: an f32 weight may be shared with
+                // the caller's model (a clone), so the master is a copy of it
+                let own = if t.dtype() == DType::F32 { w.copy()? } else { w.clone() };
+                master.insert(name.to_string(), own);
             }
             params.push((name.to_string(), v.clone()));
             Ok(v.as_tensor().clone())
@@ -251,14 +258,16 @@ impl Trainer {
     }
 
     /// Forward + loss + backward of one micro-batch; gradients go into `acc`.
-    fn micro_step(&self, tb: &TrainBatch, denominator: f64, acc: &mut GradAccumulator, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, LayerAcc>) -> Result<()> {
+    fn micro_step(&self, tb: &TrainBatch, denominator: f64, acc: &mut GradAccumulator, m: &mut StepMetrics, layer_acc: &mut BTreeMap<usize, LayerAcc>, timer: &mut PhaseTimer) -> Result<()> {
         tb.check()?;
         let dev = self.model.device().clone();
         let loss_cfg = &self.cfg.loss;
         let routing = plan(&self.model, tb, self.cfg.replay)?;
+        timer.mark("plan")?;
         let targets = GradTargets { entropy: loss_cfg.entropy_coef != 0.0, router_scores: matches!(loss_cfg.ratio, RatioMode::Joint(_)) };
         let scored = tb.scored_slots();
         let out = Staged::forward_scored(&self.model, &tb.batch, &routing, self.stage_options(), true, targets, Some(&scored))?;
+        timer.mark("forward")?;
         let (logp, valid) = (out.logp.clone(), out.valid.clone());
         let mask: Vec<f32> = tb.loss_mask.iter().zip(&valid).map(|(&m, &v)| if v { m } else { 0.0 }).collect();
         let route = route_inputs(&self.model, tb, &out.routes, loss_cfg.ratio, loss_cfg.pi_old)?;
@@ -291,7 +300,8 @@ impl Trainer {
         let (loss, lm) = rl_loss(loss_cfg, &inputs, denominator)?;
         drop(inputs);
         let routes = out.routes.clone();
-        out.backward(&loss, &self.params, acc)?;
+        timer.mark("loss")?;
+        out.backward_timed(&loss, &self.params, acc, timer)?;
 
         // metrics (weighted by tokens, divided at the end)
         let t = lm.tokens;
@@ -330,6 +340,7 @@ impl Trainer {
                 *a += x as f64;
             }
         }
+        timer.mark("metrics")?;
         Ok(())
     }
 
@@ -392,18 +403,23 @@ impl Trainer {
         let mut acc = GradAccumulator::default();
         let mut m = StepMetrics::default();
         let mut layer_acc = BTreeMap::new();
+        let mut timer = PhaseTimer::new(self.model.device(), self.cfg.time_phases);
+        timer.restart()?;
         let empty = if rounds > micro.len() { Some(self.empty_batch()?) } else { None };
         for i in 0..rounds {
             match (micro.get(i), &empty) {
-                (Some(tb), _) => self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc)?,
+                (Some(tb), _) => self.micro_step(tb, denominator, &mut acc, &mut m, &mut layer_acc, &mut timer)?,
                 // metrics of an empty round are dropped
-                (None, Some(tb)) => self.micro_step(tb, denominator, &mut acc, &mut StepMetrics::default(), &mut BTreeMap::new())?,
+                (None, Some(tb)) => self.micro_step(tb, denominator, &mut acc, &mut StepMetrics::default(), &mut BTreeMap::new(), &mut timer)?,
                 (None, None) => unreachable!("an empty batch pads the missing rounds"),
             }
         }
         // the metrics first: over ranks, m.loss becomes the global loss the check needs
         self.reduce_metrics(&mut m, &mut layer_acc)?;
+        timer.mark("reduce")?;
         let (norm, stats) = self.apply_if_finite(&mut acc, m.loss)?;
+        timer.mark("optimizer")?;
+        m.phases = std::mem::take(&mut timer.secs);
         let stats = match stats {
             Some(s) => s,
             None => {

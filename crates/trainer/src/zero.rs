@@ -224,16 +224,14 @@ pub fn step(opt: &mut AdamW, zero: &mut ZeroState, dp: &dyn DataParallel, params
         }
         let s = Slicing::new(var.elem_count(), world)?;
         let g_c = sliced.remove(name).ok_or_else(|| TrainError::input("<optimizer slice>", format!("`{name}`: no reduced gradient")))?;
+        // the master slice, updated in place, or a fresh f32 copy of this rank's slice
         let theta_c = match zero.master.get(name) {
             Some(w) => w.clone(),
-            None => s.slice(&var.as_tensor().detach(), rank)?.to_dtype(DType::F32)?,
+            None => s.slice(&var.as_tensor().detach(), rank)?.to_dtype(DType::F32)?.copy()?,
         };
-        let (next_c, m_c, v_c) = h.update(&theta_c, &g_c, zero.m.get(name), zero.v.get(name))?;
-        let whole = s.gather(dp, &next_c.to_dtype(var.dtype())?, var.dims())?;
+        let (m_c, v_c) = h.apply(&theta_c, &g_c, zero.m.remove(name), zero.v.remove(name))?;
+        let whole = s.gather(dp, &theta_c.to_dtype(var.dtype())?, var.dims())?;
         var.set(&whole)?;
-        if zero.master.contains_key(name) {
-            zero.master.insert(name.clone(), next_c);
-        }
         zero.m.insert(name.clone(), m_c);
         zero.v.insert(name.clone(), v_c);
     }

@@ -259,13 +259,23 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
         *reinterpret_cast<uint4*>(&Ks[j][c]) = kv;
         *reinterpret_cast<uint4*>(&Vs[j][c]) = vv;
     }
+    // the first query that sees a key of the block: rows before it add exact zeros (P = 0), so
+    // the loop starts at its row, rounded down to the BR-row grid (the same row groups, so the
+    // same sums, as from row 0); causal sequences skip about half their rows this way
+    __shared__ uint32_t first_q;
+    if (threadIdx.x == 0) first_q = qb - qa;
+    __syncthreads();
+    for (uint32_t j = threadIdx.x; j < qb - qa; j += FT)
+        if (keys[qa + j] > c0) atomicMin(&first_q, j);
+    __syncthreads();
+    const uint32_t rstart = first_q * R / BR * BR;
     const uint32_t kw = warp * 16;  // the warp's keys kw..kw+16 of the block
     float dK[DH / 8][4], dV[DH / 8][4];
 #pragma unroll
     for (int dn = 0; dn < DH / 8; dn++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dK[dn][e] = dV[dn][e] = 0.0f;
-    for (uint32_t r0 = 0; r0 < nrows; r0 += BR) {
+    for (uint32_t r0 = rstart; r0 < nrows; r0 += BR) {
         __syncthreads();  // the previous rows' readers are done (and Ks, Vs are written)
         bool sees = false;
         if (threadIdx.x < BR) {

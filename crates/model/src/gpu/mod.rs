@@ -15,13 +15,15 @@
 //! - `head`: the LM head's log-prob / entropy surrogate and its gradient (`crate::head_grad`);
 //! - `norm`, `rope`: the fused RMSNorm and rotary embedding (`crate::nn::norm`, `crate::nn::rope`);
 //! - `accumulate`: in-place f32 gradient sums (`crate::accumulate`);
+//! - `adamw`: the AdamW update's in-place element-wise ops (`crate::adamw`);
 //! - `swiglu`: the experts' fused SwiGLU and its backward (`crate::nn::swiglu`);
 //! - `kernels.cu`, `route.cu`, `invariant.cu`, `paged.cu`, `sample.cu`, `flash.cu`, `head.cu`,
-//!   `norm.cu`, `rope.cu`, `accumulate.cu`: the kernels (compiled to PTX by build.rs).
+//!   `norm.cu`, `rope.cu`, `accumulate.cu`, `adamw.cu`: the kernels (compiled to PTX by build.rs).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
 pub(crate) mod accumulate;
+pub(crate) mod adamw;
 pub(crate) mod flash;
 pub(crate) mod gemm;
 pub(crate) mod grouped_bwd;
@@ -62,6 +64,8 @@ const ROPE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_kernels.ptx"
 const ROPE_MODULE: &str = "lockstep_rope";
 const ACCUMULATE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/accumulate_kernels.ptx"));
 const ACCUMULATE_MODULE: &str = "lockstep_accumulate";
+const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw_kernels.ptx"));
+const ADAMW_MODULE: &str = "lockstep_adamw";
 
 /// A kernel of `kernels.cu`, launched on the device's stream.
 pub(crate) struct Kernel {
@@ -126,6 +130,12 @@ pub(crate) fn rope_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 /// A kernel of `accumulate.cu`.
 pub(crate) fn accumulate_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, ACCUMULATE_MODULE, ACCUMULATE_PTX)?.into_cuda_function();
+    Ok(Kernel { f, stream: dev.cuda_stream() })
+}
+
+/// A kernel of `adamw.cu`.
+pub(crate) fn adamw_func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, ADAMW_MODULE, ADAMW_PTX)?.into_cuda_function();
     Ok(Kernel { f, stream: dev.cuda_stream() })
 }
 
