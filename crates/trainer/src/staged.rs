@@ -142,10 +142,11 @@ fn head_rows_of(has: &[bool], scored: Option<&[bool]>) -> (Vec<u32>, Vec<Option<
 }
 
 /// Head of rows x [C, D] in the forward: per row the log-probability of its target and its
-/// entropy, [C] f32 — by `token_stats` on the f32 logits, the op the engine records its
+/// entropy, [C] f32 — by `token_stats` on the logits in the model's dtype (it widens each one to
+/// f32 exactly, so bf16 logits give the bits of their f32 copy), the op the engine records its
 /// log-probabilities with (the same bits).
 fn head_rows(model: &MoeCausalLm, x_CD: &Tensor, target_C: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
-    let logits = model.head_forward(x_CD)?.to_dtype(DType::F32)?;
+    let logits = model.head_forward(x_CD)?;
     let stats_C3 = token_stats(&logits, target_C, temperature)?;
     Ok((stats_C3.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?, stats_C3.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?))
 }
