@@ -45,6 +45,11 @@ pub struct BenchStagesArgs {
     /// Write the records as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Run only the stages whose name contains one of these comma-separated words (e.g.
+    /// `attention`, `moe`, `head`, `layer forward + backward`): for a kernel profile of one
+    /// stage (`scripts/cuda/profile_stages.sh`). Default: every stage.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -106,19 +111,27 @@ mod imp {
         let x = (Tensor::randn(0f32, 1.0, (1, n, d), &dev)?.to_dtype(dtype)?).detach();
         let g = (Tensor::randn(0f32, 1e-3, (1, n, d), &dev)?.to_dtype(dtype)?).detach();
         let (wu, it) = (args.warmup, args.iters);
-        let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| crate::gpu_timer::median_min_ms(&dev, wu, it, f).map(|t| t.0);
+        let only = args.only.clone();
+        let wanted = move |stage: &str| only.is_empty() || only.iter().any(|w| stage.contains(w.as_str()));
+        // a stage left out by --only is not run and reads 0 ms
+        let time_stage = |stage: &str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+            if !wanted(stage) {
+                return Ok(0.0);
+            }
+            crate::gpu_timer::median_min_ms(&dev, wu, it, f).map(|t| t.0)
+        };
         let surrogate = |y: &Tensor, g: &Tensor| -> candle_core::Result<Tensor> { (y * g)?.sum(D::Minus1)?.sum_all()?.to_dtype(DType::F32) };
         let mut rec: Vec<(String, f64)> = Vec::new();
 
         // one decoder layer
-        let layer_fwd = time(&mut || {
+        let layer_fwd = time_stage("layer forward", &mut || {
             let mut r = Recording::new();
             drop(model.layer_forward(0, &x, &ctx, &plan, &batch, &mut r)?);
             Ok(())
         })?;
         rec.push(("layer forward".into(), layer_fwd));
         let mut last_grads = None;
-        let layer_fb = time(&mut || {
+        let layer_fb = time_stage("layer forward + backward", &mut || {
             let xv = Var::from_tensor(&x)?;
             let mut r = Recording::new();
             let y = model.layer_forward(0, xv.as_tensor(), &ctx, &plan, &batch, &mut r)?;
@@ -126,21 +139,20 @@ mod imp {
             Ok(())
         })?;
         rec.push(("layer forward + backward".into(), layer_fb));
-        let grads = last_grads.context("no gradients")?;
-        let mut acc = GradAccumulator::default();
-        acc.add(&params, &grads)?;
-        let accumulate = time(&mut || Ok(acc.add(&params, &grads)?))?;
-        rec.push(("accumulate one layer's gradients (f32)".into(), accumulate));
-        drop(acc);
-        drop(grads);
+        if let Some(grads) = last_grads {
+            let mut acc = GradAccumulator::default();
+            acc.add(&params, &grads)?;
+            let accumulate = time_stage("accumulate one layer's gradients (f32)", &mut || Ok(acc.add(&params, &grads)?))?;
+            rec.push(("accumulate one layer's gradients (f32)".into(), accumulate));
+        }
 
         // the MoE block
         let block = model.moe_block(0).context("layer 0 is not an MoE layer")?;
         let x_ND = x.reshape((n, d))?;
         let g_ND = g.reshape((n, d))?;
-        let moe_fwd = time(&mut || Ok(drop(block.forward(&x_ND, &RouteMode::Record, 0, &batch)?)))?;
+        let moe_fwd = time_stage("moe block forward", &mut || Ok(drop(block.forward(&x_ND, &RouteMode::Record, 0, &batch)?)))?;
         rec.push(("moe block forward".into(), moe_fwd));
-        let moe_fb = time(&mut || {
+        let moe_fb = time_stage("moe block forward + backward", &mut || {
             let xv = Var::from_tensor(&x_ND)?;
             let (y, _) = block.forward(xv.as_tensor(), &RouteMode::Record, 0, &batch)?;
             drop(surrogate(&y, &g_ND)?.backward()?);
@@ -158,9 +170,9 @@ mod imp {
         let runs: Vec<(usize, usize)> = (0..s).map(|i| (i * l, l)).collect();
         let lay = Arc::new(varlen::KeyLayout::packed(&runs, |i, _| i + 1)?);
         let scale = 1.0 / (dh as f32).sqrt();
-        let att_fwd = time(&mut || Ok(drop(varlen::attention(&q, &k, &vv, lay.clone(), scale)?)))?;
+        let att_fwd = time_stage("attention kernel forward", &mut || Ok(drop(varlen::attention(&q, &k, &vv, lay.clone(), scale)?)))?;
         rec.push(("attention kernel forward".into(), att_fwd));
-        let att_fb = time(&mut || {
+        let att_fb = time_stage("attention kernel forward + backward", &mut || {
             let (qv, kv_, vv_) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&vv)?);
             let o = varlen::attention(qv.as_tensor(), kv_.as_tensor(), vv_.as_tensor(), lay.clone(), scale)?;
             drop(surrogate(&o, &go)?.backward()?);
@@ -170,7 +182,7 @@ mod imp {
         // parts of the rest: the input norm, and the four attention projections (x [N, D] → q, k,
         // v; o from [N, H·Dh]), each forward + backward with the weights as Vars
         let layer = &model.layers[0];
-        let norm_fb = time(&mut || {
+        let norm_fb = time_stage("input RMSNorm forward + backward", &mut || {
             let xv = Var::from_tensor(&x)?;
             let y = candle_core::Module::forward(&layer.input_layernorm, xv.as_tensor())?;
             drop(surrogate(&y, &g)?.backward()?);
@@ -179,7 +191,7 @@ mod imp {
         rec.push(("input RMSNorm forward + backward".into(), norm_fb));
         let a = &layer.self_attn;
         let o_in = (Tensor::randn(0f32, 1.0, (1, n, a.o_proj.weight().dim(1)?), &dev)?.to_dtype(dtype)?).detach();
-        let proj_fb = time(&mut || {
+        let proj_fb = time_stage("q, k, v, o projections forward + backward", &mut || {
             let (xv, ov) = (Var::from_tensor(&x)?, Var::from_tensor(&o_in)?);
             let mut s = surrogate(&candle_core::Module::forward(&a.o_proj, ov.as_tensor())?, &g)?;
             for p in [&a.q_proj, &a.k_proj, &a.v_proj] {
@@ -199,14 +211,14 @@ mod imp {
         // as the trainer runs it (`trainer::staged`): the forward without a graph (the engine's
         // log-prob arithmetic), then the backward: the logits recomputed with their graph and the
         // fused log-prob / entropy gradient (`lockstep_model::head_grad`)
-        let head_f = time(&mut || {
-            let logits = model.head_forward(&x_ND.narrow(0, 0, c)?)?.to_dtype(DType::F32)?;
+        let head_f = time_stage("LM head chunk forward", &mut || {
+            let logits = model.head_forward(&x_ND.narrow(0, 0, c)?)?;
             drop(lockstep_model::head_grad::token_stats(&logits, &target, 1.0)?);
             Ok(())
         })?;
         let target_host = &tokens[..c];
         let (g_lp, g_h) = (Tensor::ones(c, DType::F32, &dev)?, Tensor::ones(c, DType::F32, &dev)?);
-        let head_b = time(&mut || {
+        let head_b = time_stage("LM head chunk backward", &mut || {
             let xc = Var::from_tensor(&x_ND.narrow(0, 0, c)?)?;
             let logits = model.head_forward(xc.as_tensor())?;
             let s = lockstep_model::head_grad::logprob_entropy_surrogate(&logits, target_host, &g_lp, Some(&g_h), 1.0)?.sum_all()?;

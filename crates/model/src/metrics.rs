@@ -23,24 +23,52 @@ pub struct LayerHealth {
     pub mean_experts_per_token: f64,
 }
 
+/// One recorded layer's route on the host: what [`layer_health_of`] and [`slot_load_of`] read,
+/// copied off the device once ([`HostRoute::of`]) so that the arithmetic can run anywhere (the
+/// trainer runs its layers' in parallel).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRoute {
+    pub num_tokens: usize,
+    pub num_experts: usize,
+    /// (token, expert) per assignment
+    pub tok: Vec<u32>,
+    pub exp: Vec<u32>,
+    /// the router probability (softmax) or score (sigmoid) of each assignment
+    pub probs: Vec<f32>,
+    /// sigmoid routers: Σ over all experts of each token's scores
+    pub totals: Option<Vec<f32>>,
+}
+
+impl HostRoute {
+    pub fn of(route: &LayerRoute, score: ScoreFunction) -> Result<Self> {
+        let (tok, exp) = route.pairs()?;
+        let probs: Vec<f32> = route.prob_A.to_dtype(DType::F32)?.to_vec1()?;
+        let totals = match score {
+            ScoreFunction::Softmax => None,
+            ScoreFunction::Sigmoid => Some(route.scores_NE.sum(1)?.to_vec1()?),
+        };
+        Ok(Self { num_tokens: route.num_tokens, num_experts: route.scores_NE.dim(1)?, tok, exp, probs, totals })
+    }
+}
+
 pub fn layer_health(route: &LayerRoute, real: &[bool], score: ScoreFunction) -> Result<LayerHealth> {
-    let e = route.scores_NE.dim(1)?;
-    let (tok, exp) = route.pairs()?;
-    let probs: Vec<f32> = route.prob_A.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(layer_health_of(&HostRoute::of(route, score)?, real))
+}
+
+/// [`layer_health`] of a route on the host.
+pub fn layer_health_of(route: &HostRoute, real: &[bool]) -> LayerHealth {
+    let e = route.num_experts;
     let mut load = vec![0usize; e];
     let mut selected = vec![0f64; real.len()];
     let mut count = vec![0usize; real.len()];
-    for ((&t, &x), &p) in tok.iter().zip(&exp).zip(&probs) {
-        if real[t as usize] {
+    for ((&t, &x), &p) in route.tok.iter().zip(&route.exp).zip(&route.probs) {
+        let t = t as usize;
+        if real.get(t).copied().unwrap_or(false) && (x as usize) < e {
             load[x as usize] += 1;
-            selected[t as usize] += p as f64;
-            count[t as usize] += 1;
+            selected[t] += p as f64;
+            count[t] += 1;
         }
     }
-    let totals: Option<Vec<f32>> = match score {
-        ScoreFunction::Softmax => None,
-        ScoreFunction::Sigmoid => Some(route.scores_NE.sum(1)?.to_vec1()?),
-    };
     let (mut tokens, mut conf, mut dropped, mut experts) = (0usize, 0f64, 0usize, 0usize);
     for (n, &is_real) in real.iter().enumerate() {
         if !is_real {
@@ -49,21 +77,21 @@ pub fn layer_health(route: &LayerRoute, real: &[bool], score: ScoreFunction) -> 
         tokens += 1;
         experts += count[n];
         dropped += usize::from(count[n] == 0);
-        conf += match &totals {
+        conf += match &route.totals {
             None => selected[n],
-            Some(t) if t[n] > 0.0 => selected[n] / t[n] as f64,
+            Some(t) if t.get(n).is_some_and(|&t| t > 0.0) => selected[n] / t[n] as f64,
             Some(_) => 0.0,
         };
     }
     let per = |x: f64| if tokens == 0 { 0.0 } else { x / tokens as f64 };
-    Ok(LayerHealth {
+    LayerHealth {
         tokens,
         confidence: per(conf),
         max_vio: max_vio(&load),
         load,
         dropped: per(dropped as f64),
         mean_experts_per_token: per(experts as f64),
-    })
+    }
 }
 
 /// lockstep's max_vio of one layer: with c_e = tokens routed to expert e over the *real*
@@ -118,10 +146,14 @@ pub fn max_vio_prime_rl(load_all_slots: &[usize], top_k: usize) -> f64 {
 /// Tokens per expert over every token slot of a route, padding slots included — the load
 /// prime-rl's [`max_vio_prime_rl`] is defined on ([`layer_health`] counts real slots only).
 pub fn slot_load(route: &LayerRoute) -> Result<Vec<usize>> {
-    let e = route.scores_NE.dim(1)?;
     let (_, exp) = route.pairs()?;
+    slot_load_of(&exp, route.scores_NE.dim(1)?)
+}
+
+/// [`slot_load`] of a route's expert ids on the host, `e` experts.
+pub fn slot_load_of(exp: &[u32], e: usize) -> Result<Vec<usize>> {
     let mut load = vec![0usize; e];
-    for &x in &exp {
+    for &x in exp {
         match load.get_mut(x as usize) {
             Some(c) => *c += 1,
             None => return Err(candle_core::Error::Msg(format!("slot_load: expert id {x} >= {e} experts")).into()),

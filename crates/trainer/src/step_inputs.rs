@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use lockstep_model::config::{RoutingStrategy, ScoreFunction};
+use lockstep_model::metrics::HostRoute;
 use lockstep_model::{LayerRoute, MoeCausalLm, RoutingPlan};
 
 use crate::batch::TrainBatch;
@@ -172,15 +173,19 @@ impl FlatSets {
     }
 }
 
-/// Route agreement of one layer: the share of real token slots whose free selection (from the
-/// trainer's live scores, the router's own free choice, token or expert choice) equals, as a
-/// set, the inference route (the replayed rows; without inference routes, the route the forward
-/// applied). Returns (agreeing, compared).
-pub fn agreement(model: &MoeCausalLm, layer: usize, route: &LayerRoute, tb: &TrainBatch) -> Result<(f64, f64)> {
-    let real = tb.batch.real_mask();
-    let n = route.num_tokens;
-    let block = model.moe_block_checked(layer)?;
-    let free = FlatSets::of(n, &block.router.free_pairs(&route.scores_NE.detach(), &tb.batch)?)?;
+/// The experts every token slot would get under free routing from a layer's live scores (the
+/// router's own free choice, token or expert choice), as host (token, expert) pairs.
+pub fn free_pairs(model: &MoeCausalLm, layer: usize, route: &LayerRoute, batch: &lockstep_model::Batch) -> Result<Vec<(u32, u32)>> {
+    Ok(model.moe_block_checked(layer)?.router.free_pairs(&route.scores_NE.detach(), batch)?)
+}
+
+/// Route agreement of one layer, on the host: the share of real token slots whose free
+/// selection (`free`, [`free_pairs`]) equals, as a set, the inference route (the replayed rows
+/// of `tb`; without inference routes, the route the forward applied, `applied`). Returns
+/// (agreeing, compared).
+pub fn agreement_of(layer: usize, real: &[bool], free: &[(u32, u32)], applied: &HostRoute, tb: &TrainBatch) -> Result<(f64, f64)> {
+    let n = applied.num_tokens;
+    let free = FlatSets::of(n, free)?;
     let (mut same, mut total) = (0.0, 0.0);
     match layers_of(tb).into_iter().find(|&(_, l, _)| l == layer) {
         Some((li, _, r)) => {
@@ -198,8 +203,7 @@ pub fn agreement(model: &MoeCausalLm, layer: usize, route: &LayerRoute, tb: &Tra
             }
         }
         None => {
-            let (tok, exp) = route.pairs()?;
-            let pairs: Vec<(u32, u32)> = tok.into_iter().zip(exp).collect();
+            let pairs: Vec<(u32, u32)> = applied.tok.iter().copied().zip(applied.exp.iter().copied()).collect();
             let applied = FlatSets::of(n, &pairs)?;
             for (q, &is_real) in real.iter().enumerate().take(n) {
                 if is_real {

@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
-use lockstep_model::metrics::{layer_health, max_vio_prime_rl, slot_load};
+use lockstep_model::metrics::{layer_health_of, max_vio_prime_rl, slot_load_of, HostRoute};
+use rayon::prelude::*;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
 pub use crate::batch::{replay_from_recording, OldPolicy, TrainBatch};
@@ -21,7 +22,7 @@ use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
 use crate::phases::PhaseTimer;
 use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
 use crate::staged::{GradTargets, StageOptions, Staged};
-use crate::step_inputs::{agreement, check_joint, plan, route_inputs, route_probs_at};
+use crate::step_inputs::{agreement_of, check_joint, free_pairs, plan, route_inputs, route_probs_at};
 use crate::zero::ZeroState;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -321,10 +322,22 @@ impl Trainer {
         m.entropy += ent.iter().zip(&mask).map(|(&h, &w)| (h * w) as f64).sum::<f64>();
         let real = tb.batch.real_mask();
         let score = self.model.cfg.moe.router.score_function;
-        for (&l, r) in &routes {
-            let h = layer_health(r, &real, score)?;
-            let (same, compared) = agreement(&self.model, l, r, tb)?;
-            let prime = max_vio_prime_rl(&slot_load(r)?, self.model.cfg.moe.router.top_k);
+        let top_k = self.model.cfg.moe.router.top_k;
+        // each layer's route and free selection copied to the host here, then the routing
+        // health of every layer computed in parallel (host arithmetic only)
+        let host = routes
+            .iter()
+            .map(|(&l, r)| Ok((l, HostRoute::of(r, score)?, free_pairs(&self.model, l, r, &tb.batch)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let health = host
+            .par_iter()
+            .map(|(l, h, free)| {
+                let (same, compared) = agreement_of(*l, &real, free, h, tb)?;
+                let prime = max_vio_prime_rl(&slot_load_of(&h.exp, h.num_experts)?, top_k);
+                Ok((*l, layer_health_of(h, &real), same, compared, prime))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (l, h, same, compared, prime) in health {
             let e = layer_acc.entry(l).or_default();
             if prime.is_finite() {
                 e.prime_sum += prime;
