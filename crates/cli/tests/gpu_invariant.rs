@@ -552,3 +552,35 @@ fn small_and_large_dispatch_plans_agree() {
     }
     assert_eq!(bits(&outs[0]), bits(&outs[1].narrow(0, 0, 64).unwrap()), "a token's combine: small plan = large plan");
 }
+
+/// The fused rotary embedding on CUDA (`gpu/rope.cu`), forward and backward, has the CPU op's
+/// bits (which are the composed candle ops', `nn::rope`'s test), in f32 and bf16, with a partial
+/// rotary dim too.
+#[test]
+fn rope_forward_and_backward_on_the_gpu_equal_the_cpu() {
+    use candle_core::Var;
+    use lockstep_model::nn::rope::Rope;
+    let dev = gpu();
+    for (dh, rd) in [(128usize, 128usize), (64, 32)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let (b, n, t) = (2, 5, 37);
+            let positions: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 53).collect();
+            let x = Tensor::randn(0f32, 1.0, (b, n, t, dh), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let g = Tensor::randn(0f32, 1.0, (b, n, t, dh), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            // the tables made once on the CPU (cos / sin of a device may differ in the last bit)
+            let host_tables = Rope::new(1_000_000.0, rd, &Device::Cpu).unwrap().tables(&positions, b, t, dtype).unwrap();
+            let run = |d: &Device| {
+                let tables = host_tables.to_device(d).unwrap();
+                let xv = Var::from_tensor(&x.to_device(d).unwrap()).unwrap();
+                let y = tables.apply(xv.as_tensor()).unwrap();
+                let s = (y.to_dtype(DType::F32).unwrap() * g.to_device(d).unwrap().to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
+                let dx = s.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+                (bits(&y), bits(&dx))
+            };
+            let (gy, gdx) = run(&dev);
+            let (cy, cdx) = run(&Device::Cpu);
+            assert_eq!(gy, cy, "Dh {dh} R {rd} {dtype:?}: forward");
+            assert_eq!(gdx, cdx, "Dh {dh} R {rd} {dtype:?}: backward");
+        }
+    }
+}

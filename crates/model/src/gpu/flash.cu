@@ -505,3 +505,19 @@ FLASH_BWD(16)
 FLASH_BWD(32)
 FLASH_BWD(64)
 FLASH_BWD(128)
+
+// delta[r] = Σ_d dO[r, d] · O[r, d] over the Dh channels of row r (the backward's D), in f32:
+// a warp per row, lane l summing channels l, l + 32, ... in ascending order, then a fixed xor
+// butterfly. rows = N · H.
+extern "C" __global__ void flash_delta_bf16(const bf16* __restrict__ dout, const bf16* __restrict__ o, float* __restrict__ delta,
+                                            uint32_t rows, uint32_t dh) {
+    const uint32_t lane = threadIdx.x & 31;
+    const uint64_t row = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= rows) return;
+    const bf16* a = dout + row * dh;
+    const bf16* b = o + row * dh;
+    float s = 0.0f;
+    for (uint32_t d = lane; d < dh; d += 32) s += __bfloat162float(a[d]) * __bfloat162float(b[d]);
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) delta[row] = s;
+}

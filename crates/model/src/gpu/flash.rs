@@ -205,3 +205,33 @@ pub(crate) fn backward(
     }
     Ok((CudaStorage::wrap_cuda_slice(grads, dev), Shape::from(total)))
 }
+
+/// δ = rowsum(d_o ∘ out) [N, H, 1] f32 of the output's gradient and the output (both
+/// contiguous [N, H, Dh] bf16), one launch (`flash_delta_bf16`; the order of its sum differs
+/// from candle's reduction, which the backward does not depend on).
+pub(crate) fn delta(d_o: (&CudaStorage, &Layout), out: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
+    let (n, h, dh) = d_o.1.shape().dims3()?;
+    if out.1.shape().dims() != [n, h, dh] {
+        candle_core::bail!("flash delta: d_o [{n}, {h}, {dh}], out {:?}", out.1.shape().dims());
+    }
+    let dev: CudaDevice = d_o.0.device().clone();
+    let (a, b) = (contiguous::<bf16>(d_o.0, d_o.1, "flash delta d_o")?, contiguous::<bf16>(out.0, out.1, "flash delta out")?);
+    let rows = n * h;
+    // SAFETY: uninitialised, but the launch writes delta[r] for every row r < N · H (a warp
+    // each); no rows returns a never-read buffer.
+    let mut delta = unsafe { dev.alloc::<f32>(rows.max(1))? };
+    if rows > 0 {
+        let (rows32, dh32) = (u32_of(rows, "N · H")?, u32_of(dh, "Dh")?);
+        let blocks = u32_of((rows * 32).div_ceil(256), "delta blocks")?;
+        let f = func(&dev, "flash_delta_bf16")?;
+        let mut b_ = f.builder();
+        b_.arg(&a).arg(&b).arg(&mut delta).arg(&rows32).arg(&dh32);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are those of `flash_delta_bf16(dout, o, delta, rows, dh)` in
+        // order: dout and o the contiguous [N, H, Dh] bf16 views (rows · Dh elements each, the
+        // shapes checked above), delta rows f32; a warp per row, warps past the rows return
+        // (whole warps: 256-thread blocks), and a lane reads only its row's channels < Dh.
+        unsafe { b_.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(delta, dev), Shape::from((n, h, 1))))
+}

@@ -4,6 +4,10 @@
 //   out_i = round(round(x_i · cos_i) + round(rot_i · sin_i))
 // (each product and the sum rounded to the storage dtype, as the composed ops do); channels
 // i >= R pass through. One thread per element.
+//
+// The backward (`rope_bwd_*`, linear in the output's gradient g): for i < R, in f32,
+//   dx_i = round_f32(g_i · cos_i) + (i < h ? round_f32(g_{i+h} · sin_{i+h}) : -round_f32(g_{i-h} · sin_{i-h}))
+// then rounded once to the storage dtype — the f32 composed ops' bits; dx_i = g_i past R.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -35,6 +39,33 @@ __device__ void rope(const T* __restrict__ x, const T* __restrict__ cs, const T*
     // round the products and the sum separately, in f32 as in bf16)
     const float a = rnd(__fmul_rn(to_f(x[e]), to_f(cs[at])), x), c = rnd(__fmul_rn(rot, to_f(sn[at])), x);
     store(__fadd_rn(a, c), out + e);
+}
+
+template <typename T>
+__device__ void rope_bwd(const T* __restrict__ g, const T* __restrict__ cs, const T* __restrict__ sn, T* __restrict__ out,
+                         uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
+    const uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    const uint32_t i = e % dh;
+    if (i >= r) {
+        out[e] = g[e];
+        return;
+    }
+    const uint64_t tok = e / dh;  // (b, head, t)
+    const uint32_t ti = tok % t;
+    const uint64_t b = tok / t / heads;
+    const uint64_t row = (b * t + ti) * r;
+    const uint32_t h = r / 2;
+    const float gc = __fmul_rn(to_f(g[e]), to_f(cs[row + i]));
+    const float back = i < h ? __fmul_rn(to_f(g[e + h]), to_f(sn[row + i + h])) : -__fmul_rn(to_f(g[e - h]), to_f(sn[row + i - h]));
+    store(__fadd_rn(gc, back), out + e);
+}
+
+extern "C" __global__ void rope_bwd_f32(const float* g, const float* cs, const float* sn, float* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
+    rope_bwd<float>(g, cs, sn, out, total, heads, t, dh, r);
+}
+extern "C" __global__ void rope_bwd_bf16(const __nv_bfloat16* g, const __nv_bfloat16* cs, const __nv_bfloat16* sn, __nv_bfloat16* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {
+    rope_bwd<__nv_bfloat16>(g, cs, sn, out, total, heads, t, dh, r);
 }
 
 extern "C" __global__ void rope_f32(const float* x, const float* cs, const float* sn, float* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r) {

@@ -31,21 +31,26 @@ fn launch<T: CudaDType + DeviceRepr>((sx, lx): Arg, (sc, lc): Arg, (ss, ls): Arg
         bl.arg(&x).arg(&c).arg(&s).arg(&mut out).arg(&total64).arg(&n32).arg(&t32).arg(&dh32).arg(&r32);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments are those of `rope_<dtype>(x, cos, sin, out, total, heads, T, Dh,
-        // R)` in order, T its element type: x is the contiguous [B, n, T, Dh], cos and sin the
-        // contiguous [B, 1, T, R] with R <= Dh and R even (checked by the op), out holds total =
-        // B · n · T · Dh; threads past total return at once.
+        // R)` (or `rope_bwd_<dtype>`, the same signature with x the output's gradient) in order,
+        // T its element type: x is the contiguous [B, n, T, Dh], cos and sin the contiguous
+        // [B, 1, T, R] with R <= Dh and R even (checked by the op), out holds total = B · n · T ·
+        // Dh; threads past total return at once, and a thread reads x only at i ± R/2 for its
+        // channel i < R, inside its own row.
         unsafe { bl.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// x [B, n, T, Dh] rotated by cos, sin [B, 1, T, R] (f32 or bf16, all one dtype).
-pub(crate) fn rope(x: Arg, c: Arg, s: Arg, dims: (usize, usize, usize, usize, usize)) -> Result<(CudaStorage, Shape)> {
+/// x [B, n, T, Dh] rotated by cos, sin [B, 1, T, R] (f32 or bf16, all one dtype); `backward`:
+/// x is the output's gradient and the result the input's (`rope_bwd_*`).
+pub(crate) fn rope(x: Arg, c: Arg, s: Arg, dims: (usize, usize, usize, usize, usize), backward: bool) -> Result<(CudaStorage, Shape)> {
     let shape = x.1.shape().clone();
-    let out = match (x.0.dtype(), c.0.dtype(), s.0.dtype()) {
-        (DType::F32, DType::F32, DType::F32) => launch::<f32>(x, c, s, dims, "rope_f32")?,
-        (DType::BF16, DType::BF16, DType::BF16) => launch::<bf16>(x, c, s, dims, "rope_bf16")?,
-        (a, b, d) => candle_core::bail!("rope: x {a:?}, cos {b:?}, sin {d:?} (f32 or bf16, all the same)"),
+    let out = match (x.0.dtype(), c.0.dtype(), s.0.dtype(), backward) {
+        (DType::F32, DType::F32, DType::F32, false) => launch::<f32>(x, c, s, dims, "rope_f32")?,
+        (DType::BF16, DType::BF16, DType::BF16, false) => launch::<bf16>(x, c, s, dims, "rope_bf16")?,
+        (DType::F32, DType::F32, DType::F32, true) => launch::<f32>(x, c, s, dims, "rope_bwd_f32")?,
+        (DType::BF16, DType::BF16, DType::BF16, true) => launch::<bf16>(x, c, s, dims, "rope_bwd_bf16")?,
+        (a, b, d, _) => candle_core::bail!("rope: x {a:?}, cos {b:?}, sin {d:?} (f32 or bf16, all the same)"),
     };
     Ok((out, shape))
 }

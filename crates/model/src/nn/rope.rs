@@ -4,7 +4,8 @@
 //!
 //! [`RopeTables::apply`] is one op (CPU, and one kernel on CUDA: `gpu/rope.cu`) with the
 //! arithmetic of the composed candle ops bit for bit — round(round(x · cos) + round(rot · sin))
-//! in the storage dtype, rot = rotate_half(x) — and its (linear) backward in f32.
+//! in the storage dtype, rot = rotate_half(x) — and its (linear) backward one op as well, in
+//! f32 with the bits of the composed f32 backward ([`RopeBwdOp`]).
 //!
 //! Shapes: N tokens (flattened B*T), B rows, n heads, T slots, Dh head dim, R rotary dim.
 
@@ -55,6 +56,11 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 impl RopeTables {
+    /// The same tables on another device (the same bits).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self { cos: self.cos.to_device(device)?, sin: self.sin.to_device(device)? })
+    }
+
     /// x: [B, heads, T, Dh] -> same shape, first R channels rotated.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, t, dh) = x.dims4()?;
@@ -118,22 +124,82 @@ impl CustomOp3 for RopeOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims)
+        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims, false)
     }
 
     /// Linear in x: dx_j = g_j cos_j + (g_{j+h} sin_{j+h} if j < h else −g_{j−h} sin_{j−h}) on
     /// the rotary channels, g_j past them (f32, then x's dtype); the tables take no gradient.
+    /// One op ([`RopeBwdOp`]) when g has x's dtype (always, from autograd), else the composed
+    /// f32 ops (the same bits).
     fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, _, _, dh, r) = self.dims;
+        if g.dtype() == x.dtype() && g.dims() == x.dims() {
+            let dx = g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeBwdOp { dims: self.dims })?;
+            return Ok((Some(dx), None, None));
+        }
+        Ok((Some(composed_bwd(self.dims, x.dtype(), cos, sin, g)?), None, None))
+    }
+}
+
+/// The backward of [`RopeOp`] composed of candle ops in f32: the reference [`RopeBwdOp`] has
+/// the bits of.
+fn composed_bwd(dims: (usize, usize, usize, usize, usize), dtype: DType, cos: &Tensor, sin: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (_, _, _, dh, r) = dims;
+    let h = r / 2;
+    let gf = g.to_dtype(DType::F32)?;
+    let g_rot = gf.narrow(D::Minus1, 0, r)?;
+    let gc = g_rot.broadcast_mul(&cos.to_dtype(DType::F32)?)?;
+    let gs = g_rot.broadcast_mul(&sin.to_dtype(DType::F32)?)?;
+    let back = Tensor::cat(&[&gs.narrow(D::Minus1, h, h)?, &gs.narrow(D::Minus1, 0, h)?.neg()?], D::Minus1)?;
+    let d_rot = (gc + back)?;
+    let dx = if r == dh { d_rot } else { Tensor::cat(&[&d_rot, &gf.narrow(D::Minus1, r, dh - r)?], D::Minus1)? };
+    dx.to_dtype(dtype)
+}
+
+/// The input's gradient of [`RopeOp`] from the output's gradient g [B, n, T, Dh] and the tables
+/// (g and the tables of one dtype): per element, in f32, round(g_j · cos_j) ±
+/// round(g_{j∓h} · sin_{j∓h}) then rounded once to g's dtype ([`composed_bwd`]'s bits).
+struct RopeBwdOp {
+    dims: (usize, usize, usize, usize, usize),
+}
+
+impl CustomOp3 for RopeBwdOp {
+    fn name(&self) -> &'static str {
+        "rope-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, n, t, dh, r) = self.dims;
+        let (g, c, s) = (super::cpu_f32("rope backward", s1, l1, "g")?, super::cpu_f32("rope backward", s2, l2, "cos")?, super::cpu_f32("rope backward", s3, l3, "sin")?);
         let h = r / 2;
-        let gf = g.to_dtype(DType::F32)?;
-        let g_rot = gf.narrow(D::Minus1, 0, r)?;
-        let gc = g_rot.broadcast_mul(&cos.to_dtype(DType::F32)?)?;
-        let gs = g_rot.broadcast_mul(&sin.to_dtype(DType::F32)?)?;
-        let back = Tensor::cat(&[&gs.narrow(D::Minus1, h, h)?, &gs.narrow(D::Minus1, 0, h)?.neg()?], D::Minus1)?;
-        let d_rot = (gc + back)?;
-        let dx = if r == dh { d_rot } else { Tensor::cat(&[&d_rot, &gf.narrow(D::Minus1, r, dh - r)?], D::Minus1)? };
-        Ok((Some(dx.to_dtype(x.dtype())?), None, None))
+        let mut out = g.to_vec();
+        if dh > 0 {
+            for (tok, (o, gr)) in out.chunks_mut(dh).zip(g.chunks(dh)).enumerate() {
+                let (ti, b) = (tok % t, tok / t / n);
+                let at = (b * t + ti) * r;
+                for i in 0..r {
+                    let back = if i < h { gr[i + h] * s[at + i + h] } else { -(gr[i - h] * s[at + i - h]) };
+                    o[i] = gr[i] * c[at + i] + back;
+                }
+            }
+        }
+        let shape = l1.shape().clone();
+        Ok(match s1 {
+            CpuStorage::BF16(_) => (CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()), shape),
+            _ => (CpuStorage::F32(out), shape),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims, true)
     }
 }
 
@@ -161,6 +227,12 @@ mod tests {
                     let gs = (y.to_dtype(DType::F32).unwrap() * &g).unwrap().sum_all().unwrap().backward().unwrap();
                     gs.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()
                 };
+                // the fused backward has the composed f32 backward's bits
+                let gd = g.to_dtype(dtype).unwrap();
+                let dims = (2, 3, 3, dh, rd);
+                let fused = gd.apply_op3_no_bwd(&tables.cos, &tables.sin, &super::RopeBwdOp { dims }).unwrap();
+                let composed = super::composed_bwd(dims, dtype, &tables.cos, &tables.sin, &gd).unwrap();
+                assert_eq!(bits(&fused), bits(&composed), "dh {dh} R {rd} {dtype:?}: backward");
                 let (ga, gb) = (grad(a), grad(b));
                 let d = (&ga - &gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(d < if dtype == DType::F32 { 1e-5 } else { 5e-2 }, "dh {dh} R {rd} {dtype:?}: gradient differs by {d}");

@@ -271,12 +271,13 @@ impl CustomOp3 for Varlen {
 
 #[cfg(feature = "cuda")]
 impl Varlen {
-    /// The flash backward: δ = rowsum(dO ∘ O) by candle ops, then `gpu::flash::backward`.
+    /// The flash backward: δ = rowsum(dO ∘ O) in one launch ([`FlashDelta`]), then
+    /// `gpu::flash::backward`.
     fn flash_bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g_o: &Tensor, lse: Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, h, dh) = q.dims3()?;
         let (rows, g, _) = k.dims3()?;
         let d_o = g_o.to_dtype(DType::BF16)?.contiguous()?;
-        let delta = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?.contiguous()?;
+        let delta = d_o.apply_op2_no_bwd(&o.contiguous()?, &FlashDelta)?;
         let op = FlashBwd { layout: self.layout.clone(), scale: self.scale, d_o, delta, lse };
         let grads = q.apply_op3_no_bwd(k, v, &op)?;
         let (nq, nk) = (n * h * dh, rows * g * dh);
@@ -284,6 +285,25 @@ impl Varlen {
         let d_k = grads.narrow(0, nq, nk)?.reshape((rows, g, dh))?.to_dtype(k.dtype())?;
         let d_v = grads.narrow(0, nq + nk, nk)?.reshape((rows, g, dh))?.to_dtype(v.dtype())?;
         Ok((Some(d_q), Some(d_k), Some(d_v)))
+    }
+}
+
+/// δ = rowsum(dO ∘ O) [N, H, 1] f32 of (dO, O), both bf16 [N, H, Dh] (`gpu::flash::delta`).
+#[cfg(feature = "cuda")]
+struct FlashDelta;
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for FlashDelta {
+    fn name(&self) -> &'static str {
+        "flash-delta"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Err(Error::Msg("flash delta: a CUDA op (the flash backward runs only there)".into()))
+    }
+
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::flash::delta((s1, l1), (s2, l2))
     }
 }
 
