@@ -9,6 +9,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod error;
 pub mod grads;
+mod health;
 /// Token log-probabilities: the model crate's, shared with the engine.
 pub use lockstep_model::logprobs;
 pub mod loss;

@@ -9,8 +9,6 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
-use lockstep_model::metrics::{layer_health_of, max_vio_prime_rl, slot_load_of, HostRoute};
-use rayon::prelude::*;
 use lockstep_model::{Batch, MoeCausalLm, RoutingPlan};
 
 pub use crate::batch::{replay_from_recording, OldPolicy, TrainBatch};
@@ -22,7 +20,8 @@ use crate::optim::{AdamW, AdamWConfig, GradAccumulator, StepStats};
 use crate::phases::PhaseTimer;
 use crate::parallel::{sum_over_ranks, DataParallel, Parallel};
 use crate::staged::{GradTargets, StageOptions, Staged};
-use crate::step_inputs::{agreement_of, check_joint, free_pairs, plan, route_inputs, route_probs_at};
+use crate::health::{accumulate_health, load_max_vio, LayerAcc};
+use crate::step_inputs::{check_joint, plan, route_inputs, route_probs_at};
 use crate::zero::ZeroState;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,25 +84,6 @@ pub struct Trainer {
     pub(crate) zero: Option<ZeroState>,
 }
 
-/// Per MoE layer over a step: token-weighted sums of confidence and agreement, tokens, load.
-#[derive(Debug, Clone, Default)]
-struct LayerAcc {
-    confidence: f64,
-    agreement: f64,
-    /// routes compared for agreement
-    compared: f64,
-    tokens: f64,
-    load: Vec<f64>,
-    /// max_vio of this rank's load, the maximum over the ranks after the reduction
-    rank_max_vio: f64,
-    /// Σ and count of prime-rl's max_vio over micro-batches where it is defined
-    prime_sum: f64,
-    prime_count: f64,
-}
-
-fn load_max_vio(load: &[f64]) -> f64 {
-    lockstep_model::metrics::max_vio(&load.iter().map(|&x| x as usize).collect::<Vec<_>>())
-}
 
 fn vec_tensor(v: &[f32], dev: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v.to_vec(), v.len(), dev)?)
@@ -320,39 +300,7 @@ impl Trainer {
         m.mis_dropped += lm.mis_dropped;
         let ent: Vec<f32> = entropy.detach().to_vec1()?;
         m.entropy += ent.iter().zip(&mask).map(|(&h, &w)| (h * w) as f64).sum::<f64>();
-        let real = tb.batch.real_mask();
-        let score = self.model.cfg.moe.router.score_function;
-        let top_k = self.model.cfg.moe.router.top_k;
-        // each layer's route and free selection copied to the host here, then the routing
-        // health of every layer computed in parallel (host arithmetic only)
-        let host = routes
-            .iter()
-            .map(|(&l, r)| Ok((l, HostRoute::of(r, score)?, free_pairs(&self.model, l, r, &tb.batch)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let health = host
-            .par_iter()
-            .map(|(l, h, free)| {
-                let (same, compared) = agreement_of(*l, &real, free, h, tb)?;
-                let prime = max_vio_prime_rl(&slot_load_of(&h.exp, h.num_experts)?, top_k);
-                Ok((*l, layer_health_of(h, &real), same, compared, prime))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        for (l, h, same, compared, prime) in health {
-            let e = layer_acc.entry(l).or_default();
-            if prime.is_finite() {
-                e.prime_sum += prime;
-                e.prime_count += 1.0;
-            }
-            let w = h.tokens as f64;
-            e.confidence += h.confidence * w;
-            e.agreement += same;
-            e.compared += compared;
-            e.tokens += w;
-            e.load.resize(h.load.len(), 0.0);
-            for (a, &x) in e.load.iter_mut().zip(&h.load) {
-                *a += x as f64;
-            }
-        }
+        accumulate_health(&self.model, &routes, tb, layer_acc)?;
         timer.mark("metrics")?;
         Ok(())
     }
