@@ -99,6 +99,12 @@ pub struct StepRecord {
     pub fallback_tokens: f64,
     pub completion_tokens: usize,
     pub seconds: f64,
+    /// the step's measured peak memory in GB (`lockstep_model::memory_peak`, reset at each
+    /// step's start: on CUDA the device pool's high watermark — rollout, scoring and updates —
+    /// on the CPU the process's peak resident set), beside the memory plan printed at start-up;
+    /// absent where it cannot be read
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_gb: Option<f64>,
     pub layers: BTreeMap<usize, LayerRecord>,
 }
 

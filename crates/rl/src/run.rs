@@ -401,6 +401,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
         bar.println(trainer.memory_plan(cfg.trainer.token_budget).to_string());
     }
 
+    lockstep_model::memory_peak(&dev, true)?; // each step's record carries its own peak (restarted here and after each)
     for step in start..=cfg.steps {
         let t0 = Instant::now();
         // weight sync: the in-process engine reads the trainer's weight storage; servers load a
@@ -528,6 +529,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
             }
         }
         rec.seconds = t0.elapsed().as_secs_f64();
+        rec.peak_memory_gb = lockstep_model::memory_peak(&dev, true)?.map(|b| b as f64 / 1e9);
         let (msg_reward, msg_kl, msg_eval) = (rec.reward_mean, rec.kl, rec.eval_accuracy);
         let conf: f64 = rec.layers.values().map(|l| l.confidence).sum::<f64>() / rec.layers.len().max(1) as f64;
         record(rec, &mut records)?;

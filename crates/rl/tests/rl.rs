@@ -96,6 +96,10 @@ fn short_run_end_to_end_and_resume_matches() {
     let rl: Vec<_> = straight.records.iter().filter(|r| r.phase == "rl").collect();
     assert_eq!(rl.len(), 4);
     assert!(rl.iter().all(|r| r.layers.len() == 3 && r.completion_tokens > 0));
+    // every step records its measured peak (the process's peak resident set on the CPU)
+    if std::path::Path::new("/proc/self/status").exists() {
+        assert!(rl.iter().all(|r| r.peak_memory_gb.is_some_and(|g| g > 0.0)), "{:?}", rl.iter().map(|r| r.peak_memory_gb).collect::<Vec<_>>());
+    }
     // exactly on-policy: every step's first update sees the engine's log-probabilities
     assert!(rl.iter().all(|r| r.train_infer_logprob_diff_max == 0.0 && r.train_infer_kl == 0.0), "{rl:?}");
     assert!(rl.iter().any(|r| r.kl > 0.0), "the later, off-policy updates do move");
