@@ -575,12 +575,20 @@ fn rope_forward_and_backward_on_the_gpu_equal_the_cpu() {
                 let y = tables.apply(xv.as_tensor()).unwrap();
                 let s = (y.to_dtype(DType::F32).unwrap() * g.to_device(d).unwrap().to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
                 let dx = s.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
-                (bits(&y), bits(&dx))
+                // the token-major op (the projections' layout) on the transposed x
+                let xt = Var::from_tensor(&x.to_device(d).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+                let yt = tables.apply_token_major(xt.as_tensor()).unwrap();
+                let gt = g.to_device(d).unwrap().transpose(1, 2).unwrap().to_dtype(DType::F32).unwrap();
+                let st = (yt.to_dtype(DType::F32).unwrap() * gt).unwrap().sum_all().unwrap();
+                let dxt = st.backward().unwrap().get(xt.as_tensor()).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                (bits(&y), bits(&dx), bits(&yt.transpose(1, 2).unwrap().contiguous().unwrap()), bits(&dxt))
             };
-            let (gy, gdx) = run(&dev);
-            let (cy, cdx) = run(&Device::Cpu);
+            let (gy, gdx, gyt, gdxt) = run(&dev);
+            let (cy, cdx, _, _) = run(&Device::Cpu);
             assert_eq!(gy, cy, "Dh {dh} R {rd} {dtype:?}: forward");
             assert_eq!(gdx, cdx, "Dh {dh} R {rd} {dtype:?}: backward");
+            assert_eq!(gyt, cy, "Dh {dh} R {rd} {dtype:?}: token-major forward");
+            assert_eq!(gdxt, cdx, "Dh {dh} R {rd} {dtype:?}: token-major backward");
         }
     }
 }

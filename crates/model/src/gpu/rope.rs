@@ -15,7 +15,7 @@ const THREADS: u32 = 256;
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
-fn launch<T: CudaDType + DeviceRepr>((sx, lx): Arg, (sc, lc): Arg, (ss, ls): Arg, (b, n, t, dh, r): (usize, usize, usize, usize, usize), name: &'static str) -> Result<CudaStorage> {
+fn launch<T: CudaDType + DeviceRepr>((sx, lx): Arg, (sc, lc): Arg, (ss, ls): Arg, (b, n, t, dh, r): (usize, usize, usize, usize, usize), name: &'static str, token_major: bool) -> Result<CudaStorage> {
     let dev = sx.device().clone();
     let (x, c, s) = (contiguous::<T>(sx, lx, "rope x")?, contiguous::<T>(sc, lc, "rope cos")?, contiguous::<T>(ss, ls, "rope sin")?);
     let total = b * n * t * dh;
@@ -28,11 +28,13 @@ fn launch<T: CudaDType + DeviceRepr>((sx, lx): Arg, (sc, lc): Arg, (ss, ls): Arg
         let (total64, n32, t32, dh32, r32) = (total as u64, u32_of(n, "heads")?, u32_of(t, "slots")?, u32_of(dh, "head dim")?, u32_of(r, "rotary dim")?);
         let f = rope_func(&dev, name)?;
         let mut bl = f.builder();
-        bl.arg(&x).arg(&c).arg(&s).arg(&mut out).arg(&total64).arg(&n32).arg(&t32).arg(&dh32).arg(&r32);
+        let tm = u32::from(token_major);
+        bl.arg(&x).arg(&c).arg(&s).arg(&mut out).arg(&total64).arg(&n32).arg(&t32).arg(&dh32).arg(&r32).arg(&tm);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments are those of `rope_<dtype>(x, cos, sin, out, total, heads, T, Dh,
-        // R)` (or `rope_bwd_<dtype>`, the same signature with x the output's gradient) in order,
-        // T its element type: x is the contiguous [B, n, T, Dh], cos and sin the contiguous
+        // R, token_major)` (or `rope_bwd_<dtype>`, the same signature with x the output's gradient) in order,
+        // T its element type: x is the contiguous [B, n, T, Dh] (or [B, T, n, Dh] when
+        // token_major: the same element count and table rows b · T + t), cos and sin the contiguous
         // [B, 1, T, R] with R <= Dh and R even (checked by the op), out holds total = B · n · T ·
         // Dh; threads past total return at once, and a thread reads x only at i ± R/2 for its
         // channel i < R, inside its own row.
@@ -42,14 +44,15 @@ fn launch<T: CudaDType + DeviceRepr>((sx, lx): Arg, (sc, lc): Arg, (ss, ls): Arg
 }
 
 /// x [B, n, T, Dh] rotated by cos, sin [B, 1, T, R] (f32 or bf16, all one dtype); `backward`:
-/// x is the output's gradient and the result the input's (`rope_bwd_*`).
-pub(crate) fn rope(x: Arg, c: Arg, s: Arg, dims: (usize, usize, usize, usize, usize), backward: bool) -> Result<(CudaStorage, Shape)> {
+/// x is the output's gradient and the result the input's (`rope_bwd_*`); `token_major`: x is
+/// [B, T, n, Dh].
+pub(crate) fn rope(x: Arg, c: Arg, s: Arg, dims: (usize, usize, usize, usize, usize), backward: bool, token_major: bool) -> Result<(CudaStorage, Shape)> {
     let shape = x.1.shape().clone();
     let out = match (x.0.dtype(), c.0.dtype(), s.0.dtype(), backward) {
-        (DType::F32, DType::F32, DType::F32, false) => launch::<f32>(x, c, s, dims, "rope_f32")?,
-        (DType::BF16, DType::BF16, DType::BF16, false) => launch::<bf16>(x, c, s, dims, "rope_bf16")?,
-        (DType::F32, DType::F32, DType::F32, true) => launch::<f32>(x, c, s, dims, "rope_bwd_f32")?,
-        (DType::BF16, DType::BF16, DType::BF16, true) => launch::<bf16>(x, c, s, dims, "rope_bwd_bf16")?,
+        (DType::F32, DType::F32, DType::F32, false) => launch::<f32>(x, c, s, dims, "rope_f32", token_major)?,
+        (DType::BF16, DType::BF16, DType::BF16, false) => launch::<bf16>(x, c, s, dims, "rope_bf16", token_major)?,
+        (DType::F32, DType::F32, DType::F32, true) => launch::<f32>(x, c, s, dims, "rope_bwd_f32", token_major)?,
+        (DType::BF16, DType::BF16, DType::BF16, true) => launch::<bf16>(x, c, s, dims, "rope_bwd_bf16", token_major)?,
         (a, b, d, _) => candle_core::bail!("rope: x {a:?}, cos {b:?}, sin {d:?} (f32 or bf16, all the same)"),
     };
     Ok((out, shape))

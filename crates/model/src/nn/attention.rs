@@ -80,15 +80,44 @@ impl Attention {
         Ok((q_BHTD, k_BGTD, v_BGTD))
     }
 
+    /// Queries [B·T, H, Dh], keys and values [B·T, G, Dh] (QK-norm, RoPE) in the projections'
+    /// token-major layout: no transposes (the rows the variable-length attention and the KV
+    /// pool take). The same values as [`Self::project`]'s, transposed.
+    fn project_rows(&self, x_BTD: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x_BTD.dims3()?;
+        let dh = self.head_dim;
+        let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
+            match norm {
+                Some(norm) => norm.forward(&x_BTND),
+                None => Ok(x_BTND),
+            }
+        };
+        let (h, g) = (self.num_heads, self.num_kv_heads);
+        let q_NHD = rope.apply_token_major(&heads(&self.q_proj, h, &self.q_norm)?)?.reshape((b * t, h, dh))?;
+        let k_NGD = rope.apply_token_major(&heads(&self.k_proj, g, &self.k_norm)?)?.reshape((b * t, g, dh))?;
+        let v_NGD = heads(&self.v_proj, g, &None)?.contiguous()?.reshape((b * t, g, dh))?;
+        Ok((q_NHD, k_NGD, v_NGD))
+    }
+
     /// x_BTD: [B, T, D] → [B, T, D] under the batch's attention layout.
     pub fn forward(&self, x_BTD: &Tensor, rope: &RopeTables, layout: &AttentionLayout) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
         let (h, dh) = (self.num_heads, self.head_dim);
-        let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
         let out_BHTD = match layout {
-            AttentionLayout::Keys(keys) => return self.o_proj.forward(&self.attend_varlen(&q_BHTD, &k_BGTD, &v_BGTD, keys)?),
-            AttentionLayout::Dense(bias_B1TT) => self.attend(&q_BHTD, &k_BGTD, &v_BGTD, bias_B1TT)?,
+            AttentionLayout::Keys(keys) => {
+                // the variable-length attention takes token-major rows: no transposes
+                let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope)?;
+                let scale = 1.0 / (dh as f32).sqrt();
+                let out = varlen::attention(&q_NHD, &k_NGD, &v_NGD, keys.clone(), scale)?.reshape((b, t, h * dh))?;
+                return self.o_proj.forward(&out);
+            }
+            AttentionLayout::Dense(bias_B1TT) => {
+                let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
+                self.attend(&q_BHTD, &k_BGTD, &v_BGTD, bias_B1TT)?
+            }
             AttentionLayout::Runs(runs) => {
+                let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
                 // packed row: each sequence attends only to itself, so compute it alone
                 let outs = runs
                     .iter()
@@ -111,24 +140,13 @@ impl Attention {
     /// sequences).
     pub fn forward_paged(&self, x_BTD: &Tensor, rope: &RopeTables, k_pool: &Tensor, v_pool: &Tensor, slots: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
-        let (h, g, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (q_BHTD, k_BGTD, v_BGTD) = self.project(x_BTD, rope)?;
-        let rows = |x: &Tensor, n: usize| -> Result<Tensor> { x.transpose(1, 2)?.contiguous()?.reshape((b * t, n, dh)) };
-        super::kv_write::write_rows(k_pool, &rows(&k_BGTD, g)?, slots)?;
-        super::kv_write::write_rows(v_pool, &rows(&v_BGTD, g)?, slots)?;
+        let (h, dh) = (self.num_heads, self.head_dim);
+        let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope)?;
+        super::kv_write::write_rows(k_pool, &k_NGD, slots)?;
+        super::kv_write::write_rows(v_pool, &v_NGD, slots)?;
         let scale = 1.0 / (dh as f32).sqrt();
-        let out_NHD = varlen::attention(&rows(&q_BHTD, h)?, k_pool, v_pool, layout.clone(), scale)?;
+        let out_NHD = varlen::attention(&q_NHD, k_pool, v_pool, layout.clone(), scale)?;
         self.o_proj.forward(&out_NHD.reshape((b, t, h * dh))?)
-    }
-
-    /// The batch-invariant attention over the batch's own slots: q, k, v as rows [B·T, heads,
-    /// Dh], each slot seeing the keys `layout` gives it.
-    fn attend_varlen(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
-        let (b, h, t, dh) = q_BHTD.dims4()?;
-        let g = self.num_kv_heads;
-        let rows = |x: &Tensor, n: usize| -> Result<Tensor> { x.transpose(1, 2)?.contiguous()?.reshape((b * t, n, dh)) };
-        let scale = 1.0 / (dh as f32).sqrt();
-        varlen::attention(&rows(q_BHTD, h)?, &rows(k_BGTD, g)?, &rows(v_BGTD, g)?, layout.clone(), scale)?.reshape((b, t, h * dh))
     }
 
     fn attend(&self, q_BHTD: &Tensor, k_BGTD: &Tensor, v_BGTD: &Tensor, bias_B1TT: &Tensor) -> Result<Tensor> {

@@ -68,7 +68,19 @@ impl RopeTables {
         if r > dh || r % 2 != 0 || self.cos.dims() != [b, 1, t, r] || self.sin.dims() != self.cos.dims() || x.dtype() != self.cos.dtype() {
             candle_core::bail!("rope: x {:?} {:?} with tables {:?} {:?}", x.dims(), x.dtype(), self.cos.dims(), self.cos.dtype());
         }
-        x.contiguous()?.apply_op3(&self.cos.contiguous()?, &self.sin.contiguous()?, RopeOp { dims: (b, n, t, dh, r) })
+        x.contiguous()?.apply_op3(&self.cos.contiguous()?, &self.sin.contiguous()?, RopeOp { dims: (b, n, t, dh, r), token_major: false })
+    }
+
+    /// x: [B, T, heads, Dh] (token-major: the projections' layout, no transpose) -> same shape,
+    /// first R channels rotated: per element the bits of [`RopeTables::apply`] on the
+    /// transposed x, forward and backward.
+    pub fn apply_token_major(&self, x_BTND: &Tensor) -> Result<Tensor> {
+        let (b, t, n, dh) = x_BTND.dims4()?;
+        let r = self.cos.dim(D::Minus1)?;
+        if r > dh || r % 2 != 0 || self.cos.dims() != [b, 1, t, r] || self.sin.dims() != self.cos.dims() || x_BTND.dtype() != self.cos.dtype() {
+            candle_core::bail!("rope: x {:?} {:?} (token-major) with tables {:?} {:?}", x_BTND.dims(), x_BTND.dtype(), self.cos.dims(), self.cos.dtype());
+        }
+        x_BTND.contiguous()?.apply_op3(&self.cos.contiguous()?, &self.sin.contiguous()?, RopeOp { dims: (b, n, t, dh, r), token_major: true })
     }
 
     /// The composed candle ops the fused op reproduces (the tests' reference).
@@ -86,6 +98,18 @@ impl RopeTables {
 
 struct RopeOp {
     dims: (usize, usize, usize, usize, usize),
+    /// x is [B, T, n, Dh] (token-major) instead of [B, n, T, Dh]
+    token_major: bool,
+}
+
+/// The table row (b · T + t) of the `tok`-th Dh-vector of x: x [B, n, T, Dh] (head-major) or
+/// [B, T, n, Dh] (token-major).
+fn table_row(tok: usize, n: usize, t: usize, token_major: bool) -> usize {
+    if token_major {
+        tok / n
+    } else {
+        (tok / t / n) * t + tok % t
+    }
 }
 
 impl CustomOp3 for RopeOp {
@@ -102,8 +126,7 @@ impl CustomOp3 for RopeOp {
         let mut out = x.to_vec();
         if dh > 0 {
             for (tok, (o, xr)) in out.chunks_mut(dh).zip(x.chunks(dh)).enumerate() {
-                let (ti, b) = (tok % t, tok / t / n);
-                let at = (b * t + ti) * r;
+                let at = table_row(tok, n, t, self.token_major) * r;
                 for i in 0..r {
                     let rot = if i < h { -xr[i + h] } else { xr[i - h] };
                     o[i] = rnd(rnd(xr[i] * c[at + i]) + rnd(rot * s[at + i]));
@@ -124,7 +147,7 @@ impl CustomOp3 for RopeOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims, false)
+        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims, false, self.token_major)
     }
 
     /// Linear in x: dx_j = g_j cos_j + (g_{j+h} sin_{j+h} if j < h else −g_{j−h} sin_{j−h}) on
@@ -133,8 +156,13 @@ impl CustomOp3 for RopeOp {
     /// f32 ops (the same bits).
     fn bwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if g.dtype() == x.dtype() && g.dims() == x.dims() {
-            let dx = g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeBwdOp { dims: self.dims })?;
+            let dx = g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeBwdOp { dims: self.dims, token_major: self.token_major })?;
             return Ok((Some(dx), None, None));
+        }
+        if self.token_major {
+            // the composed reference is head-major: through the transposes
+            let dx = composed_bwd(self.dims, x.dtype(), cos, sin, &g.transpose(1, 2)?.contiguous()?)?;
+            return Ok((Some(dx.transpose(1, 2)?.contiguous()?), None, None));
         }
         Ok((Some(composed_bwd(self.dims, x.dtype(), cos, sin, g)?), None, None))
     }
@@ -160,6 +188,7 @@ fn composed_bwd(dims: (usize, usize, usize, usize, usize), dtype: DType, cos: &T
 /// round(g_{j∓h} · sin_{j∓h}) then rounded once to g's dtype ([`composed_bwd`]'s bits).
 struct RopeBwdOp {
     dims: (usize, usize, usize, usize, usize),
+    token_major: bool,
 }
 
 impl CustomOp3 for RopeBwdOp {
@@ -174,8 +203,7 @@ impl CustomOp3 for RopeBwdOp {
         let mut out = g.to_vec();
         if dh > 0 {
             for (tok, (o, gr)) in out.chunks_mut(dh).zip(g.chunks(dh)).enumerate() {
-                let (ti, b) = (tok % t, tok / t / n);
-                let at = (b * t + ti) * r;
+                let at = table_row(tok, n, t, self.token_major) * r;
                 for i in 0..r {
                     let back = if i < h { gr[i + h] * s[at + i + h] } else { -(gr[i - h] * s[at + i - h]) };
                     o[i] = gr[i] * c[at + i] + back;
@@ -199,7 +227,7 @@ impl CustomOp3 for RopeBwdOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims, true)
+        crate::gpu::rope::rope((s1, l1), (s2, l2), (s3, l3), self.dims, true, self.token_major)
     }
 }
 
@@ -230,12 +258,36 @@ mod tests {
                 // the fused backward has the composed f32 backward's bits
                 let gd = g.to_dtype(dtype).unwrap();
                 let dims = (2, 3, 3, dh, rd);
-                let fused = gd.apply_op3_no_bwd(&tables.cos, &tables.sin, &super::RopeBwdOp { dims }).unwrap();
+                let fused = gd.apply_op3_no_bwd(&tables.cos, &tables.sin, &super::RopeBwdOp { dims, token_major: false }).unwrap();
                 let composed = super::composed_bwd(dims, dtype, &tables.cos, &tables.sin, &gd).unwrap();
                 assert_eq!(bits(&fused), bits(&composed), "dh {dh} R {rd} {dtype:?}: backward");
                 let (ga, gb) = (grad(a), grad(b));
                 let d = (&ga - &gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(d < if dtype == DType::F32 { 1e-5 } else { 5e-2 }, "dh {dh} R {rd} {dtype:?}: gradient differs by {d}");
+            }
+        }
+    }
+
+    /// The token-major op ([B, T, n, Dh], the projections' layout) is the head-major op on the
+    /// transposed tensor, bit for bit, forward and backward.
+    #[test]
+    fn token_major_equals_head_major_transposed() {
+        let dev = Device::Cpu;
+        for (dh, rd) in [(16usize, 16usize), (16, 8)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let tables = Rope::new(10_000.0, rd, &dev).unwrap().tables(&[0, 1, 2, 7, 0, 3], 2, 3, dtype).unwrap();
+                let x_bnt = Tensor::randn(0f32, 1.0, (2, 4, 3, dh), &dev).unwrap().to_dtype(dtype).unwrap();
+                let g_bnt = Tensor::randn(0f32, 1.0, (2, 4, 3, dh), &dev).unwrap();
+                let head = Var::from_tensor(&x_bnt).unwrap();
+                let tok = Var::from_tensor(&x_bnt.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+                let (yh, yt) = (tables.apply(head.as_tensor()).unwrap(), tables.apply_token_major(tok.as_tensor()).unwrap());
+                assert_eq!(bits(&yh), bits(&yt.transpose(1, 2).unwrap().contiguous().unwrap()), "dh {dh} R {rd} {dtype:?}: forward");
+                let sh = (yh.to_dtype(DType::F32).unwrap() * &g_bnt).unwrap().sum_all().unwrap();
+                let st = (yt.to_dtype(DType::F32).unwrap() * g_bnt.transpose(1, 2).unwrap()).unwrap().sum_all().unwrap();
+                let (gh, gt) = (sh.backward().unwrap(), st.backward().unwrap());
+                let dh_ = gh.get(head.as_tensor()).unwrap();
+                let dt_ = gt.get(tok.as_tensor()).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                assert_eq!(bits(dh_), bits(&dt_), "dh {dh} R {rd} {dtype:?}: backward");
             }
         }
     }
