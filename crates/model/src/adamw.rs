@@ -88,6 +88,24 @@ impl AdamWScalars {
         }
     }
 
+    /// The kernels' `Scalars` (`gpu/adamw.cu`).
+    #[cfg(feature = "cuda")]
+    fn kernel(&self) -> crate::gpu::adamw::Scalars {
+        crate::gpu::adamw::Scalars {
+            scale: self.scale.unwrap_or(1.0),
+            beta1: self.beta1,
+            one_minus_beta1: self.one_minus_beta1,
+            beta2: self.beta2,
+            one_minus_beta2: self.one_minus_beta2,
+            inv_c1: self.inv_c1,
+            inv_c2: self.inv_c2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            lr: self.lr,
+            has_scale: i32::from(self.scale.is_some()),
+        }
+    }
+
     /// g' = g·s (candle's `affine(s, 0)`), or g.
     #[inline]
     pub fn clipped(&self, g: f32) -> f32 {
@@ -172,16 +190,16 @@ fn map_chunks<T: Send>(dst: &mut [T], f: impl Fn(&mut T, usize) + Send + Sync) {
 
 /// Which moment an [`Moment`] op updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Which {
+enum Which {
     First,
     Second,
 }
 
 /// m (or v) updated in place from g: the destination of `Tensor::inplace_op2`.
-pub(crate) struct Moment {
-    pub(crate) which: Which,
-    pub(crate) first: bool,
-    pub(crate) s: AdamWScalars,
+struct Moment {
+    which: Which,
+    first: bool,
+    s: AdamWScalars,
 }
 
 impl InplaceOp2 for Moment {
@@ -202,12 +220,12 @@ impl InplaceOp2 for Moment {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, ld: &Layout, g: &candle_core::CudaStorage, lg: &Layout) -> candle_core::Result<()> {
-        crate::gpu::adamw::moment(dst, ld, g, lg, self)
+        crate::gpu::adamw::moment(dst, ld, g, lg, self.s.kernel(), self.which == Which::Second, self.first)
     }
 }
 
 /// θ updated in place from the new m and v: the destination of `Tensor::inplace_op3`.
-pub(crate) struct Theta(pub(crate) AdamWScalars);
+struct Theta(AdamWScalars);
 
 impl InplaceOp3 for Theta {
     fn name(&self) -> &'static str {
@@ -233,7 +251,7 @@ impl InplaceOp3 for Theta {
         v: &candle_core::CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<()> {
-        crate::gpu::adamw::theta(dst, ld, m, lm, v, lv, &self.0)
+        crate::gpu::adamw::theta(dst, ld, m, lm, v, lv, self.0.kernel())
     }
 }
 

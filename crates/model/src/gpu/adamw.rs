@@ -11,7 +11,6 @@ use half::bf16;
 
 use super::adamw_func;
 use super::ops::contiguous;
-use crate::adamw::{AdamWScalars, Moment, Which};
 
 /// threads per block (`NT` of `adamw.cu`, its launch bound)
 const THREADS: u32 = 256;
@@ -22,42 +21,24 @@ const MAX_BLOCKS: usize = 2048;
 /// `Scalars` of `adamw.cu`, field for field.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct Scalars {
-    scale: f32,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    inv_c1: f32,
-    inv_c2: f32,
-    eps: f32,
-    weight_decay: f32,
-    lr: f32,
-    has_scale: i32,
+pub(crate) struct Scalars {
+    pub(crate) scale: f32,
+    pub(crate) beta1: f32,
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) inv_c1: f32,
+    pub(crate) inv_c2: f32,
+    pub(crate) eps: f32,
+    pub(crate) weight_decay: f32,
+    pub(crate) lr: f32,
+    pub(crate) has_scale: i32,
 }
 
 // SAFETY: `Scalars` is `#[repr(C)]`, plain old data (ten f32 and an i32, no padding, no
 // pointers), laid out as the kernels' `struct Scalars` (same fields, same order, same types),
 // so passing it by value as a kernel argument hands the kernel exactly these bytes.
 unsafe impl DeviceRepr for Scalars {}
-
-impl From<&AdamWScalars> for Scalars {
-    fn from(s: &AdamWScalars) -> Self {
-        Self {
-            scale: s.scale.unwrap_or(1.0),
-            beta1: s.beta1,
-            one_minus_beta1: s.one_minus_beta1,
-            beta2: s.beta2,
-            one_minus_beta2: s.one_minus_beta2,
-            inv_c1: s.inv_c1,
-            inv_c2: s.inv_c2,
-            eps: s.eps,
-            weight_decay: s.weight_decay,
-            lr: s.lr,
-            has_scale: i32::from(s.scale.is_some()),
-        }
-    }
-}
 
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
@@ -75,16 +56,17 @@ fn check_len(got: usize, want: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// m or v (f32, contiguous) updated in place from g (f32, as many elements).
-pub(crate) fn moment(dst: &mut CudaStorage, ld: &Layout, g: &CudaStorage, lg: &Layout, op: &Moment) -> Result<()> {
+/// m (`second` false) or v (f32, contiguous) updated in place from g (f32, as many elements);
+/// `first`: no previous moment.
+pub(crate) fn moment(dst: &mut CudaStorage, ld: &Layout, g: &CudaStorage, lg: &Layout, s: Scalars, second: bool, first: bool) -> Result<()> {
     let dev = dst.device().clone();
     let (a, b) = dst_range(ld, "moment")?;
     let gv = contiguous::<f32>(g, lg, "adamw g")?;
     let n = b - a;
     check_len(gv.len(), n, "g")?;
     let mut dv = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
-    let (n64, s, first) = (n as u64, Scalars::from(&op.s), i32::from(op.first));
-    let f = adamw_func(&dev, if op.which == Which::First { "adamw_moment1" } else { "adamw_moment2" })?;
+    let (n64, first) = (n as u64, i32::from(first));
+    let f = adamw_func(&dev, if second { "adamw_moment2" } else { "adamw_moment1" })?;
     let mut lb = f.builder();
     lb.arg(&mut dv).arg(&gv).arg(&n64).arg(&s).arg(&first);
     // SAFETY: the arguments are those of `adamw_moment{1,2}(dst, g, n, s, first)` in order: dst
@@ -98,7 +80,7 @@ pub(crate) fn moment(dst: &mut CudaStorage, ld: &Layout, g: &CudaStorage, lg: &L
 }
 
 /// θ (f32, contiguous) updated in place from the new m and v (f32, as many elements).
-pub(crate) fn theta(dst: &mut CudaStorage, ld: &Layout, m: &CudaStorage, lm: &Layout, v: &CudaStorage, lv: &Layout, s: &AdamWScalars) -> Result<()> {
+pub(crate) fn theta(dst: &mut CudaStorage, ld: &Layout, m: &CudaStorage, lm: &Layout, v: &CudaStorage, lv: &Layout, s: Scalars) -> Result<()> {
     let dev = dst.device().clone();
     let (a, b) = dst_range(ld, "theta")?;
     let mv = contiguous::<f32>(m, lm, "adamw m")?;
@@ -107,7 +89,7 @@ pub(crate) fn theta(dst: &mut CudaStorage, ld: &Layout, m: &CudaStorage, lm: &La
     check_len(mv.len(), n, "m")?;
     check_len(vv.len(), n, "v")?;
     let mut tv = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
-    let (n64, s) = (n as u64, Scalars::from(s));
+    let n64 = n as u64;
     let f = adamw_func(&dev, "adamw_theta")?;
     let mut lb = f.builder();
     lb.arg(&mut tv).arg(&mv).arg(&vv).arg(&n64).arg(&s);
