@@ -1,0 +1,222 @@
+// Candidate decode products for the batch-invariant bf16 family (kbench tries them against the
+// kernels of crates/model/src/gpu/invariant_mma.cuh; the winner moves there). Every element takes
+// the family's chain: one f32 accumulator, mma.m16n8k16 per 16-wide K step ascending from 0, over
+// K rounded up to WBK with zeros, rounded once.
+#pragma once
+#include <type_traits>
+
+// thin_mma; the loads below are volatile too, so a group's loads are all issued before its mmas
+// (as plain loads ptxas sinks them to their uses to save registers, leaving one load in flight)
+__device__ __forceinline__ void nx_mma(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// a predicated load (0 where `ok` is false), no branch: a branch around each load would cut
+// the group into basic blocks that ptxas schedules one by one
+__device__ __forceinline__ uint32_t nx_ldp(const __nv_bfloat16* p, bool ok) {
+    uint32_t v;
+    asm volatile(
+        "{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n mov.b32 %0, 0;\n @q ld.global.nc.b32 %0, [%1];\n}\n"
+        : "=r"(v)
+        : "l"(p), "r"((uint32_t)ok));
+    return v;
+}
+
+// V1: x and w fragments of U K steps loaded into registers together, then the U mmas
+template <int MT, int U>
+__device__ __forceinline__ void nx_tile_pf(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                           __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t n0,
+                                           uint32_t N, uint32_t K) {
+    const uint32_t lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const uint32_t n = n0 + gid;
+    const bool nok = n < N;
+    const __nv_bfloat16* wr = w + (size_t)(nok ? n : 0) * K + 2 * tig;
+    float c[MT][4];
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[t][e] = 0.0f;
+    const __nv_bfloat16* xr0[MT];
+    const __nv_bfloat16* xr1[MT];
+    bool ok0[MT], ok1[MT];
+#pragma unroll
+    for (int t = 0; t < MT; t++) {
+        const uint32_t r0 = t * 16 + gid, r1 = r0 + 8;
+        ok0[t] = r0 < rows;
+        ok1[t] = r1 < rows;
+        xr0[t] = x + (size_t)(m0 + (ok0[t] ? r0 : 0)) * K + 2 * tig;
+        xr1[t] = x + (size_t)(m0 + (ok1[t] ? r1 : 0)) * K + 2 * tig;
+    }
+    const uint32_t ksteps = K / 16, steps = (K + WBK - 1) / WBK * (WBK / 16);
+    for (uint32_t s0 = 0; s0 < steps; s0 += U) {
+        uint32_t b[U][2], a[U][MT][4];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const uint32_t s = s0 + u;
+            const bool in = s < ksteps;
+            b[u][0] = nx_ldp(wr + s * 16, in && nok);
+            b[u][1] = nx_ldp(wr + s * 16 + 8, in && nok);
+#pragma unroll
+            for (int t = 0; t < MT; t++) {
+                a[u][t][0] = nx_ldp(xr0[t] + s * 16, in && ok0[t]);
+                a[u][t][1] = nx_ldp(xr1[t] + s * 16, in && ok1[t]);
+                a[u][t][2] = nx_ldp(xr0[t] + s * 16 + 8, in && ok0[t]);
+                a[u][t][3] = nx_ldp(xr1[t] + s * 16 + 8, in && ok1[t]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (s0 + u < steps) {
+#pragma unroll
+                for (int t = 0; t < MT; t++) nx_mma(c[t], a[u][t], b[u]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const uint32_t r = t * 16 + gid + 8 * (e >> 1), col = n0 + 2 * tig + (e & 1);
+            if (r < rows && col < N) y[(size_t)(m0 + r) * N + col] = __float2bfloat16(c[t][e]);
+        }
+}
+
+#define NX_DENSE_PF(MT, U)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) nx_dense_pf_##MT##_##U(                                    \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, \
+        uint32_t M, uint32_t N, uint32_t K) {                                                                    \
+        const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8, m0 = blockIdx.y * 16 * MT;               \
+        if (n0 >= N || m0 >= M) return;                                                                          \
+        nx_tile_pf<MT, U>(x, w, y, m0, min(M - m0, 16u * MT), n0, N, K);                                         \
+    }
+NX_DENSE_PF(1, 8)
+NX_DENSE_PF(1, 16)
+NX_DENSE_PF(1, 32)
+NX_DENSE_PF(2, 8)
+NX_DENSE_PF(2, 16)
+NX_DENSE_PF(4, 4)
+NX_DENSE_PF(4, 8)
+
+#define NX_GROUPED_PF(U)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) nx_grouped_pf_##U(                                          \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,  \
+        const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {                                             \
+        const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2]; \
+        const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8;                                            \
+        if (rows == 0 || n0 >= N) return;                                                                         \
+        nx_tile_pf<1, U>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);                                        \
+    }
+NX_GROUPED_PF(4)
+NX_GROUPED_PF(8)
+NX_GROUPED_PF(16)
+
+// V2: the block's x rows (<= 16 MT) staged through shared memory KC K-columns at a time (two
+// stages, cp.async, rows padded by 8 bf16 so the fragment reads are free of bank conflicts);
+// each warp's w fragments for the next chunk loaded into registers while it computes this one.
+template <int MT, int NX_KC>
+__device__ __forceinline__ void nx_tile_smem(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                             __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t n0,
+                                             uint32_t N, uint32_t K) {
+    constexpr uint32_t R = 16 * MT, KS = NX_KC / 16, NX_XS = NX_KC + 8;
+    __shared__ __align__(16) __nv_bfloat16 xs[2][R][NX_XS];
+    const uint32_t tid = threadIdx.x, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const uint32_t n = n0 + gid;
+    const bool nok = n < N;
+    const __nv_bfloat16* wr = w + (size_t)(nok ? n : 0) * K + 2 * tig;
+    const uint32_t ksteps = K / 16, steps = (K + WBK - 1) / WBK * (WBK / 16);
+    const uint32_t chunks = (steps + KS - 1) / KS;
+    // loader: 16-byte pieces (8 bf16), rows x KC / 8 of them a chunk
+    auto load_x = [&](uint32_t ch, uint32_t st) {
+        for (uint32_t p = tid; p < R * (NX_KC / 8); p += 128) {
+            const uint32_t r = p / (NX_KC / 8), c8 = (p % (NX_KC / 8)) * 8, k = ch * NX_KC + c8;
+            const bool ok = r < rows && k < K;  // K % 16 == 0: a piece is all in or all out
+            const uint32_t dst = (uint32_t)__cvta_generic_to_shared(&xs[st][r][c8]);
+            const __nv_bfloat16* src = ok ? x + (size_t)(m0 + r) * K + k : x;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+    uint32_t b[2][KS][2];
+    auto load_w = [&](uint32_t ch, uint32_t buf) {
+#pragma unroll
+        for (uint32_t u = 0; u < KS; u++) {
+            const uint32_t s = ch * KS + u;
+            const bool in = nok && s < ksteps;
+            b[buf][u][0] = nx_ldp(wr + s * 16, in);
+            b[buf][u][1] = nx_ldp(wr + s * 16 + 8, in);
+        }
+    };
+    float c[MT][4];
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[t][e] = 0.0f;
+    // one chunk with its stage / register buffer fixed at compile time (a runtime index would
+    // put b in local memory)
+    auto chunk = [&](uint32_t ch, auto stc) {
+        constexpr uint32_t st = decltype(stc)::value;
+        if (ch + 1 < chunks) {
+            load_x(ch + 1, st ^ 1);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        }
+        __syncthreads();
+        if (ch + 1 < chunks) load_w(ch + 1, st ^ 1);
+#pragma unroll
+        for (uint32_t u = 0; u < KS; u++) {
+            if (ch * KS + u < steps) {
+#pragma unroll
+                for (int t = 0; t < MT; t++) {
+                    const uint32_t r0 = t * 16 + gid, kc = u * 16 + 2 * tig;
+                    const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(&xs[st][r0][kc]),
+                                           *reinterpret_cast<const uint32_t*>(&xs[st][r0 + 8][kc]),
+                                           *reinterpret_cast<const uint32_t*>(&xs[st][r0][kc + 8]),
+                                           *reinterpret_cast<const uint32_t*>(&xs[st][r0 + 8][kc + 8])};
+                    nx_mma(c[t], a, b[st][u]);
+                }
+            }
+        }
+        __syncthreads();  // stage st is reloaded at chunk ch + 2
+    };
+    load_x(0, 0);
+    load_w(0, 0);
+    for (uint32_t ch = 0; ch < chunks; ch += 2) {
+        chunk(ch, std::integral_constant<uint32_t, 0>{});
+        if (ch + 1 < chunks) chunk(ch + 1, std::integral_constant<uint32_t, 1>{});
+    }
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const uint32_t r = t * 16 + gid + 8 * (e >> 1), col = n0 + 2 * tig + (e & 1);
+            if (r < rows && col < N) y[(size_t)(m0 + r) * N + col] = __float2bfloat16(c[t][e]);
+        }
+}
+#define NX_DENSE_SMEM(MT, KC)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) nx_dense_smem_##MT##_##KC(                                      \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y, \
+        uint32_t M, uint32_t N, uint32_t K) {                                                                    \
+        const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8, m0 = blockIdx.y * 16 * MT;               \
+        if (m0 >= M) return;                                                                                     \
+        nx_tile_smem<MT, KC>(x, w, y, m0, min(M - m0, 16u * MT), n0, N, K);                                      \
+    }
+NX_DENSE_SMEM(1, 128)
+NX_DENSE_SMEM(1, 256)
+NX_DENSE_SMEM(2, 128)
+NX_DENSE_SMEM(4, 128)
+NX_DENSE_SMEM(4, 64)
+NX_DENSE_SMEM(8, 64)
+#define NX_GROUPED_SMEM(MT)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) nx_grouped_smem_##MT(                                          \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,  \
+        const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {                                             \
+        const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2]; \
+        const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8;                                            \
+        if (rows == 0) return;                                                                                    \
+        nx_tile_smem<MT, 128>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);                                   \
+    }
+NX_GROUPED_SMEM(1)
+NX_GROUPED_SMEM(2)
