@@ -25,7 +25,10 @@ CONC="${CONC:-64}"
 timeout "${PROFILE_TIMEOUT_S:-300}" "$NCU" --csv --print-units base --clock-control none --metrics gpu__time_duration.sum \
   --log-file "$OUT/ncu.log" \
   "$B/lockstep" bench-serve --random testdata/configs/qwen3_30b_a3b.json --num-layers "${LAYERS:-4}" --device cuda --dtype bf16 \
-  --prompt-len "${PROMPT:-512}" --output-len "${GEN:-6}" --concurrency "$CONC" --capture on > "$OUT/decode_profile.csv" 2> "$OUT/bench.err"
-echo "ncu rc $?; $(wc -l < "$OUT/decode_profile.csv") csv lines"
+  --prompt-len "${PROMPT:-512}" --output-len "${GEN:-6}" --concurrency "$CONC" --capture on > "$OUT/bench.out" 2> "$OUT/bench.err"
+echo "ncu rc $?"
+# with --log-file ncu writes its CSV there, after its own ==PROF== / ==WARNING== lines
+grep -v '^==' "$OUT/ncu.log" > "$OUT/decode_profile.csv"
+echo "$(wc -l < "$OUT/decode_profile.csv") csv lines"
 tail -3 "$OUT/bench.err"
 python3 scripts/cuda/decode_profile.py "$OUT/decode_profile.csv" --layers "${LAYERS:-4}" | tee "$OUT/decode_profile.txt"

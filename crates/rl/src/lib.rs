@@ -16,6 +16,7 @@ pub mod reward;
 pub mod reward_input;
 pub mod rollout;
 pub mod run;
+mod warmup;
 mod run_state;
 pub mod server_spec;
 pub mod task_config;

@@ -32,7 +32,7 @@ use candle_core::{DType, Device};
 use lockstep_trainer::parallel::Parallel;
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_engine::Engine;
-use lockstep_model::{Batch, Kernels, MoeCausalLm};
+use lockstep_model::{Kernels, MoeCausalLm};
 use lockstep_trace::pack::{pack, PackConfig};
 use lockstep_trainer::optim::{AdamWConfig, Schedule};
 use lockstep_trainer::trainer::{TrainBatch, Trainer, TrainerConfig};
@@ -44,7 +44,8 @@ use crate::env::Environment;
 use crate::error::{Result, RlError};
 use crate::metrics::{self, LayerRecord, StepRecord};
 use crate::rollout::{self, EvalResult, PromptLog, Rollouter};
-use crate::run_state::{periodic_warmup_checkpoint, read_run_state, reference_dir, save_checkpoint, start_checkpoints, ConfigStamp, NonFiniteGuard, RunState};
+use crate::warmup::{stage_config, warmup, warmup_config};
+use crate::run_state::{read_run_state, reference_dir, save_checkpoint, start_checkpoints, NonFiniteGuard, RunState};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -136,17 +137,6 @@ pub struct RunSummary {
     pub records: Vec<StepRecord>,
 }
 
-/// What the trainer's config takes from `[model]` and `[trainer]` besides the optimizer and loss.
-fn stage_config(cfg: &RunConfig) -> TrainerConfig {
-    TrainerConfig {
-        activation_checkpointing: cfg.trainer.activation_checkpointing,
-        logits_chunk_tokens: cfg.trainer.logits_chunk_tokens,
-        shard_optimizer: cfg.trainer.shard_optimizer,
-        dtype: if cfg.model.dtype == "bf16" { DType::BF16 } else { DType::F32 },
-        ..TrainerConfig::default()
-    }
-}
-
 fn trainer_config(cfg: &RunConfig, replay: bool) -> TrainerConfig {
     TrainerConfig {
         loss: cfg.loss_config(),
@@ -171,73 +161,6 @@ fn base_model(cfg: &RunConfig, dev: &Device) -> Result<MoeCausalLm> {
     };
     m.set_kernels(kernels_for(cfg));
     Ok(m)
-}
-
-fn warmup_config(cfg: &RunConfig) -> TrainerConfig {
-    TrainerConfig {
-        // the warm-up is supervised: the RL loss (and its replay requirements) does not apply
-        loss: lockstep_trainer::loss::LossConfig::default(),
-        optimizer: AdamWConfig { lr: cfg.warmup.lr, max_grad_norm: Some(1.0), ..AdamWConfig::default() },
-        replay: false,
-        temperature: 1.0,
-        ..stage_config(cfg)
-    }
-}
-
-/// Supervised warm-up: cross-entropy on the answers of training instances, from warm-up step
-/// `from` (0, or where an interrupted warm-up stopped). Returns the trainer and, when the stop
-/// flag ended it before its last step, the number of warm-up steps done. Over ranks, every
-/// rank draws the same instances and rank 0 trains on the step's one micro-batch whole (the
-/// others run an empty round, their experts serving its tokens): one rank packs the warm-up
-/// batch into one micro-batch, and splitting that over the ranks changes the f32 summation of
-/// its gradients, which the default warm-up (60 AdamW steps at lr 3e-3 from a fresh init)
-/// grows to 1e-3 (replicated) and 4e-3 (experts) in the weights — as splitting it into two
-/// micro-batches on one rank does — enough to part the runs at RL step 1. Whole, the warm-up
-/// on N ranks is the single-rank warm-up bit for bit (`crates/rl/tests/ranks.rs`).
-/// Updates skipped for a non-finite loss or gradient count in `guard` (`max_nonfinite_steps`
-/// in a row stop the warm-up with [`RlError::NonFinite`]); the third value is how many were.
-/// Every `output.checkpoint_every` steps it checkpoints (`periodic_warmup_checkpoint`).
-#[allow(clippy::too_many_arguments)]
-fn warmup(mut t: Trainer, from: u64, env: &dyn Environment, cfg: &RunConfig, bar: &ProgressBar, opts: &RunOptions, guard: &mut NonFiniteGuard, ck: (&Path, &ConfigStamp)) -> Result<(Trainer, Option<u64>, usize)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a3a);
-    // skip the instances of the steps already done
-    let mut skipped = 0usize;
-    let batch = cfg.warmup.batch as u64;
-    for i in 0..from.saturating_mul(batch) {
-        env.sample(i, &mut rng);
-    }
-    let rank = t.parallel.as_ref().map_or(0, |d| d.rank());
-    let dev = opts.device();
-    for s in from..cfg.warmup.steps {
-        let (mut toks, mut mask, mut cu) = (Vec::new(), Vec::new(), vec![0usize]);
-        for j in 0..batch {
-            let task = env.sample(s * batch + j, &mut rng);
-            if rank != 0 {
-                continue; // every rank draws the instances (the same RNG stream); rank 0 trains them
-            }
-            mask.extend(std::iter::repeat_n(0.0, task.prompt.len()));
-            mask.extend(std::iter::repeat_n(1.0, task.answer.len()));
-            toks.extend_from_slice(&task.prompt);
-            toks.extend_from_slice(&task.answer);
-            cu.push(toks.len());
-        }
-        let n = toks.len();
-        let micro = if n == 0 {
-            Vec::new() // not rank 0: this rank runs an empty round
-        } else {
-            vec![TrainBatch::new(Batch::packed(&toks, None, &cu, &dev)?, vec![0.0; n], vec![0.0; n], mask, Default::default())?]
-        };
-        let sm = t.sft_step_checked(&micro)?;
-        skipped += usize::from(sm.skipped_nonfinite);
-        guard.update(sm.skipped_nonfinite, || format!("warm-up step {}/{}", s + 1, cfg.warmup.steps))?;
-        bar.set_message(format!("warm-up {}/{} loss {:.3}{}", s + 1, cfg.warmup.steps, sm.loss, if sm.skipped_nonfinite { " (skipped: non-finite)" } else { "" }));
-        bar.tick();
-        periodic_warmup_checkpoint(&t, s + 1, cfg, guard, ck)?;
-        if opts.stopped()? && s + 1 < cfg.warmup.steps {
-            return Ok((t, Some(s + 1), skipped));
-        }
-    }
-    Ok((t, None, skipped))
 }
 
 /// The rollout engine for policy version `version`: in process (sharing the trainer's weight
@@ -366,7 +289,7 @@ pub fn run(cfg: &RunConfig, out: &Path, replay: bool, opts: &RunOptions) -> Resu
                 (Some(dir), Some(done)) => (opts.resume_trainer(dir, warmup_config(cfg), kernels_for(cfg))?, done),
                 _ => (opts.trainer(base_model(cfg, &dev)?, warmup_config(cfg))?, 0),
             };
-            let (warm, stopped, warm_skipped) = warmup(t, from, env.as_ref(), cfg, &bar, opts, &mut guard, (out, &stamp))?;
+            let (warm, stopped, warm_skipped) = warmup(t, from, env.as_ref(), cfg, &bar, (&dev, &|| opts.stopped()), &mut guard, (out, &stamp))?;
             if let Some(done) = stopped {
                 let dir = out.join("checkpoints").join(format!("warmup-{done}"));
                 save_checkpoint(&warm, &dir, &RunState { rl_step: 0, warmup_eval: 0.0, warmup_step: Some(done) }, &stamp)?;

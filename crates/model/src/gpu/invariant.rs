@@ -110,11 +110,15 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     let even = offsets.0 % 2 == 0 && offsets.1 % 2 == 0;
     let tc = kernels.tc.filter(|_| tc_aligned(offsets.0, offsets.1, k));
     // (name, threads, tile rows, tile cols, dynamic shared memory bytes)
+    let thin_s = kernels.thin.is_some() && m <= THIN_ROWS && k % 16 == 0 && offsets.0 % 8 == 0 && even;
     let (name, block, tm, tn, smem) = match (kernels.thin, tc) {
-        // (17..64 rows: only where the tensor-core grid would be small — a wide product such as
-        // the LM head streams faster through 128-row tiles: ncu, 33 rows x 151,936, 1.09 ms
-        // thin against 0.19 ms tc)
-        (Some(thin), _) if (m <= THIN_ROWS || (m <= THIN_MAX_M && (tc.is_none() || n.div_ceil(TC_TILE.1) < 2 * 132))) && k % 16 == 0 && even => {
+        // up to 16 rows: x through shared memory (kbench on an H200: 12.6-23.8 us for the q / k /
+        // v / o products against the register kernel's 33-80)
+        (Some(_), _) if thin_s => ("inv_matmul_nt_bf16_thin_s", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
+        // 17..64 rows: the tensor-core kernel wherever it can run (kbench: 25-48 us for q / k /
+        // v / o at 32 and 64 rows, the register thin kernels 49-146; the LM head 0.19 ms against
+        // 0.88-1.56), else the register thin kernels
+        (Some(thin), None) if m <= THIN_MAX_M && k % 16 == 0 && even => {
             let mt = m.div_ceil(THIN_ROWS).min(thin.len());
             (thin[mt - 1], THIN_THREADS, mt * THIN_ROWS, THIN_COLS, 0)
         }
@@ -136,7 +140,8 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     // and w share it). x is the contiguous [M, K] and w the [N, K] input (K checked equal), y
     // holds M · N, and the kernels bound-check m < M, n < N, k < K on every load and store (the
     // 16-byte loads also check K % 8 and the pointers' alignment; the thin kernels' 4-byte loads
-    // are chosen only for K % 16 = 0 and even start offsets; the tensor-core kernel's 16-byte
+    // are chosen only for K % 16 = 0 and even start offsets, and the shared-memory one's 16-byte
+    // cp.async copies of x only for x start offsets that are multiples of 8 elements; the tensor-core kernel's 16-byte
     // cp.async copies only for K % 8 = 0 and start offsets that are multiples of 8 elements —
     // 16 bytes, the allocations being 256-byte aligned — and a copy out of range reads nothing,
     // src-size 0 from the base pointer, zero-filling its shared-memory chunk). `block` and (tm,
@@ -214,13 +219,17 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
 /// The kernel (name, threads, tile rows, tile cols, dynamic shared memory bytes) of a dtype's
 /// grouped product: for bf16, when the experts have `rows_per_expert` >= 32 on average
 /// (training, prefill), the tensor-core 128 x 128-tile kernel (K % 8 = 0 and 16-byte aligned
-/// rows: `tc_ok`) or else the 64 x 64-tile one; with at most 8 the thin one (decode; K % 16 = 0
-/// and 4-byte aligned rows: `thin_ok`), else the 16 x 16 one. All give every element the same
-/// bits.
+/// rows: `tc_ok`) or else the 64 x 64-tile one; below 32 the thin ones (decode; K % 16 = 0
+/// and 4-byte aligned rows: `thin_ok`) — with x through shared memory in 16-row tiles up to 8
+/// rows an expert, 32-row tiles above, where the rows are 16-byte aligned (`tc_ok`) —, else the
+/// 16 x 16 one. All give every element the same bits.
 fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool, tc_ok: bool) -> Result<(&'static str, u32, usize, usize, u32)> {
     Ok(match dtype {
         DType::BF16 if rows_per_expert >= 32 && tc_ok => ("inv_grouped_nt_bf16_tc", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
         DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize, 0),
+        // x through shared memory (16-byte cp.async: `tc_ok`'s alignment), 16- or 32-row tiles
+        DType::BF16 if thin_ok && tc_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin_s1", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
+        DType::BF16 if thin_ok && tc_ok => ("inv_grouped_nt_bf16_thin_s2", THIN_THREADS, 2 * THIN_ROWS, THIN_COLS, 0),
         DType::BF16 if thin_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize, 0),
         DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16, 0),

@@ -7,12 +7,10 @@
 //! | `Gather`    | x_ND → xp_RD, the dispatch permute alone (expert parallelism, sender side) | per-token sum (`GatherBwd`) |
 //! | `Unpermute` | y_RD → y_AD = y[pos(a)] (expert parallelism, receiver side) | the permute (`Gather`) |
 //!
-//! Under an identity plan (`Plan::sorted_rows` when the rows already sit in expert order)
-//! `ExpertMlp` reads x as xp and returns dx unsummed.
-//!
-//! `ExpertMlp` keeps its activations (xp, gu, a) for the backward and runs the whole expert MLP
-//! in one op, so candle's gradient store only sees its inputs (each gradient candle accumulates
-//! costs a zero fill and an add of the full tensor).
+//! Under an identity plan (`Plan::sorted_rows`: the rows already in expert order) `ExpertMlp`
+//! reads x as xp and returns dx unsummed. It keeps its activations (xp, gu, a) for the backward
+//! and runs the whole expert MLP in one op, so candle's gradient store only sees its inputs (each
+//! gradient candle accumulates costs a zero fill and an add of the full tensor).
 //!
 //! Legend: N tokens, D hidden, F expert intermediate, E experts, A assignments, R rows.
 
@@ -49,11 +47,7 @@ pub(super) fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
     }
 }
 
-fn blocks(n: usize, cap: usize) -> u32 {
-    n.clamp(1, cap) as u32
-}
-
-/// Dispatch `$body` over the storage dtype (f32 / bf16) with `$T` bound.
+/// Dispatch `$body` over the storage dtype (f32 / bf16) with `$T` bound (`suffix`'s refusal).
 macro_rules! typed {
     ($dtype:expr, $what:expr, $T:ident => $body:expr) => {
         match $dtype {
@@ -91,7 +85,7 @@ fn permute<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         let (a32, d32) = (p.num_assignments as u32, d as u32);
         let mut b = f.builder();
         b.arg(x).arg(&p.token_A).arg(&p.pos_A).arg(&a32).arg(&d32).arg(&mut xp);
-        let cfg = LaunchConfig { grid_dim: (blocks(p.num_assignments, 1 << 16), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (p.num_assignments.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments are those of `moe_permute_{f32,bf16}(x, token_A, pos_A, A, D, xp)`
         // (kernels.cu) in order, `T` the kernel's element type. Every access is in bounds: x is
         // the contiguous [N, D] input (the ops check N = num_tokens and D before calling),
@@ -128,7 +122,7 @@ fn gather_sum<T: CudaDType + DeviceRepr>(
         None => b.arg(&null),
     };
     b.arg(&p.toff).arg(&p.list).arg(&p.pos_A).arg(&n32).arg(&d32).arg(&mut out);
-    let cfg = LaunchConfig { grid_dim: (blocks(n, 1 << 16), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (n.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the arguments are those of `moe_gather_sum_{f32,bf16}(y, w_A, toff, list, pos_A, N,
     // D, out)` in order; `null` (a 0u64, pointer-sized) is the null w_A the kernel tests for. y
     // holds R · D (`Combine`, `GatherBwd`, `Unpermute` check R = layout.rows; `Stage::Dx` passes
@@ -140,7 +134,7 @@ fn gather_sum<T: CudaDType + DeviceRepr>(
 
 /// SwiGLU kernels: a thread per two adjacent columns, a grid row per row (strided past 65535).
 fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (cols.div_ceil(512).max(1) as u32, blocks(rows, 65535), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig { grid_dim: (cols.div_ceil(512).max(1) as u32, rows.clamp(1, 65535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// silu(gate) · up of gu [R, 2F] → [R, F].
@@ -473,7 +467,7 @@ impl CustomOp2 for CombineBwd {
             let null = 0u64;
             let (a32, d32) = (a as u32, d as u32);
             let f = func(&p.dev, &format!("moe_combine_bwd_{suf}"))?;
-            let cfg = LaunchConfig { grid_dim: (blocks(a, 1 << 16), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: (a.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             if self.want_dw {
                 // (dout, y) → dw
                 let y = contiguous::<T>(s2, l2, self.name())?;
