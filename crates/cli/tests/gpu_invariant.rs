@@ -2,9 +2,10 @@
 //! bit for bit the same alone or among many rows, so the engine's decode on the GPU gives the
 //! trainer's log-probabilities exactly.
 //!
-//! - the matmul (f32, bf16) and the variable-length attention: a row alone equals the same row
-//!   in larger launches (the attention: a query alone over a paged pool in reverse block order,
-//!   past 12,256 keys, equals it in a packed causal forward), within rounding of the CPU kernels;
+//! - the matmul (f32, bf16; three products in one launch as three) and the variable-length
+//!   attention: a row alone equals the same row in larger launches (the attention: a query alone
+//!   over a paged pool in reverse block order, past 12,256 keys, equals it in a packed causal
+//!   forward), within rounding of the CPU kernels;
 //! - whole models on the GPU (the embedded default and the wide one, hidden 1024): a sequence
 //!   alone, packed with others and in a padded batch gives the same logits and routes; decoding
 //!   through the paged KV cache equals the full forward;
@@ -15,11 +16,9 @@
 //! - the device sampler (Gumbel-max) draws what the host definition draws, a row alone as in a
 //!   batch of 64 over a 151,936-token vocabulary.
 //!
-//! (In the cli crate so that it builds with the binary's exact features: no second CUDA kernel
-//! build.) Needs the `cuda` feature and a GPU: built by `scripts/cuda/build.sh`, run on the GPU
-//! machine by `scripts/cuda/gpu_check.sh`. Without the feature this file compiles to nothing.
+//! (In the cli crate: it builds with the binary's exact features.) Needs the `cuda` feature and
+//! a GPU: built by `scripts/cuda/build.sh`, run by `scripts/cuda/gpu_check.sh`.
 #![cfg(feature = "cuda")]
-
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -152,6 +151,15 @@ fn tensor_core_matmul_rows_equal_the_few_row_kernels() {
         for &m in &[1usize, 16, 17, 129] {
             let part = invariant::matmul_nt(&x.narrow(0, 17_000 - m, m).unwrap(), &w).unwrap();
             assert_eq!(bits(&part), bits(&all.narrow(0, 17_000 - m, m).unwrap()), "n {n} k {k}: last {m} rows");
+        }
+    }
+    // the engine's q, k, v projections in one launch (thin to 16 rows, tensor cores beyond)
+    let ws: Vec<Tensor> = [(256usize, 9u64), (64, 10), (96, 11)].iter().map(|&(n, s)| randn(&[n, 2048], s, &dev).to_dtype(DType::BF16).unwrap()).collect();
+    for &m in &[1usize, 9, 16, 17, 64, 300] {
+        let x = randn(&[m, 2048], 12, &dev).to_dtype(DType::BF16).unwrap();
+        let three = invariant::matmul_nt3(&x, [&ws[0], &ws[1], &ws[2]]).unwrap().expect("the fused projections apply");
+        for (y, w) in three.iter().zip(&ws) {
+            assert_eq!(bits(y), bits(&invariant::matmul_nt(&x, w).unwrap()), "fused projections, {m} rows");
         }
     }
 }

@@ -4,7 +4,9 @@
 // Rows are (query, head) pairs: the R = H / G query heads that share kv head g, query after
 // query, so a decode step's R heads fill one mma tile and read their kv head once (GQA shared).
 // A block owns 64 consecutive rows of one sequence (its queries share a key list) and one kv
-// head; 4 warps of 16 rows. Keys are taken in chunks of 64 from key 0 of the sequence:
+// head; 4 warps of 16 rows. Keys are taken in chunks of 64 from key 0 of the sequence (two
+// shared-memory stages: a chunk's keys and values load by cp.async while the one before is
+// computed, which changes no arithmetic):
 //   s = (q · k) on tensor cores (mma m16n8k16, Dh in ascending 16-wide steps, f32 accumulators),
 //   times scale; keys a row does not see are -inf;
 //   m' = max(m, max_j s_j); p_j = exp(s_j - m'); z = z · e^(m - m') + Σ p_j (a fixed
@@ -48,6 +50,16 @@ __device__ __forceinline__ uint32_t pack_bf(bf16 lo, bf16 hi) {
 }
 __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// 16 bytes global -> shared, asynchronous; zero-filled (nothing read) when `in` is false
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(in ? 16 : 0) : "memory");
+}
+
+// bytes of one forward stage (a chunk's keys, then its values); the forward takes two
+// (flash.rs fwd_smem mirrors it)
+#define FLASH_STAGE(DH) (2 * KC * ((DH) + PAD) * 2)
+
 // tiles[b] = (first query of the sequence, one past its last, first row r0 of the block, the most
 // keys any of the block's queries sees)
 template <int DH>
@@ -55,9 +67,10 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const uint32_t* __restrict__ table, const uint32_t* __restrict__ start,
                           const uint32_t* __restrict__ keys, const uint4* __restrict__ tiles, bf16* __restrict__ out,
                           float* __restrict__ lse, uint32_t H, uint32_t G, uint32_t bs, float scale) {
-    __shared__ __align__(16) bf16 Ks[KC][DH + PAD];
-    __shared__ __align__(16) bf16 Vs[KC][DH + PAD];
-    __shared__ uint32_t krow[KC];
+    // two stages of a chunk's keys and values (dynamic: flash_fwd_smem bytes) and their pool rows
+    extern __shared__ __align__(16) unsigned char fsm[];
+    typedef bf16 Row[DH + PAD];
+    __shared__ uint32_t krow[2][KC];
     const uint4 t = tiles[blockIdx.x];
     const uint32_t qa = t.x, qb = t.y, r0 = t.z, maxk = t.w;
     const uint32_t g = blockIdx.y, R = H / G;
@@ -93,96 +106,118 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         for (int e = 0; e < 4; e++) o[dn][e] = 0.0f;
     float M[2] = {-INFINITY, -INFINITY}, Z[2] = {0.0f, 0.0f};
     const size_t kstride = (size_t)G * DH;
-    for (uint32_t c0 = 0; c0 < maxk; c0 += KC) {
-        __syncthreads();  // the previous chunk's readers are done
-        for (uint32_t j = threadIdx.x; j < KC; j += FT) {
-            const uint32_t kj = c0 + j;
-            krow[j] = kj < maxk ? tab[kj / bs] * bs + kj % bs : 0xffffffffu;
-        }
-        __syncthreads();
+    // the pool row of key kj (0xffffffff past the block's keys: its chunk row is zero-filled)
+    auto pool_row = [&](uint32_t kj) { return kj < maxk ? tab[kj / bs] * bs + kj % bs : 0xffffffffu; };
+    // chunk ch's keys and values into stage ch & 1 by cp.async (16 bytes a copy, zero-filled
+    // past the keys), one commit group
+    auto issue = [&](uint32_t ch) {
+        const uint32_t st = ch & 1;
+        Row* Ks = reinterpret_cast<Row*>(fsm + st * FLASH_STAGE(DH));
+        Row* Vs = reinterpret_cast<Row*>(fsm + st * FLASH_STAGE(DH) + FLASH_STAGE(DH) / 2);
         for (uint32_t e = threadIdx.x; e < KC * DH / 8; e += FT) {
-            const uint32_t j = e / (DH / 8), c = (e % (DH / 8)) * 8;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (krow[j] != 0xffffffffu) {
-                const size_t off = (size_t)krow[j] * kstride + (size_t)g * DH + c;
-                kv = *reinterpret_cast<const uint4*>(k + off);
-                vv = *reinterpret_cast<const uint4*>(v + off);
+            const uint32_t j = e / (DH / 8), c = (e % (DH / 8)) * 8, kr = krow[st][j];
+            const bool in = kr != 0xffffffffu;
+            const size_t off = in ? (size_t)kr * kstride + (size_t)g * DH + c : 0;
+            cp_async16(&Ks[j][c], k + off, in);
+            cp_async16(&Vs[j][c], v + off, in);
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+    const uint32_t nch = (maxk + KC - 1) / KC;
+    if (threadIdx.x < KC) {
+        krow[0][threadIdx.x] = pool_row(threadIdx.x);
+        krow[1][threadIdx.x] = pool_row(KC + threadIdx.x);
+    }
+    __syncthreads();
+    if (nch > 0) issue(0);
+    // chunk ch + 1 loads while chunk ch is computed; the pool rows of chunk ch + 2 are read from
+    // the block table meanwhile (kept in a register until krow[ch & 1] is free)
+    for (uint32_t ch = 0; ch < nch; ch++) {
+        const uint32_t st = ch & 1, c0 = ch * KC;
+        const uint32_t next = ch + 2 < nch && threadIdx.x < KC ? pool_row((ch + 2) * KC + threadIdx.x) : 0xffffffffu;
+        if (ch + 1 < nch) {
+            issue(ch + 1);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        }
+        __syncthreads();  // chunk ch is in stage st for every thread
+        const Row* Ks = reinterpret_cast<const Row*>(fsm + st * FLASH_STAGE(DH));
+        const Row* Vs = reinterpret_cast<const Row*>(fsm + st * FLASH_STAGE(DH) + FLASH_STAGE(DH) / 2);
+        if (active) {
+            float s[KC / 8][4];
+    #pragma unroll
+            for (int nt = 0; nt < KC / 8; nt++)
+    #pragma unroll
+                for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+    #pragma unroll
+            for (int kd = 0; kd < DH / 16; kd++) {
+    #pragma unroll
+                for (int nt = 0; nt < KC / 8; nt++) {
+                    const bf16* kp = &Ks[nt * 8 + gid][kd * 16 + 2 * tig];
+                    const uint32_t b[2] = {ld32(kp), ld32(kp + 8)};
+                    mma16816(s[nt], qf[kd], b);
+                }
             }
-            *reinterpret_cast<uint4*>(&Ks[j][c]) = kv;
-            *reinterpret_cast<uint4*>(&Vs[j][c]) = vv;
-        }
-        __syncthreads();
-        if (!active) continue;
-        float s[KC / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < KC / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
-#pragma unroll
-        for (int kd = 0; kd < DH / 16; kd++) {
-#pragma unroll
-            for (int nt = 0; nt < KC / 8; nt++) {
-                const bf16* kp = &Ks[nt * 8 + gid][kd * 16 + 2 * tig];
-                const uint32_t b[2] = {ld32(kp), ld32(kp + 8)};
-                mma16816(s[nt], qf[kd], b);
+            float mx[2] = {-INFINITY, -INFINITY};
+    #pragma unroll
+            for (int nt = 0; nt < KC / 8; nt++)
+    #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = e >> 1;
+                    const uint32_t key = c0 + nt * 8 + 2 * tig + (e & 1);
+                    const float x = key < nk[i] ? s[nt][e] * scale : -INFINITY;
+                    s[nt][e] = x;
+                    mx[i] = fmaxf(mx[i], x);
+                }
+            float alpha[2], mref[2];
+    #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float mn = fmaxf(M[i], mx[i]);
+                mref[i] = mn == -INFINITY ? 0.0f : mn;  // a row with no key yet (padding rows only)
+                alpha[i] = expf(M[i] - mref[i]);
+                M[i] = mn;
             }
-        }
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < KC / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int i = e >> 1;
-                const uint32_t key = c0 + nt * 8 + 2 * tig + (e & 1);
-                const float x = key < nk[i] ? s[nt][e] * scale : -INFINITY;
-                s[nt][e] = x;
-                mx[i] = fmaxf(mx[i], x);
+            float zs[2] = {0.0f, 0.0f};
+    #pragma unroll
+            for (int nt = 0; nt < KC / 8; nt++)
+    #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = e >> 1;
+                    const float p = expf(s[nt][e] - mref[i]);
+                    s[nt][e] = p;
+                    zs[i] += p;
+                }
+    #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], 1);
+                zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], 2);
+                Z[i] = fmaf(Z[i], alpha[i], zs[i]);
             }
-        float alpha[2], mref[2];
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            const float mn = fmaxf(M[i], mx[i]);
-            mref[i] = mn == -INFINITY ? 0.0f : mn;  // a row with no key yet (padding rows only)
-            alpha[i] = expf(M[i] - mref[i]);
-            M[i] = mn;
-        }
-        float zs[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nt = 0; nt < KC / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int i = e >> 1;
-                const float p = expf(s[nt][e] - mref[i]);
-                s[nt][e] = p;
-                zs[i] += p;
-            }
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], 1);
-            zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], 2);
-            Z[i] = fmaf(Z[i], alpha[i], zs[i]);
-        }
-#pragma unroll
-        for (int dn = 0; dn < DH / 8; dn++) {
-            o[dn][0] *= alpha[0];
-            o[dn][1] *= alpha[0];
-            o[dn][2] *= alpha[1];
-            o[dn][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < KC / 16; kk++) {
-            const uint32_t a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
-                                   pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const int key = kk * 16 + 2 * tig;
-#pragma unroll
+    #pragma unroll
             for (int dn = 0; dn < DH / 8; dn++) {
-                const int d = dn * 8 + gid;
-                const uint32_t b[2] = {pack_bf(Vs[key][d], Vs[key + 1][d]), pack_bf(Vs[key + 8][d], Vs[key + 9][d])};
-                mma16816(o[dn], a, b);
+                o[dn][0] *= alpha[0];
+                o[dn][1] *= alpha[0];
+                o[dn][2] *= alpha[1];
+                o[dn][3] *= alpha[1];
+            }
+    #pragma unroll
+            for (int kk = 0; kk < KC / 16; kk++) {
+                const uint32_t a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                                       pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                const int key = kk * 16 + 2 * tig;
+    #pragma unroll
+                for (int dn = 0; dn < DH / 8; dn++) {
+                    const int d = dn * 8 + gid;
+                    const uint32_t b[2] = {pack_bf(Vs[key][d], Vs[key + 1][d]), pack_bf(Vs[key + 8][d], Vs[key + 9][d])};
+                    mma16816(o[dn], a, b);
+                }
             }
         }
+        if (ch + 2 < nch && threadIdx.x < KC) krow[st][threadIdx.x] = next;
+        __syncthreads();  // stage st and krow[st] are free for chunk ch + 2
     }
     if (!active) return;
 #pragma unroll

@@ -6,6 +6,7 @@
 //! compared bit for bit, only against the f32 reference within tolerance).
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -21,6 +22,12 @@ pub(crate) const ROWS: usize = 64;
 /// chunk too); `KeyLayout::key_chunks` cuts the chunks table by it, so the two must agree.
 pub(crate) const KEYS: usize = 64;
 const THREADS: u32 = 128;
+
+/// The forward's dynamic shared memory: two stages of a key chunk's keys and values, KEYS rows of
+/// Dh + 8 bf16 each (`FLASH_STAGE` in flash.cu): 69,632 bytes at Dh = 128.
+fn fwd_smem(dh: usize) -> u32 {
+    (2 * 2 * KEYS * (dh + 8) * 2) as u32
+}
 
 /// Whether the tensor-core kernel serves this dtype and head dim.
 pub(crate) fn serves(dtype: DType, dh: usize) -> bool {
@@ -119,7 +126,11 @@ pub(crate) fn attention(
             None => b.arg(&null),
         };
         b.arg(&h32).arg(&g32).arg(&bs32).arg(&scale);
-        let cfg = LaunchConfig { grid_dim: (u32_of(tiles.n, "tiles")?, g32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let smem = fwd_smem(dh);
+        if smem > 48 * 1024 {
+            f.f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        }
+        let cfg = LaunchConfig { grid_dim: (u32_of(tiles.n, "tiles")?, g32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the arguments are those of `flash_fwd_bf16_<Dh>(q, k, v, table, start, keys,
         // tiles, out, lse, H, G, bs, scale)` in order, all bf16 / u32 / f32 as declared (lse a
         // null pointer, which the kernel tests, when not kept). q is the contiguous [N, H, Dh],
@@ -128,7 +139,9 @@ pub(crate) fn attention(
         // tables are the layout's, checked by `KeyLayout::new` (every key a query sees lies in
         // the pool); each tile names a query range of one group and a row start inside it, and
         // its key bound is the largest key count of those queries. Grid (tiles, G), THREADS
-        // threads (the kernel's launch bound); its static shared memory is at most 35 KB.
+        // threads (the kernel's launch bound), `fwd_smem(dh)` bytes of dynamic shared memory (its
+        // two stages, as flash.cu's FLASH_STAGE lays them out; allowed above 48 KiB just above)
+        // beside 512 bytes of static.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })?;

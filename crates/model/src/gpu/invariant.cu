@@ -414,18 +414,39 @@ extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_f32(const float
 extern "C" __global__ void moe_tiles(const uint32_t* __restrict__ counts, uint32_t E, uint32_t tile_rows, uint32_t max_tiles,
                                      uint32_t* __restrict__ tiles) {
     extern __shared__ uint32_t sh[];
-    uint32_t* row0 = sh;       // [E] first row of each expert
+    uint32_t* row0 = sh;       // [E] the counts, then the first row of each expert
     uint32_t* tile0 = sh + E;  // [E] first tile of each expert
     __shared__ uint32_t total;
-    if (threadIdx.x == 0) {
+    for (uint32_t e = threadIdx.x; e < E; e += blockDim.x) row0[e] = counts[e];
+    __syncthreads();
+    // the first warp scans: lane l sums its run of ceil(E / 32) experts, an exclusive shuffle scan
+    // over the lanes gives each run's start, then the lane writes its experts' starts (integers:
+    // the same table in any order of summation)
+    if (threadIdx.x < 32) {
+        const uint32_t lane = threadIdx.x, per = (E + 31) / 32, a = min(E, lane * per), b = min(E, a + per);
         uint32_t r = 0, t = 0;
-        for (uint32_t e = 0; e < E; ++e) {
-            row0[e] = r;
-            tile0[e] = t;
-            r += counts[e];
-            t += (counts[e] + tile_rows - 1) / tile_rows;
+        for (uint32_t e = a; e < b; ++e) {
+            r += row0[e];
+            t += (row0[e] + tile_rows - 1) / tile_rows;
         }
-        total = min(t, max_tiles);
+        uint32_t ri = r, ti = t;
+#pragma unroll
+        for (uint32_t o = 1; o < 32; o <<= 1) {
+            const uint32_t ru = __shfl_up_sync(0xffffffffu, ri, o), tu = __shfl_up_sync(0xffffffffu, ti, o);
+            if (lane >= o) {
+                ri += ru;
+                ti += tu;
+            }
+        }
+        if (lane == 31) total = min(ti, max_tiles);
+        uint32_t rx = ri - r, tx = ti - t;
+        for (uint32_t e = a; e < b; ++e) {
+            const uint32_t c = row0[e];
+            row0[e] = rx;
+            tile0[e] = tx;
+            rx += c;
+            tx += (c + tile_rows - 1) / tile_rows;
+        }
     }
     __syncthreads();
     for (uint32_t e = threadIdx.x; e < E; e += blockDim.x) {

@@ -179,6 +179,72 @@ pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &La
     Ok((out, Shape::from((m, n))))
 }
 
+/// Whether [`matmul_nt3`] takes x [m, k] with these start offsets (x's, then the weights') and
+/// weight rows `n`: bf16 with even N_i; up to 16 rows the thin kernel's alignment (K % 16 = 0, x
+/// 16-byte aligned, the weights 4-byte aligned), beyond the tensor-core kernel's (`tc_aligned`).
+pub(crate) fn nt3_fits(m: usize, k: usize, x_offset: usize, w_offsets: [usize; 3], n: [usize; 3]) -> bool {
+    let thin = m <= THIN_ROWS && k % 16 == 0 && x_offset % 8 == 0 && w_offsets.iter().all(|o| o % 2 == 0);
+    let tc = m > THIN_ROWS && w_offsets.iter().all(|&o| tc_aligned(x_offset, o, k));
+    (thin || tc) && n.iter().all(|ni| ni % 2 == 0)
+}
+
+/// x [M, K] · w_iᵀ (w_i [N_i, K]) for three weights in one launch (`inv_matmul_nt_bf16_thin_s3`
+/// up to 16 rows, `inv_matmul_nt_bf16_tc3` beyond — the kernels [`matmul_nt`] takes at those
+/// sizes): [M · (N0 + N1 + N2)], the three [M, N_i] products back to back, every element the
+/// bits of [`matmul_nt`]'s. bf16, within [`nt3_fits`].
+pub(crate) fn matmul_nt3(sx: &CudaStorage, lx: &Layout, ws: [(&CudaStorage, &Layout); 3]) -> Result<(CudaStorage, Shape)> {
+    let (m, k) = lx.shape().dims2()?;
+    let mut n = [0usize; 3];
+    for (i, (sw, lw)) in ws.iter().enumerate() {
+        let (ni, ki) = lw.shape().dims2()?;
+        if ki != k || sw.dtype() != DType::BF16 {
+            candle_core::bail!("invariant matmul x3: weight {i} {:?} {:?} against x {:?} (bf16, the same K)", lw.dims(), sw.dtype(), lx.dims());
+        }
+        n[i] = ni;
+    }
+    let offs = [ws[0].1.start_offset(), ws[1].1.start_offset(), ws[2].1.start_offset()];
+    if sx.dtype() != DType::BF16 || !nt3_fits(m, k, lx.start_offset(), offs, n) {
+        candle_core::bail!("invariant matmul x3: x {:?} {:?} at offset {}, weights {n:?} at offsets {offs:?} (bf16, even N, aligned)", lx.dims(), sx.dtype(), lx.start_offset());
+    }
+    let dev = sx.device().clone();
+    let total = m * (n[0] + n[1] + n[2]);
+    // SAFETY: uninitialised, but the launch writes every element: its grid has a block per
+    // column tile of each weight (ceil(N_i / tn) of them, the weights in order) and per tm rows,
+    // and each stores the in-range elements of its tile in weight i's [M, N_i] part.
+    let mut y = unsafe { dev.alloc::<bf16>(total.max(1))? };
+    if total > 0 {
+        let (name, threads, tm, tn, smem) = if m <= THIN_ROWS {
+            ("inv_matmul_nt_bf16_thin_s3", THIN_THREADS, THIN_ROWS, THIN_COLS, 0)
+        } else {
+            ("inv_matmul_nt_bf16_tc3", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM)
+        };
+        let gy = m.div_ceil(tm);
+        if gy > 65535 {
+            candle_core::bail!("invariant matmul x3: {m} rows exceed one launch (at most {} rows)", 65535 * tm);
+        }
+        let x = contiguous::<bf16>(sx, lx, "invariant matmul x3 x")?;
+        let w: Vec<CudaView<bf16>> = ws.iter().map(|(sw, lw)| contiguous::<bf16>(sw, lw, "invariant matmul x3 w")).collect::<Result<_>>()?;
+        let (m32, k32) = (u32_dim(m, "M")?, u32_dim(k, "K")?);
+        let (n0, n1, n2) = (u32_dim(n[0], "N0")?, u32_dim(n[1], "N1")?, u32_dim(n[2], "N2")?);
+        let f = func(&dev, name)?;
+        allow_smem(&f, smem)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&w[0]).arg(&w[1]).arg(&w[2]).arg(&mut y).arg(&m32).arg(&n0).arg(&n1).arg(&n2).arg(&k32);
+        let blocks: usize = n.iter().map(|ni| ni.div_ceil(tn)).sum();
+        let cfg = LaunchConfig { grid_dim: (u32_dim(blocks, "column blocks")?, gy as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: the arguments are those of `inv_matmul_nt_bf16_{thin_s3,tc3}(x, w0, w1, w2, y,
+        // M, N0, N1, N2, K)` in order, all bf16 (checked). x is the contiguous [M, K], w_i the
+        // contiguous [N_i, K] (K checked equal), y holds M · (N0 + N1 + N2) with every part
+        // starting 4-byte aligned (even N_i: the tensor-core epilogue's paired stores); the
+        // kernels bound-check every load and store as `thin_s` and `tc` do, whose alignment
+        // needs are `nt3_fits`'s, checked above. `threads`, (tm, tn) and `smem` are each
+        // kernel's launch bound, tile and dynamic shared memory (TC_SMEM, the limit raised to it
+        // above; the thin one uses static shared memory only); gy is within the grid's limit.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(total)))
+}
+
 /// The experts' grouped product: x [A, K] (expert e's `counts[e]` rows back to back) · w[e]ᵀ
 /// (w [E, N, K]) → [A, N], one launch for every expert, each element as the skinny kernels
 /// compute it (invariant.cu).

@@ -210,6 +210,33 @@ extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_s(
     if (m0 >= M) return;  // block-uniform: the block's warps share the x stages
     thin_tile_smem<1, 256>(x, w, y, m0, min(M - m0, 16u), n0, N, K);
 }
+// Three products of one x in one launch (the engine's q, k and v projections): the column blocks
+// of w0, then w1, then w2 (ceil(Ni / 32) each), y the three outputs back to back ([M, N0] then
+// [M, N1], [M, N2]). Every element is thin_s's (the same chain): kbench, q + k + v of a
+// Qwen3-30B-A3B layer at 1 row, 38.9 us in three launches against 18.5 in one.
+extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_s3(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
+    const __nv_bfloat16* __restrict__ w2, __nv_bfloat16* __restrict__ y, uint32_t M, uint32_t N0, uint32_t N1, uint32_t N2,
+    uint32_t K) {
+    const uint32_t b0 = (N0 + 31) / 32, b1 = (N1 + 31) / 32, m0 = blockIdx.y * 16;
+    if (m0 >= M) return;  // block-uniform, as the choice of weight below
+    uint32_t bx = blockIdx.x, N = N0;
+    const __nv_bfloat16* w = w0;
+    __nv_bfloat16* yo = y;
+    if (bx >= b0 + b1) {
+        bx -= b0 + b1;
+        w = w2;
+        N = N2;
+        yo = y + (size_t)M * (N0 + N1);
+    } else if (bx >= b0) {
+        bx -= b0;
+        w = w1;
+        N = N1;
+        yo = y + (size_t)M * N0;
+    }
+    const uint32_t n0 = (bx * 4 + (threadIdx.x >> 5)) * 8;
+    thin_tile_smem<1, 256>(x, w, yo, m0, min(M - m0, 16u), n0, N, K);
+}
 // The grouped products the same way: tile table entries (expert, first row, rows <= 16 MT),
 // a block per 32 columns of a tile's expert. MT = 1 for up to 8 rows an expert on average
 // (226 -> 194 us at 128 rows over 128 experts of 1536 x 2048; 388 -> 306 at 512), MT = 2 (32-row
@@ -277,10 +304,11 @@ __device__ __forceinline__ uint32_t tc_swz(uint32_t r, uint32_t c) {
     return TC_BK == 32 ? c ^ ((r >> 1) & 3) : c ^ (r & 7);
 }
 
-// y[m0 + r, n] = Σ_k x[m0 + r, k] w[n, k] for r < rows (<= TC_BM) and the block's TC_BN columns n < N
+// y[m0 + r, n] = Σ_k x[m0 + r, k] w[n, k] for r < rows (<= TC_BM) and column tile bx's TC_BN
+// columns n < N
 __device__ __forceinline__ void tc_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                                         __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t N,
-                                        uint32_t K) {
+                                        uint32_t K, uint32_t bx) {
     constexpr uint32_t WM = TC_BM / TC_WARPS_M, WN = TC_BN / TC_WARPS_N, MI = WM / 16, NI = WN / 8;
     constexpr uint32_t CH = TC_BK / 8, ROW_BYTES = TC_BK * 2, KK = TC_BK / 16;  // chunks a row, K steps a stage
     constexpr uint32_t ROW_STEP = TC_THREADS / CH;  // rows of a tile one pass of the loader covers
@@ -290,7 +318,7 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* __restrict__ x, con
     static_assert(ROW_STEP % 8 == 0, "the swizzle of a loader row must not depend on its pass");
     extern __shared__ __align__(128) uint8_t tc_smem[];
     const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const uint32_t n0 = blockIdx.x * TC_BN;
+    const uint32_t n0 = bx * TC_BN;
     const uint32_t wm = (warp / TC_WARPS_N) * WM, wn = (warp % TC_WARPS_N) * WN;
     const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(tc_smem);
     // a stage: A [TC_BM][TC_BK] then B [TC_BN][TC_BK] bf16, chunks swizzled by tc_swz
@@ -428,7 +456,33 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) inv_matmul_nt_bf16_tc(c
                                                                                 uint32_t M, uint32_t N, uint32_t K) {
     const uint32_t m0 = blockIdx.y * TC_BM;
     if (m0 >= M) return;
-    tc_tile(x, w, y, m0, min(M - m0, (uint32_t)TC_BM), N, K);
+    tc_tile(x, w, y, m0, min(M - m0, (uint32_t)TC_BM), N, K, blockIdx.x);
+}
+
+// Three products of one x in one launch on the same tiles (the engine's q, k, v projections
+// beyond 16 rows): the column tiles of w0, then w1, then w2 (ceil(Ni / TC_BN) each), y the three
+// [M, Ni] outputs back to back; every element inv_matmul_nt_bf16_tc's.
+extern "C" __global__ void __launch_bounds__(TC_THREADS) inv_matmul_nt_bf16_tc3(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
+    const __nv_bfloat16* __restrict__ w2, __nv_bfloat16* __restrict__ y, uint32_t M, uint32_t N0, uint32_t N1, uint32_t N2,
+    uint32_t K) {
+    const uint32_t b0 = (N0 + TC_BN - 1) / TC_BN, b1 = (N1 + TC_BN - 1) / TC_BN, m0 = blockIdx.y * TC_BM;
+    if (m0 >= M) return;  // block-uniform, as the choice of weight below
+    uint32_t bx = blockIdx.x, N = N0;
+    const __nv_bfloat16* w = w0;
+    __nv_bfloat16* yo = y;
+    if (bx >= b0 + b1) {
+        bx -= b0 + b1;
+        w = w2;
+        N = N2;
+        yo = y + (size_t)M * (N0 + N1);
+    } else if (bx >= b0) {
+        bx -= b0;
+        w = w1;
+        N = N1;
+        yo = y + (size_t)M * N0;
+    }
+    tc_tile(x, w, yo, m0, min(M - m0, (uint32_t)TC_BM), N, K, bx);
 }
 
 // The grouped product on the same tiles: tile table entries (expert, first row, rows <= TC_BM)
@@ -440,5 +494,5 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) inv_grouped_nt_bf16_tc(
                                                                                  uint32_t N, uint32_t K) {
     const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
     if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
-    tc_tile(x, w + (size_t)e * N * K, y, m0, min(rows, (uint32_t)TC_BM), N, K);
+    tc_tile(x, w + (size_t)e * N * K, y, m0, min(rows, (uint32_t)TC_BM), N, K, blockIdx.x);
 }

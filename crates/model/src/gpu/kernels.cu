@@ -196,20 +196,47 @@ __device__ void permute(const T* __restrict__ x, const u32* __restrict__ token_A
     }
 }
 
-// out[n] = sum over token n's assignments a (ascending) of w[a] * y[pos[a]]  (w null: weight 1)
+// out[n] = sum over token n's assignments a (ascending) of w[a] * y[pos[a]]  (w null: weight 1):
+// acc = fmaf(w[a], y, acc) from 0 in f32, then rounded to T (weight 1: fmaf(1, v, acc) = acc + v).
+// A token's rows and weights go to shared memory once (up to GS_MAX assignments; more take the
+// loop below, with the same arithmetic), and a column's up to GS_MAX values are all loaded before
+// the sum, so a decode step's token costs a few memory round trips rather than three per
+// assignment and column block.
+#define GS_MAX 16
 template <typename T>
 __device__ void gather_sum(const T* __restrict__ y, const float* __restrict__ w_A, const u32* __restrict__ toff,
                            const u32* __restrict__ list, const u32* __restrict__ pos_A, u32 N, u32 D, T* __restrict__ out) {
+    __shared__ u32 spos[GS_MAX];
+    __shared__ float sw[GS_MAX];
     for (u32 n = blockIdx.x; n < N; n += gridDim.x) {
-        const u32 lo = toff[n], hi = toff[n + 1];
-        for (u32 d = threadIdx.x; d < D; d += blockDim.x) {
-            float acc = 0.f;
-            for (u32 j = lo; j < hi; ++j) {
-                u32 a = list[j];
-                float v = to_f(y[(size_t)pos_A[a] * D + d]);
-                acc += w_A ? w_A[a] * v : v;
+        const u32 lo = toff[n], hi = toff[n + 1], cnt = hi - lo;
+        if (cnt <= GS_MAX) {  // block-uniform
+            __syncthreads();  // the previous token's readers are done
+            if (threadIdx.x < cnt) {
+                const u32 a = list[lo + threadIdx.x];
+                spos[threadIdx.x] = pos_A[a];
+                sw[threadIdx.x] = w_A ? w_A[a] : 1.0f;
             }
-            out[(size_t)n * D + d] = from_f<T>(acc);
+            __syncthreads();
+            for (u32 d = threadIdx.x; d < D; d += blockDim.x) {
+                float v[GS_MAX];
+#pragma unroll
+                for (u32 j = 0; j < GS_MAX; ++j) v[j] = j < cnt ? to_f(y[(size_t)spos[j] * D + d]) : 0.f;
+                float acc = 0.f;
+#pragma unroll
+                for (u32 j = 0; j < GS_MAX; ++j)
+                    if (j < cnt) acc = fmaf(sw[j], v[j], acc);
+                out[(size_t)n * D + d] = from_f<T>(acc);
+            }
+        } else {
+            for (u32 d = threadIdx.x; d < D; d += blockDim.x) {
+                float acc = 0.f;
+                for (u32 j = lo; j < hi; ++j) {
+                    const u32 a = list[j];
+                    acc = fmaf(w_A ? w_A[a] : 1.0f, to_f(y[(size_t)pos_A[a] * D + d]), acc);
+                }
+                out[(size_t)n * D + d] = from_f<T>(acc);
+            }
         }
     }
 }

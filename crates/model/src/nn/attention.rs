@@ -82,21 +82,38 @@ impl Attention {
 
     /// Queries [B·T, H, Dh], keys and values [B·T, G, Dh] (QK-norm, RoPE) in the projections'
     /// token-major layout: no transposes (the rows the variable-length attention and the KV
-    /// pool take). The same values as [`Self::project`]'s, transposed.
-    fn project_rows(&self, x_BTD: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor, Tensor)> {
+    /// pool take). The same values as [`Self::project`]'s, transposed. `fused`: the three
+    /// products in one launch where the invariant kernels allow it (`matmul_nt3`: the same bits,
+    /// no gradient — the engine's paged forward).
+    fn project_rows(&self, x_BTD: &Tensor, rope: &RopeTables, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x_BTD.dims3()?;
         let dh = self.head_dim;
-        let heads = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let x_BTND = proj.forward(x_BTD)?.reshape((b, t, n, dh))?;
+        let projs = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let three = match (fused, self.kernels) {
+            (true, Kernels::Invariant) => super::invariant::matmul_nt3(x_BTD, projs.map(|p| p.weight()))?,
+            _ => None,
+        };
+        let [q, k, v] = match three {
+            Some([q, k, v]) => {
+                let add = |y: Tensor, p: &Linear| match p.bias() {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                };
+                [add(q, projs[0])?, add(k, projs[1])?, add(v, projs[2])?]
+            }
+            None => [self.q_proj.forward(x_BTD)?, self.k_proj.forward(x_BTD)?, self.v_proj.forward(x_BTD)?],
+        };
+        let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let x_BTND = y.reshape((b, t, n, dh))?;
             match norm {
                 Some(norm) => norm.forward(&x_BTND),
                 None => Ok(x_BTND),
             }
         };
         let (h, g) = (self.num_heads, self.num_kv_heads);
-        let q_NHD = rope.apply_token_major(&heads(&self.q_proj, h, &self.q_norm)?)?.reshape((b * t, h, dh))?;
-        let k_NGD = rope.apply_token_major(&heads(&self.k_proj, g, &self.k_norm)?)?.reshape((b * t, g, dh))?;
-        let v_NGD = heads(&self.v_proj, g, &None)?.contiguous()?.reshape((b * t, g, dh))?;
+        let q_NHD = rope.apply_token_major(&heads(q, h, &self.q_norm)?)?.reshape((b * t, h, dh))?;
+        let k_NGD = rope.apply_token_major(&heads(k, g, &self.k_norm)?)?.reshape((b * t, g, dh))?;
+        let v_NGD = heads(v, g, &None)?.contiguous()?.reshape((b * t, g, dh))?;
         Ok((q_NHD, k_NGD, v_NGD))
     }
 
@@ -107,7 +124,7 @@ impl Attention {
         let out_BHTD = match layout {
             AttentionLayout::Keys(keys) => {
                 // the variable-length attention takes token-major rows: no transposes
-                let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope)?;
+                let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope, false)?;
                 let scale = 1.0 / (dh as f32).sqrt();
                 let out = varlen::attention(&q_NHD, &k_NGD, &v_NGD, keys.clone(), scale)?.reshape((b, t, h * dh))?;
                 return self.o_proj.forward(&out);
@@ -141,7 +158,7 @@ impl Attention {
     pub fn forward_paged(&self, x_BTD: &Tensor, rope: &RopeTables, k_pool: &Tensor, v_pool: &Tensor, slots: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
         let (h, dh) = (self.num_heads, self.head_dim);
-        let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope)?;
+        let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope, true)?;
         super::kv_write::write_rows(k_pool, &k_NGD, slots)?;
         super::kv_write::write_rows(v_pool, &v_NGD, slots)?;
         let scale = 1.0 / (dh as f32).sqrt();

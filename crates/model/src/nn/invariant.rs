@@ -108,6 +108,71 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// The engine's three projections of one x (q, k and v) in one launch on CUDA: the same bits as
+/// three [`matmul_nt`]s (every element takes the thin kernel's chain), one launch instead of three
+/// latency-bound ones at decode. `None` where it does not apply (the CPU, f32, unaligned inputs,
+/// odd widths): the caller then runs the three products. No gradient flows through it (the
+/// engine's paged forward only).
+pub fn matmul_nt3(x: &Tensor, ws: [&Tensor; 3]) -> Result<Option<[Tensor; 3]>> {
+    #[cfg(feature = "cuda")]
+    {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().ok_or_else(|| Error::Msg("invariant matmul x3: scalar input".into()))?;
+        let m = x.elem_count() / k.max(1);
+        let cuda = x.device().is_cuda() && x.dtype() == candle_core::DType::BF16 && ws.iter().all(|w| w.dtype() == candle_core::DType::BF16 && w.is_contiguous());
+        if !cuda || !x.is_contiguous() {
+            return Ok(None);
+        }
+        let offs = [ws[0].layout().start_offset(), ws[1].layout().start_offset(), ws[2].layout().start_offset()];
+        let n = [ws[0].dim(0)?, ws[1].dim(0)?, ws[2].dim(0)?];
+        if !crate::gpu::invariant::nt3_fits(m, k, x.layout().start_offset(), offs, n) {
+            return Ok(None);
+        }
+        let op = MatmulNt3 { w: [ws[0].clone(), ws[1].clone(), ws[2].clone()] };
+        let y = x.reshape((m, k))?.apply_op1_no_bwd(&op)?;
+        let part = |at: usize, ni: usize| -> Result<Tensor> {
+            let mut shape = dims.clone();
+            *shape.last_mut().expect("non-empty") = ni;
+            y.narrow(0, at, m * ni)?.reshape(shape)
+        };
+        Ok(Some([part(0, n[0])?, part(m * n[0], n[1])?, part(m * (n[0] + n[1]), n[2])?]))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, ws);
+        Ok(None)
+    }
+}
+
+/// [`matmul_nt3`]'s op: x the input, the weights held (their storage read at launch).
+#[cfg(feature = "cuda")]
+struct MatmulNt3 {
+    w: [Tensor; 3],
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for MatmulNt3 {
+    fn name(&self) -> &'static str {
+        "invariant-matmul-nt3"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Err(Error::Msg("invariant matmul x3: CUDA only (matmul_nt3 returns None elsewhere)".into()))
+    }
+
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let guards: Vec<_> = self.w.iter().map(|w| w.storage_and_layout()).collect();
+        let mut ws = Vec::with_capacity(3);
+        for (i, (st, wl)) in guards.iter().enumerate() {
+            match &**st {
+                candle_core::Storage::Cuda(c) => ws.push((c, *wl)),
+                _ => return Err(Error::Msg(format!("invariant matmul x3: weight {i} is not on the GPU"))),
+            }
+        }
+        crate::gpu::invariant::matmul_nt3(s, l, [ws[0], ws[1], ws[2]])
+    }
+}
+
 /// The experts' grouped product, batch-invariant: x [A, K] holds expert e's `counts[e]` rows
 /// back to back; y[a] = x[a] · w[e(a)]ᵀ (w [E, N, K]) with `dot`'s fixed order on the CPU and
 /// the single-expert kernels' order on CUDA — one op (one launch) for every expert.
