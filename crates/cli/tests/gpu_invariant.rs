@@ -15,10 +15,10 @@
 //!   tensor-core attention backward agrees with the f32 reference backward;
 //! - the device sampler (Gumbel-max) draws what the host definition draws, a row alone as in a
 //!   batch of 64 over a 151,936-token vocabulary.
-//!
 //! (In the cli crate: it builds with the binary's exact features.) Needs the `cuda` feature and
 //! a GPU: built by `scripts/cuda/build.sh`, run by `scripts/cuda/gpu_check.sh`.
 #![cfg(feature = "cuda")]
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -158,9 +158,7 @@ fn tensor_core_matmul_rows_equal_the_few_row_kernels() {
     for &m in &[1usize, 9, 16, 17, 64, 300] {
         let x = randn(&[m, 2048], 12, &dev).to_dtype(DType::BF16).unwrap();
         let three = invariant::matmul_nt3(&x, [&ws[0], &ws[1], &ws[2]]).unwrap().expect("the fused projections apply");
-        for (y, w) in three.iter().zip(&ws) {
-            assert_eq!(bits(y), bits(&invariant::matmul_nt(&x, w).unwrap()), "fused projections, {m} rows");
-        }
+        three.iter().zip(&ws).for_each(|(y, w)| assert_eq!(bits(y), bits(&invariant::matmul_nt(&x, w).unwrap()), "fused projections, {m} rows"));
     }
 }
 

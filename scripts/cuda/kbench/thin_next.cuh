@@ -220,3 +220,18 @@ NX_DENSE_SMEM(8, 64)
     }
 NX_GROUPED_SMEM(1)
 NX_GROUPED_SMEM(2)
+
+// The product's shared-memory thin tile (invariant_mma.cuh thin_tile_smem) for the grouped
+// products at other chunk widths: KC K columns staged a chunk (the product takes 128).
+#define NX_GROUPED_SKC(MT, KC)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) nx_grouped_s##MT##_##KC(                                     \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,  \
+        const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {                                             \
+        const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2]; \
+        const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8;                                            \
+        if (rows == 0) return;                                                                                    \
+        thin_tile_smem<MT, KC>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);                                   \
+    }
+NX_GROUPED_SKC(1, 64)
+NX_GROUPED_SKC(1, 256)
+NX_GROUPED_SKC(2, 256)
