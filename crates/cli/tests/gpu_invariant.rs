@@ -15,10 +15,10 @@
 //!   tensor-core attention backward agrees with the f32 reference backward;
 //! - the device sampler (Gumbel-max) draws what the host definition draws, a row alone as in a
 //!   batch of 64 over a 151,936-token vocabulary.
+//!
 //! (In the cli crate: it builds with the binary's exact features.) Needs the `cuda` feature and
 //! a GPU: built by `scripts/cuda/build.sh`, run by `scripts/cuda/gpu_check.sh`.
 #![cfg(feature = "cuda")]
-
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};

@@ -85,7 +85,8 @@ pub fn parse_dtype(s: &str) -> std::result::Result<DType, ParseError> {
     }
 }
 
-/// (free, total) bytes of a GPU's memory now; `None` for the CPU.
+/// (free, total) bytes of a GPU's memory now — free: the driver's, plus what the device's
+/// default memory pool holds unused (this process's allocations reuse it); `None` for the CPU.
 pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
     match device {
         #[cfg(feature = "cuda")]
@@ -95,7 +96,25 @@ pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
             let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| ModelError::Device { device: "cuda".into(), msg: format!("memory info: {e}") };
             ctx.bind_to_thread().map_err(err)?;
             let (free, total) = result::mem_get_info().map_err(err)?;
-            Ok(Some((free, total)))
+            // memory the default pool keeps (`gpu::keep_freed_memory`) but no allocation uses is
+            // free to this process too; the driver counts it as taken. Without it the engine's KV
+            // budget missed what building the model freed into the pool (the per-expert tensors,
+            // once stacked: ~58 GB at the Qwen3-30B-A3B size, whose pool then had 4,458 blocks)
+            let spare = if ctx.has_async_alloc() {
+                use candle_core::cuda_backend::cudarc::driver::sys;
+                let (mut reserved, mut used) = (0u64, 0u64);
+                // SAFETY: the device handle comes from a live context (bound above); `reserved`
+                // and `used` are u64s, the type of both attributes, and outlive the calls.
+                unsafe {
+                    let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(err)?;
+                    result::mem_pool::get_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, (&mut reserved as *mut u64).cast()).map_err(err)?;
+                    result::mem_pool::get_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, (&mut used as *mut u64).cast()).map_err(err)?;
+                }
+                reserved.saturating_sub(used) as usize
+            } else {
+                0
+            };
+            Ok(Some(((free + spare).min(total), total)))
         }
         _ => Ok(None),
     }

@@ -286,15 +286,16 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
 /// grouped product: for bf16, when the experts have `rows_per_expert` >= 32 on average
 /// (training, prefill), the tensor-core 128 x 128-tile kernel (K % 8 = 0 and 16-byte aligned
 /// rows: `tc_ok`) or else the 64 x 64-tile one; below 32 the thin ones (decode; K % 16 = 0
-/// and 4-byte aligned rows: `thin_ok`) — with x through shared memory in 16-row tiles up to 8
-/// rows an expert, 32-row tiles above, where the rows are 16-byte aligned (`tc_ok`) —, else the
-/// 16 x 16 one. All give every element the same bits.
+/// and 4-byte aligned rows: `thin_ok`) — up to 8 rows an expert x and w both through shared
+/// memory in 16-row tiles, above x alone in 32-row tiles, where the rows are 16-byte aligned
+/// (`tc_ok`) —, else the 16 x 16 one. All give every element the same bits.
 fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool, tc_ok: bool) -> Result<(&'static str, u32, usize, usize, u32)> {
     Ok(match dtype {
         DType::BF16 if rows_per_expert >= 32 && tc_ok => ("inv_grouped_nt_bf16_tc", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
         DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize, 0),
-        // x through shared memory (16-byte cp.async: `tc_ok`'s alignment), 16- or 32-row tiles
-        DType::BF16 if thin_ok && tc_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin_s1", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
+        // x and w through shared memory, fragments by ldmatrix (16-byte cp.async: `tc_ok`'s
+        // alignment), 16-row tiles; beyond, x alone through shared memory in 32-row tiles
+        DType::BF16 if thin_ok && tc_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin_l", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         DType::BF16 if thin_ok && tc_ok => ("inv_grouped_nt_bf16_thin_s2", THIN_THREADS, 2 * THIN_ROWS, THIN_COLS, 0),
         DType::BF16 if thin_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize, 0),
@@ -371,10 +372,10 @@ fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStor
         // contiguous [E, N, K] and y holds A · N; every tile's (expert < E, first row, rows <=
         // the kernel's tile rows) lies inside x's A rows (the table is built from counts summing
         // to A; entries with rows = 0 are skipped), and the kernel bound-checks rows, n < N and
-        // k < K on every load and store (the tensor-core kernel, chosen only for K % 8 = 0 and
-        // start offsets that are multiples of 8 elements — every row and expert matrix 16-byte
-        // aligned —, copies 16-byte chunks with cp.async and reads nothing for one out of range:
-        // src-size 0 from the base pointer). `threads` is the kernel's launch bound, `smem` the
+        // k < K on every load and store (the tensor-core and shared-memory thin kernels, chosen
+        // only for K % 8 = 0 and start offsets that are multiples of 8 elements — every row and
+        // expert matrix 16-byte aligned —, copy 16-byte chunks with cp.async and read nothing for
+        // one out of range: src-size 0 from the base pointer). `threads` is the kernel's launch bound, `smem` the
         // dynamic shared memory the tensor-core kernel indexes (TC_SMEM, the function's limit
         // raised to it above; 0 for the others); gridDim.y <= 65535 (checked by the callers).
         unsafe { b.launch(cfg) }.w()?;

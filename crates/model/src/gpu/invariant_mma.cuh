@@ -496,3 +496,85 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) inv_grouped_nt_bf16_tc(
     if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
     tc_tile(x, w + (size_t)e * N * K, y, m0, min(rows, (uint32_t)TC_BM), N, K, blockIdx.x);
 }
+
+// Thin products with both operands through shared memory (decode's grouped experts): a block's
+// 16 x rows and 32 w rows staged KC K columns a chunk by 16-byte cp.async in three stages (two
+// chunks in flight; rows padded by 8 bf16, so the ldmatrix phases are free of bank conflicts),
+// fragments by ldmatrix — x's a0..a3 one x4 a K step, w's b0, b1 of two K steps one x4 — where
+// thin_tile_smem loads w by 4-byte loads (8 rows x 16 bytes an instruction, each sector asked
+// for twice) and x by 4-byte shared loads: ncu put that kernel at 97% of the L1 pipe and 41% of
+// DRAM (gate_up at 512 assignments). Each warp owns 8 of the 32 columns; every element takes
+// the family's chain (thin_mma per 16-wide K step ascending from 0 over K rounded up to WBK,
+// zero-filled past K). Needs K % 16 == 0 and x and w rows 16-byte aligned (the host checks).
+template <int KC>
+__device__ __forceinline__ void thin_tile_ldm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                            __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t nb,
+                                            uint32_t N, uint32_t K) {
+    constexpr uint32_t XS = KC + 8, KS = KC / 16, PIECES = KC / 8;
+    static_assert(KS % 2 == 0, "w fragments come two K steps at a time");
+    __shared__ __align__(16) __nv_bfloat16 xs[3][16][XS];
+    __shared__ __align__(16) __nv_bfloat16 wsm[3][32][XS];
+    const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const uint32_t steps = (K + WBK - 1) / WBK * (WBK / 16), chunks = (steps + KS - 1) / KS;
+    auto issue = [&](uint32_t ch) {
+        if (ch < chunks) {
+            const uint32_t st = ch % 3;
+            for (uint32_t p = tid; p < 16 * PIECES; p += 128) {
+                const uint32_t r = p / PIECES, c8 = (p % PIECES) * 8, k = ch * KC + c8;
+                const bool ok = r < rows && k < K;  // K % 16 == 0: a piece is all in or all out
+                tc_cp16((uint32_t)__cvta_generic_to_shared(&xs[st][r][c8]), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
+            }
+            for (uint32_t p = tid; p < 32 * PIECES; p += 128) {
+                const uint32_t r = p / PIECES, c8 = (p % PIECES) * 8, k = ch * KC + c8;
+                const bool ok = nb + r < N && k < K;
+                tc_cp16((uint32_t)__cvta_generic_to_shared(&wsm[st][r][c8]), ok ? w + (size_t)(nb + r) * K + k : w, ok);
+            }
+        }
+        tc_commit();  // (empty past the last chunk: one group a chunk slot keeps wait_group exact)
+    };
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    issue(0);
+    issue(1);
+    for (uint32_t ch = 0; ch < chunks; ch++) {
+        tc_wait<1>();     // chunk ch has landed (ch + 1 may be in flight)
+        __syncthreads();  // ... for every thread; and every warp is done with chunk ch - 1's stage
+        issue(ch + 2);    // into that stage
+        const uint32_t st = ch % 3;
+#pragma unroll
+        for (uint32_t u = 0; u < KS; u += 2) {
+            uint32_t b[4];
+            tc_ldsm4(b, (uint32_t)__cvta_generic_to_shared(&wsm[st][warp * 8 + (lane & 7)][u * 16 + 8 * (lane >> 3)]));
+#pragma unroll
+            for (uint32_t h = 0; h < 2; h++) {
+                if (ch * KS + u + h < steps) {
+                    uint32_t a[4];
+                    tc_ldsm4(a, (uint32_t)__cvta_generic_to_shared(&xs[st][lane & 15][(u + h) * 16 + 8 * (lane >> 4)]));
+                    thin_mma(c, a, b + 2 * h);
+                }
+            }
+        }
+    }
+    const uint32_t n0 = nb + warp * 8;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const uint32_t r = gid + 8 * (e >> 1), col = n0 + 2 * tig + (e & 1);
+        if (r < rows && col < N) y[(size_t)(m0 + r) * N + col] = __float2bfloat16(c[e]);
+    }
+}
+// The grouped products at decode (up to 8 rows an expert on average): tile table entries
+// (expert, first row, rows <= 16), a block per 32 columns of a tile's expert.
+extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_bf16_thin_l(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
+    const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {
+    const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
+    if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
+    thin_tile_ldm<128>(x, w + (size_t)e * N * K, y, m0, rows, blockIdx.x * 32, N, K);
+}
+// The dense product the same way, up to 16 rows (kbench candidate beside thin_s).
+extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_l(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
+    uint32_t M, uint32_t N, uint32_t K) {
+    const uint32_t m0 = blockIdx.y * 16;
+    if (m0 >= M) return;
+    thin_tile_ldm<128>(x, w, y, m0, min(M - m0, 16u), blockIdx.x * 32, N, K);
+}
