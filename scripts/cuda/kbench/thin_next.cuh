@@ -235,3 +235,11 @@ NX_GROUPED_SMEM(2)
 NX_GROUPED_SKC(1, 64)
 NX_GROUPED_SKC(1, 256)
 NX_GROUPED_SKC(2, 256)
+
+// The dense product on thin_l's tile (invariant_mma.cuh thin_tile_ldm), up to 16 rows.
+extern "C" __global__ void __launch_bounds__(128) nx_dense_ldm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                                               __nv_bfloat16* __restrict__ y, uint32_t M, uint32_t N, uint32_t K) {
+    const uint32_t m0 = blockIdx.y * 16;
+    if (m0 >= M) return;
+    thin_tile_ldm<128>(x, w, y, m0, min(M - m0, 16u), blockIdx.x * 32, N, K);
+}

@@ -6,7 +6,6 @@
 //! compared bit for bit, only against the f32 reference within tolerance).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -127,9 +126,7 @@ pub(crate) fn attention(
         };
         b.arg(&h32).arg(&g32).arg(&bs32).arg(&scale);
         let smem = fwd_smem(dh);
-        if smem > 48 * 1024 {
-            f.f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-        }
+        f.allow_smem(smem)?;
         let cfg = LaunchConfig { grid_dim: (u32_of(tiles.n, "tiles")?, g32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the arguments are those of `flash_fwd_bf16_<Dh>(q, k, v, table, start, keys,
         // tiles, out, lse, H, G, bs, scale)` in order, all bf16 / u32 / f32 as declared (lse a

@@ -6,7 +6,6 @@
 //!   accumulation). The attention is `paged.rs`'s.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
@@ -76,14 +75,6 @@ fn tc_aligned(x_offset: usize, w_offset: usize, k: usize) -> bool {
     k % 8 == 0 && x_offset % 8 == 0 && w_offset % 8 == 0
 }
 
-/// Lets `f` launch with `smem` bytes of dynamic shared memory (above the default 48 KiB).
-fn allow_smem(f: &super::Kernel, smem: u32) -> Result<()> {
-    if smem > 48 * 1024 {
-        f.f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-    }
-    Ok(())
-}
-
 /// A thin kernel for M <= THIN_MAX_M where the family has them (K % 16 = 0, even start
 /// offsets; 16 · ⌈M / 16⌉ rows a block row up to 64); else the tensor-core one where the
 /// family has one and K and the offsets allow it (`tc_aligned`); else the skinny kernel when
@@ -131,7 +122,7 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
         candle_core::bail!("invariant matmul: {m} rows exceed one launch (at most {} rows)", 65535 * tm);
     }
     let f = func(dev, name)?;
-    allow_smem(&f, smem)?;
+    f.allow_smem(smem)?;
     let mut b = f.builder();
     b.arg(x).arg(w).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(tn) as u32, gy as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
@@ -227,7 +218,7 @@ pub(crate) fn matmul_nt3(sx: &CudaStorage, lx: &Layout, ws: [(&CudaStorage, &Lay
         let (m32, k32) = (u32_dim(m, "M")?, u32_dim(k, "K")?);
         let (n0, n1, n2) = (u32_dim(n[0], "N0")?, u32_dim(n[1], "N1")?, u32_dim(n[2], "N2")?);
         let f = func(&dev, name)?;
-        allow_smem(&f, smem)?;
+        f.allow_smem(smem)?;
         let mut b = f.builder();
         b.arg(&x).arg(&w[0]).arg(&w[1]).arg(&w[2]).arg(&mut y).arg(&m32).arg(&n0).arg(&n1).arg(&n2).arg(&k32);
         let blocks: usize = n.iter().map(|ni| ni.div_ceil(tn)).sum();
@@ -362,7 +353,7 @@ fn launch_grouped(dev: &CudaDevice, sx: &CudaStorage, lx: &Layout, sw: &CudaStor
             return Ok(y);
         }
         let f = func(dev, name)?;
-        allow_smem(&f, smem)?;
+        f.allow_smem(smem)?;
         let (n32, k32) = (u32_dim(n, "N")?, u32_dim(k, "K")?);
         let mut b = f.builder();
         b.arg(&x).arg(&w).arg(&mut y).arg(t).arg(&n32).arg(&k32);

@@ -238,9 +238,9 @@ extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_s3(
     thin_tile_smem<1, 256>(x, w, yo, m0, min(M - m0, 16u), n0, N, K);
 }
 // The grouped products the same way: tile table entries (expert, first row, rows <= 16 MT),
-// a block per 32 columns of a tile's expert. MT = 1 for up to 8 rows an expert on average
-// (226 -> 194 us at 128 rows over 128 experts of 1536 x 2048; 388 -> 306 at 512), MT = 2 (32-row
-// tiles) up to 32 (2048 rows: 643 us with the 16 x 16 kernel -> 405).
+// a block per 32 columns of a tile's expert; MT = 2 (32-row tiles) from 9 to 31 rows an expert
+// (2048 rows over 128 experts: 643 us with the 16 x 16 kernel -> 405). (MT = 1 gave way to
+// thin_l below; kbench keeps it as nx_grouped_smem_1.)
 #define THIN_GROUPED_S(MT)                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_bf16_thin_s##MT(                              \
         const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,  \
@@ -250,7 +250,6 @@ extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_s3(
         if (rows == 0) return;                                                                                    \
         thin_tile_smem<MT, 128>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);                                  \
     }
-THIN_GROUPED_S(1)
 THIN_GROUPED_S(2)
 
 // The tensor-core products at training / prefill sizes: a 128 x 128 output tile a block (4 warps
@@ -569,12 +568,4 @@ extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_bf16_thin_l(
     const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2];
     if (rows == 0) return;  // an unused entry of a device-built table (moe_tiles)
     thin_tile_ldm<128>(x, w + (size_t)e * N * K, y, m0, rows, blockIdx.x * 32, N, K);
-}
-// The dense product the same way, up to 16 rows (kbench candidate beside thin_s).
-extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_l(
-    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
-    uint32_t M, uint32_t N, uint32_t K) {
-    const uint32_t m0 = blockIdx.y * 16;
-    if (m0 >= M) return;
-    thin_tile_ldm<128>(x, w, y, m0, min(M - m0, 16u), blockIdx.x * 32, N, K);
 }

@@ -77,6 +77,16 @@ impl Kernel {
     pub(crate) fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.f)
     }
+
+    /// Lets the kernel launch with `smem` bytes of dynamic shared memory (above the default 48 KiB).
+    pub(crate) fn allow_smem(&self, smem: u32) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+        use candle_core::cuda_backend::WrapErr;
+        if smem > 48 * 1024 {
+            self.f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        }
+        Ok(())
+    }
 }
 
 /// A kernel of `kernels.cu`.

@@ -94,13 +94,7 @@ impl Attention {
             _ => None,
         };
         let [q, k, v] = match three {
-            Some([q, k, v]) => {
-                let add = |y: Tensor, p: &Linear| match p.bias() {
-                    Some(bias) => y.broadcast_add(bias),
-                    None => Ok(y),
-                };
-                [add(q, projs[0])?, add(k, projs[1])?, add(v, projs[2])?]
-            }
+            Some([q, k, v]) => [projs[0].add_bias(q)?, projs[1].add_bias(k)?, projs[2].add_bias(v)?],
             None => [self.q_proj.forward(x_BTD)?, self.k_proj.forward(x_BTD)?, self.v_proj.forward(x_BTD)?],
         };
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {

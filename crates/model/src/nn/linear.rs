@@ -30,6 +30,14 @@ impl Linear {
     pub fn kernels(&self) -> Kernels {
         self.kernels
     }
+    /// y plus the bias, if any (broadcast over the rows): the end of [`Module::forward`], for
+    /// callers that computed x · Wᵀ another way.
+    pub fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
     /// Same parameters, other tensors (keeps the kernel choice).
     pub fn with_params(&self, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias, kernels: self.kernels }
@@ -45,10 +53,7 @@ impl Module for Linear {
                 _ => x.matmul(&self.weight.t()?)?,
             },
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.add_bias(y)
     }
 }
 
