@@ -38,6 +38,7 @@ def main():
     ap.add_argument("csv")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="last complete steps to average")
+    ap.add_argument("--step", type=int, help="sum this one step (1-based, e.g. a prefill step) instead")
     a = ap.parse_args()
     ks = list(rows(a.csv))
     if not ks:
@@ -51,7 +52,7 @@ def main():
     steps = [ks[cuts[i] + 1: cuts[i + 1] + 1] for i in range(len(cuts) - 1)]
     for i, s in enumerate(steps):
         print(f"step {i + 1}: {len(s)} kernels, {sum(ns for _, ns, *_ in s) / 1e6:.3f} ms device")
-    last = steps[-a.steps:]
+    last = [steps[a.step - 1]] if a.step else steps[-a.steps:]
     n = len(last)
     tot = sum(ns for s in last for _, ns, *_ in s) / n
     by = collections.defaultdict(lambda: [0.0, 0, set()])
@@ -61,7 +62,7 @@ def main():
             e[0] += ns / n
             e[1] += 1
             e[2].add(grid)
-    print(f"\nmean of the last {n} steps: {tot / 1e6:.3f} ms device, {sum(len(s) for s in last) / n:.0f} kernels"
+    print(f"\n{'step ' + str(a.step) if a.step else f'mean of the last {n} steps'}: {tot / 1e6:.3f} ms device, {sum(len(s) for s in last) / n:.0f} kernels"
           f" ({a.layers} layers: per layer ~{tot / 1e6 / a.layers:.3f} ms if the layers dominate)")
     print(f"{'kernel':72s} {'ms/step':>8s} {'share':>6s} {'n/step':>7s}  grids")
     for name, (ns, cnt, grids) in sorted(by.items(), key=lambda kv: -kv[1][0]):

@@ -60,20 +60,13 @@ int main(int argc, char** argv) {
     std::vector<uint32_t> ms = {1, 4, 16, 32, 64, 128, 256};
     std::vector<DenseV> dv = {
         {"cur_thin", nullptr, 0, 32, 0, 64},
-        {"pf_1_8", nx_dense_pf_1_8, 16, 32, 0, 16},
-        {"pf_1_16", nx_dense_pf_1_16, 16, 32, 0, 16},
-        {"pf_1_32", nx_dense_pf_1_32, 16, 32, 0, 16},
-        {"pf_2_8", nx_dense_pf_2_8, 32, 32, 0, 32},
-        {"pf_2_16", nx_dense_pf_2_16, 32, 32, 0, 32},
-        {"pf_4_4", nx_dense_pf_4_4, 64, 32, 0, 64},
-        {"pf_4_8", nx_dense_pf_4_8, 64, 32, 0, 64},
-        {"smem_1_128", nx_dense_smem_1_128, 16, 32, 0, 16},
         {"smem_1_256", nx_dense_smem_1_256, 16, 32, 0, 16},
-        {"ldm", nx_dense_ldm, 16, 32, 0, 16},
-        {"smem_2_128", nx_dense_smem_2_128, 32, 32, 0, 32},
-        {"smem_4_128", nx_dense_smem_4_128, 64, 32, 0, 64},
-        {"smem_4_64", nx_dense_smem_4_64, 64, 32, 0, 1 << 30},
-        {"smem_8_64", nx_dense_smem_8_64, 128, 32, 0, 1 << 30},
+        {"prev_thin_s", nx_prev_thin_s, 16, 32, 0, 16},
+        {"thin_l", inv_matmul_nt_bf16_thin_l, 16, 32, 0, 1 << 30},
+        {"ldm_128_1", nx_dense_ldm_128_1, 16, 32, 0, 1 << 30},
+        {"ldm_64_1", nx_dense_ldm_64_1, 16, 32, 0, 1 << 30},
+        {"ldm_64_2", nx_dense_ldm_64_2, 32, 32, 0, 1 << 30},
+        {"ldm_64_4", nx_dense_ldm_64_4, 64, 32, 0, 1 << 30},
         {"tc", inv_matmul_nt_bf16_tc, 128, 128, 4 * (128 + 128) * 32 * 2, 1 << 30},
     };
     CK(cudaFuncSetAttribute(inv_matmul_nt_bf16_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, 4 * (128 + 128) * 32 * 2));
@@ -120,7 +113,7 @@ int main(int argc, char** argv) {
     std::vector<uint32_t> assigns = {8, 128, 512, 2048};
     struct GroupedV { const char* name; GroupedK k; };
     struct GroupedV2 { const char* name; GroupedK k; uint32_t tile_rows, cols; };
-    std::vector<GroupedV2> gv = {{"cur_thin", inv_grouped_nt_bf16_thin, 16, 32}, {"cur_skinny", inv_grouped_nt_bf16, 16, 16}, {"pf_4", nx_grouped_pf_4, 16, 32}, {"pf_8", nx_grouped_pf_8, 16, 32}, {"pf_16", nx_grouped_pf_16, 16, 32}, {"smem_1", nx_grouped_smem_1, 16, 32}, {"smem_2", nx_grouped_smem_2, 32, 32}, {"s1_64", nx_grouped_s1_64, 16, 32}, {"s1_256", nx_grouped_s1_256, 16, 32}, {"s2_256", nx_grouped_s2_256, 32, 32}, {"prod_l", inv_grouped_nt_bf16_thin_l, 16, 32}};
+    std::vector<GroupedV2> gv = {{"cur_thin", inv_grouped_nt_bf16_thin, 16, 32}, {"cur_skinny", inv_grouped_nt_bf16, 16, 16}, {"pf_4", nx_grouped_pf_4, 16, 32}, {"pf_8", nx_grouped_pf_8, 16, 32}, {"pf_16", nx_grouped_pf_16, 16, 32}, {"smem_1", nx_grouped_smem_1, 16, 32}, {"smem_2", nx_grouped_smem_2, 32, 32}, {"s1_64", nx_grouped_s1_64, 16, 32}, {"s1_256", nx_grouped_s1_256, 16, 32}, {"s2_256", nx_grouped_s2_256, 32, 32}, {"prev_s2", nx_prev_grouped_thin_s2, 32, 32}, {"prod_l", inv_grouped_nt_bf16_thin_l, 16, 32}};
     for (const GShape& sh : gsh) {
         const size_t wel = (size_t)E * sh.N * sh.K;
         const int copies = std::max<size_t>(1, (2 * cycle_bytes) / (wel * 2));

@@ -56,9 +56,13 @@ const THIN_ROWS: usize = 16;
 /// The most rows the dense thin kernels take (one block row of up to 4 m-tiles: the weights
 /// streamed once; past it the tensor-core kernel, whose 128-row tiles read them once too).
 const THIN_MAX_M: usize = 64;
-/// The most rows per expert (on average) the grouped thin kernel takes; with more, the 16 x 16
-/// one is faster (bench-invariant, 128 experts x 16 rows: 0.485 against 0.685 ms).
+/// The most rows per expert (on average) the grouped register thin kernel takes (rows not 16-byte
+/// aligned); with more, the 16 x 16 one is faster (bench-invariant, 128 experts x 16 rows: 0.485
+/// against 0.685 ms).
 const THIN_GROUPED_MAX_ROWS: usize = 8;
+/// The dense `thin_l` kernel's grid limit, in blocks of 16 rows x 32 columns at K = 2048 (about
+/// one wave of an H200's 132 SMs): see [`thin_l_takes`].
+const THIN_L_WAVE: usize = 512;
 const THIN_COLS: usize = 32;
 const THIN_THREADS: u32 = 128;
 /// The tensor-core kernels' (`inv_matmul_nt_bf16_tc`, `inv_grouped_nt_bf16_tc`) output tile
@@ -75,8 +79,21 @@ fn tc_aligned(x_offset: usize, w_offset: usize, k: usize) -> bool {
     k % 8 == 0 && x_offset % 8 == 0 && w_offset % 8 == 0
 }
 
-/// A thin kernel for M <= THIN_MAX_M where the family has them (K % 16 = 0, even start
-/// offsets; 16 · ⌈M / 16⌉ rows a block row up to 64); else the tensor-core one where the
+/// Whether the dense `thin_l` kernel (x and w through shared memory, a block per 16 rows x 32
+/// columns; `col_blocks` = Σ ⌈N_i / 32⌉ over the launch's weights) is the faster one for M rows:
+/// up to 8 rows, or up to 256 while its grid is about one wave (col_blocks · ⌈M / 16⌉ · K /
+/// 2048 <= THIN_L_WAVE); beyond, the tensor-core kernel's 128 x 128 tiles. kbench on an H200
+/// (invariant_mma.cuh): o (N 2048, K 4096) at 64 rows 27.1 us against the tensor cores' 48.5,
+/// q + k + v (N 5120) at 64 rows 28.8 against 27.2, the LM head at 1 row 154 against 242 (x
+/// alone through shared memory) and at 16 rows 213 against 180.
+fn thin_l_takes(m: usize, col_blocks: usize, k: usize) -> bool {
+    m <= 8 || (m <= 256 && col_blocks * m.div_ceil(THIN_ROWS) * k <= THIN_L_WAVE * 2048)
+}
+
+/// `thin_l` where the family has it, K % 16 = 0, the offsets allow its 16-byte copies
+/// (`tc_aligned`) and it is the faster one ([`thin_l_takes`]); else a register thin kernel for
+/// M <= THIN_MAX_M where the tensor-core one cannot run (K % 16 = 0, even start offsets; 16 ·
+/// ⌈M / 16⌉ rows a block row up to 64); else the tensor-core one where the
 /// family has one and K and the offsets allow it (`tc_aligned`); else the skinny kernel when
 /// the big one would fill fewer than two waves of an H100/H200's 132 SMs (and M is within the
 /// kernel family's `skinny_max_m`), else the big one. `offsets`: x's and w's start offsets in
@@ -101,14 +118,11 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     let even = offsets.0 % 2 == 0 && offsets.1 % 2 == 0;
     let tc = kernels.tc.filter(|_| tc_aligned(offsets.0, offsets.1, k));
     // (name, threads, tile rows, tile cols, dynamic shared memory bytes)
-    let thin_s = kernels.thin.is_some() && m <= THIN_ROWS && k % 16 == 0 && offsets.0 % 8 == 0 && even;
+    let thin_l = kernels.thin.is_some() && tc.is_some() && k % 16 == 0 && thin_l_takes(m, n.div_ceil(THIN_COLS), k);
     let (name, block, tm, tn, smem) = match (kernels.thin, tc) {
-        // up to 16 rows: x through shared memory (kbench on an H200: 12.6-23.8 us for the q / k /
-        // v / o products against the register kernel's 33-80)
-        (Some(_), _) if thin_s => ("inv_matmul_nt_bf16_thin_s", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
-        // 17..64 rows: the tensor-core kernel wherever it can run (kbench: 25-48 us for q / k /
-        // v / o at 32 and 64 rows, the register thin kernels 49-146; the LM head 0.19 ms against
-        // 0.88-1.56), else the register thin kernels
+        (Some(_), Some(_)) if thin_l => ("inv_matmul_nt_bf16_thin_l", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
+        // where the 16-byte copies cannot run: the register thin kernels up to 64 rows (kbench:
+        // they take 33-146 us for q / k / v / o against thin_l's 11-27)
         (Some(thin), None) if m <= THIN_MAX_M && k % 16 == 0 && even => {
             let mt = m.div_ceil(THIN_ROWS).min(thin.len());
             (thin[mt - 1], THIN_THREADS, mt * THIN_ROWS, THIN_COLS, 0)
@@ -131,9 +145,9 @@ fn launch_matmul<T: CudaDType + DeviceRepr>(
     // and w share it). x is the contiguous [M, K] and w the [N, K] input (K checked equal), y
     // holds M · N, and the kernels bound-check m < M, n < N, k < K on every load and store (the
     // 16-byte loads also check K % 8 and the pointers' alignment; the thin kernels' 4-byte loads
-    // are chosen only for K % 16 = 0 and even start offsets, and the shared-memory one's 16-byte
-    // cp.async copies of x only for x start offsets that are multiples of 8 elements; the tensor-core kernel's 16-byte
-    // cp.async copies only for K % 8 = 0 and start offsets that are multiples of 8 elements —
+    // are chosen only for K % 16 = 0 and even start offsets, and the shared-memory ones' (thin_l,
+    // tensor-core) 16-byte cp.async copies only for K % 8 = 0 and start offsets that are
+    // multiples of 8 elements —
     // 16 bytes, the allocations being 256-byte aligned — and a copy out of range reads nothing,
     // src-size 0 from the base pointer, zero-filling its shared-memory chunk). `block` and (tm,
     // tn) are the thread count (its `__launch_bounds__`) and output tile each kernel is written
@@ -170,19 +184,17 @@ pub(crate) fn matmul_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &La
     Ok((out, Shape::from((m, n))))
 }
 
-/// Whether [`matmul_nt3`] takes x [m, k] with these start offsets (x's, then the weights') and
-/// weight rows `n`: bf16 with even N_i; up to 16 rows the thin kernel's alignment (K % 16 = 0, x
-/// 16-byte aligned, the weights 4-byte aligned), beyond the tensor-core kernel's (`tc_aligned`).
-pub(crate) fn nt3_fits(m: usize, k: usize, x_offset: usize, w_offsets: [usize; 3], n: [usize; 3]) -> bool {
-    let thin = m <= THIN_ROWS && k % 16 == 0 && x_offset % 8 == 0 && w_offsets.iter().all(|o| o % 2 == 0);
-    let tc = m > THIN_ROWS && w_offsets.iter().all(|&o| tc_aligned(x_offset, o, k));
-    (thin || tc) && n.iter().all(|ni| ni % 2 == 0)
+/// Whether [`matmul_nt3`] takes x [_, k] with these start offsets (x's, then the weights') and
+/// weight rows `n`: bf16 with even N_i and the shared-memory kernels' 16-byte alignment
+/// (`tc_aligned`).
+pub(crate) fn nt3_fits(k: usize, x_offset: usize, w_offsets: [usize; 3], n: [usize; 3]) -> bool {
+    w_offsets.iter().all(|&o| tc_aligned(x_offset, o, k)) && n.iter().all(|ni| ni % 2 == 0)
 }
 
-/// x [M, K] · w_iᵀ (w_i [N_i, K]) for three weights in one launch (`inv_matmul_nt_bf16_thin_s3`
-/// up to 16 rows, `inv_matmul_nt_bf16_tc3` beyond — the kernels [`matmul_nt`] takes at those
-/// sizes): [M · (N0 + N1 + N2)], the three [M, N_i] products back to back, every element the
-/// bits of [`matmul_nt`]'s. bf16, within [`nt3_fits`].
+/// x [M, K] · w_iᵀ (w_i [N_i, K]) for three weights in one launch (`inv_matmul_nt_bf16_thin_l3`
+/// where [`thin_l_takes`] the three weights' column blocks together, else
+/// `inv_matmul_nt_bf16_tc3`): [M · (N0 + N1 + N2)], the three [M, N_i] products back to back,
+/// every element the bits of [`matmul_nt`]'s. bf16, within [`nt3_fits`].
 pub(crate) fn matmul_nt3(sx: &CudaStorage, lx: &Layout, ws: [(&CudaStorage, &Layout); 3]) -> Result<(CudaStorage, Shape)> {
     let (m, k) = lx.shape().dims2()?;
     let mut n = [0usize; 3];
@@ -194,7 +206,7 @@ pub(crate) fn matmul_nt3(sx: &CudaStorage, lx: &Layout, ws: [(&CudaStorage, &Lay
         n[i] = ni;
     }
     let offs = [ws[0].1.start_offset(), ws[1].1.start_offset(), ws[2].1.start_offset()];
-    if sx.dtype() != DType::BF16 || !nt3_fits(m, k, lx.start_offset(), offs, n) {
+    if sx.dtype() != DType::BF16 || !nt3_fits(k, lx.start_offset(), offs, n) {
         candle_core::bail!("invariant matmul x3: x {:?} {:?} at offset {}, weights {n:?} at offsets {offs:?} (bf16, even N, aligned)", lx.dims(), sx.dtype(), lx.start_offset());
     }
     let dev = sx.device().clone();
@@ -204,8 +216,9 @@ pub(crate) fn matmul_nt3(sx: &CudaStorage, lx: &Layout, ws: [(&CudaStorage, &Lay
     // and each stores the in-range elements of its tile in weight i's [M, N_i] part.
     let mut y = unsafe { dev.alloc::<bf16>(total.max(1))? };
     if total > 0 {
-        let (name, threads, tm, tn, smem) = if m <= THIN_ROWS {
-            ("inv_matmul_nt_bf16_thin_s3", THIN_THREADS, THIN_ROWS, THIN_COLS, 0)
+        let col_blocks = n.iter().map(|ni| ni.div_ceil(THIN_COLS)).sum();
+        let (name, threads, tm, tn, smem) = if k % 16 == 0 && thin_l_takes(m, col_blocks, k) {
+            ("inv_matmul_nt_bf16_thin_l3", THIN_THREADS, THIN_ROWS, THIN_COLS, 0)
         } else {
             ("inv_matmul_nt_bf16_tc3", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM)
         };
@@ -223,11 +236,11 @@ pub(crate) fn matmul_nt3(sx: &CudaStorage, lx: &Layout, ws: [(&CudaStorage, &Lay
         b.arg(&x).arg(&w[0]).arg(&w[1]).arg(&w[2]).arg(&mut y).arg(&m32).arg(&n0).arg(&n1).arg(&n2).arg(&k32);
         let blocks: usize = n.iter().map(|ni| ni.div_ceil(tn)).sum();
         let cfg = LaunchConfig { grid_dim: (u32_dim(blocks, "column blocks")?, gy as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
-        // SAFETY: the arguments are those of `inv_matmul_nt_bf16_{thin_s3,tc3}(x, w0, w1, w2, y,
+        // SAFETY: the arguments are those of `inv_matmul_nt_bf16_{thin_l3,tc3}(x, w0, w1, w2, y,
         // M, N0, N1, N2, K)` in order, all bf16 (checked). x is the contiguous [M, K], w_i the
         // contiguous [N_i, K] (K checked equal), y holds M · (N0 + N1 + N2) with every part
         // starting 4-byte aligned (even N_i: the tensor-core epilogue's paired stores); the
-        // kernels bound-check every load and store as `thin_s` and `tc` do, whose alignment
+        // kernels bound-check every load and store as `thin_l` and `tc` do, whose alignment
         // needs are `nt3_fits`'s, checked above. `threads`, (tm, tn) and `smem` are each
         // kernel's launch bound, tile and dynamic shared memory (TC_SMEM, the limit raised to it
         // above; the thin one uses static shared memory only); gy is within the grid's limit.
@@ -277,17 +290,16 @@ pub(crate) fn grouped_nt(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &L
 /// grouped product: for bf16, when the experts have `rows_per_expert` >= 32 on average
 /// (training, prefill), the tensor-core 128 x 128-tile kernel (K % 8 = 0 and 16-byte aligned
 /// rows: `tc_ok`) or else the 64 x 64-tile one; below 32 the thin ones (decode; K % 16 = 0
-/// and 4-byte aligned rows: `thin_ok`) — up to 8 rows an expert x and w both through shared
-/// memory in 16-row tiles, above x alone in 32-row tiles, where the rows are 16-byte aligned
-/// (`tc_ok`) —, else the 16 x 16 one. All give every element the same bits.
+/// and 4-byte aligned rows: `thin_ok`) — x and w both through shared memory in 16-row tiles
+/// where the rows are 16-byte aligned (`tc_ok`), else the register one up to 8 rows an expert
+/// —, else the 16 x 16 one. All give every element the same bits.
 fn grouped_kernel(dtype: DType, rows_per_expert: usize, thin_ok: bool, tc_ok: bool) -> Result<(&'static str, u32, usize, usize, u32)> {
     Ok(match dtype {
         DType::BF16 if rows_per_expert >= 32 && tc_ok => ("inv_grouped_nt_bf16_tc", TC_THREADS, TC_TILE.0, TC_TILE.1, TC_SMEM),
         DType::BF16 if rows_per_expert >= 32 => ("inv_grouped_nt_bf16_big", 128u32, 64usize, 64usize, 0),
         // x and w through shared memory, fragments by ldmatrix (16-byte cp.async: `tc_ok`'s
-        // alignment), 16-row tiles; beyond, x alone through shared memory in 32-row tiles
-        DType::BF16 if thin_ok && tc_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin_l", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
-        DType::BF16 if thin_ok && tc_ok => ("inv_grouped_nt_bf16_thin_s2", THIN_THREADS, 2 * THIN_ROWS, THIN_COLS, 0),
+        // alignment), 16-row tiles
+        DType::BF16 if thin_ok && tc_ok => ("inv_grouped_nt_bf16_thin_l", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         DType::BF16 if thin_ok && rows_per_expert <= THIN_GROUPED_MAX_ROWS => ("inv_grouped_nt_bf16_thin", THIN_THREADS, THIN_ROWS, THIN_COLS, 0),
         DType::BF16 => ("inv_grouped_nt_bf16", 32u32, 16usize, 16usize, 0),
         DType::F32 => ("inv_grouped_nt_f32", 128, 8, 16, 0),

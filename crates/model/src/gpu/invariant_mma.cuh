@@ -103,154 +103,6 @@ extern "C" __global__ void __launch_bounds__(32 * THIN_WARPS) inv_grouped_nt_bf1
     thin_tile<1, THIN_UNROLL_GROUPED>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);
 }
 
-// a predicated 4-byte load (0 where `ok` is false) with no branch, volatile like thin_mma so a
-// chunk's w loads are all issued before the mmas that follow them (plain loads, or a branch
-// around each, let ptxas sink them to their uses: one load in flight)
-__device__ __forceinline__ uint32_t thin_ldp(const __nv_bfloat16* p, bool ok) {
-    uint32_t v;
-    asm volatile(
-        "{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n mov.b32 %0, 0;\n @q ld.global.nc.b32 %0, [%1];\n}\n"
-        : "=r"(v)
-        : "l"(p), "r"((uint32_t)ok));
-    return v;
-}
-
-// Thin products with x through shared memory (decode, and the experts at decode): the block's
-// x rows (<= 16 MT) staged through shared memory KC K-columns at a time (two
-// stages, cp.async, rows padded by 8 bf16 so the fragment reads are free of bank conflicts);
-// each warp's w fragments for the next chunk loaded into registers while it computes this one.
-template <int MT, int NX_KC>
-__device__ __forceinline__ void thin_tile_smem(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-                                             __nv_bfloat16* __restrict__ y, uint32_t m0, uint32_t rows, uint32_t n0,
-                                             uint32_t N, uint32_t K) {
-    constexpr uint32_t R = 16 * MT, KS = NX_KC / 16, NX_XS = NX_KC + 8;
-    __shared__ __align__(16) __nv_bfloat16 xs[2][R][NX_XS];
-    const uint32_t tid = threadIdx.x, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-    const uint32_t n = n0 + gid;
-    const bool nok = n < N;
-    const __nv_bfloat16* wr = w + (size_t)(nok ? n : 0) * K + 2 * tig;
-    const uint32_t ksteps = K / 16, steps = (K + WBK - 1) / WBK * (WBK / 16);
-    const uint32_t chunks = (steps + KS - 1) / KS;
-    // loader: 16-byte pieces (8 bf16), rows x KC / 8 of them a chunk
-    auto load_x = [&](uint32_t ch, uint32_t st) {
-        for (uint32_t p = tid; p < R * (NX_KC / 8); p += 128) {
-            const uint32_t r = p / (NX_KC / 8), c8 = (p % (NX_KC / 8)) * 8, k = ch * NX_KC + c8;
-            const bool ok = r < rows && k < K;  // K % 16 == 0: a piece is all in or all out
-            const uint32_t dst = (uint32_t)__cvta_generic_to_shared(&xs[st][r][c8]);
-            const __nv_bfloat16* src = ok ? x + (size_t)(m0 + r) * K + k : x;
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
-        }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
-    };
-    uint32_t b[2][KS][2];
-    auto load_w = [&](uint32_t ch, uint32_t buf) {
-#pragma unroll
-        for (uint32_t u = 0; u < KS; u++) {
-            const uint32_t s = ch * KS + u;
-            const bool in = nok && s < ksteps;
-            b[buf][u][0] = thin_ldp(wr + s * 16, in);
-            b[buf][u][1] = thin_ldp(wr + s * 16 + 8, in);
-        }
-    };
-    float c[MT][4];
-#pragma unroll
-    for (int t = 0; t < MT; t++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) c[t][e] = 0.0f;
-    // one chunk with its stage / register buffer fixed at compile time (a runtime index would
-    // put b in local memory)
-    auto chunk = [&](uint32_t ch, auto stc) {
-        constexpr uint32_t st = decltype(stc)::value;
-        if (ch + 1 < chunks) {
-            load_x(ch + 1, st ^ 1);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-        }
-        __syncthreads();
-        if (ch + 1 < chunks) load_w(ch + 1, st ^ 1);
-#pragma unroll
-        for (uint32_t u = 0; u < KS; u++) {
-            if (ch * KS + u < steps) {
-#pragma unroll
-                for (int t = 0; t < MT; t++) {
-                    const uint32_t r0 = t * 16 + gid, kc = u * 16 + 2 * tig;
-                    const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(&xs[st][r0][kc]),
-                                           *reinterpret_cast<const uint32_t*>(&xs[st][r0 + 8][kc]),
-                                           *reinterpret_cast<const uint32_t*>(&xs[st][r0][kc + 8]),
-                                           *reinterpret_cast<const uint32_t*>(&xs[st][r0 + 8][kc + 8])};
-                    thin_mma(c[t], a, b[st][u]);
-                }
-            }
-        }
-        __syncthreads();  // stage st is reloaded at chunk ch + 2
-    };
-    load_x(0, 0);
-    load_w(0, 0);
-    for (uint32_t ch = 0; ch < chunks; ch += 2) {
-        chunk(ch, std::integral_constant<uint32_t, 0>{});
-        if (ch + 1 < chunks) chunk(ch + 1, std::integral_constant<uint32_t, 1>{});
-    }
-#pragma unroll
-    for (int t = 0; t < MT; t++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const uint32_t r = t * 16 + gid + 8 * (e >> 1), col = n0 + 2 * tig + (e & 1);
-            if (r < rows && col < N) y[(size_t)(m0 + r) * N + col] = __float2bfloat16(c[t][e]);
-        }
-}
-// Measured on an H200 (scripts/cuda/kbench, weights read from HBM): the dense thin kernel above
-// took 33-80 us for the 1-8 MB q / k / v / o products at 1-16 rows (its x loads wait one by one
-// in the mma chain); this one 12.6-23.8 us, the same bits. Needs K % 16 == 0, x rows 16-byte
-// aligned (K % 8, start offset % 8) and w 4-byte aligned (the host checks).
-extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_s(
-    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
-    uint32_t M, uint32_t N, uint32_t K) {
-    const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8, m0 = blockIdx.y * 16;
-    if (m0 >= M) return;  // block-uniform: the block's warps share the x stages
-    thin_tile_smem<1, 256>(x, w, y, m0, min(M - m0, 16u), n0, N, K);
-}
-// Three products of one x in one launch (the engine's q, k and v projections): the column blocks
-// of w0, then w1, then w2 (ceil(Ni / 32) each), y the three outputs back to back ([M, N0] then
-// [M, N1], [M, N2]). Every element is thin_s's (the same chain): kbench, q + k + v of a
-// Qwen3-30B-A3B layer at 1 row, 38.9 us in three launches against 18.5 in one.
-extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_s3(
-    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
-    const __nv_bfloat16* __restrict__ w2, __nv_bfloat16* __restrict__ y, uint32_t M, uint32_t N0, uint32_t N1, uint32_t N2,
-    uint32_t K) {
-    const uint32_t b0 = (N0 + 31) / 32, b1 = (N1 + 31) / 32, m0 = blockIdx.y * 16;
-    if (m0 >= M) return;  // block-uniform, as the choice of weight below
-    uint32_t bx = blockIdx.x, N = N0;
-    const __nv_bfloat16* w = w0;
-    __nv_bfloat16* yo = y;
-    if (bx >= b0 + b1) {
-        bx -= b0 + b1;
-        w = w2;
-        N = N2;
-        yo = y + (size_t)M * (N0 + N1);
-    } else if (bx >= b0) {
-        bx -= b0;
-        w = w1;
-        N = N1;
-        yo = y + (size_t)M * N0;
-    }
-    const uint32_t n0 = (bx * 4 + (threadIdx.x >> 5)) * 8;
-    thin_tile_smem<1, 256>(x, w, yo, m0, min(M - m0, 16u), n0, N, K);
-}
-// The grouped products the same way: tile table entries (expert, first row, rows <= 16 MT),
-// a block per 32 columns of a tile's expert; MT = 2 (32-row tiles) from 9 to 31 rows an expert
-// (2048 rows over 128 experts: 643 us with the 16 x 16 kernel -> 405). (MT = 1 gave way to
-// thin_l below; kbench keeps it as nx_grouped_smem_1.)
-#define THIN_GROUPED_S(MT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_bf16_thin_s##MT(                              \
-        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,  \
-        const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {                                             \
-        const uint32_t e = tiles[3 * blockIdx.y], m0 = tiles[3 * blockIdx.y + 1], rows = tiles[3 * blockIdx.y + 2]; \
-        const uint32_t n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 8;                                            \
-        if (rows == 0) return;                                                                                    \
-        thin_tile_smem<MT, 128>(x, w + (size_t)e * N * K, y, m0, rows, n0, N, K);                                  \
-    }
-THIN_GROUPED_S(2)
 
 // The tensor-core products at training / prefill sizes: a 128 x 128 output tile a block (4 warps
 // of 64 x 64), K staged 32 at a time through a 4-stage cp.async pipeline in shared memory
@@ -458,6 +310,23 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) inv_matmul_nt_bf16_tc(c
     tc_tile(x, w, y, m0, min(M - m0, (uint32_t)TC_BM), N, K, blockIdx.x);
 }
 
+// The three-product kernels' column block bx (of ceil(N0 / cols) + ceil(N1 / cols) + ceil(N2 /
+// cols)): its weight, that weight's [M, Ni] part of y (the parts back to back), Ni and the
+// block's index within the weight's column blocks.
+struct Pick3 {
+    const __nv_bfloat16* w;
+    __nv_bfloat16* y;
+    uint32_t N, bx;
+};
+__device__ __forceinline__ Pick3 pick3(uint32_t bx, uint32_t cols, const __nv_bfloat16* w0, const __nv_bfloat16* w1,
+                                       const __nv_bfloat16* w2, __nv_bfloat16* y, uint32_t M, uint32_t N0, uint32_t N1,
+                                       uint32_t N2) {
+    const uint32_t b0 = (N0 + cols - 1) / cols, b1 = (N1 + cols - 1) / cols;
+    if (bx >= b0 + b1) return {w2, y + (size_t)M * (N0 + N1), N2, bx - b0 - b1};
+    if (bx >= b0) return {w1, y + (size_t)M * N0, N1, bx - b0};
+    return {w0, y, N0, bx};
+}
+
 // Three products of one x in one launch on the same tiles (the engine's q, k, v projections
 // beyond 16 rows): the column tiles of w0, then w1, then w2 (ceil(Ni / TC_BN) each), y the three
 // [M, Ni] outputs back to back; every element inv_matmul_nt_bf16_tc's.
@@ -465,23 +334,10 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) inv_matmul_nt_bf16_tc3(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
     const __nv_bfloat16* __restrict__ w2, __nv_bfloat16* __restrict__ y, uint32_t M, uint32_t N0, uint32_t N1, uint32_t N2,
     uint32_t K) {
-    const uint32_t b0 = (N0 + TC_BN - 1) / TC_BN, b1 = (N1 + TC_BN - 1) / TC_BN, m0 = blockIdx.y * TC_BM;
+    const uint32_t m0 = blockIdx.y * TC_BM;
     if (m0 >= M) return;  // block-uniform, as the choice of weight below
-    uint32_t bx = blockIdx.x, N = N0;
-    const __nv_bfloat16* w = w0;
-    __nv_bfloat16* yo = y;
-    if (bx >= b0 + b1) {
-        bx -= b0 + b1;
-        w = w2;
-        N = N2;
-        yo = y + (size_t)M * (N0 + N1);
-    } else if (bx >= b0) {
-        bx -= b0;
-        w = w1;
-        N = N1;
-        yo = y + (size_t)M * N0;
-    }
-    tc_tile(x, w, yo, m0, min(M - m0, (uint32_t)TC_BM), N, K, bx);
+    const Pick3 p = pick3(blockIdx.x, TC_BN, w0, w1, w2, y, M, N0, N1, N2);
+    tc_tile(x, p.w, p.y, m0, min(M - m0, (uint32_t)TC_BM), p.N, K, p.bx);
 }
 
 // The grouped product on the same tiles: tile table entries (expert, first row, rows <= TC_BM)
@@ -560,8 +416,36 @@ __device__ __forceinline__ void thin_tile_ldm(const __nv_bfloat16* __restrict__ 
         if (r < rows && col < N) y[(size_t)(m0 + r) * N + col] = __float2bfloat16(c[e]);
     }
 }
-// The grouped products at decode (up to 8 rows an expert on average): tile table entries
-// (expert, first row, rows <= 16), a block per 32 columns of a tile's expert.
+// The dense products on the same tile: a block per 16 rows x 32 columns. Measured on an H200
+// (scripts/cuda/kbench, weights from HBM; thin_s = x alone through shared memory, tc = the
+// tensor-core kernel below): q of a Qwen3-30B-A3B layer (N 4096, K 2048) at 1 row 13.7 (thin_s)
+// -> 12.0 us, at 64 rows 27.0 (tc) -> 22.9; o (N 2048, K 4096) at 64 rows 48.5 -> 27.1; the
+// router (N 128) at 64 rows 25.5 -> 10.9; the LM head (N 151936) at 1 row 242 -> 154. The host
+// takes it while its grid is at most about one wave (N / 32 x M / 16 blocks x K / 2048 <= 512)
+// or up to 8 rows; the same bits as every kernel of the family.
+extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_l(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
+    uint32_t M, uint32_t N, uint32_t K) {
+    const uint32_t m0 = blockIdx.y * 16;
+    if (m0 >= M) return;  // block-uniform: the block's warps share the stages
+    thin_tile_ldm<128>(x, w, y, m0, min(M - m0, 16u), blockIdx.x * 32, N, K);
+}
+// Three products of one x in one launch (the engine's q, k and v projections): the column blocks
+// of w0, then w1, then w2 (ceil(Ni / 32) each), y the three outputs back to back ([M, N0] then
+// [M, N1], [M, N2]); every element thin_l's.
+extern "C" __global__ void __launch_bounds__(128) inv_matmul_nt_bf16_thin_l3(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
+    const __nv_bfloat16* __restrict__ w2, __nv_bfloat16* __restrict__ y, uint32_t M, uint32_t N0, uint32_t N1, uint32_t N2,
+    uint32_t K) {
+    const uint32_t m0 = blockIdx.y * 16;
+    if (m0 >= M) return;  // block-uniform, as the choice of weight below
+    const Pick3 p = pick3(blockIdx.x, 32, w0, w1, w2, y, M, N0, N1, N2);
+    thin_tile_ldm<128>(x, p.w, p.y, m0, min(M - m0, 16u), p.bx * 32, p.N, K);
+}
+// The grouped products at decode (fewer than 32 rows an expert on average): tile table entries
+// (expert, first row, rows <= 16), a block per 32 columns of a tile's expert. kbench, 2048
+// assignments over 128 experts (16 an expert): gate_up 406 us (x alone through shared memory,
+// 32-row tiles) -> 290, down 208 -> 155.
 extern "C" __global__ void __launch_bounds__(128) inv_grouped_nt_bf16_thin_l(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
     const uint32_t* __restrict__ tiles, uint32_t N, uint32_t K) {

@@ -1,4 +1,4 @@
-// RMSNorm and its backward, one warp per row (crates/model/src/nn/norm.rs defines it):
+// RMSNorm and its backward, one warp a row (crates/model/src/nn/norm.rs defines it):
 //   s = Σ_i x_i² (f32; lane l takes i = l, l + 32, … in order, then a fixed xor butterfly),
 //   r = 1 / sqrt(s / D + eps), out_i = round(round(x_i · r) · w_i) in the input's dtype.
 // A row's arithmetic depends on that row alone, so the result is batch-invariant.
@@ -67,9 +67,7 @@ __device__ __forceinline__ void rms_norm_regs(const T* __restrict__ xr, const T*
 }
 
 template <typename T>
-__device__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, uint32_t rows, uint32_t d, float eps) {
-    const uint32_t row = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= rows) return;
+__device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, uint32_t row, uint32_t d, float eps, uint32_t lane) {
     const T* xr = x + (size_t)row * d;
     T* orow = out + (size_t)row * d;
     // (d is uniform over the launch: no divergence)
@@ -80,6 +78,15 @@ __device__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __
 #pragma unroll 4
     for (uint32_t i = lane; i < d; i += 32) from_f(round_as(to_f(xr[i]) * r, xr) * to_f(w[i]), orow + i);
 }
+// Each warp takes rows warp, warp + W, … (W = the launch's warps: the host caps the grid, so a
+// launch over the 262,144 128-wide q-norm rows of an 8,192-token prefill is not 65,536 tiny
+// blocks); a row's arithmetic is rms_norm_row's whichever warp runs it.
+template <typename T>
+__device__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, uint32_t rows, uint32_t d, float eps) {
+    const uint32_t lane = threadIdx.x & 31;
+    for (uint64_t row = blockIdx.x * WARPS + (threadIdx.x >> 5); row < rows; row += (uint64_t)gridDim.x * WARPS)
+        rms_norm_row(x, w, out, (uint32_t)row, d, eps, lane);
+}
 
 // The backward, one warp per row, with n = x · r and dn = g · w (f32):
 //   dx = r · (dn − n · mean(dn · n))            (in x's dtype)
@@ -87,10 +94,8 @@ __device__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __
 // either output may be a null pointer (not written; the mean is skipped without dx)
 // (the sums lane-strided then a fixed xor butterfly, as the forward's; not compared bitwise)
 template <typename T>
-__device__ void rms_norm_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ g, T* __restrict__ dx,
-                             float* __restrict__ pw, uint32_t rows, uint32_t d, float eps) {
-    const uint32_t row = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= rows) return;
+__device__ __forceinline__ void rms_norm_bwd_row(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ g, T* __restrict__ dx,
+                                                 float* __restrict__ pw, uint32_t row, uint32_t d, float eps, uint32_t lane) {
     const size_t base = (size_t)row * d;
     const T* xr = x + base;
     const T* gr = g + base;
@@ -109,6 +114,14 @@ __device__ void rms_norm_bwd(const T* __restrict__ x, const T* __restrict__ w, c
         if (dx != nullptr) from_f(r * (gi * to_f(w[i]) - n * m), dx + base + i);
         if (pw != nullptr) pw[base + i] = gi * round_as(n, xr);
     }
+}
+// rows strided over the launch's warps, as the forward's
+template <typename T>
+__device__ void rms_norm_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ g, T* __restrict__ dx,
+                             float* __restrict__ pw, uint32_t rows, uint32_t d, float eps) {
+    const uint32_t lane = threadIdx.x & 31;
+    for (uint64_t row = blockIdx.x * WARPS + (threadIdx.x >> 5); row < rows; row += (uint64_t)gridDim.x * WARPS)
+        rms_norm_bwd_row(x, w, g, dx, pw, (uint32_t)row, d, eps, lane);
 }
 
 extern "C" __global__ void __launch_bounds__(NT) rms_norm_f32(const float* x, const float* w, float* out, uint32_t rows, uint32_t d, float eps) {

@@ -1,4 +1,4 @@
-//! Launch of `norm.cu`: the RMSNorm forward, one warp per row (the CUDA side of
+//! Launch of `norm.cu`: the RMSNorm forward and backward, one warp a row (the CUDA side of
 //! `crate::nn::norm`).
 //!
 //! Legend: N rows, D row width.
@@ -14,6 +14,15 @@ use super::ops::contiguous;
 
 const THREADS: u32 = 128;
 const ROWS_PER_BLOCK: usize = 4;
+/// The most blocks a launch takes (16 an SM of an H200's 132); the kernels stride their warps
+/// over the rows beyond (an 8,192-token prefill's q norm has 262,144 rows: 65,536 blocks of four
+/// 128-wide rows cost more to schedule than to run).
+const MAX_BLOCKS: usize = 2048;
+
+/// The grid of a launch over `n` rows: ⌈N / 4⌉ blocks of 4 warps, at most MAX_BLOCKS.
+fn blocks(n: usize) -> u32 {
+    n.div_ceil(ROWS_PER_BLOCK).clamp(1, MAX_BLOCKS) as u32
+}
 
 fn launch<T: CudaDType + DeviceRepr>(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, (n, d): (usize, usize), eps: f32, name: &'static str) -> Result<CudaStorage> {
     let dev = sx.device().clone();
@@ -24,15 +33,14 @@ fn launch<T: CudaDType + DeviceRepr>(sx: &CudaStorage, lx: &Layout, sw: &CudaSto
     if n * d > 0 {
         let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rms norm: {what} = {v} exceeds u32")));
         let (n32, d32) = (u32_of(n, "rows")?, u32_of(d, "row width")?);
-        let blocks = u32::try_from(n.div_ceil(ROWS_PER_BLOCK)).map_err(|_| candle_core::Error::Msg("rms norm: too many rows".into()))?;
         let f = norm_func(&dev, name)?;
         let mut b = f.builder();
         b.arg(&x).arg(&w).arg(&mut out).arg(&n32).arg(&d32).arg(&eps);
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (blocks(n), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments are those of `rms_norm_<dtype>(x, w, out, rows, d, eps)` in
         // order, T its element type: x is the contiguous [N, D] input, w the contiguous [D]
-        // weight (the op checked both shapes and dtypes), out holds N · D. ⌈N / 4⌉ blocks of 4
-        // warps (THREADS, the launch bound), warp rows past N return at once.
+        // weight (the op checked both shapes and dtypes), out holds N · D. Blocks of 4 warps
+        // (THREADS, the launch bound) whose warps take rows warp, warp + 4 · blocks, … below N.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -73,8 +81,7 @@ fn launch_bwd<T: CudaDType + DeviceRepr>(
     let g = contiguous::<T>(sg, lg, "rms norm backward gradient")?;
     let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rms norm backward: {what} = {v} exceeds u32")));
     let (n32, d32) = (u32_of(n, "rows")?, u32_of(d, "row width")?);
-    let blocks = u32::try_from(n.div_ceil(ROWS_PER_BLOCK)).map_err(|_| candle_core::Error::Msg("rms norm backward: too many rows".into()))?;
-    let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (blocks(n), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let null = 0u64;
     let f = norm_func(&dev, name)?;
     Ok(match out {
@@ -87,8 +94,8 @@ fn launch_bwd<T: CudaDType + DeviceRepr>(
                 // SAFETY: the arguments are those of `rms_norm_bwd_<dtype>(x, w, g, dx, pw, rows,
                 // d, eps)` in order, T its element type: x and g the contiguous [N, D] input and
                 // output gradient, w the [D] weight (the op checked shapes and dtypes), dx holds
-                // N · D, pw a null pointer (a 0u64, pointer-sized; the kernel skips it). ⌈N / 4⌉
-                // blocks of 4 warps, warp rows past N return at once.
+                // N · D, pw a null pointer (a 0u64, pointer-sized; the kernel skips it). Blocks
+                // of 4 warps striding over the rows below N.
                 unsafe { b.launch(cfg) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(dx, dev)

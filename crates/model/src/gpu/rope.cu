@@ -20,22 +20,24 @@ __device__ __forceinline__ void store(float v, float* o) { *o = v; }
 __device__ __forceinline__ void store(float v, __nv_bfloat16* o) { *o = __float2bfloat16_rn(v); }
 
 // the table row b · T + t of the tok-th Dh-vector of x: [B, n, T, Dh], or [B, T, n, Dh] when
-// token_major
-__device__ __forceinline__ uint64_t table_row(uint64_t tok, uint32_t heads, uint32_t t, uint32_t token_major) {
+// token_major. The index type I is 32-bit when the launch's elements fit (the kernels below
+// pick it per launch): 64-bit division is emulated, and was most of the kernel's time.
+template <typename I>
+__device__ __forceinline__ I table_row(I tok, uint32_t heads, uint32_t t, uint32_t token_major) {
     return token_major ? tok / heads : (tok / t / heads) * t + tok % t;
 }
 
-template <typename T>
+template <typename T, typename I>
 __device__ void rope(const T* __restrict__ x, const T* __restrict__ cs, const T* __restrict__ sn, T* __restrict__ out,
                      uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r, uint32_t token_major) {
-    const uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= total) return;
+    if ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x >= total) return;
+    const I e = (I)((uint64_t)blockIdx.x * blockDim.x + threadIdx.x);
     const uint32_t i = e % dh;
     if (i >= r) {
         out[e] = x[e];
         return;
     }
-    const uint64_t at = table_row(e / dh, heads, t, token_major) * r + i;
+    const I at = table_row<I>(e / dh, heads, t, token_major) * r + i;
     const uint32_t h = r / 2;
     const float rot = i < h ? -to_f(x[e + h]) : to_f(x[e - h]);
     // explicit roundings: no contraction of x·cos + rot·sin into one fma (the composed ops
@@ -44,17 +46,17 @@ __device__ void rope(const T* __restrict__ x, const T* __restrict__ cs, const T*
     store(__fadd_rn(a, c), out + e);
 }
 
-template <typename T>
+template <typename T, typename I>
 __device__ void rope_bwd(const T* __restrict__ g, const T* __restrict__ cs, const T* __restrict__ sn, T* __restrict__ out,
                          uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r, uint32_t token_major) {
-    const uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= total) return;
+    if ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x >= total) return;
+    const I e = (I)((uint64_t)blockIdx.x * blockDim.x + threadIdx.x);
     const uint32_t i = e % dh;
     if (i >= r) {
         out[e] = g[e];
         return;
     }
-    const uint64_t row = table_row(e / dh, heads, t, token_major) * r;
+    const I row = table_row<I>(e / dh, heads, t, token_major) * r;
     const uint32_t h = r / 2;
     const float gc = __fmul_rn(to_f(g[e]), to_f(cs[row + i]));
     const float back = i < h ? __fmul_rn(to_f(g[e + h]), to_f(sn[row + i + h])) : -__fmul_rn(to_f(g[e - h]), to_f(sn[row + i - h]));
@@ -62,15 +64,19 @@ __device__ void rope_bwd(const T* __restrict__ g, const T* __restrict__ cs, cons
 }
 
 extern "C" __global__ void rope_bwd_f32(const float* g, const float* cs, const float* sn, float* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r, uint32_t token_major) {
-    rope_bwd<float>(g, cs, sn, out, total, heads, t, dh, r, token_major);
+    if (total <= 0xffffffffull) rope_bwd<float, uint32_t>(g, cs, sn, out, total, heads, t, dh, r, token_major);
+    else rope_bwd<float, uint64_t>(g, cs, sn, out, total, heads, t, dh, r, token_major);
 }
 extern "C" __global__ void rope_bwd_bf16(const __nv_bfloat16* g, const __nv_bfloat16* cs, const __nv_bfloat16* sn, __nv_bfloat16* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r, uint32_t token_major) {
-    rope_bwd<__nv_bfloat16>(g, cs, sn, out, total, heads, t, dh, r, token_major);
+    if (total <= 0xffffffffull) rope_bwd<__nv_bfloat16, uint32_t>(g, cs, sn, out, total, heads, t, dh, r, token_major);
+    else rope_bwd<__nv_bfloat16, uint64_t>(g, cs, sn, out, total, heads, t, dh, r, token_major);
 }
 
 extern "C" __global__ void rope_f32(const float* x, const float* cs, const float* sn, float* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r, uint32_t token_major) {
-    rope<float>(x, cs, sn, out, total, heads, t, dh, r, token_major);
+    if (total <= 0xffffffffull) rope<float, uint32_t>(x, cs, sn, out, total, heads, t, dh, r, token_major);
+    else rope<float, uint64_t>(x, cs, sn, out, total, heads, t, dh, r, token_major);
 }
 extern "C" __global__ void rope_bf16(const __nv_bfloat16* x, const __nv_bfloat16* cs, const __nv_bfloat16* sn, __nv_bfloat16* out, uint64_t total, uint32_t heads, uint32_t t, uint32_t dh, uint32_t r, uint32_t token_major) {
-    rope<__nv_bfloat16>(x, cs, sn, out, total, heads, t, dh, r, token_major);
+    if (total <= 0xffffffffull) rope<__nv_bfloat16, uint32_t>(x, cs, sn, out, total, heads, t, dh, r, token_major);
+    else rope<__nv_bfloat16, uint64_t>(x, cs, sn, out, total, heads, t, dh, r, token_major);
 }

@@ -125,7 +125,7 @@ pub fn matmul_nt3(x: &Tensor, ws: [&Tensor; 3]) -> Result<Option<[Tensor; 3]>> {
         }
         let offs = [ws[0].layout().start_offset(), ws[1].layout().start_offset(), ws[2].layout().start_offset()];
         let n = [ws[0].dim(0)?, ws[1].dim(0)?, ws[2].dim(0)?];
-        if !crate::gpu::invariant::nt3_fits(m, k, x.layout().start_offset(), offs, n) {
+        if !crate::gpu::invariant::nt3_fits(k, x.layout().start_offset(), offs, n) {
             return Ok(None);
         }
         let op = MatmulNt3 { w: [ws[0].clone(), ws[1].clone(), ws[2].clone()] };
