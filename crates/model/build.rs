@@ -20,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpu/sample.cu");
     println!("cargo:rerun-if-changed=src/gpu/flash.cu");
     println!("cargo:rerun-if-changed=src/gpu/norm.cu");
+    println!("cargo:rerun-if-changed=src/gpu/norm_row.cuh");
     println!("cargo:rerun-if-changed=src/gpu/rope.cu");
     println!("cargo:rerun-if-changed=src/gpu/head.cu");
     println!("cargo:rerun-if-changed=src/gpu/accumulate.cu");

@@ -23,6 +23,7 @@ use crate::config::{AttentionMode, ModelConfig, Pool, RoutingStrategy};
 use crate::error::{ModelError, Result};
 use crate::model::{ForwardOutput, MoeCausalLm};
 use crate::nn::kv_write::write_rows;
+use crate::nn::norm::RmsNorm;
 use crate::nn::varlen::KeyLayout;
 use crate::routing::{Recording, RoutingPlan};
 
@@ -177,12 +178,33 @@ impl MoeCausalLm {
         let rope = self.rope.tables(step.positions(), 1, t, self.dtype())?;
         let mut x_BTD = self.embed_tokens.forward(&step.input_ids_BT)?;
         let mut routes = Recording::new();
+        // each residual add and the norm after it in one launch where the kernels allow it
+        let add_norm = |norm: &RmsNorm, a: &Tensor, b: &Tensor| -> Result<(Tensor, Tensor)> {
+            if let Some(both) = norm.add_forward(a, b)? {
+                return Ok(both);
+            }
+            let s = (a + b)?;
+            let y = norm.forward(&s)?;
+            Ok((s, y))
+        };
+        // the layer's input norm when the add before it computed it
+        let mut in_BTD: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward_paged(&layer.input_layernorm.forward(&x_BTD)?, &rope, &pool.k[l], &pool.v[l], &slots_T, &layout)?;
-            let h_BTD = (x_BTD + a)?;
-            let y_BTD = layer.post_attention_layernorm.forward(&h_BTD)?;
+            let normed = match in_BTD.take() {
+                Some(y) => y,
+                None => layer.input_layernorm.forward(&x_BTD)?,
+            };
+            let a = layer.self_attn.forward_paged(&normed, &rope, &pool.k[l], &pool.v[l], &slots_T, &layout)?;
+            let (h_BTD, y_BTD) = add_norm(&layer.post_attention_layernorm, &x_BTD, &a)?;
             let out_BTD = layer.mlp_forward(&y_BTD, plan, l, step, &mut routes)?;
-            x_BTD = (h_BTD + out_BTD)?;
+            x_BTD = match self.layers.get(l + 1) {
+                Some(next) => {
+                    let (x, y) = add_norm(&next.input_layernorm, &h_BTD, &out_BTD)?;
+                    in_BTD = Some(y);
+                    x
+                }
+                None => (h_BTD + out_BTD)?,
+            };
         }
         // the LM head only where the sequences sample: each one's last new token
         let last: Vec<u32> = runs.iter().map(|&(s, l)| (s + l - 1) as u32).collect();

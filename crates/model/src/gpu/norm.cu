@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "norm_row.cuh"
+
 #define NT 128
 #define WARPS (NT / 32)
 
@@ -39,30 +41,16 @@ __device__ __forceinline__ float row_rsqrt(const T* __restrict__ xr, uint32_t d,
     return 1.0f / sqrtf(s / (float)d + eps);
 }
 
-// A row of d <= 32 V held in registers: the lane's x and w values (i = lane, lane + 32, …) all
-// loaded before the first use, so a decode step's single row costs one memory round trip rather
-// than one per 8 loads and again for w. The same arithmetic as row_rsqrt and the loop below: the
-// fmaf chain in ascending i (a value past d is 0 and leaves s unchanged: s >= 0), the butterfly,
-// then out_i = round(round(x_i · r) · w_i).
+// A row of d <= 32 V held in registers (norm_row.cuh: the same arithmetic as row_rsqrt and the
+// loop below), stored rounded to the row's dtype.
 template <typename T, int V>
 __device__ __forceinline__ void rms_norm_regs(const T* __restrict__ xr, const T* __restrict__ w, T* __restrict__ orow, uint32_t d, float eps, uint32_t lane) {
-    float xv[V], wv[V];
+    float y[V];
+    norm_row_regs<T, V>(xr, w, d, eps, lane, y);
 #pragma unroll
     for (int u = 0; u < V; u++) {
         const uint32_t i = lane + 32u * u;
-        xv[u] = i < d ? to_f(xr[i]) : 0.0f;
-        wv[u] = i < d ? to_f(w[i]) : 0.0f;
-    }
-    float s = 0.0f;
-#pragma unroll
-    for (int u = 0; u < V; u++) s = fmaf(xv[u], xv[u], s);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const float r = 1.0f / sqrtf(s / (float)d + eps);
-#pragma unroll
-    for (int u = 0; u < V; u++) {
-        const uint32_t i = lane + 32u * u;
-        if (i < d) from_f(round_as(xv[u] * r, xr) * wv[u], orow + i);
+        if (i < d) from_f(y[u], orow + i);
     }
 }
 
@@ -86,6 +74,54 @@ __device__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __
     const uint32_t lane = threadIdx.x & 31;
     for (uint64_t row = blockIdx.x * WARPS + (threadIdx.x >> 5); row < rows; row += (uint64_t)gridDim.x * WARPS)
         rms_norm_row(x, w, out, (uint32_t)row, d, eps, lane);
+}
+
+// The engine's residual add and the norm after it in one launch (add_rms_norm_*): for row n,
+// s[n] = a[n] + b[n] in the storage dtype (bf16: the correctly rounded sum, candle's badd; f32:
+// the f32 sum) and y[n] = rms_norm(s[n]) — rms_norm_row's bits on those rounded values. Rows of
+// d <= 2048 (the register path); out is [2, N, D]: the sums, then the normalised rows.
+__device__ __forceinline__ float add_as(float x, float y) { return x + y; }
+__device__ __forceinline__ __nv_bfloat16 add_as(__nv_bfloat16 x, __nv_bfloat16 y) { return __hadd(x, y); }
+template <typename T, int V>
+__device__ __forceinline__ void add_norm_row(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, T* __restrict__ srow,
+                                             T* __restrict__ yrow, uint32_t d, float eps, uint32_t lane) {
+    // every load issued before the first store (a store between them would wait each load out:
+    // 64 round trips for a 2,048-wide row)
+    float xv[V];
+#pragma unroll
+    for (int u = 0; u < V; u++) {
+        const uint32_t i = lane + 32u * u;
+        xv[u] = i < d ? to_f(add_as(a[i], b[i])) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < V; u++) {
+        const uint32_t i = lane + 32u * u;
+        if (i < d) from_f(xv[u], srow + i);  // exact: xv holds the dtype's sum
+    }
+    norm_row_vals<T, V>(xv, w, d, eps, lane, a);
+#pragma unroll
+    for (int u = 0; u < V; u++) {
+        const uint32_t i = lane + 32u * u;
+        if (i < d) from_f(xv[u], yrow + i);
+    }
+}
+template <typename T>
+__device__ void add_rms_norm(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, T* __restrict__ out, uint32_t rows,
+                             uint32_t d, float eps) {
+    const uint32_t lane = threadIdx.x & 31;
+    const size_t half = (size_t)rows * d;
+    for (uint64_t row = blockIdx.x * WARPS + (threadIdx.x >> 5); row < rows; row += (uint64_t)gridDim.x * WARPS) {
+        const size_t o = row * d;
+        if (d <= 32 * 4) add_norm_row<T, 4>(a + o, b + o, w, out + o, out + half + o, d, eps, lane);
+        else if (d <= 32 * 16) add_norm_row<T, 16>(a + o, b + o, w, out + o, out + half + o, d, eps, lane);
+        else add_norm_row<T, 64>(a + o, b + o, w, out + o, out + half + o, d, eps, lane);
+    }
+}
+extern "C" __global__ void __launch_bounds__(NT) add_rms_norm_f32(const float* a, const float* b, const float* w, float* out, uint32_t rows, uint32_t d, float eps) {
+    add_rms_norm<float>(a, b, w, out, rows, d, eps);
+}
+extern "C" __global__ void __launch_bounds__(NT) add_rms_norm_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* w, __nv_bfloat16* out, uint32_t rows, uint32_t d, float eps) {
+    add_rms_norm<__nv_bfloat16>(a, b, w, out, rows, d, eps);
 }
 
 // The backward, one warp per row, with n = x · r and dn = g · w (f32):

@@ -57,6 +57,43 @@ pub(crate) fn rms_norm(sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Lay
     Ok((out, shape))
 }
 
+/// The engine's residual add and the norm after it in one launch (`add_rms_norm_*`): a, b [N, D]
+/// (contiguous views, one dtype: f32 or bf16), w [D], D <= 2048 → [2, N, D]: s = a + b in the
+/// dtype (candle's add's bits), then rms_norm(s) (this module's kernel's bits).
+pub(crate) fn add_rms_norm(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), (n, d): (usize, usize), eps: f32) -> Result<(CudaStorage, Shape)> {
+    if d > 2048 {
+        candle_core::bail!("add + rms norm: rows of {d} (at most 2048)");
+    }
+    fn go<T: CudaDType + DeviceRepr>(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), (n, d): (usize, usize), eps: f32, name: &'static str) -> Result<CudaStorage> {
+        let dev = a.0.device().clone();
+        let (av, bv, wv) = (contiguous::<T>(a.0, a.1, "add + rms norm a")?, contiguous::<T>(b.0, b.1, "add + rms norm b")?, contiguous::<T>(w.0, w.1, "add + rms norm weight")?);
+        // SAFETY: uninitialised, but the launch writes s and the normalised row of every row < N
+        // (a warp a row, all D lanes); N · D = 0 returns a never-read buffer.
+        let mut out = unsafe { dev.alloc::<T>((2 * n * d).max(1))? };
+        if n * d > 0 {
+            let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("add + rms norm: {what} = {v} exceeds u32")));
+            let (n32, d32) = (u32_of(n, "rows")?, u32_of(d, "row width")?);
+            let f = norm_func(&dev, name)?;
+            let mut bl = f.builder();
+            bl.arg(&av).arg(&bv).arg(&wv).arg(&mut out).arg(&n32).arg(&d32).arg(&eps);
+            let cfg = LaunchConfig { grid_dim: (blocks(n), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments are those of `add_rms_norm_<dtype>(a, b, w, out, rows, d,
+            // eps)` in order, T its element type: a and b the contiguous [N, D] inputs, w the
+            // contiguous [D] weight (the op checked shapes and dtypes), out holds 2 · N · D (the
+            // sums, then the normalised rows), D <= 2048 (checked: the kernel's register rows).
+            // Blocks of 4 warps (THREADS, the launch bound) striding over the rows below N.
+            unsafe { bl.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    let out = match (a.0.dtype(), b.0.dtype(), w.0.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => go::<f32>(a, b, w, (n, d), eps, "add_rms_norm_f32")?,
+        (DType::BF16, DType::BF16, DType::BF16) => go::<bf16>(a, b, w, (n, d), eps, "add_rms_norm_bf16")?,
+        (x, y, z) => candle_core::bail!("add + rms norm: a {x:?}, b {y:?}, weight {z:?} (f32 or bf16, all the same)"),
+    };
+    Ok((out, Shape::from((2, n, d))))
+}
+
 /// Which output of the backward kernel a launch writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BwdOut {

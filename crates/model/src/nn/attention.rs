@@ -80,23 +80,25 @@ impl Attention {
         Ok((q_BHTD, k_BGTD, v_BGTD))
     }
 
-    /// Queries [B·T, H, Dh], keys and values [B·T, G, Dh] (QK-norm, RoPE) in the projections'
-    /// token-major layout: no transposes (the rows the variable-length attention and the KV
-    /// pool take). The same values as [`Self::project`]'s, transposed. `fused`: the three
-    /// products in one launch where the invariant kernels allow it (`matmul_nt3`: the same bits,
-    /// no gradient — the engine's paged forward).
-    fn project_rows(&self, x_BTD: &Tensor, rope: &RopeTables, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x_BTD.dims3()?;
-        let dh = self.head_dim;
+    /// The q, k, v projections [B, T, n · Dh] (biases added). `fused`: the three products in one
+    /// launch where the invariant kernels allow it (`matmul_nt3`: the same bits, no gradient —
+    /// the engine's paged forward).
+    fn projections(&self, x_BTD: &Tensor, fused: bool) -> Result<[Tensor; 3]> {
         let projs = [&self.q_proj, &self.k_proj, &self.v_proj];
         let three = match (fused, self.kernels) {
             (true, Kernels::Invariant) => super::invariant::matmul_nt3(x_BTD, projs.map(|p| p.weight()))?,
             _ => None,
         };
-        let [q, k, v] = match three {
+        Ok(match three {
             Some([q, k, v]) => [projs[0].add_bias(q)?, projs[1].add_bias(k)?, projs[2].add_bias(v)?],
             None => [self.q_proj.forward(x_BTD)?, self.k_proj.forward(x_BTD)?, self.v_proj.forward(x_BTD)?],
-        };
+        })
+    }
+
+    /// Queries [B·T, H, Dh], keys and values [B·T, G, Dh] (QK-norm, RoPE) from the projections
+    /// [B, T, n · Dh], in their token-major layout: no transposes (the rows the variable-length
+    /// attention and the KV pool take). The same values as [`Self::project`]'s, transposed.
+    fn rows([q, k, v]: [Tensor; 3], (b, t): (usize, usize), dh: usize, norms: [&Option<RmsNorm>; 2], rope: &RopeTables, (h, g): (usize, usize)) -> Result<(Tensor, Tensor, Tensor)> {
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let x_BTND = y.reshape((b, t, n, dh))?;
             match norm {
@@ -104,11 +106,17 @@ impl Attention {
                 None => Ok(x_BTND),
             }
         };
-        let (h, g) = (self.num_heads, self.num_kv_heads);
-        let q_NHD = rope.apply_token_major(&heads(q, h, &self.q_norm)?)?.reshape((b * t, h, dh))?;
-        let k_NGD = rope.apply_token_major(&heads(k, g, &self.k_norm)?)?.reshape((b * t, g, dh))?;
+        let q_NHD = rope.apply_token_major(&heads(q, h, norms[0])?)?.reshape((b * t, h, dh))?;
+        let k_NGD = rope.apply_token_major(&heads(k, g, norms[1])?)?.reshape((b * t, g, dh))?;
         let v_NGD = heads(v, g, &None)?.contiguous()?.reshape((b * t, g, dh))?;
         Ok((q_NHD, k_NGD, v_NGD))
+    }
+
+    /// [`Self::rows`] of [`Self::projections`].
+    fn project_rows(&self, x_BTD: &Tensor, rope: &RopeTables, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x_BTD.dims3()?;
+        let norms = [&self.q_norm, &self.k_norm];
+        Self::rows(self.projections(x_BTD, fused)?, (b, t), self.head_dim, norms, rope, (self.num_heads, self.num_kv_heads))
     }
 
     /// x_BTD: [B, T, D] → [B, T, D] under the batch's attention layout.
@@ -149,12 +157,28 @@ impl Attention {
     /// pool row per new token), then every new token attends to its sequence's keys as
     /// `layout` says (the batch-invariant attention, whatever the kernels: one launch for all
     /// sequences).
-    pub fn forward_paged(&self, x_BTD: &Tensor, rope: &RopeTables, k_pool: &Tensor, v_pool: &Tensor, slots: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
+    pub(crate) fn forward_paged(&self, x_BTD: &Tensor, rope: &RopeTables, k_pool: &Tensor, v_pool: &Tensor, slots: &Tensor, layout: &Arc<KeyLayout>) -> Result<Tensor> {
         let (b, t, _) = x_BTD.dims3()?;
         let (h, dh) = (self.num_heads, self.head_dim);
-        let (q_NHD, k_NGD, v_NGD) = self.project_rows(x_BTD, rope, true)?;
-        super::kv_write::write_rows(k_pool, &k_NGD, slots)?;
-        super::kv_write::write_rows(v_pool, &v_NGD, slots)?;
+        let (n, g) = (b * t, self.num_kv_heads);
+        let qkv = self.projections(x_BTD, true)?;
+        // QK-norm, RoPE and both pool writes in one launch where the engine's kernel applies
+        let fused = match (&self.q_norm, &self.k_norm, self.kernels) {
+            (Some(qn), Some(kn), Kernels::Invariant) => {
+                let [q, k, v] = &qkv;
+                super::paged_qk::norm_rope_write([&q.reshape((n, h, dh))?, &k.reshape((n, g, dh))?, &v.reshape((n, g, dh))?], (qn, kn), rope, (k_pool, v_pool), slots)?
+            }
+            _ => None,
+        };
+        let q_NHD = match fused {
+            Some(q_NHD) => q_NHD,
+            None => {
+                let (q_NHD, k_NGD, v_NGD) = Self::rows(qkv, (b, t), dh, [&self.q_norm, &self.k_norm], rope, (h, g))?;
+                super::kv_write::write_rows(k_pool, &k_NGD, slots)?;
+                super::kv_write::write_rows(v_pool, &v_NGD, slots)?;
+                q_NHD
+            }
+        };
         let scale = 1.0 / (dh as f32).sqrt();
         let out_NHD = varlen::attention(&q_NHD, k_pool, v_pool, layout.clone(), scale)?;
         self.o_proj.forward(&out_NHD.reshape((b, t, h * dh))?)

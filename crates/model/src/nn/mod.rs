@@ -10,6 +10,7 @@ pub mod kv_write;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod paged_qk;
 pub mod rope;
 pub mod swiglu;
 pub mod varlen;

@@ -28,6 +28,11 @@ impl RmsNorm {
     pub fn set_kernels(&mut self, k: Kernels) {
         self.kernels = k;
     }
+
+    /// The eps under the square root.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 impl Module for RmsNorm {
@@ -42,6 +47,46 @@ impl Module for RmsNorm {
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+impl RmsNorm {
+    /// The residual add before this norm and the norm, in one launch where the engine's kernel
+    /// applies (CUDA, batch-invariant kernels, rows of at most 2,048, one dtype): (a + b, its
+    /// norm) with the bits of the add and [`Module::forward`] one after the other; `None`
+    /// otherwise. No gradient (the engine's paged forward).
+    pub(crate) fn add_forward(&self, a: &Tensor, b: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let d = a.dim(D::Minus1)?;
+        let fits = a.device().is_cuda() && self.kernels == Kernels::Invariant && d <= 2048 && a.dims() == b.dims() && self.weight.dims() == [d];
+        if !fits || a.dtype() != b.dtype() || a.dtype() != self.weight.dtype() || !matches!(a.dtype(), DType::F32 | DType::BF16) {
+            return Ok(None);
+        }
+        let both = a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &self.weight.contiguous()?, &AddRmsNorm { eps: self.eps as f32 })?;
+        let shape = a.shape().clone();
+        Ok(Some((both.get(0)?.reshape(&shape)?, both.get(1)?.reshape(shape)?)))
+    }
+}
+
+/// [`RmsNorm::add_forward`]'s op: (a, b, w) → [2, N, D] (the sums, then their norms). CUDA only.
+struct AddRmsNorm {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("add + rms norm: CUDA only (add_forward returns None elsewhere)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&1);
+        let n = l1.shape().elem_count().checked_div(d).unwrap_or(0);
+        crate::gpu::norm::add_rms_norm((s1, l1), (s2, l2), (s3, l3), (n, d), self.eps)
     }
 }
 

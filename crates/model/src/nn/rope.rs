@@ -56,6 +56,11 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 impl RopeTables {
+    /// cos and sin [B, 1, T, R].
+    pub(crate) fn cos_sin(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// The same tables on another device (the same bits).
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Self { cos: self.cos.to_device(device)?, sin: self.sin.to_device(device)? })
