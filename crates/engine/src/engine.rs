@@ -17,7 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::seq::Seq;
 
-pub use crate::routes::{forward_trace, route_width, token_rows};
+pub use crate::routes::{forward_rows, forward_trace, route_width, token_rows, StepRows};
 
 #[derive(Debug, Clone)]
 pub struct Request {

@@ -29,7 +29,7 @@ use lockstep_model::{Batch, KvPool, PagedSeq, RoutingPlan};
 use rayon::prelude::*;
 
 use crate::blocks::{block_hash, BlockManager, BlockRoutes};
-use crate::engine::{forward_trace, route_width, Completion, Engine, FinishReason, Sampled};
+use crate::engine::{forward_rows, route_width, Completion, Engine, FinishReason, Sampled};
 use crate::error::{EngineError, Result};
 use crate::sampling::{sample, top_n, Sampler, SamplingParams};
 use lockstep_model::gumbel::key as gumbel_key;
@@ -420,18 +420,17 @@ impl Engine {
         self.times.launch_s += (t1 - ts).as_secs_f64();
         let k = route_width(&self.model);
         let num_experts = self.model.cfg.moe.router.num_experts;
-        let step_routes = forward_trace(&out.routes, k, num_experts)?;
+        let step_routes = forward_rows(&out.routes, k, num_experts)?.map(|(_, rows)| rows);
         let row = self.row_width();
         // route rows, fed counts, full blocks into the prefix cache
         for (j, &(i, chunk)) in plan.iter().enumerate() {
             let s = &mut self.running[i];
             if let Some(r) = &step_routes {
-                let p = r.probs().ok_or_else(|| EngineError::Request { id: s.id, field: "routes".into(), msg: "recorded without probabilities".into() })?;
                 // a recomputation (after preemption) keeps the rows it has
                 let from = s.route_rows(row).max(s.fed).min(s.fed + chunk);
                 let (a, b) = (cu[j] + from - s.fed, cu[j + 1]);
-                s.route_ids.extend(r.ids()[a * row..b * row].iter().map(|&x| u32::from(x)));
-                s.route_probs.extend((a * row..b * row).map(|x| p.get_f32(x)));
+                s.route_ids.extend_from_slice(&r.ids[a * row..b * row]);
+                s.route_probs.extend_from_slice(&r.probs[a * row..b * row]);
             }
             s.fed += chunk;
             if self.cache.prefix_caching {
