@@ -145,5 +145,4 @@ __device__ void qk_norm_rope_write(const __nv_bfloat16* __restrict__ q, const __
         qk_norm_rope_write<DH / 32>(q, k, v, qw, kw, q_eps, k_eps, cs, sn, q_out, k_pool, v_pool, slot, n_tok,    \
                                     heads, groups);                                                                \
     }
-QK_NORM_ROPE_WRITE(64)
 QK_NORM_ROPE_WRITE(128)

@@ -72,14 +72,13 @@ pub(crate) struct PagedWrite<'a> {
 /// their eps, the rotary tables cos / sin [1, 1, N, Dh] (the full head width rotates); writes
 /// k's normalised, rotated rows and v's rows into the pools at the slots and returns q's
 /// normalised, rotated rows [N, H, Dh] — the bits of `rms_norm`, `rope` (token-major) and
-/// `kv_write` one after another. Dh is 64 or 128. The caller owns the pools exclusively for the
+/// `kv_write` one after another. Dh is 128. The caller owns the pools exclusively for the
 /// launch (`KvPool` is borrowed mutably by the forward) and has checked every slot against them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn qk_norm_rope_write(q: Arg, k: Arg, v: Arg, (qw, kw): (Arg, Arg), eps: (f32, f32), (cs, sn): (Arg, Arg), out: PagedWrite, (n, h, g, dh): (usize, usize, usize, usize)) -> Result<CudaStorage> {
     let name = match dh {
-        64 => "qk_norm_rope_write_bf16_64",
         128 => "qk_norm_rope_write_bf16_128",
-        _ => candle_core::bail!("paged q/k: head dim {dh} (64 or 128)"),
+        _ => candle_core::bail!("paged q/k: head dim {dh} (128)"),
     };
     let all = [q.0, k.0, v.0, qw.0, kw.0, cs.0, sn.0, out.k_pool.0, out.v_pool.0];
     if all.iter().any(|s| s.dtype() != DType::BF16) || out.slots.0.dtype() != DType::U32 {

@@ -1,8 +1,11 @@
 //! The engine's q / k step of a paged forward in one launch: QK-norm, RoPE and the two KV-pool
 //! writes of `Attention::forward_paged` — six launches a layer (`rms_norm` x 2, `rope` x 2,
-//! `kv_write` x 2) — as `gpu/rope.cu`'s `qk_norm_rope_write`, with the bits of the six (GPU test
-//! `paged_qk_equals_the_composed_ops` in `crates/cli/tests/gpu_invariant.rs`). No gradient: the
-//! engine's forward only; elsewhere (CPU, f32, no QK-norm, partial rotary) the caller composes.
+//! `kv_write` x 2) — as `gpu/rope.cu`'s `qk_norm_rope_write`, with the bits of the six: the GPU
+//! tests `kv_cached_decoding_equals_full_forward_on_the_gpu` (the wide bf16 model, Dh 128: paged
+//! decode logits equal the trainer's composed forward) and
+//! `trainer_equals_engine_at_the_30b_width_in_bf16` (`crates/cli/tests/gpu_invariant.rs`). No
+//! gradient: the engine's forward only; elsewhere (CPU, f32, no QK-norm, partial rotary) the
+//! caller composes.
 //!
 //! Legend: N new tokens, H query heads, G key / value heads, Dh head dim, R pool rows.
 
@@ -14,13 +17,13 @@ use super::rope::RopeTables;
 /// q [N, H, Dh], k, v [N, G, Dh] (the projections): q normalised and rotated [N, H, Dh], with k
 /// normalised and rotated and v written into the pools [R, G, Dh] at `slots` [N] (u32, each
 /// below R: the caller's checked slots) — when the fused kernel applies (CUDA, bf16, tables over
-/// the full head width, Dh 64 or 128); `None` otherwise, nothing written. The pools must be
+/// the full head width, Dh 128: the width the GPU tests run); `None` otherwise, nothing written. The pools must be
 /// the forward's alone (`KvPool`, borrowed mutably by `MoeCausalLm::forward_paged`).
 pub(crate) fn norm_rope_write([q, k, v]: [&Tensor; 3], norms: (&RmsNorm, &RmsNorm), rope: &RopeTables, pools: (&Tensor, &Tensor), slots: &Tensor) -> Result<Option<Tensor>> {
     let (cos, _) = rope.cos_sin();
     let dh = q.dim(2)?;
     let bf16 = [q, k, v, cos, pools.0, pools.1].iter().all(|t| t.dtype() == candle_core::DType::BF16);
-    if !q.device().is_cuda() || !bf16 || !matches!(dh, 64 | 128) || cos.dim(3)? != dh {
+    if !q.device().is_cuda() || !bf16 || dh != 128 || cos.dim(3)? != dh {
         return Ok(None);
     }
     fused(q, k, v, norms, rope, pools, slots).map(Some)
