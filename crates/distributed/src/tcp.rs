@@ -278,8 +278,14 @@ fn hub_round(
         m.push(0u8);
         m.extend(res);
         if let Err(e) = write_frame(p, &m, MAX_FRAME_BYTES) {
-            let cause = format!("rank {}: sending its result: {e}", i + 1);
-            return Err((i + 1, cause));
+            let r = i + 1;
+            // a rank that exits between sending its part and taking the result is as gone as
+            // one that never sent: the same words (a race decides which of the two it is)
+            let cause = match e {
+                FrameError::Closed => format!("rank {r} disconnected (it exited or crashed) before taking its result"),
+                e => format!("rank {r}: sending its result: {e}"),
+            };
+            return Err((r, cause));
         }
     }
     Ok(mine)
