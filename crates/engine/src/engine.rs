@@ -17,7 +17,8 @@ use crate::error::{EngineError, Result};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::seq::Seq;
 
-pub use crate::routes::{forward_rows, forward_trace, route_width, token_rows, StepRows};
+pub use crate::routes::{forward_trace, route_width, token_rows};
+pub(crate) use crate::routes::forward_rows;
 
 #[derive(Debug, Clone)]
 pub struct Request {

@@ -43,19 +43,20 @@ pub fn token_rows(route: &LayerRoute, width: usize) -> Result<(Vec<u32>, Vec<f32
     Ok(rows.into_iter().flatten().unzip())
 }
 
-/// A forward's routes as token-major rows over its slots: `ids[(n · L + l) · width ..]` (and
+/// A forward's routes as token-major rows over its slots (the engine's step-internal buffer; what
+/// leaves the engine is a [`RouteTrace`]): `ids[(n · L + l) · width ..]` (and
 /// `probs` alike, router probabilities in f32) for slot n and recorded layer l — what the engine
 /// cuts every sequence's rows from each step (a [`RouteTrace`] is built once a sequence
 /// finishes, not every step: its row checks cost ~0.1 µs a row, 40 ms a 8,192-token prefill
 /// step of 48 layers). Ids are checked below `num_experts`.
 #[derive(Debug)]
-pub struct StepRows {
+pub(crate) struct StepRows {
     pub ids: Vec<u32>,
     pub probs: Vec<f32>,
 }
 
 /// The [`StepRows`] of a forward's recording; `None` when nothing was recorded.
-pub fn forward_rows(routes: &BTreeMap<usize, LayerRoute>, width: usize, num_experts: usize) -> Result<Option<(usize, StepRows)>> {
+pub(crate) fn forward_rows(routes: &BTreeMap<usize, LayerRoute>, width: usize, num_experts: usize) -> Result<Option<(usize, StepRows)>> {
     let Some(n) = routes.values().next().map(|r| r.num_tokens) else { return Ok(None) };
     // layer-major: layer l's rows at [l · n · width ..]
     let (lm_ids, lm_probs): (Vec<u32>, Vec<f32>) = if routes.values().all(|r| r.top_k.is_some()) {
